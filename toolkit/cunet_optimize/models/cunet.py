@@ -17,6 +17,8 @@ What differs from the authors' code, on purpose:
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable
@@ -93,34 +95,44 @@ class CUNetConfig:
         return cls(**data)
 
 
-def concat_bn_relu_conv(
-    inputs: list[torch.Tensor], norm: nn.BatchNorm2d, conv: nn.Conv2d, memory_efficient: bool
-) -> torch.Tensor:
-    """Conv1x1(ReLU(BN(Concat(inputs)))): the opening of every dense layer and adapter.
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters and keys) that behaves inside recomputed segments.
 
-    In memory-efficient training the concatenated and normalised tensors are not kept
-    for backward but recomputed. The recomputation normalises with the batch
-    statistics without touching the running ones, so they are updated exactly once
-    per step, as in the plain mode (plain checkpointing would update them twice).
+    A segment recomputed in backward runs its BatchNorms twice in training mode; the
+    plain module would update the running statistics twice per step. Inside a
+    segment both runs normalise with the batch statistics (so both save the same
+    tensors and agree), and only the first run updates the running statistics.
     """
-    if memory_efficient and norm.training and torch.is_grad_enabled() and any(
-        t.requires_grad for t in inputs
-    ):
-        first_call = [True]
 
-        def bottleneck(*xs: torch.Tensor) -> torch.Tensor:
-            x = torch.cat(xs, 1)
-            if first_call[0]:
-                first_call[0] = False
-                update_running_stats(norm, x)
-            # Batch statistics in both calls, so forward and recomputation save the
-            # same tensors and give the same result.
-            x = F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
-            return conv(F.relu(x, inplace=True))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = getattr(_segment_state, "mode", None)
+        if mode is None or not self.training:
+            return super().forward(x)
+        if mode == "forward":
+            update_running_stats(self, x)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
-        return checkpoint(bottleneck, *inputs, use_reentrant=False)
-    x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
-    return conv(F.relu(norm(x), inplace=True))
+
+_segment_state = threading.local()
+
+
+@contextmanager
+def _segment_mode(mode: str):
+    previous = getattr(_segment_state, "mode", None)
+    _segment_state.mode = mode
+    try:
+        yield
+    finally:
+        _segment_state.mode = previous
+
+
+def recomputed(fn, *inputs: torch.Tensor):
+    """fn(*inputs), keeping only its inputs and outputs for backward: everything inside
+    is recomputed when the gradient is needed (the memory-efficient training mode)."""
+    return checkpoint(
+        fn, *inputs, use_reentrant=False,
+        context_fn=lambda: (_segment_mode("forward"), _segment_mode("recompute")),
+    )
 
 
 @torch.no_grad()
@@ -135,6 +147,16 @@ def update_running_stats(norm: nn.BatchNorm2d, x: torch.Tensor) -> None:
     norm.running_var.lerp_(var, momentum)
 
 
+def concat_bn_relu_conv(
+    inputs: list[torch.Tensor], norm: nn.BatchNorm2d, conv: nn.Conv2d, memory_efficient: bool = False
+) -> torch.Tensor:
+    """Conv1x1(ReLU(BN(Concat(inputs)))): the opening of every dense layer, adapter and head."""
+    if memory_efficient:
+        return recomputed(lambda *xs: concat_bn_relu_conv(list(xs), norm, conv), *inputs)
+    x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
+    return conv(F.relu(norm(x), inplace=True))
+
+
 def _conv1x1(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, stride=1, bias=False)
 
@@ -144,7 +166,7 @@ class Adapter(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.adapter_norm = nn.BatchNorm2d(in_channels)
+        self.adapter_norm = BatchNorm2d(in_channels)
         self.adapter_conv = _conv1x1(in_channels, out_channels)
 
     def forward(self, inputs: list[torch.Tensor], memory_efficient: bool = False) -> torch.Tensor:
@@ -156,15 +178,15 @@ class DenseLayer(nn.Module):
 
     def __init__(self, in_channels: int, growth_rate: int, neck_size: int):
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.norm1 = BatchNorm2d(in_channels)
         self.conv1 = _conv1x1(in_channels, neck_size * growth_rate)
-        self.norm2 = nn.BatchNorm2d(neck_size * growth_rate)
+        self.norm2 = BatchNorm2d(neck_size * growth_rate)
         self.conv2 = nn.Conv2d(
             neck_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False
         )
 
-    def forward(self, inputs: list[torch.Tensor], memory_efficient: bool = False) -> torch.Tensor:
-        bottleneck = concat_bn_relu_conv(inputs, self.norm1, self.conv1, memory_efficient)
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        bottleneck = concat_bn_relu_conv(inputs, self.norm1, self.conv1)
         return self.conv2(F.relu(self.norm2(bottleneck), inplace=True))
 
 
@@ -188,18 +210,41 @@ class DenseBlock(nn.Module):
         self.order = k
 
     def forward(
-        self, x: list[torch.Tensor], i: int, fifo: list[torch.Tensor], memory_efficient: bool
-    ):
-        """Run U-Net i here; `fifo` holds earlier U-Nets' new features (updated in place)."""
-        inputs = x + fifo
-        new_features = self.layers[i](inputs, memory_efficient)
-        fifo.append(new_features)
+        self,
+        x: list[torch.Tensor],
+        i: int,
+        fifo: list[torch.Tensor],
+        memory_efficient: bool = False,
+        upsample_first: bool = False,
+        pool_ahead: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """Run U-Net i at this position; `fifo` holds earlier U-Nets' new features and is
+        updated in place. Returns (ahead,) or (ahead, skip).
+
+        The upsampling before an up position and the pooling after a down position
+        happen in here, so the memory-efficient mode recomputes the position as a
+        whole and keeps only its outputs, never the full-resolution intermediates.
+        """
+        num_x = len(x)
+
+        def position(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            xs = list(tensors[:num_x])
+            if upsample_first:
+                xs[0] = F.interpolate(xs[0], scale_factor=2.0, mode="nearest")
+            inputs = xs + list(tensors[num_x:])
+            new_features = self.layers[i](inputs)
+            inputs = inputs + [new_features]
+            ahead = self.adapters_ahead[i](inputs)
+            if pool_ahead:
+                ahead = F.max_pool2d(ahead, kernel_size=2, stride=2)
+            if self.requires_skip:
+                return new_features, ahead, self.adapters_skip[i](inputs)
+            return new_features, ahead
+
+        outputs = recomputed(position, *x, *fifo) if memory_efficient else position(*x, *fifo)
+        fifo.append(outputs[0])
         del fifo[: max(0, len(fifo) - self.order)]
-        inputs = inputs + [new_features]
-        ahead = self.adapters_ahead[i](inputs, memory_efficient)
-        if self.requires_skip:
-            return ahead, self.adapters_skip[i](inputs, memory_efficient)
-        return ahead
+        return outputs[1:]
 
 
 class UNetStack(nn.Module):
@@ -215,13 +260,13 @@ class UNetStack(nn.Module):
     def forward(self, x: torch.Tensor, i: int, fifos: dict, memory_efficient: bool) -> torch.Tensor:
         skips = []
         for j, block in enumerate(self.down_blocks):
-            x, skip = block([x], i, fifos.setdefault(("down", j), []), memory_efficient)
+            x, skip = block([x], i, fifos.setdefault(("down", j), []), memory_efficient,
+                            pool_ahead=True)
             skips.append(skip)
-            x = F.max_pool2d(x, kernel_size=2, stride=2)
-        x = self.neck_block([x], i, fifos.setdefault(("neck", 0), []), memory_efficient)
+        (x,) = self.neck_block([x], i, fifos.setdefault(("neck", 0), []), memory_efficient)
         for j in reversed(range(NUM_LEVELS)):
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = self.up_blocks[j]([x, skips[j]], i, fifos.setdefault(("up", j), []), memory_efficient)
+            (x,) = self.up_blocks[j]([x, skips[j]], i, fifos.setdefault(("up", j), []),
+                                     memory_efficient, upsample_first=True)
         return x
 
 
@@ -242,11 +287,11 @@ class Head(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
-        self.norm = nn.BatchNorm2d(in_channels)
+        self.norm = BatchNorm2d(in_channels)
         self.conv = _conv1x1(in_channels, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.relu(self.norm(x)))
+    def forward(self, x: torch.Tensor, memory_efficient: bool = False) -> torch.Tensor:
+        return concat_bn_relu_conv([x], self.norm, self.conv, memory_efficient)
 
 
 class CUNet(nn.Module):
@@ -261,7 +306,7 @@ class CUNet(nn.Module):
         self.features = nn.Sequential(
             OrderedDict(
                 conv0=nn.Conv2d(3, c0, kernel_size=7, stride=2, padding=3, bias=False),
-                norm0=nn.BatchNorm2d(c0),
+                norm0=BatchNorm2d(c0),
                 relu0=nn.ReLU(inplace=True),
                 pool0=nn.MaxPool2d(kernel_size=2, stride=2),
             )
@@ -297,9 +342,9 @@ class CUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         cfg = self.config
-        efficient = self.memory_efficient
+        efficient = self.memory_efficient and self.training and torch.is_grad_enabled()
         anchors = set(cfg.loss_anchors)
-        x = self.features(x)
+        x = recomputed(self.features, x) if efficient else self.features(x)
         unet_inputs: list[torch.Tensor] = []  # the last K U-Nets' inputs (stem output first)
         heads = []
         for r in range(cfg.refine_iters):
@@ -311,7 +356,7 @@ class CUNet(nn.Module):
                 del unet_inputs[: max(0, len(unet_inputs) - cfg.order)]
                 x = self.hg(x, i, fifos, efficient)
                 if i + 1 in anchors:
-                    heads.append(self.linears[i](x))
+                    heads.append(self.linears[i](x, efficient))
         return heads
 
 
