@@ -28,3 +28,34 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], file=None)
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def add_model_argument(parser, help_suffix: str = "") -> None:
+    parser.add_argument(
+        "--model",
+        metavar="CKPT_OR_NAME",
+        default=None,
+        help="checkpoint (.safetensors or the authors' .pth.tar) or registered name; "
+        "default: the embedded default model" + help_suffix,
+    )
+
+
+def add_face_data_arguments(parser, split_default: str | None) -> None:
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="300-W layout folder: images with same-stem .pts files (+ split lists)")
+    parser.add_argument("--split", default=split_default,
+                        help=f"split list in DIR (train/test/common/challenging/full) or a list file "
+                             f"(default: {split_default or 'every image'}; 'all' for every image)")
+    parser.add_argument("--crop", choices=["tight", "detector"], default="tight",
+                        help="face crop: ground-truth landmark box x1.25 (HRNet) or detector box x1.1 (authors)")
+    parser.add_argument("--boxes", metavar="JSON", help="detector boxes {image: [x1,y1,x2,y2]} for --crop detector")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip unreadable images / malformed .pts with a warning instead of failing")
+
+
+def face_dataset(args, split: str | None, augment: bool = False, seed: int = 0):
+    from cunet_optimize.data.face300w import Face300W
+
+    split = None if split in (None, "all") else split
+    return Face300W(args.data, split=split, crop=args.crop, boxes=args.boxes, augment=augment,
+                    seed=seed, skip_bad=args.skip_bad)

@@ -394,7 +394,7 @@ register_model(
 # Small enough to train on a 2-core CPU in well under an hour; the embedded default.
 register_model(
     "cunet-face-small",
-    CUNetConfig(num_unets=2, order=1, num_classes=68, width=48, growth_rate=16),
+    CUNetConfig(num_unets=2, order=1, num_classes=68, width=32, growth_rate=16),
     "small face model for CPU training; the embedded default's configuration",
     "default",
 )

@@ -1,0 +1,55 @@
+"""`cunet-optimize predict`: landmarks of images, in original image coordinates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cunet_optimize.commands.common import add_model_argument, print_json
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.evaluate import torch_infer
+from cunet_optimize.models import load_model
+from cunet_optimize.predict import draw_landmarks, load_image, predict_landmarks
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="landmarks of images (+ an annotated PNG per image)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_model_argument(p)
+    p.add_argument("--box", metavar="X1,Y1,X2,Y2",
+                   help="face box in pixels (cropped x1.1); default: the whole image is the face crop")
+    p.add_argument("--out-dir", default=".", help="where the annotated PNGs go (default: current folder)")
+    p.add_argument("--no-draw", action="store_true", help="do not write annotated PNGs")
+    p.add_argument("--json", action="store_true", help="print [{image, landmarks}] as JSON")
+    p.set_defaults(func=run)
+
+
+def _parse_box(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+        raise CUNetError(f"--box {text!r}: expected X1,Y1,X2,Y2 with X2 > X1 and Y2 > Y1")
+    return box
+
+
+def run(args) -> int:
+    box = _parse_box(args.box)
+    images = {path: load_image(path) for path in args.images}  # all readable before any output
+    infer = torch_infer(load_model(args.model))
+    out_dir = Path(args.out_dir)
+    results = []
+    for path, image in images.items():
+        points = predict_landmarks(infer, image, box)
+        entry = {"image": path, "landmarks": [[round(float(x), 3), round(float(y), 3)] for x, y in points]}
+        if not args.no_draw:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            entry["annotated"] = str(draw_landmarks(image, points, out_dir / f"{Path(path).stem}.landmarks.png"))
+        results.append(entry)
+        if not args.json:
+            print(f"{path}: {len(points)} landmarks" + (f" -> {entry['annotated']}" if "annotated" in entry else ""))
+    if args.json:
+        print_json(results)
+    return 0

@@ -1,0 +1,1 @@
+"""Landmark data sets: readers, the synthetic face generator, and training transforms."""

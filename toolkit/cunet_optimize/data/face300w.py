@@ -1,0 +1,308 @@
+"""300-W style face-landmark dataset: a folder of images with same-stem `.pts` files.
+
+Each item is one face cropped to the network input (3x256x256 float32 in [0, 1]) with
+its Gaussian target heatmaps (C x 64 x 64), the landmarks in original-image
+coordinates and the crop transform, so predictions map back exactly (see
+`cunet_optimize.data.transforms` for the coordinate conventions).
+
+Two crop policies change NME noticeably and are recorded in `Face300W.crop_policy`:
+``"tight"`` (HRNet: box of the ground-truth landmarks, scale = max(w, h) / 200 * 1.25)
+and ``"detector"`` (CU-Net authors: a face-detector box per image, max(w, h) / 200 * 1.1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from cunet_optimize.data.pts import PtsError, read_pts
+from cunet_optimize.data.transforms import (
+    FACE68_FLIP_PERM,
+    HEATMAP_SIGMA,
+    crop_sample,
+    detector_box_crop,
+    random_augment,
+    rng_for_sample,
+    tight_box_crop,
+)
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.models.cunet import HEATMAP_SIZE, INPUT_SIZE
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+SPLIT_NAMES = ("train", "test", "common", "challenging", "full")
+CROP_POLICIES = {
+    "tight": "tight: ground-truth landmark box, centre = box centre, scale = max(w,h)/200*1.25 (HRNet)",
+    "detector": "detector: face-detector box, centre = box centre, scale = max(w,h)/200*1.1 (CU-Net authors)",
+}
+
+
+class DataError(CUNetError):
+    """A data set on disk that cannot be used as given (missing, corrupt or inconsistent files)."""
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of an image file (grey/palette/alpha converted); DataError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc}); replace or remove the file") from exc
+
+
+def verify_image(path: Path) -> None:
+    """Cheap integrity check without decoding the pixels; DataError if bad.
+
+    PIL's verify reads the header (and every PNG chunk with its CRC) but passes a
+    truncated JPEG, so for JPEGs we also look for the end-of-image marker near the end.
+    """
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            im.verify()
+        if fmt == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 1024))
+                if b"\xff\xd9" not in f.read():
+                    raise OSError("JPEG end-of-image marker missing, the file is truncated")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt image ({exc}); replace or remove the file") from exc
+
+
+@dataclass(frozen=True)
+class FaceRecord:
+    """One validated sample: where it is and its landmarks (0-based original pixels)."""
+
+    image_path: Path
+    pts_path: Path
+    key: str  # image path relative to the data root, '/'-separated (the key of the boxes JSON)
+    landmarks: np.ndarray  # (C, 2) float64
+    box: np.ndarray | None  # [x1, y1, x2, y2] for the detector crop
+
+
+def resolve_split_list(root: Path, split: str | os.PathLike) -> Path:
+    """``"train"`` -> root/train.txt; anything that looks like a path is taken as the list file itself."""
+    text = os.fspath(split)
+    is_path = os.sep in text or "/" in text or text.endswith(".txt") or Path(text).is_file()
+    path = Path(text) if is_path else root / f"{text}.txt"
+    if not path.is_file():
+        names = ", ".join(SPLIT_NAMES)
+        raise DataError(
+            f"{path}: split list not found; write one image path (relative to {root}) per line, "
+            f"or pass split=None for every image (usual names: {names})"
+        )
+    return path
+
+
+def _find_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _image_for_entry(root: Path, entry: str) -> Path | None:
+    """A list line names an image, or a .pts / extension-less stem whose image is found by extension."""
+    p = root / entry
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return p if p.is_file() else None
+    stem = p.with_suffix("") if p.suffix.lower() == ".pts" else p
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+        cand = stem.with_name(stem.name + ext)
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _read_boxes(path: str | os.PathLike) -> dict[str, list[float]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            boxes = json.load(f)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read face-box file ({exc}); check the path") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); expected {{relative_image_path: [x1, y1, x2, y2]}}") from exc
+    if not isinstance(boxes, dict):
+        raise DataError(f"{path}: expected a JSON object {{relative_image_path: [x1, y1, x2, y2]}}")
+    return {str(k).replace("\\", "/"): v for k, v in boxes.items()}
+
+
+class Face300W(Dataset):
+    """Faces with 68 (``num_points``) landmarks from a folder tree of images + `.pts` files.
+
+    Args:
+        root: data folder; images (.png/.jpg/.jpeg, any depth) with a same-stem `.pts`.
+        split: None for every image under ``root``; a list name (``"train"`` ->
+            ``root/train.txt``; also test/common/challenging/full); or a path to a list
+            file. A list has one image path per line, relative to ``root`` ('#' comments
+            and blank lines ignored; a `.pts` path or a stem without extension also works).
+        crop: ``"tight"`` or ``"detector"`` (needs ``boxes``), see module docstring.
+        boxes: JSON file ``{relative_image_path: [x1, y1, x2, y2]}`` in 0-based pixels.
+        augment: the CU-Net authors' training augmentation (scale, rotation, colour,
+            flip with `FACE68_FLIP_PERM` when num_points == 68). Deterministic: the
+            draw for item i depends only on (seed, epoch, i); call `set_epoch` each epoch.
+        skip_bad: drop unusable samples with a logged warning naming each file instead of
+            raising. Problems are found at construction: `.pts` files are parsed and
+            images verified (header / PNG CRC) eagerly, so a run never dies halfway.
+        verify_images: set False to skip the eager image check on very large sets; a
+            corrupt image then raises DataError when its item is loaded.
+
+    Item (dict): image float32 (3, 256, 256); heatmaps float32 (C, 64, 64); landmarks
+    float32 (C, 2) original coords; transform float32 (2, 3) original -> input;
+    target_mask float32 (C,) (1 where the heatmap holds a Gaussian); path str; index int.
+    With a flip augmentation, channel i is point i of the mirrored face and
+    ``landmarks[i]`` is where that point is in the original image.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | os.PathLike | None = None,
+        crop: str = "tight",
+        boxes: str | os.PathLike | None = None,
+        augment: bool = False,
+        seed: int = 0,
+        skip_bad: bool = False,
+        num_points: int = 68,
+        sigma: float = HEATMAP_SIGMA,
+        verify_images: bool = True,
+        input_size: int = INPUT_SIZE,
+        heatmap_size: int = HEATMAP_SIZE,
+    ) -> None:
+        self.root = Path(root)
+        if crop not in CROP_POLICIES:
+            raise DataError(f"unknown crop policy {crop!r}; use one of: {', '.join(CROP_POLICIES)}")
+        if crop == "detector" and boxes is None:
+            raise DataError("crop='detector' needs boxes=<JSON file {relative_image_path: [x1, y1, x2, y2]}>")
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: data folder not found; pass the folder holding the images and .pts files")
+        self.crop = crop
+        self.crop_policy = CROP_POLICIES[crop]
+        self.split = None if split is None else os.fspath(split)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        self.num_points = int(num_points)
+        self.sigma = float(sigma)
+        self.input_size = int(input_size)
+        self.heatmap_size = int(heatmap_size)
+        self.flip_perm = FACE68_FLIP_PERM if self.num_points == 68 else None
+        box_table = _read_boxes(boxes) if boxes is not None else None
+
+        images, problems = self._list_images(split)
+        if not images and not problems:
+            where = self.root if split is None else resolve_split_list(self.root, split)
+            raise DataError(f"{where}: no images ({'/'.join(IMAGE_EXTENSIONS)}) found; check the data folder")
+
+        self.records: list[FaceRecord] = []
+        for image_path in images:
+            try:
+                self.records.append(self._load_record(image_path, box_table, verify_images))
+            except DataError as exc:
+                problems.append(str(exc))
+        self.skipped = problems
+        if problems:
+            if not skip_bad:
+                more = f" (and {len(problems) - 1} more bad samples)" if len(problems) > 1 else ""
+                raise DataError(f"{problems[0]}{more}; fix the data or pass skip_bad=True to skip bad samples")
+            for p in problems:
+                log.warning("skipping bad sample: %s", p)
+            total = len(problems) + len(self.records)
+            log.warning("skipped %d bad samples of %d in %s", len(problems), total, self.root)
+        if not self.records:
+            raise DataError(f"{self.root}: no usable samples left after skipping {len(problems)} bad ones")
+
+    # ------------------------------------------------------------------ construction
+
+    def _list_images(self, split: str | os.PathLike | None) -> tuple[list[Path], list[str]]:
+        if split is None:
+            return _find_images(self.root), []
+        list_path = resolve_split_list(self.root, split)
+        images, problems = [], []
+        for lineno, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            image = _image_for_entry(self.root, entry)
+            if image is None:
+                problems.append(f"{list_path}:{lineno}: listed image {entry!r} not found under {self.root}")
+            else:
+                images.append(image)
+        return images, problems
+
+    def _load_record(self, image_path: Path, box_table: dict | None, verify: bool) -> FaceRecord:
+        pts_path = next(
+            (p for p in (image_path.with_suffix(".pts"), image_path.with_suffix(".PTS")) if p.is_file()), None
+        )
+        if pts_path is None:
+            raise DataError(f"{image_path}: no landmark file {image_path.with_suffix('.pts').name} next to the image")
+        try:
+            landmarks = read_pts(pts_path)
+        except PtsError as exc:
+            raise DataError(str(exc)) from exc
+        if len(landmarks) != self.num_points:
+            raise DataError(f"{pts_path}: {len(landmarks)} landmarks, expected {self.num_points} (num_points)")
+        key = image_path.relative_to(self.root).as_posix()
+        box = None
+        if box_table is not None:
+            if key not in box_table:
+                raise DataError(f"{image_path}: no face box for key {key!r} in the boxes JSON")
+            box = np.asarray(box_table[key], dtype=np.float64)
+            if box.shape != (4,) or not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+                raise DataError(f"{image_path}: face box {box_table[key]!r} is not [x1, y1, x2, y2] with x2>x1, y2>y1")
+        if self.crop == "tight" and not np.max(np.ptp(landmarks, axis=0)) > 0:
+            raise DataError(f"{pts_path}: all landmarks coincide; cannot build a tight crop")
+        if verify:
+            verify_image(image_path)
+        return FaceRecord(image_path=image_path, pts_path=pts_path, key=key, landmarks=landmarks, box=box)
+
+    # ----------------------------------------------------------------------- access
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of this epoch (call before iterating, in every worker's copy)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def crop_box(self, index: int) -> tuple[np.ndarray, float]:
+        """(center, scale) of the un-augmented crop of item ``index`` under this dataset's policy."""
+        rec = self.records[index]
+        return tight_box_crop(rec.landmarks) if self.crop == "tight" else detector_box_crop(rec.box)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.records):
+            raise IndexError(index)
+        rec = self.records[index]
+        center, scale = self.crop_box(index)
+        aug = None
+        if self.augment:
+            aug = random_augment(
+                rng_for_sample(self.seed, self.epoch, index), flip_prob=0.5 if self.flip_perm is not None else 0.0
+            )
+        sample = crop_sample(
+            load_rgb(rec.image_path),
+            rec.landmarks,
+            center,
+            scale,
+            augmentation=aug,
+            flip_perm=self.flip_perm,
+            input_size=self.input_size,
+            heatmap_size=self.heatmap_size,
+            sigma=self.sigma,
+        )
+        return {
+            "image": torch.from_numpy(sample.image),
+            "heatmaps": torch.from_numpy(sample.heatmaps),
+            "landmarks": torch.from_numpy(sample.landmarks.astype(np.float32)),
+            "transform": torch.from_numpy(sample.transform.astype(np.float32)),
+            "target_mask": torch.from_numpy(sample.target_mask.astype(np.float32)),
+            "path": str(rec.image_path),
+            "index": index,
+        }

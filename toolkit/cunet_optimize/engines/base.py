@@ -1,0 +1,248 @@
+"""The backend-neutral half of engines/: runners, the builder protocol, build results.
+
+Polygraphy's split, kept small: a *builder* turns an ONNX file into an artifact on
+disk for one target and precision; a *runner* loads an artifact and maps a batch of
+images to the final head's heatmaps. The profiler and the accuracy evaluator see only
+runners, so PyTorch, ONNX Runtime and TensorRT are measured by the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from cunet_optimize.errors import CUNetError
+
+# One image as the CU-Net stem expects it; the batch dimension is left free.
+IMAGE_CHW = (3, 256, 256)
+
+
+def final_head(outputs: list[tuple[str, int | None]]) -> str:
+    """The prediction among a model's outputs, given as (name, rank) pairs in graph order.
+
+    The export writes heatmaps_0..L-1 (U-Net order, the last is the prediction) and may
+    append a decoded `landmarks` output; so: the last 4-D output, preferring the
+    heatmaps_* names, else the last output of all.
+    """
+    if not outputs:
+        raise CUNetError("the model has no outputs; re-export it")
+    four_d = [name for name, rank in outputs if rank == 4]
+    named = [name for name in four_d if name.startswith("heatmaps")]
+    return (named or four_d or [outputs[-1][0]])[-1]
+
+
+class Runner:
+    """Loads one artifact and runs it: `infer(Bx3x256x256 float32) -> BxCx64x64 float32`.
+
+    Use it as a context manager; activation is where sessions are created and memory
+    is allocated, so constructing a runner is cheap and never touches the backend.
+    Subclasses override `activate_impl`, `infer_impl` and `deactivate_impl`.
+    """
+
+    prefix = "runner"
+
+    def __init__(self, name: str | None = None):
+        self.name = name or self.prefix
+        self.is_active = False
+        # Wall time of the last infer() call, seconds (backend call only, no checks).
+        self.inference_time: float | None = None
+
+    # Shape of the input the artifact accepts; None marks a free (dynamic) dimension.
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        return (None, *IMAGE_CHW)
+
+    def __enter__(self) -> "Runner":
+        self.activate()
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        if self.is_active:
+            return
+        self.activate_impl()
+        self.is_active = True
+
+    def deactivate(self) -> None:
+        if not self.is_active:
+            return
+        try:
+            self.deactivate_impl()
+        finally:
+            self.is_active = False
+            self.inference_time = None
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Heatmaps of the final head for `batch` (Bx3x256x256 float32 in [0, 1])."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: activate the runner (use `with runner:`) before infer()")
+        self.check_batch(batch)
+        start = time.perf_counter()
+        out = self.infer_impl(np.ascontiguousarray(batch))
+        self.inference_time = time.perf_counter() - start
+        return out
+
+    def check_batch(self, batch: np.ndarray) -> None:
+        expected = self.input_shape
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
+            got = getattr(batch, "dtype", type(batch).__name__)
+            raise CUNetError(
+                f"{self.name}: input batch must be a float32 numpy array, got {got}; "
+                "convert with np.asarray(x, dtype=np.float32)"
+            )
+        shape_ok = batch.ndim == len(expected) and all(
+            e is None or e == g for e, g in zip(expected, batch.shape, strict=True)
+        )
+        if not shape_ok:
+            want = "x".join("B" if e is None else str(e) for e in expected)
+            raise CUNetError(
+                f"{self.name}: input batch has shape {tuple(batch.shape)}, this artifact takes {want}; "
+                "resize images to 256x256 and stack them as NCHW"
+            )
+
+    def activate_impl(self) -> None:
+        pass
+
+    def infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        pass
+
+
+class TorchRunner(Runner):
+    """The PyTorch FP32 baseline: a CU-Net in eval mode, last head as numpy."""
+
+    prefix = "pytorch"
+
+    def __init__(self, model, name: str | None = None, device: str = "cpu"):
+        super().__init__(name)
+        self.model = model
+        self.device = device
+
+    def activate_impl(self) -> None:
+        self.model.eval().to(self.device)
+
+    def infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            heads = self.model(torch.from_numpy(batch).to(self.device))
+        last = heads[-1] if isinstance(heads, (list, tuple)) else heads
+        return last.detach().float().cpu().numpy()
+
+
+@dataclass
+class BuildResult:
+    """What a builder wrote and how; the build stage copies it into build.json.
+
+    `engine_built` is True only when an executable engine exists on disk now; a
+    TensorRT deployment bundle built where TensorRT is missing says False and its
+    `notes` say what to run on the device.
+    """
+
+    backend: str
+    backend_version: str
+    target: str
+    precision: str
+    artifacts: dict[str, str] = field(default_factory=dict)  # role -> path
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    engine_built: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Builder(Protocol):
+    """ONNX + target + precision -> artifact(s) in out_dir, described by a BuildResult."""
+
+    def build(
+        self,
+        onnx_path: str | os.PathLike,
+        target: str,
+        precision: str,
+        out_dir: str | os.PathLike,
+        options: Mapping[str, Any] | None = None,
+    ) -> BuildResult: ...
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int | None = None) -> Path:
+    """Write a file so that readers see either the old content or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class OnnxContent:
+    """What an ONNX file holds that decides which precisions it can be built as."""
+
+    has_qdq: bool  # QuantizeLinear / DequantizeLinear present
+    has_int4: bool  # INT4/UINT4 initializers (packed 4-bit weights)
+    has_fp16: bool  # FP16 initializers or casts to FP16 (a model already cast)
+    opset: int
+    outputs: tuple[tuple[str, int | None], ...] = ()  # (name, rank) in graph order
+
+
+def inspect_onnx(path: str | os.PathLike) -> OnnxContent:
+    """Read the graph (not the weights' external data) and report its numeric forms."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise CUNetError(f"ONNX file not found: {path}; run `cunet-optimize export` first")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise CUNetError(f"{path}: not a readable ONNX model ({exc}); re-export it") from exc
+    tp = onnx.TensorProto
+    four_bit = {tp.INT4, tp.UINT4}
+    graph = model.graph
+    ops = {n.op_type for n in graph.node}
+    init_types = {t.data_type for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    init_types.add(attr.t.data_type)
+    cast_to_fp16 = any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == tp.FLOAT16 for a in n.attribute)
+        for n in graph.node
+    )
+    io_fp16 = any(v.type.tensor_type.elem_type == tp.FLOAT16 for v in list(graph.input) + list(graph.output))
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return OnnxContent(
+        has_qdq=bool(ops & {"QuantizeLinear", "DequantizeLinear"}),
+        has_int4=bool(init_types & four_bit),
+        has_fp16=tp.FLOAT16 in init_types or cast_to_fp16 or io_fp16,
+        opset=opset,
+        outputs=tuple(
+            (
+                o.name,
+                len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None,
+            )
+            for o in graph.output
+        ),
+    )

@@ -1,0 +1,331 @@
+"""ONNX Runtime on the CPU: the backend that really builds and runs on our machines.
+
+The builder optimises an ONNX file offline (SessionOptions.optimized_model_filepath)
+and writes the result next to session.json, the settings that produced it; the runner
+reloads both. The reference runner runs an ONNX file at ORT_DISABLE_ALL, which keeps
+the Q/DQ semantics bit-faithful: the accuracy reference for quantized graphs.
+
+INT8 on the CPU comes in export *flavours* (made by the quantization/export stage):
+"uint8-asymmetric" (the CPU form) and "int8-symmetric" (TensorRT's form). The builder
+records the flavour it is given and applies its session entries, nothing more; for
+int8-symmetric that is session.qdqisint8allowed=1, which docs/QUANT_RULES.md says x86
+needs for QLinearConv. Observed on ONNX Runtime 1.32, x86-64 AVX2: DQ->Conv->Q fuses
+into QLinearConv at ORT_ENABLE_EXTENDED and above for int8 and uint8 activations alike,
+with or without that entry (tests/test_onnxrt_backend.py keeps an eye on it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect_onnx, write_atomic
+from cunet_optimize.engines.targets import check_precision, get_target
+from cunet_optimize.errors import CUNetError
+
+SESSION_SCHEMA = "cunet-optimize/ort-session/1"
+SESSION_FILE = "session.json"
+OPTIMIZED_MODEL_FILE = "model.ort.onnx"
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+
+# Session config entries per Q/DQ export flavour (see the module docstring).
+QDQ_FLAVOURS: dict[str, dict[str, str]] = {
+    "int8-symmetric": {"session.qdqisint8allowed": "1"},
+    "uint8-asymmetric": {},
+}
+# INT4 weights: keep DequantizeLinear exact (a MatMul would otherwise become MatMulNBits,
+# which quantizes activations; CU-Net has no MatMul, so this is a guard, not a speed knob).
+PRECISION_SESSION_CONFIG: dict[str, dict[str, str]] = {
+    "int4": {"session.qdq_matmulnbits_accuracy_level": "0"},
+}
+
+
+def _ort():
+    import onnxruntime  # noqa: PLC0415  (heavy import, only where sessions are made)
+
+    return onnxruntime
+
+
+def _level(ort, name: str):
+    return {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[name]
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """How a session is made; session.json stores these (plus provenance)."""
+
+    optimization: str = "all"  # graph optimisation level applied at build time
+    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
+    inter_op_threads: int = 0
+    execution_mode: str = "sequential"
+    qdq_flavour: str | None = None
+    session_config: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise CUNetError(
+                f"unknown ONNX Runtime optimisation level '{self.optimization}'; "
+                f"choose one of {', '.join(OPTIMIZATION_LEVELS)}"
+            )
+        if self.execution_mode not in EXECUTION_MODES:
+            raise CUNetError(
+                f"unknown execution mode '{self.execution_mode}'; choose one of {', '.join(EXECUTION_MODES)}"
+            )
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CUNetError(f"{name} must be an integer >= 0 (0 = ONNX Runtime default), got {value!r}")
+        if self.qdq_flavour is not None and self.qdq_flavour not in QDQ_FLAVOURS:
+            raise CUNetError(
+                f"unknown Q/DQ flavour '{self.qdq_flavour}'; known flavours: {', '.join(QDQ_FLAVOURS)}"
+            )
+
+
+def session_options(settings: OrtSettings, level: str, optimized_model_path: str | None = None):
+    """SessionOptions for `settings`, at graph optimisation `level`."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _level(ort, level)
+    so.intra_op_num_threads = settings.intra_op_threads
+    so.inter_op_num_threads = settings.inter_op_threads
+    so.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL
+        if settings.execution_mode == "parallel"
+        else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    # Errors only: the "hardware specific optimizations" warning of an offline
+    # ORT_ENABLE_ALL model is recorded in the build notes instead.
+    so.log_severity_level = 3
+    for key, value in settings.session_config.items():
+        so.add_session_config_entry(key, value)
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    return so
+
+
+def _make_session(model_path: Path, so):
+    ort = _ort()
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CUNetError(
+            f"ONNX Runtime cannot load {model_path}: {first}; check it with `cunet-optimize lint`"
+        ) from exc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class OnnxRuntimeBuilder:
+    """ONNX -> optimised ONNX Runtime model + session.json, for the `cpu` target."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, **settings: Any):
+        self.defaults = _settings_from(settings, OrtSettings())
+
+    def build(
+        self,
+        onnx_path: str | os.PathLike,
+        target: str = "cpu",
+        precision: str = "fp32",
+        out_dir: str | os.PathLike = ".",
+        options: Mapping[str, Any] | None = None,
+    ) -> BuildResult:
+        ort = _ort()
+        spec = get_target(target)
+        if spec.backend != "onnxruntime":
+            raise CUNetError(
+                f"target {spec.name} is a {spec.backend} target; the ONNX Runtime builder builds for: cpu"
+            )
+        support = check_precision(spec, precision)
+        settings = _settings_from(dict(options or {}), self.defaults)
+        onnx_path = Path(onnx_path)
+        _check_onnx_matches(onnx_path, precision)
+        if settings.qdq_flavour is not None and precision != "int8":
+            raise CUNetError(
+                f"Q/DQ flavour '{settings.qdq_flavour}' applies to int8 builds only, not {precision}; drop it"
+            )
+        config = dict(QDQ_FLAVOURS.get(settings.qdq_flavour or "", {}))
+        config.update(PRECISION_SESSION_CONFIG.get(precision, {}))
+        config.update(settings.session_config)  # explicit entries win
+        settings = OrtSettings(**{**asdict(settings), "session_config": config})
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        final = out / OPTIMIZED_MODEL_FILE
+        partial = out / f".{OPTIMIZED_MODEL_FILE}.partial"
+        try:
+            _make_session(onnx_path, session_options(settings, settings.optimization, str(partial)))
+            if not partial.is_file():
+                raise CUNetError(f"ONNX Runtime wrote no optimised model for {onnx_path} in {out}")
+            os.replace(partial, final)
+        finally:
+            if partial.exists():
+                partial.unlink()
+
+        notes = [n for n in (support.note,) if n]
+        if settings.optimization == "all":
+            notes.append(
+                "optimised at ORT_ENABLE_ALL: the saved model may hold CPU-specific layouts (NCHWc); "
+                f"rebuild it on the machine that runs it (ONNX Runtime {ort.__version__})"
+            )
+        if precision == "int8" and settings.qdq_flavour is None:
+            notes.append("no Q/DQ flavour given: no int8 session entries applied")
+        record = {
+            "schema": SESSION_SCHEMA,
+            "model": final.name,
+            "source_onnx": str(onnx_path),
+            "source_onnx_sha256": _sha256(onnx_path),
+            "target": spec.name,
+            "precision": precision,
+            "executed_as": support.executed_as,
+            "onnxruntime_version": ort.__version__,
+            "providers": ["CPUExecutionProvider"],
+            **asdict(settings),
+            # The graph is already optimised: loading it again skips the passes.
+            "load_optimization": "disable",
+        }
+        session_json = write_atomic(out / SESSION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return BuildResult(
+            backend=self.backend,
+            backend_version=ort.__version__,
+            target=spec.name,
+            precision=precision,
+            artifacts={"model": str(final), "session": str(session_json), "source_onnx": str(onnx_path)},
+            settings=record,
+            notes=notes,
+            engine_built=True,
+        )
+
+
+def _settings_from(values: Mapping[str, Any], base: OrtSettings) -> OrtSettings:
+    names = {f.name for f in fields(OrtSettings)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise CUNetError(f"unknown ONNX Runtime option(s) {unknown}; known: {sorted(names)}")
+    merged = OrtSettings(**{**asdict(base), **values})
+    merged.validate()
+    return merged
+
+
+def _check_onnx_matches(onnx_path: Path, precision: str) -> None:
+    content = inspect_onnx(onnx_path)
+    if precision == "int8" and not content.has_qdq:
+        raise CUNetError(
+            f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so it cannot be an int8 build; "
+            "export it with --precision int8 first"
+        )
+    if precision == "int4" and not content.has_int4:
+        raise CUNetError(f"{onnx_path} holds no INT4 weights; export it with --precision int4 first")
+    if precision == "fp32" and (content.has_qdq or content.has_int4):
+        raise CUNetError(
+            f"{onnx_path} is a quantized model (Q/DQ nodes) but precision fp32 was asked; "
+            "pass its real precision (int8 or int4) or use the float export"
+        )
+
+
+class OnnxRuntimeSessionRunner(Runner):
+    """Runs one ONNX model file in an ONNX Runtime CPU session made from `settings`."""
+
+    prefix = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        settings: OrtSettings | None = None,
+        load_optimization: str = "disable",
+        name: str | None = None,
+    ):
+        super().__init__(name)
+        self.model_path = Path(model_path)
+        self.settings = settings or OrtSettings()
+        self.settings.validate()
+        if load_optimization not in OPTIMIZATION_LEVELS:
+            raise CUNetError(
+                f"unknown optimisation level '{load_optimization}'; use one of {OPTIMIZATION_LEVELS}"
+            )
+        self.load_optimization = load_optimization
+        self._shape: tuple[int | None, ...] = super().input_shape
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        return self._shape
+
+    def activate_impl(self) -> None:
+        if not self.model_path.is_file():
+            raise CUNetError(f"model not found: {self.model_path}; rebuild it")
+        self._session = _make_session(self.model_path, session_options(self.settings, self.load_optimization))
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise CUNetError(f"{self.model_path}: expected one image input, found {[i.name for i in inputs]}")
+        self._input = inputs[0]
+        self._output = final_head([(o.name, len(o.shape)) for o in self._session.get_outputs()])
+        self._input_dtype = np.float16 if self._input.type == "tensor(float16)" else np.float32
+        self._shape = tuple(d if isinstance(d, int) and d > 0 else None for d in self._input.shape)
+
+    def infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        feed = {self._input.name: batch.astype(self._input_dtype, copy=False)}
+        (out,) = self._session.run([self._output], feed)
+        return np.asarray(out, dtype=np.float32)
+
+    def deactivate_impl(self) -> None:
+        self._session = None
+
+
+class OnnxRuntimeRunner(OnnxRuntimeSessionRunner):
+    """Runs what OnnxRuntimeBuilder wrote: the optimised model with its session.json settings."""
+
+    def __init__(self, build: str | os.PathLike, name: str | None = None):
+        path = Path(build)
+        session_json = path / SESSION_FILE if path.is_dir() else path
+        if not session_json.is_file():
+            raise CUNetError(
+                f"no ONNX Runtime build at {build} (missing {SESSION_FILE}); "
+                "run `cunet-optimize build --target cpu` first"
+            )
+        try:
+            record = json.loads(session_json.read_text())
+        except ValueError as exc:
+            raise CUNetError(f"{session_json} is not valid JSON ({exc}); rebuild") from exc
+        if record.get("schema") != SESSION_SCHEMA:
+            raise CUNetError(
+                f"{session_json} has schema {record.get('schema')!r}, not {SESSION_SCHEMA!r}; rebuild"
+            )
+        self.record = record
+        settings = OrtSettings(**{f.name: record[f.name] for f in fields(OrtSettings)})
+        super().__init__(
+            session_json.parent / record["model"],
+            settings,
+            load_optimization=record.get("load_optimization", "disable"),
+            name=name,
+        )
+
+
+class OnnxRuntimeReferenceRunner(OnnxRuntimeSessionRunner):
+    """An ONNX file at ORT_DISABLE_ALL: Q/DQ computed exactly as the graph says."""
+
+    prefix = "onnxruntime-reference"
+
+    def __init__(self, onnx_path: str | os.PathLike, name: str | None = None, intra_op_threads: int = 0):
+        settings = OrtSettings(optimization="disable", intra_op_threads=intra_op_threads)
+        super().__init__(onnx_path, settings, load_optimization="disable", name=name)

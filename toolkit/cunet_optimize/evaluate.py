@@ -1,0 +1,105 @@
+"""Accuracy of any runner on a landmark data set: one place for every stage.
+
+Training, `eval`, the build's accuracy gate and the profiler all call
+`evaluate_landmarks` with a plain `infer(images) -> heatmaps` callable, so PyTorch,
+ONNX Runtime and TensorRT are measured by the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cunet_optimize import metrics
+from cunet_optimize.data.transforms import FACE68_FLIP_PERM, decode_heatmaps, heatmap_to_image_coords
+
+InferFn = Callable[[np.ndarray], np.ndarray]  # Bx3x256x256 float32 -> BxCx64x64 float32
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    per_image_nme: np.ndarray
+    predictions: np.ndarray  # (N, C, 2) in original image coordinates
+    paths: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"metrics": self.metrics, "settings": self.settings}
+
+
+def torch_infer(model: torch.nn.Module) -> InferFn:
+    """PyTorch model (eval mode, no grad) as an infer function returning the last head."""
+    model.eval()
+
+    def infer(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(images))[-1].numpy()
+
+    return infer
+
+
+def flip_test(infer: InferFn, flip_perm: np.ndarray) -> InferFn:
+    """Average the heatmaps of the image and of its mirror (mirrored back, points permuted)."""
+
+    def infer_flipped(images: np.ndarray) -> np.ndarray:
+        direct = infer(images)
+        mirrored = infer(np.ascontiguousarray(images[..., ::-1]))[:, flip_perm, :, ::-1]
+        return (direct + mirrored) / 2
+
+    return infer_flipped
+
+
+def evaluate_landmarks(
+    infer: InferFn,
+    dataset,
+    *,
+    batch_size: int = 16,
+    normalizer: str = "inter_ocular",
+    flip: bool = False,
+    progress: bool = True,
+    description: str = "eval",
+    runtime: str = "",
+) -> EvalResult:
+    """Predict every sample of a face data set and score it (EVAL.md conventions)."""
+    if len(dataset) == 0:
+        from cunet_optimize.errors import CUNetError
+
+        raise CUNetError("evaluation set is empty; check the data folder and its split list")
+    if flip:
+        infer = flip_test(infer, FACE68_FLIP_PERM)
+    preds, gts, paths = [], [], []
+    indices = range(0, len(dataset), batch_size)
+    for start in tqdm(indices, desc=description, unit="batch", disable=not progress, leave=False):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = np.stack([np.asarray(it["image"], dtype=np.float32) for it in items])
+        heatmaps = np.asarray(infer(images), dtype=np.float32)
+        points_64 = decode_heatmaps(heatmaps)
+        for it, p in zip(items, points_64):
+            preds.append(heatmap_to_image_coords(p, np.asarray(it["transform"], dtype=np.float64)))
+            gts.append(np.asarray(it["landmarks"], dtype=np.float64))
+            paths.append(str(it["path"]))
+    pred = np.stack(preds)
+    gt = np.stack(gts)
+    per_image = metrics.nme(pred, gt, normalizer=normalizer)
+    summary = metrics.face_metrics(pred, gt, normalizer=normalizer)
+    settings = {
+        "images": len(dataset),
+        "normalizer": normalizer,
+        "crop_policy": getattr(dataset, "crop_policy", "unknown"),
+        "flip_test": flip,
+        "runtime": runtime,
+    }
+    return EvalResult(summary, per_image, pred, paths, settings)
+
+
+def result_to_json(result: EvalResult) -> dict:
+    out = asdict(result)
+    out.pop("per_image_nme")
+    out.pop("predictions")
+    out.pop("paths")
+    return out

@@ -1,0 +1,1 @@
+"""Training: the shared loop used by `train` and `qat`."""
