@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 SYNTH_GENERATOR = "cunet_optimize.data.synth"
 # Bump whenever the pixels or landmarks for a given seed change.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 NUM_LANDMARKS = 68
 HEAD_DEPTH = 0.55  # face units from the jaw ends' plane to the chin and brow ridge
 # Drawing happens on a canvas this many times larger, then is box-averaged down:
@@ -461,9 +461,15 @@ def _draw_head(canvas, rng, p, proj, lm3, landmarks, skin, hair) -> np.ndarray:
     return outline
 
 
-def _draw_brows(canvas, rng, proj, lm3, landmarks, hair) -> None:
+def _luma(colour) -> float:
+    return float(np.dot(colour, [0.299, 0.587, 0.114]))
+
+
+def _draw_brows(canvas, rng, proj, lm3, landmarks, skin, hair) -> None:
     """Brow bands hanging from points 17-26 (the landmarks are the brows' upper edge)."""
     colour = _mix(hair, (20, 15, 10), rng.uniform(0.2, 0.7))
+    if abs(_luma(colour) - _luma(skin)) < 30:
+        colour = _mix(skin, _BLACK, 0.45)  # brows of the skin's shade would be invisible
     thickness = rng.uniform(0.04, 0.09)
     for idx, taper in ((slice(17, 22), np.linspace(0.45, 1.0, 5)), (slice(22, 27), np.linspace(1.0, 0.45, 5))):
         lower = lm3[idx] + np.stack([np.zeros(5), thickness * taper, np.zeros(5)], axis=1)
@@ -500,7 +506,9 @@ def _draw_nose(canvas, rng, p, proj, lm3, landmarks, skin) -> None:
     nostrils by 32 and 34, highlight down the bridge to the tip (30)."""
     scale = proj.scale
     wing = 31 if rng.random() < 0.5 else 35
-    side = np.stack([landmarks[27] * 0.6 + landmarks[wing] * 0.4, landmarks[28] * 0.5 + landmarks[wing] * 0.5, landmarks[wing]])
+    side = np.stack([
+        landmarks[27] * 0.6 + landmarks[wing] * 0.4, landmarks[28] * 0.5 + landmarks[wing] * 0.5, landmarks[wing]
+    ])
     canvas.line(_smooth(side, 4), _mix(skin, _BLACK, rng.uniform(0.15, 0.3)), max(0.8, 0.03 * scale))
     tip = lm3[30]
     flank = proj(np.array([tip + [0.4 * p.nose_width, 0.0, 0.0], tip - [0.4 * p.nose_width, 0.0, 0.0]]))
@@ -617,7 +625,7 @@ def render_face(p: FaceParams, rng: np.random.Generator, image_size: int = 256) 
     canvas = _Canvas(_background(rng, image_size), image_size)
     _clutter(canvas, rng, int(rng.integers(2, 9)))
     outline = _draw_head(canvas, rng, p, proj, lm3, landmarks, skin, hair)
-    _draw_brows(canvas, rng, proj, lm3, landmarks, hair)
+    _draw_brows(canvas, rng, proj, lm3, landmarks, skin, hair)
     _draw_eyes(canvas, rng, p, proj, lm3, landmarks, skin)
     _draw_nose(canvas, rng, p, proj, lm3, landmarks, skin)
     _draw_mouth(canvas, rng, p, proj, lm3, landmarks, skin)
@@ -742,7 +750,8 @@ def write_synthetic_faces(
         raise
     seconds = time.perf_counter() - start
     summary = SynthSummary(out, count, len(splits["train"]), len(splits["test"]), image_size, seed, seconds)
-    log.debug("wrote %d synthetic faces to %s in %.1f s (%.0f images/s)", count, out, seconds, summary.images_per_second)
+    log.debug("wrote %d synthetic faces to %s in %.1f s (%.0f images/s)",
+              count, out, seconds, summary.images_per_second)
     return summary
 
 

@@ -1,0 +1,68 @@
+"""The embedded default data: the synthetic face set the default model was trained on.
+
+Commands that need data and were given none (calibrate, build, profile) use its
+test split for accuracy and a slice of its training split for calibration. Only
+those images are written (once, into a cache folder); they are byte-identical to
+the same indices of `cunet-optimize data synth --count 3000 --seed 0
+--test-fraction 0.1`, because every synthetic image depends on (seed, index) alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cunet_optimize.data.pts import format_pts
+from cunet_optimize.data.synth import PNG_OPTIONS, SYNTH_VERSION, split_test_indices, synth_face
+
+DEFAULT_SYNTH = {"count": 3000, "seed": 0, "test_fraction": 0.1}
+CALIBRATION_IMAGES = 128  # taken from the training split: never from the test split
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("CUNET_OPTIMIZE_CACHE") or Path.home() / ".cache" / "cunet-optimize"
+    s = DEFAULT_SYNTH
+    return Path(base) / f"synth-faces-v{SYNTH_VERSION}-seed{s['seed']}-n{s['count']}"
+
+
+def ensure_default_dataset(progress: bool = True) -> Path:
+    """Folder with images/, test.txt and calib.txt of the default set; written on first use."""
+    out = default_data_dir()
+    if (out / "dataset.json").is_file():
+        return out
+    count, seed, fraction = DEFAULT_SYNTH["count"], DEFAULT_SYNTH["seed"], DEFAULT_SYNTH["test_fraction"]
+    test = split_test_indices(count, seed, fraction)
+    test_set = set(test)
+    calib = [i for i in range(count) if i not in test_set][:CALIBRATION_IMAGES]
+    width = max(5, len(str(count - 1)))
+    name = lambda i: f"images/{i:0{width}d}.png"  # noqa: E731 (same names as `data synth`)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "images").mkdir()
+        for i in tqdm(sorted(test + calib), desc="default data (synthetic faces)", unit="img",
+                      disable=not progress, leave=False):
+            image, landmarks = synth_face(seed, i)
+            image.save(tmp / name(i), "PNG", **PNG_OPTIONS)
+            (tmp / name(i)).with_suffix(".pts").write_text(format_pts(landmarks), encoding="utf-8")
+        (tmp / "test.txt").write_text("".join(f"{name(i)}\n" for i in test))
+        (tmp / "calib.txt").write_text("".join(f"{name(i)}\n" for i in calib))
+        (tmp / "dataset.json").write_text(json.dumps(
+            {"generator": "cunet_optimize.data.synth", "version": SYNTH_VERSION, **DEFAULT_SYNTH,
+             "subset": {"test": len(test), "calib": len(calib)},
+             "note": "test split + first training images of `data synth --count 3000 --seed 0 "
+                     "--test-fraction 0.1`"}, indent=2) + "\n")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first: keep theirs
+            if not (out / "dataset.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
