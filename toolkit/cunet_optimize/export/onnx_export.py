@@ -1,0 +1,325 @@
+"""CU-Net -> ONNX: trace, clean, name, verify, write.
+
+`export_onnx` is the one entry point. The TorchScript exporter (`dynamo=False`) is
+used on purpose: it is deterministic (tests export twice and compare bytes) and fast.
+Most of its time is the traced forward pass, so we trace at 64x64 px with the spatial
+dims marked dynamic (CU-Net is fully convolutional; its Resize nodes carry constant
+scales, so the graph does not depend on the size) and fix them to 256 afterwards;
+verification then runs at 256 px. On the authors' N=8 face model (2 shared cores under
+load) the TorchScript export took 36 s tracing at 256 px and 11-25 s tracing at 64 px,
+nearly all of it the tracer's per-op overhead; the torch.export path takes ~45 s. Its raw output is then cleaned with onnx-graphsurgeon: constant folding
+(Q/DQ nodes are never folded), Identity removal, dead nodes removed, topological
+order; free-text fields are emptied so equal models give byte-identical files.
+
+The contract of the file:
+- input "image": float32 [B, 3, 256, 256] in [0, 1] (B symbolic "batch" unless
+  dynamic_batch=False, then 1);
+- outputs "heatmaps" (the last supervised head) or, with heads="all",
+  "heatmaps_0" .. "heatmaps_{L-1}", float32 [B, C, 64, 64];
+- with decode_landmarks, "landmarks": float32 [B, C, 2], (x, y) in 0-based heatmap
+  pixels, decoded in the graph (see landmarks.py);
+- fp16: float16 weights and compute, float32 I/O (see fp16.py);
+- metadata_props: toolkit version, model config (JSON), precision, heads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from cunet_optimize import __version__
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.export.fp16 import convert_graph_to_fp16
+from cunet_optimize.export.landmarks import add_landmark_decoder
+from cunet_optimize.export.symbolics import fake_quant_symbolics, mark_int4_weights
+from cunet_optimize.export.verify import (
+    VerificationResult,
+    check_onnx,
+    compare_outputs,
+    graph_kind,
+    ort_version,
+    run_onnxruntime,
+)
+from cunet_optimize.models.cunet import HEATMAP_SIZE, INPUT_SIZE
+from cunet_optimize.surgery.graph import clean_graph, finish, op_counts, save_model, to_model
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+BATCH_DIM = "batch"
+HEADS = ("last", "all")
+MIN_OPSET, MAX_OPSET = 13, 21
+# The TorchScript exporter stops at opset 20; higher opsets are reached with
+# onnx.version_converter on the raw export.
+TORCHSCRIPT_MAX_OPSET = 20
+VERIFY_SEED = 0
+TRACE_SIZE = 64  # smallest input CU-Net accepts: stride 4 stem, then 4 poolings by 2
+LANDMARK_TOLERANCE = 1e-5  # px: the in-graph decoder must match the NumPy one exactly
+
+
+@dataclass
+class ExportSummary:
+    path: str
+    opset: int
+    precision: str  # "fp32" | "fp16"
+    quantized: bool  # the graph holds Q/DQ nodes (a fake-quantized model)
+    heads: str
+    input_name: str
+    output_names: list[str]
+    dynamic_batch: bool
+    decode_landmarks: bool
+    num_nodes: int
+    op_counts: dict[str, int]
+    size_bytes: int
+    sha256: str
+    torch_export_seconds: float
+    total_seconds: float
+    verification: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _head_names(count: int) -> list[str]:
+    return [f"heatmaps_{i}" for i in range(count)]
+
+
+def _count_heads(model: torch.nn.Module, dummy: torch.Tensor) -> int:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_heads") and hasattr(config, "refine_iters"):
+        return int(config.num_heads) * int(config.refine_iters)
+    with torch.no_grad():
+        return len(model(dummy))
+
+
+def trace_to_onnx(model: torch.nn.Module, opset: int, dynamic_batch: bool) -> tuple[onnx.ModelProto, float]:
+    """The raw TorchScript export (outputs heatmaps_0..L-1) and the seconds it took."""
+    dummy = torch.rand(1, 3, TRACE_SIZE, TRACE_SIZE, generator=torch.Generator().manual_seed(VERIFY_SEED))
+    outputs = _head_names(_count_heads(model, dummy))
+    axes = {name: ({0: BATCH_DIM} if dynamic_batch else {}) | {2: "height", 3: "width"} for name in [INPUT_NAME, *outputs]}
+    buffer = io.BytesIO()
+    start = time.perf_counter()
+    # Tracing without autograd is faster; parameters get their flag back afterwards.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.requires_grad_(False)
+    with warnings.catch_warnings(), fake_quant_symbolics(), _restore_grads(grads):
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        try:
+            torch.onnx.export(
+                model,
+                (dummy,),
+                buffer,
+                dynamo=False,
+                opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+                input_names=[INPUT_NAME],
+                output_names=outputs,
+                dynamic_axes=axes,
+                do_constant_folding=True,
+                training=torch.onnx.TrainingMode.EVAL,
+            )
+        except CUNetError:
+            raise
+        except Exception as err:
+            raise CUNetError(
+                f"torch.onnx.export failed: {str(err).strip().splitlines()[0]}; "
+                "is the model a CU-Net whose forward(image) returns a list of heatmaps?"
+            ) from err
+    raw = onnx.load_from_string(buffer.getvalue())
+    _fix_spatial_dims(raw)
+    return raw, time.perf_counter() - start
+
+
+@contextmanager
+def _restore_grads(grads: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def _fix_spatial_dims(model: onnx.ModelProto) -> None:
+    """Input 256x256, heatmaps 64x64; intermediate shapes are re-inferred later."""
+    for value, size in [(v, INPUT_SIZE) for v in model.graph.input] + [(v, HEATMAP_SIZE) for v in model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for axis in (2, 3):
+            dims[axis].Clear()
+            dims[axis].dim_value = size
+    del model.graph.value_info[:]
+
+
+def _set_batch_dim(tensor: gs.Variable, dynamic: bool) -> None:
+    if tensor.shape is not None and len(tensor.shape):
+        tensor.shape = [BATCH_DIM if dynamic else 1, *tensor.shape[1:]]
+
+
+def _metadata(model: torch.nn.Module, precision: str, heads: str) -> dict[str, str]:
+    meta = {"cunet_optimize.version": __version__, "cunet_optimize.precision": precision, "cunet_optimize.heads": heads}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        meta["cunet_optimize.config"] = json.dumps(config.to_dict(), sort_keys=True)
+    return meta
+
+
+def build_graph(
+    raw: onnx.ModelProto, *, heads: str, decode_landmarks: bool, fp16: bool, dynamic_batch: bool, opset: int
+) -> tuple[gs.Graph, list[str]]:
+    """Clean the raw export and give it the file's contract; returns (graph, output names)."""
+    graph = clean_graph(gs.import_onnx(raw))
+    if opset >= 21:
+        mark_int4_weights(graph)
+    heads_out = list(graph.outputs)
+    if heads == "last":
+        heads_out = heads_out[-1:]
+        heads_out[0].name = "heatmaps"
+    graph.outputs = heads_out
+    finish(graph)
+    if fp16:
+        convert_graph_to_fp16(graph)
+    for tensor in [*graph.inputs, *graph.outputs]:
+        _set_batch_dim(tensor, dynamic_batch)
+    if decode_landmarks:
+        landmarks = add_landmark_decoder(graph, graph.outputs[-1])
+        graph.outputs.append(landmarks)
+    finish(graph)
+    return graph, [t.name for t in graph.outputs]
+
+
+def finalize(graph: gs.Graph, metadata: dict[str, str]) -> onnx.ModelProto:
+    model = to_model(graph)
+    model.producer_name = "cunet-optimize"
+    model.producer_version = __version__
+    model.doc_string = ""
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, dict(sorted(metadata.items())))
+    return model
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Raise the opset of the raw export (the TorchScript exporter stops at 20)."""
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as err:
+        raise CUNetError(f"cannot convert the exported graph to opset {opset}: {str(err).splitlines()[0]}") from err
+
+
+def verify_against_torch(
+    onnx_model: onnx.ModelProto, torch_model: torch.nn.Module, output_names: list[str], batch: int
+) -> VerificationResult:
+    """ORT (ORT_DISABLE_ALL) vs PyTorch on a fixed random batch; CUNetError on mismatch."""
+    from cunet_optimize.data.transforms import decode_heatmaps
+
+    rng = np.random.default_rng(VERIFY_SEED)
+    image = rng.random((batch, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    actual = run_onnxruntime(onnx_model, {INPUT_NAME: image}, level="disable_all")
+    with torch.no_grad():
+        heads = [h.float().numpy() for h in torch_model(torch.from_numpy(image))]
+    head_names = [n for n in output_names if n.startswith("heatmaps")]
+    reference = dict(zip(head_names, heads[-len(head_names):]))
+    kind = graph_kind(onnx_model)
+    result = compare_outputs(
+        actual,
+        reference,
+        kind,
+        runtime=f"onnxruntime {ort_version()} CPU ORT_DISABLE_ALL",
+        reference_name=f"PyTorch {torch.__version__} (float32)",
+    )
+    result.raise_on_failure("export verification")
+    if "landmarks" in output_names:
+        # The decoder is checked exactly against the NumPy decoding of the graph's own
+        # heatmaps; against PyTorch's heatmaps only agreement is reported (near-ties
+        # may flip the argmax under float rounding).
+        expected = decode_heatmaps(actual[head_names[-1]], method="quarter")
+        worst = float(np.abs(actual["landmarks"] - expected).max())
+        if not worst <= LANDMARK_TOLERANCE:
+            raise CUNetError(
+                f"export verification: in-graph landmark decoding differs from decode_heatmaps(method='quarter') "
+                f"by {worst:.3g} px (allowed {LANDMARK_TOLERANCE}); this is a bug, report it"
+            )
+        torch_points = decode_heatmaps(heads[-1], method="quarter")
+        agree = float(np.mean(np.all(np.abs(actual["landmarks"] - torch_points) <= LANDMARK_TOLERANCE, axis=-1)))
+        result.notes.append(
+            f"landmarks: equal to decode_heatmaps(quarter) of the graph's heatmaps (max diff {worst:.2g} px); "
+            f"{agree:.1%} equal to decoding PyTorch's heatmaps"
+        )
+    return result
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    opset: int = 17,
+    heads: str = "last",
+    decode_landmarks: bool = False,
+    fp16: bool = False,
+    dynamic_batch: bool = True,
+) -> ExportSummary:
+    """Export a CU-Net (plain or fake-quantized) to a verified ONNX file at `path`.
+
+    Raises CUNetError if the options are invalid, the export fails, the file is not
+    valid ONNX, or ONNX Runtime's outputs differ from PyTorch's beyond the stated
+    tolerance (verify.py); nothing is written then.
+    """
+    start = time.perf_counter()
+    if heads not in HEADS:
+        raise CUNetError(f"export: heads must be one of {HEADS}, got '{heads}'")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise CUNetError(f"export: opset {opset} is outside the supported {MIN_OPSET}..{MAX_OPSET} (Q/DQ needs >= 13)")
+    params = list(model.parameters())
+    if params and params[0].dtype != torch.float32:
+        raise CUNetError(
+            f"export: the model's parameters are {params[0].dtype}; pass a float32 model "
+            "(use fp16=True for a float16 graph)"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        raw, torch_seconds = trace_to_onnx(model, opset, dynamic_batch)
+        if opset > TORCHSCRIPT_MAX_OPSET:
+            raw = convert_opset(raw, opset)
+        graph, output_names = build_graph(
+            raw, heads=heads, decode_landmarks=decode_landmarks, fp16=fp16, dynamic_batch=dynamic_batch, opset=opset
+        )
+        precision = "fp16" if fp16 else "fp32"
+        onnx_model = finalize(graph, _metadata(model, precision, heads))
+        check_onnx(onnx_model, "exported model")
+        verification = verify_against_torch(onnx_model, model, output_names, batch=2 if dynamic_batch else 1)
+    finally:
+        model.train(was_training)
+    save_model(onnx_model, path)
+    data = onnx_model.SerializeToString()
+    summary = ExportSummary(
+        path=str(path),
+        opset=opset,
+        precision=precision,
+        quantized=any(n.op_type == "QuantizeLinear" or n.op_type == "DequantizeLinear" for n in onnx_model.graph.node),
+        heads=heads,
+        input_name=INPUT_NAME,
+        output_names=output_names,
+        dynamic_batch=dynamic_batch,
+        decode_landmarks=decode_landmarks,
+        num_nodes=len(onnx_model.graph.node),
+        op_counts=op_counts(onnx_model),
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        torch_export_seconds=round(torch_seconds, 3),
+        total_seconds=round(time.perf_counter() - start, 3),
+        verification=verification.to_dict(),
+    )
+    log.info("exported %s (%d nodes, %s) in %.1f s", path, summary.num_nodes, precision, summary.total_seconds)
+    return summary

@@ -1,0 +1,136 @@
+"""The surgery stage: run named passes over an ONNX model and verify each one.
+
+`run_surgery(model, passes=None, target="cpu")` runs `default_passes(...)` unless told
+otherwise. After every pass the graph is checked (onnx.checker, full) and run in ONNX
+Runtime on the same random input as before the pass (ORT_DISABLE_ALL; BASIC once the
+graph holds INT4, the level ONNX Runtime executes INT4 DequantizeLinear exactly at);
+an exact pass that changes the outputs beyond the tolerance of verify.py raises
+CUNetError. Passes that change outputs by design (tie_concat_qdq_scales) record the
+change in their report instead.
+
+Which form of the dense concatenations the default pipeline produces is a per-backend
+decision (design space in docs/QUANT_RULES.md), measured by bench/bench_surgery.py and
+recorded in FOLD_DENSE_CONCATS below.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.export.verify import check_onnx, compare_outputs, graph_kind, ort_version, random_feeds, run_onnxruntime
+from cunet_optimize.surgery.batchnorm import cleanup, fold_batchnorm
+from cunet_optimize.surgery.dense_concat import flatten_nested_concats, fold_dense_concats
+from cunet_optimize.surgery.graph import ModelLike, as_model, opset_of, to_model
+from cunet_optimize.surgery.int4 import pack_int4_weights
+from cunet_optimize.surgery.lint import lint_target
+from cunet_optimize.surgery.qdq import check_weight_axes, check_zero_points, remove_redundant_qdq, tie_concat_qdq_scales
+from cunet_optimize.surgery.report import PassReport
+
+log = logging.getLogger(__name__)
+
+PASSES: dict[str, Callable[[gs.Graph], PassReport]] = {
+    "cleanup": cleanup,
+    "flatten_nested_concats": flatten_nested_concats,
+    "fold_batchnorm": fold_batchnorm,
+    "fold_dense_concats": fold_dense_concats,
+    "remove_redundant_qdq": remove_redundant_qdq,
+    "tie_concat_qdq_scales": tie_concat_qdq_scales,
+    "check_zero_points": check_zero_points,
+    "check_weight_axes": check_weight_axes,
+    "pack_int4_weights": pack_int4_weights,
+}
+# Passes whose outputs may differ from their inputs by design.
+CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales"})
+
+# Whether the default pipeline folds the dense concatenations of a float graph, per backend.
+# onnxruntime: yes. bench/bench_surgery.py (ORT 1.32 CPU, ORT_ENABLE_ALL, 2 threads, batch 1,
+#   forms alternating run by run, 2 shared cores under load): on the authors' N=8 face model
+#   the folded form's median was 5% lower in both runs (1085 vs 1146 ms, 1765 vs 1866 ms); on
+#   cunet-face-small the two forms were within noise (119 vs 116 ms, 82 vs 91 ms). The folded
+#   graph has 2.3x the nodes and never materialises the 191 MB of Concat outputs (batch 1);
+#   the estimated peak activation memory is about the same (16.8 vs 17.1 MB).
+# tensorrt: no (not measured: no GPU here). TensorRT elides a Concat by writing its inputs
+#   into one buffer (with tied scales in INT8), so the concat form is kept until a device
+#   measurement says otherwise.
+# Quantized graphs are never folded by default: the Q/DQ-per-branch form is unmeasured.
+FOLD_DENSE_CONCATS = {"onnxruntime": True, "tensorrt": False}
+
+
+def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int = 17) -> list[str]:
+    spec = lint_target(target)
+    passes = ["cleanup", "flatten_nested_concats", "fold_batchnorm"]
+    if FOLD_DENSE_CONCATS[spec.backend] and not quantized:
+        # fold_batchnorm again: a segment read by one branch only now meets its BN right after its Conv
+        passes += ["fold_dense_concats", "fold_batchnorm"]
+    if quantized:
+        passes.append("remove_redundant_qdq")
+        if spec.dla:  # DLA rejects INT8 Concat/pooling with differing scales
+            passes.append("tie_concat_qdq_scales")
+        if spec.backend == "tensorrt":
+            passes += ["check_zero_points", "check_weight_axes"]
+    if opset >= 21:
+        passes.append("pack_int4_weights")
+    return passes
+
+
+@dataclass
+class SurgeryResult:
+    model: onnx.ModelProto
+    reports: list[PassReport] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"passes": self.passes, "reports": [r.to_dict() for r in self.reports]}
+
+
+def _ort_level(model: onnx.ModelProto) -> str:
+    int4 = any(i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) for i in model.graph.initializer)
+    return "basic" if int4 else "disable_all"
+
+
+def run_surgery(
+    model: ModelLike, passes: Sequence[str] | None = None, *, target: str = "cpu", verify: bool = True, batch: int = 1
+) -> SurgeryResult:
+    """Run `passes` (default: default_passes(target, ...)) in order; returns the new model
+    and one PassReport per pass (with its ORT verification when verify=True)."""
+    proto = as_model(model)
+    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
+    names = list(passes) if passes is not None else default_passes(target, quantized=quantized, opset=opset_of(proto))
+    unknown = [p for p in names if p not in PASSES]
+    if unknown:
+        raise CUNetError(f"unknown surgery pass(es) {unknown}; known: {', '.join(PASSES)}")
+    feeds = random_feeds(proto, batch=batch) if verify else {}
+    before = run_onnxruntime(proto, feeds, _ort_level(proto)) if verify else {}
+    graph = gs.import_onnx(proto)
+    result = SurgeryResult(proto, passes=names)
+    for name in names:
+        report = PASSES[name](graph)
+        current = to_model(graph)
+        current.producer_name, current.producer_version = proto.producer_name, proto.producer_version
+        del current.metadata_props[:]
+        current.metadata_props.extend(proto.metadata_props)
+        check_onnx(current, f"model after surgery pass {name}")
+        if verify:
+            level = _ort_level(current)
+            after = run_onnxruntime(current, feeds, level)
+            comparison = compare_outputs(
+                after, before, graph_kind(current),
+                runtime=f"onnxruntime {ort_version()} CPU {level}", reference_name="the graph before the pass",
+            )
+            report.verification = comparison.to_dict()
+            if name in CHANGES_OUTPUTS:
+                worst = max((o.max_abs_error for o in comparison.outputs), default=0.0)
+                report.notes.append(f"outputs changed by design: max abs change {worst:.3g}")
+            else:
+                comparison.raise_on_failure(f"surgery pass {name}")
+            before = after
+        log.info(report.summary())
+        result.reports.append(report)
+        result.model = current
+    return result
