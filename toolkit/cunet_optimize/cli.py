@@ -18,7 +18,7 @@ from cunet_optimize.errors import CUNetError
 EXIT_USER_ERROR = 2
 
 # Order = order in `--help`: the pipeline, front to back.
-COMMANDS = ["models", "data", "train", "eval", "predict", "calibrate", "qat", "export", "surgery", "lint", "targets", "build"]
+COMMANDS = ["models", "data", "train", "eval", "predict", "calibrate", "qat", "export", "surgery", "lint", "targets", "build", "profile", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

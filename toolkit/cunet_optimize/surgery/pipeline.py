@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -64,7 +64,11 @@ FOLD_DENSE_CONCATS = {"onnxruntime": True, "tensorrt": False}
 
 def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int = 17) -> list[str]:
     spec = lint_target(target)
-    passes = ["cleanup", "flatten_nested_concats", "fold_batchnorm"]
+    passes = ["cleanup", "flatten_nested_concats"]
+    if opset >= 21:
+        # Pack before BN folding: folding a BN scale into 4-bit weights takes them off their grid.
+        passes.append("pack_int4_weights")
+    passes.append("fold_batchnorm")
     if FOLD_DENSE_CONCATS[spec.backend] and not quantized:
         # fold_batchnorm again: a segment read by one branch only now meets its BN right after its Conv
         passes += ["fold_dense_concats", "fold_batchnorm"]
@@ -74,8 +78,6 @@ def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int =
             passes.append("tie_concat_qdq_scales")
         if spec.backend == "tensorrt":
             passes += ["check_zero_points", "check_weight_axes"]
-    if opset >= 21:
-        passes.append("pack_int4_weights")
     return passes
 
 
@@ -95,10 +97,17 @@ def _ort_level(model: onnx.ModelProto) -> str:
 
 
 def run_surgery(
-    model: ModelLike, passes: Sequence[str] | None = None, *, target: str = "cpu", verify: bool = True, batch: int = 1
+    model: ModelLike,
+    passes: Sequence[str] | None = None,
+    *,
+    target: str = "cpu",
+    verify: bool = True,
+    batch: int = 1,
+    pass_options: Mapping[str, dict] | None = None,
 ) -> SurgeryResult:
     """Run `passes` (default: default_passes(target, ...)) in order; returns the new model
-    and one PassReport per pass (with its ORT verification when verify=True)."""
+    and one PassReport per pass (with its ORT verification when verify=True).
+    `pass_options` gives keyword arguments per pass name (e.g. INT4 block scales)."""
     proto = as_model(model)
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
     names = list(passes) if passes is not None else default_passes(target, quantized=quantized, opset=opset_of(proto))
@@ -110,7 +119,7 @@ def run_surgery(
     graph = gs.import_onnx(proto)
     result = SurgeryResult(proto, passes=names)
     for name in names:
-        report = PASSES[name](graph)
+        report = PASSES[name](graph, **(pass_options or {}).get(name, {}))
         current = to_model(graph)
         current.producer_name, current.producer_version = proto.producer_name, proto.producer_version
         del current.metadata_props[:]

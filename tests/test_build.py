@@ -1,0 +1,124 @@
+"""`cunet-optimize build` end to end on a tiny model and a handful of synthetic faces."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from cunet_optimize import build as build_module
+from cunet_optimize.cli import main
+from cunet_optimize.data.synth import write_synthetic_faces
+from cunet_optimize.models import DEFAULT_CHECKPOINT, create_model, save_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces") / "synth"
+    write_synthetic_faces(root, 10, seed=5, test_fraction=0.4, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_checkpoint(create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2), path)
+    return path
+
+
+def build_args(tiny, faces, workdir, precision, *extra):
+    return ["build", "--model", str(tiny), "--precision", precision, "--calib-data", str(faces),
+            "--calib-images", "4", "--eval-data", str(faces), "--workdir", str(workdir),
+            "--no-accuracy-gate", *extra]
+
+
+def partial_dirs(workdir):
+    return [p for p in (workdir / "engines").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("precision, target", [("fp32", "cpu"), ("int8", "cpu"), ("int4", "cpu"),
+                                               ("fp16", "jetson-orin-nano")])
+def test_build_each_precision(tiny, faces, tmp_path, precision, target, capsys):
+    """ONNX Runtime (CPU) does not run FP16 natively: FP16 is a GPU/Jetson build."""
+    assert main(build_args(tiny, faces, tmp_path, precision, "--target", target, "--json")) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    out = tmp_path / "engines" / f"tiny-{precision}-{target}"
+    assert json.loads((out / "build.json").read_text()) == manifest
+    assert manifest["engine_built"] is (target == "cpu")
+    assert manifest["backend"] == ("onnxruntime" if target == "cpu" else "tensorrt")
+    for rel in manifest["artifacts"].values():
+        assert (out / rel).is_file(), rel
+    acc = manifest["accuracy"]
+    assert acc["reference"]["count"] == acc["quantized"]["count"] == 4
+    assert manifest["model"]["sha256"] and manifest["timings_seconds"]["export"] > 0
+    if precision in ("int8", "int4"):
+        assert manifest["calibration"]["images"] == 4
+        assert (tmp_path / "calib" / manifest["calibration"]["id"] / "scales.json").is_file()
+    if precision == "int8":
+        assert (out / "calibration.cache").read_text().startswith("TRT-")
+    assert not partial_dirs(tmp_path)
+
+
+@pytest.mark.parametrize("target, major", [("jetson-orin-nano", 10), ("h100", 11)])
+def test_gpu_targets_write_a_bundle_not_an_engine(tiny, faces, tmp_path, target, major, capsys):
+    assert main(build_args(tiny, faces, tmp_path, "int8", "--target", target)) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "engines" / f"tiny-int8-{target}" / "build.json").read_text())
+    assert manifest["engine_built"] is False and manifest["backend"] == "tensorrt"
+    assert "no engine built here" in out
+    bundle = tmp_path / "engines" / f"tiny-int8-{target}"
+    recipe = (bundle / "build_engine.sh").read_text()
+    assert "trtexec" in recipe and "--onnx=model.onnx" in recipe
+    commands = "\n".join(line for line in recipe.splitlines() if not line.lstrip().startswith("#"))
+    assert ("--int8" in commands) == (major == 10)  # TensorRT 11 has no precision flags
+    assert not list(bundle.glob("*.engine")) and not list(bundle.glob("*.plan"))
+    assert "ONNX Runtime CPU reference" in manifest["accuracy"]["runtime"]
+
+
+def test_refuses_a_precision_the_target_cannot_run(tiny, faces, tmp_path, capsys):
+    assert main(build_args(tiny, faces, tmp_path, "fp8", "--target", "jetson-orin-nano")) == 2
+    err = capsys.readouterr().err
+    assert "jetson-orin-nano" in err and "fp8" in err
+    assert not (tmp_path / "engines" / "tiny-fp8-jetson-orin-nano").exists()
+
+
+def test_existing_build_needs_force(tiny, faces, tmp_path, capsys):
+    assert main(build_args(tiny, faces, tmp_path, "fp32")) == 0
+    manifest = tmp_path / "engines" / "tiny-fp32-cpu" / "build.json"
+    first = manifest.read_text()
+    os.utime(manifest, (1, 1))
+    assert main(build_args(tiny, faces, tmp_path, "fp32")) == 2
+    assert "--force" in capsys.readouterr().err
+    assert manifest.read_text() == first and manifest.stat().st_mtime == 1  # untouched
+    assert main(build_args(tiny, faces, tmp_path, "fp32", "--force")) == 0
+    assert manifest.stat().st_mtime > 1
+
+
+def test_interrupted_build_leaves_nothing(tiny, faces, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "_accuracy_gate", interrupted)
+    assert main(build_args(tiny, faces, tmp_path, "int8")) == 130
+    assert not (tmp_path / "engines" / "tiny-int8-cpu").exists()
+    assert not partial_dirs(tmp_path)
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="the embedded default model is not in this checkout")
+def test_accuracy_gate_fails_a_damaged_calibration(faces, tmp_path, capsys):
+    common = ["--calib-data", str(faces), "--calib-images", "4", "--workdir", str(tmp_path)]
+    assert main(["calibrate", *common[:2], "--images", "4", "--workdir", str(tmp_path), "--json"]) == 0
+    scales_file = json.loads(capsys.readouterr().out)["scales_file"]
+    data = json.loads(open(scales_file).read())
+    data["scales"] = {k: v * 1e-3 for k, v in data["scales"].items()}  # clips every activation
+    with open(scales_file, "w") as f:
+        json.dump(data, f)
+    assert main(["build", "--precision", "int8", "--eval-data", str(faces), *common]) == 2
+    assert "accuracy gate failed" in capsys.readouterr().err
+    assert not (tmp_path / "engines" / "cunet-face-small-int8-cpu").exists()
+    assert not partial_dirs(tmp_path)

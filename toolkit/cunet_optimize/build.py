@@ -1,0 +1,389 @@
+"""`cunet-optimize build`: checkpoint -> deployable engine for one target, as a straight line.
+
+    model -> (calibrate | QAT checkpoint) -> export ONNX -> surgery -> lint -> engine
+          -> accuracy gate against the FP32 reference -> build.json
+
+Everything is written into a hidden staging folder and renamed into
+engines/<model>-<precision>-<target>/ only when the build succeeded, so an
+interrupted or failed build leaves nothing half-written, and an existing build is
+replaced only with force=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from cunet_optimize import __version__
+from cunet_optimize.errors import CUNetError
+
+log = logging.getLogger(__name__)
+
+BUILD_SCHEMA = "cunet-optimize/build/1"
+DEFAULT_MAX_NME_INCREASE = 0.10  # NME percentage points: 3.00% -> 3.10% still passes
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "int8"
+    target: str = "cpu"
+    model: str | None = None  # checkpoint or registered name; None = embedded default
+    qat_checkpoint: str | None = None  # a `cunet-optimize qat` output to export instead of PTQ
+    calib_data: str | None = None
+    calib_split: str | None = "calib"
+    calib_method: str = "percentile"
+    calib_images: int = 128
+    tie_concat_scales: bool | None = None  # None: the scheme's default
+    eval_data: str | None = None
+    eval_split: str = "test"
+    max_nme_increase: float = DEFAULT_MAX_NME_INCREASE
+    accuracy_gate: bool = True
+    trt_major: int | None = None
+    workdir: str = "."
+    force: bool = False
+    name: str | None = None
+    command: str = ""
+
+
+@dataclass
+class BuildReport:
+    name: str
+    path: str
+    manifest: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class StageTimer:
+    """Prints each stage as it starts and records how long it took."""
+
+    def __init__(self, total: int, echo=print):
+        self.total, self.done, self.seconds, self.echo = total, 0, {}, echo
+
+    @contextmanager
+    def stage(self, name: str, what: str):
+        self.done += 1
+        self.echo(f"[{self.done}/{self.total}] {name}: {what}")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def resolve_model(spec: str | None):
+    from cunet_optimize.models import DEFAULT_CHECKPOINT, MODEL_REGISTRY, load_model
+
+    if spec is None:
+        path = DEFAULT_CHECKPOINT
+        source, stem = "embedded default", "cunet-face-small"
+    elif spec in MODEL_REGISTRY and not Path(spec).exists():
+        raise CUNetError(
+            f"build needs trained weights; '{spec}' is an untrained registered configuration. "
+            "Pass a checkpoint (--model FILE) or train one with `cunet-optimize train`"
+        )
+    else:
+        path, source = Path(spec), str(spec)
+        stem = path.name.split(".")[0]
+    model = load_model(None if spec is None else path).eval()
+    return model, Path(path).resolve(), source, stem
+
+
+def _eval_dataset(folder: str | None, split: str | None):
+    from cunet_optimize.data.default_set import ensure_default_dataset
+    from cunet_optimize.data.face300w import Face300W
+
+    root = Path(folder) if folder else ensure_default_dataset()
+    return Face300W(root, split=None if split in (None, "all") else split), root
+
+
+def default_calib_split(calib_data: str | None, split: str | None = None) -> str | None:
+    """Calibrate on training images, never on the evaluation split: the embedded set's
+    calibration slice, or a user folder's train list when it has one."""
+    if split is not None:
+        return split
+    if not calib_data:
+        return "calib"
+    return "train" if (Path(calib_data) / "train.txt").is_file() else None
+
+
+def calibration_batches(dataset, images: int, batch_size: int = 16):
+    count = min(images, len(dataset))
+    for start in range(0, count, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        yield torch.stack([torch.as_tensor(it["image"]) for it in items])
+
+
+def calibration_id(model_sha: str, data_root: Path, split: str | None, method: str, spec: str,
+                   images: int) -> str:
+    """Same model, data, method and scheme -> same id -> the cached scales are reused."""
+    listing = sorted(str(p.relative_to(data_root)) for p in data_root.rglob("*.pts"))
+    key = json.dumps([model_sha, listing, split, method, spec, images])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def legacy_cache_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """{activation tensor: scale} of the per-tensor QuantizeLinear nodes, named as in the ONNX
+    (what TensorRT's legacy calibration cache is keyed by)."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
+            scale = inits.get(node.input[1])
+            if scale is not None and scale.size == 1:
+                out[node.input[0]] = float(scale.reshape(()))
+    return out
+
+
+def int4_block_scales(qmodel, model: onnx.ModelProto) -> dict:
+    """Conv node name -> (block scales, block size) for every block-INT4 conv of `qmodel`.
+
+    The exporter folds the fake quantization into the weight initializer, so the
+    ONNX conv is found by its weight: the fake-quantized weight of the module.
+    """
+    from onnx import numpy_helper
+
+    from cunet_optimize.quant.quantizers import BlockQuantizer
+
+    wanted = []
+    with torch.no_grad():
+        for module in qmodel.modules():
+            q = getattr(module, "weight_quantizer", None)
+            if isinstance(q, BlockQuantizer):
+                wanted.append((q.quantize(module.weight).numpy(), q.scale.detach().numpy(), q.block_size))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if w is None:
+            continue
+        for weight, scale, block in wanted:
+            if weight.shape == w.shape and np.allclose(weight, w, rtol=0, atol=1e-6 * max(1e-12, np.abs(weight).max())):
+                found[node.name] = (scale, block)
+                break
+    # Convs of heads that are not exported (only the last head is, by default) match nothing.
+    if wanted and not found:
+        raise CUNetError("INT4 packing: none of the block-quantized convs was found in the exported graph")
+    return found
+
+
+def _final_dir(workdir: Path, name: str, force: bool) -> Path:
+    final = workdir / "engines" / name
+    if final.exists() and not force:
+        raise CUNetError(f"{final} already exists; pass --force to replace it (or --name to build beside it)")
+    return final
+
+
+def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
+    from cunet_optimize.engines import get_builder
+    from cunet_optimize.engines.targets import check_precision, get_target
+    from cunet_optimize.evaluate import evaluate_landmarks
+    from cunet_optimize.export import export_onnx
+    from cunet_optimize.surgery import activation_memory, lint_model, run_surgery
+
+    target = get_target(opts.target)
+    support = check_precision(target, opts.precision)
+    quantized = opts.precision not in ("fp32", "fp16")
+    model, ckpt_path, source, stem = resolve_model(opts.model)
+    name = opts.name or f"{stem}-{opts.precision}-{target.name}"
+    workdir = Path(opts.workdir)
+    final = _final_dir(workdir, name, opts.force)
+    (workdir / "engines").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=workdir / "engines"))
+    timer = StageTimer(total=5 if quantized else 4, echo=echo)
+    notes = [support.note] if getattr(support, "note", "") else []
+    manifest: dict = {"schema": BUILD_SCHEMA, "name": name, "toolkit_version": __version__,
+                      "command": opts.command, "precision": opts.precision, "target": target.name,
+                      "target_spec": target.to_dict()}
+    try:
+        model_sha = sha256_file(ckpt_path)
+        manifest["model"] = {"source": source, "checkpoint": str(ckpt_path), "sha256": model_sha,
+                             "config": model.config.to_dict()}
+        eval_set, eval_root = _eval_dataset(opts.eval_data, opts.eval_split)
+        manifest["eval_data"] = {"folder": str(eval_root.resolve()), "split": opts.eval_split,
+                                 "images": len(eval_set), "crop": eval_set.crop_policy}
+
+        export_model, opset = model, 17
+        if quantized:
+            export_model, calib_info = quantize_and_calibrate(opts, model, ckpt_path, timer, progress)
+            manifest["calibration"] = calib_info
+            opset = 21 if export_model.scheme.weight_bits == 4 else 17
+
+        with timer.stage("export", f"ONNX opset {opset} ({opts.precision}), verified in ONNX Runtime"):
+            raw = staging / "export.onnx"
+            summary = export_onnx(export_model, raw, opset=opset, fp16=opts.precision == "fp16")
+            reference_onnx = staging / "reference-fp32.onnx"
+            export_onnx(model, reference_onnx)
+            manifest["export"] = _jsonable(summary)
+
+        with timer.stage("surgery", f"graph passes for {target.name}, then lint"):
+            before = onnx.load(raw)
+            options = {}
+            if quantized and opset >= 21:
+                options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
+            result = run_surgery(before, target=target.name, pass_options=options)
+            onnx_path = staging / "model.onnx"
+            onnx.save(result.model, onnx_path)
+            raw.unlink()
+            mem_before, mem_after = activation_memory(before), activation_memory(result.model)
+            manifest["surgery"] = {
+                **result.to_dict(),
+                "peak_activation_bytes_before": mem_before["peak_bytes"],
+                "peak_activation_bytes_after": mem_after["peak_bytes"],
+                "concat_bytes_before": mem_before["concat_output_bytes"],
+                "concat_bytes_after": mem_after["concat_output_bytes"],
+            }
+            findings = lint_model(result.model, target.name)
+            errors = [f for f in findings if f.severity == "error"]
+            manifest["lint"] = [asdict(f) if hasattr(f, "__dataclass_fields__") else dict(f) for f in findings]
+            if errors:
+                first = errors[0]
+                raise CUNetError(f"lint for {target.name}: {len(errors)} error(s), first: [{first.rule}] "
+                                 f"{first.node}: {first.message}; fix: {first.fix}")
+            if quantized:
+                from cunet_optimize.quant.legacy_cache import write_legacy_cache
+
+                scales = legacy_cache_scales(result.model)
+                if scales:
+                    write_legacy_cache(staging / "calibration.cache", scales)
+
+        with timer.stage("engine", f"{target.backend} for {target.name}"):
+            build = get_builder(target.name).build(onnx_path, target.name, opts.precision, staging,
+                                                    {"trt_major": opts.trt_major} if opts.trt_major else None)
+            manifest.update(backend=build.backend, backend_version=build.backend_version,
+                            engine_built=build.engine_built, engine_settings=build.settings)
+            # relative to the build folder, which is renamed into place at the end
+            manifest["artifacts"] = {role: os.path.relpath(os.path.abspath(p), staging.resolve())
+                                     for role, p in build.artifacts.items()}
+            manifest["artifacts"].setdefault("onnx", "model.onnx")
+            if (staging / "calibration.cache").exists():
+                manifest["artifacts"]["legacy_calibration_cache"] = "calibration.cache"
+            notes += list(build.notes)
+
+        with timer.stage("accuracy", f"{len(eval_set)} images vs the FP32 reference (ONNX Runtime)"):
+            manifest["accuracy"] = _accuracy_gate(opts, staging, build, onnx_path, reference_onnx, eval_set,
+                                                  evaluate_landmarks, progress)
+            reference_onnx.unlink()
+        manifest["timings_seconds"] = timer.seconds
+        # builders name the staging folder; users will find the build under its final name
+        notes = [n.replace(staging.name, final.name) for n in notes]
+        manifest["notes"] = notes
+        (staging / "build.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if not manifest["accuracy"]["passed"] and opts.accuracy_gate:
+            acc = manifest["accuracy"]
+            raise CUNetError(
+                f"accuracy gate failed: NME {acc['quantized']['nme_percent']:.3f}% vs FP32 "
+                f"{acc['reference']['nme_percent']:.3f}% (+{acc['nme_increase_percent_points']:.3f} points > "
+                f"{opts.max_nme_increase}); try --calib-method entropy, more --calib-images, --qat, "
+                "or --max-nme-increase / --no-accuracy-gate to accept it"
+            )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return BuildReport(name, str(final), manifest, notes)
+
+
+def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool):
+    """The fake-quantized model with calibrated scales (cached in calib/<id>/), or the
+    model of a QAT checkpoint; and what to record about it."""
+    from cunet_optimize.quant import (activation_scales, apply_scales, calibrate, load_scales,
+                                      parse_precision, quantize_model, save_scales)
+
+    if opts.qat_checkpoint:
+        from cunet_optimize.quant.qat import load_qat_checkpoint
+
+        with timer.stage("calibrate", f"scales from the QAT checkpoint {opts.qat_checkpoint}"):
+            qmodel = load_qat_checkpoint(opts.qat_checkpoint)
+            if qmodel.scheme.spec != parse_precision(opts.precision).spec:
+                raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, "
+                                 f"not {opts.precision}")
+            return qmodel.eval(), {"method": "qat", "checkpoint": str(opts.qat_checkpoint)}
+    model_sha = sha256_file(ckpt_path)
+    overrides = {} if opts.tie_concat_scales is None else {"tie_concat_scales": opts.tie_concat_scales}
+    scheme = parse_precision(opts.precision, **overrides)
+    qmodel = quantize_model(model, scheme).eval()
+    calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split)
+    cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,
+                         opts.calib_images)
+    calib_dir = Path(opts.workdir) / "calib" / cid
+    scales_file = calib_dir / "scales.json"
+    cached = scales_file.is_file()
+    with timer.stage("calibrate", f"{opts.calib_method} over {min(opts.calib_images, len(calib_set))} images"
+                     + (" (cached)" if cached else "")):
+        if cached:
+            apply_scales(qmodel, load_scales(scales_file).scales)
+        else:
+            calibrate(qmodel, calibration_batches(calib_set, opts.calib_images), opts.calib_method,
+                      progress=progress)
+            save_scales(scales_file, activation_scales(qmodel), opts.calib_method,
+                        model_sha256=model_sha, data=str(calib_root.resolve()), split=opts.calib_split,
+                        images=min(opts.calib_images, len(calib_set)), scheme=scheme.spec)
+    scales = activation_scales(qmodel)
+    few = dict(sorted(scales.items(), key=lambda kv: -kv[1])[:8])
+    return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached, "scales_file": str(scales_file.resolve()),
+                    "images": min(opts.calib_images, len(calib_set)), "data": str(calib_root.resolve()),
+                    "scheme": scheme.spec, "ranges": {k: v * 127 for k, v in few.items()}}
+
+
+def _accuracy_gate(opts, staging, build, onnx_path, reference_onnx, eval_set, evaluate_landmarks, progress):
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeReferenceRunner, OnnxRuntimeRunner
+
+    with OnnxRuntimeReferenceRunner(reference_onnx) as ref:
+        reference = evaluate_landmarks(ref.infer, eval_set, progress=progress, description="FP32 reference")
+    if build.backend == "onnxruntime" and build.engine_built:
+        runner, runtime = OnnxRuntimeRunner(staging), f"ONNX Runtime {build.backend_version} CPU (the built engine)"
+    else:
+        # No engine here: the Q/DQ ONNX, run exactly by ONNX Runtime, is the source of truth.
+        runner = OnnxRuntimeReferenceRunner(onnx_path)
+        runtime = "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the deployed ONNX; no TensorRT engine here"
+    with runner:
+        candidate = evaluate_landmarks(runner.infer, eval_set, progress=progress, description="engine")
+    increase = candidate.metrics["nme_percent"] - reference.metrics["nme_percent"]
+    return {
+        "runtime": runtime,
+        "reference_runtime": "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the FP32 export",
+        "data": reference.settings,
+        "reference": reference.metrics,
+        "quantized": candidate.metrics,
+        "nme_increase_percent_points": increase,
+        "nme_ratio": candidate.metrics["nme_percent"] / max(reference.metrics["nme_percent"], 1e-12),
+        "tolerance": opts.max_nme_increase,
+        "passed": bool(increase <= opts.max_nme_increase),
+        "gate_enforced": opts.accuracy_gate,
+    }
+
+
+def _jsonable(obj):
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "__dataclass_fields__"):
+        return json.loads(json.dumps(asdict(obj), default=str))
+    return obj
+
+
+def command_line() -> str:
+    return "cunet-optimize " + " ".join(sys.argv[1:]) if sys.argv else ""
+
+
+__all__ = ["BuildOptions", "BuildReport", "run_build", "legacy_cache_scales", "calibration_id"]

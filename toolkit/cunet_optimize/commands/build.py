@@ -1,0 +1,65 @@
+"""`cunet-optimize build`: a trained CU-Net -> engine (or device bundle) for one target."""
+
+from __future__ import annotations
+
+import json
+
+from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, BuildOptions, command_line,
+                                  default_calib_split, run_build)
+from cunet_optimize.commands.common import add_model_argument, print_json
+from cunet_optimize.quant.calibrate import METHODS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build", help="calibrate/QAT, export, surgery, lint, build the engine and check accuracy")
+    p.add_argument("--precision", default="int8",
+                   help="fp32, fp16, int8, int4 (weights; built dequantized where not executable), or a "
+                        "paper mode such as w1a8 (default: int8)")
+    p.add_argument("--target", default="cpu", help="see `cunet-optimize targets` (default: cpu)")
+    add_model_argument(p)
+    p.add_argument("--qat", metavar="QAT_CKPT", dest="qat_checkpoint",
+                   help="export this `cunet-optimize qat` checkpoint instead of post-training calibration")
+    p.add_argument("--calib-data", metavar="DIR", help="calibration images, 300-W layout "
+                   "(default: the embedded synthetic set's calibration slice)")
+    p.add_argument("--calib-split", default=None, help="split list in --calib-data (default: train if present)")
+    p.add_argument("--calib-method", choices=METHODS, default="percentile")
+    p.add_argument("--calib-images", type=int, default=128)
+    p.add_argument("--untied", action="store_true", help="do not tie INT8 scales across dense concatenations")
+    p.add_argument("--eval-data", metavar="DIR", help="evaluation set (default: the embedded synthetic test split)")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--max-nme-increase", type=float, default=DEFAULT_MAX_NME_INCREASE, metavar="POINTS",
+                   help=f"accuracy gate: allowed NME increase in percentage points (default {DEFAULT_MAX_NME_INCREASE})")
+    p.add_argument("--no-accuracy-gate", action="store_true", help="record the accuracy but never fail on it")
+    p.add_argument("--trt-major", type=int, choices=[10, 11], help="TensorRT major for GPU/Jetson bundles")
+    p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>)")
+    p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/engines and WORKDIR/calib")
+    p.add_argument("--force", action="store_true", help="replace an existing build of the same name")
+    p.add_argument("--json", action="store_true", help="print build.json to stdout")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    opts = BuildOptions(
+        precision=args.precision, target=args.target, model=args.model, qat_checkpoint=args.qat_checkpoint,
+        calib_data=args.calib_data, calib_split=default_calib_split(args.calib_data, args.calib_split), calib_method=args.calib_method,
+        calib_images=args.calib_images, tie_concat_scales=False if args.untied else None,
+        eval_data=args.eval_data, eval_split=args.eval_split, max_nme_increase=args.max_nme_increase,
+        accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, workdir=args.workdir,
+        force=args.force, name=args.name, command=command_line(),
+    )
+    echo = (lambda *_: None) if args.json else print
+    report = run_build(opts, echo=echo, progress=not args.json)
+    m = report.manifest
+    if args.json:
+        print_json(m)
+        return 0
+    acc = m["accuracy"]
+    print(f"accuracy ({acc['runtime']}): NME {acc['quantized']['nme_percent']:.3f}% vs FP32 "
+          f"{acc['reference']['nme_percent']:.3f}% ({acc['nme_increase_percent_points']:+.3f} points, "
+          f"gate {acc['tolerance']}: {'pass' if acc['passed'] else 'FAIL (not enforced)'})")
+    for note in report.notes:
+        print(f"note: {note}")
+    built = "engine" if m.get("engine_built") else "deployment bundle (no engine built here)"
+    print(f"wrote {report.path}/ ({built}; manifest build.json)")
+    return 0

@@ -1,0 +1,55 @@
+"""`cunet-optimize calibrate`: activation ranges of a quantized CU-Net, cached under calib/."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from cunet_optimize.build import (BuildOptions, StageTimer, default_calib_split, legacy_cache_scales,
+                                  quantize_and_calibrate, resolve_model)
+from cunet_optimize.commands.common import add_model_argument, print_json
+from cunet_optimize.quant.calibrate import METHODS
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="calibrate INT8 activation scales (max/percentile/entropy/mse)")
+    add_model_argument(p)
+    p.add_argument("--data", metavar="DIR", help="calibration images in the 300-W layout "
+                   "(default: the embedded synthetic set's calibration slice)")
+    p.add_argument("--split", default=None, help="split list in DIR (default: its train list if any, else all)")
+    p.add_argument("--method", choices=METHODS, default="percentile")
+    p.add_argument("--precision", default="int8", help="quantization scheme (int8, int4, w1a8, ...)")
+    p.add_argument("--images", type=int, default=128, help="number of calibration images")
+    p.add_argument("--untied", action="store_true", help="do not tie scales across dense concatenations")
+    p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/calib/<id>/")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    opts = BuildOptions(precision=args.precision, model=args.model, calib_data=args.data,
+                        calib_split=default_calib_split(args.data, args.split),
+                        calib_method=args.method, calib_images=args.images,
+                        tie_concat_scales=False if args.untied else None, workdir=args.workdir)
+    model, ckpt, _, _ = resolve_model(args.model)
+    timer = StageTimer(total=1, echo=(lambda *_: None) if args.json else print)
+    qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json)
+    calib_dir = Path(info["scales_file"]).parent
+    cache = calib_dir / "calibration.cache"
+    if not cache.is_file():  # TensorRT's legacy cache is keyed by ONNX tensor names: export once
+        import onnx
+
+        from cunet_optimize.export import export_onnx
+        from cunet_optimize.quant.legacy_cache import write_legacy_cache
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(qmodel, Path(tmp) / "q.onnx")
+            write_legacy_cache(cache, legacy_cache_scales(onnx.load(Path(tmp) / "q.onnx")))
+    info["legacy_cache"] = str(cache.resolve())
+    if args.json:
+        print_json(info)
+    else:
+        print(f"calibrated {info['scheme']} with {info['method']} over {info['images']} images "
+              f"({'cached' if info.get('cached') else 'computed'})")
+        print(f"wrote {info['scales_file']}\nwrote {info['legacy_cache']} (TensorRT <= 10 legacy cache)")
+    return 0

@@ -1,0 +1,143 @@
+"""`cunet-optimize profile`: measure the builds in engines/ and write the report.
+
+Size, latency (median/p90/p95/p99, throughput, batch sweep), peak memory, per-layer
+time (ONNX Runtime) and accuracy vs the PyTorch FP32 baseline, for every build folder
+given (default: all under <workdir>/engines/). Writes <workdir>/reports/<name>.json
+and .html, prints the summary table and where the report is.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from cunet_optimize.commands.common import print_table
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.metrics import NORMALIZERS
+from cunet_optimize.profile import find_builds, profile_engines, summary_rows
+from cunet_optimize.profile.memory import MEMORY_MODES
+from cunet_optimize.profile.profiler import DEFAULT_BATCH_SIZES, DEFAULT_RUNS, DEFAULT_WARMUP, LAYER_PROFILE_RUNS
+from cunet_optimize.report import write_report
+from cunet_optimize.report.format import MISSING, fmt_bytes, fmt_ms, fmt_num, fmt_pass, fmt_speedup
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise CUNetError(f"--batch-sizes must be comma-separated positive integers such as 1,2,4,8; got {text!r}")
+    return sizes
+
+
+def report_name(out: str | None) -> str | None:
+    """The report's file name from --out (None: profile_engines picks profile-<timestamp>)."""
+    if out is None:
+        return None
+    name = out.removesuffix(".html").removesuffix(".json")
+    if not NAME_RE.match(name):
+        raise CUNetError(
+            f"--out takes a file name without folders (letters, digits, '.', '_', '-'), got {out!r}; "
+            "the report goes to <workdir>/reports/NAME.html and NAME.json"
+        )
+    return name
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="measure builds (size, latency, memory, per-layer time, accuracy) and write an HTML report",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument("engine_dirs", nargs="*", metavar="ENGINE_DIR",
+                   help="build folders (default: every build under <workdir>/engines/)")
+    p.add_argument("--workdir", default=".", help="where engines/ and reports/ are (default: .)")
+    p.add_argument("--data", metavar="DIR", help="evaluation folder (300-W layout); default: each build's eval_data")
+    p.add_argument("--split", default=None, help="split list in the data folder (default: the build's, else test)")
+    p.add_argument("--crop", choices=["tight", "detector"], default=None, help="crop policy (default: the build's)")
+    p.add_argument("--boxes", metavar="JSON", help="detector boxes for --crop detector")
+    p.add_argument("--normalizer", choices=NORMALIZERS, default=None, help="NME normaliser (default inter_ocular)")
+    p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored image")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="score only the first N images")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"timed runs at batch 1 (default {DEFAULT_RUNS})")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"warm-up runs (default {DEFAULT_WARMUP})")
+    p.add_argument("--min-seconds", type=float, default=0.0, help="keep timing until this much time passed")
+    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), metavar="LIST",
+                   help=f"batch sweep, e.g. 1,2,4 (default {','.join(map(str, DEFAULT_BATCH_SIZES))})")
+    p.add_argument("--memory", choices=MEMORY_MODES, default="subprocess",
+                   help="peak-memory measurement: a fresh process per variant (default), in this process, or off")
+    p.add_argument("--layer-runs", type=int, default=LAYER_PROFILE_RUNS, metavar="N",
+                   help="runs under the ONNX Runtime profiler for per-layer time "
+                        f"(0 = skip; default {LAYER_PROFILE_RUNS})")
+    p.add_argument("--threads", type=int, default=None, help="PyTorch baseline threads (default: PyTorch's)")
+    p.add_argument("--allow-mixed", action="store_true", help="allow builds of different models in one report")
+    p.add_argument("--out", metavar="NAME", help="report name (default profile-<UTC timestamp>)")
+    p.add_argument("--json", action="store_true", help="print the profile JSON to stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def command_line(args) -> str:
+    """The command that reproduces this profile, from the parsed arguments."""
+    argv = ["cunet-optimize", "profile", *args.engine_dirs]
+    defaults = {"workdir": ".", "runs": DEFAULT_RUNS, "warmup": DEFAULT_WARMUP, "min_seconds": 0.0,
+                "batch_sizes": ",".join(map(str, DEFAULT_BATCH_SIZES)), "memory": "subprocess",
+                "layer_runs": LAYER_PROFILE_RUNS}
+    for key in ("workdir", "data", "split", "crop", "boxes", "normalizer", "max_images", "runs", "warmup",
+                "min_seconds", "batch_sizes", "memory", "layer_runs", "threads", "out"):
+        value = getattr(args, key)
+        if value is not None and value != defaults.get(key):
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    for flag in ("flip", "allow_mixed"):
+        if getattr(args, flag):
+            argv.append(f"--{flag.replace('_', '-')}")
+    return shlex.join(argv)
+
+
+def print_summary(profile: dict, file=None) -> None:
+    rows = []
+    for r in summary_rows(profile):
+        rows.append([
+            r["variant"], r["target"], r["precision"], fmt_bytes(r["size_bytes"]), fmt_ms(r["median_ms"]),
+            fmt_ms(r["p90_ms"]), fmt_num(r["throughput_ips"], 1), fmt_speedup(r["speedup_vs_pytorch"]),
+            fmt_num(r["nme_percent"], 3), fmt_num(r["nme_delta_points"], 3, sign=True),
+            "ref" if r["role"] == "baseline" else fmt_pass(r["passed"]) if r["nme_percent"] is not None else MISSING,
+            r["runtime"] if r["measured"] else r["status"],
+        ])
+    batch = next((r["batch_size"] for r in summary_rows(profile) if r["batch_size"]), 1)
+    print_table(["variant", "target", "precision", "size", f"median ms b{batch}", "p90 ms", "img/s", "x pytorch",
+                 "NME %", "delta pts", "pass", "runtime / status"], rows, file=file)
+
+
+def run(args) -> int:
+    workdir = Path(args.workdir)
+    sizes = parse_batch_sizes(args.batch_sizes)
+    name = report_name(args.out)  # checked before anything is measured
+    if args.engine_dirs:
+        dirs = [Path(d) for d in args.engine_dirs]
+    else:
+        dirs = [b.path for b in find_builds(workdir)]
+    result = profile_engines(
+        dirs, args.data, split=args.split, crop=args.crop, boxes=args.boxes, normalizer=args.normalizer,
+        flip=args.flip, max_images=args.max_images, runs=args.runs, warmup=args.warmup,
+        min_seconds=args.min_seconds, batch_sizes=sizes, memory=args.memory, layer_runs=args.layer_runs,
+        allow_mixed=args.allow_mixed, torch_threads=args.threads, progress=not args.no_progress,
+        name=name, command=command_line(args),
+    )
+    profile = result.to_dict()
+    json_path, html_path = write_report(profile, workdir / "reports", result.name)
+    if args.json:
+        print(result.to_json(), end="")
+        print(f"wrote {json_path} and {html_path}", file=sys.stderr)
+        return 0
+    print(profile["statement"])
+    print_summary(profile)
+    for note in profile["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {json_path}")
+    print(f"report: {html_path}")
+    return 0

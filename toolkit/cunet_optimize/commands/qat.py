@@ -1,0 +1,83 @@
+"""`cunet-optimize qat`: quantization-aware fine-tuning from calibrated scales."""
+
+from __future__ import annotations
+
+import torch
+
+from cunet_optimize.build import calibration_batches, resolve_model
+from cunet_optimize.commands.common import add_face_data_arguments, add_model_argument, face_dataset, print_json
+from cunet_optimize.quant.calibrate import METHODS
+from cunet_optimize.quant.qat import qat_recipe, run_qat
+from cunet_optimize.quant.scheme import parse_precision
+from cunet_optimize.train.loop import TrainRecipe
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("qat", help="quantization-aware fine-tuning (short schedule, resumable)")
+    add_model_argument(p)
+    p.add_argument("--precision", default="int8", help="int8, int4, w1a8, w2a8g8, ... (default int8)")
+    add_face_data_arguments(p, split_default="train")
+    p.add_argument("--val-split", default="test")
+    p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--out", required=True, help="run folder (best.safetensors = QAT checkpoint for build --qat)")
+    p.add_argument("--original-epochs", type=int, default=TrainRecipe().epochs,
+                   help="epochs of the original training; QAT runs 10%% of them by default")
+    p.add_argument("--original-lr", type=float, default=TrainRecipe().lr,
+                   help="learning rate of the original training; QAT uses 1%% of it by default")
+    p.add_argument("--epochs", type=int, help="override the QAT epochs")
+    p.add_argument("--lr", type=float, help="override the QAT learning rate")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--calib-method", choices=METHODS, default="percentile")
+    p.add_argument("--calib-images", type=int, default=128)
+    p.add_argument("--learnable-scales", action="store_true", help="train the quantizer scales too (LSQ)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="ITERS")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, base, count):
+        self.base, self.count = base, min(count, len(base))
+        self.crop_policy = base.crop_policy
+
+    def set_epoch(self, epoch):
+        self.base.set_epoch(epoch)
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, ckpt, source, _ = resolve_model(args.model)
+    scheme = parse_precision(args.precision)
+    original = TrainRecipe(epochs=args.original_epochs, lr=args.original_lr, batch_size=args.batch_size,
+                           seed=args.seed, checkpoint_every=args.checkpoint_every)
+    recipe = qat_recipe(original, epochs=args.epochs, lr=args.lr)
+    train_set = face_dataset(args, args.split, augment=True, seed=args.seed)
+    if args.train_images:
+        train_set = _Subset(train_set, args.train_images)
+    val_set = None if args.val_split == "none" else face_dataset(args, args.val_split)
+    calib_set = face_dataset(args, args.split)
+    result = run_qat(model, scheme, train_set, val_set, calibration_batches(calib_set, args.calib_images),
+                     recipe, args.out, calib_method=args.calib_method, learnable_scales=args.learnable_scales,
+                     resume=not args.no_resume, progress=not args.json,
+                     metadata={"source_model": source, "recipe": recipe.__dict__})
+    summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,
+               "best_val_nme_percent": result.best_nme, "epochs": result.epochs_run,
+               "lr": recipe.lr, "wall_seconds": result.wall_seconds, "history": result.history}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"QAT {scheme.spec}: {result.epochs_run} epochs at lr {recipe.lr:g} (cosine) in "
+              f"{result.wall_seconds:.0f} s; best validation NME {result.best_nme:.3f}%")
+        print(f"wrote {result.best_checkpoint} (use: cunet-optimize build --precision {args.precision} "
+              f"--qat {result.best_checkpoint})")
+    return 0

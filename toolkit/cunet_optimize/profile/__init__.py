@@ -1,0 +1,43 @@
+"""Profile builds: size, latency (p50/p90/p95/p99, throughput, batch sweep), peak memory,
+per-layer time and accuracy vs the FP32 reference, for every folder under engines/.
+
+- latency:     latency_stats (pure), measure_latency, batch_sweep
+- memory:      peak RSS growth of inference (/proc/self/status, fresh process per engine)
+- size:        artifact bytes on disk, weight bytes by data type
+- layers:      ONNX Runtime profiler trace -> time per op type / node
+- accuracy:    evaluation set, NME deltas vs reference, pass/fail, CED for plots
+- builds:      reading and checking build.json
+- environment: CPU, cores, GPU, versions
+- result:      ProfileResult / VariantProfile (the JSON), summary_rows, what_ran_where
+- profiler:    profile_engines, the one entry point
+"""
+
+from cunet_optimize.profile.builds import BUILD_SCHEMA, BuildError, BuildRecord, find_builds, read_build
+from cunet_optimize.profile.latency import batch_sweep, latency_stats, measure_latency
+from cunet_optimize.profile.profiler import profile_engines
+from cunet_optimize.profile.result import (
+    BUNDLE_ONLY_STATUS,
+    PROFILE_SCHEMA,
+    ProfileResult,
+    VariantProfile,
+    read_profile,
+    summary_rows,
+)
+
+__all__ = [
+    "BUILD_SCHEMA",
+    "BUNDLE_ONLY_STATUS",
+    "PROFILE_SCHEMA",
+    "BuildError",
+    "BuildRecord",
+    "ProfileResult",
+    "VariantProfile",
+    "batch_sweep",
+    "find_builds",
+    "latency_stats",
+    "measure_latency",
+    "profile_engines",
+    "read_build",
+    "read_profile",
+    "summary_rows",
+]

@@ -1,0 +1,123 @@
+"""Accuracy of each profiled variant against its FP32 reference (docs/EVAL.md).
+
+Every variant is scored by `evaluate_landmarks` on the same images; the reference is
+the PyTorch FP32 model the engines were built from (the profile's baseline row).
+`accuracy_delta` is the pure rule: absolute delta in NME percentage points,
+relative delta in percent of the reference, and pass = delta <= tolerance (an
+improvement always passes; a non-finite NME always fails).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cunet_optimize.build import DEFAULT_MAX_NME_INCREASE
+from cunet_optimize.metrics import AUC_THRESHOLD, ced_curve
+
+# Used when a build.json states no tolerance: the build's own default (NME percentage points).
+DEFAULT_NME_TOLERANCE_POINTS = DEFAULT_MAX_NME_INCREASE
+# CED stored for the plot: 0..10 % NME (both failure thresholds), 0.1 % steps.
+CED_MAX_THRESHOLD = 0.10
+CED_PLOT_STEPS = 101
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Which images every variant is scored on, and how."""
+
+    folder: str
+    split: str | None = "test"
+    crop: str = "tight"
+    boxes: str | None = None
+    normalizer: str = "inter_ocular"
+    flip: bool = False
+    max_images: int | None = None
+
+    def load(self):
+        """The Face300W data set (first `max_images` items if set); DataError if unusable."""
+        from cunet_optimize.data.face300w import Face300W
+
+        dataset = Face300W(self.folder, split=self.split, crop=self.crop, boxes=self.boxes)
+        if self.max_images is not None and self.max_images < len(dataset):
+            dataset.records = dataset.records[: self.max_images]
+        return dataset
+
+
+def crop_key(crop: str | None) -> str:
+    """"tight" / "detector" from either the key or the crop-policy sentence a build.json may record."""
+    from cunet_optimize.data.face300w import CROP_POLICIES
+
+    text = (crop or "tight").strip()
+    return next((key for key in CROP_POLICIES if text == key or text.startswith(key + ":")), text)
+
+
+def split_key(split: str | None) -> str | None:
+    return None if split in (None, "all") else split
+
+
+def eval_data_for(
+    builds_eval: list[dict | None],
+    folder: str | os.PathLike | None = None,
+    split: str | None = None,
+    crop: str | None = None,
+    **options: Any,
+) -> tuple[EvalData | None, list[str]]:
+    """The evaluation set: --data overrides; else the first build's eval_data. Notes say
+    when builds were gated on different data than the profile uses. A split of None or
+    "all" means every image in the folder."""
+    notes: list[str] = []
+    stated = [e for e in builds_eval if e]
+    first = stated[0] if stated else {}
+    if folder is None and not first.get("folder"):
+        return None, ["no evaluation data: the builds state none; pass --data DIR to measure accuracy"]
+    chosen = EvalData(
+        folder=str(folder if folder is not None else first["folder"]),
+        split=split_key(split if split is not None else first.get("split", "test")),
+        crop=crop_key(crop if crop is not None else first.get("crop")),
+        boxes=options.get("boxes", first.get("boxes")),
+        normalizer=options.get("normalizer") or first.get("normalizer", "inter_ocular"),
+        flip=bool(options.get("flip") or first.get("flip", False)),
+        max_images=options.get("max_images"),
+    )
+    for e in stated:
+        gated = (str(e.get("folder")), split_key(e.get("split", "test")), crop_key(e.get("crop")))
+        if gated != (chosen.folder, chosen.split, chosen.crop):
+            notes.append(
+                f"a build was gated on {e.get('folder')} (split {e.get('split')}, crop {e.get('crop')}); "
+                f"this profile scores every variant on {chosen.folder} (split {chosen.split}, crop {chosen.crop})"
+            )
+            break
+    return chosen, notes
+
+
+def accuracy_delta(nme_percent: float | None, reference_percent: float | None, tolerance_points: float) -> dict:
+    """Absolute (points) and relative (%) NME change vs the reference, and pass/fail."""
+    finite = nme_percent is not None and reference_percent is not None and math.isfinite(nme_percent) \
+        and math.isfinite(reference_percent)
+    if not finite:
+        return {"nme_delta_points": None, "nme_delta_relative_percent": None,
+                "tolerance_points": tolerance_points, "passed": False}
+    delta = nme_percent - reference_percent
+    relative = 100.0 * delta / reference_percent if reference_percent > 0 else None
+    return {
+        "nme_delta_points": delta,
+        "nme_delta_relative_percent": relative,
+        "tolerance_points": tolerance_points,
+        "passed": bool(delta <= tolerance_points),
+    }
+
+
+def ced_for_plot(per_image_nme: np.ndarray) -> dict:
+    """CED on a coarse grid (enough for a plot, small in JSON); thresholds as fractions."""
+    thresholds, fraction = ced_curve(per_image_nme, CED_MAX_THRESHOLD, CED_PLOT_STEPS)
+    return {
+        "max_threshold": CED_MAX_THRESHOLD,
+        "auc_threshold": AUC_THRESHOLD,
+        "thresholds": [round(float(t), 6) for t in thresholds],
+        "fraction": [round(float(f), 6) for f in fraction],
+    }

@@ -1,0 +1,163 @@
+"""Build folders as the profiler sees them: find them, read and check their build.json.
+
+`cunet-optimize build` writes one folder per build under <workdir>/engines/ with a
+`build.json` manifest (schema "cunet-optimize/build/1", see engines/README.md). This
+module is the one place that reads those manifests for profiling; everything it
+rejects is a CUNetError naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cunet_optimize.build import BUILD_SCHEMA  # the writer of build.json owns its schema name
+from cunet_optimize.errors import CUNetError
+
+log = logging.getLogger(__name__)
+
+BUILD_FILE = "build.json"
+# Fields a build.json must have for the profiler to use it (dotted = nested).
+REQUIRED_FIELDS = (
+    "name", "precision", "target", "backend", "engine_built",
+    "model", "model.sha256", "model.checkpoint", "artifacts",
+)  # fmt: skip
+
+
+class BuildError(CUNetError):
+    """A build folder or manifest the profiler cannot use."""
+
+
+@dataclass
+class BuildRecord:
+    """One build folder and its manifest."""
+
+    path: Path  # the build folder (absolute)
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def backend(self) -> str:
+        return str(self.manifest["backend"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["precision"])
+
+    @property
+    def target(self) -> str:
+        return str(self.manifest["target"])
+
+    @property
+    def engine_built(self) -> bool:
+        return bool(self.manifest["engine_built"])
+
+    @property
+    def model_sha256(self) -> str:
+        return str(self.manifest["model"]["sha256"])
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.manifest["model"]["checkpoint"])
+
+    def artifact(self, role: str) -> Path | None:
+        """Absolute path of an artifact (paths in build.json are relative to the folder)."""
+        rel = self.manifest.get("artifacts", {}).get(role)
+        if not rel:
+            return None
+        p = Path(rel)
+        return p if p.is_absolute() else self.path / p
+
+
+def _get(manifest: dict, dotted: str) -> Any:
+    value: Any = manifest
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+def read_build(folder: str | os.PathLike) -> BuildRecord:
+    """The build in `folder`; BuildError if the folder or its build.json is unusable."""
+    path = Path(folder).resolve()
+    if not path.exists():
+        raise BuildError(f"engine folder not found: {folder}; pass a folder written by `cunet-optimize build`")
+    if not path.is_dir():
+        raise BuildError(f"{folder} is not a folder; pass a build folder (engines/<name>/), not a file")
+    manifest_path = path / BUILD_FILE
+    if not manifest_path.is_file():
+        raise BuildError(
+            f"{path}: no {BUILD_FILE}, so it is not a finished build; rebuild it with `cunet-optimize build`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BuildError(
+            f"{manifest_path}: not valid JSON ({exc}); rebuild with `cunet-optimize build --force`"
+        ) from exc
+    if not isinstance(manifest, dict):
+        raise BuildError(f"{manifest_path}: expected a JSON object; rebuild with `cunet-optimize build --force`")
+    schema = manifest.get("schema")
+    if schema != BUILD_SCHEMA:
+        raise BuildError(
+            f"{manifest_path}: schema {schema!r}, expected {BUILD_SCHEMA!r}; "
+            "rebuild it with this toolkit version (`cunet-optimize build --force`)"
+        )
+    for name in REQUIRED_FIELDS:
+        try:
+            _get(manifest, name)
+        except KeyError:
+            raise BuildError(
+                f"{manifest_path}: missing field '{name}'; rebuild with `cunet-optimize build --force`"
+            ) from None
+    if not isinstance(manifest["artifacts"], dict):
+        raise BuildError(f"{manifest_path}: 'artifacts' must map roles to file names; rebuild")
+    return BuildRecord(path, manifest)
+
+
+def find_builds(workdir: str | os.PathLike = ".") -> list[BuildRecord]:
+    """Every build under <workdir>/engines/ (folders holding a build.json), by name.
+
+    Folders without a build.json (interrupted builds, other files) are skipped with
+    a warning; a build.json that cannot be read is an error, not silently dropped.
+    """
+    root = Path(workdir) / "engines"
+    if not root.is_dir():
+        raise BuildError(f"no engines folder at {root}; run `cunet-optimize build` first or pass ENGINE_DIR")
+    builds = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (folder / BUILD_FILE).is_file():
+            log.warning("skipping %s: no %s (not a finished build)", folder, BUILD_FILE)
+            continue
+        builds.append(read_build(folder))
+    if not builds:
+        raise BuildError(f"no builds found in {root} (no */{BUILD_FILE}); run `cunet-optimize build` first")
+    return builds
+
+
+def check_builds(builds: list[BuildRecord], allow_mixed: bool = False) -> None:
+    """One model, distinct names: what makes a single report's rows comparable."""
+    seen: dict[str, BuildRecord] = {}
+    for b in builds:
+        if b.name in seen:
+            raise BuildError(
+                f"two builds are named '{b.name}' ({seen[b.name].path} and {b.path}); profile them separately"
+            )
+        seen[b.name] = b
+    if allow_mixed:
+        return
+    first = builds[0]
+    for b in builds[1:]:
+        if b.model_sha256 != first.model_sha256:
+            raise BuildError(
+                f"engines come from different models: {first.name} (model sha256 {first.model_sha256[:12]}) and "
+                f"{b.name} (model sha256 {b.model_sha256[:12]}); profile them separately or pass --allow-mixed"
+            )

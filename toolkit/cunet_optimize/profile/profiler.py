@@ -1,0 +1,373 @@
+"""`profile_engines`: measure every build folder (and the PyTorch FP32 baseline) once.
+
+For each variant, in this order: size on disk and weight bytes; latency over a batch
+sweep; accuracy on the evaluation set; per-layer time (ONNX Runtime builds); peak
+memory (in a fresh process by default). A TensorRT deployment bundle whose engine was
+not built is listed with its size and status and never measured: no invented numbers.
+All inputs are checked before the first measurement, so a bad folder fails fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cunet_optimize import __version__
+from cunet_optimize.build import sha256_file
+from cunet_optimize.engines.base import Runner, TorchRunner
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.evaluate import evaluate_landmarks
+from cunet_optimize.profile.accuracy import (
+    DEFAULT_NME_TOLERANCE_POINTS,
+    accuracy_delta,
+    ced_for_plot,
+    eval_data_for,
+)
+from cunet_optimize.profile.builds import BuildRecord, check_builds, read_build
+from cunet_optimize.profile.environment import environment, load_average
+from cunet_optimize.profile.latency import batch_sweep
+from cunet_optimize.profile.memory import MEMORY_MODES, measure_peak_memory, method_description
+from cunet_optimize.profile.result import (
+    BUNDLE_ONLY_STATUS,
+    MEASURED_STATUS,
+    ProfileResult,
+    VariantProfile,
+    speedups,
+    what_ran_where,
+)
+from cunet_optimize.profile.size import file_sizes, onnx_weights, state_dict_weights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNS = 50
+DEFAULT_WARMUP = 10
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
+EVAL_BATCH_SIZE = 8
+LAYER_PROFILE_RUNS = 10
+ENGINE_ROLES = ("engine", "model")  # build.json artifact roles of an executable engine
+
+
+def padded_to(batch_size: int, infer):
+    """infer for an engine with a fixed batch: pads a short last batch, drops the padding after."""
+
+    def run(images: np.ndarray) -> np.ndarray:
+        n = images.shape[0]
+        if n == batch_size:
+            return infer(images)
+        pad = np.repeat(images[-1:], batch_size - n, axis=0)
+        return infer(np.concatenate([images, pad]))[:n]
+
+    return run
+
+
+def _threads(n: int) -> str:
+    return "default threads" if n == 0 else f"{n} intra-op thread{'s' if n != 1 else ''}"
+
+
+class _Measure:
+    """The shared measurement settings, applied to one runner at a time."""
+
+    def __init__(self, runs, warmup, min_seconds, batch_sizes, dataset, eval_data, progress):
+        self.runs, self.warmup, self.min_seconds = runs, warmup, min_seconds
+        self.batch_sizes, self.dataset, self.eval_data, self.progress = batch_sizes, dataset, eval_data, progress
+
+    def run(self, v: VariantProfile, runner: Runner) -> None:
+        with runner:
+            v.batch_sweep = batch_sweep(runner, self.batch_sizes, self.warmup, self.runs,
+                                        self.min_seconds, self.progress)
+            v.latency = v.batch_sweep[0]
+            if self.dataset is not None:
+                fixed = runner.input_shape[0]
+                infer = padded_to(fixed, runner.infer) if fixed else runner.infer
+                start = time.perf_counter()
+                ev = evaluate_landmarks(
+                    infer, self.dataset, batch_size=fixed or EVAL_BATCH_SIZE,
+                    normalizer=self.eval_data.normalizer, flip=self.eval_data.flip,
+                    progress=self.progress, description=f"eval {v.name}", runtime=v.runtime,
+                )
+                v.accuracy = {
+                    "metrics": dict(ev.metrics),
+                    "runtime": v.runtime,
+                    "seconds": time.perf_counter() - start,
+                    "ced": ced_for_plot(ev.per_image_nme),
+                }
+        v.status, v.measured = MEASURED_STATUS, True
+
+
+def _build_size(build: BuildRecord) -> tuple[dict, list[str]]:
+    roles = {role: build.artifact(role) for role in build.manifest["artifacts"]}
+    sizes, notes = file_sizes(roles)
+    distinct: dict[Path, int] = {}
+    for role, n in sizes.items():
+        distinct[roles[role].resolve()] = n
+    # The file a deployment loads: TensorRT's "engine", ONNX Runtime's optimised "model";
+    # else (a bundle) the ONNX it is built from on the device.
+    deploy = next((role for role in ENGINE_ROLES if role in sizes and roles[role].is_file()), None)
+    if deploy is None and "onnx" in sizes:
+        deploy = "onnx"
+    size = {
+        "artifacts": sizes,
+        "total_bytes": sum(distinct.values()),
+        "engine_bytes": sizes[deploy] if deploy in ENGINE_ROLES else None,
+        "deploy_artifact": deploy,
+        "deploy_bytes": sizes.get(deploy) if deploy else None,
+        "weights": None,
+    }
+    onnx_path = build.artifact("onnx")
+    if onnx_path is not None and onnx_path.is_file():
+        try:
+            size["weights"] = onnx_weights(onnx_path)
+        except Exception as exc:  # a size column must not sink the profile
+            notes.append(f"could not read weights of {onnx_path.name}: {exc}")
+    return size, notes
+
+
+def _engine_variant(build: BuildRecord) -> VariantProfile:
+    m = build.manifest
+    v = VariantProfile(
+        name=build.name, role="engine", precision=build.precision, target=build.target,
+        backend=build.backend, backend_version=m.get("backend_version"), runtime="",
+        status="", measured=False, model_sha256=build.model_sha256, build_dir=str(build.path),
+        engine_built=build.engine_built, command=m.get("command"),
+        build_accuracy=m.get("accuracy"), surgery=m.get("surgery"), calibration=m.get("calibration"),
+    )
+    v.size, notes = _build_size(build)
+    v.notes.extend(str(n) for n in m.get("notes") or [])
+    v.notes.extend(notes)
+    return v
+
+
+def _ort_runtime(runner) -> str:
+    s = runner.settings
+    return (f"ONNX Runtime {runner.record.get('onnxruntime_version', '?')} CPUExecutionProvider "
+            f"(graph optimisation '{s.optimization}' at build, {_threads(s.intra_op_threads)})")
+
+
+def _profile_tensorrt_engine(build: BuildRecord, v: VariantProfile, measure: _Measure) -> VariantProfile:
+    """An engine built on a device: measured when this machine can run it (the device itself)."""
+    from cunet_optimize.engines.trt_apply import TensorRTUnavailable
+    from cunet_optimize.engines.trt_runner import TrtRunner
+    from cunet_optimize.profile.environment import gpu_description
+
+    engine = build.artifact("engine")
+    v.runtime = f"TensorRT {v.backend_version} on {gpu_description()} (target {build.target})"
+    if engine is None or not engine.is_file():
+        v.status = "not measured: build.json says the engine was built but its file is missing; rebuild it"
+        return v
+    try:
+        measure.run(v, TrtRunner(engine, name=build.name))
+    except TensorRTUnavailable as exc:
+        v.status = f"not measured here: {exc}"
+        v.batch_sweep, v.latency, v.accuracy = [], None, None
+        return v
+    v.notes.append("memory and per-layer time are not measured for TensorRT engines (GPU memory; use trtexec "
+                   "--dumpProfile on the device)")
+    return v
+
+
+def _profile_engine(build: BuildRecord, measure: _Measure, memory: str, layer_runs: int) -> VariantProfile:
+    v = _engine_variant(build)
+    if build.backend == "tensorrt":
+        if not build.engine_built:
+            v.status, v.runtime = BUNDLE_ONLY_STATUS, f"TensorRT (on the device: {build.target})"
+            return v
+        return _profile_tensorrt_engine(build, v, measure)
+    if build.backend != "onnxruntime":
+        v.status = f"not measured: unknown backend '{build.backend}'"
+        return v
+    if not build.engine_built:
+        v.status = "not measured: build.json says engine_built is false; rebuild it"
+        return v
+    from cunet_optimize.engines.onnxrt import SESSION_FILE, OnnxRuntimeRunner
+    from cunet_optimize.profile.layers import ort_layer_times
+
+    session = build.artifact("session") or build.path / SESSION_FILE
+    runner = OnnxRuntimeRunner(session, name=build.name)
+    v.runtime = _ort_runtime(runner)
+    measure.run(v, runner)
+    if layer_runs > 0:
+        v.layers = ort_layer_times(session, batch_size=v.latency["batch_size"], runs=layer_runs)
+    v.memory = measure_peak_memory("onnxruntime", session, mode=memory)
+    return v
+
+
+def _profile_baseline(build: BuildRecord, name: str, measure: _Measure, memory: str) -> VariantProfile:
+    import torch
+
+    from cunet_optimize.models import load_model
+
+    checkpoint = build.checkpoint
+    model = load_model(checkpoint)
+    v = VariantProfile(
+        name=name, role="baseline", precision="fp32", target="cpu", backend="pytorch",
+        backend_version=torch.__version__,
+        runtime=f"PyTorch {torch.__version__} CPU, eager FP32 ({_threads(torch.get_num_threads())})",
+        status="", measured=False, model_sha256=build.model_sha256,
+        command=f"load_model({str(checkpoint)!r})",
+    )
+    v.size = {
+        "artifacts": {"checkpoint": checkpoint.stat().st_size},
+        "total_bytes": checkpoint.stat().st_size,
+        "engine_bytes": None,
+        "deploy_artifact": "checkpoint",
+        "deploy_bytes": checkpoint.stat().st_size,
+        "weights": state_dict_weights(model.state_dict()),
+    }
+    if sha256_file(checkpoint) != build.model_sha256:
+        v.notes.append(f"{checkpoint} has a different sha256 than build.json model.sha256: "
+                       "the checkpoint changed after the build, or the build hashed another file")
+    measure.run(v, TorchRunner(model, name=name))
+    v.memory = measure_peak_memory("pytorch", checkpoint, mode=memory)
+    return v
+
+
+def _check_inputs(builds: list[BuildRecord]) -> None:
+    for b in builds:
+        if not b.checkpoint.is_file():
+            raise CUNetError(
+                f"{b.path / 'build.json'}: model checkpoint {b.checkpoint} not found (needed for the PyTorch "
+                "FP32 baseline); restore it or rebuild"
+            )
+
+
+def _finish_accuracy(variants: list[VariantProfile]) -> None:
+    refs = {v.model_sha256: v for v in variants if v.role == "baseline"}
+    for v in variants:
+        if v.accuracy is None:
+            continue
+        ref = refs.get(v.model_sha256)
+        tol = (v.build_accuracy or {}).get("tolerance")
+        source = "build.json accuracy.tolerance" if tol is not None else "default"
+        tol = float(tol) if tol is not None else DEFAULT_NME_TOLERANCE_POINTS
+        ref_nme = ref.accuracy["metrics"]["nme_percent"] if ref is not None and ref.accuracy else None
+        v.accuracy.update(accuracy_delta(v.accuracy["metrics"]["nme_percent"], ref_nme, tol))
+        v.accuracy["reference"] = ref.name if ref is not None else None
+        v.accuracy["reference_nme_percent"] = ref_nme
+        v.accuracy["tolerance_source"] = source
+        if v.role == "baseline":
+            v.accuracy["passed"] = None  # the reference is not judged against itself
+
+
+def profile_engines(
+    build_dirs: Sequence[str | os.PathLike],
+    data: str | os.PathLike | None = None,
+    *,
+    split: str | None = None,
+    crop: str | None = None,
+    boxes: str | None = None,
+    normalizer: str | None = None,
+    flip: bool = False,
+    max_images: int | None = None,
+    runs: int = DEFAULT_RUNS,
+    warmup: int = DEFAULT_WARMUP,
+    min_seconds: float = 0.0,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    memory: str = "subprocess",
+    layer_runs: int = LAYER_PROFILE_RUNS,
+    allow_mixed: bool = False,
+    torch_threads: int | None = None,
+    progress: bool = True,
+    name: str | None = None,
+    command: str | None = None,
+) -> ProfileResult:
+    """Profile the builds in `build_dirs` plus the PyTorch FP32 baseline of their checkpoint.
+
+    `data` (a 300-W layout folder) overrides each build.json's eval_data; with neither,
+    accuracy is skipped and the result's notes say so. `command` is the command line to
+    record for reproduction (the CLI passes its own argv). `torch_threads` sets the
+    PyTorch baseline's thread count (ONNX Runtime builds use their session.json's).
+    """
+    if not build_dirs:
+        raise CUNetError("no build folders to profile; pass ENGINE_DIR or build some with `cunet-optimize build`")
+    if runs < 1 or warmup < 0 or min_seconds < 0:
+        raise CUNetError(f"need runs >= 1, warmup >= 0 and min seconds >= 0 (got {runs}, {warmup}, {min_seconds})")
+    if max_images is not None and max_images < 1:
+        raise CUNetError(f"max images must be >= 1, got {max_images}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise CUNetError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if torch_threads is not None and torch_threads < 1:
+        raise CUNetError(f"torch threads must be >= 1, got {torch_threads}")
+    if memory not in MEMORY_MODES:
+        raise CUNetError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+    builds = [read_build(d) for d in build_dirs]
+    check_builds(builds, allow_mixed=allow_mixed)
+    _check_inputs(builds)
+    eval_data, notes = eval_data_for(
+        [b.manifest.get("eval_data") for b in builds], data, split, crop,
+        boxes=boxes, normalizer=normalizer, flip=flip, max_images=max_images,
+    )
+    dataset = eval_data.load() if eval_data is not None else None  # DataError before any measurement
+
+    started = time.perf_counter()
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    env = environment()
+    measure = _Measure(runs, warmup, min_seconds, tuple(int(b) for b in batch_sizes), dataset, eval_data, progress)
+    variants: list[VariantProfile] = []
+    models = list(dict.fromkeys(b.model_sha256 for b in builds))
+    for sha in models:
+        first = next(b for b in builds if b.model_sha256 == sha)
+        base_name = "pytorch-fp32" if len(models) == 1 else f"pytorch-fp32-{sha[:8]}"
+        log.info("profiling %s (PyTorch baseline of %s)", base_name, first.checkpoint)
+        variants.append(_profile_baseline(first, base_name, measure, memory))
+    for i, b in enumerate(builds, 1):
+        log.info("profiling %s (%d/%d)", b.name, i, len(builds))
+        variants.append(_profile_engine(b, measure, memory, layer_runs))
+    _finish_accuracy(variants)
+    speedups(variants)
+    env["load_average_end"] = load_average()
+    cores = env.get("cpu_cores_usable") or 1
+    busiest = max((env.get("load_average") or [0])[0], (env.get("load_average_end") or [0])[0])
+    if busiest > cores:
+        notes.append(f"the machine was busy (1-minute load average up to {busiest:g} on {cores} cores): "
+                     "latencies include waiting for the CPU; compare them within this report only")
+
+    created = datetime.now(timezone.utc)
+    name = name or f"profile-{created.strftime('%Y%m%d-%H%M%S')}"
+    variant_dicts = [asdict(v) for v in variants]
+    data_info = None
+    if eval_data is not None:
+        data_info = {**asdict(eval_data), "images": len(dataset), "crop_policy": dataset.crop_policy}
+    return ProfileResult(
+        name=name,
+        created=created.isoformat(timespec="seconds"),
+        environment=env,
+        settings={
+            "runs": runs, "warmup": warmup, "min_seconds": min_seconds,
+            "batch_sizes": sorted({int(b) for b in batch_sizes}),
+            "sweep_runs": f"{runs} at batch 1, ceil({runs} / batch) at larger batches (at least {min(5, runs)})",
+            "timing": "Runner.inference_time: the backend call only, input already in memory",
+            "eval_batch_size": EVAL_BATCH_SIZE,
+            "layer_profile_runs": layer_runs,
+            "memory": memory,
+            "memory_method": method_description(memory) if memory != "off" else None,
+        },
+        data=data_info,
+        variants=variants,
+        commands={
+            "builds": [{"name": b.name, "command": b.manifest.get("command")} for b in builds],
+            "profile": command or _default_command(build_dirs, data, runs, batch_sizes),
+        },
+        statement=what_ran_where(env, variant_dicts),
+        notes=notes,
+        seconds=time.perf_counter() - started,
+        toolkit_version=__version__,
+    )
+
+
+def _default_command(build_dirs, data, runs, batch_sizes) -> str:
+    argv = ["cunet-optimize", "profile", *map(str, build_dirs), "--runs", str(runs),
+            "--batch-sizes", ",".join(map(str, batch_sizes))]
+    if data is not None:
+        argv += ["--data", str(data)]
+    return shlex.join(argv)

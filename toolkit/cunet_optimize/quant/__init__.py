@@ -1,0 +1,136 @@
+"""Quantization of CU-Net: fake quantizers, the quantized model, calibration, scale files.
+
+Typical post-training flow::
+
+    from cunet_optimize.quant import parse_precision, quantize_model, calibrate, save_scales
+    qmodel = quantize_model(model, parse_precision("int8"))        # a copy; model untouched
+    amax = calibrate(qmodel, batches, method="entropy")            # sets scales = amax / 127
+    save_scales("calib/scales.json", activation_scales(qmodel), "entropy")
+
+QAT: train `qmodel` as any nn.Module (STE gradients; `freeze_bn(qmodel)`; learnable
+scales with the "-lsq" spec modifier) and checkpoint `quant_state_dict(qmodel)` plus
+`qmodel.scheme.spec`.
+"""
+
+from cunet_optimize.quant.calibrate import (
+    METHODS,
+    CalibrationError,
+    HistogramObserver,
+    MaxObserver,
+    ScaleFile,
+    activation_scales,
+    apply_scales,
+    calibrate,
+    calibrate_weights,
+    entropy_amax,
+    load_scales,
+    mse_amax,
+    percentile_amax,
+    save_scales,
+    tie_amax,
+)
+from cunet_optimize.quant.dataflow import ConcatPlan, DataflowTrace, plan_concat_tying, trace_dataflow
+from cunet_optimize.quant.legacy_cache import (
+    LegacyCache,
+    LegacyCacheError,
+    format_legacy_cache,
+    parse_legacy_cache,
+    read_legacy_cache,
+    write_legacy_cache,
+)
+from cunet_optimize.quant.qmodel import (
+    ConcatQuantizer,
+    QuantAdapter,
+    QuantConv2d,
+    QuantCUNet,
+    QuantDenseLayer,
+    QuantMaxPool2d,
+    activation_quantizers,
+    concat_quantizers,
+    float_state_dict,
+    freeze_bn,
+    load_quant_state,
+    named_quantizers,
+    quant_state_dict,
+    quantize_model,
+    quantizer_parameters,
+    refresh_dynamic_weight_scales,
+    requantization_points,
+    set_learnable_scales,
+    set_quantizers_enabled,
+    tied_groups,
+)
+from cunet_optimize.quant.quantizers import (
+    BinaryWeightQuantizer,
+    BlockQuantizer,
+    FixedPointInputQuantizer,
+    FixedPointWeightQuantizer,
+    GradientQuantizer,
+    IntQuantizer,
+    Quantizer,
+    QuantizerError,
+    TernaryWeightQuantizer,
+    quantize_gradient,
+)
+from cunet_optimize.quant.scheme import QuantScheme, QuantSpecError, parse_precision
+
+__all__ = [
+    "activation_quantizers",
+    "activation_scales",
+    "apply_scales",
+    "BinaryWeightQuantizer",
+    "BlockQuantizer",
+    "calibrate",
+    "calibrate_weights",
+    "CalibrationError",
+    "concat_quantizers",
+    "ConcatPlan",
+    "ConcatQuantizer",
+    "DataflowTrace",
+    "entropy_amax",
+    "FixedPointInputQuantizer",
+    "FixedPointWeightQuantizer",
+    "float_state_dict",
+    "format_legacy_cache",
+    "freeze_bn",
+    "GradientQuantizer",
+    "HistogramObserver",
+    "IntQuantizer",
+    "LegacyCache",
+    "LegacyCacheError",
+    "load_quant_state",
+    "load_scales",
+    "MaxObserver",
+    "METHODS",
+    "mse_amax",
+    "named_quantizers",
+    "parse_legacy_cache",
+    "parse_precision",
+    "percentile_amax",
+    "plan_concat_tying",
+    "quant_state_dict",
+    "QuantAdapter",
+    "QuantConv2d",
+    "QuantCUNet",
+    "QuantDenseLayer",
+    "quantize_gradient",
+    "quantize_model",
+    "Quantizer",
+    "quantizer_parameters",
+    "QuantizerError",
+    "QuantMaxPool2d",
+    "QuantScheme",
+    "QuantSpecError",
+    "read_legacy_cache",
+    "refresh_dynamic_weight_scales",
+    "requantization_points",
+    "save_scales",
+    "ScaleFile",
+    "set_learnable_scales",
+    "set_quantizers_enabled",
+    "TernaryWeightQuantizer",
+    "tie_amax",
+    "tied_groups",
+    "trace_dataflow",
+    "write_legacy_cache",
+]

@@ -1,0 +1,501 @@
+"""Post-training calibration of activation scales, and the scale file.
+
+`calibrate(qmodel, batches, method)` runs the model in float (quantizers off, eval
+mode) over the calibration batches, lets one observer per activation quantizer
+collect |x|, turns each observer into an amax with the chosen method, and sets
+scale = amax / 127:
+
+- max: the largest |x| seen.
+- percentile: the p-th percentile of |x| (default 99.99), read off the histogram
+  with linear interpolation inside the bin.
+- entropy: TensorRT's KL-divergence calibration (EntropyCalibration2): for each
+  threshold bin i from 128 to the histogram's end, P = the first i bins with the
+  outliers added to bin i-1; Q = the same i bins merged into 128 levels and spread
+  back evenly over each level's non-empty bins; amax = i * bin width of the i
+  minimising KL(P || Q).
+- mse: the amax (a histogram bin edge) minimising the expected squared error of
+  int8 quantization over the histogram (bin centres stand for their values).
+
+Histograms have 2048 bins over [0, R]; R starts at the first batch's max and
+doubles (merging bin pairs, exactly) whenever a later batch exceeds it, so one pass
+suffices and the result only depends on the batches and their order.
+
+Tied groups (quant.qmodel, `tie_concat_scales`): every member's amax is computed
+from its own statistics, then the group takes the largest: tying never clips a
+member more than its own calibration would.
+
+Weight scales are max|w| per output channel (or block), set by `quantize_model` and
+refreshed as weights change; `calibrate_weights(qmodel, "mse")` optionally searches
+a clipping ratio per channel/block instead (useful for INT4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.quant.qmodel import (
+    QuantConv2d,
+    activation_quantizers,
+    named_quantizers,
+    refresh_dynamic_weight_scales,
+    requantization_points,
+)
+from cunet_optimize.quant.quantizers import BlockQuantizer, IntQuantizer
+
+log = logging.getLogger(__name__)
+
+METHODS = ("max", "percentile", "entropy", "mse")
+DEFAULT_PERCENTILE = 99.99
+NUM_BINS = 2048
+SCALE_FILE_FORMAT = "cunet-optimize-scales"
+
+
+class CalibrationError(CUNetError):
+    """Calibration that cannot proceed: empty set, bad batch, unknown method, bad file."""
+
+
+# --------------------------------------------------------------------------------------
+# Observers
+
+
+class MaxObserver:
+    """The largest |x| seen."""
+
+    def __init__(self) -> None:
+        self.amax = 0.0
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        self.amax = max(self.amax, float(x.detach().abs().max()))
+        self.count += x.numel()
+
+
+class HistogramObserver:
+    """A histogram of |x| with `num_bins` bins over [0, R], R doubling as needed."""
+
+    def __init__(self, num_bins: int = NUM_BINS) -> None:
+        if num_bins < 2 or num_bins % 2:
+            raise CalibrationError(f"histogram: num_bins must be even and >= 2, got {num_bins}")
+        self.num_bins = num_bins
+        self.hist = np.zeros(num_bins, dtype=np.int64)
+        self.range = 0.0
+        self.amax = 0.0
+        self.zeros_before_range = 0  # values seen while every value so far was 0
+        self.at_top = 0  # values equal to `range`: in the last bin, which is closed above
+        self.count = 0
+
+    @property
+    def bin_width(self) -> float:
+        return self.range / self.num_bins
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().float().flatten()
+        m = float(a.max()) if a.numel() else 0.0
+        self.count += a.numel()
+        self.amax = max(self.amax, m)
+        if m == 0.0 and self.range == 0.0:
+            self.zeros_before_range += a.numel()
+            return
+        if self.range == 0.0:
+            self.range = m
+            self.hist[0] += self.zeros_before_range
+        half = self.num_bins // 2
+        while m > self.range:
+            self.hist = np.concatenate([self.hist.reshape(-1, 2).sum(axis=1), np.zeros(half, np.int64)])
+            # Values equal to the old range now open bin `half` (bins are [lo, hi) but the last).
+            self.hist[half - 1] -= self.at_top
+            self.hist[half] += self.at_top
+            self.at_top = 0
+            self.range *= 2.0
+        # Binned where the tensor lives; counts are integers (exact in float32 below 2^24).
+        counts = torch.histc(a, bins=self.num_bins, min=0.0, max=self.range)
+        self.hist += counts.to(torch.int64).cpu().numpy()
+        self.at_top += int((a == self.range).sum())
+
+    def compute_amax(self, method: str, *, percentile: float = DEFAULT_PERCENTILE, num_bits: int = 8) -> float:
+        if self.range == 0.0:
+            return 0.0
+        hist = self.hist.astype(np.float64)
+        if method == "percentile":
+            amax = percentile_amax(hist, self.bin_width, percentile)
+        elif method == "entropy":
+            amax = entropy_amax(hist, self.bin_width, num_levels=2 ** (num_bits - 1))
+        elif method == "mse":
+            amax = mse_amax(hist, self.bin_width, qmax=2 ** (num_bits - 1) - 1)
+        else:
+            raise CalibrationError(f"histogram observer: unknown method '{method}'")
+        return min(amax, self.amax)
+
+
+# --------------------------------------------------------------------------------------
+# amax from a histogram of |x| (pure functions; bins of width `bin_width` from 0)
+
+
+def percentile_amax(hist: np.ndarray, bin_width: float, percentile: float) -> float:
+    """The value below which `percentile` % of the histogram's mass lies."""
+    if not 0.0 < percentile <= 100.0:
+        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+    hist = np.asarray(hist, dtype=np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    cdf = np.cumsum(hist)
+    target = percentile / 100.0 * total
+    b = int(np.searchsorted(cdf, target, side="left"))
+    b = min(b, len(hist) - 1)
+    before = cdf[b - 1] if b > 0 else 0.0
+    frac = (target - before) / hist[b] if hist[b] > 0 else 1.0
+    return (b + min(max(frac, 0.0), 1.0)) * bin_width
+
+
+# KL(P || Q) where Q has a hole (P > 0, Q = 0: only possible in the last bin, which
+# holds the outliers): the hole's probability is taken as this, as smoothing does.
+_HOLE_PROBABILITY = 1e-10
+
+
+def entropy_amax(hist: np.ndarray, bin_width: float, num_levels: int = 128, start_bin: int | None = None) -> float:
+    """TensorRT's entropy calibration: the threshold minimising KL(reference || quantized).
+
+    For each candidate i (start_bin = num_levels .. last non-empty bin + 1): P = bins
+    [0, i) with the outliers (bins >= i) added to bin i-1; Q = bins [0, i) merged into
+    `num_levels` levels of i // num_levels bins (the last level takes the rest), each
+    level's mass spread evenly over its non-empty bins; both normalised. Returns
+    i * bin_width of the smallest KL(P || Q). Evaluated for all i at once with prefix
+    sums (O(levels) per candidate).
+    """
+    h = np.asarray(hist, dtype=np.float64)
+    nonzero = np.nonzero(h)[0]
+    if len(nonzero) == 0:
+        return 0.0
+    end = int(nonzero[-1]) + 1  # bins past the last non-empty one change nothing
+    start = num_levels if start_bin is None else max(start_bin, num_levels)
+    if end <= start:
+        return end * bin_width
+    total = h.sum()
+    zero = np.zeros(1)
+    mass_before = np.concatenate([zero, np.cumsum(h)])  # mass of bins [0, k)
+    filled_before = np.concatenate([zero, np.cumsum(h > 0)])  # non-empty bins in [0, k)
+    hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
+    hlogh_before = np.concatenate([zero, np.cumsum(hlogh)])
+
+    i = np.arange(start, end + 1)[:, None]  # candidates, as a column
+    width = i // num_levels
+    edges = np.minimum(np.arange(num_levels + 1)[None, :] * width, i)
+    edges[:, -1] = i[:, 0]
+    level_mass = mass_before[edges[:, 1:]] - mass_before[edges[:, :-1]]
+    level_filled = filled_before[edges[:, 1:]] - filled_before[edges[:, :-1]]
+    kept = mass_before[i[:, 0]]  # mass inside the threshold: the sum of Q
+    outliers = total - kept
+    last = h[i[:, 0] - 1]
+    p_last = last + outliers
+    # log of Q's per-bin value (before normalisation) in each level
+    log_level = np.log(np.where(level_filled > 0, level_mass, 1.0) / np.maximum(level_filled, 1.0))
+    # Mass of P that falls in each level, except bin i-1 (handled apart)
+    p_in_level = level_mass.copy()
+    p_in_level[:, -1] -= last
+    cross = (p_in_level * log_level).sum(axis=1) - (total - p_last) * np.log(np.maximum(kept, 1e-300))
+    q_last_log = np.where(last > 0, log_level[:, -1] - np.log(np.maximum(kept, 1e-300)), np.log(_HOLE_PROBABILITY))
+    cross += np.where(p_last > 0, p_last * q_last_log, 0.0)
+    p_log_p = hlogh_before[i[:, 0] - 1] + np.where(p_last > 0, p_last * np.log(np.maximum(p_last, 1e-300)), 0.0)
+    kl = (p_log_p - cross) / total - np.log(total)
+    kl = np.where(kept > 0, kl, np.inf)
+    best = int(np.argmin(kl))  # first minimum: the smallest such threshold
+    return float(i[best, 0]) * bin_width
+
+
+def mse_amax(hist: np.ndarray, bin_width: float, qmax: int = 127, start_bin: int = 1) -> float:
+    """The bin edge amax minimising sum_b hist[b] * (c_b - Q(c_b))^2, c_b the bin centres."""
+    h = np.asarray(hist, dtype=np.float64)
+    nonzero = np.nonzero(h)[0]
+    if len(nonzero) == 0:
+        return 0.0
+    end = int(nonzero[-1]) + 1
+    centres = (nonzero + 0.5) * bin_width  # empty bins add no error
+    counts = h[nonzero]
+    best_amax, best_err = end * bin_width, math.inf
+    chunk = max(1, 2**20 // len(nonzero))
+    candidates = np.arange(max(1, start_bin), end + 1)
+    for lo in range(0, len(candidates), chunk):
+        amax = candidates[lo : lo + chunk, None] * bin_width
+        scale = amax / qmax
+        q = np.minimum(np.round(centres[None, :] / scale), qmax) * scale
+        err = ((centres[None, :] - q) ** 2 * counts[None, :]).sum(axis=1)
+        k = int(np.argmin(err))
+        if err[k] < best_err:
+            best_err, best_amax = float(err[k]), float(amax[k, 0])
+    return best_amax
+
+
+# --------------------------------------------------------------------------------------
+# Calibration
+
+
+def _as_images(batch, index: int) -> torch.Tensor:
+    if isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    if isinstance(batch, Mapping) and "image" in batch:
+        batch = batch["image"]
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] != 3:
+        what = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise CalibrationError(
+            f"calibration batch {index}: expected images Bx3xHxW, got {what}; "
+            "pass image tensors (or (images, ...) tuples)"
+        )
+    return batch
+
+
+def calibrate(
+    qmodel: nn.Module,
+    batches: Iterable,
+    method: str = "max",
+    progress: bool = True,
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    num_bins: int = NUM_BINS,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Calibrate every INT8 activation quantizer of `qmodel`; return {name: amax}.
+
+    The scales (amax / 127) are applied to the model; tied groups get their largest
+    member amax (the returned dict holds that shared amax for each member). Weight
+    scales are refreshed from the weights. The model's train/eval mode is restored.
+    """
+    if method not in METHODS:
+        raise CalibrationError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
+    if method == "percentile" and not 0.0 < percentile <= 100.0:
+        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+    quantizers = activation_quantizers(qmodel)
+    if not quantizers:
+        log.info("calibrate: no integer activation quantizers; nothing to calibrate")
+        return {}
+    observers = {n: MaxObserver() if method == "max" else HistogramObserver(num_bins) for n in quantizers}
+    handles = []
+    enabled = {id(q): q.enabled for _, q in named_quantizers(qmodel)}
+
+    def observe(name):
+        def hook(module, args):
+            observers[name].update(args[0])
+
+        return hook
+
+    for name, q in quantizers.items():
+        handles.append(q.register_forward_pre_hook(observe(name)))
+    was_training = qmodel.training
+    param = next(qmodel.parameters())
+    seen = 0
+    try:
+        # Observe the float network (as TensorRT calibrates): every quantizer off; the
+        # pre-hooks still see each activation quantizer's input.
+        for _, q in named_quantizers(qmodel):
+            q.enabled = False
+        qmodel.eval()
+        iterator = batches
+        if progress:
+            iterator = tqdm(batches, desc=f"calibrating ({method})", unit="batch", total=max_batches)
+        with torch.no_grad():
+            for i, batch in enumerate(iterator):
+                if max_batches is not None and i >= max_batches:
+                    break
+                images = _as_images(batch, i).to(device=param.device, dtype=param.dtype)
+                qmodel(images)
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for _, q in named_quantizers(qmodel):
+            q.enabled = enabled[id(q)]
+        qmodel.train(was_training)
+    if seen == 0:
+        raise CalibrationError("calibration set is empty: no batch was given; pass at least one image batch")
+    unseen = [n for n, o in observers.items() if o.count == 0]
+    if unseen:
+        raise CalibrationError(f"quantizer '{unseen[0]}' saw no data during calibration; is it on the forward path?")
+    amax = _observed_amax(observers, method, percentile, progress)
+    amax = tie_amax(qmodel, amax)
+    for name, q in quantizers.items():
+        q.set_amax(amax[name])
+    refresh_dynamic_weight_scales(qmodel)
+    log.info(
+        "calibrated %d activation quantizers with %s over %d batches; %d requantization points",
+        len(amax), method, seen, requantization_points(qmodel),
+    )
+    return amax
+
+
+def _observed_amax(
+    observers: Mapping[str, MaxObserver | HistogramObserver], method: str, percentile: float, progress: bool = False
+) -> dict[str, float]:
+    """amax per observer; equal histograms (one tensor feeding several concats) computed once."""
+    done: dict[bytes, float] = {}
+    out = {}
+    items = observers.items()
+    if progress and method != "max":
+        items = tqdm(items, desc=f"{method} thresholds", unit="tensor", total=len(observers))
+    for name, o in items:
+        if isinstance(o, MaxObserver):
+            out[name] = o.amax
+            continue
+        key = hashlib.sha1(o.hist.tobytes() + struct.pack("<dd", o.range, o.amax)).digest()
+        if key not in done:
+            done[key] = o.compute_amax(method, percentile=percentile)
+        out[name] = done[key]
+    return out
+
+
+def tie_amax(qmodel: nn.Module, amax: Mapping[str, float]) -> dict[str, float]:
+    """Give every member of a tied group (quantizers sharing one scale) the group's largest amax."""
+    out = dict(amax)
+    groups: dict[int, list[str]] = {}
+    for name, q in activation_quantizers(qmodel).items():
+        if name in out:
+            groups.setdefault(id(q.scale), []).append(name)
+    for names in groups.values():
+        top = max(out[n] for n in names)
+        for n in names:
+            out[n] = top
+    return out
+
+
+def _weight_mse_amax(blocks: torch.Tensor, qmax: int, ratios: torch.Tensor) -> torch.Tensor:
+    """Per row of `blocks` ([R, n] weights), the clipping amax (ratio * max|w|) with least MSE."""
+    peak = blocks.abs().amax(dim=1).clamp_min(1e-12)
+    best_err = torch.full_like(peak, math.inf)
+    best = peak.clone()
+    for r in ratios.tolist():
+        amax = peak * r
+        scale = (amax / qmax)[:, None]
+        q = torch.clamp(torch.round(blocks / scale), -qmax, qmax) * scale
+        err = ((blocks - q) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, amax, best)
+    return best
+
+
+@torch.no_grad()
+def calibrate_weights(qmodel: nn.Module, method: str = "max", num_ratios: int = 100) -> None:
+    """Weight scales: "max" (max|w|, dynamic: follows the weights in training) or "mse"
+    (clip ratio in [0.5, 1] per channel/block minimising the weights' squared error;
+    fixed afterwards, persisted with the model's state)."""
+    if method not in ("max", "mse"):
+        raise CalibrationError(f"weight calibration method must be 'max' or 'mse', got '{method}'")
+    ratios = torch.linspace(0.5, 1.0, num_ratios)
+    for m in qmodel.modules():
+        if not isinstance(m, QuantConv2d):
+            continue
+        wq = m.weight_quantizer
+        if not isinstance(wq, (IntQuantizer, BlockQuantizer)):
+            continue
+        w = m.weight.detach().float()
+        if method == "max":
+            wq.set_amax(wq.amax, fixed=False)
+            wq.reset_from_weight(w)
+            continue
+        if isinstance(wq, BlockQuantizer):
+            blocks = wq.blocks(w)  # [O, nb, B, *k]: rows = (o, block, kernel position)
+            rows = blocks.movedim(2, -1).reshape(-1, wq.block_size)
+            amax = _weight_mse_amax(rows, wq.qmax, ratios).reshape(wq.scale.shape)
+        else:
+            amax = _weight_mse_amax(w.flatten(1), wq.qmax, ratios)
+        wq.set_amax(amax, fixed=True)
+
+
+# --------------------------------------------------------------------------------------
+# Scale files
+
+
+@dataclass(frozen=True)
+class ScaleFile:
+    """Activation scales keyed by quantizer name, and how they were calibrated."""
+
+    method: str
+    scales: dict[str, float]
+
+
+def activation_scales(qmodel: nn.Module) -> dict[str, float]:
+    """{quantizer name: scale} of every calibrated activation quantizer (float32 values)."""
+    return {n: float(q.scale.detach()) for n, q in activation_quantizers(qmodel).items() if q.calibrated}
+
+
+def apply_scales(qmodel: nn.Module, scales: Mapping[str, float]) -> None:
+    """Set activation scales by name; every activation quantizer needs one, tied ones equal."""
+    quantizers = activation_quantizers(qmodel)
+    unknown = sorted(set(scales) - set(quantizers))
+    if unknown:
+        raise CalibrationError(
+            f"scale for unknown quantizer '{unknown[0]}': the scales were made for another model or scheme"
+        )
+    missing = [n for n in quantizers if n not in scales]
+    if missing:
+        raise CalibrationError(f"no scale for quantizer '{missing[0]}' ({len(missing)} missing); recalibrate")
+    by_scale: dict[int, str] = {}
+    for name, q in quantizers.items():
+        first = by_scale.setdefault(id(q.scale), name)
+        if scales[first] != scales[name]:
+            raise CalibrationError(
+                f"tied quantizers '{first}' and '{name}' have different scales ({scales[first]} vs {scales[name]})"
+            )
+    with torch.no_grad():
+        for name, q in quantizers.items():
+            value = float(scales[name])
+            if not math.isfinite(value) or value <= 0:
+                raise CalibrationError(f"scale of '{name}' is {value}; scales must be positive and finite")
+            q.scale.fill_(value)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_scales(path: str | os.PathLike, scales: Mapping[str, float], method: str, **extra) -> Path:
+    """Write {"format", "method", "scales": {name: scale}} (+ extra fields) atomically.
+
+    Floats are written with Python's shortest round-trip repr, so reading gives the
+    same float32 values back.
+    """
+    path = Path(path)
+    doc = {"format": SCALE_FILE_FORMAT, "method": method, **extra}
+    doc["scales"] = {k: float(scales[k]) for k in sorted(scales)}
+    _atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def load_scales(path: str | os.PathLike) -> ScaleFile:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: no such scale file") from None
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{path}: not a JSON scale file ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("scales"), dict) or "method" not in doc:
+        raise CalibrationError(f"{path}: a scale file needs 'method' and 'scales' fields")
+    try:
+        scales = {str(k): float(v) for k, v in doc["scales"].items()}
+    except (TypeError, ValueError):
+        raise CalibrationError(f"{path}: every scale must be a number") from None
+    return ScaleFile(method=str(doc["method"]), scales=scales)

@@ -1,0 +1,520 @@
+"""The profile report as ONE self-contained HTML file: inline CSS, inline SVG, no scripts.
+
+`render_html(profile, compare=None)` turns the JSON of a profile (see
+profile/result.py) into a page a person reads on a laptop: what ran where, the summary
+table, the latency-vs-NME Pareto plot, CED curves, batch sweep, memory and size,
+per-layer time, accuracy settings and deltas, surgery and calibration summaries,
+environment and the commands to reproduce. With `compare` (a second profile) it adds
+a table of latency and NME changes per variant. Every string from the JSON is
+escaped; the page references nothing outside itself.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from typing import Any, Iterable, Sequence
+
+from cunet_optimize.profile.result import check_profile, summary_rows
+from cunet_optimize.report.format import (
+    MISSING,
+    fmt_bytes,
+    fmt_ms,
+    fmt_num,
+    fmt_pass,
+    fmt_speedup,
+)
+from cunet_optimize.report.svg import colour, hbars_svg, lines_svg, scatter_svg
+
+TOP_LAYERS = 15
+CALIBRATION_ROWS = 12
+
+CSS = """
+:root { --fg:#1d2330; --muted:#5b6475; --line:#d9dde5; --bg:#ffffff; --band:#f5f7fa;
+        --pass:#1a7f37; --fail:#c62828; --warn:#9a6700; --accent:#1f4f99; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+       font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1320px; margin: 0 auto; padding: 20px 28px 60px; }
+h1 { font-size: 24px; margin: 8px 0 4px; }
+h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
+h3 { font-size: 15px; margin: 20px 0 8px; }
+p { margin: 6px 0; }
+nav { font-size: 13px; margin: 10px 0 4px; }
+nav a { color: var(--accent); margin-right: 12px; text-decoration: none; white-space: nowrap; }
+.muted { color: var(--muted); fill: var(--muted); }
+.statement { background: #eef4ff; border-left: 4px solid var(--accent); padding: 10px 14px; margin: 14px 0; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 6px 0 10px; font-size: 13px; }
+th, td { border: 1px solid var(--line); padding: 4px 8px; vertical-align: top; }
+th { background: var(--band); text-align: left; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { white-space: nowrap; }
+td.small { font-size: 12px; color: var(--muted); max-width: 300px; overflow-wrap: anywhere; }
+table.summary th { max-width: 130px; }
+span.name { white-space: nowrap; }
+tr.baseline td { background: #fafbfc; }
+.badge { display: inline-block; padding: 1px 7px; border-radius: 9px; font-size: 12px; font-weight: 600; }
+.pass { background: #dafbe1; color: var(--pass); }
+.fail { background: #ffebe9; color: var(--fail); }
+.na { background: var(--band); color: var(--muted); }
+.bundle { background: #fff8c5; color: var(--warn); }
+.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
+.plots { display: flex; flex-wrap: wrap; gap: 18px; }
+figure { margin: 6px 0 14px; }
+figcaption { font-size: 12px; color: var(--muted); max-width: 760px; }
+svg.plot { max-width: 100%; height: auto; background: #fff; }
+svg.plot text { fill: var(--fg); font-family: inherit; }
+svg.plot text.muted { fill: var(--muted); }
+svg.plot .grid { stroke: #eceff3; stroke-width: 1; }
+svg.plot .axis { stroke: #8a93a3; stroke-width: 1; }
+svg.plot .frame { fill: none; stroke: #8a93a3; stroke-width: 1; }
+svg.plot .front { fill: none; stroke: #9aa3b2; stroke-width: 1.5; stroke-dasharray: 5 4; }
+svg.plot .curve { fill: none; stroke-width: 2; }
+svg.plot .legend-line { stroke-width: 3; }
+svg.plot .marker { stroke: #9aa3b2; stroke-width: 1; stroke-dasharray: 4 3; }
+svg.plot .point { stroke: #fff; stroke-width: 1.5; }
+pre { background: var(--band); border: 1px solid var(--line); padding: 10px 12px; overflow-x: auto;
+      font-size: 12.5px; white-space: pre-wrap; word-break: break-all; }
+details { margin: 8px 0; }
+summary { cursor: pointer; font-weight: 600; }
+dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 6px 0; }
+dl.kv dt { color: var(--muted); }
+dl.kv dd { margin: 0; }
+ul.notes li { margin: 3px 0; }
+footer { margin-top: 40px; font-size: 12px; color: var(--muted); }
+"""
+
+
+# ---------------------------------------------------------------- small builders
+
+
+def esc(x: Any) -> str:
+    return escape("" if x is None else str(x), quote=True)
+
+
+def _cell(value: Any, cls: str = "", raw: bool = False) -> str:
+    c = f' class="{cls}"' if cls else ""
+    return f"<td{c}>{value if raw else esc(value)}</td>"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = (),
+          row_classes: Sequence[str] | None = None, cls: str = "") -> str:
+    """rows hold plain values (escaped) or ("raw", html) pairs for cells with markup."""
+    num = set(numeric)
+    head = "".join(f'<th class="num">{esc(h)}</th>' if i in num else f"<th>{esc(h)}</th>"
+                   for i, h in enumerate(header))
+    body = []
+    for r, row in enumerate(rows):
+        cells = []
+        for i, v in enumerate(row):
+            klass = "num" if i in num else ""
+            if isinstance(v, tuple) and len(v) == 2 and v[0] == "raw":
+                cells.append(_cell(v[1], klass, raw=True))
+            elif isinstance(v, tuple) and len(v) == 2 and v[0] == "small":
+                cells.append(_cell(v[1], "small"))
+            else:
+                cells.append(_cell(v, klass))
+        rc = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
+        body.append(f"<tr{rc}>{''.join(cells)}</tr>")
+    c = f' class="{cls}"' if cls else ""
+    return f'<div class="scroll"><table{c}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def badge(passed: Any) -> tuple[str, str]:
+    kind = {True: "pass", False: "fail"}.get(passed, "na")
+    return ("raw", f'<span class="badge {kind}">{esc(fmt_pass(passed) if passed is not None else "n/a")}</span>')
+
+
+REFERENCE_BADGE = ("raw", '<span class="badge na">reference</span>')
+
+
+def kv(pairs: Iterable[tuple[str, Any]]) -> str:
+    return '<dl class="kv">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(MISSING if v is None or v == '' else v)}</dd>"
+                                       for k, v in pairs) + "</dl>"
+
+
+def section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def figure(svg: str, caption: str) -> str:
+    return f"<figure>{svg}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _ok(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def fmt_signed_ms(x: Any) -> str:
+    return MISSING if not _ok(x) else ("-" if x < 0 else "+") + fmt_ms(abs(x))
+
+
+def _swatch(i: int) -> str:
+    return f'<span class="swatch" style="background:{colour(i)}"></span>'
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _summary(profile: dict) -> str:
+    rows, classes = [], []
+    all_rows = summary_rows(profile)
+    for i, r in enumerate(all_rows):
+        name = f'<span class="name">{_swatch(i)}<strong>{esc(r["variant"])}</strong></span>'
+        if not r["measured"]:
+            bundle = "bundle only" in (r["status"] or "")
+            name += (f'<br><span class="badge {"bundle" if bundle else "na"}">'
+                     f'{"bundle only" if bundle else "not measured"}</span>')
+        size = fmt_bytes(r["size_bytes"])
+        if r["size_artifact"] and r["size_bytes"] is not None:
+            size += f'<br><span class="muted">{esc(r["size_artifact"])}</span>'
+        rel = r["nme_delta_relative_percent"]
+        delta = fmt_num(r["nme_delta_points"], 3, sign=True)
+        if _ok(rel):
+            delta += f'<br><span class="muted">{rel:+.1f}%</span>'
+        latency = MISSING if r["median_ms"] is None else f"{fmt_ms(r['median_ms'])} / {fmt_ms(r['p90_ms'])}"
+        rows.append([
+            ("raw", name), f"{r['target']} · {r['precision']}", ("raw", size), latency,
+            fmt_num(r["throughput_ips"], 1), fmt_speedup(r["speedup_vs_pytorch"]),
+            fmt_speedup(r["speedup_vs_onnx_fp32"]), fmt_num(r["nme_percent"], 3), ("raw", delta),
+            badge(r["passed"]) if r["role"] != "baseline" else REFERENCE_BADGE,
+            ("small", (r["runtime"] or MISSING) if r["measured"] else r["status"]),
+        ])
+        classes.append("baseline" if r["role"] == "baseline" else "")
+    batch = next((r["batch_size"] for r in all_rows if r["batch_size"]), 1)
+    header = ["Variant", "Target · precision", "Size on disk", f"Median / p90 ms (batch {batch})", "Images/s",
+              "Speed-up vs PyTorch FP32", "Speed-up vs ONNX FP32", "NME %", "Δ NME (points, relative)", "Pass",
+              "Runtime that produced the numbers"]
+    note = ("<p class=\"muted\">Speed-up = median latency of the reference / median latency of the variant, "
+            "same batch size, same model. Δ NME is against the PyTorch FP32 reference on the same images; "
+            "pass = Δ NME ≤ the build's tolerance (see Accuracy).</p>")
+    return section("summary", "Summary", table(header, rows, numeric=range(2, 9), row_classes=classes,
+                                               cls="summary") + note)
+
+
+def _points(profile: dict) -> list[dict]:
+    pts = []
+    for i, r in enumerate(summary_rows(profile)):
+        if _ok(r["median_ms"]) and _ok(r["nme_percent"]):
+            pts.append({"x": r["median_ms"], "y": r["nme_percent"], "label": r["variant"], "colour": colour(i)})
+    return pts
+
+
+def _pareto(profile: dict) -> str:
+    pts = _points(profile)
+    if not pts:
+        return section("pareto", "Latency vs accuracy", "<p class=\"muted\">No variant has both a latency and an "
+                       "NME (accuracy needs an evaluation set: pass --data).</p>")
+    svg = scatter_svg(pts, "median latency per batch (ms)", "NME (%)", "Latency vs NME")
+    return section("pareto", "Latency vs accuracy", figure(
+        svg, "Each point is a variant (lower-left is better). Larger points joined by the dashed line form the "
+             "Pareto front: no other variant is both faster and more accurate."))
+
+
+def _ced(profile: dict) -> str:
+    series, max_t, auc_t = [], None, None
+    for i, v in enumerate(profile["variants"]):
+        ced = _get(v, "accuracy", "ced")
+        if not ced:
+            continue
+        max_t, auc_t = ced["max_threshold"], ced.get("auc_threshold")
+        series.append({"label": v["name"], "colour": colour(i),
+                       "xs": [t * 100 for t in ced["thresholds"]], "ys": [f * 100 for f in ced["fraction"]]})
+    if not series:
+        return section("ced", "Cumulative error distribution", "<p class=\"muted\">Accuracy was not measured.</p>")
+    svg = lines_svg(series, "NME threshold (%)", "images with NME below threshold (%)", "CED curves",
+                    x_max=max_t * 100, marker_x=auc_t * 100 if auc_t else None,
+                    marker_label=f"{auc_t * 100:g}%" if auc_t else "")
+    return section("ced", "Cumulative error distribution", figure(
+        svg, f"Fraction of images whose NME is below each threshold; the dashed line marks "
+             f"{auc_t * 100:g}% (AUC and failure-rate threshold)." if auc_t else "CED curves per variant."))
+
+
+def _accuracy(profile: dict) -> str:
+    data = profile.get("data")
+    if not data:
+        notes = [n for n in profile.get("notes", []) if "evaluation data" in n]
+        return section("accuracy", "Accuracy", f"<p>{esc(notes[0] if notes else 'Accuracy was not measured.')}</p>")
+    variants = profile["variants"]
+    tolerances = sorted({(_get(v, "accuracy", "tolerance_points"), _get(v, "accuracy", "tolerance_source"))
+                         for v in variants if v.get("accuracy") and v.get("role") != "baseline"},
+                        key=lambda t: (t[0] is None, t))
+    reference = next((v for v in variants if v.get("role") == "baseline"), None)
+    settings = kv([
+        ("Data set", f"{data.get('folder')} (split {data.get('split') or 'all images'})"),
+        ("Images", data.get("images")),
+        ("Crop policy", data.get("crop_policy") or data.get("crop")),
+        ("Normaliser", data.get("normalizer")),
+        ("Flip test", "on" if data.get("flip") else "off"),
+        ("Reference", f"{reference['name']}: {reference['runtime']}" if reference else MISSING),
+        ("Tolerance", "; ".join(f"{fmt_num(t, 3)} NME points ({s})" for t, s in tolerances) or MISSING),
+        ("Runtimes", "; ".join(dict.fromkeys(v["runtime"] for v in variants if v.get("accuracy")))),
+    ])
+    rows = []
+    for v in variants:
+        a = v.get("accuracy")
+        if not a:
+            continue
+        m = a["metrics"]
+        rel = a.get("nme_delta_relative_percent")
+        rows.append([
+            v["name"], ("small", a.get("runtime")), fmt_num(a.get("reference_nme_percent"), 3),
+            fmt_num(m.get("nme_percent"), 3), fmt_num(a.get("nme_delta_points"), 3, sign=True),
+            fmt_num(rel, 1, sign=True) + ("%" if _ok(rel) else ""),
+            fmt_num(m.get("failure_rate_0.08_percent"), 2), fmt_num(m.get("failure_rate_0.10_percent"), 2),
+            fmt_num(m.get("auc_0.08_percent"), 2), fmt_num(a.get("tolerance_points"), 3),
+            badge(a.get("passed")) if v.get("role") != "baseline" else REFERENCE_BADGE,
+        ])
+    measured = table(["Variant", "Runtime", "FP32 reference NME %", "NME %", "Δ (points)", "Δ (relative)",
+                      "FR@0.08 %", "FR@0.10 %", "AUC@0.08 %", "Tolerance (points)", "Pass"],
+                     rows, numeric=range(2, 10))
+    gates = []
+    for v in variants:
+        g = v.get("build_accuracy")
+        if not g:
+            continue
+        gates.append([
+            v["name"], ("small", g.get("runtime")), fmt_num(_get(g, "reference", "nme_percent"), 3),
+            fmt_num(_get(g, "quantized", "nme_percent"), 3),
+            fmt_num(g.get("nme_increase_percent_points"), 3, sign=True),
+            fmt_num(g.get("tolerance"), 3), badge(g.get("passed")),
+        ])
+    gate_html = ""
+    if gates:
+        gate_html = ("<h3>Accuracy gate recorded at build time (build.json)</h3>" + table(
+            ["Build", "Runtime", "FP32 reference NME %", "Quantized NME %", "Increase (points)", "Tolerance", "Passed"],
+            gates, numeric=range(2, 6)))
+    return section("accuracy", "Accuracy", "<h3>Settings</h3>" + settings + "<h3>Measured in this profile</h3>"
+                   + measured + gate_html)
+
+
+def _batch_sweep(profile: dict) -> str:
+    sizes = sorted({e["batch_size"] for v in profile["variants"] for e in v.get("batch_sweep") or []})
+    if not sizes:
+        return ""
+    rows = []
+    for v in profile["variants"]:
+        by = {e["batch_size"]: e for e in v.get("batch_sweep") or []}
+        if not by:
+            continue
+        row = [v["name"]]
+        for b in sizes:
+            e = by.get(b)
+            row += [fmt_ms(_get(e, "median_ms")), fmt_ms(_get(e, "p99_ms")), fmt_num(_get(e, "throughput_ips"), 1)]
+        rows.append(row)
+    header = ["Variant"] + [f"b{b} {h}" for b in sizes for h in ("median ms", "p99 ms", "images/s")]
+    s = profile.get("settings", {})
+    caption = (f"<p class=\"muted\">Timed runs per batch size: {esc(s.get('sweep_runs', ''))}; "
+               f"warm-up runs: {esc(s.get('warmup'))} at batch 1, proportionally fewer at larger batches. "
+               f"Timing: {esc(s.get('timing', ''))}.</p>")
+    latency_rows = []
+    for v in profile["variants"]:
+        lat = v.get("latency")
+        if lat:
+            latency_rows.append([v["name"], lat["batch_size"], lat["runs"], fmt_ms(lat["median_ms"]),
+                                 fmt_ms(lat["p90_ms"]), fmt_ms(lat["p95_ms"]), fmt_ms(lat["p99_ms"]),
+                                 fmt_ms(lat["mean_ms"]), fmt_ms(lat["min_ms"]), fmt_ms(lat["max_ms"]),
+                                 fmt_num(lat["throughput_ips"], 1)])
+    detail = table(["Variant", "Batch", "Runs", "Median", "p90", "p95", "p99", "Mean", "Min", "Max", "Images/s"],
+                   latency_rows, numeric=range(1, 11))
+    return section("latency", "Latency and batch sweep", "<h3>Latency (ms)</h3>" + detail
+                   + "<h3>Batch sweep</h3>" + table(header, rows, numeric=range(1, len(header))) + caption)
+
+
+def _memory_size(profile: dict) -> str:
+    rows = []
+    for v in profile["variants"]:
+        size, mem = v.get("size") or {}, v.get("memory") or {}
+        weights = size.get("weights") or {}
+        dtypes = ", ".join(f"{k} {fmt_bytes(e['bytes'])}" for k, e in (weights.get("by_dtype") or {}).items())
+        rows.append([
+            v["name"], size.get("deploy_artifact") or MISSING, fmt_bytes(size.get("deploy_bytes")),
+            fmt_bytes(size.get("total_bytes")), fmt_bytes(weights.get("total_bytes")), ("small", dtypes or MISSING),
+            fmt_bytes(mem.get("inference_growth_bytes")), fmt_bytes(mem.get("peak_rss_bytes")),
+        ])
+    method = profile.get("settings", {}).get("memory_method")
+    caption = f"<p class=\"muted\">Memory: {esc(method)}.</p>" if method else \
+        "<p class=\"muted\">Memory was not measured (--memory off).</p>"
+    return section("memory", "Size and memory", table(
+        ["Variant", "Deployed artifact", "Its size", "All artifacts", "Weights", "Weights by data type",
+         "Inference memory (RSS growth)", "Peak RSS of the process"], rows, numeric=(2, 3, 4, 6, 7)) + caption)
+
+
+def _layers(profile: dict) -> str:
+    parts = []
+    for i, v in enumerate(profile["variants"]):
+        lay = v.get("layers")
+        if not lay:
+            continue
+        ops = lay.get("by_op_type", [])[:TOP_LAYERS]
+        svg = hbars_svg([(o["op_type"], o["ms_per_run"], f"{fmt_ms(o['ms_per_run'])} ms · {o['percent']:.1f}%")
+                         for o in ops], "kernel time per run (ms)", f"{v['name']}: time by op type", colour(i))
+        nodes = table(["Node", "Op type", "ms per run", "% of kernel time"],
+                      [[("small", n["node"]), n["op_type"], fmt_ms(n["ms_per_run"]), fmt_num(n["percent"], 1)]
+                       for n in lay.get("top_nodes", [])[:TOP_LAYERS]], numeric=(2, 3))
+        head = (f"{esc(v['name'])}: {fmt_ms(lay.get('total_ms_per_run'))} ms kernel time per run, "
+                f"{esc(lay.get('nodes'))} nodes, batch {esc(lay.get('batch_size'))}, {esc(lay.get('runs'))} runs")
+        opened = " open" if not parts else ""
+        parts.append(f"<details{opened}><summary>{head}</summary>"
+                     f'<div class="plots"><figure>{svg}<figcaption>Top {TOP_LAYERS} op types.</figcaption></figure>'
+                     f"<div><h3>Top {TOP_LAYERS} nodes</h3>{nodes}</div></div></details>")
+    if not parts:
+        return ""
+    src = next(v["layers"]["source"] for v in profile["variants"] if v.get("layers"))
+    return section("layers", "Per-layer time", f'<p class="muted">{esc(src)}.</p>' + "".join(parts))
+
+
+def _surgery(profile: dict) -> str:
+    parts = []
+    for v in profile["variants"]:
+        s = v.get("surgery")
+        if not s:
+            continue
+        # build.json: "reports" (one dict per pass, "passes" = their names), or "passes" as dicts
+        reports = s.get("reports") or [p for p in s.get("passes") or [] if isinstance(p, dict)]
+        rows = []
+        for p in reports:
+            rows.append([p.get("name"), p.get("rewrites", MISSING),
+                         f"{p.get('nodes_before', MISSING)} → {p.get('nodes_after', MISSING)}",
+                         f"{p.get('concats_before', MISSING)} → {p.get('concats_after', MISSING)}",
+                         f"{fmt_bytes(p.get('concat_bytes_before'))} → {fmt_bytes(p.get('concat_bytes_after'))}"])
+        totals = kv([
+            ("Peak activation memory (batch 1)", f"{fmt_bytes(s.get('peak_activation_bytes_before'))} → "
+                                                 f"{fmt_bytes(s.get('peak_activation_bytes_after'))}"),
+            ("Concat outputs (batch 1)", f"{fmt_bytes(s.get('concat_bytes_before'))} → "
+                                         f"{fmt_bytes(s.get('concat_bytes_after'))}"),
+        ])
+        tbl = table(["Pass", "Rewrites", "Nodes", "Concats", "Concat bytes"], rows, numeric=(1, 2, 3, 4)) \
+            if rows else ""
+        parts.append(f"<h3>{esc(v['name'])}</h3>{totals}{tbl}")
+    return section("surgery", "Graph surgery", "".join(parts)) if parts else ""
+
+
+def _calibration(profile: dict) -> str:
+    parts = []
+    for v in profile["variants"]:
+        c = v.get("calibration")
+        if not c:
+            continue
+        ranges = list((c.get("ranges") or {}).items())
+        info = kv([("Method", c.get("method")), ("Scheme", c.get("scheme")), ("Images", c.get("images")),
+                   ("Data", c.get("data")), ("Scales file", c.get("scales_file"))])
+        tbl = table(["Tensor", "amax"], [[("small", k), fmt_num(a, 4)] for k, a in ranges[:CALIBRATION_ROWS]],
+                    numeric=(1,)) if ranges else ""
+        more = f'<p class="muted">{len(ranges) - CALIBRATION_ROWS} more in the scales file.</p>' \
+            if len(ranges) > CALIBRATION_ROWS else ""
+        parts.append(f"<h3>{esc(v['name'])}</h3>{info}{tbl}{more}")
+    return section("calibration", "Calibration", "".join(parts)) if parts else ""
+
+
+def _loads(values: Any) -> str:
+    return ", ".join(f"{x:g}" for x in values) if isinstance(values, list) and values else MISSING
+
+
+def _environment(profile: dict) -> str:
+    env = profile.get("environment", {})
+    versions = env.get("versions", {})
+    pairs = [
+        ("CPU", env.get("cpu")), ("Cores (usable)", f"{env.get('cpu_cores')} ({env.get('cpu_cores_usable')})"),
+        ("Memory", fmt_bytes(env.get("memory_total_bytes"))), ("GPU", env.get("gpu")),
+        ("OS", env.get("os")), ("Python", env.get("python")),
+        *((name, ver) for name, ver in versions.items() if ver),
+        ("Load average 1/5/15 min (start; end)", f"{_loads(env.get('load_average'))}; "
+                                                   f"{_loads(env.get('load_average_end'))}"),
+        ("Created", profile.get("created")), ("Profile took", f"{fmt_num(profile.get('seconds'), 1)} s"),
+    ]
+    return section("environment", "Environment", kv(pairs))
+
+
+def _commands(profile: dict, json_name: str | None) -> str:
+    cmds = profile.get("commands", {})
+    lines = ["# builds"]
+    for b in cmds.get("builds", []):
+        lines.append(b.get("command") or f"# {b.get('name')}: build command not recorded")
+    lines += ["", "# profile", cmds.get("profile") or "cunet-optimize profile"]
+    if json_name:
+        lines += ["", "# this page, from the JSON", f"cunet-optimize report {json_name}"]
+    return section("reproduce", "Commands to reproduce", f"<pre>{esc(chr(10).join(lines))}</pre>")
+
+
+def _notes(profile: dict) -> str:
+    notes = list(profile.get("notes", []))
+    for v in profile["variants"]:
+        notes += [f"{v['name']}: {n}" for n in v.get("notes", [])]
+    if not notes:
+        return ""
+    return section("notes", "Notes", '<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+
+
+def _compare(profile: dict, other: dict) -> str:
+    mine = {r["variant"]: r for r in summary_rows(profile)}
+    theirs = {r["variant"]: r for r in summary_rows(other)}
+    rows = []
+    for name in list(mine) + [n for n in theirs if n not in mine]:
+        a, b = mine.get(name, {}), theirs.get(name, {})
+        la, lb = a.get("median_ms"), b.get("median_ms")
+        na, nb = a.get("nme_percent"), b.get("nme_percent")
+        d_ms = la - lb if _ok(la) and _ok(lb) else None
+        d_rel = 100 * d_ms / lb if d_ms is not None and lb else None
+        d_nme = na - nb if _ok(na) and _ok(nb) else None
+        where = "both" if a and b else ("this profile only" if a else "other profile only")
+        rows.append([name, where, fmt_ms(lb), fmt_ms(la), fmt_signed_ms(d_ms),
+                     fmt_num(d_rel, 1, sign=True) + ("%" if _ok(d_rel) else ""),
+                     fmt_num(nb, 3), fmt_num(na, 3), fmt_num(d_nme, 3, sign=True)])
+    env_a, env_b = profile.get("environment", {}), other.get("environment", {})
+    intro = kv([
+        ("This profile", f"{profile.get('name')} ({profile.get('created')}, {env_a.get('cpu')})"),
+        ("Compared with", f"{other.get('name')} ({other.get('created')}, {env_b.get('cpu')})"),
+    ])
+    caution = ""
+    if env_a.get("cpu") != env_b.get("cpu") or env_a.get("cpu_cores_usable") != env_b.get("cpu_cores_usable"):
+        caution = '<p class="muted">The two profiles ran on different machines: latency deltas mix the change ' \
+                  "with the hardware.</p>"
+    return section("compare", "Comparison with another profile", intro + caution + table(
+        ["Variant", "In", "Other median ms", "This median ms", "Δ ms", "Δ latency", "Other NME %", "This NME %",
+         "Δ NME (points)"], rows, numeric=range(2, 9)) +
+        '<p class="muted">Δ = this profile minus the other; negative latency Δ = faster now.</p>')
+
+
+def render_html(profile_json: dict, compare: dict | None = None, json_name: str | None = None) -> str:
+    """The report page for a profile (and optionally a comparison with another)."""
+    check_profile(profile_json)
+    if compare is not None:
+        check_profile(compare, "compare profile")
+    p = profile_json
+    title = f"CU-Net profile: {p.get('name', '')}"
+    sections = [
+        _summary(p),
+        _compare(p, compare) if compare is not None else "",
+        _pareto(p), _ced(p), _accuracy(p), _batch_sweep(p), _memory_size(p), _layers(p),
+        _surgery(p), _calibration(p), _environment(p), _commands(p, json_name), _notes(p),
+    ]
+    present = [(anchor, label) for anchor, label in (
+        ("summary", "Summary"), ("compare", "Comparison"), ("pareto", "Latency vs NME"), ("ced", "CED"),
+        ("accuracy", "Accuracy"), ("latency", "Latency"), ("memory", "Size & memory"), ("layers", "Per-layer"),
+        ("surgery", "Surgery"), ("calibration", "Calibration"), ("environment", "Environment"),
+        ("reproduce", "Reproduce"), ("notes", "Notes"),
+    ) if any(f'id="{anchor}"' in s for s in sections)]
+    nav = "<nav>" + "".join(f'<a href="#{a}">{esc(label)}</a>' for a, label in present) + "</nav>"
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
+        f"<h1>{esc(title)}</h1>"
+        f'<p class="muted">{esc(p.get("created"))} · {len(p["variants"])} variants · '
+        f"cunet-optimize {esc(p.get('toolkit_version'))}</p>{nav}"
+        f'<p class="statement">{esc(p.get("statement"))}</p>'
+        + "".join(sections)
+        + f"<footer>Generated by cunet-optimize {esc(p.get('toolkit_version'))} from {esc(json_name or 'a profile')}"
+        "; self-contained: no scripts, no external resources.</footer></main></body></html>\n"
+    )
