@@ -346,7 +346,8 @@ def test_default_pipeline_per_target():
     assert "fold_dense_concats" not in default_passes("cpu", quantized=True)
     assert "tie_concat_qdq_scales" in default_passes("jetson-agx-orin-dla", quantized=True)
     assert {"check_zero_points", "check_weight_axes"} <= set(default_passes("t4", quantized=True))
-    assert default_passes("cpu", opset=21)[-1] == "pack_int4_weights"
+    int4 = default_passes("cpu", opset=21)  # packed before BN folding moves weights off the 4-bit grid
+    assert int4.index("pack_int4_weights") < int4.index("fold_batchnorm")
 
 
 @pytest.mark.parametrize("name", ["cleanup", "flatten_nested_concats", "fold_batchnorm", "fold_dense_concats",

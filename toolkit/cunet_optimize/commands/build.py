@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, BuildOptions, command_line,
                                   default_calib_split, run_build)

@@ -18,11 +18,11 @@ array in memory is 0-based and a write/read round trip returns the same numbers
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from cunet_optimize.atomic import write_atomic
 from cunet_optimize.errors import CUNetError
 
 PTS_ORIGIN = 1.0  # what a .pts file adds to a 0-based coordinate
@@ -100,11 +100,4 @@ def write_pts(path: str | os.PathLike, points: np.ndarray) -> None:
     """Write 0-based (n, 2) points as a 1-based `.pts` file, atomically."""
     path = Path(path)
     text = format_pts(points)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)

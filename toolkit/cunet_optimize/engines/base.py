@@ -9,7 +9,6 @@ runners, so PyTorch, ONNX Runtime and TensorRT are measured by the same code.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,25 +173,6 @@ class Builder(Protocol):
         out_dir: str | os.PathLike,
         options: Mapping[str, Any] | None = None,
     ) -> BuildResult: ...
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int | None = None) -> Path:
-    """Write a file so that readers see either the old content or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect_onnx, write_atomic
+from cunet_optimize.atomic import write_atomic
+from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect_onnx
 from cunet_optimize.engines.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cunet_optimize.engines.base import write_atomic
+from cunet_optimize.atomic import write_atomic
 from cunet_optimize.engines.trt_plan import HARDWARE_COMPAT_LEVELS, BuildPlan, parse_version
 from cunet_optimize.errors import CUNetError
 

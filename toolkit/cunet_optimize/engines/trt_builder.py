@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from cunet_optimize.engines.base import BuildResult, OnnxContent, inspect_onnx, write_atomic
+from cunet_optimize.atomic import write_atomic
+from cunet_optimize.engines.base import BuildResult, OnnxContent, inspect_onnx
 from cunet_optimize.engines.trt_apply import TensorRTUnavailable, apply_build_plan
 from cunet_optimize.engines.trt_plan import (
     ONNX_FORMS,

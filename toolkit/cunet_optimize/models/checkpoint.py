@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from cunet_optimize.atomic import atomic_path
 from cunet_optimize.errors import CheckpointError, ConfigError
 from cunet_optimize.models.cunet import CUNet, CUNetConfig
 
@@ -188,13 +188,6 @@ def save_checkpoint(model: CUNet, path: str | os.PathLike, metadata: dict | None
     meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
                  for k, v in (metadata or {}).items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cunet_optimize.atomic import write_atomic
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.quant.qmodel import (
     QuantConv2d,
@@ -458,19 +458,6 @@ def apply_scales(qmodel: nn.Module, scales: Mapping[str, float]) -> None:
             q.scale.fill_(value)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_scales(path: str | os.PathLike, scales: Mapping[str, float], method: str, **extra) -> Path:
     """Write {"format", "method", "scales": {name: scale}} (+ extra fields) atomically.
 
@@ -480,7 +467,7 @@ def save_scales(path: str | os.PathLike, scales: Mapping[str, float], method: st
     path = Path(path)
     doc = {"format": SCALE_FILE_FORMAT, "method": method, **extra}
     doc["scales"] = {k: float(scales[k]) for k in sorted(scales)}
-    _atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
     return path
 
 

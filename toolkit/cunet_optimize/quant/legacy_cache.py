@@ -20,11 +20,11 @@ import math
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from cunet_optimize.atomic import write_atomic
 from cunet_optimize.errors import CUNetError
 
 DEFAULT_TRT_VERSION = 100300  # TensorRT 10.3.0: JetPack 6.x
@@ -119,17 +119,7 @@ def write_legacy_cache(
     """Write {ONNX tensor name: scale} as a TensorRT legacy calibration cache (atomically)."""
     path = Path(path)
     text = format_legacy_cache(scales, version, algorithm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, text)
 
 
 def read_legacy_cache(path: str | os.PathLike) -> LegacyCache:

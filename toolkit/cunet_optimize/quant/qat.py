@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cunet_optimize.atomic import atomic_path
 from cunet_optimize.errors import CheckpointError
 from cunet_optimize.models import CUNet, CUNetConfig
 from cunet_optimize.models.checkpoint import _sniff_format
@@ -57,10 +58,8 @@ def save_qat_checkpoint(qmodel: QuantCUNet, path: str | os.PathLike, metadata: d
             "scheme": qmodel.scheme.spec}
     meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
                  for k, v in (metadata or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(quant_state_dict(qmodel), tmp, metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(quant_state_dict(qmodel), tmp, metadata=meta)
     return path
 
 

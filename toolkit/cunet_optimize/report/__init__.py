@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from cunet_optimize.engines.base import write_atomic
+from cunet_optimize.atomic import write_atomic
 from cunet_optimize.report.html import render_html
 
 __all__ = ["render_html", "write_report", "write_html"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -18,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from cunet_optimize.atomic import write_atomic
 from cunet_optimize.errors import CUNetError
 
 ModelLike = Union[onnx.ModelProto, gs.Graph, str, os.PathLike]
@@ -64,18 +64,7 @@ def to_model(graph: gs.Graph) -> onnx.ModelProto:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write atomically (temp file in the same folder + os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, model.SerializeToString())
 
 
 # ----------------------------------------------------------------------------- clean-up

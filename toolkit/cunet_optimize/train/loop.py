@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cunet_optimize.atomic import atomic_path, write_atomic
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import save_checkpoint
@@ -98,24 +98,6 @@ def collate(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
     return images, heatmaps
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def train(
     model: torch.nn.Module,
     train_set,
@@ -165,21 +147,20 @@ def train(
         log.info("resuming %s at epoch %d, batch %d", out, epoch, batch_pos)
 
     def save_state(e: int, b: int) -> None:
-        _atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": e,
-                "batch_pos": b,
-                "iteration": iteration,
-                "best_nme": best_nme,
-                "history": history,
-                "wall_seconds": wall + (time.perf_counter() - started),
-                "recipe": json.loads(json.dumps(asdict(recipe))),
-                **({"extra": extra_state()} if extra_state else {}),
-            },
-            state_path,
-        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": e,
+            "batch_pos": b,
+            "iteration": iteration,
+            "best_nme": best_nme,
+            "history": history,
+            "wall_seconds": wall + (time.perf_counter() - started),
+            "recipe": json.loads(json.dumps(asdict(recipe))),
+            **({"extra": extra_state()} if extra_state else {}),
+        }
+        with atomic_path(state_path) as tmp:
+            torch.save(state, tmp)
 
     started = time.perf_counter()
     meta = dict(metadata or {})
@@ -229,6 +210,6 @@ def train(
     save_fn(model, out / LAST_FILE, {**meta, "epoch": epoch})
     if val_set is None and not (out / BEST_FILE).exists():
         save_fn(model, out / BEST_FILE, {**meta, "epoch": epoch})
-    _atomic_write_text(out / HISTORY_FILE, json.dumps(history, indent=2) + "\n")
+    write_atomic(out / HISTORY_FILE, json.dumps(history, indent=2) + "\n")
     return TrainResult(str(out), str(out / BEST_FILE), str(out / LAST_FILE), best_nme, epoch,
                        history, round(wall, 1))

@@ -1,0 +1,146 @@
+"""Accuracy of every quantization scheme on one model, simulated in PyTorch (fake quant).
+
+Rows: FP32; INT8 PTQ for each calibration method, scales tied across the dense
+concatenations and untied (with the requantization points each form leaves);
+INT4-weight PTQ; QAT for INT8, INT4 and binary weights (w1a8); weight bytes of each.
+
+    python bench/bench_quant_table.py --data DIR [--model CKPT] [--qat-images 800]
+        [--out bench/results/quant_table.json]
+
+DIR is a 300-W layout folder with train.txt (calibration + QAT) and test.txt
+(evaluation), e.g. `cunet-optimize data synth --out DIR --count 3000 --seed 0
+--test-fraction 0.1`, the embedded default model's training set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cunet_optimize.build import calibration_batches
+from cunet_optimize.data.face300w import Face300W
+from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
+from cunet_optimize.models import load_model
+from cunet_optimize.quant import calibrate, parse_precision, quantize_model, requantization_points
+from cunet_optimize.quant.qat import qat_recipe, run_qat
+from cunet_optimize.train.loop import TrainRecipe
+
+
+def weight_bits(quantizer) -> int:
+    name = type(quantizer).__name__
+    if name.startswith("Binary"):
+        return 1
+    if name.startswith("Ternary"):
+        return 2
+    return getattr(quantizer, "num_bits", 32)
+
+
+def weight_bytes(model) -> int:
+    """Conv weights at their quantizer's bit width plus one fp32 scale per output channel
+    (or block); every other parameter (BatchNorm, float convs) in fp32."""
+    total = 0
+    for module in model.modules():
+        q = getattr(module, "weight_quantizer", None)
+        for name, p in module.named_parameters(recurse=False):
+            if name == "weight" and q is not None:
+                scales = q.scale.numel() if torch.is_tensor(getattr(q, "scale", None)) else p.shape[0]
+                total += (p.numel() * weight_bits(q) + 7) // 8 + 4 * scales
+            elif not hasattr(module, "is_weight") and "Quantizer" not in type(module).__name__:
+                total += 4 * p.numel()
+    return total
+
+
+class FirstN(torch.utils.data.Dataset):
+    def __init__(self, base, n):
+        self.base, self.n, self.crop_policy = base, min(n, len(base)), base.crop_policy
+
+    def set_epoch(self, e):
+        self.base.set_epoch(e)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--calib-images", type=int, default=128)
+    ap.add_argument("--methods", default="max,percentile,entropy,mse")
+    ap.add_argument("--qat-images", type=int, default=800)
+    ap.add_argument("--qat-epochs", type=int, default=1)
+    ap.add_argument("--qat-lr", type=float, default=1e-5, help="1%% of the default model's 1e-3")
+    ap.add_argument("--skip-qat", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/quant_table.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).eval()
+    test = Face300W(args.data, split="test")
+    train = Face300W(args.data, split="train")
+    rows = []
+
+    def evaluate(name, m, scheme, **extra):
+        start = time.perf_counter()
+        metrics = evaluate_landmarks(torch_infer(m), test, progress=False).metrics
+        row = {"variant": name, "nme_percent": round(metrics["nme_percent"], 4),
+               "fr_0.08_percent": round(metrics["failure_rate_0.08_percent"], 3),
+               "auc_0.08_percent": round(metrics["auc_0.08_percent"], 3),
+               "weight_bytes": weight_bytes(m), **extra,
+               "eval_seconds": round(time.perf_counter() - start, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    evaluate("fp32", model, None)
+    best = None
+    for method in args.methods.split(","):
+        for tie in (True, False):
+            scheme = parse_precision("int8", tie_concat_scales=tie)
+            q = quantize_model(model, scheme)
+            calibrate(q, calibration_batches(train, args.calib_images), method, progress=False)
+            q.eval()
+            evaluate(f"int8 PTQ {method} {'tied' if tie else 'untied'}", q, scheme, method=method, tied=tie,
+                     requantization_points=requantization_points(q))
+            if tie and (best is None or rows[-1]["nme_percent"] < best[1]):
+                best = (method, rows[-1]["nme_percent"])
+    for spec in ("int4", "int4-pc"):
+        scheme = parse_precision(spec)
+        q = quantize_model(model, scheme)
+        calibrate(q, calibration_batches(train, args.calib_images), best[0], progress=False)
+        evaluate(f"{spec} PTQ {best[0]}", q.eval(), scheme, method=best[0])
+    if not args.skip_qat:
+        original = TrainRecipe(epochs=10, lr=1e-3, batch_size=16, checkpoint_every=0)
+        for spec in ("int8", "int4", "w1a8"):
+            scheme = parse_precision(spec)
+            recipe = qat_recipe(original, epochs=args.qat_epochs, lr=args.qat_lr)
+            with tempfile.TemporaryDirectory() as out:
+                start = time.perf_counter()
+                result = run_qat(model, scheme, FirstN(Face300W(args.data, split="train", augment=True), args.qat_images),
+                                 None, calibration_batches(train, args.calib_images), recipe, out,
+                                 calib_method=best[0], progress=False)
+                from cunet_optimize.quant.qat import load_qat_checkpoint
+
+                q = load_qat_checkpoint(Path(out) / "last.safetensors")
+                evaluate(f"{spec} QAT", q, scheme, qat_images=args.qat_images, qat_epochs=args.qat_epochs,
+                         qat_lr=args.qat_lr, qat_seconds=round(time.perf_counter() - start, 1))
+    result = {"benchmark": "quant_table", "model": args.model or "embedded default", "data": args.data,
+              "test_images": len(test), "runtime": "PyTorch fake quantization, CPU", "rows": rows,
+              "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads},
+              "command": "python bench/bench_quant_table.py --data " + args.data}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
