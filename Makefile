@@ -21,8 +21,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# The main job on the embedded default model: INT8 build for the CPU target (calibration,
+# export, surgery, lint, ONNX Runtime engine, accuracy gate), then profile + HTML report.
 demo: install
-	$(CLI) models
+	$(CLI) build --precision int8 --target cpu --workdir $(WORKDIR) --force
+	$(CLI) profile --workdir $(WORKDIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info toolkit/*.egg-info

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cunet_optimize.build import calibration_batches
+from cunet_optimize.build import CONCAT_QDQ, calibration_batches
 from cunet_optimize.data.face300w import Face300W
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--calib-images", type=int, default=128)
     ap.add_argument("--methods", default="max,percentile,entropy,mse")
+    ap.add_argument("--concat-forms", default="none,tied,untied",
+                    help="Q/DQ on the dense concatenations (build --concat-qdq)")
     ap.add_argument("--qat-images", type=int, default=800)
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--qat-lr", type=float, default=1e-5, help="1%% of the default model's 1e-3")
@@ -103,23 +105,23 @@ def main() -> None:
     evaluate("fp32", model, None)
     best = None
     for method in args.methods.split(","):
-        for tie in (True, False):
-            scheme = parse_precision("int8", tie_concat_scales=tie)
+        for form in args.concat_forms.split(","):
+            scheme = parse_precision("int8", **CONCAT_QDQ[form])
             q = quantize_model(model, scheme)
             calibrate(q, calibration_batches(train, args.calib_images), method, progress=False)
             q.eval()
-            evaluate(f"int8 PTQ {method} {'tied' if tie else 'untied'}", q, scheme, method=method, tied=tie,
+            evaluate(f"int8 PTQ {method} concat-qdq={form}", q, scheme, method=method, concat_qdq=form,
                      requantization_points=requantization_points(q))
-            if tie and (best is None or rows[-1]["nme_percent"] < best[1]):
+            if form == "none" and (best is None or rows[-1]["nme_percent"] < best[1]):
                 best = (method, rows[-1]["nme_percent"])
-    for spec in ("int4", "int4-pc"):
+    for spec in ("int4-convin", "int4-pc-convin"):
         scheme = parse_precision(spec)
         q = quantize_model(model, scheme)
         calibrate(q, calibration_batches(train, args.calib_images), best[0], progress=False)
         evaluate(f"{spec} PTQ {best[0]}", q.eval(), scheme, method=best[0])
     if not args.skip_qat:
         original = TrainRecipe(epochs=10, lr=1e-3, batch_size=16, checkpoint_every=0)
-        for spec in ("int8", "int4", "w1a8"):
+        for spec in ("int8-convin", "int8", "int4-convin", "w1a8"):
             scheme = parse_precision(spec)
             recipe = qat_recipe(original, epochs=args.qat_epochs, lr=args.qat_lr)
             with tempfile.TemporaryDirectory() as out:

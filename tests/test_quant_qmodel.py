@@ -416,3 +416,20 @@ def test_quantized_model_calibrates_and_trains_on_the_gpu():
     with torch.no_grad():
         ref, got = model(images(1)[0].cuda())[-1], q.eval()(images(1)[0].cuda())[-1]
     assert rel_error(ref, got) < 0.05
+
+
+def test_convin_places_qdq_on_conv_inputs_only():
+    """int8-convin: no quantizer on any dense concatenation, every conv input quantized."""
+    from cunet_optimize.models import CUNet, CUNetConfig
+    from cunet_optimize.quant import concat_quantizers, named_quantizers, parse_precision, quantize_model
+
+    model = CUNet(CUNetConfig(num_unets=2, order=1, num_classes=4, width=8, growth_rate=4))
+    scheme = parse_precision("int8-convin")
+    assert scheme.spec == "int8-convin" and parse_precision(scheme.spec) == scheme
+    q = quantize_model(model, scheme)
+    assert concat_quantizers(q) == []
+    names = [n for n, _ in named_quantizers(q)]
+    assert not any(".concat." in n or n.endswith(".output") for n in names)
+    assert any(n.endswith("conv1.input") for n in names) and any(n.endswith("conv2.input") for n in names)
+    tied = quantize_model(model, parse_precision("int8"))
+    assert len(concat_quantizers(tied)) > 0

@@ -236,7 +236,7 @@ def quantize_model(model: CUNet, scheme: QuantScheme | str) -> QuantCUNet:
         scheme = parse_precision(scheme)
     qmodel = copy.deepcopy(model)
     trace = trace_dataflow(qmodel)
-    if scheme.activation == INT:
+    if scheme.activation == INT and scheme.quantize_concats:
         plan = plan_concat_tying(trace, scheme.tie_concat_scales)
     else:
         plan = ConcatPlan(sites={}, groups=[], slots=[])
