@@ -112,7 +112,7 @@ def test_interrupted_build_leaves_nothing(tiny, faces, tmp_path, monkeypatch):
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="the embedded default model is not in this checkout")
 def test_accuracy_gate_fails_a_damaged_calibration(faces, tmp_path, capsys):
     common = ["--calib-data", str(faces), "--calib-images", "4", "--workdir", str(tmp_path)]
-    assert main(["calibrate", *common[:2], "--images", "4", "--workdir", str(tmp_path), "--json"]) == 0
+    assert main(["calibrate", "--data", str(faces), "--images", "4", "--workdir", str(tmp_path), "--json"]) == 0
     scales_file = json.loads(capsys.readouterr().out)["scales_file"]
     data = json.loads(open(scales_file).read())
     data["scales"] = {k: v * 1e-3 for k, v in data["scales"].items()}  # clips every activation
