@@ -18,7 +18,11 @@ from cunet_optimize.errors import CUNetError
 EXIT_USER_ERROR = 2
 
 # Order = order in `--help`: the pipeline, front to back.
-COMMANDS = ["models", "data", "train", "eval", "predict", "calibrate", "qat", "export", "surgery", "lint", "targets", "build", "profile", "report"]
+COMMANDS = [
+    "models", "data", "train", "eval", "predict",  # models, data, accuracy
+    "calibrate", "qat", "export", "surgery", "lint",  # the stages, one by one
+    "targets", "build", "profile", "report",  # the pipeline and its measurement
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

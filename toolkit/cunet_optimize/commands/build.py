@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     opts = BuildOptions(
         precision=args.precision, target=args.target, model=args.model, qat_checkpoint=args.qat_checkpoint,
-        calib_data=args.calib_data, calib_split=default_calib_split(args.calib_data, args.calib_split), calib_method=args.calib_method,
+        calib_data=args.calib_data, calib_split=default_calib_split(args.calib_data, args.calib_split),
+        calib_method=args.calib_method,
         calib_images=args.calib_images, concat_qdq=args.concat_qdq,
         eval_data=args.eval_data, eval_split=args.eval_split, max_nme_increase=args.max_nme_increase,
         accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, workdir=args.workdir,
