@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 BUILD_SCHEMA = "cunet-optimize/build/1"
 # Where INT8 Q/DQ sits around CU-Net's dense concatenations (QUANT_RULES.md, design space).
-# "none" is the default: on the embedded model, PTQ with Q/DQ on the concatenations cost
-# +1.9 (tied) NME points against +0.2 with conv inputs only (bench/bench_quant_table.py);
+# "none" is the default: on the embedded model (FP32 NME 6.51%), percentile PTQ gives 6.75%
+# with Q/DQ on conv inputs only, 8.17% tied and 7.82% untied (bench/bench_quant_table.py;
+# BN after the concat amplifies the per-tensor error of small-variance channels).
 # "tied" lets TensorRT elide the Concats and is meant to be paired with QAT.
 CONCAT_QDQ = {
     "none": {"quantize_concats": False, "tie_concat_scales": False},
