@@ -217,14 +217,25 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         raise CUNetError(f"cannot convert the exported graph to opset {opset}: {str(err).splitlines()[0]}") from err
 
 
+def verification_batch(batch: int) -> np.ndarray:
+    """Synthetic faces (deterministic, no data needed): inputs from the distribution the
+    model was calibrated on. Uniform noise lies far outside the calibrated ranges, and on
+    a quantized graph the rounding-boundary flips between PyTorch and ONNX Runtime then
+    cascade: measured on a QAT model, mean error 22% of the output std on noise against
+    0.18% on faces, for the same correct graph."""
+    from cunet_optimize.data.synth import synth_face
+
+    faces = [np.asarray(synth_face(VERIFY_SEED, i, INPUT_SIZE)[0], dtype=np.float32) for i in range(batch)]
+    return np.ascontiguousarray(np.stack(faces).transpose(0, 3, 1, 2) / np.float32(255.0))
+
+
 def verify_against_torch(
     onnx_model: onnx.ModelProto, torch_model: torch.nn.Module, output_names: list[str], batch: int
 ) -> VerificationResult:
     """ORT (ORT_DISABLE_ALL) vs PyTorch on a fixed random batch; CUNetError on mismatch."""
     from cunet_optimize.data.transforms import decode_heatmaps
 
-    rng = np.random.default_rng(VERIFY_SEED)
-    image = rng.random((batch, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    image = verification_batch(batch)
     actual = run_onnxruntime(onnx_model, {INPUT_NAME: image}, level="disable_all")
     with torch.no_grad():
         heads = [h.float().numpy() for h in torch_model(torch.from_numpy(image))]

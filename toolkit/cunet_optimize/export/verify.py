@@ -12,14 +12,13 @@ Tolerances, stated once here (per output; "range" = max - min of the reference):
   usual 1e-4 absolute; scaling by the range keeps it meaningful for untrained models,
   whose heatmaps can be 1e-3 small.
 - fp16: max |a - ref| <= 1e-2 * range (float16 has ~3 decimal digits).
-- fake_quant: mean |a - ref| <= 1e-1 * std(ref). PyTorch's fake-quant and ONNX
+- fake_quant: mean |a - ref| <= 5e-2 * std(ref). PyTorch's fake-quant and ONNX
   Runtime's QuantizeLinear can round a value that sits on a rounding boundary to
   neighbouring integers (float arithmetic order differs); the flip propagates, so the
-  maximum is not a fair test, the mean is. On the trained default model, calibrated
-  on 4 images and fed the uniform-noise verification batch (far outside the calibrated
-  ranges), 1e-2 flagged a correct graph (mean error 4% of std; measured); a wiring
-  error is of the order of the std itself. The build's accuracy gate on real images
-  is the semantic check of a quantized graph.
+  maximum is not a fair test, the mean is. The export verifies on synthetic faces
+  (onnx_export.verification_batch), not noise, for the same reason. Measured: 0.2% of
+  the std for a QAT model; 3% for the default model calibrated on only 4 images
+  (saturation flips); a wiring error is of the order of the std itself.
 A failure raises CUNetError: a graph that computes something else is never written
 silently.
 """
@@ -55,7 +54,7 @@ class Tolerance:
 TOLERANCES = {
     "fp32": Tolerance("fp32", "max_abs_error", "range", 1e-4),
     "fp16": Tolerance("fp16", "max_abs_error", "range", 1e-2),
-    "fake_quant": Tolerance("fake_quant", "mean_abs_error", "std", 1e-1),
+    "fake_quant": Tolerance("fake_quant", "mean_abs_error", "std", 5e-2),
 }
 
 
