@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cunet_optimize.build import CONCAT_QDQ, calibration_batches
-from cunet_optimize.data.face300w import Face300W
+from cunet_optimize.data.face300w import Face300W, FirstSamples
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
 from cunet_optimize.quant import calibrate, parse_precision, quantize_model, requantization_points
@@ -54,20 +54,6 @@ def weight_bytes(model) -> int:
             elif not hasattr(module, "is_weight") and "Quantizer" not in type(module).__name__:
                 total += 4 * p.numel()
     return total
-
-
-class FirstN(torch.utils.data.Dataset):
-    def __init__(self, base, n):
-        self.base, self.n, self.crop_policy = base, min(n, len(base)), base.crop_policy
-
-    def set_epoch(self, e):
-        self.base.set_epoch(e)
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.base[i]
 
 
 def main() -> None:
@@ -126,7 +112,7 @@ def main() -> None:
             recipe = qat_recipe(original, epochs=args.qat_epochs, lr=args.qat_lr)
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
-                result = run_qat(model, scheme, FirstN(Face300W(args.data, split="train", augment=True), args.qat_images),
+                result = run_qat(model, scheme, FirstSamples(Face300W(args.data, split="train", augment=True), args.qat_images),
                                  None, calibration_batches(train, args.calib_images), recipe, out,
                                  calib_method=best[0], progress=False)
                 from cunet_optimize.quant.qat import load_qat_checkpoint

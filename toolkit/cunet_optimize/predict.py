@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cunet_optimize.data.face300w import load_rgb
 from cunet_optimize.data.transforms import (
     PIXEL_STD,
     crop_transform,
@@ -47,6 +46,3 @@ def draw_landmarks(image: np.ndarray, points: np.ndarray, path: Path) -> Path:
     im.save(path)
     return path
 
-
-def load_image(path: str) -> np.ndarray:
-    return load_rgb(path)

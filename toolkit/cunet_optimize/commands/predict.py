@@ -8,7 +8,8 @@ from cunet_optimize.commands.common import add_model_argument, print_json
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import torch_infer
 from cunet_optimize.models import load_model
-from cunet_optimize.predict import draw_landmarks, load_image, predict_landmarks
+from cunet_optimize.data.face300w import load_rgb
+from cunet_optimize.predict import draw_landmarks, predict_landmarks
 
 
 def add_parser(subparsers) -> None:
@@ -37,7 +38,7 @@ def _parse_box(text: str | None) -> list[float] | None:
 
 def run(args) -> int:
     box = _parse_box(args.box)
-    images = {path: load_image(path) for path in args.images}  # all readable before any output
+    images = {path: load_rgb(path) for path in args.images}  # all readable before any output
     infer = torch_infer(load_model(args.model))
     out_dir = Path(args.out_dir)
     results = []

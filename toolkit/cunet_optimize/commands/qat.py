@@ -6,6 +6,7 @@ import torch
 
 from cunet_optimize.build import calibration_batches, resolve_model
 from cunet_optimize.commands.common import add_face_data_arguments, add_model_argument, face_dataset, print_json
+from cunet_optimize.data.face300w import FirstSamples
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.quant.qat import qat_recipe, run_qat
 from cunet_optimize.quant.scheme import parse_precision
@@ -38,21 +39,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-class _Subset(torch.utils.data.Dataset):
-    def __init__(self, base, count):
-        self.base, self.count = base, min(count, len(base))
-        self.crop_policy = base.crop_policy
-
-    def set_epoch(self, epoch):
-        self.base.set_epoch(epoch)
-
-    def __len__(self):
-        return self.count
-
-    def __getitem__(self, i):
-        return self.base[i]
-
-
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +49,7 @@ def run(args) -> int:
     recipe = qat_recipe(original, epochs=args.epochs, lr=args.lr)
     train_set = face_dataset(args, args.split, augment=True, seed=args.seed)
     if args.train_images:
-        train_set = _Subset(train_set, args.train_images)
+        train_set = FirstSamples(train_set, args.train_images)
     val_set = None if args.val_split == "none" else face_dataset(args, args.val_split)
     calib_set = face_dataset(args, args.split)
     result = run_qat(model, scheme, train_set, val_set, calibration_batches(calib_set, args.calib_images),

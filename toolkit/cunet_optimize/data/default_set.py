@@ -17,8 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cunet_optimize.data.pts import format_pts
-from cunet_optimize.data.synth import PNG_OPTIONS, SYNTH_VERSION, split_test_indices, synth_face
+from cunet_optimize.data.synth import SYNTH_VERSION, image_name, split_test_indices, write_face
 
 DEFAULT_SYNTH = {"count": 3000, "seed": 0, "test_fraction": 0.1}
 CALIBRATION_IMAGES = 128  # taken from the training split: never from the test split
@@ -39,19 +38,15 @@ def ensure_default_dataset(progress: bool = True) -> Path:
     test = split_test_indices(count, seed, fraction)
     test_set = set(test)
     calib = [i for i in range(count) if i not in test_set][:CALIBRATION_IMAGES]
-    width = max(5, len(str(count - 1)))
-    name = lambda i: f"images/{i:0{width}d}.png"  # noqa: E731 (same names as `data synth`)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / "images").mkdir()
         for i in tqdm(sorted(test + calib), desc="default data (synthetic faces)", unit="img",
                       disable=not progress, leave=False):
-            image, landmarks = synth_face(seed, i)
-            image.save(tmp / name(i), "PNG", **PNG_OPTIONS)
-            (tmp / name(i)).with_suffix(".pts").write_text(format_pts(landmarks), encoding="utf-8")
-        (tmp / "test.txt").write_text("".join(f"{name(i)}\n" for i in test))
-        (tmp / "calib.txt").write_text("".join(f"{name(i)}\n" for i in calib))
+            write_face(tmp, seed, i, count)
+        (tmp / "test.txt").write_text("".join(f"{image_name(i, count)}\n" for i in test))
+        (tmp / "calib.txt").write_text("".join(f"{image_name(i, count)}\n" for i in calib))
         (tmp / "dataset.json").write_text(json.dumps(
             {"generator": "cunet_optimize.data.synth", "version": SYNTH_VERSION, **DEFAULT_SYNTH,
              "subset": {"test": len(test), "calib": len(calib)},

@@ -306,3 +306,20 @@ class Face300W(Dataset):
             "path": str(rec.image_path),
             "index": index,
         }
+
+
+class FirstSamples(Dataset):
+    """The first `count` samples of a landmark data set (keeps crop_policy and set_epoch)."""
+
+    def __init__(self, base, count: int) -> None:
+        self.base, self.count = base, min(int(count), len(base))
+        self.crop_policy = base.crop_policy
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        return self.base[index]

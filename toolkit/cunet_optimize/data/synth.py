@@ -672,6 +672,20 @@ class SynthSummary:
         return d
 
 
+def image_name(index: int, count: int) -> str:
+    """Relative path of image `index` in a set of `count` (its .pts sits beside it)."""
+    return f"images/{index:0{max(5, len(str(count - 1)))}d}.png"
+
+
+def write_face(root: Path, seed: int, index: int, count: int, image_size: int = 256) -> str:
+    """Write synthetic face `index` (PNG + .pts) under `root`; returns its relative path."""
+    name = image_name(index, count)
+    image, landmarks = synth_face(seed, index, image_size)
+    image.save(root / name, "PNG", **PNG_OPTIONS)
+    (root / name).with_suffix(".pts").write_text(format_pts(landmarks), encoding="utf-8")
+    return name
+
+
 def split_test_indices(count: int, seed: int, test_fraction: float) -> list[int]:
     """Indices of the test images: the round(count*fraction) images with the smallest
     per-image split draw (at least one image on each side)."""
@@ -718,12 +732,9 @@ def write_synthetic_faces(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / "images").mkdir()
-        width = max(5, len(str(count - 1)))
-        names = [f"images/{i:0{width}d}.png" for i in range(count)]
+        names = [image_name(i, count) for i in range(count)]
         for i in tqdm(range(count), desc="synthetic faces", unit="img", disable=not progress):
-            image, landmarks = synth_face(seed, i, image_size)
-            image.save(tmp / names[i], "PNG", **PNG_OPTIONS)
-            (tmp / names[i]).with_suffix(".pts").write_text(format_pts(landmarks), encoding="utf-8")
+            write_face(tmp, seed, i, count, image_size)
         test = set(split_test_indices(count, seed, test_fraction))
         splits = {
             "train": [names[i] for i in range(count) if i not in test],
