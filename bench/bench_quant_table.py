@@ -1,8 +1,10 @@
 """Accuracy of every quantization scheme on one model, simulated in PyTorch (fake quant).
 
-Rows: FP32; INT8 PTQ for each calibration method, scales tied across the dense
-concatenations and untied (with the requantization points each form leaves);
-INT4-weight PTQ; QAT for INT8, INT4 and binary weights (w1a8); weight bytes of each.
+Rows: FP32; INT8 PTQ for each calibration method, with Q/DQ on conv inputs only
+(the default), scales tied across the dense concatenations and untied (with the
+requantization points each form leaves), each after activation equalization (the
+default), plus conv-inputs-only without it; INT4-weight PTQ with and without it;
+QAT for INT8, INT4 and binary weights (w1a8); weight bytes of each.
 
     python bench/bench_quant_table.py --data DIR [--model CKPT] [--qat-images 800]
         [--out bench/results/quant_table.json]
@@ -23,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from cunet_optimize.build import CONCAT_QDQ, calibration_batches
+from cunet_optimize.build import CONCAT_QDQ, DEFAULT_EQUALIZE_ALPHA, calibration_batches
 from cunet_optimize.data.face300w import Face300W, FirstSamples
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
-from cunet_optimize.quant import calibrate, parse_precision, quantize_model, requantization_points
+from cunet_optimize.quant import parse_precision, post_training_quantize, requantization_points
 from cunet_optimize.quant.qat import qat_recipe, run_qat
 from cunet_optimize.train.loop import TrainRecipe
 
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--methods", default="max,percentile,entropy,mse")
     ap.add_argument("--concat-forms", default="none,tied,untied",
                     help="Q/DQ on the dense concatenations (build --concat-qdq)")
+    ap.add_argument("--equalize", type=float, default=DEFAULT_EQUALIZE_ALPHA, help="equalization alpha")
     ap.add_argument("--qat-images", type=int, default=800)
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--qat-lr", type=float, default=1e-5, help="1%% of the default model's 1e-3")
@@ -89,22 +92,27 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     evaluate("fp32", model, None)
+    calib = list(calibration_batches(train, args.calib_images))
+
+    def ptq(spec, method, alpha, **overrides):
+        scheme = parse_precision(spec, **overrides)
+        q, _, _ = post_training_quantize(model, scheme, calib, method, alpha, progress=False)
+        return q.eval(), scheme
+
     best = None
     for method in args.methods.split(","):
-        for form in args.concat_forms.split(","):
-            scheme = parse_precision("int8", **CONCAT_QDQ[form])
-            q = quantize_model(model, scheme)
-            calibrate(q, calibration_batches(train, args.calib_images), method, progress=False)
-            q.eval()
-            evaluate(f"int8 PTQ {method} concat-qdq={form}", q, scheme, method=method, concat_qdq=form,
-                     requantization_points=requantization_points(q))
-            if form == "none" and (best is None or rows[-1]["nme_percent"] < best[1]):
+        for form, alpha in [(f, args.equalize) for f in args.concat_forms.split(",")] + [("none", None)]:
+            q, scheme = ptq("int8", method, alpha, **CONCAT_QDQ[form])
+            eq = "equalized" if alpha is not None else "not equalized"
+            evaluate(f"int8 PTQ {method} concat-qdq={form} {eq}", q, scheme, method=method, concat_qdq=form,
+                     equalize_alpha=alpha, requantization_points=requantization_points(q))
+            if form == "none" and alpha is not None and (best is None or rows[-1]["nme_percent"] < best[1]):
                 best = (method, rows[-1]["nme_percent"])
     for spec in ("int4-convin", "int4-pc-convin"):
-        scheme = parse_precision(spec)
-        q = quantize_model(model, scheme)
-        calibrate(q, calibration_batches(train, args.calib_images), best[0], progress=False)
-        evaluate(f"{spec} PTQ {best[0]}", q.eval(), scheme, method=best[0])
+        for alpha in (args.equalize, None):
+            q, scheme = ptq(spec, best[0], alpha)
+            eq = "equalized" if alpha is not None else "not equalized"
+            evaluate(f"{spec} PTQ {best[0]} {eq}", q, scheme, method=best[0], equalize_alpha=alpha)
     if not args.skip_qat:
         original = TrainRecipe(epochs=10, lr=1e-3, batch_size=16, checkpoint_every=0)
         for spec in ("int8-convin", "int8", "int4-convin", "w1a8"):
@@ -113,12 +121,12 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
                 result = run_qat(model, scheme, FirstSamples(Face300W(args.data, split="train", augment=True), args.qat_images),
-                                 None, calibration_batches(train, args.calib_images), recipe, out,
-                                 calib_method=best[0], progress=False)
+                                 None, calib, recipe, out, calib_method=best[0],
+                                 equalize_alpha=args.equalize, progress=False)
                 from cunet_optimize.quant.qat import load_qat_checkpoint
 
                 q = load_qat_checkpoint(Path(out) / "last.safetensors")
-                evaluate(f"{spec} QAT", q, scheme, qat_images=args.qat_images, qat_epochs=args.qat_epochs,
+                evaluate(f"{spec} QAT", q, scheme, equalize_alpha=args.equalize, qat_images=args.qat_images, qat_epochs=args.qat_epochs,
                          qat_lr=args.qat_lr, qat_seconds=round(time.perf_counter() - start, 1))
     result = {"benchmark": "quant_table", "model": args.model or "embedded default", "data": args.data,
               "test_images": len(test), "runtime": "PyTorch fake quantization, CPU", "rows": rows,

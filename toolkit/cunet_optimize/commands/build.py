@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cunet_optimize.build import (CONCAT_QDQ, DEFAULT_MAX_NME_INCREASE, BuildOptions, command_line,
                                   default_calib_split, run_build)
-from cunet_optimize.commands.common import add_model_argument, print_json
+from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
 
 
@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default="none",
                    help="INT8 Q/DQ on the dense concatenations: none (conv inputs only; most accurate), "
                         "tied (one scale per concat: TensorRT elides it; pair with --qat), untied")
+    add_equalize_arguments(p)
     p.add_argument("--eval-data", metavar="DIR", help="evaluation set (default: the embedded synthetic test split)")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--max-nme-increase", type=float, default=DEFAULT_MAX_NME_INCREASE, metavar="POINTS",
@@ -45,7 +46,7 @@ def run(args) -> int:
         precision=args.precision, target=args.target, model=args.model, qat_checkpoint=args.qat_checkpoint,
         calib_data=args.calib_data, calib_split=default_calib_split(args.calib_data, args.calib_split),
         calib_method=args.calib_method,
-        calib_images=args.calib_images, concat_qdq=args.concat_qdq,
+        calib_images=args.calib_images, concat_qdq=args.concat_qdq, equalize_alpha=args.equalize_alpha,
         eval_data=args.eval_data, eval_split=args.eval_split, max_nme_increase=args.max_nme_increase,
         accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, workdir=args.workdir,
         force=args.force, name=args.name, command=command_line(),

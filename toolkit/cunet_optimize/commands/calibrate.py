@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cunet_optimize.build import (CONCAT_QDQ, BuildOptions, StageTimer, default_calib_split, legacy_cache_scales,
                                   quantize_and_calibrate, resolve_model)
-from cunet_optimize.commands.common import add_model_argument, print_json
+from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
 
 
@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--images", type=int, default=128, help="number of calibration images")
     p.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default="none",
                    help="Q/DQ on the dense concatenations (as in build)")
+    add_equalize_arguments(p)
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/calib/<id>/")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -31,7 +32,8 @@ def run(args) -> int:
     opts = BuildOptions(precision=args.precision, model=args.model, calib_data=args.data,
                         calib_split=default_calib_split(args.data, args.split),
                         calib_method=args.method, calib_images=args.images,
-                        concat_qdq=args.concat_qdq, workdir=args.workdir)
+                        concat_qdq=args.concat_qdq, equalize_alpha=args.equalize_alpha,
+                        workdir=args.workdir)
     model, ckpt, _, _ = resolve_model(args.model)
     timer = StageTimer(total=1, echo=(lambda *_: None) if args.json else print)
     qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json)

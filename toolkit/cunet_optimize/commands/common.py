@@ -59,3 +59,15 @@ def face_dataset(args, split: str | None, augment: bool = False, seed: int = 0):
     split = None if split in (None, "all") else split
     return Face300W(args.data, split=split, crop=args.crop, boxes=args.boxes, augment=augment,
                     seed=seed, skip_bad=args.skip_bad)
+
+
+def add_equalize_arguments(parser) -> None:
+    """--equalize ALPHA / --no-equalize: activation equalization before INT8 calibration."""
+    from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA
+
+    parser.add_argument("--equalize", type=float, default=DEFAULT_EQUALIZE_ALPHA, metavar="ALPHA",
+                        dest="equalize_alpha",
+                        help="move activation range into the weights before calibrating INT8 activations "
+                        f"(SmoothQuant alpha in [0, 1], default {DEFAULT_EQUALIZE_ALPHA})")
+    parser.add_argument("--no-equalize", action="store_const", const=None, dest="equalize_alpha",
+                        help="calibrate the weights as trained")

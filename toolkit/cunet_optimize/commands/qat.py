@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from cunet_optimize.build import calibration_batches, resolve_model
-from cunet_optimize.commands.common import add_face_data_arguments, add_model_argument, face_dataset, print_json
+from cunet_optimize.commands.common import (add_equalize_arguments, add_face_data_arguments, add_model_argument,
+                                            face_dataset, print_json)
 from cunet_optimize.data.face300w import FirstSamples
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.quant.qat import qat_recipe, run_qat
@@ -30,6 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--calib-method", choices=METHODS, default="percentile")
     p.add_argument("--calib-images", type=int, default=128)
+    add_equalize_arguments(p)
     p.add_argument("--learnable-scales", action="store_true", help="train the quantizer scales too (LSQ)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="ITERS")
@@ -53,7 +55,8 @@ def run(args) -> int:
     val_set = None if args.val_split == "none" else face_dataset(args, args.val_split)
     calib_set = face_dataset(args, args.split)
     result = run_qat(model, scheme, train_set, val_set, calibration_batches(calib_set, args.calib_images),
-                     recipe, args.out, calib_method=args.calib_method, learnable_scales=args.learnable_scales,
+                     recipe, args.out, calib_method=args.calib_method,
+                     equalize_alpha=args.equalize_alpha, learnable_scales=args.learnable_scales,
                      resume=not args.no_resume, progress=not args.json,
                      metadata={"source_model": source, "recipe": recipe.__dict__})
     summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,

@@ -26,6 +26,7 @@ from cunet_optimize.quant.calibrate import (
     load_scales,
     mse_amax,
     percentile_amax,
+    post_training_quantize,
     save_scales,
     tie_amax,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "parse_precision",
     "percentile_amax",
     "plan_concat_tying",
+    "post_training_quantize",
     "quant_state_dict",
     "QuantAdapter",
     "QuantConv2d",

@@ -48,13 +48,16 @@ from tqdm import tqdm
 
 from cunet_optimize.atomic import write_atomic
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.quant.equalize import EqualizationReport, equalize_activations
 from cunet_optimize.quant.qmodel import (
     QuantConv2d,
     activation_quantizers,
     named_quantizers,
+    quantize_model,
     refresh_dynamic_weight_scales,
     requantization_points,
 )
+from cunet_optimize.quant.scheme import INT, QuantScheme
 from cunet_optimize.quant.quantizers import BlockQuantizer, IntQuantizer
 
 log = logging.getLogger(__name__)
@@ -337,6 +340,26 @@ def calibrate(
     return amax
 
 
+def post_training_quantize(
+    model: nn.Module,
+    scheme: QuantScheme,
+    batches: Iterable,
+    method: str = "percentile",
+    equalize_alpha: float | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, torch.Tensor], EqualizationReport | None]:
+    """PTQ in one call: activation equalization (INT8 activations only; alpha None = off),
+    `quantize_model`, `calibrate`. Returns (qmodel, equalization factors, report)."""
+    batches = list(batches)  # equalization and calibration both walk them
+    factors: dict[str, torch.Tensor] = {}
+    report = None
+    if equalize_alpha is not None and scheme.activation == INT:
+        model, factors, report = equalize_activations(model, batches, equalize_alpha)
+    qmodel = quantize_model(model, scheme)
+    calibrate(qmodel, batches, method, progress=progress)
+    return qmodel, factors, report
+
+
 def _observed_amax(
     observers: Mapping[str, MaxObserver | HistogramObserver], method: str, percentile: float, progress: bool = False
 ) -> dict[str, float]:
@@ -425,6 +448,8 @@ class ScaleFile:
 
     method: str
     scales: dict[str, float]
+    # the activation equalization the scales were calibrated after (None: none)
+    equalization: dict | None = None
 
 
 def activation_scales(qmodel: nn.Module) -> dict[str, float]:
@@ -485,4 +510,4 @@ def load_scales(path: str | os.PathLike) -> ScaleFile:
         scales = {str(k): float(v) for k, v in doc["scales"].items()}
     except (TypeError, ValueError):
         raise CalibrationError(f"{path}: every scale must be a number") from None
-    return ScaleFile(method=str(doc["method"]), scales=scales)
+    return ScaleFile(method=str(doc["method"]), scales=scales, equalization=doc.get("equalization"))

@@ -19,7 +19,7 @@ from cunet_optimize.atomic import atomic_path
 from cunet_optimize.errors import CheckpointError
 from cunet_optimize.models import CUNet, CUNetConfig
 from cunet_optimize.models.checkpoint import _sniff_format
-from cunet_optimize.quant.calibrate import calibrate
+from cunet_optimize.quant.calibrate import post_training_quantize
 from cunet_optimize.quant.qmodel import (
     QuantCUNet,
     freeze_bn,
@@ -94,20 +94,22 @@ def run_qat(
     out_dir: str | os.PathLike,
     *,
     calib_method: str = "percentile",
+    equalize_alpha: float | None = None,
     learnable_scales: bool = False,
     resume: bool = True,
     progress: bool = True,
     metadata: dict | None = None,
 ) -> TrainResult:
     torch.manual_seed(recipe.seed)
-    qmodel = quantize_model(model, scheme)
-    calibrate(qmodel, calibration_batches, calib_method, progress=progress)
+    qmodel, _, equalization = post_training_quantize(model, scheme, calibration_batches, calib_method,
+                                                     equalize_alpha, progress=progress)
     if learnable_scales:
         set_learnable_scales(qmodel, True)
 
     def on_epoch_start(epoch: int) -> None:
         freeze_bn(qmodel, recipe.freeze_bn_after is not None and epoch >= recipe.freeze_bn_after)
 
-    meta = {**(metadata or {}), "calibration": calib_method, "learnable_scales": learnable_scales}
+    meta = {**(metadata or {}), "calibration": calib_method, "learnable_scales": learnable_scales,
+            "equalization": equalization.to_dict() if equalization else None}
     return train(qmodel, train_set, val_set, recipe, out_dir, resume=resume, progress=progress,
                  metadata=meta, save_fn=save_qat_checkpoint, on_epoch_start=on_epoch_start)
