@@ -1,16 +1,27 @@
-"""Dense concatenations kept vs folded: graph size, memory and ONNX Runtime CPU latency.
+"""Graph surgery before and after, FP32 and INT8: size, memory and ONNX Runtime CPU latency.
 
-For each model (random init, eval mode): export FP32 with the TorchScript exporter
-(timed), then two surgery pipelines: "concat" (cleanup, flatten_nested_concats,
-fold_batchnorm: form 1/2 of docs/QUANT_RULES.md, the Concats stay) and "folded" (the
-same plus fold_dense_concats: form 3). For each form: node and Concat counts, bytes
-of Concat outputs and estimated peak activation memory at batch 1 (surgery.memory),
-and ONNX Runtime CPU latency (ORT_ENABLE_ALL, intra_op_num_threads=2, batch 1,
-warm-up, then the two forms alternate run by run so machine load hits both alike;
-median and p90 of --runs runs). Both forms are checked against the exported graph
-in ONNX Runtime (ORT_DISABLE_ALL) before timing.
+For each model: the embedded default ("embedded", trained) or a registered
+configuration with random weights whose BatchNorm statistics are re-estimated on
+synthetic faces (random init without that leaves activations so small that FP32
+runs into denormal numbers and times 5-7x slower than a trained network: such timings
+say nothing). Then:
 
-    python bench/bench_surgery.py [--models cunet-face-small cunet-face-n8k1] [--runs 25]
+- FP32, exported with the TorchScript exporter (timed), in three forms: "export" (as
+  exported), "concat" (cleanup, flatten_nested_concats, fold_batchnorm: the Concats
+  stay) and "folded" (plus fold_dense_concats: never materialised).
+- INT8 as `build --precision int8 --target cpu` makes it (percentile PTQ after
+  activation equalization on synthetic faces, Q/DQ on conv inputs), in two forms:
+  "qdq" (the exported Q/DQ graph after the clean-up passes: TensorRT's form) and
+  "integer" (plus integer_dataflow: the CPU engine's form).
+
+For each form: node and Concat counts, bytes of Concat outputs and estimated peak
+activation memory at batch 1 (surgery.memory), and ONNX Runtime CPU latency
+(ORT_ENABLE_ALL, --threads intra-op threads, batch 1, one synthetic face, warm-up,
+then all forms alternate run by run so machine load hits them alike; median and p90
+of --runs runs). Every FP32 form is checked against the export in ONNX Runtime
+(ORT_DISABLE_ALL) before timing; INT8 forms report their mean error against it.
+
+    python bench/bench_surgery.py [--models embedded cunet-face-n8k1] [--runs 25]
                                   [--out bench/results/surgery.json]
 """
 
@@ -26,10 +37,37 @@ from pathlib import Path
 
 import numpy as np
 
+CLEANUP = ["cleanup", "flatten_nested_concats", "fold_batchnorm"]
 FORMS = {
-    "concat": ["cleanup", "flatten_nested_concats", "fold_batchnorm"],
-    "folded": ["cleanup", "flatten_nested_concats", "fold_batchnorm", "fold_dense_concats", "fold_batchnorm"],
+    ("fp32", "export"): [],
+    ("fp32", "concat"): CLEANUP,
+    ("fp32", "folded"): CLEANUP + ["fold_dense_concats", "fold_batchnorm"],
+    ("int8", "qdq"): CLEANUP + ["remove_redundant_qdq"],
+    ("int8", "integer"): CLEANUP + ["remove_redundant_qdq", "integer_dataflow"],
 }
+CALIBRATION_IMAGES = 32
+
+
+def prepare_model(name: str):
+    """The network to time: trained weights, or random ones with re-estimated BN statistics."""
+    import torch
+
+    from cunet_optimize import load_model
+    from cunet_optimize.export.onnx_export import verification_batch
+
+    if name == "embedded":
+        return load_model().eval()
+    torch.manual_seed(0)
+    model = load_model(name)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for start in range(0, 16, 4):
+            model(torch.from_numpy(verification_batch(start + 4)[start:]))
+    return model.eval()
 
 
 def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
@@ -37,38 +75,47 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
     import onnxruntime as ort
     import torch
 
-    from cunet_optimize import load_model
+    from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA
     from cunet_optimize.export import compare_outputs, export_onnx, make_session
-    from cunet_optimize.export.verify import random_feeds, run_onnxruntime
+    from cunet_optimize.export.onnx_export import verification_batch
+    from cunet_optimize.export.verify import run_onnxruntime
+    from cunet_optimize.quant import parse_precision, post_training_quantize
     from cunet_optimize.surgery import activation_memory, run_surgery
 
-    torch.manual_seed(0)
-    model = load_model(name).eval()
+    model = prepare_model(name)
     out: dict = {"model": name, "config": model.config.to_dict()}
+    calib = torch.from_numpy(verification_batch(CALIBRATION_IMAGES + 1)[1:])
+    qmodel, _, _ = post_training_quantize(model, parse_precision("int8-convin"), calib.split(8), "percentile",
+                                          DEFAULT_EQUALIZE_ALPHA, progress=False)
+    exported = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.onnx"
-        summary = export_onnx(model, path)
-        out["export"] = {
-            "exporter": "torch.onnx.export(dynamo=False) + onnx-graphsurgeon clean-up",
-            "torch_export_seconds": summary.torch_export_seconds,
-            "total_seconds_with_verification": summary.total_seconds,
-            "nodes": summary.num_nodes,
-            "op_counts": summary.op_counts,
-            "size_mb": round(summary.size_bytes / 1e6, 2),
-        }
-        exported = onnx.load(str(path))
-    feeds = random_feeds(exported, batch=1)
-    reference = run_onnxruntime(exported, feeds, "disable_all")
+        for precision, network in (("fp32", model), ("int8", qmodel.eval())):
+            path = Path(tmp) / f"{name}-{precision}.onnx"
+            summary = export_onnx(network, path)
+            out[f"export_{precision}"] = {
+                "exporter": "torch.onnx.export(dynamo=False) + onnx-graphsurgeon clean-up",
+                "torch_export_seconds": summary.torch_export_seconds,
+                "total_seconds_with_verification": summary.total_seconds,
+                "nodes": summary.num_nodes,
+                "op_counts": summary.op_counts,
+                "size_mb": round(summary.size_bytes / 1e6, 2),
+            }
+            exported[precision] = onnx.load(str(path))
+    feeds = {"image": verification_batch(1)}  # a synthetic face, not calibrated on
+    reference = run_onnxruntime(exported["fp32"], feeds, "disable_all")
     forms, sessions = {}, {}
-    for form, passes in FORMS.items():
+    for (precision, form), passes in FORMS.items():
         start = time.perf_counter()
-        result = run_surgery(exported, passes, verify=False)
+        result = run_surgery(exported[precision], passes, verify=False,
+                             pass_options={"integer_dataflow": {"calibration": calib.numpy()}})
         seconds = time.perf_counter() - start
-        check = compare_outputs(run_onnxruntime(result.model, feeds, "disable_all"), reference, "fp32",
-                                runtime="onnxruntime CPU ORT_DISABLE_ALL", reference_name="the exported graph")
-        check.raise_on_failure(f"bench {name} {form}")
+        check = compare_outputs(run_onnxruntime(result.model, feeds, "disable_all"), reference,
+                                "fp32" if precision == "fp32" else "fake_quant",
+                                runtime="onnxruntime CPU ORT_DISABLE_ALL", reference_name="the FP32 export")
+        if precision == "fp32":
+            check.raise_on_failure(f"bench {name} {form}")
         mem = activation_memory(result.model, batch=1)
-        forms[form] = {
+        forms[f"{precision} {form}"] = {
             "passes": passes,
             "surgery_seconds": round(seconds, 2),
             "nodes": len(result.model.graph.node),
@@ -77,10 +124,12 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
             "total_node_output_mb": round(mem["total_node_output_bytes"] / 1e6, 2),
             "peak_activation_mb": round(mem["peak_bytes"] / 1e6, 2),
             "peak_nodes": mem["peak_nodes"][:3],
-            "max_abs_error_vs_export": max(o.max_abs_error for o in check.outputs),
+            "max_abs_error_vs_fp32_export": max(o.max_abs_error for o in check.outputs),
+            "mean_abs_error_vs_fp32_export_per_std": round(max(o.mean_abs_error / o.reference_std
+                                                                 for o in check.outputs), 4),
         }
-        sessions[form] = make_session(result.model, "all", intra_op_num_threads=threads)
-    times = {form: [] for form in FORMS}
+        sessions[f"{precision} {form}"] = make_session(result.model, "all", intra_op_num_threads=threads)
+    times = {form: [] for form in sessions}
     for session in sessions.values():
         for _ in range(warmup):
             session.run(None, feeds)
@@ -89,27 +138,30 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
             start = time.perf_counter()
             session.run(None, feeds)
             times[form].append(time.perf_counter() - start)
-    for form in FORMS:
+    for form in sessions:
         t = np.array(times[form]) * 1e3
         forms[form]["ort_cpu_latency_ms"] = {"median": round(float(np.median(t)), 2), "p90": round(float(np.percentile(t, 90)), 2),
                                              "runs": runs}
     out["forms"] = forms
-    faster = min(FORMS, key=lambda f: forms[f]["ort_cpu_latency_ms"]["median"])
-    out["ort_cpu_faster_form"] = faster
+    median = {form: forms[form]["ort_cpu_latency_ms"]["median"] for form in forms}
+    fp32 = min(median["fp32 concat"], median["fp32 folded"])
+    out["ort_cpu_faster_fp32_form"] = "folded" if median["fp32 folded"] < median["fp32 concat"] else "concat"
+    out["int8_latency_vs_best_fp32"] = {form: round(median[form] / fp32, 3) for form in ("int8 qdq", "int8 integer")}
     out["onnxruntime"] = ort.__version__
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["cunet-face-small", "cunet-face-n8k1"])
+    ap.add_argument("--models", nargs="+", default=["embedded", "cunet-face-n8k1"],
+                    help="'embedded' (the trained default model) or registered configuration names")
     ap.add_argument("--runs", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/surgery.json")
     args = ap.parse_args()
     results = {
-        "benchmark": "surgery: dense concatenations kept vs folded",
+        "benchmark": "surgery: FP32 and INT8 graphs before and after, ONNX Runtime CPU",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count()},
         "settings": {"batch": 1, "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": args.threads,
                      "warmup": args.warmup, "runs": args.runs},

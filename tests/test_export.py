@@ -179,6 +179,21 @@ def test_fake_quant_export(tmp_path):
             assert p.scale.size == 1
 
 
+def test_fake_quant_wiring_error_fails_verification(tmp_path):
+    """The fake-quant tolerance absorbs rounding flips, not a wrong graph: a DequantizeLinear
+    whose scale disagrees with its QuantizeLinear (activations 1.5x too large) is caught."""
+    torch.manual_seed(0)
+    model = FakeQuantNet()
+    summary = export_onnx(model, tmp_path / "fq.onnx")
+    proto = onnx.load(str(tmp_path / "fq.onnx"))
+    graph = gs.import_onnx(proto)
+    dq = next(n for n in graph.nodes if n.op == "DequantizeLinear" and n.o().op == "Conv"
+              and n.o().outputs[0] in graph.outputs and n.o().inputs[0] is n.outputs[0])  # the head's input
+    dq.inputs[1] = gs.Constant("wrong_scale", np.asarray(qdq_params(dq).scale * 1.5, dtype=np.float32))
+    with pytest.raises(CUNetError, match="differs from PyTorch"):
+        verify_against_torch(gs.export_onnx(graph), model, summary.output_names, batch=2)
+
+
 def test_bad_arguments(exported, tmp_path):
     model, _, _ = exported
     with pytest.raises(CUNetError, match="heads"):

@@ -147,6 +147,13 @@ def calibration_batches(dataset, images: int, batch_size: int = 16):
         yield torch.stack([torch.as_tensor(it["image"]) for it in items])
 
 
+def calibration_images(opts: "BuildOptions", count: int = 16) -> np.ndarray:
+    """The first `count` calibration images as one float32 array (for graph passes that
+    calibrate new quantization points, e.g. surgery's integer_dataflow)."""
+    dataset, _ = _eval_dataset(opts.calib_data, opts.calib_split)
+    return np.concatenate([b.numpy() for b in calibration_batches(dataset, min(count, opts.calib_images))])
+
+
 def calibration_id(model_sha: str, data_root: Path, split: str | None, method: str, spec: str,
                    images: int, equalize_alpha: float | None = None) -> str:
     """Same model, data, method, scheme and equalization -> same id -> the cached scales are reused."""
@@ -255,6 +262,8 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
             options = {}
             if quantized and opset >= 21:
                 options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
+            if quantized:
+                options["integer_dataflow"] = {"calibration": calibration_images(opts)}
             result = run_surgery(before, target=target.name, pass_options=options)
             onnx_path = staging / "model.onnx"
             onnx.save(result.model, onnx_path)
@@ -282,8 +291,12 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                     write_legacy_cache(staging / "calibration.cache", scales)
 
         with timer.stage("engine", f"{target.backend} for {target.name}"):
+            engine_options = {"trt_major": opts.trt_major} if opts.trt_major else {}
+            if target.backend == "onnxruntime" and opts.precision == "int8":
+                engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
+                                                 else "int8-symmetric")
             build = get_builder(target.name).build(onnx_path, target.name, opts.precision, staging,
-                                                    {"trt_major": opts.trt_major} if opts.trt_major else None)
+                                                    engine_options or None)
             manifest.update(backend=build.backend, backend_version=build.backend_version,
                             engine_built=build.engine_built, engine_settings=build.settings)
             # relative to the build folder, which is renamed into place at the end

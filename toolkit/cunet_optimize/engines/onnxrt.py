@@ -5,13 +5,14 @@ and writes the result next to session.json, the settings that produced it; the r
 reloads both. The reference runner runs an ONNX file at ORT_DISABLE_ALL, which keeps
 the Q/DQ semantics bit-faithful: the accuracy reference for quantized graphs.
 
-INT8 on the CPU comes in export *flavours* (made by the quantization/export stage):
-"uint8-asymmetric" (the CPU form) and "int8-symmetric" (TensorRT's form). The builder
-records the flavour it is given and applies its session entries, nothing more; for
-int8-symmetric that is session.qdqisint8allowed=1, which docs/QUANT_RULES.md says x86
-needs for QLinearConv. Observed on ONNX Runtime 1.32, x86-64 AVX2: DQ->Conv->Q fuses
-into QLinearConv at ORT_ENABLE_EXTENDED and above for int8 and uint8 activations alike,
-with or without that entry (tests/test_onnxrt_backend.py keeps an eye on it).
+INT8 on the CPU comes in Q/DQ *flavours*: "uint8-integer-dataflow" (the CPU form that
+`build` makes with surgery's integer_dataflow pass: uint8 tensors between the convs)
+and "int8-symmetric" (TensorRT's form). The builder records the flavour it is given
+and applies its session entries, nothing more; for int8-symmetric that is
+session.qdqisint8allowed=1, which docs/QUANT_RULES.md says x86 needs for QLinearConv.
+Observed on ONNX Runtime 1.32, x86-64 AVX2: DQ->Conv->Q fuses into QLinearConv at
+ORT_ENABLE_EXTENDED and above for int8 and uint8 activations alike, with or without
+that entry (tests/test_onnxrt_backend.py keeps an eye on it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ EXECUTION_MODES = ("sequential", "parallel")
 # Session config entries per Q/DQ export flavour (see the module docstring).
 QDQ_FLAVOURS: dict[str, dict[str, str]] = {
     "int8-symmetric": {"session.qdqisint8allowed": "1"},
-    "uint8-asymmetric": {},
+    "uint8-integer-dataflow": {},
 }
 # INT4 weights: keep DequantizeLinear exact (a MatMul would otherwise become MatMulNBits,
 # which quantizes activations; CU-Net has no MatMul, so this is a guard, not a speed knob).

@@ -12,13 +12,15 @@ Tolerances, stated once here (per output; "range" = max - min of the reference):
   usual 1e-4 absolute; scaling by the range keeps it meaningful for untrained models,
   whose heatmaps can be 1e-3 small.
 - fp16: max |a - ref| <= 1e-2 * range (float16 has ~3 decimal digits).
-- fake_quant: mean |a - ref| <= 5e-2 * std(ref). PyTorch's fake-quant and ONNX
+- fake_quant: mean |a - ref| <= 0.2 * std(ref). PyTorch's fake-quant and ONNX
   Runtime's QuantizeLinear can round a value that sits on a rounding boundary to
   neighbouring integers (float arithmetic order differs); the flip propagates, so the
   maximum is not a fair test, the mean is. The export verifies on synthetic faces
-  (onnx_export.verification_batch), not noise, for the same reason. Measured: 0.2% of
-  the std for a QAT model; 3% for the default model calibrated on only 4 images
-  (saturation flips); a wiring error is of the order of the std itself.
+  (onnx_export.verification_batch), not noise, for the same reason. Measured on the
+  default model (percentile PTQ, 128 images): ONNX Runtime vs PyTorch 3% of the std,
+  5.4% after activation equalization, and PyTorch against itself with input noise of
+  1e-5 (far below one 8-bit image level) 12% and 5%: the flips are the network's own
+  sensitivity, not an export error. A wiring error is of the order of the std itself.
 A failure raises CUNetError: a graph that computes something else is never written
 silently.
 """
@@ -54,7 +56,7 @@ class Tolerance:
 TOLERANCES = {
     "fp32": Tolerance("fp32", "max_abs_error", "range", 1e-4),
     "fp16": Tolerance("fp16", "max_abs_error", "range", 1e-2),
-    "fake_quant": Tolerance("fake_quant", "mean_abs_error", "std", 5e-2),
+    "fake_quant": Tolerance("fake_quant", "mean_abs_error", "std", 0.2),
 }
 
 

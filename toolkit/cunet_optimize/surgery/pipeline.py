@@ -28,6 +28,7 @@ from cunet_optimize.surgery.batchnorm import cleanup, fold_batchnorm
 from cunet_optimize.surgery.dense_concat import flatten_nested_concats, fold_dense_concats
 from cunet_optimize.surgery.graph import ModelLike, as_model, opset_of, to_model
 from cunet_optimize.surgery.int4 import pack_int4_weights
+from cunet_optimize.surgery.integer_dataflow import integer_dataflow
 from cunet_optimize.surgery.lint import lint_target
 from cunet_optimize.surgery.qdq import check_weight_axes, check_zero_points, remove_redundant_qdq, tie_concat_qdq_scales
 from cunet_optimize.surgery.report import PassReport
@@ -44,9 +45,10 @@ PASSES: dict[str, Callable[[gs.Graph], PassReport]] = {
     "check_zero_points": check_zero_points,
     "check_weight_axes": check_weight_axes,
     "pack_int4_weights": pack_int4_weights,
+    "integer_dataflow": integer_dataflow,
 }
 # Passes whose outputs may differ from their inputs by design.
-CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales"})
+CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales", "integer_dataflow"})
 
 # Whether the default pipeline folds the dense concatenations of a float graph, per backend.
 # onnxruntime: yes. bench/bench_surgery.py (ORT 1.32 CPU, ORT_ENABLE_ALL, 2 threads, batch 1,
@@ -60,6 +62,9 @@ CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales"})
 #   measurement says otherwise.
 # Quantized graphs are never folded by default: the Q/DQ-per-branch form is unmeasured.
 FOLD_DENSE_CONCATS = {"onnxruntime": True, "tensorrt": False}
+# INT8 graphs for ONNX Runtime are rewritten into uint8 integer dataflow (integer_dataflow.py):
+# TensorRT's placement runs there as float convs between Q/DQ, slower than FP32.
+INTEGER_DATAFLOW = {"onnxruntime": True, "tensorrt": False}
 
 
 def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int = 17) -> list[str]:
@@ -78,6 +83,8 @@ def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int =
             passes.append("tie_concat_qdq_scales")
         if spec.backend == "tensorrt":
             passes += ["check_zero_points", "check_weight_axes"]
+        if INTEGER_DATAFLOW[spec.backend] and opset < 21:  # INT4 weights stay a storage format
+            passes.append("integer_dataflow")
     return passes
 
 

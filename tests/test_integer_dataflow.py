@@ -1,0 +1,114 @@
+"""surgery.integer_dataflow: the uint8 CPU form of an INT8 CU-Net, on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+
+from conftest import tiny_config
+from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder
+from cunet_optimize.export import export_onnx, run_onnxruntime
+from cunet_optimize.export.onnx_export import verification_batch
+from cunet_optimize.models import CUNet
+from cunet_optimize.quant import calibrate, parse_precision, quantize_model
+from cunet_optimize.surgery import run_surgery
+from cunet_optimize.surgery.graph import to_model
+from cunet_optimize.surgery.integer_dataflow import _fold_bn_into_quantized_convs, integer_dataflow
+from cunet_optimize.surgery.patterns import qdq_params
+
+IMAGES = verification_batch(6)
+
+
+def tiny_int8_onnx(tmp_path, negative_gamma=False):
+    """(Q/DQ ONNX path, float model) of a tiny CU-Net, calibrated on synthetic faces."""
+    torch.manual_seed(0)
+    model = CUNet(tiny_config()).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.3, 0.3)
+                if negative_gamma:  # every other channel: ReLU(BN) falls as its input rises
+                    m.weight[::2] *= -1
+    q = quantize_model(model, parse_precision("int8-convin"))
+    calibrate(q, [torch.from_numpy(IMAGES)], "max", progress=False)
+    path = tmp_path / "int8.onnx"
+    export_onnx(q.eval(), path)
+    return path, model
+
+
+def error_vs_float(onnx_model, model):
+    with torch.no_grad():
+        ref = model(torch.from_numpy(IMAGES))[-1].numpy()
+    out = run_onnxruntime(onnx_model, {"image": IMAGES})
+    return float(np.abs(next(iter(out.values())) - ref).mean() / ref.std())
+
+
+@pytest.mark.parametrize("negative_gamma", [False, True])
+def test_every_conv_runs_integer_and_accuracy_holds(tmp_path, negative_gamma):
+    path, model = tiny_int8_onnx(tmp_path, negative_gamma)
+    before = onnx.load(str(path))
+    result = run_surgery(before, target="cpu")
+    assert "integer_dataflow" in result.passes
+    graph = gs.import_onnx(result.model)
+    ops = [n.op for n in graph.nodes]
+    assert "BatchNormalization" not in ops
+    for relu in [n for n in graph.nodes if n.op == "Relu"]:  # ReLU right after a conv, then uint8: fused
+        assert relu.inputs[0].inputs[0].op == "Conv"
+        assert [r.op for r in relu.outputs[0].outputs] == ["QuantizeLinear"] and relu.o().outputs[0].dtype == np.uint8
+    for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        dq = conv.inputs[0].inputs[0]
+        assert dq.op == "DequantizeLinear" and qdq_params(dq).zero_point_type == onnx.TensorProto.UINT8, conv.name
+    for concat in [n for n in graph.nodes if n.op == "Concat"]:
+        assert concat.outputs[0].dtype == np.uint8  # the dense links move bytes, not floats
+
+    # ONNX Runtime fuses every conv but the float-output head into QLinearConv
+    onnx.save(result.model, tmp_path / "rewritten.onnx")
+    build = OnnxRuntimeBuilder().build(tmp_path / "rewritten.onnx", "cpu", "int8", tmp_path / "engine")
+    optimized = [n.op_type for n in onnx.load(build.artifacts["model"]).graph.node]
+    assert optimized.count("QLinearConv") == ops.count("Conv") - 1 and optimized.count("Conv") <= 1
+    assert "BatchNormalization" not in optimized
+
+    # the integer form is about as close to the float model as TensorRT's Q/DQ form is
+    reference_error = error_vs_float(before, model)
+    assert error_vs_float(result.model, model) <= 1.5 * reference_error
+
+
+def test_batchnorm_folding_into_quantized_convs_is_exact(tmp_path):
+    path, _ = tiny_int8_onnx(tmp_path, negative_gamma=True)
+    proto = onnx.load(str(path))
+    graph = gs.import_onnx(proto)
+    assert _fold_bn_into_quantized_convs(graph) > 0
+    before = next(iter(run_onnxruntime(proto, {"image": IMAGES}).values()))
+    after = next(iter(run_onnxruntime(to_model(graph), {"image": IMAGES}).values()))
+    # exact in real arithmetic; float rounding may flip a value at the next quantizer, rarely
+    assert np.abs(after - before).mean() < 0.01 * before.std()
+
+
+def test_a_component_that_does_not_match_stays_float(tmp_path):
+    path, _ = tiny_int8_onnx(tmp_path)
+    graph = gs.import_onnx(onnx.load(str(path)))
+    # one adapter conv with float weights: its output cannot become a uint8 source
+    conv = next(n for n in graph.nodes if n.op == "Conv" and "adapters_ahead.0/adapter_conv" in n.name)
+    dq = conv.inputs[1].inputs[0]
+    scale, w = qdq_params(dq).scale, dq.inputs[0].inputs[0].inputs[0].values
+    conv.inputs[1] = gs.Constant("float_weight", (np.rint(w / scale.reshape(-1, 1, 1, 1)) * scale.reshape(-1, 1, 1, 1)).astype(np.float32))
+    graph.cleanup()
+    report = integer_dataflow(graph, IMAGES)
+    assert any(n.startswith("left in float") and "not a quantized conv" in n for n in report.notes)
+    assert report.rewrites > 0  # the other components were still converted
+    assert any(n.op == "BatchNormalization" for n in graph.nodes)
+    out = run_onnxruntime(to_model(graph), {"image": IMAGES})
+    assert np.isfinite(next(iter(out.values()))).all()
+
+
+def test_float_graph_is_left_alone(tmp_path):
+    torch.manual_seed(0)
+    export_onnx(CUNet(tiny_config()).eval(), tmp_path / "fp32.onnx")
+    graph = gs.import_onnx(onnx.load(str(tmp_path / "fp32.onnx")))
+    report = integer_dataflow(graph, IMAGES)
+    assert report.rewrites == 0 and report.nodes_after == report.nodes_before

@@ -1,0 +1,392 @@
+"""The CPU form of an INT8 CU-Net: uint8 tensors between the convolutions, for ONNX Runtime.
+
+TensorRT's placement (Q/DQ on conv inputs, BN -> ReLU and the dense concatenations in
+float) runs on ONNX Runtime's CPU as float convolutions between Q/DQ nodes: ONNX
+Runtime makes a QLinearConv only of DequantizeLinear -> Conv -> QuantizeLinear, and in
+CU-Net a conv's output goes to Concats and to the BatchNorms of its consumers, never
+straight into a QuantizeLinear. `integer_dataflow` rewrites the Q/DQ graph so that
+almost every conv reads and writes uint8:
+
+1. Conv -> BN with nothing else reading the conv (the stem, conv1 of every dense
+   layer): BN folded into the quantized conv exactly, through the per-channel weight
+   scale (|a|), the sign of the integers and the bias.
+2. Every *source* (a conv output, or its ReLU, that flows into Concat / MaxPool /
+   nearest Resize and ends at BatchNorms) gets a QuantizeLinear: its weight scales and
+   bias are rescaled per output channel so that channel c spans [0, 1] over the
+   calibration images (exact: the weights are per channel), then uint8 with scale
+   1/255. Each channel has its own range in effect: per-channel asymmetric
+   activations, which ONNX Runtime's per-tensor QLinearConv output cannot express
+   directly. ReLU sources keep their zero (the range is scaled, not shifted).
+3. Concat, MaxPool and nearest Resize then move uint8 data (they commute with the
+   per-channel increasing affine maps of step 2).
+4. Every *sink* BN -> ReLU -> Q -> DQ -> Conv becomes DQ(1/255) -> depthwise 1x1
+   Conv -> Q -> DQ -> Conv: on x = m + R*u (u = q/255) the BN is a*R*u + (a*m + t)
+   per channel, a depthwise conv whose one weight per channel is exact in int8
+   (+-127, scale |a*R|/127) and whose intercept is an int32 bias; its output
+   quantizer, now uint8 with zero point 0, saturates below zero, which is the ReLU.
+   ONNX Runtime runs it as a depthwise QLinearConv (uint8 in and out), as it runs
+   FP32 BN -> ReLU as a depthwise NCHWc conv. A negative BN scale is a weight of -127.
+5. Every other INT8 Q/DQ pair on a ReLU output (and on the image input when the
+   calibration images are >= 0) becomes uint8 with zero point 0 and half the scale:
+   the same range, one more bit, and ONNX Runtime's u8 x s8 kernels on x86.
+
+It changes the outputs by design (new quantization points in step 2, the BN output
+rounded to the conv's input grid before the ReLU in step 4); `build` checks the
+result with its accuracy gate. A component whose pattern does not match (a source
+that is not a per-channel quantized conv, a sink that is not BN -> ReLU -> Q -> DQ ->
+Conv, any other reader) is left as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from cunet_optimize.surgery.batchnorm import _bn_affine
+from cunet_optimize.surgery.graph import finish, is_graph_output, only_consumer, producer, to_model
+from cunet_optimize.surgery.patterns import conv_weight, is_per_tensor, qdq_params, quantize
+from cunet_optimize.surgery.report import PassRecorder, PassReport
+
+PASS_THROUGH = ("Concat", "MaxPool", "Resize")
+CALIBRATION_IMAGES = 16  # synthetic faces when the caller gives no calibration images
+LEVELS = 255.0
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _integer_weight(conv: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] | None:
+    """(integer weights, per-output-channel scales) of a symmetric per-channel quantized conv."""
+    cw = conv_weight(conv, graph)
+    if cw is None or cw.kind == "float":
+        return None
+    p = cw.params
+    if p.scale is None or p.scale.ndim != 1 or p.axis != 0 or p.block_size:
+        return None
+    if p.zero_point is not None and np.any(p.zero_point):
+        return None
+    ints = quantize(cw.stored.values, qdq_params(cw.q)) if cw.kind == "qdq" else np.asarray(cw.stored.values)
+    if ints.shape[0] != p.scale.size or ints.min() < -127 or ints.max() > 127:
+        return None  # -128 has no negation: a sign flip would overflow
+    return ints.astype(np.int64), p.scale.astype(np.float64)
+
+
+def _conv_bias(conv: gs.Node, channels: int) -> np.ndarray:
+    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
+        return np.asarray(conv.inputs[2].values, dtype=np.float64)
+    return np.zeros(channels)
+
+
+def _set_integer_weight(graph: gs.Graph, conv: gs.Node, ints: np.ndarray, scales: np.ndarray,
+                        bias: np.ndarray, step: str) -> None:
+    """Weights as an int8 initializer -> DequantizeLinear (axis 0), and a float bias;
+    `step` names the new tensors (a conv may be rewritten twice: BN folded, then rescaled)."""
+    base = f"{conv.name or conv.outputs[0].name}/{step}"
+    weight = gs.Variable(f"{base}/W_dequantized", dtype=np.float32, shape=list(ints.shape))
+    graph.nodes.append(gs.Node(
+        "DequantizeLinear", f"{base}/W_DequantizeLinear", attrs={"axis": 0},
+        inputs=[gs.Constant(f"{base}/W_int8", ints.astype(np.int8)),
+                gs.Constant(f"{base}/W_scale", scales.astype(np.float32)),
+                gs.Constant(f"{base}/W_zero_point", np.zeros(len(scales), np.int8))],
+        outputs=[weight]))
+    conv.inputs = [conv.inputs[0], weight, gs.Constant(f"{base}/B", bias.astype(np.float32))]
+
+
+# ----------------------------------------------------------------------------- Q/DQ
+
+
+def _to_uint8(q: gs.Node, dqs: list[gs.Node]) -> None:
+    """Per-tensor int8 Q/DQ with zero point 0 -> uint8, zero point 0, half the scale."""
+    scale = float(qdq_params(q).scale.reshape(())) / 2.0
+    base = q.name or q.outputs[0].name
+    s = gs.Constant(f"{base}/scale_uint8", np.asarray(scale, np.float32))
+    z = gs.Constant(f"{base}/zero_point_uint8", np.asarray(0, np.uint8))
+    for node in [q, *dqs]:
+        node.inputs = [node.inputs[0], s, z]
+    q.outputs[0].dtype = np.uint8
+
+
+def _relu_qdq(q: gs.Node) -> list[gs.Node] | None:
+    """The DQ readers of a per-tensor, zero-point-0 int8 Q (all of its readers), else None."""
+    p = qdq_params(q)
+    if not is_per_tensor(p) or p.zero_point_type != onnx.TensorProto.INT8 or np.any(p.zero_point):
+        return None
+    readers = list(q.outputs[0].outputs)
+    same = all(r.op == "DequantizeLinear" and np.array_equal(qdq_params(r).scale, p.scale)
+               and qdq_params(r).zero_point_type == onnx.TensorProto.INT8 and not np.any(qdq_params(r).zero_point)
+               for r in readers)
+    return readers if readers and same else None
+
+
+def _affine_as_depthwise_conv(graph: gs.Graph, sink: "Sink", slope: np.ndarray, intercept: np.ndarray) -> None:
+    """Replace sink BN -> ReLU by DQ(1/255) -> depthwise 1x1 Conv(slope, intercept) feeding the sink's Q.
+    Each channel's single weight is exact in int8: +-127 with scale |slope|/127."""
+    base = sink.bn.name or sink.bn.outputs[0].name
+    channels = len(slope)
+    unit = gs.Variable(f"{base}/unit", dtype=np.float32)
+    graph.nodes.append(gs.Node(
+        "DequantizeLinear", f"{base}/DequantizeLinear",
+        inputs=[sink.bn.inputs[0], gs.Constant(f"{base}/unit_scale", np.asarray(1.0 / LEVELS, np.float32)),
+                gs.Constant(f"{base}/unit_zero_point", np.asarray(0, np.uint8))],
+        outputs=[unit]))
+    ints = np.sign(slope).reshape(channels, 1, 1, 1) * 127
+    scales = np.where(slope != 0, np.abs(slope) / 127.0, 1.0)
+    normalised = gs.Variable(f"{base}/normalised", dtype=np.float32)
+    conv = gs.Node("Conv", f"{base}/depthwise", attrs={"group": channels, "kernel_shape": [1, 1]},
+                   inputs=[unit], outputs=[normalised])
+    graph.nodes.append(conv)
+    _set_integer_weight(graph, conv, ints, scales, intercept, "affine")
+    sink.q.inputs[0] = normalised
+    sink.bn.inputs.clear()
+    sink.relu.outputs.clear()
+
+
+# ----------------------------------------------------------------------------- components
+
+
+@dataclass
+class Sink:
+    bn: gs.Node
+    relu: gs.Node
+    q: gs.Node
+    dq: gs.Node
+    conv: gs.Node
+
+
+@dataclass
+class Component:
+    """Tensors linked by Concat / MaxPool / Resize, from their sources to their sink BNs."""
+
+    sources: list[gs.Tensor] = field(default_factory=list)
+    tensors: dict[str, gs.Tensor] = field(default_factory=dict)
+    nodes: dict[str, gs.Node] = field(default_factory=dict)
+    sinks: list[Sink] = field(default_factory=list)
+    reason: str | None = None  # why it cannot be converted
+
+
+def _source_conv(tensor: gs.Tensor, graph: gs.Graph) -> tuple[gs.Node, bool] | None:
+    """(conv, through_relu) if `tensor` is a per-channel quantized conv's output or its ReLU."""
+    node = producer(tensor)
+    relu = node is not None and node.op == "Relu"
+    if relu:
+        if only_consumer(node.inputs[0], graph) is not node:
+            return None
+        node = producer(node.inputs[0])
+    if node is None or node.op != "Conv" or _integer_weight(node, graph) is None:
+        return None
+    return node, relu
+
+
+def _sink(bn: gs.Node, graph: gs.Graph) -> Sink | None:
+    relu = only_consumer(bn.outputs[0], graph)
+    q = only_consumer(relu.outputs[0], graph) if relu is not None and relu.op == "Relu" else None
+    if q is None or q.op != "QuantizeLinear" or _bn_affine(bn) is None:
+        return None
+    dqs = _relu_qdq(q)
+    if dqs is None or len(dqs) != 1:
+        return None
+    conv = only_consumer(dqs[0].outputs[0], graph)
+    if conv is None or conv.op != "Conv" or conv.inputs[0] is not dqs[0].outputs[0]:
+        return None
+    return Sink(bn, relu, q, dqs[0], conv)
+
+
+def _pass_through_ok(node: gs.Node) -> bool:
+    if node.op == "Concat":
+        return int(node.attrs.get("axis", 0)) == 1
+    if node.op == "MaxPool":
+        return not any(int(p) for p in node.attrs.get("pads", [0])) and len(node.outputs) == 1
+    return node.attrs.get("mode", "nearest") in ("nearest", b"nearest")  # Resize
+
+
+def _data_inputs(node: gs.Node) -> list[gs.Tensor]:
+    return list(node.inputs) if node.op == "Concat" else [node.inputs[0]]
+
+
+def find_components(graph: gs.Graph) -> list[Component]:
+    """Every component reachable from a BatchNorm's input, convertible or not (with the reason)."""
+    seen: set[str] = set()
+    components = []
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        start = bn.inputs[0]
+        if start.name in seen or isinstance(start, gs.Constant):
+            continue
+        comp = Component()
+        stack = [start]
+        while stack:
+            t = stack.pop()
+            if t.name in comp.tensors:
+                continue
+            comp.tensors[t.name] = t
+            seen.add(t.name)
+            if is_graph_output(graph, t) or not t.outputs:
+                comp.reason = comp.reason or f"{t.name} is a graph output"
+            src = producer(t)
+            if src is not None and src.op in PASS_THROUGH:
+                comp.nodes[src.name] = src
+                stack += [x for x in _data_inputs(src) if not isinstance(x, gs.Constant)]
+                if not _pass_through_ok(src):
+                    comp.reason = comp.reason or f"{src.op} {src.name} does not commute with per-channel scales"
+            elif _source_conv(t, graph) is not None:
+                comp.sources.append(t)
+            else:
+                comp.reason = comp.reason or f"{t.name} comes from {src.op if src else 'a graph input'}, not a quantized conv"
+            for reader in t.outputs:
+                if reader.op in PASS_THROUGH:
+                    if reader.inputs[0] is t or reader.op == "Concat":
+                        comp.nodes[reader.name] = reader
+                        stack += [o for o in reader.outputs] + [x for x in _data_inputs(reader) if not isinstance(x, gs.Constant)]
+                    else:
+                        comp.reason = comp.reason or f"{t.name} is a parameter of {reader.name}"
+                elif reader.op == "BatchNormalization":
+                    sink = _sink(reader, graph)
+                    if sink is None:
+                        comp.reason = comp.reason or f"{reader.name} is not BN -> ReLU -> Q -> DQ -> Conv"
+                    elif all(s.bn is not reader for s in comp.sinks):
+                        comp.sinks.append(sink)
+                else:
+                    comp.reason = comp.reason or f"{t.name} is read by {reader.op} {reader.name}"
+        components.append(comp)
+    return components
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def channel_ranges(graph: gs.Graph, tensors: list[gs.Tensor], images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (min, max) of `tensors` over `images`, by ONNX Runtime at ORT_DISABLE_ALL."""
+    from cunet_optimize.export.verify import run_onnxruntime
+
+    model = to_model(graph)
+    known = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t.name not in known:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, None))
+    (input_name,) = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    for start in range(0, len(images), 4):
+        outs = run_onnxruntime(model, {input_name: images[start:start + 4]})
+        for t in tensors:
+            y = outs[t.name]
+            lo[t.name] = np.minimum(lo.get(t.name, np.inf), y.min(axis=(0, 2, 3)))
+            hi[t.name] = np.maximum(hi.get(t.name, -np.inf), y.max(axis=(0, 2, 3)))
+    return {name: (lo[name].astype(np.float64), hi[name].astype(np.float64)) for name in lo}
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _fold_bn_into_quantized_convs(graph: gs.Graph) -> int:
+    folded = 0
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        conv = producer(bn.inputs[0])
+        affine = _bn_affine(bn)
+        if conv is None or conv.op != "Conv" or affine is None or only_consumer(bn.inputs[0], graph) is not bn:
+            continue
+        weight = _integer_weight(conv, graph)
+        if weight is None:
+            continue
+        a, t = affine
+        ints, scales = weight
+        sign = np.where(a < 0, -1, 1)
+        ints = ints * sign.reshape((-1,) + (1,) * (ints.ndim - 1))
+        bias = _conv_bias(conv, len(scales)) * a + t
+        _set_integer_weight(graph, conv, ints, scales * np.abs(a), bias, "bn_folded")
+        out = bn.outputs[0]
+        bn.inputs.clear()
+        bn.outputs.clear()
+        conv.outputs = [out]
+        folded += 1
+    finish(graph)
+    return folded
+
+
+def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None) -> PassReport:
+    """Rewrite a Q/DQ CU-Net into ONNX Runtime's integer form (see the module docstring).
+    `calibration`: N x 3 x H x W float32 images for the new source ranges (default:
+    CALIBRATION_IMAGES synthetic faces)."""
+    rec = PassRecorder("integer_dataflow", graph)
+    if not any(n.op == "QuantizeLinear" for n in graph.nodes):
+        rec.note("no Q/DQ nodes: nothing to do")
+        return rec.finish(graph)
+    if calibration is None:
+        from cunet_optimize.export.onnx_export import verification_batch
+
+        calibration = verification_batch(CALIBRATION_IMAGES)
+    images = np.asarray(calibration, dtype=np.float32)
+
+    folded = _fold_bn_into_quantized_convs(graph)
+    components = find_components(graph)
+    good = [c for c in components if c.reason is None and c.sources and c.sinks]
+    skipped = [c for c in components if c not in good]
+    sources = [t for c in good for t in c.sources]
+    ranges = channel_ranges(graph, sources, images) if sources else {}
+
+    # Per-channel (offset m, range R) of every uint8 tensor: x = m + R * q / 255.
+    params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    through_relu = {t.name: _source_conv(t, graph)[1] for t in sources}
+    for t in sources:
+        lo, hi = ranges[t.name]
+        m = np.zeros_like(lo) if through_relu[t.name] else lo
+        r = hi - m
+        params[t.name] = (m, np.where(r > 1e-12, r, 1.0))
+    for comp in good:  # propagate through the pass-through nodes in graph order
+        for node in [n for n in graph.nodes if n.name in comp.nodes]:
+            if node.op == "Concat":
+                parts = [params[x.name] for x in node.inputs]
+                params[node.outputs[0].name] = (np.concatenate([p[0] for p in parts]),
+                                                np.concatenate([p[1] for p in parts]))
+            else:
+                params[node.outputs[0].name] = params[node.inputs[0].name]
+
+    negative = 0
+    for comp in good:
+        for sink in comp.sinks:
+            m, r = params[sink.bn.inputs[0].name]
+            a, t = _bn_affine(sink.bn)
+            negative += int((a < 0).sum())
+            # BN(x) on x = m + r * u, u = q / 255 (per-tensor DequantizeLinear): slope a*r, intercept a*m + t
+            _affine_as_depthwise_conv(graph, sink, a * r, a * m + t)
+            _to_uint8(sink.q, [sink.dq])  # uint8 saturation at 0 is the ReLU
+    for t in sources:
+        conv, _ = _source_conv(t, graph)
+        ints, scales = _integer_weight(conv, graph)
+        m, r = params[t.name]
+        _set_integer_weight(graph, conv, ints, scales / r, (_conv_bias(conv, len(scales)) - m) / r, "rescaled")
+        quantized = gs.Variable(f"{t.name}/uint8", dtype=np.uint8)
+        for reader in list(t.outputs):
+            reader.inputs = [quantized if x is t else x for x in reader.inputs]
+        graph.nodes.append(gs.Node(
+            "QuantizeLinear", f"{t.name}/QuantizeLinear",
+            inputs=[t, gs.Constant(f"{t.name}/scale", np.asarray(1.0 / LEVELS, np.float32)),
+                    gs.Constant(f"{t.name}/zero_point", np.asarray(0, np.uint8))],
+            outputs=[quantized]))
+    for comp in good:
+        for node in comp.nodes.values():
+            node.outputs[0].dtype = np.uint8
+
+    retyped = 0
+    image_inputs = {i.name for i in graph.inputs}
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        x = q.inputs[0]
+        nonnegative = (producer(x) is not None and producer(x).op == "Relu") or (
+            x.name in image_inputs and float(images.min()) >= 0.0)
+        dqs = _relu_qdq(q) if nonnegative else None
+        if dqs is not None:
+            _to_uint8(q, dqs)
+            retyped += 1
+    finish(graph)
+
+    rec.rewrites = folded + len(sources) + sum(len(c.sinks) for c in good) + retyped
+    rec.note(f"folded {folded} BatchNorm(s) into quantized convs")
+    rec.note(f"{len(sources)} conv output(s) quantized to uint8 per channel over {len(images)} calibration images; "
+             f"{sum(len(c.sinks) for c in good)} BN -> ReLU sink(s) now a depthwise 1x1 uint8 conv "
+             f"({negative} channel(s) with a negative BN scale)")
+    rec.note(f"{retyped} other ReLU/image Q/DQ pair(s) int8 -> uint8")
+    for comp in skipped:
+        rec.note(f"left in float: component at {next(iter(comp.tensors))}: {comp.reason or 'no source or sink'}")
+    return rec.finish(graph)
