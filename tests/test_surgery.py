@@ -341,9 +341,12 @@ def test_surgery_cli(tiny_onnx, tmp_path, capsys):
 def test_default_pipeline_per_target():
     from cunet_optimize.surgery import default_passes
 
-    assert "fold_dense_concats" in default_passes("cpu")  # measured faster or equal on ORT CPU (bench_surgery)
+    assert "fold_dense_concats" not in default_passes("cpu")  # no faster beyond noise on ORT CPU (bench_surgery)
     assert "fold_dense_concats" not in default_passes("h100")  # TensorRT elides concats itself
     assert "fold_dense_concats" not in default_passes("cpu", quantized=True)
+    assert default_passes("cpu", quantized=True)[-1] == "integer_dataflow"  # ONNX Runtime's uint8 form
+    assert "integer_dataflow" not in default_passes("h100", quantized=True)  # TensorRT keeps Q/DQ
+    assert "integer_dataflow" not in default_passes("cpu", quantized=True, opset=21)
     assert "tie_concat_qdq_scales" in default_passes("jetson-agx-orin-dla", quantized=True)
     assert {"check_zero_points", "check_weight_axes"} <= set(default_passes("t4", quantized=True))
     int4 = default_passes("cpu", opset=21)  # packed before BN folding moves weights off the 4-bit grid

@@ -34,20 +34,32 @@ log = logging.getLogger(__name__)
 
 BUILD_SCHEMA = "cunet-optimize/build/1"
 # Where INT8 Q/DQ sits around CU-Net's dense concatenations (QUANT_RULES.md, design space).
-# "none" is the default: on the embedded model (FP32 NME 6.51%), percentile PTQ gives 6.75%
-# with Q/DQ on conv inputs only, 8.17% tied and 7.82% untied (bench/bench_quant_table.py;
-# BN after the concat amplifies the per-tensor error of small-variance channels).
-# "tied" lets TensorRT elide the Concats and is meant to be paired with QAT.
+# "none" is the default: on the embedded model (FP32 NME 5.293%), percentile PTQ after
+# equalization gives 5.351% with Q/DQ on conv inputs only, 6.429% tied and 5.892% untied
+# (bench/bench_quant_table.py; BN after the concat amplifies the per-tensor error of
+# small-variance channels). "tied" lets TensorRT elide the Concats and is meant to be paired with QAT.
 CONCAT_QDQ = {
     "none": {"quantize_concats": False, "tie_concat_scales": False},
     "tied": {"quantize_concats": True, "tie_concat_scales": True},
     "untied": {"quantize_concats": True, "tie_concat_scales": False},
 }
-# Activation equalization before PTQ (quant/equalize.py), SmoothQuant's alpha. On the embedded
-# model, percentile INT8 PTQ measured NME 6.76% without and 6.54% with it (FP32 6.49%, 100 test
-# images; the full table is in bench/bench_quant_table.py's output).
+# Activation equalization before PTQ (quant/equalize.py), SmoothQuant's alpha, for INT8 weights.
+# On the embedded model (FP32 NME 5.293%, 300 test images, bench/bench_quant_table.py) percentile
+# INT8 PTQ measured 5.531% without and 5.351% with it. It moves range into the weights, which
+# INT4 cannot afford: int4-convin PTQ measured 5.729% without and 6.436% with it, so INT4 builds
+# skip it unless --equalize is given explicitly.
 DEFAULT_EQUALIZE_ALPHA = 0.5
 DEFAULT_MAX_NME_INCREASE = 0.30  # NME percentage points; about 5% of the default model's 6.5% NME
+
+
+def equalize_alpha_for(scheme, requested: float | str | None = "default") -> float | None:
+    """The equalization alpha a scheme gets: None without INT8 activations; "default" is
+    DEFAULT_EQUALIZE_ALPHA for INT8 weights and off for INT4 (see DEFAULT_EQUALIZE_ALPHA)."""
+    if scheme.activation != "int" or requested is None:
+        return None
+    if requested == "default":
+        return DEFAULT_EQUALIZE_ALPHA if scheme.weight_bits == 8 else None
+    return float(requested)
 
 
 @dataclass
@@ -61,7 +73,8 @@ class BuildOptions:
     calib_method: str = "percentile"
     calib_images: int = 128
     concat_qdq: str = "none"  # Q/DQ on the dense concatenations: none | tied | untied
-    equalize_alpha: float | None = DEFAULT_EQUALIZE_ALPHA  # None: no activation equalization
+    # None: no activation equalization; "default": DEFAULT_EQUALIZE_ALPHA for INT8 weights only
+    equalize_alpha: float | str | None = "default"
     eval_data: str | None = None
     eval_split: str = "test"
     max_nme_increase: float = DEFAULT_MAX_NME_INCREASE
@@ -357,7 +370,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     scheme = parse_precision(opts.precision)
     if scheme.activation == "int":
         scheme = parse_precision(opts.precision, **CONCAT_QDQ[opts.concat_qdq])
-    alpha = opts.equalize_alpha if scheme.activation == "int" else None
+    alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
     calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split)
     images = min(opts.calib_images, len(calib_set))
     cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cunet_optimize.build import calibration_batches, resolve_model
+from cunet_optimize.build import calibration_batches, equalize_alpha_for, resolve_model
 from cunet_optimize.commands.common import (add_equalize_arguments, add_face_data_arguments, add_model_argument,
                                             face_dataset, print_json)
 from cunet_optimize.data.face300w import FirstSamples
@@ -56,7 +56,8 @@ def run(args) -> int:
     calib_set = face_dataset(args, args.split)
     result = run_qat(model, scheme, train_set, val_set, calibration_batches(calib_set, args.calib_images),
                      recipe, args.out, calib_method=args.calib_method,
-                     equalize_alpha=args.equalize_alpha, learnable_scales=args.learnable_scales,
+                     equalize_alpha=equalize_alpha_for(scheme, args.equalize_alpha),
+                     learnable_scales=args.learnable_scales,
                      resume=not args.no_resume, progress=not args.json,
                      metadata={"source_model": source, "recipe": recipe.__dict__})
     summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,

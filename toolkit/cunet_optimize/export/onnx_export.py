@@ -279,12 +279,16 @@ def export_onnx(
     decode_landmarks: bool = False,
     fp16: bool = False,
     dynamic_batch: bool = True,
+    verify: bool = True,
 ) -> ExportSummary:
     """Export a CU-Net (plain or fake-quantized) to a verified ONNX file at `path`.
 
     Raises CUNetError if the options are invalid, the export fails, the file is not
     valid ONNX, or ONNX Runtime's outputs differ from PyTorch's beyond the stated
-    tolerance (verify.py); nothing is written then.
+    tolerance (verify.py); nothing is written then. verify=False skips only the last
+    check, for benchmarks of random deep networks: their outputs are chaotic under float
+    rounding (PyTorch's own float32 result differs from float64 by 6e-4 of the output
+    range on a random N=8 face model), so no fixed tolerance separates them from a bug.
     """
     start = time.perf_counter()
     if heads not in HEADS:
@@ -309,7 +313,8 @@ def export_onnx(
         precision = "fp16" if fp16 else "fp32"
         onnx_model = finalize(graph, _metadata(model, precision, heads))
         check_onnx(onnx_model, "exported model")
-        verification = verify_against_torch(onnx_model, model, output_names, batch=2 if dynamic_batch else 1)
+        verification = (verify_against_torch(onnx_model, model, output_names, batch=2 if dynamic_batch else 1)
+                        if verify else None)
     finally:
         model.train(was_training)
     save_model(onnx_model, path)
@@ -330,7 +335,7 @@ def export_onnx(
         sha256=hashlib.sha256(data).hexdigest(),
         torch_export_seconds=round(torch_seconds, 3),
         total_seconds=round(time.perf_counter() - start, 3),
-        verification=verification.to_dict(),
+        verification=verification.to_dict() if verification else {},
     )
     log.info("exported %s (%d nodes, %s) in %.1f s", path, summary.num_nodes, precision, summary.total_seconds)
     return summary

@@ -51,17 +51,18 @@ PASSES: dict[str, Callable[[gs.Graph], PassReport]] = {
 CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales", "integer_dataflow"})
 
 # Whether the default pipeline folds the dense concatenations of a float graph, per backend.
-# onnxruntime: yes. bench/bench_surgery.py (ORT 1.32 CPU, ORT_ENABLE_ALL, 2 threads, batch 1,
-#   forms alternating run by run, 2 shared cores under load): on the authors' N=8 face model
-#   the folded form's median was 5% lower in both runs (1085 vs 1146 ms, 1765 vs 1866 ms); on
-#   cunet-face-small the two forms were within noise (119 vs 116 ms, 82 vs 91 ms). The folded
-#   graph has 2.3x the nodes and never materialises the 191 MB of Concat outputs (batch 1);
-#   the estimated peak activation memory is about the same (16.8 vs 17.1 MB).
+# onnxruntime: no. bench/bench_surgery.py (ORT 1.32 CPU, ORT_ENABLE_ALL, batch 1, forms
+#   alternating run by run, trained or BN-recalibrated weights): the embedded model ran 16.96
+#   (concat) vs 18.64 ms (folded) on 1 thread and 48.7 vs 54.3 ms on 2; the authors' N=8 face
+#   model 322.5 vs 304.8 ms on 1 thread and 219.5 vs 227.4 ms on 2: no form wins beyond noise,
+#   and the folded graph has 2.3x the nodes. Folding never materialises the Concat outputs
+#   (191 MB at batch 1 on the N=8 model) but moves the estimated peak activation memory by
+#   -2% (N=8) and +17% (embedded). `--passes ... fold_dense_concats` makes it on request.
 # tensorrt: no (not measured: no GPU here). TensorRT elides a Concat by writing its inputs
 #   into one buffer (with tied scales in INT8), so the concat form is kept until a device
 #   measurement says otherwise.
 # Quantized graphs are never folded by default: the Q/DQ-per-branch form is unmeasured.
-FOLD_DENSE_CONCATS = {"onnxruntime": True, "tensorrt": False}
+FOLD_DENSE_CONCATS = {"onnxruntime": False, "tensorrt": False}
 # INT8 graphs for ONNX Runtime are rewritten into uint8 integer dataflow (integer_dataflow.py):
 # TensorRT's placement runs there as float convs between Q/DQ, slower than FP32.
 INTEGER_DATAFLOW = {"onnxruntime": True, "tensorrt": False}
