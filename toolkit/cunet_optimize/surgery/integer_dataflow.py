@@ -109,7 +109,7 @@ def _to_uint8(q: gs.Node, dqs: list[gs.Node]) -> None:
     q.outputs[0].dtype = np.uint8
 
 
-def _relu_qdq(q: gs.Node) -> list[gs.Node] | None:
+def _symmetric_int8_readers(q: gs.Node) -> list[gs.Node] | None:
     """The DQ readers of a per-tensor, zero-point-0 int8 Q (all of its readers), else None."""
     p = qdq_params(q)
     if not is_per_tensor(p) or p.zero_point_type != onnx.TensorProto.INT8 or np.any(p.zero_point):
@@ -185,7 +185,7 @@ def _sink(bn: gs.Node, graph: gs.Graph) -> Sink | None:
     q = only_consumer(relu.outputs[0], graph) if relu is not None and relu.op == "Relu" else None
     if q is None or q.op != "QuantizeLinear" or _bn_affine(bn) is None:
         return None
-    dqs = _relu_qdq(q)
+    dqs = _symmetric_int8_readers(q)
     if dqs is None or len(dqs) != 1:
         return None
     conv = only_consumer(dqs[0].outputs[0], graph)
@@ -375,7 +375,7 @@ def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None) -> 
         x = q.inputs[0]
         nonnegative = (producer(x) is not None and producer(x).op == "Relu") or (
             x.name in image_inputs and float(images.min()) >= 0.0)
-        dqs = _relu_qdq(q) if nonnegative else None
+        dqs = _symmetric_int8_readers(q) if nonnegative else None
         if dqs is not None:
             _to_uint8(q, dqs)
             retyped += 1
