@@ -433,3 +433,14 @@ def test_convin_places_qdq_on_conv_inputs_only():
     assert any(n.endswith("conv1.input") for n in names) and any(n.endswith("conv2.input") for n in names)
     tied = quantize_model(model, parse_precision("int8"))
     assert len(concat_quantizers(tied)) > 0
+
+
+def test_qat_recipe_is_a_short_low_lr_cosine_schedule_with_bn_frozen_after_warmup():
+    from cunet_optimize.quant.qat import qat_recipe
+    from cunet_optimize.train.loop import TrainRecipe
+
+    original = TrainRecipe(epochs=10, lr=1e-3)
+    short = qat_recipe(original)
+    assert (short.epochs, short.lr, short.lr_schedule) == (1, 1e-5, "cosine")
+    assert short.freeze_bn_after == 0  # one epoch: no room for a warm-up, frozen from the start
+    assert qat_recipe(TrainRecipe(epochs=100, lr=1e-3)).freeze_bn_after == 2  # a quarter of 10 epochs

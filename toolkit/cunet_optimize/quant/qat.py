@@ -2,8 +2,10 @@
 
 Defaults follow common QAT practice (NVIDIA's QAT guides, ModelOpt): start from
 calibrated scales, about 10% of the original schedule at 1% of its learning rate
-with cosine decay, BatchNorm statistics frozen after a warm-up epoch so the
-quantization ranges stop chasing them. The checkpoint holds the weights and every
+with cosine decay, BatchNorm statistics frozen after a warm-up of a quarter of the
+epochs (none for a 1-epoch QAT) so the quantization ranges stop chasing them. On the
+embedded model a 1-epoch int8 QAT (800 images, lr 1e-5) ended at NME 5.418% with the
+statistics free all along and 5.269% with them frozen from the start (FP32 5.293%). The checkpoint holds the weights and every
 quantizer's scale, and rebuilds the exact fake-quantized model for export.
 """
 
@@ -34,17 +36,19 @@ from cunet_optimize.train.loop import TrainRecipe, TrainResult, train
 QAT_FORMAT = "cunet-optimize-qat"
 SCHEDULE_FRACTION = 0.1  # of the original number of epochs
 LR_FRACTION = 0.01  # of the original learning rate
+BN_WARMUP_FRACTION = 0.25  # of the QAT epochs, before BatchNorm statistics are frozen
 
 
 def qat_recipe(original: TrainRecipe, epochs: int | None = None, lr: float | None = None, **changes) -> TrainRecipe:
     """The short QAT schedule derived from the recipe the model was trained with."""
     fields = dict(original.__dict__)
+    epochs = epochs or max(1, round(original.epochs * SCHEDULE_FRACTION))
     fields.update(
-        epochs=epochs or max(1, round(original.epochs * SCHEDULE_FRACTION)),
+        epochs=epochs,
         lr=lr or original.lr * LR_FRACTION,
         lr_schedule="cosine",
         lr_steps=(),
-        freeze_bn_after=1,
+        freeze_bn_after=int(epochs * BN_WARMUP_FRACTION),
     )
     fields.update(changes)
     return TrainRecipe(**fields)
