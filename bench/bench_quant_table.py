@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cunet_optimize.build import CONCAT_QDQ, DEFAULT_EQUALIZE_ALPHA, calibration_batches
+from cunet_optimize.build import CONCAT_QDQ, DEFAULT_EQUALIZE_ALPHA, calibration_batches, equalize_alpha_for
 from cunet_optimize.data.face300w import Face300W, FirstSamples
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
@@ -122,11 +122,12 @@ def main() -> None:
                 start = time.perf_counter()
                 result = run_qat(model, scheme, FirstSamples(Face300W(args.data, split="train", augment=True), args.qat_images),
                                  None, calib, recipe, out, calib_method=best[0],
-                                 equalize_alpha=args.equalize, progress=False)
+                                 equalize_alpha=equalize_alpha_for(scheme), progress=False)
                 from cunet_optimize.quant.qat import load_qat_checkpoint
 
                 q = load_qat_checkpoint(Path(out) / "last.safetensors")
-                evaluate(f"{spec} QAT", q, scheme, equalize_alpha=args.equalize, qat_images=args.qat_images, qat_epochs=args.qat_epochs,
+                evaluate(f"{spec} QAT", q, scheme, equalize_alpha=equalize_alpha_for(scheme),
+                         qat_images=args.qat_images, qat_epochs=args.qat_epochs,
                          qat_lr=args.qat_lr, qat_seconds=round(time.perf_counter() - start, 1))
     result = {"benchmark": "quant_table", "model": args.model or "embedded default", "data": args.data,
               "test_images": len(test), "runtime": "PyTorch fake quantization, CPU", "rows": rows,
