@@ -233,7 +233,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
     from cunet_optimize.engines.targets import check_precision, get_target
     from cunet_optimize.evaluate import evaluate_landmarks
     from cunet_optimize.export import export_onnx
-    from cunet_optimize.surgery import activation_memory, lint_model, run_surgery
+    from cunet_optimize.surgery import activation_memory, default_passes, lint_model, run_surgery
 
     target = get_target(opts.target)
     support = check_precision(target, opts.precision)
@@ -275,9 +275,10 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
             options = {}
             if quantized and opset >= 21:
                 options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
-            if quantized:
+            passes = default_passes(target.name, quantized=quantized, opset=opset)
+            if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images
                 options["integer_dataflow"] = {"calibration": calibration_images(opts)}
-            result = run_surgery(before, target=target.name, pass_options=options)
+            result = run_surgery(before, passes, target=target.name, pass_options=options)
             onnx_path = staging / "model.onnx"
             onnx.save(result.model, onnx_path)
             raw.unlink()

@@ -95,7 +95,23 @@ class Quantizer(nn.Module):
         return f"name={self.name!r}" + ("" if self.enabled else ", disabled")
 
 
-class IntQuantizer(Quantizer):
+class ScaledQuantizer(Quantizer):
+    """A quantizer with a `scale` tensor and an integer range [-qmax, qmax]."""
+
+    scale: torch.Tensor
+    qmax: int
+
+    @property
+    def amax(self) -> torch.Tensor:
+        return self.scale.detach() * self.qmax
+
+    @property
+    def calibrated(self) -> bool:
+        s = self.scale.detach()
+        return bool(torch.isfinite(s).all() and (s > 0).all())
+
+
+class IntQuantizer(ScaledQuantizer):
     """Symmetric signed integer fake quantizer with zero point 0 (TensorRT's Q/DQ form).
 
     num_channels None: one scale (activations, [-2^(b-1), 2^(b-1)-1]).
@@ -141,15 +157,6 @@ class IntQuantizer(Quantizer):
     def dynamic(self) -> bool:
         """Weight scales that track max|w| (neither calibrated otherwise nor learned)."""
         return self.is_weight and not self._fixed and not self.learnable
-
-    @property
-    def amax(self) -> torch.Tensor:
-        return self.scale.detach() * self.qmax
-
-    @property
-    def calibrated(self) -> bool:
-        s = self.scale.detach()
-        return bool(torch.isfinite(s).all() and (s > 0).all())
 
     @torch.no_grad()
     def set_amax(self, amax: torch.Tensor | float, *, fixed: bool | None = None) -> None:
@@ -241,7 +248,7 @@ class IntQuantizer(Quantizer):
         )
 
 
-class BlockQuantizer(Quantizer):
+class BlockQuantizer(ScaledQuantizer):
     """INT-b weights with one scale per (output channel, block of input channels, kernel position).
 
     The scale tensor has the weight's rank, [O, ceil(I / block_size), kh, kw], i.e.
@@ -275,15 +282,6 @@ class BlockQuantizer(Quantizer):
     @property
     def dynamic(self) -> bool:
         return not self._fixed and not self.learnable
-
-    @property
-    def amax(self) -> torch.Tensor:
-        return self.scale.detach() * self.qmax
-
-    @property
-    def calibrated(self) -> bool:
-        s = self.scale.detach()
-        return bool(torch.isfinite(s).all() and (s > 0).all())
 
     def blocks(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as [O, num_blocks, block_size, *kernel], zero-padded in the last block."""

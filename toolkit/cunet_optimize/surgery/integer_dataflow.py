@@ -152,8 +152,7 @@ class Sink:
     bn: gs.Node
     relu: gs.Node
     q: gs.Node
-    dq: gs.Node
-    conv: gs.Node
+    dq: gs.Node  # read by a Conv, nothing else
 
 
 @dataclass
@@ -191,7 +190,7 @@ def _sink(bn: gs.Node, graph: gs.Graph) -> Sink | None:
     conv = only_consumer(dqs[0].outputs[0], graph)
     if conv is None or conv.op != "Conv" or conv.inputs[0] is not dqs[0].outputs[0]:
         return None
-    return Sink(bn, relu, q, dqs[0], conv)
+    return Sink(bn, relu, q, dqs[0])
 
 
 def _pass_through_ok(node: gs.Node) -> bool:
