@@ -13,7 +13,7 @@ from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder
 from cunet_optimize.export import export_onnx, run_onnxruntime
 from cunet_optimize.export.onnx_export import verification_batch
 from cunet_optimize.models import CUNet
-from cunet_optimize.quant import calibrate, parse_precision, quantize_model
+from cunet_optimize.quant import parse_precision, post_training_quantize
 from cunet_optimize.surgery import run_surgery
 from cunet_optimize.surgery.graph import to_model
 from cunet_optimize.surgery.integer_dataflow import _fold_bn_into_quantized_convs, integer_dataflow
@@ -34,8 +34,8 @@ def tiny_int8_onnx(tmp_path, negative_gamma=False):
                 m.bias.uniform_(-0.3, 0.3)
                 if negative_gamma:  # every other channel: ReLU(BN) falls as its input rises
                     m.weight[::2] *= -1
-    q = quantize_model(model, parse_precision("int8-convin"))
-    calibrate(q, [torch.from_numpy(IMAGES)], "max", progress=False)
+    q, _, _ = post_training_quantize(model, parse_precision("int8-convin"), [torch.from_numpy(IMAGES)], "max",
+                                     progress=False)
     path = tmp_path / "int8.onnx"
     export_onnx(q.eval(), path)
     return path, model
@@ -95,8 +95,8 @@ def test_a_component_that_does_not_match_stays_float(tmp_path):
     # one adapter conv with float weights: its output cannot become a uint8 source
     conv = next(n for n in graph.nodes if n.op == "Conv" and "adapters_ahead.0/adapter_conv" in n.name)
     dq = conv.inputs[1].inputs[0]
-    scale, w = qdq_params(dq).scale, dq.inputs[0].inputs[0].inputs[0].values
-    conv.inputs[1] = gs.Constant("float_weight", (np.rint(w / scale.reshape(-1, 1, 1, 1)) * scale.reshape(-1, 1, 1, 1)).astype(np.float32))
+    scale, w = qdq_params(dq).scale.reshape(-1, 1, 1, 1), dq.inputs[0].inputs[0].inputs[0].values
+    conv.inputs[1] = gs.Constant("float_weight", (np.rint(w / scale) * scale).astype(np.float32))
     graph.cleanup()
     report = integer_dataflow(graph, IMAGES)
     assert any(n.startswith("left in float") and "not a quantized conv" in n for n in report.notes)

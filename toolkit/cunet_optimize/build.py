@@ -381,7 +381,9 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     # The scales belong to the equalized weights: both files make the cache.
     factors_file = calib_dir / "equalization.safetensors"
     cached = scales_file.is_file() and (alpha is None or factors_file.is_file())
-    what = f"{opts.calib_method} over {images} images" + (f", equalization alpha {alpha:g}" if alpha is not None else "")
+    what = f"{opts.calib_method} over {images} images"
+    if alpha is not None:
+        what += f", equalization alpha {alpha:g}"
     with timer.stage("calibrate", what + (" (cached)" if cached else "")):
         if cached:
             if alpha is not None:

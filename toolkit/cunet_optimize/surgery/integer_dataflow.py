@@ -222,7 +222,7 @@ def find_components(graph: gs.Graph) -> list[Component]:
             comp.tensors[t.name] = t
             seen.add(t.name)
             if is_graph_output(graph, t) or not t.outputs:
-                comp.reason = comp.reason or f"{t.name} is a graph output"
+                comp.reason = comp.reason or f"{t.name} is a graph output or read by nothing"
             src = producer(t)
             if src is not None and src.op in PASS_THROUGH:
                 comp.nodes[src.name] = src
@@ -232,19 +232,21 @@ def find_components(graph: gs.Graph) -> list[Component]:
             elif _source_conv(t, graph) is not None:
                 comp.sources.append(t)
             else:
-                comp.reason = comp.reason or f"{t.name} comes from {src.op if src else 'a graph input'}, not a quantized conv"
+                origin = src.op if src else "a graph input"
+                comp.reason = comp.reason or f"{t.name} comes from {origin}, not a quantized conv"
             for reader in t.outputs:
                 if reader.op in PASS_THROUGH:
                     if reader.inputs[0] is t or reader.op == "Concat":
                         comp.nodes[reader.name] = reader
-                        stack += [o for o in reader.outputs] + [x for x in _data_inputs(reader) if not isinstance(x, gs.Constant)]
+                        stack += list(reader.outputs)
+                        stack += [x for x in _data_inputs(reader) if not isinstance(x, gs.Constant)]
                     else:
                         comp.reason = comp.reason or f"{t.name} is a parameter of {reader.name}"
                 elif reader.op == "BatchNormalization":
                     sink = _sink(reader, graph)
                     if sink is None:
                         comp.reason = comp.reason or f"{reader.name} is not BN -> ReLU -> Q -> DQ -> Conv"
-                    elif all(s.bn is not reader for s in comp.sinks):
+                    else:  # each tensor is visited once, so each BN is met once
                         comp.sinks.append(sink)
                 else:
                     comp.reason = comp.reason or f"{t.name} is read by {reader.op} {reader.name}"
@@ -255,7 +257,8 @@ def find_components(graph: gs.Graph) -> list[Component]:
 # ----------------------------------------------------------------------------- calibration
 
 
-def channel_ranges(graph: gs.Graph, tensors: list[gs.Tensor], images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def channel_ranges(graph: gs.Graph, tensors: list[gs.Tensor],
+                   images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (min, max) of `tensors` over `images`, by ONNX Runtime at ORT_DISABLE_ALL."""
     from cunet_optimize.export.verify import run_onnxruntime
 
