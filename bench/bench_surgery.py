@@ -15,7 +15,8 @@ say nothing). Then:
   "integer" (plus integer_dataflow: the CPU engine's form).
 
 For each form: node and Concat counts, bytes of Concat outputs and estimated peak
-activation memory at batch 1 (surgery.memory), and ONNX Runtime CPU latency
+activation memory at batch 1 (surgery.memory, costed with the fusions TensorRT and ONNX
+Runtime make: conv epilogues, Q/DQ chains as integer kernels), and ONNX Runtime CPU latency
 (ORT_ENABLE_ALL, --threads intra-op threads, batch 1, one synthetic face, warm-up,
 then all forms alternate run by run so machine load hits them alike; median and p90
 of --runs runs). Every FP32 form is checked against the export in ONNX Runtime

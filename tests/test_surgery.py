@@ -17,8 +17,10 @@ from onnx import TensorProto
 from conftest import tiny_config
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.export import export_onnx
+from cunet_optimize.export.onnx_export import verification_batch
 from cunet_optimize.export.verify import random_feeds, run_onnxruntime
 from cunet_optimize.models import CUNet
+from cunet_optimize.quant import parse_precision, post_training_quantize
 from cunet_optimize.surgery import (
     activation_memory, check_weight_axes, check_zero_points, cleanup, flatten_nested_concats, fold_batchnorm,
     fold_dense_concats, lint_model, pack_int4_weights, remove_redundant_qdq, run_surgery, tie_concat_qdq_scales,
@@ -302,6 +304,58 @@ def test_activation_memory_hand_computed():
     # step 0: x + a = 256; step 1: a + b = 256; step 2: a + b + cat = 512
     assert m["peak_bytes"] == 512 and m["peak_nodes"] == ["cat"]
     assert {t["name"] for t in m["peak_live_tensors"]} == {"relu_a_out0", "relu_b_out0", "cat_out0"}
+
+
+def test_activation_memory_fuses_conv_epilogues_and_qdq_chains():
+    g = GraphBuilder()
+    x = g.input("x", [1, 2, 4, 4])  # 128 bytes of float, 32 as uint8
+    scale, zp = g.const(np.float32(0.1)), g.const(np.uint8(0))
+    w = g.node("DequantizeLinear", [g.const(np.ones((2, 2, 1, 1), np.int8)), g.const(np.float32(0.5))],
+               name="w_dq")  # a weight: folded at load, never an activation
+    xq = g.node("QuantizeLinear", [x, scale, zp], name="x_q")
+    conv = g.node("Conv", [g.node("DequantizeLinear", [xq, scale, zp], name="x_dq"), w], name="qconv")
+    yq = g.node("QuantizeLinear", [g.node("Relu", [conv], name="qrelu"), scale, zp], name="y_q")
+    # float island: conv -> BN -> ReLU runs as one kernel, its output is a Concat input
+    y = g.node("DequantizeLinear", [yq, scale, zp], name="y_dq")
+    bn = [g.const(np.ones(2, np.float32)), g.const(np.zeros(2, np.float32))]
+    fconv = g.node("Conv", [y, g.const(np.ones((2, 2, 1, 1), np.float32))], name="fconv")
+    act = g.node("Relu", [g.node("BatchNormalization", [fconv, *bn, *bn], name="bn")], name="relu")
+    g.output(g.node("Concat", [y, act], name="cat", axis=1))
+    model = g.model()
+    fused, naive = activation_memory(model), activation_memory(model, fuse=False)
+    assert fused["node_output_bytes"] == {"w_dq": 0, "x_q": 32, "x_dq": 0, "qconv": 0, "qrelu": 0, "y_q": 32,
+                                          "y_dq": 128, "fconv": 0, "bn": 0, "relu": 128, "cat": 256}
+    # step "cat": y_dq + relu + cat live
+    assert fused["peak_bytes"] == 512 and fused["peak_nodes"] == ["cat"]
+    assert naive["node_output_bytes"]["qconv"] == 128 and naive["node_output_bytes"]["fconv"] == 128
+    assert naive["node_output_bytes"]["w_dq"] == 0  # weights stay weights either way
+
+
+def test_activation_memory_matches_the_graph_onnxruntime_runs(tmp_path, tiny_onnx):
+    """The fusion model, on an INT8 graph, against ONNX Runtime's own optimised graph
+    (QLinearConv, uint8 Concat/MaxPool/Resize: no Q/DQ left to model)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = CUNet(tiny_config()).eval()
+    images = verification_batch(4)
+    q, _, _ = post_training_quantize(model, parse_precision("int8-convin"), [torch.from_numpy(images)], "max",
+                                     progress=False)
+    export_onnx(q.eval(), tmp_path / "int8.onnx")
+    integer = run_surgery(onnx.load(str(tmp_path / "int8.onnx")), target="cpu",
+                          pass_options={"integer_dataflow": {"calibration": images}}).model
+    onnx.save(integer, tmp_path / "integer.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(str(tmp_path / "integer.onnx"), options, providers=["CPUExecutionProvider"])
+    executed = onnx.load(str(tmp_path / "ort.onnx"))
+    assert "QLinearConv" in ops(executed) and ops(executed).count("DequantizeLinear") <= 2  # the float head's
+    estimated, actual = activation_memory(integer), activation_memory(executed, fuse=False)
+    assert actual["unknown_shapes"] == []
+    assert estimated["peak_bytes"] == actual["peak_bytes"]
+    assert estimated["total_node_output_bytes"] == actual["total_node_output_bytes"]
+    assert activation_memory(integer, fuse=False)["peak_bytes"] > estimated["peak_bytes"]
 
 
 def test_activation_memory_scales_with_batch(tiny_onnx):

@@ -3,10 +3,22 @@
 What a runtime must hold while it executes the nodes one by one in the file's
 topological order: a tensor is live from the step of its producer (graph inputs:
 from the first step) to the step of its last consumer (graph outputs: to the end).
-Weights (initializers) are excluded, in-place reuse and operator workspaces are not
-modelled: the estimate is what a naive executor needs, good for comparing two forms
-of one graph (e.g. with and without materialised dense concatenations), not an
-absolute prediction of a runtime's allocator.
+Weights are excluded: initializers, and tensors computed from constants only (the
+DequantizeLinear of a quantized weight, Constant nodes), which runtimes fold at load.
+
+Graphs are costed as runtimes execute them (`fuse`, the default), with the fusions
+that TensorRT and ONNX Runtime both make: a convolution's BatchNormalization and
+Relu/Clip epilogue runs inside it (the convolution's own output never exists when
+its only consumer is that epilogue), and DequantizeLinear -> op -> [Relu] ->
+QuantizeLinear becomes one integer kernel (QLinearConv, QLinearConcat, an int8
+convolution), so the float tensors inside such a chain never exist; only the
+integer tensors between chains do. Checked against the graph ONNX Runtime actually
+runs (its ORT_ENABLE_EXTENDED optimised model, estimated with `fuse=False`) in
+tests/test_surgery.py.
+In-place reuse and operator workspaces are not modelled: the estimate is what a
+naive executor needs, good for comparing two forms of one graph (e.g. with and
+without materialised dense concatenations), not an absolute prediction of a
+runtime's allocator.
 """
 
 from __future__ import annotations
@@ -17,14 +29,95 @@ import onnx
 from cunet_optimize.surgery.graph import ModelLike, as_model, tensor_bytes, tensor_info
 
 TOP_LIVE_TENSORS = 10
+# Operators that runtimes fuse with the DequantizeLinear on their inputs and the
+# QuantizeLinear on their output into one integer kernel.
+QDQ_FUSED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Concat", "MaxPool", "AveragePool",
+                 "GlobalAveragePool", "Resize", "Add", "Mul"}
+# Activations a QuantizeLinear absorbs (its saturation clips at the zero point).
+QDQ_FUSED_ACTIVATIONS = {"Relu", "Clip"}
+# What runtimes run inside a convolution as its epilogue.
+CONV_OPS = {"Conv", "ConvTranspose"}
+CONV_EPILOGUES = {"BatchNormalization", "Relu", "Clip"}
+
+
+def _constant_tensors(nodes: list[onnx.NodeProto], initializers: set[str]) -> set[str]:
+    """Node outputs computed from initializers only (weights as runtimes see them)."""
+    constant = set(initializers)
+    for node in nodes:
+        if node.op_type == "Constant" or (node.input and all(not i or i in constant for i in node.input)):
+            constant.update(o for o in node.output if o)
+    return constant - initializers
+
+
+def _consumers(nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            if i:
+                consumers.setdefault(i, []).append(n)
+    return consumers
+
+
+def _conv_epilogue_tensors(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> set[str]:
+    """Outputs of a convolution (or of its fused epilogue so far) whose only consumer is a
+    further epilogue op: computed in registers, never stored."""
+    consumers = _consumers(nodes)
+    fused: set[str] = set()
+    for node in nodes:
+        if node.op_type not in CONV_OPS:
+            continue
+        out = node.output[0]
+        while out not in graph_outputs and len(users := consumers.get(out, [])) == 1 \
+                and users[0].op_type in CONV_EPILOGUES and users[0].input[0] == out:
+            fused.add(out)
+            out = users[0].output[0]
+    return fused
+
+
+def _fused_qdq_tensors(nodes: list[onnx.NodeProto], constant: set[str], graph_outputs: set[str]) -> set[str]:
+    """Float tensors inside DequantizeLinear -> op -> [Relu|Clip] -> QuantizeLinear chains."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    consumers = _consumers(nodes)
+
+    def only_quantized(name: str) -> list[str] | None:
+        """Float tensors from `name` up to the QuantizeLinear(s) it feeds, or None if it escapes."""
+        users = consumers.get(name, [])
+        if name in graph_outputs or not users:
+            return None
+        if all(u.op_type == "QuantizeLinear" for u in users):
+            return [name]
+        if len(users) == 1 and users[0].op_type in QDQ_FUSED_ACTIVATIONS:
+            rest = only_quantized(users[0].output[0])
+            return None if rest is None else [name] + rest
+        return None
+
+    fused: set[str] = set()
+    island: set[int] = set()
+    for node in nodes:
+        if node.op_type not in QDQ_FUSED_OPS:
+            continue
+        data = [i for i in node.input if i and i not in constant]
+        if not data or any(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in data):
+            continue
+        chains = [only_quantized(o) for o in node.output if o]
+        if not chains or any(c is None for c in chains):
+            continue
+        island.add(id(node))
+        fused.update(t for c in chains for t in c)
+    for name, users in consumers.items():
+        p = producer.get(name)
+        if p is not None and p.op_type == "DequantizeLinear" and name not in graph_outputs \
+                and all(id(u) in island for u in users):
+            fused.add(name)
+    return fused
 
 
 def _node_label(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
-def activation_memory(model: ModelLike, batch: int = 1) -> dict:
-    """Bytes of activations at `batch`.
+def activation_memory(model: ModelLike, batch: int = 1, fuse: bool = True) -> dict:
+    """Bytes of activations at `batch` (with the runtimes' fusions unless `fuse` is False).
 
     Returns a dict with:
       batch, node_output_bytes {node: bytes of its outputs}, total_node_output_bytes,
@@ -39,8 +132,14 @@ def activation_memory(model: ModelLike, batch: int = 1) -> dict:
     nodes = list(proto.graph.node)
     size: dict[str, int] = {}
     unknown: list[str] = []
+    free = _constant_tensors(nodes, initializers)
+    if fuse:
+        outputs = {o.name for o in proto.graph.output}
+        free |= _fused_qdq_tensors(nodes, free | initializers, outputs) | _conv_epilogue_tensors(nodes, outputs)
 
     def bytes_of(name: str) -> int:
+        if name in free:
+            return 0
         if name not in size:
             shape, dtype = info.get(name, (None, None))
             if shape is None or dtype is None:
