@@ -18,6 +18,7 @@ from cunet_optimize.engines.onnxrt import (
     OnnxRuntimeRunner,
     OnnxRuntimeSessionRunner,
     OrtSettings,
+    thread_candidates,
 )
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models import CUNet, CUNetConfig
@@ -88,6 +89,32 @@ def test_builder_writes_optimised_model_and_session_json(tiny, tmp_path):
         assert runner.inference_time is not None and runner.inference_time > 0
     assert out.shape == expected.shape
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_thread_candidates():
+    assert thread_candidates(1) == [1]
+    assert thread_candidates(2) == [1, 2]
+    assert thread_candidates(6) == [1, 2, 4, 6]
+    assert thread_candidates(8) == [1, 2, 4, 8]
+
+
+def test_builder_times_thread_counts_unless_pinned(tiny, tmp_path, monkeypatch):
+    _, onnx_path, batch, expected = tiny
+    # two usable CPUs: the builder times 1 and 2 threads and keeps the faster
+    monkeypatch.setattr("cunet_optimize.engines.onnxrt._usable_cpus", lambda: 2)
+    result = OnnxRuntimeBuilder().build(onnx_path, "cpu", "fp32", tmp_path / "tuned")
+    tuning = result.settings["thread_tuning_ms"]
+    assert set(tuning) == {"1", "2"} and all(ms > 0 for ms in tuning.values())
+    assert result.settings["intra_op_threads"] == int(min(tuning, key=tuning.get))
+    assert any("intra-op threads timed" in n for n in result.notes)
+    with OnnxRuntimeRunner(tmp_path / "tuned") as runner:  # the runner uses the stored count
+        assert runner.settings.intra_op_threads == result.settings["intra_op_threads"]
+        np.testing.assert_allclose(runner.infer(batch), expected, atol=1e-4, rtol=1e-4)
+
+    pinned = OnnxRuntimeBuilder(intra_op_threads=2).build(onnx_path, "cpu", "fp32", tmp_path / "pinned")
+    assert pinned.settings["intra_op_threads"] == 2 and pinned.settings["thread_tuning_ms"] is None
+    untuned = OnnxRuntimeBuilder(tune_threads=False).build(onnx_path, "cpu", "fp32", tmp_path / "untuned")
+    assert untuned.settings["intra_op_threads"] == 0 and untuned.settings["thread_tuning_ms"] is None
 
 
 def test_reference_runner_matches_pytorch(tiny):
