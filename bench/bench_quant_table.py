@@ -6,7 +6,7 @@ requantization points each form leaves), each after activation equalization (the
 default), plus conv-inputs-only without it; INT4-weight PTQ with and without it;
 QAT for INT8, INT4 and binary weights (w1a8); weight bytes of each.
 
-    python bench/bench_quant_table.py --data DIR [--model CKPT] [--qat-images 800]
+    python bench/bench_quant_table.py --data DIR [--model CKPT] [--qat-images N]
         [--out bench/results/quant_table.json]
 
 DIR is a 300-W layout folder with train.txt (calibration + QAT) and test.txt
@@ -30,7 +30,7 @@ from cunet_optimize.data.face300w import Face300W, FirstSamples
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
 from cunet_optimize.quant import parse_precision, post_training_quantize, requantization_points
-from cunet_optimize.quant.qat import qat_recipe, run_qat
+from cunet_optimize.quant.qat import load_qat_checkpoint, qat_recipe, run_qat
 from cunet_optimize.train.loop import TrainRecipe
 
 
@@ -67,9 +67,9 @@ def main() -> None:
     ap.add_argument("--concat-forms", default="none,tied,untied",
                     help="Q/DQ on the dense concatenations (build --concat-qdq)")
     ap.add_argument("--equalize", type=float, default=DEFAULT_EQUALIZE_ALPHA, help="equalization alpha")
-    ap.add_argument("--qat-images", type=int, default=800)
-    ap.add_argument("--qat-epochs", type=int, default=1)
-    ap.add_argument("--qat-lr", type=float, default=1e-5, help="1%% of the default model's 1e-3")
+    ap.add_argument("--qat-images", type=int, default=0, help="first N training images (0: all)")
+    ap.add_argument("--qat-epochs", type=int, default=None, help="default: the scheme's QAT schedule")
+    ap.add_argument("--qat-lr", type=float, default=None, help="default: the scheme's QAT schedule")
     ap.add_argument("--skip-qat", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/quant_table.json")
@@ -117,18 +117,18 @@ def main() -> None:
         original = TrainRecipe(epochs=10, lr=1e-3, batch_size=16, checkpoint_every=0)
         for spec in ("int8-convin", "int8", "int4-convin", "w1a8"):
             scheme = parse_precision(spec)
-            recipe = qat_recipe(original, epochs=args.qat_epochs, lr=args.qat_lr)
+            recipe = qat_recipe(original, scheme, epochs=args.qat_epochs, lr=args.qat_lr)
+            images = Face300W(args.data, split="train", augment=True)
+            if args.qat_images:
+                images = FirstSamples(images, args.qat_images)
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
-                result = run_qat(model, scheme, FirstSamples(Face300W(args.data, split="train", augment=True), args.qat_images),
-                                 None, calib, recipe, out, calib_method=best[0],
-                                 equalize_alpha=equalize_alpha_for(scheme), progress=False)
-                from cunet_optimize.quant.qat import load_qat_checkpoint
-
+                run_qat(model, scheme, images, None, calib, recipe, out, calib_method=best[0],
+                        equalize_alpha=equalize_alpha_for(scheme), progress=False)
                 q = load_qat_checkpoint(Path(out) / "last.safetensors")
                 evaluate(f"{spec} QAT", q, scheme, equalize_alpha=equalize_alpha_for(scheme),
-                         qat_images=args.qat_images, qat_epochs=args.qat_epochs,
-                         qat_lr=args.qat_lr, qat_seconds=round(time.perf_counter() - start, 1))
+                         qat_images=len(images), qat_epochs=recipe.epochs,
+                         qat_lr=recipe.lr, qat_seconds=round(time.perf_counter() - start, 1))
     result = {"benchmark": "quant_table", "model": args.model or "embedded default", "data": args.data,
               "test_images": len(test), "runtime": "PyTorch fake quantization, CPU", "rows": rows,
               "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads},

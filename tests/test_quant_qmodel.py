@@ -436,6 +436,7 @@ def test_convin_places_qdq_on_conv_inputs_only():
 
 
 def test_qat_recipe_is_a_short_low_lr_cosine_schedule_with_bn_frozen_after_warmup():
+    from cunet_optimize.quant import parse_precision
     from cunet_optimize.quant.qat import qat_recipe
     from cunet_optimize.train.loop import TrainRecipe
 
@@ -444,3 +445,7 @@ def test_qat_recipe_is_a_short_low_lr_cosine_schedule_with_bn_frozen_after_warmu
     assert (short.epochs, short.lr, short.lr_schedule) == (1, 1e-5, "cosine")
     assert short.freeze_bn_after == 0  # one epoch: no room for a warm-up, frozen from the start
     assert qat_recipe(TrainRecipe(epochs=100, lr=1e-3)).freeze_bn_after == 2  # a quarter of 10 epochs
+    assert qat_recipe(original, parse_precision("int8")) == short
+    int4 = qat_recipe(original, parse_precision("int4"))  # 4-bit weights: 30% of the epochs at 10% of the lr
+    assert (int4.epochs, int4.lr, int4.freeze_bn_after) == (3, 1e-4, 0)
+    assert qat_recipe(original, parse_precision("int4"), epochs=1, lr=1e-5).epochs == 1  # explicit values win

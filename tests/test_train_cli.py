@@ -96,3 +96,38 @@ def test_bad_inputs_exit_2(faces, tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
     assert main(["train", *TINY, "--data", str(faces), "--lr-steps", "x"]) == 2
     assert main(["predict", "a.png", "--box", "1,2,3"]) == 2
+
+
+@pytest.mark.slow
+def test_qat_fine_tunes_a_checkpoint_that_build_exports(faces, tmp_path, capsys):
+    """train -> qat (calibrated start, resumable run folder) -> build --qat, on a tiny model."""
+    train = train_args(faces, tmp_path / "run", epochs=1)
+    # at lr 1e-3 one epoch collapses this tiny net (validation NME ~147%) and QAT gradients vanish
+    train[train.index("--lr") + 1] = "1e-4"
+    assert main(train) == 0
+    capsys.readouterr()
+    fp32 = tmp_path / "run" / "best.safetensors"
+    qat = ["qat", "--model", str(fp32), "--precision", "int8", "--data", str(faces), "--out", str(tmp_path / "qat"),
+           "--epochs", "2", "--lr", "1e-4", "--batch-size", "4", "--calib-images", "4", "--no-equalize", "--threads", "1",
+           "--json"]  # no equalization: the weights start as the FP32 ones
+    assert main(qat) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scheme"] == "int8" and summary["epochs"] == 2 and summary["lr"] == 1e-4
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    # the checkpoint rebuilds the fake-quantized model, scales included, with trained weights
+    # (that QAT steps lower the loss: tests/test_quant_qmodel.py)
+    from cunet_optimize.quant.qat import load_qat_checkpoint
+
+    qmodel = load_qat_checkpoint(summary["qat_checkpoint"])
+    assert qmodel.scheme.spec == "int8" and all(q.calibrated for q in qmodel.modules() if hasattr(q, "calibrated"))
+    start = load_file(str(fp32))
+    moved = [k for k, v in qmodel.state_dict().items() if k in start and v.dtype.is_floating_point
+             and v.shape == start[k].shape and not (v == start[k]).all()]
+    assert any(k.endswith("conv.weight") or k.endswith("conv1.weight") for k in moved)
+    # a finished run is not redone: qat again resumes at the end and trains nothing more
+    assert main(qat) == 0
+    assert json.loads(capsys.readouterr().out)["history"] == summary["history"]
+    assert main(["build", "--precision", "int8", "--qat", summary["qat_checkpoint"], "--model", str(fp32),
+                 "--eval-data", str(faces), "--no-accuracy-gate", "--workdir", str(tmp_path / "w"), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["calibration"]["method"] == "qat" and manifest["engine_built"]
