@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import onnx
 import pytest
 import torch
 
@@ -61,6 +62,17 @@ def test_build_each_precision(tiny, faces, tmp_path, precision, target, capsys):
         assert (tmp_path / "calib" / manifest["calibration"]["id"] / "scales.json").is_file()
     if precision == "int8":
         assert (out / "calibration.cache").read_text().startswith("TRT-")
+    form = manifest["surgery"]["dense_concat_form"]
+    if (precision, target) == ("fp32", "cpu"):  # both forms timed here, the faster one built
+        timings = form["median_ms_batch1"]
+        assert {k.split()[0] for k in timings} == {"concat", "folded"}
+        assert timings[f"{form['chosen']} x{form['intra_op_threads']}"] == min(timings.values())
+        concats = sum(n.op_type == "Concat" for n in onnx.load(str(out / "model.onnx")).graph.node)
+        assert (concats == 0) == (form["chosen"] == "folded")
+        assert ("fold_dense_concats" in manifest["surgery"]["passes"]) == (form["chosen"] == "folded")
+        assert manifest["engine_settings"]["intra_op_threads"] == form["intra_op_threads"]
+    else:
+        assert form is None
     assert not partial_dirs(tmp_path)
 
 

@@ -22,6 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -29,6 +30,9 @@ import torch
 
 from cunet_optimize import __version__
 from cunet_optimize.errors import CUNetError
+
+if TYPE_CHECKING:
+    from cunet_optimize.surgery import SurgeryResult
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +232,37 @@ def _final_dir(workdir: Path, name: str, force: bool) -> Path:
     return final
 
 
+def choose_concat_form(concat: SurgeryResult, target: str, workdir: Path) -> tuple[SurgeryResult, dict]:
+    """A float graph for ONNX Runtime with its dense concatenations and folded
+    (fold_dense_concats): time both at each usable intra-op thread count on this machine,
+    keep the faster form (see surgery.pipeline.FOLD_DENSE_CONCATS). Returns the result
+    to build and what was measured, with the thread count that won."""
+    from cunet_optimize.engines.onnxrt import OrtSettings, time_variants, usable_thread_counts
+    from cunet_optimize.surgery import SurgeryResult, run_surgery
+
+    folded = run_surgery(concat.model, ["fold_dense_concats", "fold_batchnorm"], target=target)
+    forms = {"concat": concat, "folded": SurgeryResult(folded.model, concat.reports + folded.reports,
+                                                       concat.passes + folded.passes)}
+    paths = {form: workdir / f"form-{form}.onnx" for form in forms}
+    try:
+        for form, path in paths.items():
+            onnx.save(forms[form].model, path)
+        timed = time_variants(paths, OrtSettings(), usable_thread_counts(), level="all")
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+    form, threads = min(timed, key=timed.get)
+    return forms[form], {"chosen": form, "intra_op_threads": threads,
+                         "median_ms_batch1": {f"{f} x{n}": round(ms, 3) for (f, n), ms in timed.items()}}
+
+
 def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
     from cunet_optimize.engines import get_builder
     from cunet_optimize.engines.targets import check_precision, get_target
     from cunet_optimize.evaluate import evaluate_landmarks
     from cunet_optimize.export import export_onnx
     from cunet_optimize.surgery import activation_memory, default_passes, lint_model, run_surgery
+    from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
     target = get_target(opts.target)
     support = check_precision(target, opts.precision)
@@ -279,6 +308,13 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
             if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images
                 options["integer_dataflow"] = {"calibration": calibration_images(opts)}
             result = run_surgery(before, passes, target=target.name, pass_options=options)
+            concat_form = None
+            if not quantized and FOLD_DENSE_CONCATS[target.backend] == TIMED:
+                result, concat_form = choose_concat_form(result, target.name, staging)
+                notes.append(f"dense concatenations: the {concat_form['chosen']} form, the faster one here "
+                             f"with {concat_form['intra_op_threads']} thread(s) at batch 1 (median ms: "
+                             + ", ".join(f"{k} {v:.2f}" for k, v in concat_form["median_ms_batch1"].items())
+                             + ")")
             onnx_path = staging / "model.onnx"
             onnx.save(result.model, onnx_path)
             raw.unlink()
@@ -289,6 +325,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                 "peak_activation_bytes_after": mem_after["peak_bytes"],
                 "concat_bytes_before": mem_before["concat_output_bytes"],
                 "concat_bytes_after": mem_after["concat_output_bytes"],
+                "dense_concat_form": concat_form,
             }
             findings = lint_model(result.model, target.name)
             errors = [f for f in findings if f.severity == "error"]
@@ -306,6 +343,8 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
 
         with timer.stage("engine", f"{target.backend} for {target.name}"):
             engine_options = {"trt_major": opts.trt_major} if opts.trt_major else {}
+            if concat_form is not None:  # the thread count was timed with the form
+                engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
             if target.backend == "onnxruntime" and opts.precision == "int8":
                 engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
                                                  else "int8-symmetric")

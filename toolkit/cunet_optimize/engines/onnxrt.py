@@ -143,30 +143,36 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def time_thread_counts(model_path: Path, settings: OrtSettings, candidates: list[int],
-                       runs: int = THREAD_TUNING_RUNS) -> dict[int, float]:
-    """Median batch-1 latency in ms of the optimised model per intra-op thread count.
-    The sessions run in turn, run by run, so a change of machine load hits them alike."""
+def time_variants(models: Mapping[str, Path], settings: OrtSettings, threads: list[int], level: str = "disable",
+                  runs: int = THREAD_TUNING_RUNS) -> dict[tuple[str, int], float]:
+    """Median batch-1 latency in ms of each (model label, intra-op thread count), the
+    models loaded at graph optimisation `level`. The sessions run in turn, run by run,
+    so a change of machine load hits them alike."""
     from cunet_optimize.export.onnx_export import INPUT_SIZE, verification_batch
 
     sessions = {}
-    for n in candidates:
-        so = session_options(OrtSettings(**{**asdict(settings), "intra_op_threads": n}), "disable")
-        sessions[n] = _make_session(model_path, so)
+    for label, path in models.items():
+        for n in threads:
+            so = session_options(OrtSettings(**{**asdict(settings), "intra_op_threads": n}), level)
+            sessions[label, n] = _make_session(Path(path), so)
     first = next(iter(sessions.values())).get_inputs()[0]
     size = [d if isinstance(d, int) and d > 0 else INPUT_SIZE for d in first.shape[2:]]
     # a synthetic face where the size allows: random float inputs can hit slow denormal paths
     image = (verification_batch(1) if size == [INPUT_SIZE, INPUT_SIZE]
              else np.random.default_rng(0).random((1, first.shape[1], *size), dtype=np.float32))
     feed = {first.name: image.astype(np.float16 if first.type == "tensor(float16)" else np.float32)}
-    times: dict[int, list[float]] = {n: [] for n in candidates}
-    for i in range(runs + 2):
-        for n, session in sessions.items():
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in sessions}
+    for i in range(runs + 2):  # two warm-up rounds
+        for key, session in sessions.items():
             start = time.perf_counter()
             session.run(None, feed)
             if i >= 2:
-                times[n].append((time.perf_counter() - start) * 1e3)
-    return {n: float(np.median(t)) for n, t in times.items()}
+                times[key].append((time.perf_counter() - start) * 1e3)
+    return {key: float(np.median(t)) for key, t in times.items()}
+
+
+def usable_thread_counts() -> list[int]:
+    return thread_candidates(_usable_cpus())
 
 
 def _make_session(model_path: Path, so):
@@ -239,7 +245,8 @@ class OnnxRuntimeBuilder:
         notes = [n for n in (support.note,) if n]
         tuning = None
         if settings.tune_threads and settings.intra_op_threads == 0:
-            tuning = time_thread_counts(final, settings, thread_candidates(_usable_cpus()))
+            timed = time_variants({"model": final}, settings, usable_thread_counts())
+            tuning = {n: ms for (_, n), ms in timed.items()}
             best = min(tuning, key=tuning.get)
             settings = OrtSettings(**{**asdict(settings), "intra_op_threads": best})
             notes.append("intra-op threads timed at batch 1 on this machine: "

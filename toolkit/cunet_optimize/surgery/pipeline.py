@@ -10,7 +10,7 @@ change in their report instead.
 
 Which form of the dense concatenations the default pipeline produces is a per-backend
 decision (design space in docs/QUANT_RULES.md), measured by bench/bench_surgery.py and
-recorded in FOLD_DENSE_CONCATS below.
+recorded in FOLD_DENSE_CONCATS below (or timed per network at build time).
 """
 
 from __future__ import annotations
@@ -50,19 +50,23 @@ PASSES: dict[str, Callable[[gs.Graph], PassReport]] = {
 # Passes whose outputs may differ from their inputs by design.
 CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales", "integer_dataflow"})
 
-# Whether the default pipeline folds the dense concatenations of a float graph, per backend.
-# onnxruntime: no. bench/bench_surgery.py (ORT 1.32 CPU, ORT_ENABLE_ALL, batch 1, forms
-#   alternating run by run, trained or BN-recalibrated weights): the embedded model ran 16.96
-#   (concat) vs 18.64 ms (folded) on 1 thread and 48.7 vs 54.3 ms on 2; the authors' N=8 face
-#   model 322.5 vs 304.8 ms on 1 thread and 219.5 vs 227.4 ms on 2: no form wins beyond noise,
-#   and the folded graph has 2.3x the nodes. Folding never materialises the Concat outputs
-#   (191 MB at batch 1 on the N=8 model) but moves the estimated peak activation memory by
-#   -2% (N=8) and +17% (embedded). `--passes ... fold_dense_concats` makes it on request.
+# Whether the dense concatenations of a float graph are folded, per backend: True, False,
+# or TIMED (the default pipeline keeps them; `build` times both forms on the build machine
+# at each usable thread count and keeps the faster, see build.choose_concat_form).
+# onnxruntime: TIMED, because the winner depends on the network. bench/bench_surgery.py
+#   (ORT 1.32 CPU, ORT_ENABLE_ALL, batch 1, forms alternating run by run, trained or
+#   BN-recalibrated weights, median of 25; two sessions on this shared 2-vCPU machine):
+#   embedded model concat 16.96 / 15.23 ms vs folded 18.64 / 16.24 ms on 1 thread; the
+#   authors' N=8 face model concat 322.5 / 408.4 ms vs folded 304.8 / 339.7 ms on 1 thread,
+#   219.5 / 224.2 vs 227.4 / 219.3 ms on 2. Folding never materialises the Concat outputs
+#   (191 MB at batch 1 on the N=8 model) and moves the estimated peak activation memory
+#   (conv epilogues fused) by -18% (N=8) and +19% (embedded).
 # tensorrt: no (not measured: no GPU here). TensorRT elides a Concat by writing its inputs
 #   into one buffer (with tied scales in INT8), so the concat form is kept until a device
 #   measurement says otherwise.
 # Quantized graphs are never folded by default: the Q/DQ-per-branch form is unmeasured.
-FOLD_DENSE_CONCATS = {"onnxruntime": False, "tensorrt": False}
+TIMED = "timed"
+FOLD_DENSE_CONCATS = {"onnxruntime": TIMED, "tensorrt": False}
 # INT8 graphs for ONNX Runtime are rewritten into uint8 integer dataflow (integer_dataflow.py):
 # TensorRT's placement runs there as float convs between Q/DQ, slower than FP32.
 INTEGER_DATAFLOW = {"onnxruntime": True, "tensorrt": False}
@@ -75,7 +79,7 @@ def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int =
         # Pack before BN folding: folding a BN scale into 4-bit weights takes them off their grid.
         passes.append("pack_int4_weights")
     passes.append("fold_batchnorm")
-    if FOLD_DENSE_CONCATS[spec.backend] and not quantized:
+    if FOLD_DENSE_CONCATS[spec.backend] is True and not quantized:
         # fold_batchnorm again: a segment read by one branch only now meets its BN right after its Conv
         passes += ["fold_dense_concats", "fold_batchnorm"]
     if quantized:
