@@ -449,3 +449,5 @@ def test_qat_recipe_is_a_short_low_lr_cosine_schedule_with_bn_frozen_after_warmu
     int4 = qat_recipe(original, parse_precision("int4"))  # 4-bit weights: 30% of the epochs at 10% of the lr
     assert (int4.epochs, int4.lr, int4.freeze_bn_after) == (3, 1e-4, 0)
     assert qat_recipe(original, parse_precision("int4"), epochs=1, lr=1e-5).epochs == 1  # explicit values win
+    binary = qat_recipe(original, parse_precision("w1a8"))  # most of a schedule at the original lr
+    assert (binary.epochs, binary.lr, binary.freeze_bn_after) == (6, 1e-3, 1)

@@ -23,10 +23,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
     p.add_argument("--out", required=True, help="run folder (best.safetensors = QAT checkpoint for build --qat)")
     p.add_argument("--original-epochs", type=int, default=TrainRecipe().epochs,
-                   help="epochs of the original training; QAT runs 10%% of them by default (30%% for 4-bit weights)")
+                   help="epochs of the original training; QAT runs 10%% of them by default "
+                        "(30%% for 4-bit weights, 60%% for binary/ternary)")
     p.add_argument("--original-lr", type=float, default=TrainRecipe().lr,
                    help="learning rate of the original training; QAT uses 1%% of it by default "
-                        "(10%% for 4-bit weights)")
+                        "(10%% for 4-bit weights, all of it for binary/ternary)")
     p.add_argument("--epochs", type=int, help="override the QAT epochs")
     p.add_argument("--lr", type=float, help="override the QAT learning rate")
     p.add_argument("--batch-size", type=int, default=16)
