@@ -113,6 +113,8 @@ def test_qat_fine_tunes_a_checkpoint_that_build_exports(faces, tmp_path, capsys)
     assert main(qat) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["scheme"] == "int8" and summary["epochs"] == 2 and summary["lr"] == 1e-4
+    # "10% of the original schedule" means the checkpoint's own training, which train recorded
+    assert summary["original_schedule"] == {"epochs": 1, "lr": 1e-4, "origin": "from the checkpoint's training record"}
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     # the checkpoint rebuilds the fake-quantized model, scales included, with trained weights
     # (that QAT steps lower the loss: tests/test_quant_qmodel.py)

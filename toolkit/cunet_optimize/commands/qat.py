@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from cunet_optimize.build import calibration_batches, equalize_alpha_for, resolve_model
@@ -22,11 +24,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-split", default="test")
     p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
     p.add_argument("--out", required=True, help="run folder (best.safetensors = QAT checkpoint for build --qat)")
-    p.add_argument("--original-epochs", type=int, default=TrainRecipe().epochs,
-                   help="epochs of the original training; QAT runs 10%% of them by default "
+    p.add_argument("--original-epochs", type=int,
+                   help="epochs of the original training (default: the checkpoint's training record, else "
+                        f"the authors' {TrainRecipe().epochs}); QAT runs 10%% of them "
                         "(30%% for 4-bit weights, 60%% for binary/ternary)")
-    p.add_argument("--original-lr", type=float, default=TrainRecipe().lr,
-                   help="learning rate of the original training; QAT uses 1%% of it by default "
+    p.add_argument("--original-lr", type=float,
+                   help="learning rate of the original training (default: the checkpoint's training record, "
+                        f"else the authors' {TrainRecipe().lr:g}); QAT uses 1%% of it "
                         "(10%% for 4-bit weights, all of it for binary/ternary)")
     p.add_argument("--epochs", type=int, help="override the QAT epochs")
     p.add_argument("--lr", type=float, help="override the QAT learning rate")
@@ -43,14 +47,31 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def trained_schedule(model) -> dict:
+    """{epochs, lr} of the recipe our `train` recorded in the checkpoint, or {} (other checkpoints)."""
+    training = getattr(model, "checkpoint_metadata", {}).get("training")
+    try:
+        recipe = json.loads(training).get("recipe", {}) if training else {}
+    except (TypeError, ValueError, AttributeError):
+        return {}
+    return {k: recipe[k] for k in ("epochs", "lr") if isinstance(recipe.get(k), (int, float))}
+
+
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, ckpt, source, _ = resolve_model(args.model)
     scheme = parse_precision(args.precision)
-    original = TrainRecipe(epochs=args.original_epochs, lr=args.original_lr, batch_size=args.batch_size,
+    recorded, authors = trained_schedule(model), TrainRecipe()
+    original = TrainRecipe(epochs=args.original_epochs or recorded.get("epochs", authors.epochs),
+                           lr=args.original_lr or recorded.get("lr", authors.lr), batch_size=args.batch_size,
                            seed=args.seed, checkpoint_every=args.checkpoint_every)
+    origin = ("given" if args.original_epochs and args.original_lr
+              else "from the checkpoint's training record" if recorded else "the authors' recipe")
     recipe = qat_recipe(original, scheme, epochs=args.epochs, lr=args.lr)
+    if not args.json:
+        print(f"original training: {original.epochs} epochs at lr {original.lr:g} ({origin}); "
+              f"QAT {scheme.spec}: {recipe.epochs} epochs from lr {recipe.lr:g}")
     train_set = face_dataset(args, args.split, augment=True, seed=args.seed)
     if args.train_images:
         train_set = FirstSamples(train_set, args.train_images)
@@ -64,7 +85,8 @@ def run(args) -> int:
                      metadata={"source_model": source, "recipe": recipe.__dict__})
     summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,
                "best_val_nme_percent": result.best_nme, "epochs": result.epochs_run,
-               "lr": recipe.lr, "wall_seconds": result.wall_seconds, "history": result.history}
+               "lr": recipe.lr, "original_schedule": {"epochs": original.epochs, "lr": original.lr, "origin": origin},
+               "wall_seconds": result.wall_seconds, "history": result.history}
     if args.json:
         print_json(summary)
     else:
