@@ -112,7 +112,8 @@ def test_qat_fine_tunes_a_checkpoint_that_build_exports(faces, tmp_path, capsys)
            "--json"]  # no equalization: the weights start as the FP32 ones
     assert main(qat) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["scheme"] == "int8" and summary["epochs"] == 2 and summary["lr"] == 1e-4
+    # the same Q/DQ placement as build and calibrate by default (conv inputs only)
+    assert summary["scheme"] == "int8-convin" and summary["epochs"] == 2 and summary["lr"] == 1e-4
     # "10% of the original schedule" means the checkpoint's own training, which train recorded
     assert summary["original_schedule"] == {"epochs": 1, "lr": 1e-4, "origin": "from the checkpoint's training record"}
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
@@ -121,7 +122,7 @@ def test_qat_fine_tunes_a_checkpoint_that_build_exports(faces, tmp_path, capsys)
     from cunet_optimize.quant.qat import load_qat_checkpoint
 
     qmodel = load_qat_checkpoint(summary["qat_checkpoint"])
-    assert qmodel.scheme.spec == "int8" and all(q.calibrated for q in qmodel.modules() if hasattr(q, "calibrated"))
+    assert qmodel.scheme.spec == "int8-convin" and all(q.calibrated for q in qmodel.modules() if hasattr(q, "calibrated"))
     start = load_file(str(fp32))
     moved = [k for k, v in qmodel.state_dict().items() if k in start and v.dtype.is_floating_point
              and v.shape == start[k].shape and not (v == start[k]).all()]

@@ -47,6 +47,23 @@ CONCAT_QDQ = {
     "tied": {"quantize_concats": True, "tie_concat_scales": True},
     "untied": {"quantize_concats": True, "tie_concat_scales": False},
 }
+
+
+def quant_scheme(precision: str, concat_qdq: str = "none"):
+    """The QuantScheme of `precision` with INT activations placed per CONCAT_QDQ[concat_qdq]:
+    what build, calibrate and qat quantize (one rule, so a QAT checkpoint matches a build)."""
+    from cunet_optimize.quant import parse_precision
+
+    scheme = parse_precision(precision)
+    return parse_precision(precision, **CONCAT_QDQ[concat_qdq]) if scheme.activation == "int" else scheme
+
+
+def add_concat_qdq_argument(parser) -> None:
+    parser.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default="none",
+                        help="INT8 Q/DQ on the dense concatenations: none (conv inputs only; most accurate), "
+                             "tied (one scale per concat: TensorRT elides it; pair with qat), untied")
+
+
 # Activation equalization before PTQ (quant/equalize.py), SmoothQuant's alpha, for INT8 weights.
 # On the embedded model (FP32 NME 5.293%, 300 test images, bench/bench_quant_table.py) percentile
 # INT8 PTQ measured 5.531% without and 5.351% with it. It moves range into the weights, which
@@ -407,9 +424,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
                                  f"not {opts.precision}")
             return qmodel.eval(), {"method": "qat", "checkpoint": str(opts.qat_checkpoint)}
     model_sha = sha256_file(ckpt_path)
-    scheme = parse_precision(opts.precision)
-    if scheme.activation == "int":
-        scheme = parse_precision(opts.precision, **CONCAT_QDQ[opts.concat_qdq])
+    scheme = quant_scheme(opts.precision, opts.concat_qdq)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
     calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split)
     images = min(opts.calib_images, len(calib_set))

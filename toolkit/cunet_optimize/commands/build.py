@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from cunet_optimize.build import (CONCAT_QDQ, DEFAULT_MAX_NME_INCREASE, BuildOptions, command_line,
+from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, BuildOptions, add_concat_qdq_argument, command_line,
                                   default_calib_split, run_build)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
@@ -24,9 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calib-split", default=None, help="split list in --calib-data (default: train if present)")
     p.add_argument("--calib-method", choices=METHODS, default="percentile")
     p.add_argument("--calib-images", type=int, default=128)
-    p.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default="none",
-                   help="INT8 Q/DQ on the dense concatenations: none (conv inputs only; most accurate), "
-                        "tied (one scale per concat: TensorRT elides it; pair with --qat), untied")
+    add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--eval-data", metavar="DIR", help="evaluation set (default: the embedded synthetic test split)")
     p.add_argument("--eval-split", default="test")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import (CONCAT_QDQ, BuildOptions, StageTimer, default_calib_split, legacy_cache_scales,
+from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, default_calib_split, legacy_cache_scales,
                                   quantize_and_calibrate, resolve_model)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
@@ -20,8 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", choices=METHODS, default="percentile")
     p.add_argument("--precision", default="int8", help="quantization scheme (int8, int4, w1a8, ...)")
     p.add_argument("--images", type=int, default=128, help="number of calibration images")
-    p.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default="none",
-                   help="Q/DQ on the dense concatenations (as in build)")
+    add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/calib/<id>/")
     p.add_argument("--json", action="store_true")

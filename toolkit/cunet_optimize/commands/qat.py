@@ -6,13 +6,13 @@ import json
 
 import torch
 
-from cunet_optimize.build import calibration_batches, equalize_alpha_for, resolve_model
+from cunet_optimize.build import (add_concat_qdq_argument, calibration_batches, equalize_alpha_for, quant_scheme,
+                                  resolve_model)
 from cunet_optimize.commands.common import (add_equalize_arguments, add_face_data_arguments, add_model_argument,
                                             face_dataset, print_json)
 from cunet_optimize.data.face300w import FirstSamples
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.quant.qat import qat_recipe, run_qat
-from cunet_optimize.quant.scheme import parse_precision
 from cunet_optimize.train.loop import TrainRecipe
 
 
@@ -37,6 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--calib-method", choices=METHODS, default="percentile")
     p.add_argument("--calib-images", type=int, default=128)
+    add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--learnable-scales", action="store_true", help="train the quantizer scales too (LSQ)")
     p.add_argument("--seed", type=int, default=0)
@@ -61,7 +62,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, ckpt, source, _ = resolve_model(args.model)
-    scheme = parse_precision(args.precision)
+    scheme = quant_scheme(args.precision, args.concat_qdq)
     recorded, authors = trained_schedule(model), TrainRecipe()
     original = TrainRecipe(epochs=args.original_epochs or recorded.get("epochs", authors.epochs),
                            lr=args.original_lr or recorded.get("lr", authors.lr), batch_size=args.batch_size,
