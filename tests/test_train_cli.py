@@ -108,8 +108,8 @@ def test_qat_fine_tunes_a_checkpoint_that_build_exports(faces, tmp_path, capsys)
     capsys.readouterr()
     fp32 = tmp_path / "run" / "best.safetensors"
     qat = ["qat", "--model", str(fp32), "--precision", "int8", "--data", str(faces), "--out", str(tmp_path / "qat"),
-           "--epochs", "2", "--lr", "1e-4", "--batch-size", "4", "--calib-images", "4", "--no-equalize", "--threads", "1",
-           "--json"]  # no equalization: the weights start as the FP32 ones
+           "--epochs", "2", "--lr", "1e-4", "--batch-size", "4", "--calib-images", "4", "--no-equalize",
+           "--threads", "1", "--json"]  # no equalization: the weights start as the FP32 ones
     assert main(qat) == 0
     summary = json.loads(capsys.readouterr().out)
     # the same Q/DQ placement as build and calibrate by default (conv inputs only)
@@ -122,7 +122,8 @@ def test_qat_fine_tunes_a_checkpoint_that_build_exports(faces, tmp_path, capsys)
     from cunet_optimize.quant.qat import load_qat_checkpoint
 
     qmodel = load_qat_checkpoint(summary["qat_checkpoint"])
-    assert qmodel.scheme.spec == "int8-convin" and all(q.calibrated for q in qmodel.modules() if hasattr(q, "calibrated"))
+    assert qmodel.scheme.spec == "int8-convin"
+    assert all(q.calibrated for q in qmodel.modules() if hasattr(q, "calibrated"))
     start = load_file(str(fp32))
     moved = [k for k, v in qmodel.state_dict().items() if k in start and v.dtype.is_floating_point
              and v.shape == start[k].shape and not (v == start[k]).all()]

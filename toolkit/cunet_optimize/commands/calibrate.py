@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, default_calib_split, legacy_cache_scales,
-                                  quantize_and_calibrate, resolve_model)
+from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, default_calib_split,
+                                  legacy_cache_scales, quantize_and_calibrate, resolve_model)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
 
