@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cunet_optimize.build import CONCAT_QDQ, DEFAULT_EQUALIZE_ALPHA, calibration_batches, equalize_alpha_for
+from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA, calibration_batches, equalize_alpha_for, quant_scheme
 from cunet_optimize.data.face300w import Face300W, FirstSamples
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
@@ -94,15 +94,15 @@ def main() -> None:
     evaluate("fp32", model, None)
     calib = list(calibration_batches(train, args.calib_images))
 
-    def ptq(spec, method, alpha, **overrides):
-        scheme = parse_precision(spec, **overrides)
+    def ptq(spec, method, alpha, concat_qdq="none"):
+        scheme = quant_scheme(spec, concat_qdq)
         q, _, _ = post_training_quantize(model, scheme, calib, method, alpha, progress=False)
         return q.eval(), scheme
 
     best = None
     for method in args.methods.split(","):
         for form, alpha in [(f, args.equalize) for f in args.concat_forms.split(",")] + [("none", None)]:
-            q, scheme = ptq("int8", method, alpha, **CONCAT_QDQ[form])
+            q, scheme = ptq("int8", method, alpha, form)
             eq = "equalized" if alpha is not None else "not equalized"
             evaluate(f"int8 PTQ {method} concat-qdq={form} {eq}", q, scheme, method=method, concat_qdq=form,
                      equalize_alpha=alpha, requantization_points=requantization_points(q))

@@ -331,7 +331,7 @@ def test_activation_memory_fuses_conv_epilogues_and_qdq_chains():
     assert naive["node_output_bytes"]["w_dq"] == 0  # weights stay weights either way
 
 
-def test_activation_memory_matches_the_graph_onnxruntime_runs(tmp_path, tiny_onnx):
+def test_activation_memory_matches_the_graph_onnxruntime_runs(tmp_path):
     """The fusion model, on an INT8 graph, against ONNX Runtime's own optimised graph
     (QLinearConv, uint8 Concat/MaxPool/Resize: no Q/DQ left to model)."""
     import onnxruntime as ort
@@ -395,7 +395,7 @@ def test_surgery_cli(tiny_onnx, tmp_path, capsys):
 def test_default_pipeline_per_target():
     from cunet_optimize.surgery import default_passes
 
-    assert "fold_dense_concats" not in default_passes("cpu")  # no faster beyond noise on ORT CPU (bench_surgery)
+    assert "fold_dense_concats" not in default_passes("cpu")  # timed per network by build instead
     assert "fold_dense_concats" not in default_passes("h100")  # TensorRT elides concats itself
     assert "fold_dense_concats" not in default_passes("cpu", quantized=True)
     assert default_passes("cpu", quantized=True)[-1] == "integer_dataflow"  # ONNX Runtime's uint8 form

@@ -254,7 +254,7 @@ def choose_concat_form(concat: SurgeryResult, target: str, workdir: Path) -> tup
     (fold_dense_concats): time both at each usable intra-op thread count on this machine,
     keep the faster form (see surgery.pipeline.FOLD_DENSE_CONCATS). Returns the result
     to build and what was measured, with the thread count that won."""
-    from cunet_optimize.engines.onnxrt import OrtSettings, time_variants, usable_thread_counts
+    from cunet_optimize.engines.onnxrt import OrtSettings, thread_candidates, time_variants
     from cunet_optimize.surgery import SurgeryResult, run_surgery
 
     folded = run_surgery(concat.model, ["fold_dense_concats", "fold_batchnorm"], target=target)
@@ -264,7 +264,7 @@ def choose_concat_form(concat: SurgeryResult, target: str, workdir: Path) -> tup
     try:
         for form, path in paths.items():
             onnx.save(forms[form].model, path)
-        timed = time_variants(paths, OrtSettings(), usable_thread_counts(), level="all")
+        timed = time_variants(paths, OrtSettings(), thread_candidates(), level="all")
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)

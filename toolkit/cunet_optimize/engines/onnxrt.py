@@ -128,8 +128,9 @@ def session_options(settings: OrtSettings, level: str, optimized_model_path: str
     return so
 
 
-def thread_candidates(cpus: int) -> list[int]:
-    """1, 2, 4, ... up to `cpus`, and `cpus` itself."""
+def thread_candidates(cpus: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to `cpus` (default: the CPUs this process may use), and `cpus` itself."""
+    cpus = cpus or _usable_cpus()
     out = [1]
     while out[-1] * 2 <= cpus:
         out.append(out[-1] * 2)
@@ -169,10 +170,6 @@ def time_variants(models: Mapping[str, Path], settings: OrtSettings, threads: li
             if i >= 2:
                 times[key].append((time.perf_counter() - start) * 1e3)
     return {key: float(np.median(t)) for key, t in times.items()}
-
-
-def usable_thread_counts() -> list[int]:
-    return thread_candidates(_usable_cpus())
 
 
 def _make_session(model_path: Path, so):
@@ -245,7 +242,7 @@ class OnnxRuntimeBuilder:
         notes = [n for n in (support.note,) if n]
         tuning = None
         if settings.tune_threads and settings.intra_op_threads == 0:
-            timed = time_variants({"model": final}, settings, usable_thread_counts())
+            timed = time_variants({"model": final}, settings, thread_candidates())
             tuning = {n: ms for (_, n), ms in timed.items()}
             best = min(tuning, key=tuning.get)
             settings = OrtSettings(**{**asdict(settings), "intra_op_threads": best})

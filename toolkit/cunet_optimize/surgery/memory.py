@@ -41,12 +41,12 @@ CONV_EPILOGUES = {"BatchNormalization", "Relu", "Clip"}
 
 
 def _constant_tensors(nodes: list[onnx.NodeProto], initializers: set[str]) -> set[str]:
-    """Node outputs computed from initializers only (weights as runtimes see them)."""
+    """Initializers and the node outputs computed from them only (weights as runtimes see them)."""
     constant = set(initializers)
     for node in nodes:
         if node.op_type == "Constant" or (node.input and all(not i or i in constant for i in node.input)):
             constant.update(o for o in node.output if o)
-    return constant - initializers
+    return constant
 
 
 def _consumers(nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
@@ -58,10 +58,10 @@ def _consumers(nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
     return consumers
 
 
-def _conv_epilogue_tensors(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> set[str]:
+def _conv_epilogue_tensors(nodes: list[onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]],
+                           graph_outputs: set[str]) -> set[str]:
     """Outputs of a convolution (or of its fused epilogue so far) whose only consumer is a
     further epilogue op: computed in registers, never stored."""
-    consumers = _consumers(nodes)
     fused: set[str] = set()
     for node in nodes:
         if node.op_type not in CONV_OPS:
@@ -74,10 +74,10 @@ def _conv_epilogue_tensors(nodes: list[onnx.NodeProto], graph_outputs: set[str])
     return fused
 
 
-def _fused_qdq_tensors(nodes: list[onnx.NodeProto], constant: set[str], graph_outputs: set[str]) -> set[str]:
+def _fused_qdq_tensors(nodes: list[onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]],
+                       constant: set[str], graph_outputs: set[str]) -> set[str]:
     """Float tensors inside DequantizeLinear -> op -> [Relu|Clip] -> QuantizeLinear chains."""
     producer = {o: n for n in nodes for o in n.output if o}
-    consumers = _consumers(nodes)
 
     def only_quantized(name: str) -> list[str] | None:
         """Float tensors from `name` up to the QuantizeLinear(s) it feeds, or None if it escapes."""
@@ -134,8 +134,8 @@ def activation_memory(model: ModelLike, batch: int = 1, fuse: bool = True) -> di
     unknown: list[str] = []
     free = _constant_tensors(nodes, initializers)
     if fuse:
-        outputs = {o.name for o in proto.graph.output}
-        free |= _fused_qdq_tensors(nodes, free | initializers, outputs) | _conv_epilogue_tensors(nodes, outputs)
+        outputs, consumers = {o.name for o in proto.graph.output}, _consumers(nodes)
+        free |= _fused_qdq_tensors(nodes, consumers, free, outputs) | _conv_epilogue_tensors(nodes, consumers, outputs)
 
     def bytes_of(name: str) -> int:
         if name in free:
