@@ -55,20 +55,12 @@ def prepare_model(name: str):
 
     from cunet_optimize import load_model
     from cunet_optimize.export.onnx_export import verification_batch
+    from cunet_optimize.models.batchnorm import reestimate_batchnorm
 
     if name == "embedded":
         return load_model().eval()
     torch.manual_seed(0)
-    model = load_model(name)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for start in range(0, 16, 4):
-            model(torch.from_numpy(verification_batch(start + 4)[start:]))
-    return model.eval()
+    return reestimate_batchnorm(load_model(name), verification_batch(16))
 
 
 def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
