@@ -92,6 +92,20 @@ def test_gpu_targets_write_a_bundle_not_an_engine(tiny, faces, tmp_path, target,
     assert "ONNX Runtime CPU reference" in manifest["accuracy"]["runtime"]
 
 
+def test_int4_on_tensorrt_is_weight_only_dequantized_to_the_plans_float_type(tiny, faces, tmp_path, capsys):
+    """TensorRT has no INT4 convolution: the bundle holds INT4-grid weights as float
+    initializers (FP16 for TensorRT 11's strongly typed plan), no Q/DQ, no INT4 tensor."""
+    assert main(build_args(tiny, faces, tmp_path, "int4", "--target", "h100")) == 0
+    bundle = tmp_path / "engines" / "tiny-int4-h100"
+    manifest = json.loads((bundle / "build.json").read_text())
+    assert manifest["calibration"]["scheme"].endswith("-wo") and "dequantize_weights" in manifest["surgery"]["passes"]
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in graph.node}
+    types = {i.data_type for i in graph.initializer if len(i.dims) == 4}
+    assert types == {onnx.TensorProto.FLOAT16}
+    assert manifest["engine_built"] is False and (bundle / "build_engine.sh").is_file()
+
+
 def test_refuses_a_precision_the_target_cannot_run(tiny, faces, tmp_path, capsys):
     assert main(build_args(tiny, faces, tmp_path, "fp8", "--target", "jetson-orin-nano")) == 2
     err = capsys.readouterr().err

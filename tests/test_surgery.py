@@ -23,7 +23,7 @@ from cunet_optimize.models import CUNet
 from cunet_optimize.quant import parse_precision, post_training_quantize
 from cunet_optimize.surgery import (
     activation_memory, check_weight_axes, check_zero_points, cleanup, flatten_nested_concats, fold_batchnorm,
-    fold_dense_concats, lint_model, pack_int4_weights, remove_redundant_qdq, run_surgery, tie_concat_qdq_scales,
+    dequantize_weights, fold_dense_concats, lint_model, pack_int4_weights, remove_redundant_qdq, run_surgery, tie_concat_qdq_scales,
 )
 from cunet_optimize.surgery.graph import to_model
 from test_surgery_graphs import GraphBuilder, clean_int8_model, dense_concat_model
@@ -288,6 +288,17 @@ def test_pack_int4_fake_quant_export(tmp_path):
     assert report.rewrites == 1
     assert_same_outputs(model, packed, level="basic", tol=0.0)
     assert any(i.data_type == TensorProto.INT4 for i in packed.graph.initializer)
+
+
+def test_dequantize_weights_leaves_float_initializers_on_the_grid():
+    """TensorRT's INT4 form: the INT4 DequantizeLinear becomes the float weight it computes."""
+    model, ints = _int4_candidate()
+    packed, _ = apply(model, pack_int4_weights)
+    for source in (model, packed):
+        plain, report = apply(source, dequantize_weights)
+        assert report.rewrites == 1 and "DequantizeLinear" not in ops(plain)
+        assert not any(i.data_type == TensorProto.INT4 for i in plain.graph.initializer)
+        assert_same_outputs(source, plain, level="basic", tol=0.0)
 
 
 # ----------------------------------------------------------------------------- memory

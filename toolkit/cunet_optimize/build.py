@@ -49,12 +49,17 @@ CONCAT_QDQ = {
 }
 
 
-def quant_scheme(precision: str, concat_qdq: str = "none"):
+def quant_scheme(precision: str, concat_qdq: str = "none", backend: str = "onnxruntime"):
     """The QuantScheme of `precision` with INT activations placed per CONCAT_QDQ[concat_qdq]:
-    what build, calibrate and qat quantize (one rule, so a QAT checkpoint matches a build)."""
+    what build, calibrate and qat quantize (one rule, so a QAT checkpoint matches a build).
+    On TensorRT, INT4 weights are built dequantized to FP16 (engines/targets.py: no INT4
+    convolution kernels), so INT4 schemes there are weight-only: activations stay float,
+    as the engine computes them."""
     from cunet_optimize.quant import parse_precision
 
     scheme = parse_precision(precision)
+    if backend == "tensorrt" and scheme.weight == "int" and scheme.weight_bits == 4 and scheme.activation == "int":
+        return parse_precision(precision + "-wo")
     return parse_precision(precision, **CONCAT_QDQ[concat_qdq]) if scheme.activation == "int" else scheme
 
 
@@ -273,6 +278,18 @@ def choose_concat_form(concat: SurgeryResult, target: str, workdir: Path) -> tup
                          "median_ms_batch1": {f"{f} x{n}": round(ms, 3) for (f, n), ms in timed.items()}}
 
 
+def computes_in_fp16(target, opts: BuildOptions) -> bool:
+    """Whether the exported graph computes in FP16: asked for, or what a strongly typed
+    TensorRT plan takes precision from (e.g. INT4 weights dequantized to FP16 on TensorRT 11)."""
+    from cunet_optimize.engines.trt_plan import make_build_plan
+
+    if opts.precision == "fp16":
+        return True
+    if target.backend != "tensorrt":
+        return False
+    return make_build_plan(target, opts.precision, "model.onnx", trt_major=opts.trt_major).onnx_form.endswith("fp16-cast")
+
+
 def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
     from cunet_optimize.engines import get_builder
     from cunet_optimize.engines.targets import check_precision, get_target
@@ -311,17 +328,20 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
 
         with timer.stage("export", f"ONNX opset {opset} ({opts.precision}), verified in ONNX Runtime"):
             raw = staging / "export.onnx"
-            summary = export_onnx(export_model, raw, opset=opset, fp16=opts.precision == "fp16")
+            summary = export_onnx(export_model, raw, opset=opset, fp16=computes_in_fp16(target, opts))
             reference_onnx = staging / "reference-fp32.onnx"
-            export_onnx(model, reference_onnx)
+            if export_model is model and opts.precision == "fp32":
+                shutil.copyfile(raw, reference_onnx)  # the same export: verified once
+            else:
+                export_onnx(model, reference_onnx)
             manifest["export"] = _jsonable(summary)
 
         with timer.stage("surgery", f"graph passes for {target.name}, then lint"):
             before = onnx.load(raw)
             options = {}
-            if quantized and opset >= 21:
-                options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
             passes = default_passes(target.name, quantized=quantized, opset=opset)
+            if "pack_int4_weights" in passes:
+                options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
             if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images
                 options["integer_dataflow"] = {"calibration": calibration_images(opts)}
             result = run_surgery(before, passes, target=target.name, pass_options=options)
@@ -375,7 +395,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
             manifest["artifacts"].setdefault("onnx", "model.onnx")
             if (staging / "calibration.cache").exists():
                 manifest["artifacts"]["legacy_calibration_cache"] = "calibration.cache"
-            notes += list(build.notes)
+            notes += [n for n in build.notes if n not in notes]
 
         with timer.stage("accuracy", f"{len(eval_set)} images vs the FP32 reference (ONNX Runtime)"):
             manifest["accuracy"] = _accuracy_gate(opts, staging, build, onnx_path, reference_onnx, eval_set,
@@ -424,7 +444,9 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
                                  f"not {opts.precision}")
             return qmodel.eval(), {"method": "qat", "checkpoint": str(opts.qat_checkpoint)}
     model_sha = sha256_file(ckpt_path)
-    scheme = quant_scheme(opts.precision, opts.concat_qdq)
+    from cunet_optimize.engines.targets import get_target
+
+    scheme = quant_scheme(opts.precision, opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
     calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split)
     images = min(opts.calib_images, len(calib_set))

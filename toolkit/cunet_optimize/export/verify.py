@@ -7,20 +7,37 @@ Two questions, asked after every export and every graph pass:
    optimisations disabled (bit-faithful to the ONNX semantics, Q/DQ included) against
    PyTorch, or against the graph before a pass.
 
-Tolerances, stated once here (per output; "range" = max - min of the reference):
-- fp32: max |a - ref| <= 1e-4 * range. For a trained heatmap (range ~1) this is the
-  usual 1e-4 absolute; scaling by the range keeps it meaningful for untrained models,
-  whose heatmaps can be 1e-3 small.
-- fp16: max |a - ref| <= 1e-2 * range (float16 has ~3 decimal digits).
-- fake_quant: mean |a - ref| <= 0.2 * std(ref). PyTorch's fake-quant and ONNX
-  Runtime's QuantizeLinear can round a value that sits on a rounding boundary to
-  neighbouring integers (float arithmetic order differs); the flip propagates, so the
-  maximum is not a fair test, the mean is. The export verifies on synthetic faces
-  (onnx_export.verification_batch), not noise, for the same reason. Measured on the
-  default model (percentile PTQ, 128 images): ONNX Runtime vs PyTorch 3% of the std,
-  5.4% after activation equalization, and PyTorch against itself with input noise of
-  1e-5 (far below one 8-bit image level) 12% and 5%: the flips are the network's own
-  sensitivity, not an export error. A wiring error is of the order of the std itself.
+Tolerances are judged against the network's own rounding noise, measured on the same
+inputs, never against a fixed fraction of the output: a deep CU-Net amplifies float32
+rounding (the authors' N=8 face model with realistic activations moves by 6e-4 of its
+output range between PyTorch float32 and float64, a trained N=2 model by 7e-7), so a
+fixed fraction either rejects a correct deep graph or accepts a miswired shallow one.
+For each output, with `noisy` the same network evaluated a second, equally valid way:
+    error(graph, reference) <= NOISE_MULTIPLE * error(noisy, reference) + floor * scale
+- fp32: reference = the PyTorch model in float64, noisy = PyTorch float32, statistic =
+  max |a - ref|, floor 1e-6 * range.
+- fp16: reference = float64, noisy = PyTorch float32 with weights and every module's
+  output rounded to float16 (fp16 storage, fp32 accumulation, as GPUs run it), max |.|,
+  floor 1e-4 * range.
+- fake_quant: reference = PyTorch float32 (fake quantization has no float64 kernels),
+  noisy = the same model on inputs moved by QUANT_PROBE (1e-5, far below one 8-bit image
+  level): how many activations sit on rounding boundaries and how far their flips
+  carry. Statistic mean |a - ref| (a flip moves single values a whole step, so the
+  maximum says nothing), floor 1e-4 * std.
+- graph passes (surgery): reference = the graph before the pass (ORT_DISABLE_ALL),
+  noisy = the same graph with ONNX Runtime's own fusions (conv+BN folding, integer
+  kernels for Q/DQ), the kind of rewrite our passes make.
+A fake-quant graph is also checked with its activation Q/DQ pairs bypassed against the
+model with activation quantization off (quantized weights kept), under the fp32 rule: a
+deep network with random weights is chaotic under activation rounding (the N=8 face
+model's output moves by 60% of its std when its input moves by 1e-5), so there the
+output check alone cannot tell a miswired graph from rounding, while the float wiring
+check still can.
+NOISE_MULTIPLE = 4: measured ratios error/noise were 0.7-1.1 (fp32: embedded 0.74, N=8
+1.06; fp16: embedded 0.54, N=8 0.94; fake quant INT8 embedded 0.86, N=8 0.98; INT4
+embedded 0.96); a miswired graph (swapped channel pair, dropped BatchNorm, permuted
+concat inputs in the 2nd U-Net of the N=8 face model) errs by 150-175x the allowance
+(tests/test_verify.py).
 A failure raises CUNetError: a graph that computes something else is never written
 silently.
 """
@@ -40,23 +57,30 @@ from cunet_optimize.errors import CUNetError
 log = logging.getLogger(__name__)
 
 ORT_LEVELS = ("disable_all", "basic", "extended", "all")
+VERIFY_SEED = 0
+VERIFY_SIZE = 256  # the network's input size
+
+
+NOISE_MULTIPLE = 4.0
+QUANT_PROBE = 1e-5  # input shift that measures a fake-quant network's rounding-boundary sensitivity
 
 
 @dataclass(frozen=True)
 class Tolerance:
     kind: str  # "fp32" | "fp16" | "fake_quant"
     statistic: str  # "max_abs_error" | "mean_abs_error"
-    scale: str  # "range" | "std": what the limit is relative to
-    limit: float
+    floor: float  # allowed on top of the measured noise, relative to `scale`
+    scale: str  # "range" | "std" of the reference
 
-    def describe(self) -> str:
-        return f"{self.statistic} <= {self.limit:g} * reference {self.scale}"
+    def describe(self, noise: str) -> str:
+        return (f"{self.statistic} <= {NOISE_MULTIPLE:g} x that of {noise} + {self.floor:g} x reference "
+                f"{self.scale}")
 
 
 TOLERANCES = {
-    "fp32": Tolerance("fp32", "max_abs_error", "range", 1e-4),
-    "fp16": Tolerance("fp16", "max_abs_error", "range", 1e-2),
-    "fake_quant": Tolerance("fake_quant", "mean_abs_error", "std", 0.2),
+    "fp32": Tolerance("fp32", "max_abs_error", 1e-6, "range"),
+    "fp16": Tolerance("fp16", "max_abs_error", 1e-4, "range"),
+    "fake_quant": Tolerance("fake_quant", "mean_abs_error", 1e-4, "std"),
 }
 
 
@@ -68,6 +92,7 @@ class OutputComparison:
     mean_abs_error: float
     reference_range: float
     reference_std: float
+    noise: float  # the tolerance's statistic for the noisy evaluation (0 when none was measured)
     allowed: float
     passed: bool
 
@@ -76,10 +101,12 @@ class OutputComparison:
 class VerificationResult:
     runtime: str
     reference: str
+    noise: str  # what the graph's error was judged against
     tolerance: str
     batch: int
     outputs: list[OutputComparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    wiring: dict | None = None  # fake-quant graphs: the check with activation Q/DQ bypassed
 
     @property
     def passed(self) -> bool:
@@ -98,8 +125,8 @@ class VerificationResult:
             value = o.max_abs_error if stat == "max_abs_error" else o.mean_abs_error
             raise CUNetError(
                 f"{what}: output '{o.name}' differs from {self.reference}: {stat} {value:.3g} > allowed "
-                f"{o.allowed:.3g} ({self.tolerance}); the graph computes something else, do not deploy it "
-                "(report this with the model)"
+                f"{o.allowed:.3g} ({NOISE_MULTIPLE:g} x the {o.noise:.3g} of {self.noise}, plus a floor); "
+                "the graph computes something else, do not deploy it (report this with the model)"
             )
 
 
@@ -162,20 +189,31 @@ def run_onnxruntime(
     return dict(zip(names, session.run(names, dict(feeds))))
 
 
+def _statistic(err: np.ndarray, statistic: str) -> float:
+    if not err.size:
+        return 0.0
+    return float(err.max() if statistic == "max_abs_error" else err.mean())
+
+
 def compare_outputs(
     actual: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray],
     kind: str,
     *,
+    noisy: Mapping[str, np.ndarray] | None = None,
     runtime: str,
     reference_name: str,
+    noise_name: str = "",
     names: Sequence[str] | None = None,
 ) -> VerificationResult:
-    """Compare outputs name by name under TOLERANCES[kind] (a pure function)."""
+    """Compare outputs name by name under TOLERANCES[kind] (a pure function): `actual` may
+    be NOISE_MULTIPLE times as far from `reference` as `noisy`, the same network evaluated
+    another valid way, plus the floor. Without `noisy` only the floor is allowed."""
     tol = TOLERANCES[kind]
     names = list(names if names is not None else reference.keys())
     batch = int(next(iter(reference.values())).shape[0]) if reference else 0
-    result = VerificationResult(runtime, reference_name, tol.describe(), batch)
+    result = VerificationResult(runtime, reference_name, noise_name or "no noise measurement",
+                                tol.describe(noise_name or "nothing"), batch)
     for name in names:
         if name not in actual:
             raise CUNetError(f"verification: output '{name}' is missing from the graph's outputs {sorted(actual)}")
@@ -186,12 +224,11 @@ def compare_outputs(
                 f"verification: output '{name}' has shape {list(a.shape)}, the reference {list(r.shape)}"
             )
         err = np.abs(a - r)
-        finite = np.isfinite(a).all()
+        noise = _statistic(np.abs(np.asarray(noisy[name], dtype=np.float64) - r), tol.statistic) if noisy else 0.0
         rng = float(r.max() - r.min()) if r.size else 0.0
         std = float(r.std()) if r.size else 0.0
         base = rng if tol.scale == "range" else std
-        allowed = tol.limit * max(base, 1e-12)
-        stat = float(err.max() if tol.statistic == "max_abs_error" else err.mean()) if r.size else 0.0
+        allowed = NOISE_MULTIPLE * noise + tol.floor * max(base, 1e-12)
         result.outputs.append(
             OutputComparison(
                 name=name,
@@ -200,11 +237,16 @@ def compare_outputs(
                 mean_abs_error=float(err.mean()) if r.size else 0.0,
                 reference_range=rng,
                 reference_std=std,
+                noise=noise,
                 allowed=allowed,
-                passed=bool(finite and stat <= allowed),
+                passed=bool(np.isfinite(a).all() and _statistic(err, tol.statistic) <= allowed),
             )
         )
     return result
+
+
+def computes_in_fp16(model: onnx.ModelProto) -> bool:
+    return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
 
 
 def graph_kind(model: onnx.ModelProto) -> str:
@@ -212,8 +254,31 @@ def graph_kind(model: onnx.ModelProto) -> str:
     ops = {n.op_type for n in model.graph.node}
     if ops & {"QuantizeLinear", "DequantizeLinear"}:
         return "fake_quant"
-    float16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
-    return "fp16" if float16 else "fp32"
+    return "fp16" if computes_in_fp16(model) else "fp32"
+
+
+def bypass_activation_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The graph with every activation QuantizeLinear -> DequantizeLinear pair (and a Clip
+    that only feeds such a Q) replaced by a wire; weights keep their Q/DQ. Returns the new
+    model and how many pairs were bypassed."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    bypassed = 0
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear" and not isinstance(n.inputs[0], gs.Constant)]:
+        source = q.inputs[0]
+        producer = source.inputs[0] if source.inputs else None
+        if producer is not None and producer.op == "Clip" and len(source.outputs) == 1:
+            source = producer.inputs[0]  # the clamp to the quantized range goes with the Q/DQ
+        for dq in [c for c in q.outputs[0].outputs if c.op == "DequantizeLinear"]:
+            out = dq.outputs[0]
+            for consumer in list(out.outputs):
+                consumer.inputs[consumer.inputs.index(out)] = source
+            for i, graph_out in enumerate(graph.outputs):
+                if graph_out is out:
+                    graph.outputs[i] = source
+            bypassed += 1
+    return gs.export_onnx(graph.cleanup().toposort()), bypassed
 
 
 def random_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -232,6 +297,18 @@ def random_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[
         else:
             feeds[inp.name] = rng.integers(0, 4, size=shape).astype(dtype)
     return feeds
+
+
+def verification_batch(batch: int) -> np.ndarray:
+    """Synthetic faces (deterministic, no data needed): inputs from the distribution the
+    model was calibrated on. Uniform noise lies far outside the calibrated ranges, and on
+    a quantized graph the rounding-boundary flips then cascade: measured on a QAT model,
+    mean error 22% of the output std on noise against 0.18% on faces, for the same correct
+    graph."""
+    from cunet_optimize.data.synth import synth_face
+
+    faces = [np.asarray(synth_face(VERIFY_SEED, i, VERIFY_SIZE)[0], dtype=np.float32) for i in range(batch)]
+    return np.ascontiguousarray(np.stack(faces).transpose(0, 3, 1, 2) / np.float32(255.0))
 
 
 def ort_version() -> str:

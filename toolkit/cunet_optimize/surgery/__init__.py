@@ -6,7 +6,7 @@ Every pass takes a gs.Graph, rewrites it in place and returns a PassReport;
 
 from cunet_optimize.surgery.batchnorm import cleanup, fold_batchnorm
 from cunet_optimize.surgery.dense_concat import flatten_nested_concats, fold_dense_concats
-from cunet_optimize.surgery.int4 import pack_int4_weights
+from cunet_optimize.surgery.int4 import dequantize_weights, pack_int4_weights
 from cunet_optimize.surgery.lint import Finding, lint_model, lint_target
 from cunet_optimize.surgery.memory import activation_memory
 from cunet_optimize.surgery.pipeline import PASSES, SurgeryResult, default_passes, run_surgery
@@ -24,6 +24,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_dense_concats",
     "pack_int4_weights",
+    "dequantize_weights",
     "remove_redundant_qdq",
     "tie_concat_qdq_scales",
     "run_surgery",

@@ -21,6 +21,12 @@ packing them would change what a TensorRT build executes (INT8 convs -> dequanti
 INT4), which must be the quantizer's decision, not a storage pass's.
 ONNX Runtime executes INT4 DequantizeLinear exactly at optimisation level BASIC (its
 reference level here); no target executes INT4 convolutions (see the lint).
+
+`dequantize_weights` is the opposite, for TensorRT targets: their build plans take INT4
+as weight-only quantization dequantized to float (engines/targets.py, the
+"int4-dequantized" ONNX form), so every weight DequantizeLinear / Q-DQ pair (the INT4
+ones and the INT8 edge layers beside them) becomes the float initializer it computes:
+the same grid values, no INT4 tensor or weight Q/DQ left for the parser.
 """
 
 from __future__ import annotations
@@ -34,7 +40,14 @@ import onnx_graphsurgeon as gs
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.surgery.graph import finish
-from cunet_optimize.surgery.patterns import conv_weight, make_constant, onnx_type_of, qdq_params, quantize
+from cunet_optimize.surgery.patterns import (
+    conv_weight,
+    dequantized_weight,
+    make_constant,
+    onnx_type_of,
+    qdq_params,
+    quantize,
+)
 from cunet_optimize.surgery.report import PassRecorder, PassReport
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -148,4 +161,22 @@ def pack_int4_weights(graph: gs.Graph, *, block_scales: Mapping[str, tuple[np.nd
         rec.note(f"packed {rec.rewrites} weight(s): {before_bytes} -> {after_bytes} bytes of weight data")
     if left_int8:
         rec.note(f"left {left_int8} per-channel int8 weight(s) whose values fit in 4 bits as int8 (not block-quantized)")
+    return rec.finish(graph)
+
+
+def dequantize_weights(graph: gs.Graph) -> PassReport:
+    """Replace every quantized weight (DequantizeLinear of a constant, or Q/DQ of one) by
+    the float initializer it dequantizes to (see module doc)."""
+    rec = PassRecorder("dequantize_weights", graph)
+    for node in [n for n in graph.nodes if n.op in WEIGHTED_OPS]:
+        w = conv_weight(node, graph)
+        if w is None or w.kind == "float":
+            continue
+        base = node.name or node.outputs[0].name
+        dtype = np.asarray(w.params.scale).dtype  # float16 in a float16 graph
+        node.inputs[1] = make_constant(f"{base}/W_dequantized", dequantized_weight(w).astype(dtype))
+        rec.rewrites += 1
+    finish(graph)
+    if rec.rewrites:
+        rec.note(f"dequantized {rec.rewrites} weight(s) to float32 initializers on their quantization grids")
     return rec.finish(graph)

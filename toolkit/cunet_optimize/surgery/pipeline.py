@@ -2,10 +2,11 @@
 
 `run_surgery(model, passes=None, target="cpu")` runs `default_passes(...)` unless told
 otherwise. After every pass the graph is checked (onnx.checker, full) and run in ONNX
-Runtime on the same random input as before the pass (ORT_DISABLE_ALL; BASIC once the
-graph holds INT4, the level ONNX Runtime executes INT4 DequantizeLinear exactly at);
-an exact pass that changes the outputs beyond the tolerance of verify.py raises
-CUNetError. Passes that change outputs by design (tie_concat_qdq_scales) record the
+Runtime on the same inputs as before the pass (synthetic faces for a CU-Net graph;
+ORT_DISABLE_ALL, BASIC once the graph holds INT4, the level ONNX Runtime executes INT4
+DequantizeLinear exactly at); an exact pass that changes the outputs by more than
+verify.py allows, against the noise of the input graph under ONNX Runtime's own fusions,
+raises CUNetError. Passes that change outputs by design (tie_concat_qdq_scales) record the
 change in their report instead.
 
 Which form of the dense concatenations the default pipeline produces is a per-backend
@@ -23,11 +24,20 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export.verify import check_onnx, compare_outputs, graph_kind, ort_version, random_feeds, run_onnxruntime
+from cunet_optimize.export.verify import (
+    VERIFY_SIZE,
+    check_onnx,
+    compare_outputs,
+    graph_kind,
+    ort_version,
+    random_feeds,
+    run_onnxruntime,
+    verification_batch,
+)
 from cunet_optimize.surgery.batchnorm import cleanup, fold_batchnorm
 from cunet_optimize.surgery.dense_concat import flatten_nested_concats, fold_dense_concats
 from cunet_optimize.surgery.graph import ModelLike, as_model, opset_of, to_model
-from cunet_optimize.surgery.int4 import pack_int4_weights
+from cunet_optimize.surgery.int4 import dequantize_weights, pack_int4_weights
 from cunet_optimize.surgery.integer_dataflow import integer_dataflow
 from cunet_optimize.surgery.lint import lint_target
 from cunet_optimize.surgery.qdq import check_weight_axes, check_zero_points, remove_redundant_qdq, tie_concat_qdq_scales
@@ -45,6 +55,7 @@ PASSES: dict[str, Callable[[gs.Graph], PassReport]] = {
     "check_zero_points": check_zero_points,
     "check_weight_axes": check_weight_axes,
     "pack_int4_weights": pack_int4_weights,
+    "dequantize_weights": dequantize_weights,
     "integer_dataflow": integer_dataflow,
 }
 # Passes whose outputs may differ from their inputs by design.
@@ -76,8 +87,9 @@ def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int =
     spec = lint_target(target)
     passes = ["cleanup", "flatten_nested_concats"]
     if opset >= 21:
-        # Pack before BN folding: folding a BN scale into 4-bit weights takes them off their grid.
-        passes.append("pack_int4_weights")
+        # Before BN folding: folding a BN scale into 4-bit weights takes them off their grid.
+        # ONNX Runtime stores them packed; TensorRT builds INT4 as dequantized weights.
+        passes.append("pack_int4_weights" if spec.backend == "onnxruntime" else "dequantize_weights")
     passes.append("fold_batchnorm")
     if FOLD_DENSE_CONCATS[spec.backend] is True and not quantized:
         # fold_batchnorm again: a segment read by one branch only now meets its BN right after its Conv
@@ -108,6 +120,27 @@ def _ort_level(model: onnx.ModelProto) -> str:
     return "basic" if int4 else "disable_all"
 
 
+def _verification_feeds(proto: onnx.ModelProto, batch: int) -> dict:
+    """Synthetic faces for a CU-Net image input (quantized graphs are calibrated on such
+    images; on noise their rounding flips cascade), uniform noise for any other graph."""
+    feeds = random_feeds(proto, batch=batch)
+    if len(feeds) == 1:
+        name, value = next(iter(feeds.items()))
+        if value.shape[1:] == (3, VERIFY_SIZE, VERIFY_SIZE) and value.dtype == "float32":
+            return {name: verification_batch(batch)}
+    return feeds
+
+
+def _fused_outputs(proto: onnx.ModelProto, feeds: dict) -> tuple[dict | None, str]:
+    """The input graph's outputs with ONNX Runtime's own fusions: the noise an exact
+    rewrite may add. None when ONNX Runtime cannot optimise this graph."""
+    try:
+        return run_onnxruntime(proto, feeds, "all"), "the input graph under ORT_ENABLE_ALL (vs the reference level)"
+    except CUNetError as err:
+        log.info("no fused reference for the surgery verification: %s", err)
+        return None, ""
+
+
 def run_surgery(
     model: ModelLike,
     passes: Sequence[str] | None = None,
@@ -126,8 +159,9 @@ def run_surgery(
     unknown = [p for p in names if p not in PASSES]
     if unknown:
         raise CUNetError(f"unknown surgery pass(es) {unknown}; known: {', '.join(PASSES)}")
-    feeds = random_feeds(proto, batch=batch) if verify else {}
+    feeds = _verification_feeds(proto, batch) if verify else {}
     before = run_onnxruntime(proto, feeds, _ort_level(proto)) if verify else {}
+    noisy, noise_name = _fused_outputs(proto, feeds) if verify else (None, "")
     graph = gs.import_onnx(proto)
     result = SurgeryResult(proto, passes=names)
     for name in names:
@@ -141,7 +175,7 @@ def run_surgery(
             level = _ort_level(current)
             after = run_onnxruntime(current, feeds, level)
             comparison = compare_outputs(
-                after, before, graph_kind(current),
+                after, before, graph_kind(current), noisy=noisy, noise_name=noise_name,
                 runtime=f"onnxruntime {ort_version()} CPU {level}", reference_name="the graph before the pass",
             )
             report.verification = comparison.to_dict()

@@ -1,0 +1,167 @@
+"""Export verification judged by the network's own rounding noise (export/verify.py):
+a deep network's correct graph passes, miswired graphs fail, in both directions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.export import compare_outputs, export_onnx, run_onnxruntime
+from cunet_optimize.export.onnx_export import reference_heads, verify_against_torch, verify_wiring
+from cunet_optimize.export.verify import NOISE_MULTIPLE, TOLERANCES, verification_batch
+from cunet_optimize.models import load_model
+from cunet_optimize.models.batchnorm import reestimate_batchnorm
+
+
+def _compare(actual, reference, noisy, kind="fp32"):
+    return compare_outputs({"y": actual}, {"y": reference}, kind, noisy={"y": noisy},
+                           runtime="test", reference_name="ref", noise_name="noisy")
+
+
+@pytest.mark.parametrize("kind", sorted(TOLERANCES))
+def test_allowance_is_a_multiple_of_the_measured_noise(kind):
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((2, 4, 8, 8))
+    noise = 1e-3 * rng.standard_normal(reference.shape)
+    statistic = TOLERANCES[kind].statistic
+    measured = np.abs(noise).max() if statistic == "max_abs_error" else np.abs(noise).mean()
+    result = _compare(reference + noise * (NOISE_MULTIPLE * 0.9), reference, reference + noise, kind)
+    assert result.passed and result.outputs[0].noise == pytest.approx(measured)
+    assert not _compare(reference + noise * (NOISE_MULTIPLE * 1.2), reference, reference + noise, kind).passed
+    # a noiseless network leaves only the floor: any real difference fails
+    assert not _compare(reference + noise, reference, reference, kind).passed
+
+
+def test_non_finite_output_fails():
+    reference = np.ones((1, 2, 4, 4))
+    actual = reference.copy()
+    actual[0, 0, 0, 0] = np.nan
+    assert not _compare(actual, reference, reference + 1.0).passed
+
+
+def test_fp16_export_is_judged_by_fp16_storage_noise(tmp_path):
+    model = load_model()  # the embedded model: trained weights
+    summary = export_onnx(model, tmp_path / "m16.onnx", fp16=True)
+    check = summary.verification
+    assert check["passed"] and "float16 storage" in check["noise"] and check["reference"].endswith("(float64)")
+    out = check["outputs"][0]
+    # float16 storage moves a trained model's heatmaps by far more than float32 rounding
+    assert out["noise"] > 1e-4 * out["reference_range"] and out["max_abs_error"] <= out["allowed"]
+
+
+# ----------------------------------------------------------------- the authors' N=8 face model
+
+
+@pytest.fixture(scope="module")
+def n8(tmp_path_factory):
+    torch.manual_seed(0)
+    model = reestimate_batchnorm(load_model("cunet-face-n8k1"), verification_batch(16))
+    path = tmp_path_factory.mktemp("n8") / "n8.onnx"
+    summary = export_onnx(model, path)  # the correct graph: verification must pass
+    image = verification_batch(2)
+    reference, noisy, _, _ = reference_heads(model, image, "fp32")
+    return model, onnx.load(str(path)), summary, image, reference[-1], noisy[-1]
+
+
+def _swap_channel_pair(graph: gs.Graph) -> None:
+    """Swap two output channels of a conv: its weight rows (and their per-channel scales,
+    where the weight comes through Q/DQ)."""
+    def swapped(tensor: gs.Constant) -> gs.Constant:
+        values = tensor.values.copy()
+        values[[0, 1]] = values[[1, 0]]
+        return gs.Constant(tensor.name + "_swapped", values)
+
+    conv = [n for n in graph.nodes if n.op == "Conv"][len(graph.nodes) // 40]
+    node, index = conv, 1
+    while not isinstance(node.inputs[index], gs.Constant):  # walk back through DequantizeLinear / QuantizeLinear
+        node, index = node.inputs[index].inputs[0], 0
+        for i in (1, 2):  # per-channel scale and zero point
+            if i < len(node.inputs) and isinstance(node.inputs[i], gs.Constant) and node.inputs[i].values.size > 1:
+                node.inputs[i] = swapped(node.inputs[i])
+    node.inputs[index] = swapped(node.inputs[index])
+
+
+def _drop_batchnorm(graph: gs.Graph) -> None:
+    bn = [n for n in graph.nodes if n.op == "BatchNormalization"][len(graph.nodes) // 40]
+    source, out = bn.inputs[0], bn.outputs[0]
+    for consumer in list(out.outputs):
+        consumer.inputs[consumer.inputs.index(out)] = source
+    bn.outputs.clear()
+
+
+def _permute_concat_inputs(graph: gs.Graph) -> None:
+    concat = [n for n in graph.nodes if n.op == "Concat" and len(n.inputs) >= 2][len(graph.nodes) // 40]
+    concat.inputs[0], concat.inputs[1] = concat.inputs[1], concat.inputs[0]
+
+
+@pytest.mark.slow
+def test_deep_model_passes_with_its_measured_noise(n8):
+    _, _, summary, _, _, _ = n8
+    check = summary.verification
+    out = check["outputs"][0]
+    assert check["passed"] and check["reference"].endswith("(float64)")
+    # the noise is real (a fixed 1e-4 of the range rejected this graph) and the graph is within it
+    assert out["noise"] > 1e-4 * out["reference_range"]
+    assert out["max_abs_error"] <= out["allowed"] == pytest.approx(
+        NOISE_MULTIPLE * out["noise"] + TOLERANCES["fp32"].floor * out["reference_range"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("miswire", [_swap_channel_pair, _drop_batchnorm, _permute_concat_inputs])
+def test_deep_model_miswired_graph_fails(n8, miswire):
+    model, proto, summary, image, reference, noisy = n8
+    graph = gs.import_onnx(proto)
+    miswire(graph)
+    wrong = gs.export_onnx(graph.cleanup().toposort())
+    actual = run_onnxruntime(wrong, {"image": image})["heatmaps"]
+    result = _compare(actual, reference, noisy)
+    assert not result.passed
+    out = result.outputs[0]
+    assert out.max_abs_error > 10 * out.allowed, "the miswiring should stand far above the noise"
+
+
+@pytest.mark.slow
+def test_deep_model_miswired_graph_is_refused(n8):
+    model, proto, summary, _, _, _ = n8
+    graph = gs.import_onnx(proto)
+    _drop_batchnorm(graph)
+    with pytest.raises(CUNetError, match="differs from PyTorch .*float64.*do not deploy"):
+        verify_against_torch(gs.export_onnx(graph.cleanup().toposort()), model, summary.output_names, batch=2)
+
+
+# ------------------------------------------------------------ fake quantization: the wiring check
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    from cunet_optimize.build import quant_scheme
+    from cunet_optimize.quant import post_training_quantize
+
+    qmodel, _, _ = post_training_quantize(load_model(), quant_scheme("int8"),
+                                          [torch.from_numpy(verification_batch(12)[4:])], "percentile",
+                                          progress=False)
+    qmodel.eval()
+    path = tmp_path_factory.mktemp("int8") / "q.onnx"
+    return qmodel, onnx.load(str(path)) if export_onnx(qmodel, path) else None
+
+
+def test_fake_quant_export_checks_output_and_wiring(int8_export, tmp_path):
+    qmodel, _ = int8_export
+    check = export_onnx(qmodel, tmp_path / "q.onnx").verification
+    assert check["passed"] and check["noise"].startswith("the same model on inputs moved by")
+    assert check["wiring"]["passed"] and "activation Q/DQ pairs bypassed" in check["wiring"]["runtime"]
+    assert check["outputs"][0]["noise"] > 0  # rounding flips are measured, not assumed
+
+
+@pytest.mark.parametrize("miswire", [_swap_channel_pair, _drop_batchnorm])
+def test_fake_quant_wiring_check_fails_a_miswired_graph(int8_export, miswire):
+    qmodel, proto = int8_export
+    graph = gs.import_onnx(proto)
+    miswire(graph)
+    wiring = verify_wiring(gs.export_onnx(graph.cleanup().toposort()), qmodel, verification_batch(2), ["heatmaps"])
+    assert not wiring.passed
+    assert wiring.outputs[0].max_abs_error > 10 * wiring.outputs[0].allowed
