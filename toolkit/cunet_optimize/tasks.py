@@ -21,11 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from cunet_optimize import metrics
+from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
+from cunet_optimize.data.mpii import IMAGE_FOLDER as MPII_IMAGE_FOLDER
 from cunet_optimize.data.transforms import FACE68_FLIP_PERM, MPII_FLIP_PERM
 from cunet_optimize.errors import CUNetError
 
-MPII_ANNOTATION_FILE = "mpii_annotations.json"  # the name in the authors' (pytorch-pose) data/mpii/
-MPII_IMAGE_FOLDER = "images"
+# The MPII skeleton: joint pairs `predict` draws as limbs.
+MPII_LIMBS = ((0, 1), (1, 2), (2, 6), (6, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9),
+              (10, 11), (11, 12), (12, 7), (7, 13), (13, 14), (14, 15))
 # Split names the commands use (face lists) -> MPII's isValidation selection.
 _MPII_SPLIT = {None: "all", "all": "all", "test": "valid", "valid": "valid", "val": "valid",
                "train": "train", "calib": "train"}
@@ -45,6 +48,7 @@ class Task:
     default_tolerance: float  # allowed degradation, metric percentage points
     box_factor: float  # predict --box: the crop side is max(w, h) times this
     curve_name: str  # the accuracy curve reports plot
+    limbs: tuple[tuple[int, int], ...] = ()  # point pairs drawn as a skeleton
 
     def degradation(self, value: float, reference: float) -> float:
         """How much worse `value` is than `reference`, in metric points (negative: better)."""
@@ -82,7 +86,7 @@ POSE = Task(
     metric="PCKh@0.5", metric_key="pckh_percent", lower_is_better=False, gate_option="--max-pckh-decrease",
     default_tolerance=1.0,  # PCKh points
     box_factor=1.25,  # MPII: scale *= 1.25 around the person
-    curve_name="PCKh vs threshold",
+    curve_name="PCKh vs threshold", limbs=MPII_LIMBS,
 )
 TASKS = {t.name: t for t in (FACE, POSE)}
 _HOW_TO_GET = {

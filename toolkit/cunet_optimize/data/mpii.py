@@ -43,6 +43,8 @@ HEAD_SIZE_FACTOR = 0.6  # head size = 0.6 * head-box diagonal (`normalizer`)
 CENTER_SHIFT_Y = 15.0  # px per unit of scale, moves the centre down toward the legs
 SCALE_PAD = 1.25
 CROP_POLICY = "mpii: objpos with y += 15*scale, scale = scale_provided*1.25 (x200 px)"
+ANNOTATION_FILE = "mpii_annotations.json"  # its name in the authors' (pytorch-pose) data/mpii/
+IMAGE_FOLDER = "images"  # beside it; img_paths are relative to this folder
 MPII_SPLITS = ("valid", "train", "all")  # by isValidation; "all" takes both
 _REQUIRED = ("img_paths", "joint_self", "objpos", "scale_provided", "normalizer", "isValidation")
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from cunet_optimize.data.synth import (PNG_OPTIONS, SynthSummary, _background, _Canvas, _clutter, _mix,
                                        _random_colour, _rgb, _skin_colour, image_rng, split_test_indices)
+from cunet_optimize.data.mpii import ANNOTATION_FILE, IMAGE_FOLDER
 from cunet_optimize.errors import CUNetError
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ SYNTH_POSE_GENERATOR = "cunet_optimize.data.synth_pose"
 # Bump whenever the pixels or annotations for a given seed change.
 SYNTH_POSE_VERSION = 1
 NUM_JOINTS = 16
-ANNOTATION_FILE = "mpii_annotations.json"  # the name in the authors' (pytorch-pose) data/mpii/
-IMAGE_FOLDER = "images"
 MPII_ORIGIN = 1.0  # the JSON is 1-based (Matlab), as MPII's own annotations
 DECIMALS = 3  # annotations are rounded; the drawing uses the rounded values
 UNANNOTATED = [-1.0, -1.0, 0.0]
@@ -55,10 +54,6 @@ TORSO, NECK, HEAD = 0.30, 0.06, 0.12
 THIGH, SHIN = 0.23, 0.23
 UPPER_ARM, FOREARM = 0.16, 0.15
 HIP_HALF, SHOULDER_HALF = 0.065, 0.105
-
-# Skeleton edges drawn as limbs (and by `predict` to show a prediction).
-LIMBS = ((0, 1), (1, 2), (2, 6), (6, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9),
-         (10, 11), (11, 12), (12, 7), (7, 13), (13, 14), (14, 15))
 
 
 def _direction(angle_deg: np.ndarray | float, side: float) -> np.ndarray:
