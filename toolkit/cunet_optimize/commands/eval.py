@@ -7,6 +7,7 @@ from cunet_optimize.commands.common import (add_face_data_arguments, add_model_a
 from cunet_optimize.evaluate import evaluate_landmarks, result_to_json, torch_infer
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.models import load_model
+from cunet_optimize.tasks import POSE
 
 
 def add_parser(subparsers) -> None:
@@ -39,7 +40,7 @@ def run(args) -> int:
     print(f"model {out['model']} on {args.data} (split {args.split}, {s['images']} images, "
           f"crop {s['crop_policy']}, normaliser {s['normalizer']}, flip test {'on' if s['flip_test'] else 'off'}, "
           f"runtime {s['runtime']})")
-    if task.name == "pose":
+    if task is POSE:
         print_table(["PCKh@0.5 %", "PCKh@0.2 %"], [[f"{m['pckh_percent']:.2f}", f"{m['pckh_0.2_percent']:.2f}"]])
         print(f"per joint (PCKh@0.5 %; the mean excludes {', '.join(m['excluded_joints'])}):")
         print_table(["joint", "PCKh %"], [[name, f"{v:.2f}"] for name, v in m["per_joint_percent"].items()])
