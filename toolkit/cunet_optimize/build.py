@@ -110,7 +110,6 @@ class BuildOptions:
     name: str | None = None
     command: str = ""
 
-
     def tolerance(self, task: Task) -> float:
         """The accuracy gate's allowed degradation for `task`, in its metric's points."""
         return self.max_nme_increase if task is FACE else self.max_pckh_decrease
