@@ -29,7 +29,9 @@ import onnx
 import torch
 
 from cunet_optimize import __version__
+from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.tasks import FACE, POSE, Task, check_task, open_dataset, task_of_data, task_of_model
 
 if TYPE_CHECKING:
     from cunet_optimize.surgery import SurgeryResult
@@ -75,7 +77,8 @@ def add_concat_qdq_argument(parser) -> None:
 # INT4 cannot afford: int4-convin PTQ measured 5.729% without and 6.436% with it, so INT4 builds
 # skip it unless --equalize is given explicitly.
 DEFAULT_EQUALIZE_ALPHA = 0.5
-DEFAULT_MAX_NME_INCREASE = 0.30  # NME percentage points; about 5% of the default model's 6.5% NME
+DEFAULT_MAX_NME_INCREASE = FACE.default_tolerance  # NME percentage points
+DEFAULT_MAX_PCKH_DECREASE = POSE.default_tolerance  # PCKh percentage points
 
 
 def equalize_alpha_for(scheme, requested: float | str | None = "default") -> float | None:
@@ -103,13 +106,18 @@ class BuildOptions:
     equalize_alpha: float | str | None = "default"
     eval_data: str | None = None
     eval_split: str = "test"
-    max_nme_increase: float = DEFAULT_MAX_NME_INCREASE
+    max_nme_increase: float = DEFAULT_MAX_NME_INCREASE  # the gate of face models
+    max_pckh_decrease: float = DEFAULT_MAX_PCKH_DECREASE  # the gate of pose models
     accuracy_gate: bool = True
     trt_major: int | None = None
     workdir: str = "."
     force: bool = False
     name: str | None = None
     command: str = ""
+
+    def tolerance(self, task: Task) -> float:
+        """The accuracy gate's allowed degradation for `task`, in its metric's points."""
+        return self.max_nme_increase if task is FACE else self.max_pckh_decrease
 
 
 @dataclass
@@ -161,22 +169,32 @@ def resolve_model(spec: str | None):
     return model, Path(path).resolve(), source, stem
 
 
-def _eval_dataset(folder: str | None, split: str | None):
-    from cunet_optimize.data.default_set import ensure_default_dataset
-    from cunet_optimize.data.face300w import Face300W
+def check_data_task(model, model_name: str, *folders: str | None) -> Task:
+    """The model's task, after checking that every given data folder holds that task's data
+    (a face model with pose data or the reverse stops here, before any work)."""
+    task = task_of_model(model)
+    for folder in folders:
+        if folder:
+            check_task(task, task_of_data(folder), model_name, folder)
+    return task
 
-    root = Path(folder) if folder else ensure_default_dataset()
-    return Face300W(root, split=None if split in (None, "all") else split), root
+
+def _eval_dataset(folder: str | None, split: str | None, task: Task = FACE):
+    """`task`'s data set over `folder`, or over the task's synthetic default set when None."""
+    root = Path(folder) if folder else task.default_data()
+    return open_dataset(task, root, split), root
 
 
 def default_calib_split(calib_data: str | None, split: str | None = None) -> str | None:
     """Calibrate on training images, never on the evaluation split: the embedded set's
-    calibration slice, or a user folder's train list when it has one."""
+    calibration slice, a user folder's train list when it has one, MPII's training records."""
     if split is not None:
         return split
     if not calib_data:
         return "calib"
-    return "train" if (Path(calib_data) / "train.txt").is_file() else None
+    if (Path(calib_data) / "train.txt").is_file() or task_of_data(calib_data) is POSE:
+        return "train"
+    return None
 
 
 def calibration_batches(dataset, images: int, batch_size: int = 16):
@@ -186,17 +204,23 @@ def calibration_batches(dataset, images: int, batch_size: int = 16):
         yield torch.stack([torch.as_tensor(it["image"]) for it in items])
 
 
-def calibration_images(opts: "BuildOptions", count: int = 16) -> np.ndarray:
+def calibration_images(opts: "BuildOptions", count: int = 16, task: Task = FACE) -> np.ndarray:
     """The first `count` calibration images as one float32 array (for graph passes that
     calibrate new quantization points, e.g. surgery's integer_dataflow)."""
-    dataset, _ = _eval_dataset(opts.calib_data, opts.calib_split)
+    dataset, _ = _eval_dataset(opts.calib_data, opts.calib_split, task)
     return np.concatenate([b.numpy() for b in calibration_batches(dataset, min(count, opts.calib_images))])
 
 
 def calibration_id(model_sha: str, data_root: Path, split: str | None, method: str, spec: str,
                    images: int, equalize_alpha: float | None = None) -> str:
     """Same model, data, method, scheme and equalization -> same id -> the cached scales are reused."""
-    listing = sorted(str(p.relative_to(data_root)) for p in data_root.rglob("*.pts"))
+    if data_root.is_dir():
+        listing = sorted(str(p.relative_to(data_root)) for p in data_root.rglob("*.pts"))
+    else:
+        listing = []
+    annotations = data_root if data_root.is_file() else data_root / MPII_ANNOTATION_FILE
+    if annotations.is_file():  # MPII: the records are in one JSON
+        listing.append(sha256_file(annotations))
     key = json.dumps([model_sha, listing, split, method, spec, images]
                      + ([] if equalize_alpha is None else [equalize_alpha]))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -302,6 +326,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
     support = check_precision(target, opts.precision)
     quantized = opts.precision not in ("fp32", "fp16")
     model, ckpt_path, source, stem = resolve_model(opts.model)
+    task = check_data_task(model, source, opts.calib_data, opts.eval_data)
     name = opts.name or f"{stem}-{opts.precision}-{target.name}"
     workdir = Path(opts.workdir)
     final = _final_dir(workdir, name, opts.force)
@@ -316,9 +341,9 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         model_sha = sha256_file(ckpt_path)
         manifest["model"] = {"source": source, "checkpoint": str(ckpt_path), "sha256": model_sha,
                              "config": model.config.to_dict()}
-        eval_set, eval_root = _eval_dataset(opts.eval_data, opts.eval_split)
+        eval_set, eval_root = _eval_dataset(opts.eval_data, opts.eval_split, task)
         manifest["eval_data"] = {"folder": str(eval_root.resolve()), "split": opts.eval_split,
-                                 "images": len(eval_set), "crop": eval_set.crop_policy}
+                                 "images": len(eval_set), "crop": eval_set.crop_policy, "task": task.name}
 
         export_model, opset = model, 17
         if quantized:
@@ -343,7 +368,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
             if "pack_int4_weights" in passes:
                 options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
             if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images
-                options["integer_dataflow"] = {"calibration": calibration_images(opts)}
+                options["integer_dataflow"] = {"calibration": calibration_images(opts, task=task)}
             result = run_surgery(before, passes, target=target.name, pass_options=options)
             concat_form = None
             if not quantized and FOLD_DENSE_CONCATS[target.backend] == TIMED:
@@ -397,8 +422,9 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                 manifest["artifacts"]["legacy_calibration_cache"] = "calibration.cache"
             notes += [n for n in build.notes if n not in notes]
 
-        with timer.stage("accuracy", f"{len(eval_set)} images vs the FP32 reference (ONNX Runtime)"):
-            manifest["accuracy"] = _accuracy_gate(opts, staging, build, onnx_path, reference_onnx, eval_set,
+        with timer.stage("accuracy", f"{task.metric} on {len(eval_set)} images vs the FP32 reference "
+                                     "(ONNX Runtime)"):
+            manifest["accuracy"] = _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set,
                                                   evaluate_landmarks, progress)
             reference_onnx.unlink()
         manifest["timings_seconds"] = timer.seconds
@@ -409,10 +435,10 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         if not manifest["accuracy"]["passed"] and opts.accuracy_gate:
             acc = manifest["accuracy"]
             raise CUNetError(
-                f"accuracy gate failed: NME {acc['quantized']['nme_percent']:.3f}% vs FP32 "
-                f"{acc['reference']['nme_percent']:.3f}% (+{acc['nme_increase_percent_points']:.3f} points > "
-                f"{opts.max_nme_increase}); try --calib-method entropy, more --calib-images, --qat, "
-                "or --max-nme-increase / --no-accuracy-gate to accept it"
+                f"accuracy gate failed: {acc['metric']} {acc['quantized_value']:.3f}% vs FP32 "
+                f"{acc['reference_value']:.3f}% ({acc['degradation_points']:.3f} points worse > "
+                f"{acc['tolerance']}); try --calib-method entropy, more --calib-images, --qat, "
+                f"or {task.gate_option} / --no-accuracy-gate to accept it"
             )
         if final.exists():
             shutil.rmtree(final)
@@ -448,7 +474,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
 
     scheme = quant_scheme(opts.precision, opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
-    calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split)
+    calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split, task_of_model(model))
     images = min(opts.calib_images, len(calib_set))
     cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,
                          opts.calib_images, alpha)
@@ -488,7 +514,9 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
                     "equalization": report, "ranges": {k: v * 127 for k, v in few.items()}}
 
 
-def _accuracy_gate(opts, staging, build, onnx_path, reference_onnx, eval_set, evaluate_landmarks, progress):
+def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set, evaluate_landmarks, progress):
+    """The deployed model's headline metric (NME or PCKh) against the FP32 export's, and the
+    verdict against the task's tolerance (`BuildOptions.tolerance`)."""
     from cunet_optimize.engines.onnxrt import OnnxRuntimeReferenceRunner, OnnxRuntimeRunner
 
     with OnnxRuntimeReferenceRunner(reference_onnx) as ref:
@@ -501,19 +529,33 @@ def _accuracy_gate(opts, staging, build, onnx_path, reference_onnx, eval_set, ev
         runtime = "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the deployed ONNX; no TensorRT engine here"
     with runner:
         candidate = evaluate_landmarks(runner.infer, eval_set, progress=progress, description="engine")
-    increase = candidate.metrics["nme_percent"] - reference.metrics["nme_percent"]
-    return {
+    ref_value, value = task.headline(reference.metrics), task.headline(candidate.metrics)
+    worse = task.degradation(value, ref_value)
+    tolerance = opts.tolerance(task)
+    gate = {
         "runtime": runtime,
         "reference_runtime": "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the FP32 export",
         "data": reference.settings,
+        "task": task.name,
+        "metric": task.metric,
+        "metric_key": task.metric_key,
+        "higher_is_better": not task.lower_is_better,
         "reference": reference.metrics,
         "quantized": candidate.metrics,
-        "nme_increase_percent_points": increase,
-        "nme_ratio": candidate.metrics["nme_percent"] / max(reference.metrics["nme_percent"], 1e-12),
-        "tolerance": opts.max_nme_increase,
-        "passed": bool(increase <= opts.max_nme_increase),
+        "reference_value": ref_value,
+        "quantized_value": value,
+        "degradation_points": worse,  # positive = worse than FP32, in the metric's percentage points
+        "tolerance": tolerance,
+        "tolerance_option": task.gate_option,
+        "passed": bool(worse <= tolerance),
         "gate_enforced": opts.accuracy_gate,
     }
+    if task is FACE:
+        gate["nme_increase_percent_points"] = worse
+        gate["nme_ratio"] = value / max(ref_value, 1e-12)
+    else:
+        gate["pckh_decrease_points"] = worse
+    return gate
 
 
 def _jsonable(obj):

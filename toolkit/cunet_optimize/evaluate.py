@@ -2,7 +2,8 @@
 
 Training, `eval`, the build's accuracy gate and the profiler all call
 `evaluate_landmarks` with a plain `infer(images) -> heatmaps` callable, so PyTorch,
-ONNX Runtime and TensorRT are measured by the same code.
+ONNX Runtime and TensorRT are measured by the same code. The data set's task decides
+the metric (faces: NME, pose: PCKh@0.5, see `cunet_optimize.tasks`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cunet_optimize import metrics
-from cunet_optimize.data.transforms import FACE68_FLIP_PERM, decode_heatmaps, heatmap_to_image_coords
+from cunet_optimize import tasks
+from cunet_optimize.data.transforms import decode_heatmaps, heatmap_to_image_coords
 
 InferFn = Callable[[np.ndarray], np.ndarray]  # Bx3x256x256 float32 -> BxCx64x64 float32
 
@@ -23,10 +24,13 @@ InferFn = Callable[[np.ndarray], np.ndarray]  # Bx3x256x256 float32 -> BxCx64x64
 @dataclass
 class EvalResult:
     metrics: dict
-    per_image_nme: np.ndarray
+    per_image_nme: np.ndarray  # faces; empty for pose
     predictions: np.ndarray  # (N, C, 2) in original image coordinates
     paths: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    task: str = "face"
+    joint_errors: np.ndarray | None = None  # pose: (N, C) errors in head sizes
+    visible: np.ndarray | None = None  # pose: (N, C) joints that count for PCKh
 
     def summary(self) -> dict:
         return {"metrics": self.metrics, "settings": self.settings}
@@ -65,14 +69,16 @@ def evaluate_landmarks(
     description: str = "eval",
     runtime: str = "",
 ) -> EvalResult:
-    """Predict every sample of a face data set and score it (EVAL.md conventions)."""
+    """Predict every sample of a face or pose data set and score it (EVAL.md conventions:
+    NME with `normalizer` for faces, PCKh@0.5 for pose; flip test with the task's permutation)."""
     if len(dataset) == 0:
         from cunet_optimize.errors import CUNetError
 
         raise CUNetError("evaluation set is empty; check the data folder and its split list")
+    task = tasks.task_of_dataset(dataset)
     if flip:
-        infer = flip_test(infer, FACE68_FLIP_PERM)
-    preds, gts, paths = [], [], []
+        infer = flip_test(infer, task.flip_perm)
+    preds, gts, paths, visible, head_size = [], [], [], [], []
     indices = range(0, len(dataset), batch_size)
     for start in tqdm(indices, desc=description, unit="batch", disable=not progress, leave=False):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -83,18 +89,24 @@ def evaluate_landmarks(
             preds.append(heatmap_to_image_coords(p, np.asarray(it["transform"], dtype=np.float64)))
             gts.append(np.asarray(it["landmarks"], dtype=np.float64))
             paths.append(str(it["path"]))
+            if task is tasks.POSE:
+                visible.append(np.asarray(it["visible"], dtype=bool))
+                head_size.append(float(it["head_size"]))
     pred = np.stack(preds)
     gt = np.stack(gts)
-    per_image = metrics.nme(pred, gt, normalizer=normalizer)
-    summary = metrics.face_metrics(pred, gt, normalizer=normalizer)
+    vis = np.stack(visible) if visible else None
+    hs = np.asarray(head_size) if head_size else None
+    summary, per_image, joint_errors = tasks.score(task, pred, gt, vis, hs, normalizer)
     settings = {
+        "task": task.name,
+        "metric": task.metric,
         "images": len(dataset),
-        "normalizer": normalizer,
+        "normalizer": summary["normalizer"],
         "crop_policy": getattr(dataset, "crop_policy", "unknown"),
         "flip_test": flip,
         "runtime": runtime,
     }
-    return EvalResult(summary, per_image, pred, paths, settings)
+    return EvalResult(summary, per_image, pred, paths, settings, task.name, joint_errors, vis)
 
 
 def result_to_json(result: EvalResult) -> dict:
@@ -102,4 +114,6 @@ def result_to_json(result: EvalResult) -> dict:
     out.pop("per_image_nme")
     out.pop("predictions")
     out.pop("paths")
+    for key in ("joint_errors", "visible"):
+        out.pop(key)
     return out

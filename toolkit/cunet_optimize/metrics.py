@@ -178,3 +178,36 @@ def pose_metrics(pred, gt, visible, head_size, threshold: float = 0.5) -> dict:
         "per_joint_percent": {n: float(v * 100.0) for n, v in zip(names, r["per_joint"])},
         "excluded_joints": [names[j] for j in PCKH_EXCLUDED_JOINTS if j < len(names)],
     }
+
+
+PCKH_CURVE_MAX_THRESHOLD = 0.5
+PCKH_CURVE_STEPS = 51
+
+
+def pckh_errors(pred, gt, head_size) -> np.ndarray:
+    """Joint errors in head sizes (N, C): ||pred - gt|| / head_size (non-finite where the prediction is)."""
+    p, g = _pair(pred, gt)
+    hs = np.asarray(head_size.detach().cpu() if hasattr(head_size, "detach") else head_size, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.linalg.norm(p - g, axis=-1) / hs.reshape(-1, 1)
+
+
+def pckh_curve(
+    errors,
+    visible,
+    max_threshold: float = PCKH_CURVE_MAX_THRESHOLD,
+    steps: int = PCKH_CURVE_STEPS,
+    exclude: tuple[int, ...] = PCKH_EXCLUDED_JOINTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PCKh at each of `steps` thresholds linspace(0, max) (the pose task's CED): fraction of
+    visible joints, pelvis and thorax excluded, whose error in head sizes is <= threshold."""
+    e = np.asarray(errors, dtype=np.float64)
+    vis = np.asarray(visible).astype(bool)
+    keep = np.ones(e.shape[1], dtype=bool)
+    keep[[j for j in exclude if j < e.shape[1]]] = False
+    counted = e[:, keep][vis[:, keep]]
+    counted = np.sort(np.where(np.isfinite(counted), counted, np.inf))  # a broken prediction is wrong
+    thresholds = np.linspace(0.0, max_threshold, num=steps)
+    if counted.size == 0:
+        return thresholds, np.full(steps, np.nan)
+    return thresholds, np.searchsorted(counted, thresholds, side="right") / counted.size

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 
-from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, BuildOptions, add_concat_qdq_argument, command_line,
-                                  default_calib_split, run_build)
+from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, DEFAULT_MAX_PCKH_DECREASE, BuildOptions,
+                                  add_concat_qdq_argument, command_line, default_calib_split, run_build)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
 
@@ -19,17 +19,23 @@ def add_parser(subparsers) -> None:
     add_model_argument(p)
     p.add_argument("--qat", metavar="QAT_CKPT", dest="qat_checkpoint",
                    help="export this `cunet-optimize qat` checkpoint instead of post-training calibration")
-    p.add_argument("--calib-data", metavar="DIR", help="calibration images, 300-W layout "
-                   "(default: the embedded synthetic set's calibration slice)")
+    p.add_argument("--calib-data", metavar="DIR", help="calibration images: 300-W layout (face models) or MPII "
+                   "annotation JSON / its folder (pose models) (default: the model task's synthetic set's "
+                   "calibration slice)")
     p.add_argument("--calib-split", default=None, help="split list in --calib-data (default: train if present)")
     p.add_argument("--calib-method", choices=METHODS, default="percentile")
     p.add_argument("--calib-images", type=int, default=128)
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
-    p.add_argument("--eval-data", metavar="DIR", help="evaluation set (default: the embedded synthetic test split)")
+    p.add_argument("--eval-data", metavar="DIR",
+                   help="evaluation set, same layouts (default: the model task's synthetic test split)")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--max-nme-increase", type=float, default=DEFAULT_MAX_NME_INCREASE, metavar="POINTS",
-                   help=f"accuracy gate: allowed NME increase in percentage points (default {DEFAULT_MAX_NME_INCREASE})")
+                   help="accuracy gate of face models: allowed NME increase in percentage points "
+                        f"(default {DEFAULT_MAX_NME_INCREASE})")
+    p.add_argument("--max-pckh-decrease", type=float, default=DEFAULT_MAX_PCKH_DECREASE, metavar="POINTS",
+                   help="accuracy gate of pose models: allowed PCKh@0.5 decrease in percentage points "
+                        f"(default {DEFAULT_MAX_PCKH_DECREASE})")
     p.add_argument("--no-accuracy-gate", action="store_true", help="record the accuracy but never fail on it")
     p.add_argument("--trt-major", type=int, choices=[10, 11], help="TensorRT major for GPU/Jetson bundles")
     p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>)")
@@ -46,6 +52,7 @@ def run(args) -> int:
         calib_method=args.calib_method,
         calib_images=args.calib_images, concat_qdq=args.concat_qdq, equalize_alpha=args.equalize_alpha,
         eval_data=args.eval_data, eval_split=args.eval_split, max_nme_increase=args.max_nme_increase,
+        max_pckh_decrease=args.max_pckh_decrease,
         accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, workdir=args.workdir,
         force=args.force, name=args.name, command=command_line(),
     )
@@ -56,8 +63,8 @@ def run(args) -> int:
         print_json(m)
         return 0
     acc = m["accuracy"]
-    print(f"accuracy ({acc['runtime']}): NME {acc['quantized']['nme_percent']:.3f}% vs FP32 "
-          f"{acc['reference']['nme_percent']:.3f}% ({acc['nme_increase_percent_points']:+.3f} points, "
+    print(f"accuracy ({acc['runtime']}): {acc['metric']} {acc['quantized_value']:.3f}% vs FP32 "
+          f"{acc['reference_value']:.3f}% ({acc['degradation_points']:+.3f} points worse, "
           f"gate {acc['tolerance']}: {'pass' if acc['passed'] else 'FAIL (not enforced)'})")
     for note in report.notes:
         print(f"note: {note}")

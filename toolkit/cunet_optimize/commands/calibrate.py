@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, default_calib_split,
-                                  legacy_cache_scales, quantize_and_calibrate, resolve_model)
+from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, check_data_task,
+                                  default_calib_split, legacy_cache_scales, quantize_and_calibrate, resolve_model)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
 
@@ -14,8 +14,9 @@ from cunet_optimize.quant.calibrate import METHODS
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="calibrate INT8 activation scales (max/percentile/entropy/mse)")
     add_model_argument(p)
-    p.add_argument("--data", metavar="DIR", help="calibration images in the 300-W layout "
-                   "(default: the embedded synthetic set's calibration slice)")
+    p.add_argument("--data", metavar="DIR", help="calibration images: 300-W layout (face models) or MPII "
+                   "annotation JSON / its folder (pose models) (default: the model task's synthetic set's "
+                   "calibration slice)")
     p.add_argument("--split", default=None, help="split list in DIR (default: its train list if any, else all)")
     p.add_argument("--method", choices=METHODS, default="percentile")
     p.add_argument("--precision", default="int8", help="quantization scheme (int8, int4, w1a8, ...)")
@@ -33,7 +34,8 @@ def run(args) -> int:
                         calib_method=args.method, calib_images=args.images,
                         concat_qdq=args.concat_qdq, equalize_alpha=args.equalize_alpha,
                         workdir=args.workdir)
-    model, ckpt, _, _ = resolve_model(args.model)
+    model, ckpt, source, _ = resolve_model(args.model)
+    check_data_task(model, source, args.data)
     timer = StageTimer(total=1, echo=(lambda *_: None) if args.json else print)
     qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json)
     calib_dir = Path(info["scales_file"]).parent

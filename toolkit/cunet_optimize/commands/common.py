@@ -41,24 +41,38 @@ def add_model_argument(parser, help_suffix: str = "") -> None:
 
 
 def add_face_data_arguments(parser, split_default: str | None) -> None:
+    """--data (faces: a 300-W layout folder; pose: an MPII annotation JSON or its folder) and
+    its split and face-crop options."""
     parser.add_argument("--data", required=True, metavar="DIR",
-                        help="300-W layout folder: images with same-stem .pts files (+ split lists)")
+                        help="face model: 300-W layout folder, images with same-stem .pts files (+ split lists); "
+                             "pose model: MPII annotation JSON, or the folder holding mpii_annotations.json")
     parser.add_argument("--split", default=split_default,
                         help=f"split list in DIR (train/test/common/challenging/full) or a list file "
-                             f"(default: {split_default or 'every image'}; 'all' for every image)")
+                             f"(default: {split_default or 'every image'}; 'all' for every image); "
+                             "MPII: test = its validation records, train, all")
     parser.add_argument("--crop", choices=["tight", "detector"], default="tight",
-                        help="face crop: ground-truth landmark box x1.25 (HRNet) or detector box x1.1 (authors)")
+                        help="face crop: ground-truth landmark box x1.25 (HRNet) or detector box x1.1 (authors); "
+                             "MPII crops are objpos/scale_provided")
     parser.add_argument("--boxes", metavar="JSON", help="detector boxes {image: [x1,y1,x2,y2]} for --crop detector")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="skip unreadable images / malformed .pts with a warning instead of failing")
+                        help="skip unreadable images / malformed .pts with a warning instead of failing (faces)")
 
 
-def face_dataset(args, split: str | None, augment: bool = False, seed: int = 0):
-    from cunet_optimize.data.face300w import Face300W
+def data_task(args, model, model_name: str | None):
+    """The task of `model`, checked against --data's layout (one line before any work)."""
+    from cunet_optimize.tasks import check_task, task_of_data, task_of_model
 
-    split = None if split in (None, "all") else split
-    return Face300W(args.data, split=split, crop=args.crop, boxes=args.boxes, augment=augment,
-                    seed=seed, skip_bad=args.skip_bad)
+    task = task_of_model(model)
+    check_task(task, task_of_data(args.data), model_name or "(embedded default)", args.data)
+    return task
+
+
+def task_dataset(args, task, split: str | None, augment: bool = False, seed: int = 0):
+    """--data opened as `task`'s data set (see `cunet_optimize.tasks.open_dataset`)."""
+    from cunet_optimize.tasks import open_dataset
+
+    return open_dataset(task, args.data, split, augment=augment, seed=seed, crop=args.crop, boxes=args.boxes,
+                        skip_bad=args.skip_bad)
 
 
 def add_equalize_arguments(parser) -> None:

@@ -1,4 +1,4 @@
-"""`cunet-optimize predict`: landmarks of images, in original image coordinates."""
+"""`cunet-optimize predict`: landmarks (faces) or joints (pose) of images, in original image coordinates."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from cunet_optimize.evaluate import torch_infer
 from cunet_optimize.models import load_model
 from cunet_optimize.data.face300w import load_rgb
 from cunet_optimize.predict import draw_landmarks, predict_landmarks
+from cunet_optimize.tasks import POSE, task_of_model
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="landmarks of images (+ an annotated PNG per image)")
+    p = subparsers.add_parser("predict", help="landmarks / joints of images (+ an annotated PNG per image)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     add_model_argument(p)
     p.add_argument("--box", metavar="X1,Y1,X2,Y2",
-                   help="face box in pixels (cropped x1.1); default: the whole image is the face crop")
+                   help="face box (cropped x1.1) or, for a pose model, person box (x1.25) in pixels; "
+                        "default: the whole image is the crop")
     p.add_argument("--out-dir", default=".", help="where the annotated PNGs go (default: current folder)")
     p.add_argument("--no-draw", action="store_true", help="do not write annotated PNGs")
     p.add_argument("--json", action="store_true", help="print [{image, landmarks}] as JSON")
@@ -39,18 +41,22 @@ def _parse_box(text: str | None) -> list[float] | None:
 def run(args) -> int:
     box = _parse_box(args.box)
     images = {path: load_rgb(path) for path in args.images}  # all readable before any output
-    infer = torch_infer(load_model(args.model))
+    model = load_model(args.model)
+    task = task_of_model(model)
+    infer = torch_infer(model)
     out_dir = Path(args.out_dir)
     results = []
     for path, image in images.items():
-        points = predict_landmarks(infer, image, box)
+        points = predict_landmarks(infer, image, box, task.box_factor)
         entry = {"image": path, "landmarks": [[round(float(x), 3), round(float(y), 3)] for x, y in points]}
         if not args.no_draw:
             out_dir.mkdir(parents=True, exist_ok=True)
-            entry["annotated"] = str(draw_landmarks(image, points, out_dir / f"{Path(path).stem}.landmarks.png"))
+            entry["annotated"] = str(draw_landmarks(image, points, out_dir / f"{Path(path).stem}.landmarks.png",
+                                                    task.limbs))
         results.append(entry)
         if not args.json:
-            print(f"{path}: {len(points)} landmarks" + (f" -> {entry['annotated']}" if "annotated" in entry else ""))
+            what = "joints" if task is POSE else "landmarks"
+            print(f"{path}: {len(points)} {what}" + (f" -> {entry['annotated']}" if "annotated" in entry else ""))
     if args.json:
         print_json(results)
     return 0

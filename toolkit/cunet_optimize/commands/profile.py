@@ -56,7 +56,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("engine_dirs", nargs="*", metavar="ENGINE_DIR",
                    help="build folders (default: every build under <workdir>/engines/)")
     p.add_argument("--workdir", default=".", help="where engines/ and reports/ are (default: .)")
-    p.add_argument("--data", metavar="DIR", help="evaluation folder (300-W layout); default: each build's eval_data")
+    p.add_argument("--data", metavar="DIR", help="evaluation data (300-W layout folder; MPII annotation JSON or its "
+                   "folder for pose builds); default: each build's eval_data")
     p.add_argument("--split", default=None, help="split list in the data folder (default: the build's, else test)")
     p.add_argument("--crop", choices=["tight", "detector"], default=None, help="crop policy (default: the build's)")
     p.add_argument("--boxes", metavar="JSON", help="detector boxes for --crop detector")
@@ -99,18 +100,19 @@ def command_line(args) -> str:
 
 
 def print_summary(profile: dict, file=None) -> None:
-    rows = []
+    rows, metric = [], "NME"
     for r in summary_rows(profile):
+        metric = r["metric"] if r["metric_percent"] is not None else metric
         rows.append([
             r["variant"], r["target"], r["precision"], fmt_bytes(r["size_bytes"]), fmt_ms(r["median_ms"]),
             fmt_ms(r["p90_ms"]), fmt_num(r["throughput_ips"], 1), fmt_speedup(r["speedup_vs_pytorch"]),
-            fmt_num(r["nme_percent"], 3), fmt_num(r["nme_delta_points"], 3, sign=True),
-            "ref" if r["role"] == "baseline" else fmt_pass(r["passed"]) if r["nme_percent"] is not None else MISSING,
+            fmt_num(r["metric_percent"], 3), fmt_num(r["metric_delta_points"], 3, sign=True),
+            "ref" if r["role"] == "baseline" else fmt_pass(r["passed"]) if r["metric_percent"] is not None else MISSING,
             r["runtime"] if r["measured"] else r["status"],
         ])
     batch = next((r["batch_size"] for r in summary_rows(profile) if r["batch_size"]), 1)
     print_table(["variant", "target", "precision", "size", f"median ms b{batch}", "p90 ms", "img/s", "x pytorch",
-                 "NME %", "delta pts", "pass", "runtime / status"], rows, file=file)
+                 f"{metric} %", "delta pts", "pass", "runtime / status"], rows, file=file)
 
 
 def run(args) -> int:

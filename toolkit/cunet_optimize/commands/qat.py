@@ -9,7 +9,7 @@ import torch
 from cunet_optimize.build import (add_concat_qdq_argument, calibration_batches, equalize_alpha_for, quant_scheme,
                                   resolve_model)
 from cunet_optimize.commands.common import (add_equalize_arguments, add_face_data_arguments, add_model_argument,
-                                            face_dataset, print_json)
+                                            data_task, print_json, task_dataset)
 from cunet_optimize.data.face300w import FirstSamples
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.quant.qat import qat_recipe, run_qat
@@ -62,6 +62,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, ckpt, source, _ = resolve_model(args.model)
+    task = data_task(args, model, args.model)
     scheme = quant_scheme(args.precision, args.concat_qdq)
     recorded, authors = trained_schedule(model), TrainRecipe()
     original = TrainRecipe(epochs=args.original_epochs or recorded.get("epochs", authors.epochs),
@@ -73,26 +74,26 @@ def run(args) -> int:
     if not args.json:
         print(f"original training: {original.epochs} epochs at lr {original.lr:g} ({origin}); "
               f"QAT {scheme.spec}: {recipe.epochs} epochs from lr {recipe.lr:g}")
-    train_set = face_dataset(args, args.split, augment=True, seed=args.seed)
+    train_set = task_dataset(args, task, args.split, augment=True, seed=args.seed)
     if args.train_images:
         train_set = FirstSamples(train_set, args.train_images)
-    val_set = None if args.val_split == "none" else face_dataset(args, args.val_split)
-    calib_set = face_dataset(args, args.split)
+    val_set = None if args.val_split == "none" else task_dataset(args, task, args.val_split)
+    calib_set = task_dataset(args, task, args.split)
     result = run_qat(model, scheme, train_set, val_set, calibration_batches(calib_set, args.calib_images),
                      recipe, args.out, calib_method=args.calib_method,
                      equalize_alpha=equalize_alpha_for(scheme, args.equalize_alpha),
                      learnable_scales=args.learnable_scales,
                      resume=not args.no_resume, progress=not args.json,
-                     metadata={"source_model": source, "recipe": recipe.__dict__})
+                     metadata={"task": task.name, "source_model": source, "recipe": recipe.__dict__})
     summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,
-               "best_val_nme_percent": result.best_nme, "epochs": result.epochs_run,
+               f"best_val_{result.metric_key}": result.best_metric, "epochs": result.epochs_run,
                "lr": recipe.lr, "original_schedule": {"epochs": original.epochs, "lr": original.lr, "origin": origin},
                "wall_seconds": result.wall_seconds, "history": result.history}
     if args.json:
         print_json(summary)
     else:
         print(f"QAT {scheme.spec}: {result.epochs_run} epochs at lr {recipe.lr:g} (cosine) in "
-              f"{result.wall_seconds:.0f} s; best validation NME {result.best_nme:.3f}%")
+              f"{result.wall_seconds:.0f} s; best validation {result.metric} {result.best_metric:.3f}%")
         print(f"wrote {result.best_checkpoint} (use: cunet-optimize build --precision {args.precision} "
               f"--qat {result.best_checkpoint})")
     return 0

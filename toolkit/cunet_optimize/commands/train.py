@@ -1,4 +1,4 @@
-"""`cunet-optimize train`: train a CU-Net on a 300-W layout folder (resumable)."""
+"""`cunet-optimize train`: train a CU-Net on face (300-W layout) or pose (MPII) data (resumable)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cunet_optimize.commands.common import add_face_data_arguments, face_dataset, print_json
+from cunet_optimize.commands.common import add_face_data_arguments, data_task, print_json, task_dataset
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models import DEFAULT_CONFIG_NAME, load_model
 from cunet_optimize.train.loop import TrainRecipe, train
@@ -74,22 +74,24 @@ def run(args) -> int:
     )
     torch.manual_seed(args.seed)
     model = load_model(args.model, **parse_overrides(args.set))
-    train_set = face_dataset(args, args.split, augment=not args.no_augment, seed=args.seed)
-    val_set = None if args.val_split == "none" else face_dataset(args, args.val_split)
+    task = data_task(args, model, args.model)
+    train_set = task_dataset(args, task, args.split, augment=not args.no_augment, seed=args.seed)
+    val_set = None if args.val_split == "none" else task_dataset(args, task, args.val_split)
     out = Path(args.out or Path("runs") / Path(args.model).name.split(".")[0])
     command = "cunet-optimize " + " ".join(sys.argv[1:]) if sys.argv and "cunet" in sys.argv[0] else ""
-    metadata = {"training": {"data": str(args.data), "split": args.split, "val_split": args.val_split,
+    metadata = {"task": task.name,
+                "training": {"data": str(args.data), "split": args.split, "val_split": args.val_split,
                              "crop": train_set.crop_policy, "recipe": recipe.__dict__, "command": command,
                              "torch": torch.__version__, "machine": platform.machine()}}
     result = train(model, train_set, val_set, recipe, out, resume=not args.no_resume,
                    progress=not args.json, metadata=metadata)
     summary = {"out": result.out_dir, "best_checkpoint": result.best_checkpoint,
-               "last_checkpoint": result.last_checkpoint, "best_val_nme_percent": result.best_nme,
+               "last_checkpoint": result.last_checkpoint, f"best_val_{result.metric_key}": result.best_metric,
                "epochs": result.epochs_run, "wall_seconds": result.wall_seconds, "history": result.history}
     if args.json:
         print_json(summary)
     else:
         print(f"trained {result.epochs_run} epochs in {result.wall_seconds:.0f} s; "
-              f"best validation NME {result.best_nme:.3f}%")
+              f"best validation {result.metric} {result.best_metric:.3f}%")
         print(f"wrote {result.best_checkpoint}, {result.last_checkpoint}, {Path(result.out_dir) / 'history.json'}")
     return 0

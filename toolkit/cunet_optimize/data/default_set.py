@@ -61,3 +61,39 @@ def ensure_default_dataset(progress: bool = True) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# The pose task's default data: the validation split and a calibration slice of
+# `data synth --task pose --count 1200 --seed 0 --test-fraction 0.1`, in the MPII layout.
+DEFAULT_POSE_SYNTH = {"count": 1200, "seed": 0, "test_fraction": 0.1}
+
+
+def default_pose_data_dir() -> Path:
+    from cunet_optimize.data.synth_pose import SYNTH_POSE_VERSION
+
+    base = os.environ.get("CUNET_OPTIMIZE_CACHE") or Path.home() / ".cache" / "cunet-optimize"
+    s = DEFAULT_POSE_SYNTH
+    return Path(base) / f"synth-poses-v{SYNTH_POSE_VERSION}-seed{s['seed']}-n{s['count']}"
+
+
+def ensure_default_pose_dataset(progress: bool = True) -> Path:
+    """Folder with mpii_annotations.json (valid records + CALIBRATION_IMAGES train records)
+    and images/ of the default pose set; written on first use."""
+    from cunet_optimize.data.synth_pose import SYNTH_POSE_GENERATOR, SYNTH_POSE_VERSION, write_pose_set
+
+    out = default_pose_data_dir()
+    if (out / "dataset.json").is_file():
+        return out
+    count, seed, fraction = (DEFAULT_POSE_SYNTH[k] for k in ("count", "seed", "test_fraction"))
+    valid = set(split_test_indices(count, seed, fraction))
+    calib = [i for i in range(count) if i not in valid][:CALIBRATION_IMAGES]
+    manifest = {"generator": SYNTH_POSE_GENERATOR, "version": SYNTH_POSE_VERSION, "task": "pose",
+                **DEFAULT_POSE_SYNTH, "subset": {"valid": len(valid), "train (calibration)": len(calib)},
+                "note": "valid split + first training images of `data synth --task pose --count 1200 --seed 0 "
+                        "--test-fraction 0.1`"}
+    try:
+        write_pose_set(out, seed, sorted(valid | set(calib)), valid, count, 256, progress, manifest)
+    except OSError:  # another process finished first: keep theirs
+        if not (out / "dataset.json").is_file():
+            raise
+    return out

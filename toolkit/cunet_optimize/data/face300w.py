@@ -160,6 +160,8 @@ class Face300W(Dataset):
     ``landmarks[i]`` is where that point is in the original image.
     """
 
+    task = "face"  # cunet_optimize.tasks.TASKS key
+
     def __init__(
         self,
         root: str | os.PathLike,
@@ -314,6 +316,7 @@ class FirstSamples(Dataset):
     def __init__(self, base, count: int) -> None:
         self.base, self.count = base, min(int(count), len(base))
         self.crop_policy = base.crop_policy
+        self.task = getattr(base, "task", "face")
 
     def set_epoch(self, epoch: int) -> None:
         self.base.set_epoch(epoch)

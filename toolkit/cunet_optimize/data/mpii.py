@@ -43,11 +43,15 @@ HEAD_SIZE_FACTOR = 0.6  # head size = 0.6 * head-box diagonal (`normalizer`)
 CENTER_SHIFT_Y = 15.0  # px per unit of scale, moves the centre down toward the legs
 SCALE_PAD = 1.25
 CROP_POLICY = "mpii: objpos with y += 15*scale, scale = scale_provided*1.25 (x200 px)"
+ANNOTATION_FILE = "mpii_annotations.json"  # its name in the authors' (pytorch-pose) data/mpii/
+IMAGE_FOLDER = "images"  # beside it; img_paths are relative to this folder
+MPII_SPLITS = ("valid", "train", "all")  # by isValidation; "all" takes both
 _REQUIRED = ("img_paths", "joint_self", "objpos", "scale_provided", "normalizer", "isValidation")
 
 
 class MPIIDataset(Dataset):
-    """Single-person crops of MPII for training (``split="train"``) or PCKh evaluation (``"valid"``).
+    """Single-person crops of MPII for training (``split="train"``) or PCKh evaluation (``"valid"``;
+    ``"all"`` for both).
 
     Item (dict): image float32 (3, 256, 256); heatmaps float32 (16, 64, 64); landmarks
     float32 (16, 2) 0-based original coords; transform float32 (2, 3) original ->
@@ -58,6 +62,8 @@ class MPIIDataset(Dataset):
     path str; index int. With a flip augmentation all per-joint arrays are permuted
     by `MPII_FLIP_PERM` together.
     """
+
+    task = "pose"  # cunet_optimize.tasks.TASKS key
 
     def __init__(
         self,
@@ -70,8 +76,8 @@ class MPIIDataset(Dataset):
         input_size: int = INPUT_SIZE,
         heatmap_size: int = HEATMAP_SIZE,
     ) -> None:
-        if split not in ("valid", "train"):
-            raise DataError(f"unknown MPII split {split!r}; use 'valid' or 'train'")
+        if split not in MPII_SPLITS:
+            raise DataError(f"unknown MPII split {split!r}; use one of: {', '.join(MPII_SPLITS)}")
         self.json_path = Path(json_path)
         self.image_root = Path(image_root)
         self.split = split
@@ -105,7 +111,7 @@ class MPIIDataset(Dataset):
             if not isinstance(a, dict) or any(k not in a for k in _REQUIRED):
                 missing = [k for k in _REQUIRED if not isinstance(a, dict) or k not in a]
                 raise DataError(f"{where}: record lacks {', '.join(missing)}; expected the CU-Net authors' MPII JSON")
-            if a.get("dataset", "MPII") != "MPII" or bool(a["isValidation"]) != want_valid:
+            if a.get("dataset", "MPII") != "MPII" or (self.split != "all" and bool(a["isValidation"]) != want_valid):
                 continue
             joints = np.asarray(a["joint_self"], dtype=np.float64)
             if joints.shape != (MPII_NUM_JOINTS, 3):

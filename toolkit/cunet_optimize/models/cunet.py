@@ -398,6 +398,11 @@ register_model(
     "small face model for CPU training; the embedded default's configuration",
     "default",
 )
+register_model(
+    "cunet-pose-small",
+    CUNetConfig(num_unets=2, order=1, num_classes=16, width=32, growth_rate=16),
+    "small pose model for CPU training (16 MPII joints), the face default's shape",
+)
 DEFAULT_CONFIG_NAME = "cunet-face-small"
 
 

@@ -2,9 +2,10 @@
 
 Every variant is scored by `evaluate_landmarks` on the same images; the reference is
 the PyTorch FP32 model the engines were built from (the profile's baseline row).
-`accuracy_delta` is the pure rule: absolute delta in NME percentage points,
-relative delta in percent of the reference, and pass = delta <= tolerance (an
-improvement always passes; a non-finite NME always fails).
+The task of the data decides the metric: NME for faces, PCKh@0.5 for pose.
+`accuracy_delta` is the pure rule: absolute delta in the metric's percentage points,
+relative delta in percent of the reference, and pass = the change for the worse <=
+tolerance (an improvement always passes; a non-finite value always fails).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from cunet_optimize.build import DEFAULT_MAX_NME_INCREASE
-from cunet_optimize.metrics import AUC_THRESHOLD, ced_curve
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.metrics import AUC_THRESHOLD, PCKH_CURVE_MAX_THRESHOLD, ced_curve, pckh_curve
+from cunet_optimize.tasks import FACE, TASKS, Task, open_dataset, task_of_data
 
 # Used when a build.json states no tolerance: the build's own default (NME percentage points).
 DEFAULT_NME_TOLERANCE_POINTS = DEFAULT_MAX_NME_INCREASE
@@ -37,12 +40,11 @@ class EvalData:
     normalizer: str = "inter_ocular"
     flip: bool = False
     max_images: int | None = None
+    task: str = "face"  # tasks.TASKS key: decides the data set layout and the metric
 
     def load(self):
-        """The Face300W data set (first `max_images` items if set); DataError if unusable."""
-        from cunet_optimize.data.face300w import Face300W
-
-        dataset = Face300W(self.folder, split=self.split, crop=self.crop, boxes=self.boxes)
+        """The task's data set (first `max_images` items if set); DataError if unusable."""
+        dataset = open_dataset(TASKS[self.task], self.folder, self.split, crop=self.crop, boxes=self.boxes)
         if self.max_images is not None and self.max_images < len(dataset):
             dataset.records = dataset.records[: self.max_images]
         return dataset
@@ -75,14 +77,21 @@ def eval_data_for(
     first = stated[0] if stated else {}
     if folder is None and not first.get("folder"):
         return None, ["no evaluation data: the builds state none; pass --data DIR to measure accuracy"]
+    chosen_folder = str(folder if folder is not None else first["folder"])
+    task = task_of_data(chosen_folder)
+    stated_tasks = {e.get("task", "face") for e in stated}
+    if stated_tasks and stated_tasks != {task.name}:
+        raise CUNetError(f"{chosen_folder}: {task.data_words}, but the builds are of {' and '.join(sorted(stated_tasks))} "
+                         f"models; pass --data with {'/'.join(sorted(stated_tasks))} data")
     chosen = EvalData(
-        folder=str(folder if folder is not None else first["folder"]),
+        folder=chosen_folder,
         split=split_key(split if split is not None else first.get("split", "test")),
         crop=crop_key(crop if crop is not None else first.get("crop")),
         boxes=options.get("boxes", first.get("boxes")),
         normalizer=options.get("normalizer") or first.get("normalizer", "inter_ocular"),
         flip=bool(options.get("flip") or first.get("flip", False)),
         max_images=options.get("max_images"),
+        task=task.name,
     )
     for e in stated:
         gated = (str(e.get("folder")), split_key(e.get("split", "test")), crop_key(e.get("crop")))
@@ -95,20 +104,28 @@ def eval_data_for(
     return chosen, notes
 
 
-def accuracy_delta(nme_percent: float | None, reference_percent: float | None, tolerance_points: float) -> dict:
-    """Absolute (points) and relative (%) NME change vs the reference, and pass/fail."""
-    finite = nme_percent is not None and reference_percent is not None and math.isfinite(nme_percent) \
+def delta_keys(task: Task) -> tuple[str, str]:
+    """Where a variant's accuracy records its change: nme_delta_points / pckh_delta_points (+ relative)."""
+    prefix = task.metric_key.removesuffix("_percent")
+    return f"{prefix}_delta_points", f"{prefix}_delta_relative_percent"
+
+
+def accuracy_delta(value_percent: float | None, reference_percent: float | None, tolerance_points: float,
+                   task: Task = FACE) -> dict:
+    """Absolute (points) and relative (%) change of the task's metric vs the reference, and
+    pass/fail: the change for the worse (NME up, PCKh down) within the tolerance."""
+    points, relative_key = delta_keys(task)
+    finite = value_percent is not None and reference_percent is not None and math.isfinite(value_percent) \
         and math.isfinite(reference_percent)
     if not finite:
-        return {"nme_delta_points": None, "nme_delta_relative_percent": None,
-                "tolerance_points": tolerance_points, "passed": False}
-    delta = nme_percent - reference_percent
+        return {points: None, relative_key: None, "tolerance_points": tolerance_points, "passed": False}
+    delta = value_percent - reference_percent
     relative = 100.0 * delta / reference_percent if reference_percent > 0 else None
     return {
-        "nme_delta_points": delta,
-        "nme_delta_relative_percent": relative,
+        points: delta,
+        relative_key: relative,
         "tolerance_points": tolerance_points,
-        "passed": bool(delta <= tolerance_points),
+        "passed": bool(task.degradation(value_percent, reference_percent) <= tolerance_points),
     }
 
 
@@ -118,6 +135,16 @@ def ced_for_plot(per_image_nme: np.ndarray) -> dict:
     return {
         "max_threshold": CED_MAX_THRESHOLD,
         "auc_threshold": AUC_THRESHOLD,
+        "thresholds": [round(float(t), 6) for t in thresholds],
+        "fraction": [round(float(f), 6) for f in fraction],
+    }
+
+
+def pckh_curve_for_plot(joint_errors: np.ndarray, visible: np.ndarray) -> dict:
+    """PCKh at thresholds 0..0.5 head sizes (the pose task's CED), thresholds as fractions."""
+    thresholds, fraction = pckh_curve(joint_errors, visible)
+    return {
+        "max_threshold": PCKH_CURVE_MAX_THRESHOLD,
         "thresholds": [round(float(t), 6) for t in thresholds],
         "fraction": [round(float(f), 6) for f in fraction],
     }

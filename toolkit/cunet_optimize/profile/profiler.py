@@ -26,10 +26,10 @@ from cunet_optimize.engines.base import Runner, TorchRunner
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_landmarks
 from cunet_optimize.profile.accuracy import (
-    DEFAULT_NME_TOLERANCE_POINTS,
     accuracy_delta,
     ced_for_plot,
     eval_data_for,
+    pckh_curve_for_plot,
 )
 from cunet_optimize.profile.builds import BuildRecord, check_builds, read_build
 from cunet_optimize.profile.environment import environment, load_average
@@ -44,6 +44,7 @@ from cunet_optimize.profile.result import (
     what_ran_where,
 )
 from cunet_optimize.profile.size import file_sizes, onnx_weights, state_dict_weights
+from cunet_optimize.tasks import POSE, TASKS
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class _Measure:
     def __init__(self, runs, warmup, min_seconds, batch_sizes, dataset, eval_data, progress):
         self.runs, self.warmup, self.min_seconds = runs, warmup, min_seconds
         self.batch_sizes, self.dataset, self.eval_data, self.progress = batch_sizes, dataset, eval_data, progress
+        self.dataset_task = TASKS[eval_data.task] if eval_data is not None else None
 
     def run(self, v: VariantProfile, runner: Runner) -> None:
         with runner:
@@ -94,11 +96,16 @@ class _Measure:
                     progress=self.progress, description=f"eval {v.name}", runtime=v.runtime,
                 )
                 v.accuracy = {
+                    "task": ev.task,
+                    "metric": self.dataset_task.metric,
                     "metrics": dict(ev.metrics),
                     "runtime": v.runtime,
                     "seconds": time.perf_counter() - start,
-                    "ced": ced_for_plot(ev.per_image_nme),
                 }
+                if self.dataset_task is POSE:
+                    v.accuracy["pckh_curve"] = pckh_curve_for_plot(ev.joint_errors, ev.visible)
+                else:
+                    v.accuracy["ced"] = ced_for_plot(ev.per_image_nme)
         v.status, v.measured = MEASURED_STATUS, True
 
 
@@ -243,14 +250,15 @@ def _finish_accuracy(variants: list[VariantProfile]) -> None:
     for v in variants:
         if v.accuracy is None:
             continue
+        task = TASKS[v.accuracy.get("task", "face")]
         ref = refs.get(v.model_sha256)
         tol = (v.build_accuracy or {}).get("tolerance")
         source = "build.json accuracy.tolerance" if tol is not None else "default"
-        tol = float(tol) if tol is not None else DEFAULT_NME_TOLERANCE_POINTS
-        ref_nme = ref.accuracy["metrics"]["nme_percent"] if ref is not None and ref.accuracy else None
-        v.accuracy.update(accuracy_delta(v.accuracy["metrics"]["nme_percent"], ref_nme, tol))
+        tol = float(tol) if tol is not None else task.default_tolerance
+        ref_value = task.headline(ref.accuracy["metrics"]) if ref is not None and ref.accuracy else None
+        v.accuracy.update(accuracy_delta(task.headline(v.accuracy["metrics"]), ref_value, tol, task))
         v.accuracy["reference"] = ref.name if ref is not None else None
-        v.accuracy["reference_nme_percent"] = ref_nme
+        v.accuracy[f"reference_{task.metric_key}"] = ref_value
         v.accuracy["tolerance_source"] = source
         if v.role == "baseline":
             v.accuracy["passed"] = None  # the reference is not judged against itself
@@ -280,7 +288,7 @@ def profile_engines(
 ) -> ProfileResult:
     """Profile the builds in `build_dirs` plus the PyTorch FP32 baseline of their checkpoint.
 
-    `data` (a 300-W layout folder) overrides each build.json's eval_data; with neither,
+    `data` (a 300-W layout folder, or MPII data for pose builds) overrides each build.json's eval_data; with neither,
     accuracy is skipped and the result's notes say so. `command` is the command line to
     record for reproduction (the CLI passes its own argv). `torch_threads` sets the
     PyTorch baseline's thread count (ONNX Runtime builds use their session.json's).

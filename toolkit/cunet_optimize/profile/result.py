@@ -150,9 +150,20 @@ def summary_rows(profile: dict) -> list[dict]:
             "nme_percent": _get(v, "accuracy", "metrics", "nme_percent"),
             "nme_delta_points": _get(v, "accuracy", "nme_delta_points"),
             "nme_delta_relative_percent": _get(v, "accuracy", "nme_delta_relative_percent"),
+            # the headline of the variant's task (NME for faces, PCKh@0.5 for pose), for tables and plots
+            "metric": _get(v, "accuracy", "metric") or "NME",
+            "metric_percent": _metric(v, "metrics", "{}_percent"),
+            "metric_delta_points": _metric(v, "{}_delta_points"),
+            "metric_delta_relative_percent": _metric(v, "{}_delta_relative_percent"),
             "passed": _get(v, "accuracy", "passed"),
         })
     return rows
+
+
+def _metric(variant: dict, *path: str):
+    """A value of the variant's headline metric: `path` under "accuracy", "{}" = nme or pckh."""
+    prefix = "pckh" if _get(variant, "accuracy", "task") == "pose" else "nme"
+    return _get(variant, "accuracy", *(p.format(prefix) for p in path))
 
 
 def speedups(variants: list[VariantProfile]) -> None:

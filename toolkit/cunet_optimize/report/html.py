@@ -177,50 +177,63 @@ def _summary(profile: dict) -> str:
         size = fmt_bytes(r["size_bytes"])
         if r["size_artifact"] and r["size_bytes"] is not None:
             size += f'<br><span class="muted">{esc(r["size_artifact"])}</span>'
-        rel = r["nme_delta_relative_percent"]
-        delta = fmt_num(r["nme_delta_points"], 3, sign=True)
+        rel = r["metric_delta_relative_percent"]
+        delta = fmt_num(r["metric_delta_points"], 3, sign=True)
         if _ok(rel):
             delta += f'<br><span class="muted">{rel:+.1f}%</span>'
         latency = MISSING if r["median_ms"] is None else f"{fmt_ms(r['median_ms'])} / {fmt_ms(r['p90_ms'])}"
         rows.append([
             ("raw", name), f"{r['target']} · {r['precision']}", ("raw", size), latency,
             fmt_num(r["throughput_ips"], 1), fmt_speedup(r["speedup_vs_pytorch"]),
-            fmt_speedup(r["speedup_vs_onnx_fp32"]), fmt_num(r["nme_percent"], 3), ("raw", delta),
+            fmt_speedup(r["speedup_vs_onnx_fp32"]), fmt_num(r["metric_percent"], 3), ("raw", delta),
             badge(r["passed"]) if r["role"] != "baseline" else REFERENCE_BADGE,
             ("small", (r["runtime"] or MISSING) if r["measured"] else r["status"]),
         ])
         classes.append("baseline" if r["role"] == "baseline" else "")
     batch = next((r["batch_size"] for r in all_rows if r["batch_size"]), 1)
+    metric = _metric_name(profile)
     header = ["Variant", "Target · precision", "Size on disk", f"Median / p90 ms (batch {batch})", "Images/s",
-              "Speed-up vs PyTorch FP32", "Speed-up vs ONNX FP32", "NME %", "Δ NME (points, relative)", "Pass",
-              "Runtime that produced the numbers"]
+              "Speed-up vs PyTorch FP32", "Speed-up vs ONNX FP32", f"{metric} %", f"Δ {metric} (points, relative)",
+              "Pass", "Runtime that produced the numbers"]
+    worse = "increase" if metric == "NME" else "decrease"
     note = ("<p class=\"muted\">Speed-up = median latency of the reference / median latency of the variant, "
-            "same batch size, same model. Δ NME is against the PyTorch FP32 reference on the same images; "
-            "pass = Δ NME ≤ the build's tolerance (see Accuracy).</p>")
+            f"same batch size, same model. Δ {esc(metric)} is against the PyTorch FP32 reference on the same images; "
+            f"pass = its {worse} ≤ the build's tolerance (see Accuracy).</p>")
     return section("summary", "Summary", table(header, rows, numeric=range(2, 9), row_classes=classes,
                                                cls="summary") + note)
+
+
+def _metric_name(profile: dict) -> str:
+    """The headline metric of the profiled task: NME (faces) or PCKh@0.5 (pose)."""
+    return next((v["accuracy"]["metric"] for v in profile.get("variants", [])
+                 if _get(v, "accuracy", "metric")), "NME")
 
 
 def _points(profile: dict) -> list[dict]:
     pts = []
     for i, r in enumerate(summary_rows(profile)):
-        if _ok(r["median_ms"]) and _ok(r["nme_percent"]):
-            pts.append({"x": r["median_ms"], "y": r["nme_percent"], "label": r["variant"], "colour": colour(i)})
+        if _ok(r["median_ms"]) and _ok(r["metric_percent"]):
+            pts.append({"x": r["median_ms"], "y": r["metric_percent"], "label": r["variant"], "colour": colour(i)})
     return pts
 
 
 def _pareto(profile: dict) -> str:
     pts = _points(profile)
+    metric = _metric_name(profile)
     if not pts:
         return section("pareto", "Latency vs accuracy", "<p class=\"muted\">No variant has both a latency and an "
-                       "NME (accuracy needs an evaluation set: pass --data).</p>")
-    svg = scatter_svg(pts, "median latency per batch (ms)", "NME (%)", "Latency vs NME")
+                       f"{esc(metric)} (accuracy needs an evaluation set: pass --data).</p>")
+    higher = metric != "NME"
+    svg = scatter_svg(pts, "median latency per batch (ms)", f"{metric} (%)", f"Latency vs {metric}",
+                      y_higher_is_better=higher)
     return section("pareto", "Latency vs accuracy", figure(
-        svg, "Each point is a variant (lower-left is better). Larger points joined by the dashed line form the "
-             "Pareto front: no other variant is both faster and more accurate."))
+        svg, f"Each point is a variant ({'upper' if higher else 'lower'}-left is better). Larger points joined by "
+             "the dashed line form the Pareto front: no other variant is both faster and more accurate."))
 
 
 def _ced(profile: dict) -> str:
+    if any(_get(v, "accuracy", "pckh_curve") for v in profile["variants"]):
+        return _pckh_curve(profile)
     series, max_t, auc_t = [], None, None
     for i, v in enumerate(profile["variants"]):
         ced = _get(v, "accuracy", "ced")
@@ -239,6 +252,34 @@ def _ced(profile: dict) -> str:
              f"{auc_t * 100:g}% (AUC and failure-rate threshold)." if auc_t else "CED curves per variant."))
 
 
+def _pckh_curve(profile: dict) -> str:
+    """The pose task's CED: PCKh at each threshold from 0 to 0.5 head sizes."""
+    series, max_t = [], None
+    for i, v in enumerate(profile["variants"]):
+        curve = _get(v, "accuracy", "pckh_curve")
+        if not curve:
+            continue
+        max_t = curve["max_threshold"]
+        series.append({"label": v["name"], "colour": colour(i), "xs": list(curve["thresholds"]),
+                       "ys": [f * 100 for f in curve["fraction"]]})
+    svg = lines_svg(series, "threshold (head sizes)", "PCKh: visible joints within threshold (%)",
+                    "PCKh vs threshold", x_max=max_t, marker_x=0.5 if max_t >= 0.5 else None, marker_label="0.5")
+    return section("ced", "PCKh vs threshold", figure(
+        svg, "Fraction of visible joints (pelvis and thorax excluded) whose error is within each threshold, in "
+             "head sizes (0.6 x head-box diagonal); the value at 0.5 is PCKh@0.5."))
+
+
+def _per_joint(profile: dict) -> str:
+    """Pose: PCKh@0.5 per joint and variant."""
+    variants = [v for v in profile["variants"] if _get(v, "accuracy", "metrics", "per_joint_percent")]
+    if not variants:
+        return ""
+    joints = list(variants[0]["accuracy"]["metrics"]["per_joint_percent"])
+    rows = [[v["name"]] + [fmt_num(v["accuracy"]["metrics"]["per_joint_percent"].get(j), 1) for j in joints]
+            for v in variants]
+    return "<h3>PCKh@0.5 per joint (%)</h3>" + table(["Variant"] + joints, rows, numeric=range(1, len(joints) + 1))
+
+
 def _accuracy(profile: dict) -> str:
     data = profile.get("data")
     if not data:
@@ -249,6 +290,8 @@ def _accuracy(profile: dict) -> str:
                          for v in variants if v.get("accuracy") and v.get("role") != "baseline"},
                         key=lambda t: (t[0] is None, t))
     reference = next((v for v in variants if v.get("role") == "baseline"), None)
+    metric = _metric_name(profile)
+    pose = metric != "NME"
     settings = kv([
         ("Data set", f"{data.get('folder')} (split {data.get('split') or 'all images'})"),
         ("Images", data.get("images")),
@@ -256,7 +299,7 @@ def _accuracy(profile: dict) -> str:
         ("Normaliser", data.get("normalizer")),
         ("Flip test", "on" if data.get("flip") else "off"),
         ("Reference", f"{reference['name']}: {reference['runtime']}" if reference else MISSING),
-        ("Tolerance", "; ".join(f"{fmt_num(t, 3)} NME points ({s})" for t, s in tolerances) or MISSING),
+        ("Tolerance", "; ".join(f"{fmt_num(t, 3)} {metric} points ({s})" for t, s in tolerances) or MISSING),
         ("Runtimes", "; ".join(dict.fromkeys(v["runtime"] for v in variants if v.get("accuracy")))),
     ])
     rows = []
@@ -265,33 +308,38 @@ def _accuracy(profile: dict) -> str:
         if not a:
             continue
         m = a["metrics"]
-        rel = a.get("nme_delta_relative_percent")
+        key = "pckh" if pose else "nme"
+        rel = a.get(f"{key}_delta_relative_percent")
+        extra = ([fmt_num(m.get("pckh_0.2_percent"), 2)] if pose else
+                 [fmt_num(m.get("failure_rate_0.08_percent"), 2), fmt_num(m.get("failure_rate_0.10_percent"), 2),
+                  fmt_num(m.get("auc_0.08_percent"), 2)])
         rows.append([
-            v["name"], ("small", a.get("runtime")), fmt_num(a.get("reference_nme_percent"), 3),
-            fmt_num(m.get("nme_percent"), 3), fmt_num(a.get("nme_delta_points"), 3, sign=True),
-            fmt_num(rel, 1, sign=True) + ("%" if _ok(rel) else ""),
-            fmt_num(m.get("failure_rate_0.08_percent"), 2), fmt_num(m.get("failure_rate_0.10_percent"), 2),
-            fmt_num(m.get("auc_0.08_percent"), 2), fmt_num(a.get("tolerance_points"), 3),
+            v["name"], ("small", a.get("runtime")), fmt_num(a.get(f"reference_{key}_percent"), 3),
+            fmt_num(m.get(f"{key}_percent"), 3), fmt_num(a.get(f"{key}_delta_points"), 3, sign=True),
+            fmt_num(rel, 1, sign=True) + ("%" if _ok(rel) else ""), *extra, fmt_num(a.get("tolerance_points"), 3),
             badge(a.get("passed")) if v.get("role") != "baseline" else REFERENCE_BADGE,
         ])
-    measured = table(["Variant", "Runtime", "FP32 reference NME %", "NME %", "Δ (points)", "Δ (relative)",
-                      "FR@0.08 %", "FR@0.10 %", "AUC@0.08 %", "Tolerance (points)", "Pass"],
-                     rows, numeric=range(2, 10))
+    extra_header = ["PCKh@0.2 %"] if pose else ["FR@0.08 %", "FR@0.10 %", "AUC@0.08 %"]
+    measured = table(["Variant", "Runtime", f"FP32 reference {metric} %", f"{metric} %", "Δ (points)", "Δ (relative)",
+                      *extra_header, "Tolerance (points)", "Pass"],
+                     rows, numeric=range(2, 7 + len(extra_header))) + _per_joint(profile)
     gates = []
     for v in variants:
         g = v.get("build_accuracy")
         if not g:
             continue
+        key = g.get("metric_key", "nme_percent")  # build.json before the pose task: NME only
+        worse = g.get("degradation_points", g.get("nme_increase_percent_points"))
         gates.append([
-            v["name"], ("small", g.get("runtime")), fmt_num(_get(g, "reference", "nme_percent"), 3),
-            fmt_num(_get(g, "quantized", "nme_percent"), 3),
-            fmt_num(g.get("nme_increase_percent_points"), 3, sign=True),
+            v["name"], ("small", g.get("runtime")), fmt_num(_get(g, "reference", key), 3),
+            fmt_num(_get(g, "quantized", key), 3), fmt_num(worse, 3, sign=True),
             fmt_num(g.get("tolerance"), 3), badge(g.get("passed")),
         ])
     gate_html = ""
     if gates:
         gate_html = ("<h3>Accuracy gate recorded at build time (build.json)</h3>" + table(
-            ["Build", "Runtime", "FP32 reference NME %", "Quantized NME %", "Increase (points)", "Tolerance", "Passed"],
+            ["Build", "Runtime", f"FP32 reference {metric} %", f"Quantized {metric} %",
+             f"{'Decrease' if pose else 'Increase'} (points)", "Tolerance", "Passed"],
             gates, numeric=range(2, 6)))
     return section("accuracy", "Accuracy", "<h3>Settings</h3>" + settings + "<h3>Measured in this profile</h3>"
                    + measured + gate_html)
@@ -462,7 +510,7 @@ def _compare(profile: dict, other: dict) -> str:
     for name in list(mine) + [n for n in theirs if n not in mine]:
         a, b = mine.get(name, {}), theirs.get(name, {})
         la, lb = a.get("median_ms"), b.get("median_ms")
-        na, nb = a.get("nme_percent"), b.get("nme_percent")
+        na, nb = a.get("metric_percent"), b.get("metric_percent")
         d_ms = la - lb if _ok(la) and _ok(lb) else None
         d_rel = 100 * d_ms / lb if d_ms is not None and lb else None
         d_nme = na - nb if _ok(na) and _ok(nb) else None
@@ -479,9 +527,10 @@ def _compare(profile: dict, other: dict) -> str:
     if env_a.get("cpu") != env_b.get("cpu") or env_a.get("cpu_cores_usable") != env_b.get("cpu_cores_usable"):
         caution = '<p class="muted">The two profiles ran on different machines: latency deltas mix the change ' \
                   "with the hardware.</p>"
+    metric = _metric_name(profile)
     return section("compare", "Comparison with another profile", intro + caution + table(
-        ["Variant", "In", "Other median ms", "This median ms", "Δ ms", "Δ latency", "Other NME %", "This NME %",
-         "Δ NME (points)"], rows, numeric=range(2, 9)) +
+        ["Variant", "In", "Other median ms", "This median ms", "Δ ms", "Δ latency", f"Other {metric} %",
+         f"This {metric} %", f"Δ {metric} (points)"], rows, numeric=range(2, 9)) +
         '<p class="muted">Δ = this profile minus the other; negative latency Δ = faster now.</p>')
 
 
@@ -492,6 +541,7 @@ def render_html(profile_json: dict, compare: dict | None = None, json_name: str 
         check_profile(compare, "compare profile")
     p = profile_json
     title = f"CU-Net profile: {p.get('name', '')}"
+    metric = _metric_name(p)
     sections = [
         _summary(p),
         _compare(p, compare) if compare is not None else "",
@@ -499,7 +549,8 @@ def render_html(profile_json: dict, compare: dict | None = None, json_name: str 
         _surgery(p), _calibration(p), _environment(p), _commands(p, json_name), _notes(p),
     ]
     present = [(anchor, label) for anchor, label in (
-        ("summary", "Summary"), ("compare", "Comparison"), ("pareto", "Latency vs NME"), ("ced", "CED"),
+        ("summary", "Summary"), ("compare", "Comparison"), ("pareto", f"Latency vs {metric}"),
+        ("ced", "CED" if metric == "NME" else "PCKh curve"),
         ("accuracy", "Accuracy"), ("latency", "Latency"), ("memory", "Size & memory"), ("layers", "Per-layer"),
         ("surgery", "Surgery"), ("calibration", "Calibration"), ("environment", "Environment"),
         ("reproduce", "Reproduce"), ("notes", "Notes"),

@@ -153,13 +153,14 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def scatter_svg(points: Sequence[dict], x_label: str, y_label: str, title: str,
-                width: int = 760, height: int = 440) -> str:
-    """points: dicts with x, y, label, colour. Marks and joins the Pareto front."""
+                width: int = 760, height: int = 440, y_higher_is_better: bool = False) -> str:
+    """points: dicts with x, y, label, colour. Marks and joins the Pareto front (lower x is
+    better; lower y too unless `y_higher_is_better`, e.g. PCKh)."""
     left, right, top, bottom = 72, width - 24, 20, height - 52
     xa = Axis.fit([p["x"] for p in points], left, right, allow_log=True)
     ya = Axis.fit([p["y"] for p in points], bottom, top)
     body = _axes(xa, ya, x_label, y_label, height)
-    front = pareto_front([(p["x"], p["y"]) for p in points])
+    front = pareto_front([(p["x"], -p["y"] if y_higher_is_better else p["y"]) for p in points])
     if len(front) > 1:
         xy = []
         for a, b in zip(front, front[1:]):

@@ -29,6 +29,7 @@ from cunet_optimize.atomic import atomic_path, write_atomic
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import save_checkpoint
+from cunet_optimize.tasks import task_of_dataset
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,12 @@ class TrainResult:
     out_dir: str
     best_checkpoint: str
     last_checkpoint: str
-    best_nme: float
+    best_metric: float  # best validation value of `metric` (percent)
     epochs_run: int
     history: list[dict] = field(default_factory=list)
     wall_seconds: float = 0.0
+    metric: str = "NME"
+    metric_key: str = "nme_percent"
 
 
 def heatmap_loss(heads: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -113,7 +116,8 @@ def train(
     load_extra_state: Callable[[dict], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train `model` on `train_set`, evaluate NME on `val_set` every epoch, keep the best.
+    """Train `model` on `train_set`, evaluate `val_set` every epoch (its task's metric: NME
+    for faces, PCKh for pose), keep the best.
 
     `save_fn(model, path, metadata)` writes a user-facing checkpoint (default: our
     safetensors); QAT passes its own to store quantizer parameters too.
@@ -128,8 +132,10 @@ def train(
     optimizer = torch.optim.RMSprop(
         model.parameters(), lr=recipe.lr, alpha=recipe.rmsprop_alpha, eps=recipe.rmsprop_eps
     )
+    task = task_of_dataset(val_set if val_set is not None else train_set)
+    history_key = "val_" + task.metric_key.removesuffix("_percent")  # val_nme, val_pckh
     epoch, batch_pos, iteration = 0, 0, 0
-    best_nme, history, wall = math.inf, [], 0.0
+    best, history, wall = task.worst, [], 0.0
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -141,7 +147,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, batch_pos, iteration = state["epoch"], state["batch_pos"], state["iteration"]
-        best_nme, history, wall = state["best_nme"], state["history"], state["wall_seconds"]
+        best, history, wall = state.get("best_metric", state.get("best_nme")), state["history"], state["wall_seconds"]
         if load_extra_state and "extra" in state:
             load_extra_state(state["extra"])
         log.info("resuming %s at epoch %d, batch %d", out, epoch, batch_pos)
@@ -153,7 +159,7 @@ def train(
             "epoch": e,
             "batch_pos": b,
             "iteration": iteration,
-            "best_nme": best_nme,
+            "best_metric": best,
             "history": history,
             "wall_seconds": wall + (time.perf_counter() - started),
             "recipe": json.loads(json.dumps(asdict(recipe))),
@@ -196,10 +202,10 @@ def train(
         if val_set is not None and (epoch % recipe.eval_every == 0 or epoch == recipe.epochs):
             result = evaluate_landmarks(torch_infer(model), val_set, progress=progress,
                                         description="validate")
-            nme = result.metrics["nme_percent"]
-            record["val_nme"] = nme
-            if nme < best_nme:
-                best_nme = nme
+            value = task.headline(result.metrics)
+            record[history_key] = value
+            if task.better(value, best):
+                best = value
                 save_fn(model, out / BEST_FILE, {**meta, "epoch": epoch, "val_metrics": result.metrics})
             model.train()
         history.append(record)
@@ -211,5 +217,5 @@ def train(
     if val_set is None and not (out / BEST_FILE).exists():
         save_fn(model, out / BEST_FILE, {**meta, "epoch": epoch})
     write_atomic(out / HISTORY_FILE, json.dumps(history, indent=2) + "\n")
-    return TrainResult(str(out), str(out / BEST_FILE), str(out / LAST_FILE), best_nme, epoch,
-                       history, round(wall, 1))
+    return TrainResult(str(out), str(out / BEST_FILE), str(out / LAST_FILE), best, epoch,
+                       history, round(wall, 1), task.metric, task.metric_key)
