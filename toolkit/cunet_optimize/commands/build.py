@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+from cunet_optimize.commands.common import non_negative_float, positive_int
 from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, BuildOptions, add_concat_qdq_argument, command_line,
                                   default_calib_split, run_build)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
@@ -23,12 +24,13 @@ def add_parser(subparsers) -> None:
                    "(default: the embedded synthetic set's calibration slice)")
     p.add_argument("--calib-split", default=None, help="split list in --calib-data (default: train if present)")
     p.add_argument("--calib-method", choices=METHODS, default="percentile")
-    p.add_argument("--calib-images", type=int, default=128)
+    p.add_argument("--calib-images", type=positive_int, default=128)
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--eval-data", metavar="DIR", help="evaluation set (default: the embedded synthetic test split)")
     p.add_argument("--eval-split", default="test")
-    p.add_argument("--max-nme-increase", type=float, default=DEFAULT_MAX_NME_INCREASE, metavar="POINTS",
+    p.add_argument("--max-nme-increase", type=non_negative_float, default=DEFAULT_MAX_NME_INCREASE,
+                   metavar="POINTS",
                    help=f"accuracy gate: allowed NME increase in percentage points (default {DEFAULT_MAX_NME_INCREASE})")
     p.add_argument("--no-accuracy-gate", action="store_true", help="record the accuracy but never fail on it")
     p.add_argument("--trt-major", type=int, choices=[10, 11], help="TensorRT major for GPU/Jetson bundles")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from cunet_optimize.commands.common import positive_int
 from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, default_calib_split,
                                   legacy_cache_scales, quantize_and_calibrate, resolve_model)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
@@ -19,7 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", default=None, help="split list in DIR (default: its train list if any, else all)")
     p.add_argument("--method", choices=METHODS, default="percentile")
     p.add_argument("--precision", default="int8", help="quantization scheme (int8, int4, w1a8, ...)")
-    p.add_argument("--images", type=int, default=128, help="number of calibration images")
+    p.add_argument("--images", type=positive_int, default=128, help="number of calibration images")
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/calib/<id>/")

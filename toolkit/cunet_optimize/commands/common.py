@@ -1,10 +1,63 @@
-"""Small helpers shared by the subcommands: tables, JSON output."""
+"""Small helpers shared by the subcommands: tables, JSON output, option types.
+
+Every numeric option is checked by its argparse `type=` here (positive_int,
+non_negative_float, ...), so a bad value is refused before any work starts, with
+argparse's one-line message naming the flag (exit 2).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import os
 import sys
-from typing import Any, Sequence
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+def _number_type(convert: Callable[[str], float], accept: Callable[[float], bool], wanted: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number_type(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number_type(float, lambda v: v > 0, "a number > 0")
+non_negative_float = _number_type(float, lambda v: v >= 0, "a number >= 0")
+unit_float = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output location this process cannot write to.
+
+    `path` is a file or folder that may not exist yet: its nearest existing folder must
+    accept a new file (tried for real: permission bits say nothing for root or a
+    read-only mount)."""
+    from cunet_optimize.errors import CUNetError
+
+    target = Path(path)
+    folder = target if target.is_dir() else target.parent if target.exists() else target
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CUNetError(f"{flag} {path}: {folder} is a file, not a folder; choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".cunet-write-check-"):
+            pass
+    except OSError as exc:
+        raise CUNetError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc}); "
+                         f"choose a writable {flag} or fix its permissions") from None
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
@@ -43,7 +96,7 @@ def add_model_argument(parser, help_suffix: str = "") -> None:
 def add_face_data_arguments(parser, split_default: str | None) -> None:
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="300-W layout folder: images with same-stem .pts files (+ split lists)")
-    parser.add_argument("--split", default=split_default,
+    parser.add_argument("--split", default=split_default, action=_ExplicitSplit,
                         help=f"split list in DIR (train/test/common/challenging/full) or a list file "
                              f"(default: {split_default or 'every image'}; 'all' for every image)")
     parser.add_argument("--crop", choices=["tight", "detector"], default="tight",
@@ -53,9 +106,27 @@ def add_face_data_arguments(parser, split_default: str | None) -> None:
                         help="skip unreadable images / malformed .pts with a warning instead of failing")
 
 
-def face_dataset(args, split: str | None, augment: bool = False, seed: int = 0):
-    from cunet_optimize.data.face300w import Face300W
+class _ExplicitSplit(argparse.Action):
+    """--split that remembers it was given (a default split may fall back to every image)."""
 
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.split_given = True
+
+
+def face_dataset(args, split: str | None, augment: bool = False, seed: int = 0):
+    """The Face300W of --data for `split`. A default --split (not given) in a folder with no
+    split lists at all, as most people keep their photos, means every image with a .pts."""
+    import logging
+
+    from cunet_optimize.data.face300w import SPLIT_NAMES, Face300W
+
+    if (split == args.split and split not in (None, "all") and not getattr(args, "split_given", False)
+            and Path(args.data).is_dir() and not any((Path(args.data) / f"{n}.txt").is_file() for n in SPLIT_NAMES)):
+        logging.getLogger(__name__).warning(
+            "%s has no split lists (%s): using every image with a .pts file (as --split all)",
+            args.data, ", ".join(f"{n}.txt" for n in SPLIT_NAMES))
+        args.split = split = "all"
     split = None if split in (None, "all") else split
     return Face300W(args.data, split=split, crop=args.crop, boxes=args.boxes, augment=augment,
                     seed=seed, skip_bad=args.skip_bad)
@@ -66,7 +137,7 @@ def add_equalize_arguments(parser) -> None:
     from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA
 
     def alpha(text: str):
-        return text if text == "default" else float(text)
+        return text if text == "default" else unit_float(text)
 
     parser.add_argument("--equalize", type=alpha, default="default", metavar="ALPHA",
                         dest="equalize_alpha",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cunet_optimize.commands.common import positive_int
 from cunet_optimize.commands.common import (
     add_face_data_arguments, add_model_argument, face_dataset, print_json, print_table)
 from cunet_optimize.evaluate import evaluate_landmarks, result_to_json, torch_infer
@@ -15,7 +16,7 @@ def add_parser(subparsers) -> None:
     add_face_data_arguments(p, split_default="test")
     p.add_argument("--normalizer", choices=NORMALIZERS, default="inter_ocular")
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored image")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
