@@ -11,6 +11,7 @@ for any Unix tool killed by SIGPIPE.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
@@ -72,6 +73,19 @@ def _environment_error(command: str, exc: OSError) -> str:
     return f"cunet-optimize {command}: error: {where}{exc.strerror or exc}; {fix}"
 
 
+def _run_command(args) -> int:
+    if not getattr(args, "json", False):
+        return int(args.func(args) or 0)
+    from cunet_optimize.commands import common
+
+    common._json_stream[0] = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON and nothing else
+            return int(args.func(args) or 0)
+    finally:
+        common._json_stream[0] = None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for flag, path in output_locations(args):
             check_writable(path, flag)
-        status = int(args.func(args) or 0)
+        status = _run_command(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return status
     except CUNetError as e:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 from cunet_optimize.commands.common import non_negative_float, positive_int
+from cunet_optimize.workdir_lock import remove_stale_partials, workdir_lock
 from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, BuildOptions, add_concat_qdq_argument, command_line,
                                   default_calib_split, run_build)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
@@ -52,7 +55,9 @@ def run(args) -> int:
         force=args.force, name=args.name, command=command_line(),
     )
     echo = (lambda *_: None) if args.json else print
-    report = run_build(opts, echo=echo, progress=not args.json)
+    with workdir_lock(args.workdir, "cunet-optimize build"):  # a second build here waits for this one
+        remove_stale_partials(Path(args.workdir) / "engines")
+        report = run_build(opts, echo=echo, progress=not args.json)
     m = report.manifest
     if args.json:
         print_json(m)

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from cunet_optimize.commands.common import positive_int
+from cunet_optimize.workdir_lock import workdir_lock
 from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, default_calib_split,
                                   legacy_cache_scales, quantize_and_calibrate, resolve_model)
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
@@ -36,10 +37,11 @@ def run(args) -> int:
                         workdir=args.workdir)
     model, ckpt, _, _ = resolve_model(args.model)
     timer = StageTimer(total=1, echo=(lambda *_: None) if args.json else print)
-    qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json)
+    with workdir_lock(args.workdir, "cunet-optimize calibrate"):
+        qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json)
     calib_dir = Path(info["scales_file"]).parent
     cache = calib_dir / "calibration.cache"
-    if not cache.is_file():  # TensorRT's legacy cache is keyed by ONNX tensor names: export once
+    if not cache.is_file() or not info.get("cached"):  # keyed by ONNX tensor names: export once per scales
         import onnx
 
         from cunet_optimize.export import export_onnx

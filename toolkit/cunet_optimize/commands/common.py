@@ -79,8 +79,19 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], file=None)
         print(fmt(row), file=file)
 
 
+# With --json, stdout carries the JSON only: the CLI points sys.stdout at stderr while the
+# command runs (libraries such as Polygraphy print their warnings to stdout) and keeps the
+# real stdout here for the JSON.
+_json_stream: list = [None]
+
+
+def json_stream():
+    """Where --json output goes: the real stdout."""
+    return _json_stream[0] or sys.stdout
+
+
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str), file=json_stream())
 
 
 def add_model_argument(parser, help_suffix: str = "") -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 
-from cunet_optimize.commands.common import print_table
+from cunet_optimize.commands.common import print_json, print_table
 from cunet_optimize.models import MODEL_REGISTRY, read_checkpoint
 from cunet_optimize.models.checkpoint import check_state_dict
 from cunet_optimize.models.cunet import CUNet
@@ -46,7 +45,7 @@ def run(args) -> int:
             }
         )
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print_json(rows)
         return 0
     print_table(
         ["name", "N", "K", "C", "c0", "g", "L", "params", "fp32 MB", "GMACs@256", "description"],

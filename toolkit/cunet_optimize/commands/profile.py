@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cunet_optimize.commands.common import non_negative_float, non_negative_int, positive_int
-from cunet_optimize.commands.common import print_table
+from cunet_optimize.commands.common import json_stream, print_table
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.profile import find_builds, profile_engines, summary_rows
@@ -135,7 +135,7 @@ def run(args) -> int:
     profile = result.to_dict()
     json_path, html_path = write_report(profile, workdir / "reports", result.name)
     if args.json:
-        print(result.to_json(), end="")
+        print(result.to_json(), end="", file=json_stream())
         print(f"wrote {json_path} and {html_path}", file=sys.stderr)
         return 0
     print(profile["statement"])
