@@ -387,6 +387,7 @@ def test_train_never_claims_a_best_checkpoint_it_did_not_write(env, tmp_path, ca
 # ----------------------------------------------------------------------------- faults
 
 
+@pytest.mark.slow
 def test_closed_stdout_ends_quietly(env):
     """13. `predict --json | head -c 100`: no BrokenPipeError traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "cunet_optimize.cli", "predict", *map(str, env.images),
