@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import onnx
 import pytest
@@ -144,6 +145,11 @@ def test_accuracy_gate_fails_a_damaged_calibration(faces, tmp_path, capsys):
     data["scales"] = {k: v * 1e-3 for k, v in data["scales"].items()}  # clips every activation
     with open(scales_file, "w") as f:
         json.dump(data, f)
+    # re-sealed: a consistent cache of bad scales (an edit alone fails the checksum and is recomputed)
+    from cunet_optimize.cache_seal import seal
+
+    calib_dir = Path(scales_file).parent
+    seal(calib_dir, [calib_dir / "scales.json", calib_dir / "equalization.safetensors"])
     assert main(["build", "--precision", "int8", "--eval-data", str(faces), *common]) == 2
     assert "accuracy gate failed" in capsys.readouterr().err
     assert not (tmp_path / "engines" / "cunet-face-small-int8-cpu").exists()

@@ -455,6 +455,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     from safetensors.torch import load_file, save_file
 
     from cunet_optimize.atomic import atomic_path
+    from cunet_optimize.cache_seal import check_seal, seal
     from cunet_optimize.quant import (activation_scales, apply_scales, load_scales, parse_precision,
                                       post_training_quantize, quantize_model, save_scales)
     from cunet_optimize.quant.equalize import apply_equalization
@@ -482,7 +483,10 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     scales_file = calib_dir / "scales.json"
     # The scales belong to the equalized weights: both files make the cache.
     factors_file = calib_dir / "equalization.safetensors"
-    cached = scales_file.is_file() and (alpha is None or factors_file.is_file())
+    cache_files = [scales_file] + ([factors_file] if alpha is not None else [])
+    cached, damage = check_seal(calib_dir, cache_files)
+    if damage:  # recompute rather than fail or trust it
+        log.warning("%s: calibration cache not reusable (%s); recomputing it", calib_dir, damage)
     what = f"{opts.calib_method} over {images} images"
     if alpha is not None:
         what += f", equalization alpha {alpha:g}"
@@ -506,6 +510,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
             save_scales(scales_file, activation_scales(qmodel), opts.calib_method,
                         model_sha256=model_sha, data=str(calib_root.resolve()), split=opts.calib_split,
                         images=images, scheme=scheme.spec, equalization=report)
+            seal(calib_dir, cache_files)
     qmodel.eval()
     scales = activation_scales(qmodel)
     few = dict(sorted(scales.items(), key=lambda kv: -kv[1])[:8])

@@ -3,19 +3,28 @@
 Each subcommand lives in cunet_optimize/commands/<name>.py and registers itself
 with `add_parser(subparsers)`; a subcommand is listed here only once it works.
 User errors (CUNetError) print one line and exit 2; tracebacks only with --verbose.
+So do a full disk or a read-only folder met mid-run (output folders are checked before
+any work), and a closed stdout (`... --json | head`) ends quietly with status 141, as
+for any Unix tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import logging
+import os
 import sys
 
 from cunet_optimize import __version__
 from cunet_optimize.errors import CUNetError
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
+# OS errors a user fixes outside the program (space, permissions), not bugs
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 # Order = order in `--help`: the pipeline, front to back.
 COMMANDS = [
@@ -39,6 +48,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def output_locations(args) -> list[tuple[str, str]]:
+    """(flag, path) of where this command will write, to check before any work."""
+    command = args.command
+    if command == "profile":  # --out is a report name inside WORKDIR/reports
+        return [("--workdir", args.workdir)]
+    found = []
+    if getattr(args, "out", None) is not None:
+        found.append(("--out", os.fspath(args.out)))
+    elif command == "train":
+        found.append(("--out", "runs"))
+    elif getattr(args, "workdir", None) is not None:
+        found.append(("--workdir", args.workdir))
+    if getattr(args, "out_dir", None) is not None and not getattr(args, "no_draw", False):
+        found.append(("--out-dir", args.out_dir))
+    return found
+
+
+def _environment_error(command: str, exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    fix = ("free disk space and rerun (nothing partial was kept)" if exc.errno in (errno.ENOSPC, errno.EDQUOT,
+                                                                                   errno.EFBIG)
+           else "fix its permissions or choose another --workdir/--out")
+    return f"cunet-optimize {command}: error: {where}{exc.strerror or exc}; {fix}"
+
+
+def _run_command(args) -> int:
+    if not getattr(args, "json", False):
+        return int(args.func(args) or 0)
+    from cunet_optimize.commands import common
+
+    common._json_stream[0] = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON and nothing else
+            return int(args.func(args) or 0)
+    finally:
+        common._json_stream[0] = None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,11 +97,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        return int(args.func(args) or 0)
+        from cunet_optimize.commands.common import check_writable
+
+        for flag, path in output_locations(args):
+            check_writable(path, flag)
+        status = _run_command(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
     except CUNetError as e:
         if args.verbose:
             raise
         print(f"cunet-optimize {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:
+        if args.verbose:
+            raise
+        # the reader went away (`| head`): stop quietly; point stdout at devnull so the
+        # interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as e:
+        if args.verbose or e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(_environment_error(args.command, e), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"cunet-optimize {args.command}: interrupted", file=sys.stderr)

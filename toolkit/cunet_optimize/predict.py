@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cunet_optimize.atomic import atomic_path
 from cunet_optimize.data.transforms import (
     DETECTOR_BOX_FACTOR,
     PIXEL_STD,
@@ -50,6 +51,7 @@ def draw_landmarks(image: np.ndarray, points: np.ndarray, path: Path,
         draw.line([tuple(points[a]), tuple(points[b])], fill=(255, 200, 0), width=max(1, int(r)))
     for x, y in points:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 255, 0), outline=(0, 0, 0))
-    im.save(path)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
     return path
 

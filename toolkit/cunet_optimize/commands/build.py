@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, DEFAULT_MAX_PCKH_DECREASE, BuildOptions,
                                   add_concat_qdq_argument, command_line, default_calib_split, run_build)
+from cunet_optimize.commands.common import non_negative_float, positive_int
+from cunet_optimize.workdir_lock import remove_stale_partials, workdir_lock
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
 
@@ -24,18 +28,18 @@ def add_parser(subparsers) -> None:
                    "calibration slice)")
     p.add_argument("--calib-split", default=None, help="split list in --calib-data (default: train if present)")
     p.add_argument("--calib-method", choices=METHODS, default="percentile")
-    p.add_argument("--calib-images", type=int, default=128)
+    p.add_argument("--calib-images", type=positive_int, default=128)
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--eval-data", metavar="DIR",
                    help="evaluation set, same layouts (default: the model task's synthetic test split)")
     p.add_argument("--eval-split", default="test")
-    p.add_argument("--max-nme-increase", type=float, default=DEFAULT_MAX_NME_INCREASE, metavar="POINTS",
-                   help="accuracy gate of face models: allowed NME increase in percentage points "
-                        f"(default {DEFAULT_MAX_NME_INCREASE})")
-    p.add_argument("--max-pckh-decrease", type=float, default=DEFAULT_MAX_PCKH_DECREASE, metavar="POINTS",
-                   help="accuracy gate of pose models: allowed PCKh@0.5 decrease in percentage points "
-                        f"(default {DEFAULT_MAX_PCKH_DECREASE})")
+    p.add_argument("--max-nme-increase", type=non_negative_float, default=DEFAULT_MAX_NME_INCREASE,
+                   metavar="POINTS", help="accuracy gate of face models: allowed NME increase in percentage "
+                                          f"points (default {DEFAULT_MAX_NME_INCREASE})")
+    p.add_argument("--max-pckh-decrease", type=non_negative_float, default=DEFAULT_MAX_PCKH_DECREASE,
+                   metavar="POINTS", help="accuracy gate of pose models: allowed PCKh@0.5 decrease in "
+                                          f"percentage points (default {DEFAULT_MAX_PCKH_DECREASE})")
     p.add_argument("--no-accuracy-gate", action="store_true", help="record the accuracy but never fail on it")
     p.add_argument("--trt-major", type=int, choices=[10, 11], help="TensorRT major for GPU/Jetson bundles")
     p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>)")
@@ -57,7 +61,9 @@ def run(args) -> int:
         force=args.force, name=args.name, command=command_line(),
     )
     echo = (lambda *_: None) if args.json else print
-    report = run_build(opts, echo=echo, progress=not args.json)
+    with workdir_lock(args.workdir, "cunet-optimize build"):  # a second build here waits for this one
+        remove_stale_partials(Path(args.workdir) / "engines")
+        report = run_build(opts, echo=echo, progress=not args.json)
     m = report.manifest
     if args.json:
         print_json(m)

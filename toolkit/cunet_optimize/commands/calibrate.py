@@ -7,6 +7,8 @@ from pathlib import Path
 
 from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, check_data_task,
                                   default_calib_split, legacy_cache_scales, quantize_and_calibrate, resolve_model)
+from cunet_optimize.commands.common import positive_int
+from cunet_optimize.workdir_lock import workdir_lock
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
 
@@ -20,7 +22,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", default=None, help="split list in DIR (default: its train list if any, else all)")
     p.add_argument("--method", choices=METHODS, default="percentile")
     p.add_argument("--precision", default="int8", help="quantization scheme (int8, int4, w1a8, ...)")
-    p.add_argument("--images", type=int, default=128, help="number of calibration images")
+    p.add_argument("--images", type=positive_int, default=128, help="number of calibration images")
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/calib/<id>/")
@@ -37,10 +39,11 @@ def run(args) -> int:
     model, ckpt, source, _ = resolve_model(args.model)
     check_data_task(model, source, args.data)
     timer = StageTimer(total=1, echo=(lambda *_: None) if args.json else print)
-    qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json)
+    with workdir_lock(args.workdir, "cunet-optimize calibrate"):
+        qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json)
     calib_dir = Path(info["scales_file"]).parent
     cache = calib_dir / "calibration.cache"
-    if not cache.is_file():  # TensorRT's legacy cache is keyed by ONNX tensor names: export once
+    if not cache.is_file() or not info.get("cached"):  # keyed by ONNX tensor names: export once per scales
         import onnx
 
         from cunet_optimize.export import export_onnx

@@ -1,10 +1,63 @@
-"""Small helpers shared by the subcommands: tables, JSON output."""
+"""Small helpers shared by the subcommands: tables, JSON output, option types.
+
+Every numeric option is checked by its argparse `type=` here (positive_int,
+non_negative_float, ...), so a bad value is refused before any work starts, with
+argparse's one-line message naming the flag (exit 2).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import os
 import sys
-from typing import Any, Sequence
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+def _number_type(convert: Callable[[str], float], accept: Callable[[float], bool], wanted: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number_type(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number_type(float, lambda v: v > 0, "a number > 0")
+non_negative_float = _number_type(float, lambda v: v >= 0, "a number >= 0")
+unit_float = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output location this process cannot write to.
+
+    `path` is a file or folder that may not exist yet: its nearest existing folder must
+    accept a new file (tried for real: permission bits say nothing for root or a
+    read-only mount)."""
+    from cunet_optimize.errors import CUNetError
+
+    target = Path(path)
+    folder = target if target.is_dir() else target.parent if target.exists() else target
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CUNetError(f"{flag} {path}: {folder} is a file, not a folder; choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".cunet-write-check-"):
+            pass
+    except OSError as exc:
+        raise CUNetError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc}); "
+                         f"choose a writable {flag} or fix its permissions") from None
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
@@ -26,8 +79,19 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], file=None)
         print(fmt(row), file=file)
 
 
+# With --json, stdout carries the JSON only: the CLI points sys.stdout at stderr while the
+# command runs (libraries such as Polygraphy print their warnings to stdout) and keeps the
+# real stdout here for the JSON.
+_json_stream: list = [None]
+
+
+def json_stream():
+    """Where --json output goes: the real stdout."""
+    return _json_stream[0] or sys.stdout
+
+
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str), file=json_stream())
 
 
 def add_model_argument(parser, help_suffix: str = "") -> None:
@@ -46,7 +110,7 @@ def add_face_data_arguments(parser, split_default: str | None) -> None:
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="face model: 300-W layout folder, images with same-stem .pts files (+ split lists); "
                              "pose model: MPII annotation JSON, or the folder holding mpii_annotations.json")
-    parser.add_argument("--split", default=split_default,
+    parser.add_argument("--split", default=split_default, action=_ExplicitSplit,
                         help=f"split list in DIR (train/test/common/challenging/full) or a list file "
                              f"(default: {split_default or 'every image'}; 'all' for every image); "
                              "MPII: test = its validation records, train, all")
@@ -56,6 +120,14 @@ def add_face_data_arguments(parser, split_default: str | None) -> None:
     parser.add_argument("--boxes", metavar="JSON", help="detector boxes {image: [x1,y1,x2,y2]} for --crop detector")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images / malformed .pts with a warning instead of failing (faces)")
+
+
+class _ExplicitSplit(argparse.Action):
+    """--split that remembers it was given (a default split may fall back to every image)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.split_given = True
 
 
 def data_task(args, model, model_name: str | None):
@@ -68,9 +140,20 @@ def data_task(args, model, model_name: str | None):
 
 
 def task_dataset(args, task, split: str | None, augment: bool = False, seed: int = 0):
-    """--data opened as `task`'s data set (see `cunet_optimize.tasks.open_dataset`)."""
-    from cunet_optimize.tasks import open_dataset
+    """--data opened as `task`'s data set (see `cunet_optimize.tasks.open_dataset`). A default
+    --split (not given) in a face folder with no split lists at all, as most people keep
+    their photos, means every image with a .pts."""
+    import logging
 
+    from cunet_optimize.data.face300w import SPLIT_NAMES
+    from cunet_optimize.tasks import FACE, open_dataset
+
+    if (task is FACE and split == args.split and split not in (None, "all") and not getattr(args, "split_given", False)
+            and Path(args.data).is_dir() and not any((Path(args.data) / f"{n}.txt").is_file() for n in SPLIT_NAMES)):
+        logging.getLogger(__name__).warning(
+            "%s has no split lists (%s): using every image with a .pts file (as --split all)",
+            args.data, ", ".join(f"{n}.txt" for n in SPLIT_NAMES))
+        args.split = split = "all"
     return open_dataset(task, args.data, split, augment=augment, seed=seed, crop=args.crop, boxes=args.boxes,
                         skip_bad=args.skip_bad)
 
@@ -80,7 +163,7 @@ def add_equalize_arguments(parser) -> None:
     from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA
 
     def alpha(text: str):
-        return text if text == "default" else float(text)
+        return text if text == "default" else unit_float(text)
 
     parser.add_argument("--equalize", type=alpha, default="default", metavar="ALPHA",
                         dest="equalize_alpha",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cunet_optimize.commands.common import positive_int, unit_float
 from cunet_optimize.commands.common import print_json
 
 
@@ -21,11 +22,12 @@ def add_parser(subparsers) -> None:
     )
     s.add_argument("--task", choices=["face", "pose"], default="face", help="what to draw (default: face)")
     s.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create (must be empty or absent)")
-    s.add_argument("--count", type=int, default=3000, metavar="N", help="number of images (default: 3000)")
+    s.add_argument("--count", type=positive_int, default=3000, metavar="N", help="number of images (default: 3000)")
     s.add_argument("--seed", type=int, default=0, metavar="S", help="data set seed (default: 0)")
-    s.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
+    s.add_argument("--test-fraction", type=unit_float, default=0.2, metavar="F",
                    help="share of test images (face: test.txt; pose: isValidation records) (default: 0.2)")
-    s.add_argument("--image-size", type=int, default=256, metavar="PX", help="square image side (default: 256)")
+    s.add_argument("--image-size", type=positive_int, default=256, metavar="PX",
+                   help="square image side (default: 256)")
     s.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
     s.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
     p.set_defaults(func=run)

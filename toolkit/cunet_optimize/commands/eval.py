@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cunet_optimize.commands.common import (add_face_data_arguments, add_model_argument, data_task, print_json,
-                                            print_table, task_dataset)
+from cunet_optimize.commands.common import (add_face_data_arguments, add_model_argument, data_task, positive_int,
+                                            print_json, print_table, task_dataset)
 from cunet_optimize.evaluate import evaluate_landmarks, result_to_json, torch_infer
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.models import load_model
@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--normalizer", choices=NORMALIZERS, default="inter_ocular",
                    help="NME normaliser (faces; pose uses the head size)")
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored image")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from cunet_optimize.commands.common import print_json
-from cunet_optimize.surgery.lint import ERROR, lint_model, lint_target_names
+from cunet_optimize.surgery.graph import cunet_mismatch, load_model_proto
+from cunet_optimize.surgery.lint import ERROR, WARNING, Finding, lint_model, lint_target_names
 
 EXIT_FINDINGS = 1
 
@@ -17,7 +18,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    findings = lint_model(args.model, args.target)
+    model = load_model_proto(args.model)
+    findings = lint_model(model, args.target)
+    mismatch = cunet_mismatch(model)
+    if mismatch:  # the rules would pass it without a word: say what they were checked against
+        findings.append(Finding(WARNING, "cunet-graph", "(graph)", f"not a CU-Net graph: {mismatch}",
+                                "lint models written by `cunet-optimize export`; other graphs are "
+                                "checked only for operator support"))
     errors = sum(1 for f in findings if f.severity == ERROR)
     if args.json:
         print_json({"model": args.model, "target": args.target, "errors": errors,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
-from cunet_optimize.commands.common import print_table
+from cunet_optimize.commands.common import print_json, print_table
 from cunet_optimize.models import MODEL_REGISTRY, read_checkpoint
+from cunet_optimize.models.checkpoint import check_state_dict
+from cunet_optimize.models.cunet import CUNet
 from cunet_optimize.models.complexity import measure_complexity
 
 
@@ -24,7 +25,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     if args.checkpoint:
-        config, _, metadata = read_checkpoint(args.checkpoint)
+        config, state_dict, metadata = read_checkpoint(args.checkpoint)
+        # the tensors, not just the metadata: what eval/export/build would refuse, refuse here
+        check_state_dict(CUNet(config), state_dict, args.checkpoint)
         entries = [(args.checkpoint, config, f"checkpoint ({metadata.get('format', '?')})")]
     else:
         entries = [(e.name, e.config, e.description) for e in MODEL_REGISTRY.values()]
@@ -42,7 +45,7 @@ def run(args) -> int:
             }
         )
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print_json(rows)
         return 0
     print_table(
         ["name", "N", "K", "C", "c0", "g", "L", "params", "fp32 MB", "GMACs@256", "description"],

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from cunet_optimize.commands.common import add_model_argument, print_json
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.detect import face_box_or_whole_image
 from cunet_optimize.evaluate import torch_infer
 from cunet_optimize.models import load_model
-from cunet_optimize.data.face300w import load_rgb
+from cunet_optimize.data.face300w import MIN_IMAGE_SIDE, DataError, load_rgb
 from cunet_optimize.predict import draw_landmarks, predict_landmarks
-from cunet_optimize.tasks import POSE, task_of_model
+from cunet_optimize.tasks import FACE, POSE, task_of_model
 
 
 def add_parser(subparsers) -> None:
@@ -18,8 +19,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     add_model_argument(p)
     p.add_argument("--box", metavar="X1,Y1,X2,Y2",
-                   help="face box (cropped x1.1) or, for a pose model, person box (x1.25) in pixels; "
-                        "default: the whole image is the crop")
+                   help="face box (cropped x1.1) or, for a pose model, person box (x1.25) in pixels; default: "
+                        "for faces the largest face OpenCV's detector finds (extra: pip install "
+                        "'cunet-optimize[face]'), else the whole image")
+    p.add_argument("--no-detect", action="store_true",
+                   help="no face detector: the whole image is the face crop (images already cropped to a face)")
     p.add_argument("--out-dir", default=".", help="where the annotated PNGs go (default: current folder)")
     p.add_argument("--no-draw", action="store_true", help="do not write annotated PNGs")
     p.add_argument("--json", action="store_true", help="print [{image, landmarks}] as JSON")
@@ -38,17 +42,30 @@ def _parse_box(text: str | None) -> list[float] | None:
     return box
 
 
+def _load_image(path: str):
+    image = load_rgb(path, exif_transpose=True)  # landmarks in the upright picture a viewer shows
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise DataError(f"{path}: image is {w}x{h} pixels, too small for a face "
+                        f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}); pass a larger image")
+    return image
+
+
 def run(args) -> int:
     box = _parse_box(args.box)
-    images = {path: load_rgb(path) for path in args.images}  # all readable before any output
+    images = {path: _load_image(path) for path in args.images}  # all readable before any output
     model = load_model(args.model)
     task = task_of_model(model)
     infer = torch_infer(model)
     out_dir = Path(args.out_dir)
     results = []
     for path, image in images.items():
-        points = predict_landmarks(infer, image, box, task.box_factor)
-        entry = {"image": path, "landmarks": [[round(float(x), 3), round(float(y), 3)] for x, y in points]}
+        region, crop = box, "--box"
+        if region is None and task is FACE and not args.no_detect:
+            region, crop = face_box_or_whole_image(image, path), "detector"
+        points = predict_landmarks(infer, image, region, task.box_factor)
+        entry = {"image": path, "landmarks": [[round(float(x), 3), round(float(y), 3)] for x, y in points],
+                 "box": region, "crop": crop if region is not None else "whole image"}
         if not args.no_draw:
             out_dir.mkdir(parents=True, exist_ok=True)
             entry["annotated"] = str(draw_landmarks(image, points, out_dir / f"{Path(path).stem}.landmarks.png",

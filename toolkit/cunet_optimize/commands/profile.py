@@ -13,7 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from cunet_optimize.commands.common import print_table
+from cunet_optimize.commands.common import non_negative_float, non_negative_int, positive_int
+from cunet_optimize.commands.common import json_stream, print_table
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.profile import find_builds, profile_engines, summary_rows
@@ -63,18 +64,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--boxes", metavar="JSON", help="detector boxes for --crop detector")
     p.add_argument("--normalizer", choices=NORMALIZERS, default=None, help="NME normaliser (default inter_ocular)")
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored image")
-    p.add_argument("--max-images", type=int, default=None, metavar="N", help="score only the first N images")
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"timed runs at batch 1 (default {DEFAULT_RUNS})")
-    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"warm-up runs (default {DEFAULT_WARMUP})")
-    p.add_argument("--min-seconds", type=float, default=0.0, help="keep timing until this much time passed")
+    p.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="score only the first N images")
+    p.add_argument("--runs", type=positive_int, default=DEFAULT_RUNS,
+                   help=f"timed runs at batch 1 (default {DEFAULT_RUNS})")
+    p.add_argument("--warmup", type=non_negative_int, default=DEFAULT_WARMUP,
+                   help=f"warm-up runs (default {DEFAULT_WARMUP})")
+    p.add_argument("--min-seconds", type=non_negative_float, default=0.0,
+                   help="keep timing until this much time passed")
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), metavar="LIST",
                    help=f"batch sweep, e.g. 1,2,4 (default {','.join(map(str, DEFAULT_BATCH_SIZES))})")
     p.add_argument("--memory", choices=MEMORY_MODES, default="subprocess",
                    help="peak-memory measurement: a fresh process per variant (default), in this process, or off")
-    p.add_argument("--layer-runs", type=int, default=LAYER_PROFILE_RUNS, metavar="N",
+    p.add_argument("--layer-runs", type=non_negative_int, default=LAYER_PROFILE_RUNS, metavar="N",
                    help="runs under the ONNX Runtime profiler for per-layer time "
                         f"(0 = skip; default {LAYER_PROFILE_RUNS})")
-    p.add_argument("--threads", type=int, default=None, help="PyTorch baseline threads (default: PyTorch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="PyTorch baseline threads (default: PyTorch's)")
     p.add_argument("--allow-mixed", action="store_true", help="allow builds of different models in one report")
     p.add_argument("--out", metavar="NAME", help="report name (default profile-<UTC timestamp>)")
     p.add_argument("--json", action="store_true", help="print the profile JSON to stdout")
@@ -133,7 +137,7 @@ def run(args) -> int:
     profile = result.to_dict()
     json_path, html_path = write_report(profile, workdir / "reports", result.name)
     if args.json:
-        print(result.to_json(), end="")
+        print(result.to_json(), end="", file=json_stream())
         print(f"wrote {json_path} and {html_path}", file=sys.stderr)
         return 0
     print(profile["statement"])

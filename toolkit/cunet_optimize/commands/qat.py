@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from cunet_optimize.commands.common import non_negative_int, positive_float, positive_int
 from cunet_optimize.build import (add_concat_qdq_argument, calibration_batches, equalize_alpha_for, quant_scheme,
                                   resolve_model)
 from cunet_optimize.commands.common import (add_equalize_arguments, add_face_data_arguments, add_model_argument,
@@ -22,28 +23,28 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", default="int8", help="int8, int4, w1a8, w2a8g8, ... (default int8)")
     add_face_data_arguments(p, split_default="train")
     p.add_argument("--val-split", default="test")
-    p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--train-images", type=positive_int, default=None, help="use only the first N training images")
     p.add_argument("--out", required=True, help="run folder (best.safetensors = QAT checkpoint for build --qat)")
-    p.add_argument("--original-epochs", type=int,
+    p.add_argument("--original-epochs", type=positive_int,
                    help="epochs of the original training (default: the checkpoint's training record, else "
                         f"the authors' {TrainRecipe().epochs}); QAT runs 10%% of them "
                         "(30%% for 4-bit weights, 60%% for binary/ternary)")
-    p.add_argument("--original-lr", type=float,
+    p.add_argument("--original-lr", type=positive_float,
                    help="learning rate of the original training (default: the checkpoint's training record, "
                         f"else the authors' {TrainRecipe().lr:g}); QAT uses 1%% of it "
                         "(10%% for 4-bit weights, all of it for binary/ternary)")
-    p.add_argument("--epochs", type=int, help="override the QAT epochs")
-    p.add_argument("--lr", type=float, help="override the QAT learning rate")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=positive_int, help="override the QAT epochs")
+    p.add_argument("--lr", type=positive_float, help="override the QAT learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--calib-method", choices=METHODS, default="percentile")
-    p.add_argument("--calib-images", type=int, default=128)
+    p.add_argument("--calib-images", type=positive_int, default=128)
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--learnable-scales", action="store_true", help="train the quantizer scales too (LSQ)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="ITERS")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=50, metavar="ITERS")
     p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 

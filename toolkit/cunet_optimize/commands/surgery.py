@@ -6,7 +6,8 @@ from pathlib import Path
 
 from cunet_optimize.commands.common import print_json
 from cunet_optimize.surgery import PASSES, activation_memory, run_surgery
-from cunet_optimize.surgery.graph import load_model_proto, save_model
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.surgery.graph import cunet_mismatch, load_model_proto, save_model
 from cunet_optimize.surgery.lint import lint_target_names
 
 
@@ -30,6 +31,10 @@ def _memory_summary(model) -> dict:
 
 def run(args) -> int:
     source = load_model_proto(args.model)
+    mismatch = cunet_mismatch(source)
+    if mismatch:
+        raise CUNetError(f"{args.model}: not a CU-Net graph ({mismatch}); surgery's passes are for models "
+                         "written by `cunet-optimize export`")
     passes = None
     if args.passes:
         passes = [p for item in args.passes for p in item.split(",") if p]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from cunet_optimize.commands.common import add_face_data_arguments, data_task, print_json, task_dataset
+from cunet_optimize.commands.common import (add_face_data_arguments, data_task, non_negative_int, positive_float,
+                                            positive_int, print_json, task_dataset)
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models import DEFAULT_CONFIG_NAME, load_model
 from cunet_optimize.train.loop import TrainRecipe, train
@@ -29,18 +31,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-split", default="test", help="split evaluated after each epoch ('none' to skip)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>)")
     d = TrainRecipe()
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=positive_float, default=d.lr)
     p.add_argument("--lr-steps", default=",".join(f"{e}:{f}" for e, f in d.lr_steps),
                    help="step decay EPOCH:FACTOR,... (authors' face recipe by default)")
     p.add_argument("--cosine", action="store_true", help="cosine decay instead of steps")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--memory-efficient", action="store_true", help="recompute U-Net positions in backward")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="ITERS")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=d.checkpoint_every, metavar="ITERS")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -85,13 +87,20 @@ def run(args) -> int:
                              "torch": torch.__version__, "machine": platform.machine()}}
     result = train(model, train_set, val_set, recipe, out, resume=not args.no_resume,
                    progress=not args.json, metadata=metadata)
-    summary = {"out": result.out_dir, "best_checkpoint": result.best_checkpoint,
-               "last_checkpoint": result.last_checkpoint, f"best_val_{result.metric_key}": result.best_metric,
+    summary = {"out": result.out_dir,
+               "best_checkpoint": result.best_checkpoint if Path(result.best_checkpoint).is_file() else None,
+               "last_checkpoint": result.last_checkpoint,
+               f"best_val_{result.metric_key}": result.best_metric if math.isfinite(result.best_metric) else None,
                "epochs": result.epochs_run, "wall_seconds": result.wall_seconds, "history": result.history}
     if args.json:
         print_json(summary)
     else:
-        print(f"trained {result.epochs_run} epochs in {result.wall_seconds:.0f} s; "
-              f"best validation {result.metric} {result.best_metric:.3f}%")
-        print(f"wrote {result.best_checkpoint}, {result.last_checkpoint}, {Path(result.out_dir) / 'history.json'}")
+        score = (f"best validation {result.metric} {result.best_metric:.3f}%" if math.isfinite(result.best_metric)
+                 else "no validation score" if val_set is None
+                 else f"validation {result.metric} never finite (diverged?): no best checkpoint")
+        print(f"trained {result.epochs_run} epochs in {result.wall_seconds:.0f} s; {score}")
+        # name only what exists: a run whose validation never scored has no best checkpoint
+        written = [f for f in (result.best_checkpoint, result.last_checkpoint, Path(result.out_dir) / "history.json")
+                   if Path(f).is_file()]
+        print(f"wrote {', '.join(map(str, written))}")
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from cunet_optimize.data.pts import PtsError, read_pts
@@ -38,7 +38,10 @@ from cunet_optimize.models.cunet import HEATMAP_SIZE, INPUT_SIZE
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Every format `predict` reads is also a data set image (300-W itself has .png and .jpg).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# Smaller than this, a face crop has no detail left: 1x1 "images" are refused, not predicted.
+MIN_IMAGE_SIDE = 16
 SPLIT_NAMES = ("train", "test", "common", "challenging", "full")
 CROP_POLICIES = {
     "tight": "tight: ground-truth landmark box, centre = box centre, scale = max(w,h)/200*1.25 (HRNet)",
@@ -50,32 +53,65 @@ class DataError(CUNetError):
     """A data set on disk that cannot be used as given (missing, corrupt or inconsistent files)."""
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """HxWx3 uint8 RGB pixels of an image file (grey/palette/alpha converted); DataError if unreadable."""
+# Pillow's own errors for unreadable files; DecompressionBombError is none of these.
+_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _image_error(path, exc: Exception, what: str) -> "DataError":
+    if isinstance(exc, Image.DecompressionBombError):
+        return DataError(f"{path}: image too large to decode safely ({exc.args[0].split('(')[0].strip()}); "
+                         "downscale it (a face crop needs a few hundred pixels)")
+    return DataError(f"{path}: {what} ({exc}); replace or remove the file")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """8-bit RGB of any Pillow mode. convert("RGB") clips 16-bit and 32-bit grey to 255
+    (an all-white picture), so those are rescaled from their own range first."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if a.max(initial=0) <= 1.0 else 255.0
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike, exif_transpose: bool = False) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of an image file (grey/16-bit/palette/alpha converted); DataError
+    if unreadable. exif_transpose: turn a camera photo upright by its EXIF orientation (what an
+    image viewer shows); data sets keep the stored pixels their .pts files were drawn on."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc}); replace or remove the file") from exc
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
+            return np.asarray(to_rgb8(im))
+    except _IMAGE_ERRORS as exc:
+        raise _image_error(path, exc, "cannot decode image") from exc
 
 
-def verify_image(path: Path) -> None:
-    """Cheap integrity check without decoding the pixels; DataError if bad.
+def verify_image(path: Path) -> tuple[int, int]:
+    """Cheap integrity check without decoding the pixels: (width, height); DataError if bad.
 
     PIL's verify reads the header (and every PNG chunk with its CRC) but passes a
     truncated JPEG, so for JPEGs we also look for the end-of-image marker near the end.
     """
     try:
         with Image.open(path) as im:
-            fmt = im.format
+            fmt, size = im.format, im.size
             im.verify()
         if fmt == "JPEG":
             with open(path, "rb") as f:
                 f.seek(max(0, path.stat().st_size - 1024))
                 if b"\xff\xd9" not in f.read():
                     raise OSError("JPEG end-of-image marker missing, the file is truncated")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt image ({exc}); replace or remove the file") from exc
+    except _IMAGE_ERRORS as exc:
+        raise _image_error(path, exc, "unreadable or corrupt image") from exc
+    if min(size) < MIN_IMAGE_SIDE:
+        raise DataError(f"{path}: image is {size[0]}x{size[1]} pixels, too small for a face "
+                        f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}); replace or remove the file")
+    return size
 
 
 @dataclass(frozen=True)
@@ -98,7 +134,7 @@ def resolve_split_list(root: Path, split: str | os.PathLike) -> Path:
         names = ", ".join(SPLIT_NAMES)
         raise DataError(
             f"{path}: split list not found; write one image path (relative to {root}) per line, "
-            f"or pass split=None for every image (usual names: {names})"
+            f"or pass --split all (split=None) for every image (usual names: {names})"
         )
     return path
 
@@ -212,7 +248,8 @@ class Face300W(Dataset):
         if problems:
             if not skip_bad:
                 more = f" (and {len(problems) - 1} more bad samples)" if len(problems) > 1 else ""
-                raise DataError(f"{problems[0]}{more}; fix the data or pass skip_bad=True to skip bad samples")
+                raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad (skip_bad=True) "
+                                "to skip bad samples")
             for p in problems:
                 log.warning("skipping bad sample: %s", p)
             total = len(problems) + len(self.records)
@@ -224,7 +261,12 @@ class Face300W(Dataset):
 
     def _list_images(self, split: str | os.PathLike | None) -> tuple[list[Path], list[str]]:
         if split is None:
-            return _find_images(self.root), []
+            images = _find_images(self.root)
+            stems = {p.with_suffix("") for p in images}
+            orphans = sorted(p for p in self.root.rglob("*") if p.suffix.lower() == ".pts"
+                             and p.with_suffix("") not in stems and p.is_file())
+            return images, [f"{p}: landmark file without an image ({'/'.join(IMAGE_EXTENSIONS)}) of the same "
+                            "name; add the image or remove the .pts" for p in orphans]
         list_path = resolve_split_list(self.root, split)
         images, problems = [], []
         for lineno, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), 1):
@@ -261,7 +303,12 @@ class Face300W(Dataset):
         if self.crop == "tight" and not np.max(np.ptp(landmarks, axis=0)) > 0:
             raise DataError(f"{pts_path}: all landmarks coincide; cannot build a tight crop")
         if verify:
-            verify_image(image_path)
+            width, height = verify_image(image_path)
+            inside = ((landmarks[:, 0] >= -0.5) & (landmarks[:, 0] <= width - 0.5)
+                      & (landmarks[:, 1] >= -0.5) & (landmarks[:, 1] <= height - 0.5))
+            if inside.mean() < 0.5:  # a few points past the border are normal for cropped faces
+                raise DataError(f"{pts_path}: {int((~inside).sum())} of {len(landmarks)} landmarks lie outside "
+                                f"the {width}x{height} image; is the .pts for another image (or 0/1-based)?")
         return FaceRecord(image_path=image_path, pts_path=pts_path, key=key, landmarks=landmarks, box=box)
 
     # ----------------------------------------------------------------------- access

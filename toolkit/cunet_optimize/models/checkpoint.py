@@ -90,6 +90,9 @@ def _apply_overrides(stored: dict, overrides: dict, source: str) -> CUNetConfig:
         raise CheckpointError(f"{source}: {e}") from None
 
 
+_MISMATCH_FIX = "the tensors do not fit the configuration it declares; use the checkpoint file the training run wrote"
+
+
 def check_state_dict(model: CUNet, state_dict: dict, path: str) -> dict:
     """Name the first missing, unexpected or mis-shaped tensor; fill what old files lack."""
     expected = model.state_dict()
@@ -100,15 +103,15 @@ def check_state_dict(model: CUNet, state_dict: dict, path: str) -> dict:
             if key.endswith("num_batches_tracked"):
                 fixed[key] = torch.zeros_like(ref)
                 continue
-            raise CheckpointError(f"{path}: missing tensor '{key}' (expected shape {list(ref.shape)})")
+            raise CheckpointError(f"{path}: missing tensor '{key}' (expected shape {list(ref.shape)}); {_MISMATCH_FIX}")
         if tuple(fixed[key].shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{path}: tensor '{key}' has shape {list(fixed[key].shape)}, "
-                f"the model expects {list(ref.shape)}"
+                f"the model expects {list(ref.shape)}; {_MISMATCH_FIX}"
             )
     for key in fixed:
         if key not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor '{key}': not part of this CU-Net")
+            raise CheckpointError(f"{path}: unexpected tensor '{key}': not part of this CU-Net; {_MISMATCH_FIX}")
     return fixed
 
 
@@ -150,6 +153,14 @@ def read_checkpoint(path: str | os.PathLike, **overrides) -> tuple[CUNetConfig, 
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
+        if "weights only load failed" in str(e).lower():
+            # torch's own message goes on to suggest weights_only=False, which runs the
+            # file's pickled code: never repeat that advice
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects besides tensors, which cunet-optimize refuses to load "
+                "(unpickling can run code); use a .safetensors file or a torch file of tensors only "
+                "({'state_dict': {name: tensor}}), e.g. from the checkpoint's author"
+            ) from None
         raise CheckpointError(
             f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
             "is it truncated or not a checkpoint?"

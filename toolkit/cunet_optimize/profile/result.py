@@ -114,6 +114,28 @@ def check_profile(data: Any, where: str = "profile") -> None:
     variants = data.get("variants")
     if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
         raise CUNetError(f"{where}: 'variants' must be a list of objects with a name; re-run `cunet-optimize profile`")
+    for i, v in enumerate(variants):
+        for key, v_type in VARIANT_FIELD_TYPES.items():
+            value = v.get(key)
+            if value is not None and not (isinstance(value, v_type) and not isinstance(value, bool) or
+                                          v_type is bool and isinstance(value, bool)):
+                raise CUNetError(f"{where}: variants[{i}].{key} is {type(value).__name__} {str(value)[:40]!r}, "
+                                 f"expected {_type_name(v_type)}; re-run `cunet-optimize profile` to write it again")
+
+
+# The field types the report reads (None is always allowed: not measured).
+VARIANT_FIELD_TYPES: dict[str, Any] = {
+    "name": str, "role": str, "precision": str, "target": str, "backend": str, "runtime": str,
+    "status": str, "measured": bool, "engine_built": bool,
+    "size": dict, "latency": dict, "memory": dict, "layers": dict, "accuracy": dict, "build_accuracy": dict,
+    "surgery": dict, "calibration": dict, "batch_sweep": list, "notes": list,
+    "speedup_vs_pytorch": (int, float), "speedup_vs_onnx_fp32": (int, float),
+}
+
+
+def _type_name(t) -> str:
+    names = {str: "a string", bool: "true/false", dict: "an object", list: "a list"}
+    return names.get(t, "a number")
 
 
 def _get(d: dict | None, *keys: str) -> Any:

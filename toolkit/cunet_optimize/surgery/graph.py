@@ -30,10 +30,32 @@ def load_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise CUNetError(f"ONNX file not found: {path}; export one first (`cunet-optimize export`)")
+    fix = "pass a model written by `cunet-optimize export` (or copy the file again)"
+    if path.stat().st_size == 0:
+        raise CUNetError(f"{path}: empty file, not an ONNX model; {fix}")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as err:  # protobuf DecodeError and friends
-        raise CUNetError(f"cannot read {path} as ONNX ({type(err).__name__}); is it an .onnx file?") from err
+        raise CUNetError(f"cannot read {path} as ONNX ({type(err).__name__}); {fix}") from err
+    if not model.graph.node:  # protobuf parses many non-ONNX byte strings as an empty model
+        raise CUNetError(f"{path}: no ONNX graph in the file (not an ONNX model, or truncated); {fix}")
+    return model
+
+
+def cunet_mismatch(model: onnx.ModelProto) -> str | None:
+    """Why `model` cannot be an exported CU-Net (one N x 3 x H x W image input, convolutions),
+    or None. Surgery passes and lint rules are written for that graph."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        return f"{len(inputs)} graph inputs, a CU-Net has one image input"
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or (dims[1].HasField("dim_value") and dims[1].dim_value != 3):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        return f"input {inputs[0].name!r} has shape {shape}, a CU-Net takes N x 3 x H x W images"
+    if not any(n.op_type in ("Conv", "QLinearConv", "ConvInteger") for n in model.graph.node):
+        return "no convolution in the graph"
+    return None
 
 
 def as_model(model: ModelLike) -> onnx.ModelProto:
