@@ -216,9 +216,14 @@ def test_build_int8_tiny_pose_model_gates_on_pckh_and_profiles(tiny_pose, poses,
     assert manifest["calibration"]["data"] == str(poses.resolve())
 
     # the gate in PCKh points: no model can lose less than -100 points, so this one must fail
-    assert main(["build", *common, "--name", "strict", "--max-pckh-decrease", "-101"]) == 2
-    err = capsys.readouterr().err
-    assert "accuracy gate failed: PCKh@0.5" in err and "--max-pckh-decrease" in err
+    # (the CLI refuses a negative tolerance; the API takes it, to force the failure)
+    from cunet_optimize.build import BuildOptions, run_build
+    from cunet_optimize.errors import CUNetError
+
+    strict = BuildOptions(precision="int8", model=str(tiny_pose), calib_data=str(poses), calib_images=4,
+                          eval_data=str(poses), workdir=str(tmp_path), name="strict", max_pckh_decrease=-101)
+    with pytest.raises(CUNetError, match="accuracy gate failed: PCKh@0.5.*--max-pckh-decrease"):
+        run_build(strict, echo=lambda *_: None, progress=False)
     assert not (tmp_path / "engines" / "strict").exists()
 
     build = tmp_path / "engines" / "tinypose-int8-cpu"
