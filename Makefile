@@ -11,6 +11,15 @@ WORKDIR ?= .
 
 install: $(VENV)/.installed
 
+# TensorRT's API surface for tests/test_trt_api_surface.py: type stubs only, kept off
+# sys.path (--target): the wheel depends on the real TensorRT bindings, which do not
+# install here, and its stub-only tensorrt/ folder would import as an empty package.
+TRT_STUBS := $(VENV)/tensorrt-stubs
+TRT_STUBS_PIN := tensorrt-stubs==10.13.0.35.1
+$(TRT_STUBS)/.installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --target $(TRT_STUBS) '$(TRT_STUBS_PIN)'
+	touch $@
+
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -18,8 +27,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: install
-	$(PY) -m pytest -q
+test: install $(TRT_STUBS)/.installed
+	CUNET_TRT_STUBS=$(abspath $(TRT_STUBS)) $(PY) -m pytest -q
 
 # The main job on the embedded default model: INT8 build for the CPU target (calibration,
 # export, surgery, lint, ONNX Runtime engine, accuracy gate), then profile + HTML report.

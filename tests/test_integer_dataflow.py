@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -52,7 +53,7 @@ def error_vs_float(onnx_model, model):
 def test_every_conv_runs_integer_and_accuracy_holds(tmp_path, negative_gamma):
     path, model = tiny_int8_onnx(tmp_path, negative_gamma)
     before = onnx.load(str(path))
-    result = run_surgery(before, target="cpu")
+    result = run_surgery(before, target="cpu", pass_options={"integer_dataflow": {"calibration": IMAGES}})
     assert "integer_dataflow" in result.passes
     graph = gs.import_onnx(result.model)
     ops = [n.op for n in graph.nodes]
@@ -112,3 +113,32 @@ def test_float_graph_is_left_alone(tmp_path):
     graph = gs.import_onnx(onnx.load(str(tmp_path / "fp32.onnx")))
     report = integer_dataflow(graph, IMAGES)
     assert report.rewrites == 0 and report.nodes_after == report.nodes_before
+
+
+def test_integer_dataflow_refuses_to_calibrate_on_stand_in_images(tmp_path):
+    from cunet_optimize.errors import CUNetError
+
+    path, _ = tiny_int8_onnx(tmp_path)
+    with pytest.raises(CUNetError, match="given no images"):
+        integer_dataflow(gs.import_onnx(onnx.load(str(path))))
+
+
+def test_surgery_cli_takes_calib_data_or_refuses(tmp_path, capsys):
+    from cunet_optimize.cli import main
+    from cunet_optimize.data.synth import write_synthetic_faces
+
+    path, _ = tiny_int8_onnx(tmp_path)
+    assert main(["surgery", str(path), "--target", "cpu", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pass --calib-data DIR" in err
+    assert not (tmp_path / "int8-surgery.onnx").exists()
+    # a pass list without integer_dataflow needs no images
+    assert main(["surgery", str(path), "--passes", "cleanup", "--no-verify", "--workdir", str(tmp_path)]) == 0
+    faces = tmp_path / "faces"
+    write_synthetic_faces(faces, 8, seed=3, test_fraction=0.25, progress=False)  # 6 train images
+    capsys.readouterr()
+    assert main(["surgery", str(path), "--target", "cpu", "--calib-data", str(faces), "--workdir", str(tmp_path),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    notes = [n for r in report["reports"] if r["name"] == "integer_dataflow" for n in r["notes"]]
+    assert any("over 6 calibration images" in n for n in notes), notes

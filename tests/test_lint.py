@@ -11,9 +11,9 @@ from onnx import TensorProto
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.surgery.lint import lint_model
-from test_surgery_graphs import GraphBuilder, clean_int8_model
+from surgery_graphs import GraphBuilder, clean_int8_model
 
-DLA = "jetson-agx-orin-dla"
+DLA = {"target": "jetson-agx-orin", "dla_core": 0}  # lint_model(model, **DLA)
 
 
 def rules_of(findings, severity=None):
@@ -38,7 +38,7 @@ def test_clean_int8_graph_has_no_findings(target):
 
 
 def test_clean_int8_graph_on_dla_only_needs_a_static_batch():
-    assert rules_of(lint_model(clean_int8_model(), DLA)) == {("dla-dynamic-shape", "error")}
+    assert rules_of(lint_model(clean_int8_model(), **DLA)) == {("dla-dynamic-shape", "error")}
 
 
 def test_unsupported_operator_for_tensorrt_but_not_cpu():
@@ -117,7 +117,7 @@ def _mismatched_concat():
 def test_concat_scales_warning_on_gpu_error_on_dla():
     model = _mismatched_concat()
     gpu = find(lint_model(model, "h100"), "qdq-concat-scales")
-    dla = find(lint_model(model, DLA), "qdq-concat-scales")
+    dla = find(lint_model(model, **DLA), "qdq-concat-scales")
     assert [(f.severity, f.node) for f in gpu] == [("warning", "cat")]
     assert [(f.severity, f.node) for f in dla] == [("error", "cat")]
     assert find(lint_model(model, "cpu"), "qdq-concat-scales") == []
@@ -128,7 +128,7 @@ def test_pooling_scales_warning_on_gpu_error_on_dla():
     x = g.qdq(g.input("x", [1, 4, 8, 8]), 0.05)
     g.output(g.qdq(g.node("MaxPool", [x], name="pool", kernel_shape=[2, 2], strides=[2, 2]), 0.1))
     assert [(f.severity, f.node) for f in find(lint_model(g.model(), "l4"), "qdq-pool-scales")] == [("warning", "pool")]
-    assert [(f.severity, f.node) for f in find(lint_model(g.model(), DLA), "qdq-pool-scales")] == [("error", "pool")]
+    assert [(f.severity, f.node) for f in find(lint_model(g.model(), **DLA), "qdq-pool-scales")] == [("error", "pool")]
 
 
 def _int4_conv_model():
@@ -143,28 +143,28 @@ def test_int4_conv_weights_are_storage_on_gpu_and_refused_on_dla():
     gpu = find(lint_model(_int4_conv_model(), "jetson-orin-nano"), "int4-weights")
     assert [(f.severity, f.node) for f in gpu] == [("warning", "conv")]
     assert "INT4 conv weights are dequantized at build; not executed as INT4" in gpu[0].message
-    assert [f.severity for f in find(lint_model(_int4_conv_model(), DLA), "int4-weights")] == ["error"]
+    assert [f.severity for f in find(lint_model(_int4_conv_model(), **DLA), "int4-weights")] == ["error"]
 
 
 def test_dla_needs_static_shapes():
     model = conv_graph()
-    assert [(f.severity, f.node) for f in find(lint_model(model, DLA), "dla-dynamic-shape")] == [("error", "input:x")]
+    assert [(f.severity, f.node) for f in find(lint_model(model, **DLA), "dla-dynamic-shape")] == [("error", "input:x")]
     assert find(lint_model(model, "jetson-agx-orin"), "dla-dynamic-shape") == []
-    assert find(lint_model(conv_graph(static=True), DLA), "dla-dynamic-shape") == []
+    assert find(lint_model(conv_graph(static=True), **DLA), "dla-dynamic-shape") == []
 
 
 def test_dla_refuses_fp32_graphs():
     g = GraphBuilder()
     g.output(g.node("Relu", [g.node("Conv", [g.input("x", [1, 4, 8, 8]), g.weight([6, 4, 1, 1])])]))
-    assert ("dla-precision", "error") in rules_of(lint_model(g.model(), DLA))
-    assert ("dla-precision", "error") not in rules_of(lint_model(conv_graph(static=True), DLA))
+    assert ("dla-precision", "error") in rules_of(lint_model(g.model(), **DLA))
+    assert ("dla-precision", "error") not in rules_of(lint_model(conv_graph(static=True), **DLA))
 
 
 def test_dla_concat_only_on_channels():
     g = GraphBuilder()
     x = g.qdq(g.input("x", [1, 4, 8, 8]), 0.1)
     g.output(g.node("Concat", [x, x], name="cat_h", axis=2))
-    assert [(f.severity, f.node) for f in find(lint_model(g.model(), DLA), "dla-concat-axis")] == [("warning", "cat_h")]
+    assert [(f.severity, f.node) for f in find(lint_model(g.model(), **DLA), "dla-concat-axis")] == [("warning", "cat_h")]
 
 
 @pytest.mark.parametrize("scales,mode,ok", [
@@ -178,7 +178,7 @@ def test_dla_resize_scales(scales, mode, ok):
     g = GraphBuilder()
     x = g.qdq(g.input("x", [1, 4, 8, 8]), 0.1)
     g.output(g.node("Resize", [x, "", g.const(np.array(scales, np.float32))], name="up", mode=mode))
-    findings = find(lint_model(g.model(), DLA), "dla-resize")
+    findings = find(lint_model(g.model(), **DLA), "dla-resize")
     assert (findings == []) is ok
 
 
@@ -186,13 +186,13 @@ def test_dla_unsupported_operator_falls_back():
     g = GraphBuilder()
     x = g.qdq(g.input("x", [1, 4, 8, 8]), 0.1)
     g.output(g.node("ArgMax", [x], name="argmax", axis=1), TensorProto.INT64)
-    findings = find(lint_model(g.model(), DLA), "dla-unsupported-op")
+    findings = find(lint_model(g.model(), **DLA), "dla-unsupported-op")
     assert [(f.severity, f.node) for f in findings] == [("warning", "argmax")]
     assert find(lint_model(g.model(), "jetson-agx-orin"), "dla-unsupported-op") == []
 
 
 def test_unknown_target_is_a_user_error():
-    with pytest.raises(CUNetError, match="unknown lint target"):
+    with pytest.raises(CUNetError, match="unknown target 'xavier'"):
         lint_model(clean_int8_model(), "xavier")
 
 
@@ -214,7 +214,7 @@ def test_cli_exit_code_and_json(tmp_path, capsys):
     assert _cli(["lint", str(clean), "--target", "h100"]) == 0
     assert _cli(["lint", str(broken), "--target", "h100"]) == 0  # warnings only
     capsys.readouterr()
-    assert _cli(["lint", str(broken), "--target", DLA, "--json"]) == 1
+    assert _cli(["lint", str(broken), "--target", "jetson-agx-orin", "--dla-core", "0", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     # this two-input, convolution-free graph is no CU-Net, and the CLI says so (a warning)
     assert report["errors"] == 1 and [f["rule"] for f in report["findings"]] == ["qdq-concat-scales", "cunet-graph"]
@@ -229,5 +229,38 @@ def test_exported_fp16_static_cunet_is_clean_for_dla(tmp_path):
 
     torch.manual_seed(0)
     export_onnx(CUNet(tiny_config()), tmp_path / "half.onnx", fp16=True, dynamic_batch=False)
-    assert lint_model(tmp_path / "half.onnx", DLA) == []
+    assert lint_model(tmp_path / "half.onnx", **DLA) == []
     assert lint_model(tmp_path / "half.onnx", "h100") == []
+
+
+def test_lint_reads_the_target_registry_and_the_dla_core(monkeypatch):
+    from dataclasses import replace
+
+    from cunet_optimize.engines import targets
+    from cunet_optimize.surgery.lint import lint_target
+
+    # a target added to the registry is lintable (and buildable: default_passes reads the same)
+    monkeypatch.setitem(targets.TARGETS, "thor", replace(targets.TARGETS["jetson-agx-orin"], name="thor", dla_cores=1))
+    assert lint_target("thor").backend == "tensorrt" and not lint_target("thor").dla
+    assert lint_target("thor", 0).dla
+    with pytest.raises(CUNetError, match="DLA core 1 does not exist on thor; it has cores 0..0"):
+        lint_target("thor", 1)
+    with pytest.raises(CUNetError, match="target t4 has no DLA cores"):
+        lint_target("t4", 0)
+    with pytest.raises(CUNetError, match="--target jetson-agx-orin --dla-core N"):
+        lint_target("jetson-agx-orin-dla")
+    # the DLA rules apply only with a DLA core
+    assert find(lint_model(conv_graph(), "jetson-orin-nx", dla_core=1), "dla-dynamic-shape")
+    assert not find(lint_model(conv_graph(), "jetson-orin-nx"), "dla-dynamic-shape")
+
+
+def test_cli_dla_core_flag(tmp_path, capsys):
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_graph(), model)  # dynamic batch: an error on the DLA only
+    assert _cli(["lint", str(model), "--target", "jetson-agx-orin"]) == 0
+    assert _cli(["lint", str(model), "--target", "jetson-agx-orin", "--dla-core", "1"]) == 1
+    assert "for jetson-agx-orin DLA core 1: 1 error(s)" in capsys.readouterr().out
+    with pytest.raises(CUNetError, match="DLA core 2 does not exist on jetson-agx-orin"):
+        _cli(["lint", str(model), "--target", "jetson-agx-orin", "--dla-core", "2"])

@@ -13,6 +13,7 @@ import torch
 
 from conftest import tiny_config
 from cunet_optimize.export import export_onnx
+from cunet_optimize.export.onnx_export import verification_batch
 from cunet_optimize.models import CUNet
 from cunet_optimize.quant import calibrate, quantize_model
 from cunet_optimize.surgery import run_surgery
@@ -33,7 +34,8 @@ def test_polygraphy_inspects_and_runs_exported_graphs(tmp_path, precision):
         model.eval()
     path = tmp_path / "model.onnx"
     export_onnx(model, path, opset=opset, fp16=precision == "fp16")
-    onnx.save(run_surgery(onnx.load(path), target="cpu").model, path)
+    images = {"integer_dataflow": {"calibration": verification_batch(4)}}
+    onnx.save(run_surgery(onnx.load(path), target="cpu", pass_options=images).model, path)
     exe = str(POLYGRAPHY if POLYGRAPHY.exists() else shutil.which("polygraphy"))
     inspect = subprocess.run([exe, "inspect", "model", str(path)], capture_output=True, text=True)
     assert inspect.returncode == 0, inspect.stderr[-2000:]

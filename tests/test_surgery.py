@@ -26,7 +26,7 @@ from cunet_optimize.surgery import (
     dequantize_weights, fold_dense_concats, lint_model, pack_int4_weights, remove_redundant_qdq, run_surgery, tie_concat_qdq_scales,
 )
 from cunet_optimize.surgery.graph import to_model
-from test_surgery_graphs import GraphBuilder, clean_int8_model, dense_concat_model
+from surgery_graphs import GraphBuilder, clean_int8_model, dense_concat_model
 
 EXACT = 1e-5
 
@@ -187,13 +187,13 @@ def test_tie_concat_qdq_scales():
     pooled = g.qdq(g.node("MaxPool", [cat], kernel_shape=[2, 2], strides=[2, 2]), 0.3)
     g.output(g.node("Conv", [pooled, g.weight([2, 8, 1, 1], "dq")]))
     model = g.model()
-    assert lint_model(model, "jetson-agx-orin-dla", rules=["qdq-concat-scales", "qdq-pool-scales"])
+    assert lint_model(model, "jetson-agx-orin", dla_core=0, rules=["qdq-concat-scales", "qdq-pool-scales"])
     tied, report = apply(model, tie_concat_qdq_scales)
     scales = {float(n.inputs[1].values) for n in gs.import_onnx(tied).nodes
               if n.op in ("QuantizeLinear", "DequantizeLinear") and np.size(n.inputs[1].values) == 1}
     assert scales == {float(np.float32(0.3))}  # the largest scale of the group: nothing is clipped
     assert report.rewrites == 1
-    assert lint_model(tied, "jetson-agx-orin-dla", rules=["qdq-concat-scales", "qdq-pool-scales"]) == []
+    assert lint_model(tied, "jetson-agx-orin", dla_core=0, rules=["qdq-concat-scales", "qdq-pool-scales"]) == []
 
 
 def test_remove_redundant_qdq_collapses_equal_pairs():
@@ -412,7 +412,8 @@ def test_default_pipeline_per_target():
     assert default_passes("cpu", quantized=True)[-1] == "integer_dataflow"  # ONNX Runtime's uint8 form
     assert "integer_dataflow" not in default_passes("h100", quantized=True)  # TensorRT keeps Q/DQ
     assert "integer_dataflow" not in default_passes("cpu", quantized=True, opset=21)
-    assert "tie_concat_qdq_scales" in default_passes("jetson-agx-orin-dla", quantized=True)
+    assert "tie_concat_qdq_scales" in default_passes("jetson-agx-orin", quantized=True, dla_core=0)
+    assert "tie_concat_qdq_scales" not in default_passes("jetson-agx-orin", quantized=True)
     assert {"check_zero_points", "check_weight_axes"} <= set(default_passes("t4", quantized=True))
     int4 = default_passes("cpu", opset=21)  # packed before BN folding moves weights off the 4-bit grid
     assert int4.index("pack_int4_weights") < int4.index("fold_batchnorm")

@@ -32,7 +32,9 @@ from cunet_optimize.engines.trt_runner import TrtRunner
 from cunet_optimize.errors import CUNetError
 
 GiB = 1 << 30
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+_TRT_SPEC = importlib.util.find_spec("tensorrt")
+# a stub-only tensorrt/ folder (tensorrt-stubs) imports as a namespace package: not TensorRT
+HAS_TENSORRT = _TRT_SPEC is not None and _TRT_SPEC.origin not in (None, "namespace")
 PRECISION_SWITCHES = {"--fp16", "--int8", "--fp8", "--bf16", "--int4", "--best"}
 
 

@@ -51,24 +51,66 @@ CONCAT_QDQ = {
 }
 
 
-def quant_scheme(precision: str, concat_qdq: str = "none", backend: str = "onnxruntime"):
-    """The QuantScheme of `precision` with INT activations placed per CONCAT_QDQ[concat_qdq]:
-    what build, calibrate and qat quantize (one rule, so a QAT checkpoint matches a build).
-    On TensorRT, INT4 weights are built dequantized to FP16 (engines/targets.py: no INT4
-    convolution kernels), so INT4 schemes there are weight-only: activations stay float,
-    as the engine computes them."""
+# The same choice spelt in a precision spec (quant/scheme.py modifiers) -> CONCAT_QDQ key.
+PLACEMENT_MODIFIERS = {"tied": "tied", "untied": "untied", "convin": "none"}
+_PLACEMENT_WORDS = {"none": "on conv inputs only", "tied": "on the concatenations, tied",
+                    "untied": "on the concatenations, untied"}
+
+
+def concat_placement(precision: str, concat_qdq: str | None = None) -> str:
+    """The one rule for where INT8 Q/DQ sits on the dense concatenations (a CONCAT_QDQ key).
+
+    The precision's placement modifier (int8-tied, int8-untied, int8-convin) and
+    --concat-qdq spell the same choice: either may be given, or both when they agree;
+    neither means "none". Contradictory requests are a CUNetError, never a silent override.
+    """
+    if concat_qdq is not None and concat_qdq not in CONCAT_QDQ:
+        raise CUNetError(f"--concat-qdq {concat_qdq}: choose one of {', '.join(sorted(CONCAT_QDQ))}")
+    named = {PLACEMENT_MODIFIERS[m] for m in precision.strip().lower().split("-")[1:] if m in PLACEMENT_MODIFIERS}
+    if len(named) > 1:
+        raise CUNetError(f"precision '{precision}' names two concat placements; keep one of "
+                         "-tied, -untied, -convin (or drop them and pass --concat-qdq)")
+    from_spec = named.pop() if named else None
+    if from_spec is not None and concat_qdq is not None and from_spec != concat_qdq:
+        raise CUNetError(f"--precision {precision} puts INT8 Q/DQ {_PLACEMENT_WORDS[from_spec]} but --concat-qdq "
+                         f"{concat_qdq} asks for {_PLACEMENT_WORDS[concat_qdq]}; give only one of them")
+    return from_spec or concat_qdq or "none"
+
+
+def placement_of(scheme) -> str | None:
+    """The CONCAT_QDQ key a scheme realises (None without integer activations)."""
+    if scheme.activation != "int":
+        return None
+    return "none" if not scheme.quantize_concats else "tied" if scheme.tie_concat_scales else "untied"
+
+
+def quant_scheme(precision: str, concat_qdq: str | None = None, backend: str = "onnxruntime"):
+    """The QuantScheme of `precision` with INT activations placed per concat_placement(precision,
+    concat_qdq): what build, calibrate and qat quantize (one rule, so a QAT checkpoint matches a
+    build). On TensorRT, INT4 weights are built dequantized to FP16 (engines/targets.py: no INT4
+    convolution kernels), so INT4 schemes there are weight-only: activations stay float, as the
+    engine computes them; asking for Q/DQ on the concatenations of such a scheme is an error."""
     from cunet_optimize.quant import parse_precision
 
+    placement = concat_placement(precision, concat_qdq)
     scheme = parse_precision(precision)
     if backend == "tensorrt" and scheme.weight == "int" and scheme.weight_bits == 4 and scheme.activation == "int":
-        return parse_precision(precision + "-wo")
-    return parse_precision(precision, **CONCAT_QDQ[concat_qdq]) if scheme.activation == "int" else scheme
+        scheme = parse_precision("-".join(m for m in precision.split("-") if m.lower() not in PLACEMENT_MODIFIERS)
+                                 + "-wo")
+    if scheme.activation != "int":
+        if placement != "none":
+            why = " (INT4 on TensorRT is weight-only)" if backend == "tensorrt" and scheme.weight_bits == 4 else ""
+            raise CUNetError(f"precision {precision} has no INT8 activations{why}, so there is no Q/DQ to place "
+                             f"{_PLACEMENT_WORDS[placement]}; drop --concat-qdq / the -{placement} modifier")
+        return scheme
+    return parse_precision(precision, **CONCAT_QDQ[placement])
 
 
 def add_concat_qdq_argument(parser) -> None:
-    parser.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default="none",
-                        help="INT8 Q/DQ on the dense concatenations: none (conv inputs only; most accurate), "
-                             "tied (one scale per concat: TensorRT elides it; pair with qat), untied")
+    parser.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default=None,
+                        help="INT8 Q/DQ on the dense concatenations: none (conv inputs only; most accurate; the "
+                             "default), tied (one scale per concat: TensorRT elides it; pair with qat), untied. "
+                             "The same as the precision modifiers -convin / -tied / -untied: give one, or agree")
 
 
 # Activation equalization before PTQ (quant/equalize.py), SmoothQuant's alpha, for INT8 weights.
@@ -101,7 +143,7 @@ class BuildOptions:
     calib_split: str | None = "calib"
     calib_method: str = "percentile"
     calib_images: int = 128
-    concat_qdq: str = "none"  # Q/DQ on the dense concatenations: none | tied | untied
+    concat_qdq: str | None = None  # Q/DQ on the dense concatenations: none | tied | untied (None: as the precision says, else none)
     # None: no activation equalization; "default": DEFAULT_EQUALIZE_ALPHA for INT8 weights only
     equalize_alpha: float | str | None = "default"
     eval_data: str | None = None
@@ -110,6 +152,7 @@ class BuildOptions:
     max_pckh_decrease: float = DEFAULT_MAX_PCKH_DECREASE  # the gate of pose models
     accuracy_gate: bool = True
     trt_major: int | None = None
+    dla_core: int | None = None  # build for this DLA core of a Jetson Orin target (static batch 1)
     workdir: str = "."
     force: bool = False
     name: str | None = None
@@ -311,23 +354,30 @@ def computes_in_fp16(target, opts: BuildOptions) -> bool:
         return True
     if target.backend != "tensorrt":
         return False
-    return make_build_plan(target, opts.precision, "model.onnx", trt_major=opts.trt_major).onnx_form.endswith("fp16-cast")
+    plan = make_build_plan(target, opts.precision, "model.onnx", trt_major=opts.trt_major, dla_core=opts.dla_core)
+    return plan.onnx_form.endswith("fp16-cast")
 
 
 def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
     from cunet_optimize.engines import get_builder
-    from cunet_optimize.engines.targets import check_precision, get_target
+    from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
     from cunet_optimize.evaluate import evaluate_landmarks
     from cunet_optimize.export import export_onnx
     from cunet_optimize.surgery import activation_memory, default_passes, lint_model, run_surgery
     from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
     target = get_target(opts.target)
-    support = check_precision(target, opts.precision)
+    dla = check_dla_core(target, opts.dla_core)
+    support = check_precision(target, opts.precision, on_dla=dla is not None)
     quantized = opts.precision not in ("fp32", "fp16")
+    if quantized:  # contradictory placement requests stop here, before any work
+        quant_scheme(opts.precision, opts.concat_qdq, target.backend)
+    elif opts.concat_qdq not in (None, "none"):
+        raise CUNetError(f"precision {opts.precision} has no INT8 activations, so there is no Q/DQ to place "
+                         f"{_PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
     model, ckpt_path, source, stem = resolve_model(opts.model)
     task = check_data_task(model, source, opts.calib_data, opts.eval_data)
-    name = opts.name or f"{stem}-{opts.precision}-{target.name}"
+    name = opts.name or f"{stem}-{opts.precision}-{target.name}" + (f"-dla{dla}" if dla is not None else "")
     workdir = Path(opts.workdir)
     final = _final_dir(workdir, name, opts.force)
     (workdir / "engines").mkdir(parents=True, exist_ok=True)
@@ -336,7 +386,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
     notes = [support.note] if getattr(support, "note", "") else []
     manifest: dict = {"schema": BUILD_SCHEMA, "name": name, "toolkit_version": __version__,
                       "command": opts.command, "precision": opts.precision, "target": target.name,
-                      "target_spec": target.to_dict()}
+                      "dla_core": dla, "target_spec": target.to_dict()}
     try:
         model_sha = sha256_file(ckpt_path)
         manifest["model"] = {"source": source, "checkpoint": str(ckpt_path), "sha256": model_sha,
@@ -350,10 +400,14 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
             export_model, calib_info = quantize_and_calibrate(opts, model, ckpt_path, timer, progress)
             manifest["calibration"] = calib_info
             opset = 21 if export_model.scheme.weight_bits == 4 else 17
+            if computes_in_fp16(target, opts):  # FP16 Q/DQ scales (e.g. strongly typed DLA on TensorRT 11)
+                opset = max(opset, 19)
 
         with timer.stage("export", f"ONNX opset {opset} ({opts.precision}), verified in ONNX Runtime"):
             raw = staging / "export.onnx"
-            summary = export_onnx(export_model, raw, opset=opset, fp16=computes_in_fp16(target, opts))
+            # DLA builds static shapes only: batch 1, as the plan's profile (min = opt = max)
+            summary = export_onnx(export_model, raw, opset=opset, fp16=computes_in_fp16(target, opts),
+                                  dynamic_batch=dla is None)
             reference_onnx = staging / "reference-fp32.onnx"
             if export_model is model and opts.precision == "fp32":
                 shutil.copyfile(raw, reference_onnx)  # the same export: verified once
@@ -364,12 +418,12 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         with timer.stage("surgery", f"graph passes for {target.name}, then lint"):
             before = onnx.load(raw)
             options = {}
-            passes = default_passes(target.name, quantized=quantized, opset=opset)
+            passes = default_passes(target.name, quantized=quantized, opset=opset, dla_core=dla)
             if "pack_int4_weights" in passes:
                 options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
             if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images
                 options["integer_dataflow"] = {"calibration": calibration_images(opts, task=task)}
-            result = run_surgery(before, passes, target=target.name, pass_options=options)
+            result = run_surgery(before, passes, target=target.name, dla_core=dla, pass_options=options)
             concat_form = None
             if not quantized and FOLD_DENSE_CONCATS[target.backend] == TIMED:
                 result, concat_form = choose_concat_form(result, target.name, staging)
@@ -389,12 +443,13 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                 "concat_bytes_after": mem_after["concat_output_bytes"],
                 "dense_concat_form": concat_form,
             }
-            findings = lint_model(result.model, target.name)
+            findings = lint_model(result.model, target.name, dla_core=dla)
             errors = [f for f in findings if f.severity == "error"]
             manifest["lint"] = [asdict(f) if hasattr(f, "__dataclass_fields__") else dict(f) for f in findings]
             if errors:
                 first = errors[0]
-                raise CUNetError(f"lint for {target.name}: {len(errors)} error(s), first: [{first.rule}] "
+                where = target.name + (f" DLA core {dla}" if dla is not None else "")
+                raise CUNetError(f"lint for {where}: {len(errors)} error(s), first: [{first.rule}] "
                                  f"{first.node}: {first.message}; fix: {first.fix}")
             if quantized:
                 from cunet_optimize.quant.legacy_cache import write_legacy_cache
@@ -405,6 +460,8 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
 
         with timer.stage("engine", f"{target.backend} for {target.name}"):
             engine_options = {"trt_major": opts.trt_major} if opts.trt_major else {}
+            if dla is not None:
+                engine_options["dla_core"] = dla
             if concat_form is not None:  # the thread count was timed with the form
                 engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
             if target.backend == "onnxruntime" and opts.precision == "int8":
@@ -469,6 +526,11 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
             if qmodel.scheme.weight_bits != parse_precision(opts.precision).weight_bits:
                 raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, "
                                  f"not {opts.precision}")
+            wanted = concat_placement(opts.precision, opts.concat_qdq)
+            if (opts.concat_qdq is not None or wanted != "none") and placement_of(qmodel.scheme) not in (None, wanted):
+                raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint places INT8 Q/DQ "
+                                 f"{_PLACEMENT_WORDS[placement_of(qmodel.scheme)]}, but the build asks for "
+                                 f"{_PLACEMENT_WORDS[wanted]}; drop --concat-qdq / the modifier, or run qat with it")
             return qmodel.eval(), {"method": "qat", "checkpoint": str(opts.qat_checkpoint)}
     model_sha = sha256_file(ckpt_path)
     from cunet_optimize.engines.targets import get_target
@@ -533,7 +595,9 @@ def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_s
         runner = OnnxRuntimeReferenceRunner(onnx_path)
         runtime = "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the deployed ONNX; no TensorRT engine here"
     with runner:
-        candidate = evaluate_landmarks(runner.infer, eval_set, progress=progress, description="engine")
+        fixed = (runner.input_shape or (None,))[0]  # a static-batch (DLA) model takes its own batch size
+        candidate = evaluate_landmarks(runner.infer, eval_set, progress=progress, description="engine",
+                                       **({"batch_size": fixed} if isinstance(fixed, int) else {}))
     ref_value, value = task.headline(reference.metrics), task.headline(candidate.metrics)
     worse = task.degradation(value, ref_value)
     tolerance = opts.tolerance(task)

@@ -100,7 +100,7 @@ def _as_errors(nmes) -> np.ndarray:
     return np.where(np.isfinite(e), e, np.inf)  # NaN would compare False and hide a failure
 
 
-def failure_rate(nmes, threshold: float = 0.08) -> float:
+def failure_rate(nmes, threshold: float = FACE_FAILURE_THRESHOLDS[0]) -> float:
     """Fraction of images with NME > threshold (non-finite NME = failure)."""
     return float(np.mean(_as_errors(nmes) > threshold))
 
@@ -126,9 +126,8 @@ def face_metrics(pred, gt, normalizer: str = "inter_ocular") -> dict:
         "normalizer": normalizer,
         "count": int(e.size),
         "nme_percent": float(np.mean(e) * 100.0),
-        "failure_rate_0.08_percent": failure_rate(e, 0.08) * 100.0,
-        "failure_rate_0.10_percent": failure_rate(e, 0.10) * 100.0,
-        "auc_0.08_percent": auc(e, AUC_THRESHOLD) * 100.0,
+        **{f"failure_rate_{t:.2f}_percent": failure_rate(e, t) * 100.0 for t in FACE_FAILURE_THRESHOLDS},
+        f"auc_{AUC_THRESHOLD:.2f}_percent": auc(e, AUC_THRESHOLD) * 100.0,
     }
 
 

@@ -42,6 +42,9 @@ def add_parser(subparsers) -> None:
                                           f"percentage points (default {DEFAULT_MAX_PCKH_DECREASE})")
     p.add_argument("--no-accuracy-gate", action="store_true", help="record the accuracy but never fail on it")
     p.add_argument("--trt-major", type=int, choices=[10, 11], help="TensorRT major for GPU/Jetson bundles")
+    p.add_argument("--dla-core", type=int, metavar="N",
+                   help="build for DLA core N (jetson-orin-nx, jetson-agx-orin): static batch 1, DLA lint rules, "
+                        "trtexec --useDLACore=N --allowGPUFallback")
     p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>)")
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/engines and WORKDIR/calib")
     p.add_argument("--force", action="store_true", help="replace an existing build of the same name")
@@ -57,7 +60,8 @@ def run(args) -> int:
         calib_images=args.calib_images, concat_qdq=args.concat_qdq, equalize_alpha=args.equalize_alpha,
         eval_data=args.eval_data, eval_split=args.eval_split, max_nme_increase=args.max_nme_increase,
         max_pckh_decrease=args.max_pckh_decrease,
-        accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, workdir=args.workdir,
+        accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, dla_core=args.dla_core,
+        workdir=args.workdir,
         force=args.force, name=args.name, command=command_line(),
     )
     echo = (lambda *_: None) if args.json else print

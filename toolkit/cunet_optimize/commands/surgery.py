@@ -6,9 +6,9 @@ from pathlib import Path
 
 from cunet_optimize.commands.common import print_json
 from cunet_optimize.surgery import PASSES, activation_memory, run_surgery
+from cunet_optimize.engines.targets import target_names
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.surgery.graph import cunet_mismatch, load_model_proto, save_model
-from cunet_optimize.surgery.lint import lint_target_names
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +17,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", metavar="PATH", help="file to write (default: WORKDIR/<model>-surgery.onnx)")
     p.add_argument("--passes", nargs="+", metavar="PASS",
                    help=f"passes in order (comma or space separated); default: chosen for --target. Known: {', '.join(PASSES)}")
-    p.add_argument("--target", default="cpu", choices=lint_target_names(), help="deployment target the default passes suit (default cpu)")
+    p.add_argument("--target", default="cpu",
+                   help=f"deployment target the default passes suit (default cpu): {', '.join(target_names())}")
+    p.add_argument("--dla-core", type=int, metavar="N", help="the layers go to DLA core N of the target (its DLA passes)")
+    p.add_argument("--calib-data", metavar="DIR",
+                   help="calibration images (the model's calibration set; 300-W layout or MPII JSON): required "
+                        "when a pass calibrates new quantization points (integer_dataflow, the cpu default for INT8)")
+    p.add_argument("--calib-split", default=None, help="split list in --calib-data (default: train if present)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check after each pass")
     p.add_argument("--workdir", default=".", help="where artifacts go (default: current folder)")
     p.add_argument("--json", action="store_true", help="print the pass reports and memory figures as JSON")
@@ -29,6 +35,28 @@ def _memory_summary(model) -> dict:
     return {k: m[k] for k in ("concat_count", "concat_output_bytes", "total_node_output_bytes", "peak_bytes", "peak_nodes")}
 
 
+def _pass_options(args, source, passes) -> dict:
+    """Calibration images for the passes that calibrate (integer_dataflow): from --calib-data,
+    never stand-in images; CUNetError without them."""
+    from cunet_optimize.surgery import default_passes
+    from cunet_optimize.surgery.graph import opset_of
+
+    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in source.graph.node)
+    names = passes or default_passes(args.target, quantized=quantized, opset=opset_of(source), dla_core=args.dla_core)
+    if "integer_dataflow" not in names:
+        return {}
+    if not args.calib_data:
+        raise CUNetError(f"{args.model}: surgery pass integer_dataflow calibrates new uint8 points on the model's "
+                         "calibration images; pass --calib-data DIR (or leave the pass out with --passes ...)")
+    from cunet_optimize.build import BuildOptions, calibration_images, default_calib_split
+    from cunet_optimize.surgery.integer_dataflow import CALIBRATION_IMAGES
+    from cunet_optimize.tasks import task_of_data
+
+    opts = BuildOptions(calib_data=args.calib_data, calib_split=default_calib_split(args.calib_data, args.calib_split))
+    images = calibration_images(opts, CALIBRATION_IMAGES, task=task_of_data(args.calib_data))
+    return {"integer_dataflow": {"calibration": images}}
+
+
 def run(args) -> int:
     source = load_model_proto(args.model)
     mismatch = cunet_mismatch(source)
@@ -38,7 +66,9 @@ def run(args) -> int:
     passes = None
     if args.passes:
         passes = [p for item in args.passes for p in item.split(",") if p]
-    result = run_surgery(source, passes, target=args.target, verify=not args.no_verify)
+    options = _pass_options(args, source, passes)
+    result = run_surgery(source, passes, target=args.target, dla_core=args.dla_core, verify=not args.no_verify,
+                         pass_options=options)
     stem = Path(args.model).name.removesuffix(".onnx")
     out = Path(args.out) if args.out else Path(args.workdir) / f"{stem}-surgery.onnx"
     save_model(result.model, out)

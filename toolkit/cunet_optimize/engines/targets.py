@@ -331,6 +331,23 @@ def get_target(name: str | TargetSpec) -> TargetSpec:
         ) from None
 
 
+def check_dla_core(target: str | TargetSpec, dla_core: int | None) -> int | None:
+    """`dla_core` if `target` has that DLA core (None: the GPU); CUNetError otherwise."""
+    spec = get_target(target)
+    if dla_core is None:
+        return None
+    if spec.dla_cores == 0:
+        raise CUNetError(
+            f"target {spec.name} has no DLA cores; drop --dla-core or pick jetson-orin-nx / jetson-agx-orin"
+        )
+    if isinstance(dla_core, bool) or not isinstance(dla_core, int) or not 0 <= dla_core < spec.dla_cores:
+        raise CUNetError(
+            f"DLA core {dla_core!r} does not exist on {spec.name}; it has cores 0..{spec.dla_cores - 1} "
+            "(--dla-core N)"
+        )
+    return dla_core
+
+
 def _runs_list(spec: TargetSpec) -> str:
     runs = [p + (" (unverified)" if p in spec.unverified_precisions else "") for p in spec.precisions]
     runs.append("int4 (weights dequantized)")
@@ -383,8 +400,3 @@ def check_precision(target: str | TargetSpec, precision: str, *, on_dla: bool = 
         verified=verified,
         note="" if verified else f"{precision} on {spec.name} is an unverified row of the target registry",
     )
-
-
-def targets_table() -> list[dict]:
-    """One plain dict per target, for `cunet-optimize targets --json` and reports."""
-    return [spec.to_dict() for spec in TARGETS.values()]

@@ -34,6 +34,9 @@ def import_tensorrt(hint: str = "run the recipe on the device") -> Any:
         import tensorrt  # noqa: PLC0415  (lazy: absent on every machine of ours)
     except ImportError:
         raise TensorRTUnavailable(f"TensorRT is not installed here; {hint}") from None
+    if not hasattr(tensorrt, "Builder"):  # e.g. tensorrt-stubs' stub-only folder, importable as a namespace
+        raise TensorRTUnavailable(f"TensorRT is not installed here (a 'tensorrt' folder without its bindings, "
+                                  f"e.g. type stubs); {hint}")
     return tensorrt
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cunet_optimize.engines.base import IMAGE_CHW
-from cunet_optimize.engines.targets import MiB, TargetSpec, check_precision, get_target
+from cunet_optimize.engines.targets import MiB, TargetSpec, check_dla_core, check_precision, get_target
 from cunet_optimize.errors import CUNetError
 
 TRT_MAJORS = (10, 11)
@@ -151,16 +151,7 @@ def make_build_plan(
     if not release.verified:
         notes.append(f"TensorRT {major} on {spec.name} is unverified: {release.note}")
 
-    on_dla = dla_core is not None
-    if on_dla:
-        if spec.dla_cores == 0:
-            raise CUNetError(
-                f"target {spec.name} has no DLA cores; drop dla_core or pick jetson-orin-nx / jetson-agx-orin"
-            )
-        if isinstance(dla_core, bool) or not isinstance(dla_core, int) or not 0 <= dla_core < spec.dla_cores:
-            raise CUNetError(
-                f"DLA core {dla_core!r} does not exist on {spec.name}; it has cores 0..{spec.dla_cores - 1}"
-            )
+    on_dla = check_dla_core(spec, dla_core) is not None
     support = check_precision(spec, precision, on_dla=on_dla)
     if support.note:
         notes.append(support.note)

@@ -19,13 +19,14 @@ import numpy as np
 
 from cunet_optimize.build import DEFAULT_MAX_NME_INCREASE
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.metrics import AUC_THRESHOLD, PCKH_CURVE_MAX_THRESHOLD, ced_curve, pckh_curve
+from cunet_optimize.metrics import (AUC_THRESHOLD, FACE_FAILURE_THRESHOLDS, PCKH_CURVE_MAX_THRESHOLD, ced_curve,
+                                   pckh_curve)
 from cunet_optimize.tasks import FACE, TASKS, Task, open_dataset, task_of_data
 
 # Used when a build.json states no tolerance: the build's own default (NME percentage points).
 DEFAULT_NME_TOLERANCE_POINTS = DEFAULT_MAX_NME_INCREASE
 # CED stored for the plot: 0..10 % NME (both failure thresholds), 0.1 % steps.
-CED_MAX_THRESHOLD = 0.10
+CED_MAX_THRESHOLD = max(FACE_FAILURE_THRESHOLDS)
 CED_PLOT_STEPS = 101
 
 

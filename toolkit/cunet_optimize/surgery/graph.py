@@ -67,12 +67,6 @@ def as_model(model: ModelLike) -> onnx.ModelProto:
     return load_model_proto(model)
 
 
-def as_graph(model: ModelLike) -> gs.Graph:
-    if isinstance(model, gs.Graph):
-        return model
-    return gs.import_onnx(as_model(model))
-
-
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
     """Export with every free-text field fixed, so equal graphs give equal bytes."""
     model = gs.export_onnx(graph, do_type_check=False)

@@ -52,13 +52,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from cunet_optimize.errors import CUNetError
 from cunet_optimize.surgery.batchnorm import _bn_affine
 from cunet_optimize.surgery.graph import finish, is_graph_output, only_consumer, producer, to_model
 from cunet_optimize.surgery.patterns import conv_weight, is_per_tensor, qdq_params, quantize
 from cunet_optimize.surgery.report import PassRecorder, PassReport
 
 PASS_THROUGH = ("Concat", "MaxPool", "Resize")
-CALIBRATION_IMAGES = 16  # synthetic faces when the caller gives no calibration images
+CALIBRATION_IMAGES = 16  # images `build` and `surgery --calib-data` calibrate the new uint8 points on
 LEVELS = 255.0
 
 
@@ -316,16 +317,17 @@ def _fold_bn_into_quantized_convs(graph: gs.Graph) -> int:
 
 def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None) -> PassReport:
     """Rewrite a Q/DQ CU-Net into ONNX Runtime's integer form (see the module docstring).
-    `calibration`: N x 3 x H x W float32 images for the new source ranges (default:
-    CALIBRATION_IMAGES synthetic faces)."""
+    `calibration`: N x 3 x H x W float32 images for the new source ranges (required: the
+    images the model was calibrated on; CUNetError without them)."""
     rec = PassRecorder("integer_dataflow", graph)
     if not any(n.op == "QuantizeLinear" for n in graph.nodes):
         rec.note("no Q/DQ nodes: nothing to do")
         return rec.finish(graph)
     if calibration is None:
-        from cunet_optimize.export.onnx_export import verification_batch
-
-        calibration = verification_batch(CALIBRATION_IMAGES)
+        # Calibrating on stand-in images would fix every uint8 range on data the model never sees.
+        raise CUNetError("surgery pass integer_dataflow calibrates new uint8 points and was given no images; "
+                         "pass the calibration images (`cunet-optimize surgery --calib-data DIR`, or "
+                         "pass_options={'integer_dataflow': {'calibration': images}})")
     images = np.asarray(calibration, dtype=np.float32)
 
     folded = _fold_bn_into_quantized_convs(graph)

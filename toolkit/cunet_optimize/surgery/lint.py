@@ -5,10 +5,9 @@ node, message, fix); nothing is changed. Errors are what makes the build fail or
 silently computes something else on the target; warnings cost speed (a reformat, a
 DLA<->GPU transition) or say that a precision is stored, not executed.
 
-Targets: `lint_target(name)` is the one small table of what each target needs. It is
-a stand-in for the engines target registry (engines/targets.py, TargetSpec); replace
-its body by a lookup there (backend, dla_cores > 0 and on-DLA placement) when that
-lands. Facts behind the rules, and which are unverified:
+Targets: `lint_target(name, dla_core)` reads the engines target registry
+(engines/targets.py): the backend, and with a DLA core (validated against the target's
+DLA cores) the DLA rules. Facts behind the rules, and which are unverified:
 - TensorRT's ONNX parser operator table: onnx-tensorrt docs/operators.md (TensorRT 10.0).
 - DLA layers and restrictions: TensorRT 8.x documentation, unverified for 10/11
   (QUANT_RULES.md); layers DLA cannot run fall back to the GPU when GPU fallback is on,
@@ -58,32 +57,23 @@ class Finding:
 class LintTarget:
     name: str
     backend: str  # "onnxruntime" | "tensorrt"
-    dla: bool  # layers are placed on a DLA core (Jetson Orin)
+    dla_core: int | None = None  # layers are placed on this DLA core (Jetson Orin); None: the GPU/CPU
+
+    @property
+    def dla(self) -> bool:
+        return self.dla_core is not None
 
 
-def lint_target(name: str) -> LintTarget:
-    """What the lint needs to know about a target. Local stand-in for the engines
-    target registry: replace with a lookup of engines.targets when it lands."""
-    table = {
-        "cpu": LintTarget("cpu", "onnxruntime", False),
-        "h100": LintTarget("h100", "tensorrt", False),
-        "a100": LintTarget("a100", "tensorrt", False),
-        "l4": LintTarget("l4", "tensorrt", False),
-        "t4": LintTarget("t4", "tensorrt", False),
-        "jetson-orin-nano": LintTarget("jetson-orin-nano", "tensorrt", False),
-        "jetson-orin-nx": LintTarget("jetson-orin-nx", "tensorrt", False),
-        "jetson-agx-orin": LintTarget("jetson-agx-orin", "tensorrt", False),
-        "jetson-orin-nx-dla": LintTarget("jetson-orin-nx-dla", "tensorrt", True),
-        "jetson-agx-orin-dla": LintTarget("jetson-agx-orin-dla", "tensorrt", True),
-    }
-    if name not in table:
-        raise CUNetError(f"unknown lint target '{name}'; known: {', '.join(table)}")
-    return table[name]
+def lint_target(name: str, dla_core: int | None = None) -> LintTarget:
+    """What the lint needs to know about a target: its entry in the engines target
+    registry, and the DLA core the layers go to (validated against its DLA cores)."""
+    from cunet_optimize.engines.targets import TARGETS, check_dla_core, get_target
 
-
-def lint_target_names() -> list[str]:
-    return ["cpu", "h100", "a100", "l4", "t4", "jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin",
-            "jetson-orin-nx-dla", "jetson-agx-orin-dla"]
+    if name.endswith("-dla") and name not in TARGETS and name.removesuffix("-dla") in TARGETS:
+        raise CUNetError(f"target '{name}' is gone; lint for the DLA with --target {name.removesuffix('-dla')} "
+                         "--dla-core N (dla_core=N)")
+    spec = get_target(name)
+    return LintTarget(spec.name, spec.backend, check_dla_core(spec, dla_core))
 
 
 # ----------------------------------------------------------------------------- facts
@@ -443,9 +433,11 @@ RULES: dict[str, Callable[[_Context], Iterator[Finding]]] = {
 }
 
 
-def lint_model(model_or_path: ModelLike | str | os.PathLike, target: str, rules: Iterable[str] | None = None) -> list[Finding]:
-    """Findings of every rule (or of `rules`) for `target`; errors first, then by rule and node."""
-    spec = lint_target(target)
+def lint_model(model_or_path: ModelLike | str | os.PathLike, target: str, rules: Iterable[str] | None = None,
+               *, dla_core: int | None = None) -> list[Finding]:
+    """Findings of every rule (or of `rules`) for `target` (on its DLA core `dla_core`);
+    errors first, then by rule and node."""
+    spec = lint_target(target, dla_core)
     model = as_model(model_or_path)
     ctx = _Context(model, spec)
     selected = list(RULES) if rules is None else list(rules)

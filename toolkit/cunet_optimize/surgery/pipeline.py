@@ -83,8 +83,9 @@ FOLD_DENSE_CONCATS = {"onnxruntime": TIMED, "tensorrt": False}
 INTEGER_DATAFLOW = {"onnxruntime": True, "tensorrt": False}
 
 
-def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int = 17) -> list[str]:
-    spec = lint_target(target)
+def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int = 17,
+                   dla_core: int | None = None) -> list[str]:
+    spec = lint_target(target, dla_core)
     passes = ["cleanup", "flatten_nested_concats"]
     if opset >= 21:
         # Before BN folding: folding a BN scale into 4-bit weights takes them off their grid.
@@ -146,16 +147,18 @@ def run_surgery(
     passes: Sequence[str] | None = None,
     *,
     target: str = "cpu",
+    dla_core: int | None = None,
     verify: bool = True,
     batch: int = 1,
     pass_options: Mapping[str, dict] | None = None,
 ) -> SurgeryResult:
-    """Run `passes` (default: default_passes(target, ...)) in order; returns the new model
+    """Run `passes` (default: default_passes(target, ..., dla_core)) in order; returns the new model
     and one PassReport per pass (with its ORT verification when verify=True).
     `pass_options` gives keyword arguments per pass name (e.g. INT4 block scales)."""
     proto = as_model(model)
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
-    names = list(passes) if passes is not None else default_passes(target, quantized=quantized, opset=opset_of(proto))
+    names = list(passes) if passes is not None else default_passes(target, quantized=quantized, opset=opset_of(proto),
+                                                                   dla_core=dla_core)
     unknown = [p for p in names if p not in PASSES]
     if unknown:
         raise CUNetError(f"unknown surgery pass(es) {unknown}; known: {', '.join(PASSES)}")
