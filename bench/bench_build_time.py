@@ -5,9 +5,10 @@ with the defaults of `cunet-optimize build --model CKPT --precision P --target c
 (percentile calibration on 128 images after equalization, accuracy on the embedded
 test split). Stage times are taken from the build's own progress lines, so a build
 that fails (say in export verification) still reports the stages it finished and how
-long the failing one ran. Also recorded: CPU time (user, system) of the process, the
-CPU model, usable cores, PyTorch's thread count and the load average before and after
-(the machine may be shared: compare runs made under similar load).
+long the failing one ran; each stage gets its wall and CPU seconds (user + system, all
+threads: on a shared machine CPU time moves less with other jobs than wall time does).
+Also recorded: the CPU model, usable cores, PyTorch's thread count and the load average
+before and after (compare wall times only across runs made under similar load).
 
     python bench/bench_build_time.py --model /path/to/n8.safetensors
         [--precisions int8 fp32] [--calib-images 128] [--out bench/results/build_time.json]
@@ -35,22 +36,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: less sensitive than wall time
+    to other jobs on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 class StageClock:
-    """An echo for run_build: notes when each "[k/n] stage: ..." line appears."""
+    """An echo for run_build: notes when each "[k/n] stage: ..." line appears (wall and CPU)."""
 
     def __init__(self) -> None:
-        self.starts: list[tuple[str, float]] = []
-        self.lines: list[str] = []
+        self.starts: list[tuple[str, float, float]] = []
 
     def __call__(self, line: str = "", *_) -> None:
         print(line, flush=True)
-        self.lines.append(str(line))
         if line.startswith("[") and "] " in line and ":" in line:
-            self.starts.append((line.split("] ", 1)[1].split(":", 1)[0], time.perf_counter()))
+            self.starts.append((line.split("] ", 1)[1].split(":", 1)[0], time.perf_counter(), cpu_seconds()))
 
-    def stages(self, end: float) -> dict[str, float]:
-        ends = [t for _, t in self.starts[1:]] + [end]
-        return {name: round(stop - start, 2) for (name, start), stop in zip(self.starts, ends)}
+    def stages(self, end: float, end_cpu: float) -> dict[str, dict[str, float]]:
+        ends = [(t, c) for _, t, c in self.starts[1:]] + [(end, end_cpu)]
+        return {name: {"wall": round(stop - start, 2), "cpu": round(stop_cpu - cpu, 1)}
+                for (name, start, cpu), (stop, stop_cpu) in zip(self.starts, ends)}
 
 
 def time_build(model: str, precision: str, calib_images: int) -> dict:
@@ -76,7 +83,7 @@ def time_build(model: str, precision: str, calib_images: int) -> dict:
             result["error"] = f"{type(e).__name__}: {e}"
     end = time.perf_counter()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    result["stage_seconds_from_progress_lines"] = clock.stages(end)
+    result["stage_seconds_from_progress_lines"] = clock.stages(end, cpu_seconds())
     result["wall_seconds"] = round(end - start, 2)
     result["cpu_seconds"] = {"user": round(after.ru_utime - before.ru_utime, 1),
                              "system": round(after.ru_stime - before.ru_stime, 1)}
