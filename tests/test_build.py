@@ -84,6 +84,9 @@ def test_gpu_targets_write_a_bundle_not_an_engine(tiny, faces, tmp_path, target,
     manifest = json.loads((tmp_path / "engines" / f"tiny-int8-{target}" / "build.json").read_text())
     assert manifest["engine_built"] is False and manifest["backend"] == "tensorrt"
     assert "no engine built here" in out
+    timings = manifest["timings_seconds"]  # every stage timed, and printed at the end
+    assert list(timings) == ["calibrate", "export", "surgery", "engine", "accuracy"]
+    assert f"stage times (s): calibrate {timings['calibrate']:.1f}, export" in out
     bundle = tmp_path / "engines" / f"tiny-int8-{target}"
     recipe = (bundle / "build_engine.sh").read_text()
     assert "trtexec" in recipe and "--onnx=model.onnx" in recipe

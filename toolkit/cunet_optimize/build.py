@@ -193,6 +193,11 @@ class StageTimer:
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
 
+    def summary(self) -> str:
+        """One line: each finished stage's seconds and the total."""
+        stages = ", ".join(f"{name} {s:.1f}" for name, s in self.seconds.items())
+        return f"stage times (s): {stages}; total {sum(self.seconds.values()):.1f}"
+
 
 def resolve_model(spec: str | None):
     from cunet_optimize.models import DEFAULT_CHECKPOINT, MODEL_REGISTRY, load_model
@@ -485,6 +490,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                                                   evaluate_landmarks, progress)
             reference_onnx.unlink()
         manifest["timings_seconds"] = timer.seconds
+        echo(timer.summary())
         # builders name the staging folder; users will find the build under its final name
         notes = [n.replace(staging.name, final.name) for n in notes]
         manifest["notes"] = notes

@@ -18,7 +18,9 @@ scale = amax / 127:
 
 Histograms have 2048 bins over [0, R]; R starts at the first batch's max and
 doubles (merging bin pairs, exactly) whenever a later batch exceeds it, so one pass
-suffices and the result only depends on the batches and their order.
+suffices and the result only depends on the batches and their order. Each tensor
+contributes a deterministic strided sample of at most HISTOGRAM_SAMPLES values per
+batch (max_samples=None: all of them); the max is always taken over every value.
 
 Tied groups (quant.qmodel, `tie_concat_scales`): every member's amax is computed
 from its own statistics, then the group takes the largest: tying never clips a
@@ -66,6 +68,13 @@ METHODS = ("max", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
 NUM_BINS = 2048
 SCALE_FILE_FORMAT = "cunet-optimize-scales"
+# Values each histogram bins per tensor and batch (HistogramObserver.max_samples). On the
+# authors' N=8 face model (264 histograms; cProfile of two 16-image batches: histc 14.7 s
+# beside ~40 s of forward) binning everything cost a third of the forward; sampled,
+# percentile 99.99 still rests on ~800 values above it over 8 batches. Measured against
+# the exact histograms on the embedded model (128 images, 66 quantizers): percentile amax
+# within 0.4 % (median 0), entropy identical, mse within 1.6 % (one tensor; median 0).
+HISTOGRAM_SAMPLES = 1 << 20
 
 
 class CalibrationError(CUNetError):
@@ -76,6 +85,23 @@ class CalibrationError(CUNetError):
 # Observers
 
 
+def abs_max(x: torch.Tensor) -> float:
+    """max |x| in one read of the tensor (no |x| copy)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x.detach())
+    return max(-float(lo), float(hi))
+
+
+def sample_stride(numel: int, max_samples: int | None) -> int:
+    """1 if `numel` values fit in `max_samples` (None: no bound), else the smallest odd k
+    with ceil(numel / k) <= max_samples."""
+    if max_samples is None or numel <= max_samples:
+        return 1
+    k = -(-numel // max_samples)
+    return k if k % 2 else k + 1
+
+
 class MaxObserver:
     """The largest |x| seen."""
 
@@ -84,17 +110,27 @@ class MaxObserver:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        self.amax = max(self.amax, float(x.detach().abs().max()))
+        self.amax = max(self.amax, abs_max(x))
         self.count += x.numel()
 
 
 class HistogramObserver:
-    """A histogram of |x| with `num_bins` bins over [0, R], R doubling as needed."""
+    """A histogram of |x| with `num_bins` bins over [0, R], R doubling as needed.
 
-    def __init__(self, num_bins: int = NUM_BINS) -> None:
+    `max_samples` bounds what each update bins: a larger tensor contributes every
+    k-th element of its flat (NCHW) order, k the smallest odd stride that fits (odd so
+    the picks walk across columns, rows and channels instead of repeating a few
+    columns). The sample is deterministic; `amax` is always the whole tensor's.
+    None bins every element (the exact histogram).
+    """
+
+    def __init__(self, num_bins: int = NUM_BINS, max_samples: int | None = None) -> None:
         if num_bins < 2 or num_bins % 2:
             raise CalibrationError(f"histogram: num_bins must be even and >= 2, got {num_bins}")
+        if max_samples is not None and max_samples < 1:
+            raise CalibrationError(f"histogram: max_samples must be >= 1 or None, got {max_samples}")
         self.num_bins = num_bins
+        self.max_samples = max_samples
         self.hist = np.zeros(num_bins, dtype=np.int64)
         self.range = 0.0
         self.amax = 0.0
@@ -107,10 +143,17 @@ class HistogramObserver:
         return self.range / self.num_bins
 
     def update(self, x: torch.Tensor) -> None:
-        a = x.detach().abs().float().flatten()
-        m = float(a.max()) if a.numel() else 0.0
-        self.count += a.numel()
+        x = x.detach()
+        lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+        m = max(-float(lo), float(hi))
         self.amax = max(self.amax, m)
+        a = x.flatten()
+        stride = sample_stride(a.numel(), self.max_samples)
+        if stride > 1:
+            a = a[::stride]
+        # Conv inputs are ReLU outputs: |x| is x, and skipping abs saves a copy of the tensor.
+        a = (a if float(lo) >= 0 else a.abs()).float()
+        self.count += a.numel()
         if m == 0.0 and self.range == 0.0:
             self.zeros_before_range += a.numel()
             return
@@ -128,7 +171,8 @@ class HistogramObserver:
         # Binned where the tensor lives; counts are integers (exact in float32 below 2^24).
         counts = torch.histc(a, bins=self.num_bins, min=0.0, max=self.range)
         self.hist += counts.to(torch.int64).cpu().numpy()
-        self.at_top += int((a == self.range).sum())
+        if m == self.range:  # only then can a value sit on the top edge: skip the full compare otherwise
+            self.at_top += int((a == self.range).sum())
 
     def compute_amax(self, method: str, *, percentile: float = DEFAULT_PERCENTILE, num_bits: int = 8) -> float:
         if self.range == 0.0:
@@ -262,6 +306,15 @@ def _as_images(batch, index: int) -> torch.Tensor:
     return batch
 
 
+def _known_length(batches, limit: int | None) -> int | None:
+    """How many batches a progress bar can expect (None when the iterable cannot say)."""
+    try:
+        n = len(batches)
+    except TypeError:
+        return limit
+    return n if limit is None else min(n, limit)
+
+
 def calibrate(
     qmodel: nn.Module,
     batches: Iterable,
@@ -271,12 +324,15 @@ def calibrate(
     percentile: float = DEFAULT_PERCENTILE,
     num_bins: int = NUM_BINS,
     max_batches: int | None = None,
+    max_samples: int | None = HISTOGRAM_SAMPLES,
 ) -> dict[str, float]:
     """Calibrate every INT8 activation quantizer of `qmodel`; return {name: amax}.
 
     The scales (amax / 127) are applied to the model; tied groups get their largest
     member amax (the returned dict holds that shared amax for each member). Weight
     scales are refreshed from the weights. The model's train/eval mode is restored.
+    `max_samples` bounds the values each histogram bins per tensor and batch (see
+    HistogramObserver; None: every value).
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
@@ -286,7 +342,8 @@ def calibrate(
     if not quantizers:
         log.info("calibrate: no integer activation quantizers; nothing to calibrate")
         return {}
-    observers = {n: MaxObserver() if method == "max" else HistogramObserver(num_bins) for n in quantizers}
+    observers = {n: MaxObserver() if method == "max" else HistogramObserver(num_bins, max_samples)
+                 for n in quantizers}
     handles = []
     enabled = {id(q): q.enabled for _, q in named_quantizers(qmodel)}
 
@@ -309,8 +366,9 @@ def calibrate(
         qmodel.eval()
         iterator = batches
         if progress:
-            iterator = tqdm(batches, desc=f"calibrating ({method})", unit="batch", total=max_batches)
-        with torch.no_grad():
+            total = _known_length(batches, max_batches)
+            iterator = tqdm(batches, desc=f"calibrating ({method})", unit="batch", total=total)
+        with torch.inference_mode():
             for i, batch in enumerate(iterator):
                 if max_batches is not None and i >= max_batches:
                     break
@@ -354,7 +412,7 @@ def post_training_quantize(
     factors: dict[str, torch.Tensor] = {}
     report = None
     if equalize_alpha is not None and scheme.activation == INT:
-        model, factors, report = equalize_activations(model, batches, equalize_alpha)
+        model, factors, report = equalize_activations(model, batches, equalize_alpha, progress)
     qmodel = quantize_model(model, scheme)
     calibrate(qmodel, batches, method, progress=progress)
     return qmodel, factors, report

@@ -25,6 +25,7 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models.cunet import Adapter, CUNet, DenseLayer, Head
@@ -46,8 +47,10 @@ def norm_conv_pairs(model: CUNet) -> dict[str, tuple[nn.BatchNorm2d, nn.Conv2d]]
     return pairs
 
 
-@torch.no_grad()
-def input_channel_ranges(model: CUNet, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+@torch.inference_mode()
+def input_channel_ranges(
+    model: CUNet, batches: Iterable[torch.Tensor], progress: bool = False
+) -> dict[str, torch.Tensor]:
     """Per-channel max of every paired conv's input (a ReLU output, so >= 0) over `batches`."""
     pairs = norm_conv_pairs(model)
     ranges: dict[str, torch.Tensor] = {}
@@ -64,7 +67,8 @@ def input_channel_ranges(model: CUNet, batches: Iterable[torch.Tensor]) -> dict[
     param = next(model.parameters())
     try:
         model.eval()
-        for batch in batches:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in tqdm(batches, desc="equalization ranges", unit="batch", total=total, disable=not progress):
             model(batch.to(device=param.device, dtype=param.dtype))
     finally:
         for h in handles:
@@ -139,10 +143,10 @@ def _spread(ranges: Mapping[str, torch.Tensor]) -> float:
 
 
 def equalize_activations(
-    model: CUNet, batches: Iterable[torch.Tensor], alpha: float = DEFAULT_ALPHA
+    model: CUNet, batches: Iterable[torch.Tensor], alpha: float = DEFAULT_ALPHA, progress: bool = False
 ) -> tuple[CUNet, dict[str, torch.Tensor], EqualizationReport]:
     """(equalized copy of `model`, its factors, a report) from the calibration batches."""
-    ranges = input_channel_ranges(model, batches)
+    ranges = input_channel_ranges(model, batches, progress)
     factors = smoothing_factors(model, ranges, alpha)
     equalized = apply_equalization(model, factors)
     after = {n: r / factors[n] for n, r in ranges.items() if n in factors}
