@@ -110,6 +110,21 @@ def test_int4_on_tensorrt_is_weight_only_dequantized_to_the_plans_float_type(tin
     assert manifest["engine_built"] is False and (bundle / "build_engine.sh").is_file()
 
 
+def test_fp32_reference_accuracy_is_computed_once_per_graph_and_data(tiny, faces, tmp_path, capsys):
+    def accuracy(precision, *extra):
+        assert main(build_args(tiny, faces, tmp_path, precision, *extra)) == 0
+        capsys.readouterr()
+        return json.loads((tmp_path / "engines" / f"tiny-{precision}-cpu" / "build.json").read_text())["accuracy"]
+
+    first = accuracy("fp32")
+    assert "cached" not in first["reference_runtime"]
+    second = accuracy("int8")  # the same FP32 export on the same data: read back
+    assert "cached" in second["reference_runtime"] and second["reference"] == first["reference"]
+    (faces / "test.txt").touch()  # the data changed (as far as anyone can tell): measured again
+    os.utime(faces / "test.txt", ns=(0, 0))
+    assert "cached" not in accuracy("int8", "--force")["reference_runtime"]
+
+
 def test_refuses_a_precision_the_target_cannot_run(tiny, faces, tmp_path, capsys):
     assert main(build_args(tiny, faces, tmp_path, "fp8", "--target", "jetson-orin-nano")) == 2
     err = capsys.readouterr().err

@@ -487,7 +487,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         with timer.stage("accuracy", f"{task.metric} on {len(eval_set)} images vs the FP32 reference "
                                      "(ONNX Runtime)"):
             manifest["accuracy"] = _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set,
-                                                  evaluate_landmarks, progress)
+                                                  eval_root, evaluate_landmarks, progress)
             reference_onnx.unlink()
         manifest["timings_seconds"] = timer.seconds
         echo(timer.summary())
@@ -587,13 +587,61 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
                     "equalization": report, "ranges": {k: v * 127 for k, v in few.items()}}
 
 
-def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set, evaluate_landmarks, progress):
+@dataclass
+class ReferenceAccuracy:
+    metrics: dict
+    settings: dict
+    cached: str = ""  # " (cached: FILE)" when read back
+
+
+def dataset_fingerprint(root: Path) -> str:
+    """Every file under an evaluation set's root by path, size and modification time: a
+    changed image or annotation gives another fingerprint (hashing the images would cost
+    as much as evaluating them)."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def reference_accuracy(workdir: Path, reference_onnx: Path, eval_set, eval_root: Path, split: str | None,
+                       evaluate_landmarks, progress: bool) -> ReferenceAccuracy:
+    """The FP32 export's metrics on the evaluation set, computed once per (FP32 graph,
+    data set) and kept in calib/fp32-reference/: every build of a model (int8, int4, each
+    target) compares against the same numbers, and the FP32 pass over 300 images is the
+    slowest part of a deep model's build. The graph runs optimised (ORT_ENABLE_ALL): it is
+    plain float32 arithmetic, equal to the unoptimised run within float rounding."""
+    from cunet_optimize.atomic import write_atomic
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeSessionRunner, OrtSettings
+
+    key = hashlib.sha256(json.dumps([__version__, sha256_file(reference_onnx), str(Path(eval_root).resolve()),
+                                     dataset_fingerprint(eval_root), split, len(eval_set),
+                                     getattr(eval_set, "crop_policy", ""), type(eval_set).__name__]).encode())
+    cache = workdir / "calib" / "fp32-reference" / f"{key.hexdigest()[:16]}.json"
+    if cache.is_file():
+        try:
+            record = json.loads(cache.read_text())
+            return ReferenceAccuracy(record["metrics"], record["settings"], f" (cached: {cache})")
+        except (ValueError, KeyError):
+            log.warning("%s is damaged; recomputing the FP32 reference", cache)
+    with OnnxRuntimeSessionRunner(reference_onnx, OrtSettings(optimization="all"), load_optimization="all") as ref:
+        result = evaluate_landmarks(ref.infer, eval_set, progress=progress, description="FP32 reference")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cache, json.dumps({"metrics": result.metrics, "settings": result.settings}, default=float) + "\n")
+    return ReferenceAccuracy(result.metrics, result.settings)
+
+
+def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set, eval_root, evaluate_landmarks,
+                   progress):
     """The deployed model's headline metric (NME or PCKh) against the FP32 export's, and the
     verdict against the task's tolerance (`BuildOptions.tolerance`)."""
     from cunet_optimize.engines.onnxrt import OnnxRuntimeReferenceRunner, OnnxRuntimeRunner
 
-    with OnnxRuntimeReferenceRunner(reference_onnx) as ref:
-        reference = evaluate_landmarks(ref.infer, eval_set, progress=progress, description="FP32 reference")
+    reference = reference_accuracy(Path(opts.workdir), reference_onnx, eval_set, eval_root, opts.eval_split,
+                                   evaluate_landmarks, progress)
     if build.backend == "onnxruntime" and build.engine_built:
         runner, runtime = OnnxRuntimeRunner(staging), f"ONNX Runtime {build.backend_version} CPU (the built engine)"
     else:
@@ -609,7 +657,7 @@ def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_s
     tolerance = opts.tolerance(task)
     gate = {
         "runtime": runtime,
-        "reference_runtime": "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the FP32 export",
+        "reference_runtime": f"ONNX Runtime CPU (ORT_ENABLE_ALL) of the FP32 export{reference.cached}",
         "data": reference.settings,
         "task": task.name,
         "metric": task.metric,
