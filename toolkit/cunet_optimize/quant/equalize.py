@@ -26,6 +26,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models.cunet import Adapter, CUNet, DenseLayer, Head
 
@@ -47,13 +48,17 @@ def norm_conv_pairs(model: CUNet) -> dict[str, tuple[nn.BatchNorm2d, nn.Conv2d]]
 
 
 @torch.no_grad()
-def input_channel_ranges(model: CUNet, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-channel max of every paired conv's input (a ReLU output, so >= 0) over `batches`."""
+def input_channel_ranges(model: CUNet, batches: Iterable[torch.Tensor], sharded: bool = False
+                         ) -> dict[str, torch.Tensor]:
+    """Per-channel max of every paired conv's input (a ReLU output, so >= 0) over `batches`
+    (`sharded`: this rank's parts of the batches; the maxima are taken over all ranks)."""
     pairs = norm_conv_pairs(model)
     ranges: dict[str, torch.Tensor] = {}
 
     def observe(name):
         def hook(module, args):
+            if args[0].numel() == 0:  # a rank's empty part of a batch smaller than the world
+                return
             r = args[0].detach().amax(dim=(0, 2, 3)).float()
             ranges[name] = r if name not in ranges else torch.maximum(ranges[name], r)
 
@@ -70,6 +75,10 @@ def input_channel_ranges(model: CUNet, batches: Iterable[torch.Tensor]) -> dict[
         for h in handles:
             h.remove()
         model.train(was_training)
+    if sharded:
+        for part in distributed.all_gather_objects(ranges):
+            for name, r in part.items():
+                ranges[name] = r if name not in ranges else torch.maximum(ranges[name], r)
     if not ranges:
         raise CUNetError("activation equalization saw no data: the calibration set is empty")
     return ranges
@@ -139,10 +148,10 @@ def _spread(ranges: Mapping[str, torch.Tensor]) -> float:
 
 
 def equalize_activations(
-    model: CUNet, batches: Iterable[torch.Tensor], alpha: float = DEFAULT_ALPHA
+    model: CUNet, batches: Iterable[torch.Tensor], alpha: float = DEFAULT_ALPHA, sharded: bool = False
 ) -> tuple[CUNet, dict[str, torch.Tensor], EqualizationReport]:
     """(equalized copy of `model`, its factors, a report) from the calibration batches."""
-    ranges = input_channel_ranges(model, batches)
+    ranges = input_channel_ranges(model, batches, sharded)
     factors = smoothing_factors(model, ranges, alpha)
     equalized = apply_equalization(model, factors)
     after = {n: r / factors[n] for n, r in ranges.items() if n in factors}
