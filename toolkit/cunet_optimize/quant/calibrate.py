@@ -91,7 +91,8 @@ class MaxObserver:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        self.amax = max(self.amax, float(x.detach().abs().max()))
+        if x.numel():  # distributed: a rank's part of a small batch may be empty
+            self.amax = max(self.amax, float(x.detach().abs().max()))
         self.count += x.numel()
 
 
