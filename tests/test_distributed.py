@@ -42,15 +42,15 @@ def test_detect_launch_reads_torchrun_then_slurm():
     assert distributed.detect_launch({}) == distributed.Launch()
     run = distributed.detect_launch({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (run.rank, run.world_size, run.local_rank, run.launcher) == (1, 4, 1, "torchrun")
-    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "MASTER_ADDR": "n1",
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "3", "MASTER_ADDR": "n1",
              "MASTER_PORT": "29500"}
     assert distributed.detect_launch(slurm) == distributed.Launch(3, 8, 3, "slurm")
     # torchrun inside an srun step: torchrun's variables win
     assert distributed.detect_launch({**slurm, "RANK": "0", "WORLD_SIZE": "2"}).launcher == "torchrun"
-    # one SLURM task (an salloc shell) is one process
-    assert not distributed.detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).distributed
+    # an sbatch script's shell (no srun step) is one process, whatever the job's task count
+    assert not distributed.detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).distributed
     with pytest.raises(CUNetError, match="MASTER_ADDR"):
-        distributed.detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+        distributed.detect_launch({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"})
 
 
 def test_shards_partition_in_order():

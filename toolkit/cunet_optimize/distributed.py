@@ -42,13 +42,15 @@ class Launch:
 
 
 def detect_launch(environ: Mapping[str, str] = os.environ) -> Launch:
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
-    (srun with one task per GPU), else one process. torchrun inside an srun step wins."""
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else SLURM's SLURM_PROCID/SLURM_STEP_NUM_TASKS/
+    SLURM_LOCALID (srun with one task per GPU), else one process. torchrun inside an srun step
+    wins. The step's task count, not the job's SLURM_NTASKS: an sbatch script's own shell (not
+    an srun step) is one process however many tasks the job has."""
     try:
         if "RANK" in environ and "WORLD_SIZE" in environ:
             return Launch(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
                           "torchrun")
-        ntasks = int(environ.get("SLURM_NTASKS", "1") or 1)
+        ntasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
         if "SLURM_PROCID" in environ and ntasks > 1:
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
             if missing:
