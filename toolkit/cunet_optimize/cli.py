@@ -26,6 +26,10 @@ EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 # OS errors a user fixes outside the program (space, permissions), not bugs
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
+# Commands that run as one job over many processes under torchrun / srun (README: "Many
+# GPUs"); the others refuse a multi-process launch rather than run N times over the same files.
+DISTRIBUTED_COMMANDS = ("train", "qat", "eval")
+
 # Order = order in `--help`: the pipeline, front to back.
 COMMANDS = [
     "models", "data", "train", "eval", "predict",  # models, data, accuracy
@@ -74,6 +78,25 @@ def _environment_error(command: str, exc: OSError) -> str:
 
 
 def _run_command(args) -> int:
+    from cunet_optimize import distributed
+
+    launch = distributed.detect_launch()
+    if not launch.distributed:
+        return _run_in_this_process(args)
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise CUNetError(f"{args.command} runs in one process; launch it without torchrun/srun "
+                         f"(multi-process: {', '.join(DISTRIBUTED_COMMANDS)})")
+    with distributed.process_group(launch):
+        if not distributed.is_main():
+            # rank 0 speaks for the job: the others log only warnings and print nothing
+            logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                return int(args.func(args) or 0)
+        print(distributed.describe(), file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
+        return _run_in_this_process(args)
+
+
+def _run_in_this_process(args) -> int:
     if not getattr(args, "json", False):
         return int(args.func(args) or 0)
     from cunet_optimize.commands import common

@@ -4,6 +4,11 @@ Training, `eval`, the build's accuracy gate and the profiler all call
 `evaluate_landmarks` with a plain `infer(images) -> heatmaps` callable, so PyTorch,
 ONNX Runtime and TensorRT are measured by the same code. The data set's task decides
 the metric (faces: NME, pose: PCKh@0.5, see `cunet_optimize.tasks`).
+
+Under torchrun the batches are dealt out to the ranks (batch k to rank k mod N, so each
+batch holds the images it holds in one process), the per-image predictions are gathered
+on every rank, and the metrics are computed over all of them: the same numbers as one
+process, on every rank.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cunet_optimize import tasks
+from cunet_optimize import distributed, tasks
 from cunet_optimize.data.transforms import decode_heatmaps, heatmap_to_image_coords
 
 InferFn = Callable[[np.ndarray], np.ndarray]  # Bx3x256x256 float32 -> BxCx64x64 float32
@@ -39,10 +44,12 @@ class EvalResult:
 def torch_infer(model: torch.nn.Module) -> InferFn:
     """PyTorch model (eval mode, no grad) as an infer function returning the last head."""
     model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
 
     def infer(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.from_numpy(images))[-1].numpy()
+            return model(torch.from_numpy(images).to(device))[-1].cpu().numpy()
 
     return infer
 
@@ -68,9 +75,13 @@ def evaluate_landmarks(
     progress: bool = True,
     description: str = "eval",
     runtime: str = "",
+    sharded: bool | None = None,
 ) -> EvalResult:
     """Predict every sample of a face or pose data set and score it (EVAL.md conventions:
-    NME with `normalizer` for faces, PCKh@0.5 for pose; flip test with the task's permutation)."""
+    NME with `normalizer` for faces, PCKh@0.5 for pose; flip test with the task's permutation).
+
+    `sharded` (default: whether a process group is active): every rank must call this with
+    the same data set and batch size; each predicts its batches and all get the full result."""
     if len(dataset) == 0:
         from cunet_optimize.errors import CUNetError
 
@@ -79,7 +90,11 @@ def evaluate_landmarks(
     if flip:
         infer = flip_test(infer, task.flip_perm)
     preds, gts, paths, visible, head_size = [], [], [], [], []
+    sharded = distributed.is_active() if sharded is None else sharded
     indices = range(0, len(dataset), batch_size)
+    if sharded:
+        indices = indices[distributed.rank()::distributed.world_size()]
+        progress = progress and distributed.is_main()
     for start in tqdm(indices, desc=description, unit="batch", disable=not progress, leave=False):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         images = np.stack([np.asarray(it["image"], dtype=np.float32) for it in items])
@@ -92,6 +107,18 @@ def evaluate_landmarks(
             if task is tasks.POSE:
                 visible.append(np.asarray(it["visible"], dtype=bool))
                 head_size.append(float(it["head_size"]))
+    if sharded:  # rank r holds batches r, r + N, ...: deal them back into the data set's order
+        shards = distributed.all_gather_objects((preds, gts, paths, visible, head_size))
+        per_batch = [[], [], [], [], []]
+        world = len(shards)
+        sizes = [min(batch_size, len(dataset) - s) for s in range(0, len(dataset), batch_size)]
+        cursor = [0] * world
+        for k, size in enumerate(sizes):
+            r = k % world
+            for column, values in zip(per_batch, shards[r]):
+                column.extend(values[cursor[r]:cursor[r] + size] if values else [])
+            cursor[r] += size
+        preds, gts, paths, visible, head_size = per_batch
     pred = np.stack(preds)
     gt = np.stack(gts)
     vis = np.stack(visible) if visible else None

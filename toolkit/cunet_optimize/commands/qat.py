@@ -12,6 +12,7 @@ from cunet_optimize.build import (add_concat_qdq_argument, calibration_batches, 
 from cunet_optimize.commands.common import (add_equalize_arguments, add_face_data_arguments, add_model_argument,
                                             data_task, print_json, task_dataset)
 from cunet_optimize.data.face300w import FirstSamples
+from cunet_optimize.distributed import summary as distributed_summary
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.quant.qat import qat_recipe, run_qat
 from cunet_optimize.train.loop import TrainRecipe
@@ -44,6 +45,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=non_negative_int, default=50, metavar="ITERS")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -84,12 +87,13 @@ def run(args) -> int:
                      recipe, args.out, calib_method=args.calib_method,
                      equalize_alpha=equalize_alpha_for(scheme, args.equalize_alpha),
                      learnable_scales=args.learnable_scales,
-                     resume=not args.no_resume, progress=not args.json,
+                     resume=not args.no_resume, progress=not args.json, sync_batchnorm=args.sync_bn,
                      metadata={"task": task.name, "source_model": source, "recipe": recipe.__dict__})
     summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,
                f"best_val_{result.metric_key}": result.best_metric, "epochs": result.epochs_run,
                "lr": recipe.lr, "original_schedule": {"epochs": original.epochs, "lr": original.lr, "origin": origin},
-               "wall_seconds": result.wall_seconds, "history": result.history}
+               "wall_seconds": result.wall_seconds, "history": result.history,
+               "distributed": distributed_summary(args.sync_bn)}
     if args.json:
         print_json(summary)
     else:

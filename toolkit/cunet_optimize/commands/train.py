@@ -11,6 +11,7 @@ import torch
 
 from cunet_optimize.commands.common import (add_face_data_arguments, data_task, non_negative_int, positive_float,
                                             positive_int, print_json, task_dataset)
+from cunet_optimize.distributed import summary as distributed_summary
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models import DEFAULT_CONFIG_NAME, load_model
 from cunet_optimize.train.loop import TrainRecipe, train
@@ -42,6 +43,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=non_negative_int, default=d.checkpoint_every, metavar="ITERS")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a state")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -86,12 +89,13 @@ def run(args) -> int:
                              "crop": train_set.crop_policy, "recipe": recipe.__dict__, "command": command,
                              "torch": torch.__version__, "machine": platform.machine()}}
     result = train(model, train_set, val_set, recipe, out, resume=not args.no_resume,
-                   progress=not args.json, metadata=metadata)
+                   progress=not args.json, metadata=metadata, sync_batchnorm=args.sync_bn)
     summary = {"out": result.out_dir,
                "best_checkpoint": result.best_checkpoint if Path(result.best_checkpoint).is_file() else None,
                "last_checkpoint": result.last_checkpoint,
                f"best_val_{result.metric_key}": result.best_metric if math.isfinite(result.best_metric) else None,
-               "epochs": result.epochs_run, "wall_seconds": result.wall_seconds, "history": result.history}
+               "epochs": result.epochs_run, "wall_seconds": result.wall_seconds, "history": result.history,
+               "distributed": distributed_summary(args.sync_bn)}
     if args.json:
         print_json(summary)
     else:

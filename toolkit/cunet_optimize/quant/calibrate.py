@@ -22,6 +22,14 @@ suffices and the result only depends on the batches and their order. Each tensor
 contributes a deterministic strided sample of at most HISTOGRAM_SAMPLES values per
 batch (max_samples=None: all of them); the max is always taken over every value.
 
+Sharded over ranks (torchrun; `calibrate(..., sharded=True)`): each rank observes its
+part of every global batch; a histogram observer takes the batch's max over all ranks
+before binning (so every rank's range doubles at the same batch), and the observers'
+counts and maxima are summed/maxed at the end (`merge_observers`): the scales equal
+those of one process seeing the whole batches, exactly where no tensor needs sampling
+(a rank samples its own part, so sampled histograms agree within the sampling
+tolerances measured in tests/test_quant_calibrate.py; max calibration is always exact).
+
 Tied groups (quant.qmodel, `tie_concat_scales`): every member's amax is computed
 from its own statistics, then the group takes the largest: tying never clips a
 member more than its own calibration would.
@@ -41,13 +49,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from cunet_optimize import distributed as _distributed
 from cunet_optimize.atomic import write_atomic
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.quant.equalize import EqualizationReport, equalize_activations
@@ -110,7 +119,8 @@ class MaxObserver:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        self.amax = max(self.amax, abs_max(x))
+        if x.numel():  # distributed: a rank's part of a small batch may be empty
+            self.amax = max(self.amax, abs_max(x))
         self.count += x.numel()
 
 
@@ -124,7 +134,8 @@ class HistogramObserver:
     None bins every element (the exact histogram).
     """
 
-    def __init__(self, num_bins: int = NUM_BINS, max_samples: int | None = None) -> None:
+    def __init__(self, num_bins: int = NUM_BINS, max_samples: int | None = None,
+                 reduce_batch_max: Callable[[float], float] | None = None) -> None:
         if num_bins < 2 or num_bins % 2:
             raise CalibrationError(f"histogram: num_bins must be even and >= 2, got {num_bins}")
         if max_samples is not None and max_samples < 1:
@@ -137,6 +148,8 @@ class HistogramObserver:
         self.zeros_before_range = 0  # values seen while every value so far was 0
         self.at_top = 0  # values equal to `range`: in the last bin, which is closed above
         self.count = 0
+        # distributed calibration: the max of the global batch, of which x is this rank's part
+        self.reduce_batch_max = reduce_batch_max
 
     @property
     def bin_width(self) -> float:
@@ -146,6 +159,8 @@ class HistogramObserver:
         x = x.detach()
         lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
         m = max(-float(lo), float(hi))
+        if self.reduce_batch_max is not None:
+            m = self.reduce_batch_max(m)
         self.amax = max(self.amax, m)
         a = x.flatten()
         stride = sample_stride(a.numel(), self.max_samples)
@@ -325,8 +340,12 @@ def calibrate(
     num_bins: int = NUM_BINS,
     max_batches: int | None = None,
     max_samples: int | None = HISTOGRAM_SAMPLES,
+    sharded: bool = False,
 ) -> dict[str, float]:
     """Calibrate every INT8 activation quantizer of `qmodel`; return {name: amax}.
+
+    `sharded`: `batches` are this rank's parts of the global batches (every rank passes the
+    same number of batches); the statistics are combined over ranks (`merge_observers`).
 
     The scales (amax / 127) are applied to the model; tied groups get their largest
     member amax (the returned dict holds that shared amax for each member). Weight
@@ -342,7 +361,8 @@ def calibrate(
     if not quantizers:
         log.info("calibrate: no integer activation quantizers; nothing to calibrate")
         return {}
-    observers = {n: MaxObserver() if method == "max" else HistogramObserver(num_bins, max_samples)
+    reduce_max = _global_batch_max if sharded else None
+    observers = {n: MaxObserver() if method == "max" else HistogramObserver(num_bins, max_samples, reduce_max)
                  for n in quantizers}
     handles = []
     enabled = {id(q): q.enabled for _, q in named_quantizers(qmodel)}
@@ -381,6 +401,8 @@ def calibrate(
         for _, q in named_quantizers(qmodel):
             q.enabled = enabled[id(q)]
         qmodel.train(was_training)
+    if sharded:
+        merge_observers(observers)
     if seen == 0:
         raise CalibrationError("calibration set is empty: no batch was given; pass at least one image batch")
     unseen = [n for n, o in observers.items() if o.count == 0]
@@ -409,12 +431,15 @@ def post_training_quantize(
     """PTQ in one call: activation equalization (INT8 activations only; alpha None = off),
     `quantize_model`, `calibrate`. Returns (qmodel, equalization factors, report)."""
     batches = list(batches)  # equalization and calibration both walk them
+    sharded = _distributed.is_active()
+    if sharded:  # this rank's part of every batch; the statistics are merged over ranks
+        batches = [_distributed.shard(b) for b in batches]
     factors: dict[str, torch.Tensor] = {}
     report = None
     if equalize_alpha is not None and scheme.activation == INT:
-        model, factors, report = equalize_activations(model, batches, equalize_alpha, progress)
+        model, factors, report = equalize_activations(model, batches, equalize_alpha, progress, sharded=sharded)
     qmodel = quantize_model(model, scheme)
-    calibrate(qmodel, batches, method, progress=progress)
+    calibrate(qmodel, batches, method, progress=progress and _distributed.is_main(), sharded=sharded)
     return qmodel, factors, report
 
 
@@ -436,6 +461,46 @@ def _observed_amax(
             done[key] = o.compute_amax(method, percentile=percentile)
         out[name] = done[key]
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Distributed calibration: statistics of rank-sharded batches combined over ranks
+
+
+def _global_batch_max(m: float) -> float:
+    return _distributed.all_reduce(float(m), "max")
+
+
+def merge_observers(observers: Mapping[str, MaxObserver | HistogramObserver]) -> None:
+    """Combine every rank's observers in place (counts summed, maxima maxed), on every rank.
+
+    Histogram bins are exact: all ranks' ranges doubled at the same batches (the batch max
+    was reduced before binning), and merging bin pairs is linear, so the summed counts are
+    the counts of one process that saw every rank's images.
+    """
+    if not _distributed.is_active():
+        return
+    names = sorted(observers)
+    amax = torch.tensor([observers[n].amax for n in names], dtype=torch.float64)
+    amax = _distributed.all_reduce(amax, "max")
+    counts = [[observers[n].count] for n in names]
+    hists = [n for n in names if isinstance(observers[n], HistogramObserver)]
+    ranges = torch.tensor([observers[n].range for n in hists], dtype=torch.float64)
+    if not torch.equal(_distributed.all_reduce(ranges, "max"), _distributed.all_reduce(ranges, "min")):
+        raise CalibrationError("histogram ranges differ between ranks; every rank must observe its part "
+                               "of the same global batches")
+    counts = torch.tensor(counts, dtype=torch.int64)
+    counts = _distributed.all_reduce(counts, "sum")
+    if hists:
+        packed = torch.from_numpy(np.stack([np.concatenate(
+            [observers[n].hist, [observers[n].zeros_before_range, observers[n].at_top]]) for n in hists]))
+        packed = _distributed.all_reduce(packed, "sum").numpy()
+        for n, row in zip(hists, packed):
+            o = observers[n]
+            o.hist, o.zeros_before_range, o.at_top = row[:-2].copy(), int(row[-2]), int(row[-1])
+    for i, n in enumerate(names):
+        observers[n].amax = float(amax[i])
+        observers[n].count = int(counts[i, 0])
 
 
 def tie_amax(qmodel: nn.Module, amax: Mapping[str, float]) -> dict[str, float]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models.cunet import Adapter, CUNet, DenseLayer, Head
 
@@ -49,14 +50,17 @@ def norm_conv_pairs(model: CUNet) -> dict[str, tuple[nn.BatchNorm2d, nn.Conv2d]]
 
 @torch.inference_mode()
 def input_channel_ranges(
-    model: CUNet, batches: Iterable[torch.Tensor], progress: bool = False
+    model: CUNet, batches: Iterable[torch.Tensor], progress: bool = False, sharded: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Per-channel max of every paired conv's input (a ReLU output, so >= 0) over `batches`."""
+    """Per-channel max of every paired conv's input (a ReLU output, so >= 0) over `batches`
+    (`sharded`: this rank's parts of the batches; the maxima are taken over all ranks)."""
     pairs = norm_conv_pairs(model)
     ranges: dict[str, torch.Tensor] = {}
 
     def observe(name):
         def hook(module, args):
+            if args[0].numel() == 0:  # a rank's empty part of a batch smaller than the world
+                return
             r = args[0].detach().amax(dim=(0, 2, 3)).float()
             ranges[name] = r if name not in ranges else torch.maximum(ranges[name], r)
 
@@ -74,6 +78,10 @@ def input_channel_ranges(
         for h in handles:
             h.remove()
         model.train(was_training)
+    if sharded:
+        for part in distributed.all_gather_objects(ranges):
+            for name, r in part.items():
+                ranges[name] = r if name not in ranges else torch.maximum(ranges[name], r)
     if not ranges:
         raise CUNetError("activation equalization saw no data: the calibration set is empty")
     return ranges
@@ -143,10 +151,11 @@ def _spread(ranges: Mapping[str, torch.Tensor]) -> float:
 
 
 def equalize_activations(
-    model: CUNet, batches: Iterable[torch.Tensor], alpha: float = DEFAULT_ALPHA, progress: bool = False
+    model: CUNet, batches: Iterable[torch.Tensor], alpha: float = DEFAULT_ALPHA, progress: bool = False,
+    sharded: bool = False,
 ) -> tuple[CUNet, dict[str, torch.Tensor], EqualizationReport]:
     """(equalized copy of `model`, its factors, a report) from the calibration batches."""
-    ranges = input_channel_ranges(model, batches, progress)
+    ranges = input_channel_ranges(model, batches, progress, sharded)
     factors = smoothing_factors(model, ranges, alpha)
     equalized = apply_equalization(model, factors)
     after = {n: r / factors[n] for n, r in ranges.items() if n in factors}

@@ -121,6 +121,7 @@ def run_qat(
     resume: bool = True,
     progress: bool = True,
     metadata: dict | None = None,
+    sync_batchnorm: bool = False,
 ) -> TrainResult:
     torch.manual_seed(recipe.seed)
     qmodel, _, equalization = post_training_quantize(model, scheme, calibration_batches, calib_method,
@@ -134,4 +135,5 @@ def run_qat(
     meta = {**(metadata or {}), "calibration": calib_method, "learnable_scales": learnable_scales,
             "equalization": equalization.to_dict() if equalization else None}
     return train(qmodel, train_set, val_set, recipe, out_dir, resume=resume, progress=progress,
-                 metadata=meta, save_fn=save_qat_checkpoint, on_epoch_start=on_epoch_start)
+                 metadata=meta, save_fn=save_qat_checkpoint, on_epoch_start=on_epoch_start,
+                 sync_batchnorm=sync_batchnorm)

@@ -7,6 +7,13 @@ saved every `checkpoint_every` iterations. A run killed at any moment and resume
 replays from the last saved iteration and ends with the same weights as an
 uninterrupted run (same machine, same thread count: float reductions are only
 bit-identical under the same parallel split).
+
+Under torchrun (see `cunet_optimize.distributed`) the same global batches are split
+over the ranks, DistributedDataParallel averages the gradients, each rank's loss is
+weighted by its share of the global batch (so the step is the single-process step of
+batch B), validation is sharded and gathered, and rank 0 alone writes the state,
+checkpoints, history and progress. The state does not depend on the number of
+processes: a run may resume with another one.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cunet_optimize import distributed
 from cunet_optimize.atomic import atomic_path, write_atomic
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import save_checkpoint
+from cunet_optimize.quant.quantizers import local_batch_fraction
 from cunet_optimize.tasks import task_of_dataset
 
 log = logging.getLogger(__name__)
@@ -115,20 +124,41 @@ def train(
     extra_state: Callable[[], dict] | None = None,
     load_extra_state: Callable[[dict], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
+    sync_batchnorm: bool = False,
 ) -> TrainResult:
     """Train `model` on `train_set`, evaluate `val_set` every epoch (its task's metric: NME
     for faces, PCKh for pose), keep the best.
 
     `save_fn(model, path, metadata)` writes a user-facing checkpoint (default: our
     safetensors); QAT passes its own to store quantizer parameters too.
+
+    Distributed (a process group is active): `recipe.batch_size` is the global batch;
+    `sync_batchnorm` normalises with the global batch's statistics (GPUs only: PyTorch's
+    SyncBatchNorm has no CPU kernel), as one process would.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    progress = progress and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     save_fn = save_fn or save_checkpoint
     if len(train_set) < 2:
         raise CUNetError(f"training set has {len(train_set)} sample(s); at least 2 are needed")
     if hasattr(model, "memory_efficient"):
         model.memory_efficient = recipe.memory_efficient
+    world = distributed.world_size()
+    if world > 1 and recipe.batch_size < world:
+        raise CUNetError(f"--batch-size {recipe.batch_size} is the global batch and must be at least the "
+                         f"number of processes ({world})")
+    if sync_batchnorm and world > 1:
+        if distributed.backend() != "nccl":
+            raise CUNetError("--sync-bn needs GPUs (nccl): PyTorch's SyncBatchNorm has no CPU implementation")
+        if recipe.memory_efficient:
+            raise CUNetError("--sync-bn and --memory-efficient cannot be combined (recomputation would "
+                             "synchronise and update BatchNorm statistics twice)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device = distributed.device()
+    model.to(device)
     optimizer = torch.optim.RMSprop(
         model.parameters(), lr=recipe.lr, alpha=recipe.rmsprop_alpha, eps=recipe.rmsprop_eps
     )
@@ -151,8 +181,16 @@ def train(
         if load_extra_state and "extra" in state:
             load_extra_state(state["extra"])
         log.info("resuming %s at epoch %d, batch %d", out, epoch, batch_pos)
+    # DDP after the resume: its construction broadcasts rank 0's (= the file's) weights and
+    # buffers, and no rank writes a state before every rank has read this one.
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save_state(e: int, b: int) -> None:
+        if not main:
+            return
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -176,6 +214,8 @@ def train(
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)
         batches = epoch_batches(len(train_set), recipe.batch_size, recipe.seed, epoch)
+        if world > 1:  # a rank without a sample cannot step with the others
+            batches = [b for b in batches if len(b) >= world]
         model.train()
         running, seen = 0.0, 0
         bar = tqdm(total=len(batches), initial=batch_pos, desc=f"epoch {epoch + 1}/{recipe.epochs}",
@@ -183,13 +223,19 @@ def train(
         for b in range(batch_pos, len(batches)):
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr_at(epoch, b, len(batches))
-            images, target = collate(train_set, batches[b])
+            mine = distributed.shard(batches[b])
+            images, target = collate(train_set, mine)
             optimizer.zero_grad(set_to_none=True)
-            loss = heatmap_loss(model(images), target)
-            loss.backward()
+            with local_batch_fraction(len(mine) / len(batches[b])):
+                loss = heatmap_loss(net(images.to(device)), target.to(device))
+            # DDP averages gradients over ranks; weighting each rank's mean loss by its share
+            # of the global batch makes that average the global batch's mean-loss gradient.
+            share = len(mine) * world / len(batches[b])
+            (loss * share if world > 1 else loss).backward()
             optimizer.step()
             iteration += 1
-            running += float(loss.detach())
+            running += (float(loss.detach()) if world == 1
+                        else float(distributed.all_reduce(loss.detach() * len(mine))) / len(batches[b]))
             seen += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / seen:.5f}")
@@ -200,22 +246,26 @@ def train(
         batch_pos = 0
         record = {"epoch": epoch, "lr": recipe.lr_at(epoch - 1), "train_loss": running / max(seen, 1)}
         if val_set is not None and (epoch % recipe.eval_every == 0 or epoch == recipe.epochs):
+            distributed.broadcast_buffers(model)  # every rank validates the BN statistics rank 0 saves
             result = evaluate_landmarks(torch_infer(model), val_set, progress=progress,
                                         description="validate")
             value = task.headline(result.metrics)
             record[history_key] = value
             if task.better(value, best):
                 best = value
-                save_fn(model, out / BEST_FILE, {**meta, "epoch": epoch, "val_metrics": result.metrics})
+                if main:
+                        save_fn(model, out / BEST_FILE, {**meta, "epoch": epoch, "val_metrics": result.metrics})
             model.train()
         history.append(record)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.5g}" for k, v in record.items()
                                                    if k != "epoch"))
         save_state(epoch, 0)
     wall += time.perf_counter() - started
-    save_fn(model, out / LAST_FILE, {**meta, "epoch": epoch})
-    if val_set is None and not (out / BEST_FILE).exists():
-        save_fn(model, out / BEST_FILE, {**meta, "epoch": epoch})
-    write_atomic(out / HISTORY_FILE, json.dumps(history, indent=2) + "\n")
+    if main:
+        save_fn(model, out / LAST_FILE, {**meta, "epoch": epoch})
+        if val_set is None and not (out / BEST_FILE).exists():
+            save_fn(model, out / BEST_FILE, {**meta, "epoch": epoch})
+        write_atomic(out / HISTORY_FILE, json.dumps(history, indent=2) + "\n")
+    distributed.barrier()  # every rank returns once the files exist
     return TrainResult(str(out), str(out / BEST_FILE), str(out / LAST_FILE), best, epoch,
                        history, round(wall, 1), task.metric, task.metric_key)
