@@ -26,13 +26,17 @@ almost every conv reads and writes uint8:
    quantizer, now uint8 with zero point 0, saturates below zero, which is the ReLU.
    ONNX Runtime runs it as a depthwise QLinearConv (uint8 in and out), as it runs
    FP32 BN -> ReLU as a depthwise NCHWc conv. A negative BN scale is a weight of -127.
-   (Tried and rejected: ReLU(s*q + b) = s*max(q, T) + b up to the rounding of the
-   threshold T, with s folded into the next 1x1 conv's weight columns, turns the
-   depthwise QLinearConv into a uint8 Max, 10 instead of 22 ms on the authors' face
-   configuration; but the clamped inputs stay large where the ReLU gives zero, so
-   ONNX Runtime's u8 x s8 AVX2 kernels, which sum pairs in int16, saturate (embedded
-   model NME 11.2% vs 5.3%), and the rounded threshold moves every zero-side element
-   the same way (5.53% even in exact arithmetic).)
+   relu_form="clamp" is the variant: before a 1x1 conv (no padding, no groups), ReLU(s*q + b)
+   = s*max(q, T) + b on integer q (s*min(q, T) + b where the BN scale is negative), with
+   T = -b/s rounded to an integer, s folded into the conv's weight columns (requantized per
+   output channel) and b into its bias: a uint8 Max/Min instead of a depthwise
+   QLinearConv, left out altogether where every threshold is 0 (it would only copy). Not
+   exact: the rounded threshold moves every zero-side element the same way. First measured
+   on an AVX2 machine, where ONNX Runtime's u8 x s8 kernels sum pairs in int16 and the
+   large clamped inputs saturate (embedded model NME 11.2% vs 5.3%); on AVX-512 VNNI the
+   sums are int32 (embedded model, ORT_ENABLE_ALL: 5.33% vs 5.32% depthwise, FP32 5.29%).
+   So it is never the default: `build` times it beside "depthwise" and takes it only where
+   it is faster and passes the accuracy gate on the build machine (build.choose_int8_form).
 5. Every other INT8 Q/DQ pair on a ReLU output (and on the image input when the
    calibration images are >= 0) becomes uint8 with zero point 0 and half the scale:
    the same range, one more bit, and ONNX Runtime's u8 x s8 kernels on x86.
