@@ -19,7 +19,10 @@ caller pins `intra_op_threads`, the builder runs the optimised model at batch 1 
 1, 2, 4, ... threads (up to the CPUs this process may use) and records the fastest.
 Small networks lose to the thread pool's synchronisation: on the 2-vCPU CI machine
 the embedded model's INT8 engine took 14.5 ms with one thread and 28.2 ms with two,
-while the authors' face configuration was faster with two (141 vs 162 ms).
+while the authors' face configuration was faster with two (141 vs 162 ms). INT8 builds
+time more (build.choose_int8_form): the integer form's variants and, above one thread,
+the thread pool spinning or not (THREAD_POOL_VARIANTS); the winner's thread count and
+session entries are pinned in session.json, with the CPU's int8 instruction set.
 """
 
 from __future__ import annotations
