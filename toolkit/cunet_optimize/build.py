@@ -439,11 +439,10 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                              f"with {concat_form['intra_op_threads']} thread(s) at batch 1 (median ms: "
                              + ", ".join(f"{k} {v:.2f}" for k, v in concat_form["median_ms_batch1"].items())
                              + ")")
-            int8_form = None
+            int8_form, variant_gate = None, None
             if "integer_dataflow" in result.passes and target.backend == "onnxruntime":
-                result, int8_form = choose_int8_form(
-                    result, before, options, target.name, staging,
-                    _variant_gate(opts, task, reference_onnx, eval_set, evaluate_landmarks, progress))
+                variant_gate = _variant_gate(opts, task, reference_onnx, eval_set, evaluate_landmarks, progress)
+                result, int8_form = choose_int8_form(result, before, options, target.name, staging, variant_gate)
                 chosen = int8_form["chosen"]
                 notes.append(f"INT8 integer form: relu_form {chosen['relu_form']}, {chosen['intra_op_threads']} "
                              f"thread(s), thread pool {chosen['thread_pool']}: the fastest here that passes the gate "
@@ -501,7 +500,8 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         with timer.stage("accuracy", f"{task.metric} on {len(eval_set)} images vs the FP32 reference "
                                      "(ONNX Runtime)"):
             manifest["accuracy"] = _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set,
-                                                  evaluate_landmarks, progress)
+                                                  evaluate_landmarks, progress,
+                                                  variant_gate.reference.get("result") if variant_gate else None)
             reference_onnx.unlink()
         manifest["timings_seconds"] = timer.seconds
         # builders name the staging folder; users will find the build under its final name
@@ -608,7 +608,7 @@ def _variant_gate(opts, task, reference_onnx, eval_set, evaluate_landmarks, prog
         if not reference:
             with OnnxRuntimeReferenceRunner(reference_onnx) as ref:
                 got = evaluate_landmarks(ref.infer, eval_set, progress=progress, description="FP32 reference")
-            reference["value"] = task.headline(got.metrics)
+            reference.update(value=task.headline(got.metrics), result=got)
         with OnnxRuntimeSessionRunner(onnx_path, replace(settings, optimization="all"), load_optimization="all") as run:
             got = evaluate_landmarks(run.infer, eval_set, progress=progress, description=f"variant {onnx_path.stem}")
         value = task.headline(got.metrics)
@@ -617,16 +617,20 @@ def _variant_gate(opts, task, reference_onnx, eval_set, evaluate_landmarks, prog
                 "degradation_points": worse, "tolerance": opts.tolerance(task),
                 "passed": bool(worse <= opts.tolerance(task))}
 
+    check.reference = reference  # the FP32 evaluation, once made: the final gate reuses it
     return check
 
 
-def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set, evaluate_landmarks, progress):
+def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set, evaluate_landmarks, progress,
+                   reference=None):
     """The deployed model's headline metric (NME or PCKh) against the FP32 export's, and the
-    verdict against the task's tolerance (`BuildOptions.tolerance`)."""
+    verdict against the task's tolerance (`BuildOptions.tolerance`). `reference`: the FP32
+    export's evaluation when it was already made on the same images."""
     from cunet_optimize.engines.onnxrt import OnnxRuntimeReferenceRunner, OnnxRuntimeRunner
 
-    with OnnxRuntimeReferenceRunner(reference_onnx) as ref:
-        reference = evaluate_landmarks(ref.infer, eval_set, progress=progress, description="FP32 reference")
+    if reference is None:
+        with OnnxRuntimeReferenceRunner(reference_onnx) as ref:
+            reference = evaluate_landmarks(ref.infer, eval_set, progress=progress, description="FP32 reference")
     if build.backend == "onnxruntime" and build.engine_built:
         runner, runtime = OnnxRuntimeRunner(staging), f"ONNX Runtime {build.backend_version} CPU (the built engine)"
     else:
