@@ -63,6 +63,21 @@ def test_build_each_precision(tiny, faces, tmp_path, precision, target, capsys):
         assert (tmp_path / "calib" / manifest["calibration"]["id"] / "scales.json").is_file()
     if precision == "int8":
         assert (out / "calibration.cache").read_text().startswith("TRT-")
+        # the integer-form variants were timed and the choice is what the engine runs
+        int8 = manifest["surgery"]["int8_cpu_form"]
+        chosen, timings = int8["chosen"], int8["median_ms_batch1"]
+        assert {k.split()[0] for k in timings} == {"depthwise", "clamp"}
+        key = f"{chosen['relu_form']} x{chosen['intra_op_threads']} {chosen['thread_pool']}"
+        allowed = [ms for k, ms in timings.items()
+                   if k.startswith("depthwise") or int8["accuracy_checks"].get("clamp", {}).get("passed")]
+        assert timings[key] == min(allowed)
+        assert int8["cpu"]["int8_isa"] and manifest["engine_settings"]["cpu"]["int8_isa"] == int8["cpu"]["int8_isa"]
+        assert manifest["engine_settings"]["intra_op_threads"] == chosen["intra_op_threads"]
+        assert manifest["engine_settings"]["session_config"] == chosen["session_config"]
+        ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+        assert ("Max" in ops) == (chosen["relu_form"] == "clamp")
+    else:
+        assert manifest["surgery"].get("int8_cpu_form") is None
     form = manifest["surgery"]["dense_concat_form"]
     if (precision, target) == ("fp32", "cpu"):  # both forms timed here, the faster one built
         timings = form["median_ms_batch1"]

@@ -32,6 +32,7 @@ from cunet_optimize.profile import (
     read_profile,
     summary_rows,
 )
+from cunet_optimize.engines.onnxrt import thread_candidates
 from cunet_optimize.profile.accuracy import DEFAULT_NME_TOLERANCE_POINTS, accuracy_delta
 from cunet_optimize.profile.builds import check_builds, find_builds
 from cunet_optimize.profile.layers import summarize_ort_trace
@@ -283,6 +284,10 @@ def test_summarize_ort_trace_drops_warmup_and_totals_per_run():
     assert s["by_op_type"][0] == {"op_type": "Conv", "nodes": 2, "ms_per_run": pytest.approx(5.0),
                                   "percent": pytest.approx(100 * 10 / 12)}
     assert s["top_nodes"][0]["node"] == "conv1" and s["top_nodes"][0]["ms_per_run"] == pytest.approx(4.0)
+    # model_run lasts 0.1 ms per run here, shorter than its kernels: nothing outside them
+    assert s["run_ms_per_run"] == pytest.approx(0.1) and s["outside_kernels_ms_per_run"] == 0.0
+    events[2]["dur"] = events[7]["dur"] = 8000  # 8 ms runs around 6 ms of kernels
+    assert summarize_ort_trace(events, warmup_runs=1)["outside_kernels_ms_per_run"] == pytest.approx(2.0)
     with pytest.raises(CUNetError, match="nothing to summarise"):
         summarize_ort_trace(events, warmup_runs=3)
 
@@ -351,6 +356,10 @@ def test_per_layer_time_for_onnx_runtime_builds(profiled):
         assert any(op in ("Conv", "QLinearConv") for op in ops)
         assert sum(o["percent"] for o in layers["by_op_type"]) <= 100.0 + 1e-6
         assert 0 < len(layers["top_nodes"]) <= 15
+        assert layers["run_ms_per_run"] > 0
+        scaling = layers["thread_scaling"]  # 1 thread up to every usable core
+        assert scaling["median_ms_batch1"].keys() == {str(n) for n in thread_candidates()}
+        assert scaling["speedup_vs_1_thread"]["1"] == 1.0
     assert by_name(profile)["pytorch-fp32"]["layers"] is None
 
 

@@ -350,6 +350,68 @@ def choose_concat_form(concat: SurgeryResult, target: str, workdir: Path) -> tup
                          "median_ms_batch1": {f"{f} x{n}": round(ms, 3) for (f, n), ms in timed.items()}}
 
 
+# The INT8 CPU integer-form variants `build` times (surgery/integer_dataflow.py, relu_form): "depthwise"
+# is the pass's default and its reference; the others change outputs, so each must pass the
+# accuracy gate on this machine before it may be chosen.
+INT8_CPU_RELU_FORMS = ("depthwise", "clamp")
+EXACT_INT8_CPU_FORM = "depthwise"
+
+
+def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_options: dict, target: str,
+                     workdir: Path, accuracy_check) -> tuple[SurgeryResult, dict]:
+    """An INT8 graph in ONNX Runtime's integer form (integer_dataflow), chosen by timing, as
+    TensorRT picks tactics: each relu_form variant of INT8_CPU_RELU_FORMS at each usable
+    intra-op thread count and, above one thread, each thread-pool setting
+    (onnxrt.THREAD_POOL_VARIANTS), all alternating run by run on this machine. The fastest
+    wins, except that a variant other than EXACT_INT8_CPU_FORM is taken only once
+    `accuracy_check(onnx_path, OrtSettings) -> dict` (with "passed") says it passes the gate
+    here. Returns the result to build and the record (candidates, timings, the CPU's int8 ISA)."""
+    from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
+    from cunet_optimize.engines.onnxrt import THREAD_POOL_VARIANTS, OrtSettings, thread_candidates, time_candidates
+    from cunet_optimize.surgery import SurgeryResult, run_surgery
+
+    forms = {EXACT_INT8_CPU_FORM: result}
+    for form in INT8_CPU_RELU_FORMS:
+        if form in forms:
+            continue
+        options = {**pass_options, "integer_dataflow": {**pass_options.get("integer_dataflow", {}), "relu_form": form}}
+        # the passes before integer_dataflow are deterministic and were verified in `result`
+        variant = run_surgery(source, result.passes, target=target, verify=False, pass_options=options)
+        forms[form] = SurgeryResult(variant.model, result.reports[:-1] + variant.reports[-1:], result.passes)
+    paths = {form: workdir / f"int8-form-{form}.onnx" for form in forms}
+    candidates = {}
+    for form in forms:
+        for n in thread_candidates():
+            for pool, config in (THREAD_POOL_VARIANTS.items() if n > 1 else [("spin", {})]):
+                candidates[form, n, pool] = (paths[form], OrtSettings(intra_op_threads=n, session_config=dict(config)))
+    checks: dict[str, dict] = {}
+    try:
+        for form, path in paths.items():
+            onnx.save(forms[form].model, path)
+        timed = time_candidates(candidates, level="all")
+        chosen = None
+        for key in sorted(timed, key=timed.get):
+            form = key[0]
+            if form != EXACT_INT8_CPU_FORM and form not in checks:
+                checks[form] = accuracy_check(paths[form], candidates[key][1])
+            if form == EXACT_INT8_CPU_FORM or checks[form]["passed"]:
+                chosen = key
+                break
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+    form, threads, pool = chosen
+    record = {
+        "chosen": {"relu_form": form, "intra_op_threads": threads, "thread_pool": pool,
+                   "session_config": candidates[chosen][1].session_config},
+        "median_ms_batch1": {f"{f} x{n} {p}": round(ms, 3) for (f, n, p), ms in timed.items()},
+        "nodes": {f: len(r.model.graph.node) for f, r in forms.items()},
+        "accuracy_checks": checks,
+        "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": thread_candidates()[-1]},
+    }
+    return forms[form], record
+
+
 def computes_in_fp16(target, opts: BuildOptions) -> bool:
     """Whether the exported graph computes in FP16: asked for, or what a strongly typed
     TensorRT plan takes precision from (e.g. INT4 weights dequantized to FP16 on TensorRT 11)."""
@@ -436,6 +498,16 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                              f"with {concat_form['intra_op_threads']} thread(s) at batch 1 (median ms: "
                              + ", ".join(f"{k} {v:.2f}" for k, v in concat_form["median_ms_batch1"].items())
                              + ")")
+            int8_form = None
+            if "integer_dataflow" in result.passes and target.backend == "onnxruntime":
+                variant_gate = _variant_gate(opts, task, reference_onnx, eval_set, eval_root, evaluate_landmarks,
+                                             progress)
+                result, int8_form = choose_int8_form(result, before, options, target.name, staging, variant_gate)
+                chosen = int8_form["chosen"]
+                notes.append(f"INT8 integer form: relu_form {chosen['relu_form']}, {chosen['intra_op_threads']} "
+                             f"thread(s), thread pool {chosen['thread_pool']}: the fastest here that passes the gate "
+                             f"({int8_form['cpu']['int8_isa']}; median ms: "
+                             + ", ".join(f"{k} {v:.2f}" for k, v in int8_form["median_ms_batch1"].items()) + ")")
             onnx_path = staging / "model.onnx"
             onnx.save(result.model, onnx_path)
             raw.unlink()
@@ -447,6 +519,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                 "concat_bytes_before": mem_before["concat_output_bytes"],
                 "concat_bytes_after": mem_after["concat_output_bytes"],
                 "dense_concat_form": concat_form,
+                "int8_cpu_form": int8_form,
             }
             findings = lint_model(result.model, target.name, dla_core=dla)
             errors = [f for f in findings if f.severity == "error"]
@@ -469,6 +542,9 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
                 engine_options["dla_core"] = dla
             if concat_form is not None:  # the thread count was timed with the form
                 engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
+            if int8_form is not None:  # thread count and pool settings were timed with the form
+                engine_options["intra_op_threads"] = int8_form["chosen"]["intra_op_threads"]
+                engine_options["session_config"] = int8_form["chosen"]["session_config"]
             if target.backend == "onnxruntime" and opts.precision == "int8":
                 engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
                                                  else "int8-symmetric")
@@ -632,6 +708,29 @@ def reference_accuracy(workdir: Path, reference_onnx: Path, eval_set, eval_root:
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cache, json.dumps({"metrics": result.metrics, "settings": result.settings}, default=float) + "\n")
     return ReferenceAccuracy(result.metrics, result.settings)
+
+
+def _variant_gate(opts, task, reference_onnx, eval_set, eval_root, evaluate_landmarks, progress):
+    """accuracy_check for choose_int8_form: a variant ONNX under ONNX Runtime's full
+    optimisation with its session settings, against the FP32 reference (reference_accuracy:
+    evaluated once, and read back by the final gate)."""
+    from dataclasses import replace
+
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeSessionRunner, OrtSettings
+
+    def check(onnx_path: Path, settings: OrtSettings) -> dict:
+        reference = reference_accuracy(Path(opts.workdir), reference_onnx, eval_set, eval_root, opts.eval_split,
+                                       evaluate_landmarks, progress)
+        reference_value = task.headline(reference.metrics)
+        with OnnxRuntimeSessionRunner(onnx_path, replace(settings, optimization="all"), load_optimization="all") as run:
+            got = evaluate_landmarks(run.infer, eval_set, progress=progress, description=f"variant {onnx_path.stem}")
+        value = task.headline(got.metrics)
+        worse = task.degradation(value, reference_value)
+        return {"metric": task.metric, "value": value, "reference_value": reference_value,
+                "degradation_points": worse, "tolerance": opts.tolerance(task),
+                "passed": bool(worse <= opts.tolerance(task))}
+
+    return check
 
 
 def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set, eval_root, evaluate_landmarks,

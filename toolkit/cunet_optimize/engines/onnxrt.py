@@ -19,7 +19,10 @@ caller pins `intra_op_threads`, the builder runs the optimised model at batch 1 
 1, 2, 4, ... threads (up to the CPUs this process may use) and records the fastest.
 Small networks lose to the thread pool's synchronisation: on the 2-vCPU CI machine
 the embedded model's INT8 engine took 14.5 ms with one thread and 28.2 ms with two,
-while the authors' face configuration was faster with two (141 vs 162 ms).
+while the authors' face configuration was faster with two (141 vs 162 ms). INT8 builds
+time more (build.choose_int8_form): the integer form's variants and, above one thread,
+the thread pool spinning or not (THREAD_POOL_VARIANTS); the winner's thread count and
+session entries are pinned in session.json, with the CPU's int8 instruction set.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 
 from cunet_optimize.atomic import write_atomic
 from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect_onnx
+from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.engines.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
 
@@ -149,20 +153,36 @@ def time_variants(models: Mapping[str, Path], settings: OrtSettings, threads: li
     """Median batch-1 latency in ms of each (model label, intra-op thread count), the
     models loaded at graph optimisation `level`. The sessions run in turn, run by run,
     so a change of machine load hits them alike."""
+    candidates = {(label, n): (Path(path), OrtSettings(**{**asdict(settings), "intra_op_threads": n}))
+                  for label, path in models.items() for n in threads}
+    return time_candidates(candidates, level, runs)
+
+
+# Thread-pool settings timed beside the thread count when it is above 1 (session config
+# entries): ONNX Runtime's workers spin between nodes by default, which pays on a quiet
+# machine with few, large nodes and costs where nodes are many and small or the cores are
+# shared. Timed, never assumed: see build.choose_int8_form.
+THREAD_POOL_VARIANTS: dict[str, dict[str, str]] = {
+    "spin": {},
+    "nospin": {"session.intra_op.allow_spinning": "0"},
+}
+
+
+def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: str = "disable",
+                    runs: int = THREAD_TUNING_RUNS) -> dict[Any, float]:
+    """Median batch-1 latency in ms of each candidate (model file, session settings), loaded
+    at graph optimisation `level`, all candidates alternating run by run."""
     from cunet_optimize.export.onnx_export import INPUT_SIZE, verification_batch
 
-    sessions = {}
-    for label, path in models.items():
-        for n in threads:
-            so = session_options(OrtSettings(**{**asdict(settings), "intra_op_threads": n}), level)
-            sessions[label, n] = _make_session(Path(path), so)
+    sessions = {key: _make_session(Path(path), session_options(settings, level))
+                for key, (path, settings) in candidates.items()}
     first = next(iter(sessions.values())).get_inputs()[0]
     size = [d if isinstance(d, int) and d > 0 else INPUT_SIZE for d in first.shape[2:]]
     # a synthetic face where the size allows: random float inputs can hit slow denormal paths
     image = (verification_batch(1) if size == [INPUT_SIZE, INPUT_SIZE]
              else np.random.default_rng(0).random((1, first.shape[1], *size), dtype=np.float32))
     feed = {first.name: image.astype(np.float16 if first.type == "tensor(float16)" else np.float32)}
-    times: dict[tuple[str, int], list[float]] = {key: [] for key in sessions}
+    times: dict[Any, list[float]] = {key: [] for key in sessions}
     for i in range(runs + 2):  # two warm-up rounds
         for key, session in sessions.items():
             start = time.perf_counter()
@@ -268,6 +288,7 @@ class OnnxRuntimeBuilder:
             "providers": ["CPUExecutionProvider"],
             **asdict(settings),
             "thread_tuning_ms": None if tuning is None else {str(n): round(ms, 3) for n, ms in tuning.items()},
+            "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": _usable_cpus()},
             # The graph is already optimised: loading it again skips the passes.
             "load_optimization": "disable",
         }

@@ -48,6 +48,10 @@ def summarize_ort_trace(events: list[dict], warmup_runs: int = 0, top: int = TOP
         by_node[node] += e.get("dur", 0) / 1000.0
         node_op[node] = op
     total = sum(by_op.values())
+    # model_run spans the whole run: what exceeds the kernels is the executor and the thread
+    # pool's synchronisation between nodes (many small nodes: a large share)
+    run_ms = sum(e.get("dur", 0) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
+                 and e.get("ts", 0) >= since) / 1000.0
     nodes_per_op: dict[str, int] = defaultdict(int)
     for node, op in node_op.items():
         nodes_per_op[op] += 1
@@ -62,6 +66,8 @@ def summarize_ort_trace(events: list[dict], warmup_runs: int = 0, top: int = TOP
         "runs": runs,
         "nodes": len(by_node),
         "total_ms_per_run": total / runs,
+        "run_ms_per_run": run_ms / runs,
+        "outside_kernels_ms_per_run": max(0.0, run_ms - total) / runs,
         "by_op_type": [
             {"op_type": op, "nodes": nodes_per_op[op], "ms_per_run": ms / runs, "percent": share(ms)}
             for op, ms in op_rows[:top]
@@ -100,3 +106,18 @@ def ort_layer_times(session_json: str | os.PathLike, batch_size: int = 1, runs: 
     out = summarize_ort_trace(events, warmup_runs=warmup, top=top)
     out["batch_size"] = batch_size
     return out
+
+
+def ort_thread_scaling(session_json: str | os.PathLike, runs: int = 10) -> dict:
+    """Batch-1 median latency of an ONNX Runtime build at 1, 2, 4, ... up to all usable cores,
+    with its other settings (threads alternating run by run); the build's own count is marked."""
+    from cunet_optimize.engines.onnxrt import thread_candidates, time_variants
+
+    runner = OnnxRuntimeRunner(session_json)
+    threads = thread_candidates()
+    timed = time_variants({"model": runner.model_path}, runner.settings, threads, level=runner.load_optimization,
+                          runs=runs)
+    ms = {n: t for (_, n), t in timed.items()}
+    return {"median_ms_batch1": {str(n): round(t, 3) for n, t in ms.items()},
+            "speedup_vs_1_thread": {str(n): round(ms[1] / t, 3) for n, t in ms.items()},
+            "build_threads": runner.settings.intra_op_threads, "runs": runs}

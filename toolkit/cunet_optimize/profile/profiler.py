@@ -194,7 +194,7 @@ def _profile_engine(build: BuildRecord, measure: _Measure, memory: str, layer_ru
         v.status = "not measured: build.json says engine_built is false; rebuild it"
         return v
     from cunet_optimize.engines.onnxrt import SESSION_FILE, OnnxRuntimeRunner
-    from cunet_optimize.profile.layers import ort_layer_times
+    from cunet_optimize.profile.layers import ort_layer_times, ort_thread_scaling
 
     session = build.artifact("session") or build.path / SESSION_FILE
     runner = OnnxRuntimeRunner(session, name=build.name)
@@ -202,6 +202,7 @@ def _profile_engine(build: BuildRecord, measure: _Measure, memory: str, layer_ru
     measure.run(v, runner)
     if layer_runs > 0:
         v.layers = ort_layer_times(session, batch_size=v.latency["batch_size"], runs=layer_runs)
+        v.layers["thread_scaling"] = ort_thread_scaling(session)
     v.memory = measure_peak_memory("onnxruntime", session, mode=memory)
     return v
 

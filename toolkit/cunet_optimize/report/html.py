@@ -411,10 +411,23 @@ def _layers(profile: dict) -> str:
                        for n in lay.get("top_nodes", [])[:TOP_LAYERS]], numeric=(2, 3))
         head = (f"{esc(v['name'])}: {fmt_ms(lay.get('total_ms_per_run'))} ms kernel time per run, "
                 f"{esc(lay.get('nodes'))} nodes, batch {esc(lay.get('batch_size'))}, {esc(lay.get('runs'))} runs")
+        if lay.get("run_ms_per_run") is not None:
+            head += (f"; the run takes {fmt_ms(lay['run_ms_per_run'])} ms "
+                     f"({fmt_ms(lay.get('outside_kernels_ms_per_run'))} ms outside the kernels)")
+        by_type = table(["Op type", "Nodes", "ms per run", "% of kernel time"],
+                        [[o["op_type"], o.get("nodes", ""), fmt_ms(o["ms_per_run"]), fmt_num(o["percent"], 1)]
+                         for o in ops], numeric=(1, 2, 3))
+        scaling = lay.get("thread_scaling")
+        scale = ""
+        if scaling:
+            scale = ("<p>Latency by intra-op threads (batch 1, median): " + ", ".join(
+                f"{esc(n)}: {fmt_ms(ms)} ms (x{scaling['speedup_vs_1_thread'][n]:.2f})"
+                for n, ms in scaling["median_ms_batch1"].items())
+                + f"; the build uses {esc(scaling.get('build_threads'))}.</p>")
         opened = " open" if not parts else ""
-        parts.append(f"<details{opened}><summary>{head}</summary>"
+        parts.append(f"<details{opened}><summary>{head}</summary>{scale}"
                      f'<div class="plots"><figure>{svg}<figcaption>Top {TOP_LAYERS} op types.</figcaption></figure>'
-                     f"<div><h3>Top {TOP_LAYERS} nodes</h3>{nodes}</div></div></details>")
+                     f"<div><h3>By op type</h3>{by_type}<h3>Top {TOP_LAYERS} nodes</h3>{nodes}</div></div></details>")
     if not parts:
         return ""
     src = next(v["layers"]["source"] for v in profile["variants"] if v.get("layers"))

@@ -26,13 +26,17 @@ almost every conv reads and writes uint8:
    quantizer, now uint8 with zero point 0, saturates below zero, which is the ReLU.
    ONNX Runtime runs it as a depthwise QLinearConv (uint8 in and out), as it runs
    FP32 BN -> ReLU as a depthwise NCHWc conv. A negative BN scale is a weight of -127.
-   (Tried and rejected: ReLU(s*q + b) = s*max(q, T) + b up to the rounding of the
-   threshold T, with s folded into the next 1x1 conv's weight columns, turns the
-   depthwise QLinearConv into a uint8 Max, 10 instead of 22 ms on the authors' face
-   configuration; but the clamped inputs stay large where the ReLU gives zero, so
-   ONNX Runtime's u8 x s8 AVX2 kernels, which sum pairs in int16, saturate (embedded
-   model NME 11.2% vs 5.3%), and the rounded threshold moves every zero-side element
-   the same way (5.53% even in exact arithmetic).)
+   relu_form="clamp" is the variant: before a 1x1 conv (no padding, no groups), ReLU(s*q + b)
+   = s*max(q, T) + b on integer q (s*min(q, T) + b where the BN scale is negative), with
+   T = -b/s rounded to an integer, s folded into the conv's weight columns (requantized per
+   output channel) and b into its bias: a uint8 Max/Min instead of a depthwise
+   QLinearConv, left out altogether where every threshold is 0 (it would only copy). Not
+   exact: the rounded threshold moves every zero-side element the same way. First measured
+   on an AVX2 machine, where ONNX Runtime's u8 x s8 kernels sum pairs in int16 and the
+   large clamped inputs saturate (embedded model NME 11.2% vs 5.3%); on AVX-512 VNNI the
+   sums are int32 (embedded model, ORT_ENABLE_ALL: 5.33% vs 5.32% depthwise, FP32 5.29%).
+   So it is never the default: `build` times it beside "depthwise" and takes it only where
+   it is faster and passes the accuracy gate on the build machine (build.choose_int8_form).
 5. Every other INT8 Q/DQ pair on a ReLU output (and on the image input when the
    calibration images are >= 0) becomes uint8 with zero point 0 and half the scale:
    the same range, one more bit, and ONNX Runtime's u8 x s8 kernels on x86.
@@ -127,6 +131,59 @@ def _symmetric_int8_readers(q: gs.Node) -> list[gs.Node] | None:
                and qdq_params(r).zero_point_type == onnx.TensorProto.INT8 and not np.any(qdq_params(r).zero_point)
                for r in readers)
     return readers if readers and same else None
+
+
+def _is_pointwise_conv(conv: gs.Node, graph: gs.Graph) -> bool:
+    """A 1x1 conv without padding or groups: a per-channel constant on its input moves into its bias exactly."""
+    weight = _integer_weight(conv, graph)
+    return (weight is not None and weight[0].ndim == 4 and weight[0].shape[2:] == (1, 1)
+            and int(conv.attrs.get("group", 1)) == 1 and not any(int(p) for p in conv.attrs.get("pads", [0]))
+            and conv.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", "VALID", b"VALID"))
+
+
+def _affine_relu_as_clamp(graph: gs.Graph, sink: "Sink", slope: np.ndarray, intercept: np.ndarray) -> None:
+    """Replace sink BN -> ReLU -> Q -> DQ -> 1x1 Conv by Max/Min(q, threshold) -> DQ(1) -> 1x1 Conv.
+
+    On integer q, ReLU(s*q + b) = s*max(q, T) + b for s > 0 (s*min(q, T) + b for s < 0), T = -b/s;
+    s goes into the conv's weight columns and b into its bias. Not exact: T is rounded to an
+    integer and the weights are requantized per output channel (see the module docstring)."""
+    conv = sink.dq.outputs[0].outputs[0]
+    ints, scales = _integer_weight(conv, graph)
+    weight = ints[:, :, 0, 0].astype(np.float64) * scales[:, None]
+    channels = len(slope)
+    live = slope != 0
+    threshold = np.where(live, -intercept / np.where(live, slope, 1.0), 0.0)
+    rising, falling = slope > 0, slope < 0
+    dead = (rising & (threshold >= LEVELS)) | (falling & (threshold <= 0)) | (~live & (intercept <= 0))
+    constant = ~live & (intercept > 0)  # ReLU(b) everywhere
+    lo = np.where(rising & ~dead, np.clip(np.rint(threshold), 0, LEVELS), 0).astype(np.uint8)
+    hi = np.where(falling & ~dead, np.clip(np.rint(threshold), 0, LEVELS), LEVELS).astype(np.uint8)
+    active = live & ~dead
+    column = np.where(active, slope, 0.0)
+    offset = np.where(active, intercept, 0.0) + np.where(constant, intercept, 0.0)
+    new_weight = weight * column[None, :]
+    bias = _conv_bias(conv, len(scales)) + weight @ offset
+    peak = np.abs(new_weight).max(axis=1)
+    new_scales = np.where(peak > 0, peak / 127.0, 1.0)
+    new_ints = np.rint(new_weight / new_scales[:, None]).astype(np.int64).reshape(ints.shape)
+
+    base = sink.bn.name or sink.bn.outputs[0].name
+    clamped = sink.bn.inputs[0]
+    # a Max with every threshold 0 (a Min with every one 255) would only copy: left out
+    for op, bound, identity in (("Max", lo, 0), ("Min", hi, 255)):
+        if np.all(bound == identity):
+            continue
+        x, clamped = clamped, gs.Variable(f"{base}/{op.lower()}_clamped", dtype=np.uint8)
+        graph.nodes.append(gs.Node(op, f"{base}/relu_threshold_{op.lower()}", inputs=[
+            x, gs.Constant(f"{base}/threshold_{op.lower()}", bound.reshape(1, channels, 1, 1))], outputs=[clamped]))
+    sink.dq.inputs = [clamped, gs.Constant(f"{base}/unit_integer_scale", np.asarray(1.0, np.float32)),
+                      gs.Constant(f"{base}/unit_integer_zero_point", np.asarray(0, np.uint8))]
+    _set_integer_weight(graph, conv, new_ints, new_scales, bias, "clamp_folded")
+    sink.bn.inputs.clear()
+    sink.relu.outputs.clear()
+    sink.q.inputs.clear()
+    sink.q.outputs.clear()
+    graph.nodes.remove(sink.q)
 
 
 def _affine_as_depthwise_conv(graph: gs.Graph, sink: "Sink", slope: np.ndarray, intercept: np.ndarray) -> None:
@@ -315,10 +372,18 @@ def _fold_bn_into_quantized_convs(graph: gs.Graph) -> int:
     return folded
 
 
-def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None) -> PassReport:
+RELU_FORMS = ("depthwise", "clamp")
+
+
+def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None, relu_form: str = "depthwise") -> PassReport:
     """Rewrite a Q/DQ CU-Net into ONNX Runtime's integer form (see the module docstring).
     `calibration`: N x 3 x H x W float32 images for the new source ranges (required: the
-    images the model was calibrated on; CUNetError without them)."""
+    images the model was calibrated on; CUNetError without them). `relu_form`: how a sink's
+    BN -> ReLU runs, "depthwise" (step 4) or "clamp" (a uint8 Max into a following 1x1
+    conv; sinks before other convs stay depthwise), a variant `build` times and gates
+    (build.choose_int8_form)."""
+    if relu_form not in RELU_FORMS:
+        raise ValueError(f"relu_form must be one of {RELU_FORMS}, got {relu_form!r}")
     rec = PassRecorder("integer_dataflow", graph)
     if not any(n.op == "QuantizeLinear" for n in graph.nodes):
         rec.note("no Q/DQ nodes: nothing to do")
@@ -354,13 +419,17 @@ def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None) -> 
             else:
                 params[node.outputs[0].name] = params[node.inputs[0].name]
 
-    negative = 0
+    negative = clamped = 0
     for comp in good:
         for sink in comp.sinks:
             m, r = params[sink.bn.inputs[0].name]
             a, t = _bn_affine(sink.bn)
             negative += int((a < 0).sum())
             # BN(x) on x = m + r * u, u = q / 255 (per-tensor DequantizeLinear): slope a*r, intercept a*m + t
+            if relu_form == "clamp" and _is_pointwise_conv(sink.dq.outputs[0].outputs[0], graph):
+                _affine_relu_as_clamp(graph, sink, a * r / LEVELS, a * m + t)
+                clamped += 1
+                continue
             _affine_as_depthwise_conv(graph, sink, a * r, a * m + t)
             _to_uint8(sink.q, [sink.dq])  # uint8 saturation at 0 is the ReLU
     for t in sources:
@@ -396,7 +465,9 @@ def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None) -> 
     rec.note(f"folded {folded} BatchNorm(s) into quantized convs")
     rec.note(f"{len(sources)} conv output(s) quantized to uint8 per channel over {len(images)} calibration images; "
              f"{sum(len(c.sinks) for c in good)} BN -> ReLU sink(s) now a depthwise 1x1 uint8 conv "
-             f"({negative} channel(s) with a negative BN scale)")
+             f"({negative} channel(s) with a negative BN scale)"
+             + (f", {clamped} of them a uint8 Max/Min threshold folded into the next 1x1 conv (relu_form clamp)"
+                if relu_form == "clamp" else ""))
     rec.note(f"{retyped} other ReLU/image Q/DQ pair(s) int8 -> uint8")
     for comp in skipped:
         rec.note(f"left in float: component at {next(iter(comp.tensors))}: {comp.reason or 'no source or sink'}")

@@ -79,7 +79,9 @@ CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales", "integer_dataflow"})
 TIMED = "timed"
 FOLD_DENSE_CONCATS = {"onnxruntime": TIMED, "tensorrt": False}
 # INT8 graphs for ONNX Runtime are rewritten into uint8 integer dataflow (integer_dataflow.py):
-# TensorRT's placement runs there as float convs between Q/DQ, slower than FP32.
+# TensorRT's placement runs there as float convs between Q/DQ, slower than FP32. The pass's
+# relu_form variants, thread count and thread-pool spinning are timed per machine by `build`
+# (build.choose_int8_form); the default pipeline makes the "depthwise" form.
 INTEGER_DATAFLOW = {"onnxruntime": True, "tensorrt": False}
 
 
