@@ -6,6 +6,7 @@ an interrupted command leaves nothing half-written.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -46,3 +47,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int | None = 
         else:
             tmp.write_bytes(data)
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -29,6 +29,7 @@ import onnx
 import torch
 
 from cunet_optimize import __version__
+from cunet_optimize.atomic import sha256_file
 from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.tasks import FACE, POSE, Task, check_task, open_dataset, task_of_data, task_of_model
@@ -169,14 +170,6 @@ class BuildReport:
     path: str
     manifest: dict
     notes: list[str] = field(default_factory=list)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class StageTimer:

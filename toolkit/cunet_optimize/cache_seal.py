@@ -8,29 +8,20 @@ the cache can be reused, and why not, so the caller recomputes instead of failin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Iterable
 
-from cunet_optimize.atomic import write_atomic
+from cunet_optimize.atomic import sha256_file, write_atomic
 
 SEAL_FILE = "checksums.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def seal(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) -> Path:
     """Record the checksums of `files` (inside `folder`); call after they are all written."""
     folder = Path(folder)
-    sums = {Path(f).name: _sha256(Path(f)) for f in files}
+    sums = {Path(f).name: sha256_file(Path(f)) for f in files}
     return write_atomic(folder / SEAL_FILE, json.dumps(sums, indent=2, sort_keys=True) + "\n")
 
 
@@ -54,6 +45,6 @@ def check_seal(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) ->
     for f in files:
         if not f.is_file():
             return False, f"{f.name} missing"
-        if sums.get(f.name) != _sha256(f):
+        if sums.get(f.name) != sha256_file(f):
             return False, f"{f.name} does not match its checksum (truncated or edited)"
     return True, None

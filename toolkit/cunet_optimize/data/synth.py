@@ -694,15 +694,16 @@ def split_test_indices(count: int, seed: int, test_fraction: float) -> list[int]
     return sorted(np.argsort(draws, kind="stable")[:n_test].tolist())
 
 
-def _check_args(count: int, seed: int, test_fraction: float, image_size: int) -> None:
+def check_synth_args(what: str, count: int, seed: int, test_fraction: float, image_size: int) -> None:
+    """The arguments every synthetic set takes (`what`: "faces", "poses"), as one-line errors."""
     if not isinstance(count, int) or count < 2:
-        raise CUNetError(f"synthetic faces: count must be an integer >= 2 (one train, one test image), got {count!r}")
+        raise CUNetError(f"synthetic {what}: count must be an integer >= 2 (one train, one test image), got {count!r}")
     if not isinstance(seed, int) or seed < 0:
-        raise CUNetError(f"synthetic faces: seed must be a non-negative integer, got {seed!r}")
+        raise CUNetError(f"synthetic {what}: seed must be a non-negative integer, got {seed!r}")
     if not 0.0 < test_fraction < 1.0:
-        raise CUNetError(f"synthetic faces: test fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
+        raise CUNetError(f"synthetic {what}: test fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
     if not isinstance(image_size, int) or not 64 <= image_size <= 4096:
-        raise CUNetError(f"synthetic faces: image size must be an integer in 64..4096, got {image_size!r}")
+        raise CUNetError(f"synthetic {what}: image size must be an integer in 64..4096, got {image_size!r}")
 
 
 def write_synthetic_faces(
@@ -720,7 +721,7 @@ def write_synthetic_faces(
     the end, so an interrupted run leaves nothing behind. An existing non-empty
     `out_dir` is an error unless `overwrite`.
     """
-    _check_args(count, seed, test_fraction, image_size)
+    check_synth_args("faces", count, seed, test_fraction, image_size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CUNetError(f"synthetic faces: {out} exists and is not a folder; choose another output folder")

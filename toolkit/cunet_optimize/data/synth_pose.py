@@ -35,7 +35,8 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from cunet_optimize.data.synth import (PNG_OPTIONS, SynthSummary, _background, _Canvas, _clutter, _mix,
-                                       _random_colour, _rgb, _skin_colour, image_rng, split_test_indices)
+                                       _random_colour, _rgb, _skin_colour, check_synth_args, image_rng,
+                                       split_test_indices)
 from cunet_optimize.data.mpii import ANNOTATION_FILE, IMAGE_FOLDER
 from cunet_optimize.errors import CUNetError
 
@@ -266,14 +267,7 @@ def write_synthetic_poses(
 ) -> SynthSummary:
     """Write `count` synthetic poses to `out_dir` in the authors' MPII layout (module doc);
     round(count * test_fraction) of them are validation records (isValidation = 1)."""
-    if not isinstance(count, int) or count < 2:
-        raise CUNetError(f"synthetic poses: count must be an integer >= 2 (one train, one valid image), got {count!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise CUNetError(f"synthetic poses: seed must be a non-negative integer, got {seed!r}")
-    if not 0.0 < test_fraction < 1.0:
-        raise CUNetError(f"synthetic poses: test fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
-    if not isinstance(image_size, int) or not 64 <= image_size <= 4096:
-        raise CUNetError(f"synthetic poses: image size must be an integer in 64..4096, got {image_size!r}")
+    check_synth_args("poses", count, seed, test_fraction, image_size)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CUNetError(f"synthetic poses: {out} exists and is not a folder; choose another output folder")

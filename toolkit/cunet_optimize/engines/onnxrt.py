@@ -27,7 +27,6 @@ session entries are pinned in session.json, with the CPU's int8 instruction set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -37,7 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cunet_optimize.atomic import write_atomic
+from cunet_optimize.atomic import sha256_file, write_atomic
 from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect_onnx
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.engines.targets import check_precision, get_target
@@ -203,14 +202,6 @@ def _make_session(model_path: Path, so):
         ) from exc
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class OnnxRuntimeBuilder:
     """ONNX -> optimised ONNX Runtime model + session.json, for the `cpu` target."""
 
@@ -280,7 +271,7 @@ class OnnxRuntimeBuilder:
             "schema": SESSION_SCHEMA,
             "model": final.name,
             "source_onnx": str(onnx_path),
-            "source_onnx_sha256": _sha256(onnx_path),
+            "source_onnx_sha256": sha256_file(onnx_path),
             "target": spec.name,
             "precision": precision,
             "executed_as": support.executed_as,

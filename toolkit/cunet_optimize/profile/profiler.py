@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from cunet_optimize import __version__
-from cunet_optimize.build import sha256_file
+from cunet_optimize.atomic import sha256_file
 from cunet_optimize.engines.base import Runner, TorchRunner
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_landmarks
