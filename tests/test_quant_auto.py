@@ -221,3 +221,38 @@ def test_auto_build_fails_cleanly_when_no_plan_passes(tiny, faces, tmp_path, mon
     assert main(auto_args(tiny, faces, tmp_path)) != 0
     assert "no plan met the gate after 2 build(s)" in capsys.readouterr().err
     assert not (tmp_path / "engines" / "tiny-auto-cpu").exists()
+
+
+@pytest.mark.slow
+def test_plan_reloads_into_qat_and_build(tiny, faces, tmp_path, capsys):
+    """build --precision auto -> qat --plan (fine-tunes the mixed model) -> build --precision auto --qat."""
+    from cunet_optimize.cli import main
+    from cunet_optimize.quant.qat import load_qat_checkpoint
+
+    assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "100", "--no-accuracy-gate")) == 0
+    plan = {c: f for c, f in json.loads(capsys.readouterr().out)["auto"]["plan"].items() if f != "int8"}
+    build_dir = tmp_path / "engines" / "tiny-auto-cpu"
+    qat = ["qat", "--model", str(tiny), "--plan", str(build_dir), "--data", str(faces), "--out",
+           str(tmp_path / "qat"), "--epochs", "1", "--lr", "1e-4", "--batch-size", "4", "--calib-images", "3",
+           "--threads", "1", "--json"]
+    assert main(qat) == 0
+    ckpt = json.loads(capsys.readouterr().out)["qat_checkpoint"]
+    assert load_qat_checkpoint(ckpt).layer_formats == plan
+    assert main(["build", "--precision", "auto", "--qat", ckpt, "--model", str(tiny), "--eval-data", str(faces),
+                 "--no-accuracy-gate", "--workdir", str(tmp_path / "w"), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["calibration"]["method"] == "qat" and manifest["engine_built"]
+    assert any(i.data_type == onnx.TensorProto.INT4
+               for i in onnx.load(tmp_path / "w" / "engines" / "tiny-auto-cpu" / "model.onnx").graph.initializer)
+    # a plain int8 QAT checkpoint is not an auto plan
+    assert main(["qat", "--model", str(tiny), "--plan", str(tmp_path / "nothing"), "--data", str(faces),
+                 "--out", str(tmp_path / "q2")]) != 0
+    assert "no auto plan here" in capsys.readouterr().err
+
+
+def test_formats_worth_measuring_drops_dominated_formats():
+    formats = ("int4", "int8", "float")
+    assert auto.formats_worth_measuring(formats, LAYERS, "size", 0.01, 0.1) == ("int4", "int8")
+    assert auto.formats_worth_measuring(formats, LAYERS, "size", 0.2, 0.1) == formats
+    assert auto.formats_worth_measuring(formats, LAYERS, "latency", 0.01, 0.1) == ("int8",)
+    assert auto.formats_worth_measuring(formats, LAYERS, "latency", 0.2, 0.1) == ("int8", "float")

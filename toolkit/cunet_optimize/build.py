@@ -385,10 +385,14 @@ def computes_in_fp16(target, opts: BuildOptions) -> bool:
 
 
 def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
-    if opts.precision == "auto" and opts.layer_formats is None and not opts.qat_checkpoint:
-        from cunet_optimize.quant.auto_build import run_auto_build  # search, then builds with a plan
+    if opts.precision == "auto" and opts.layer_formats is None:
+        from cunet_optimize.quant.auto_build import plan_of_qat_checkpoint, run_auto_build
 
-        return run_auto_build(opts, echo, progress)
+        if not opts.qat_checkpoint:
+            return run_auto_build(opts, echo, progress)  # search, then builds with a plan
+        from dataclasses import replace
+
+        opts = replace(opts, layer_formats=plan_of_qat_checkpoint(opts.qat_checkpoint))
     from cunet_optimize.engines import get_builder
     from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
     from cunet_optimize.evaluate import evaluate_landmarks

@@ -354,9 +354,30 @@ class HeldOut:
         return self.task.headline(summary)
 
 
+def formats_worth_measuring(formats: Sequence[str], layers: Sequence[LayerInfo], objective: str,
+                            int8_degradation: float, budget: float, float_dtype: str = "fp32") -> tuple[str, ...]:
+    """The formats a plan for `objective` could use: those cheaper than INT8 for some conv,
+    and the more accurate ones only when all-INT8 is already over the budget. The rest are
+    dominated (costlier and no more needed), so measuring them would only cost time: e.g.
+    INT4 for latency (it runs at float speed), float for size while INT8 fits."""
+    keep = ["int8"]
+    for f in formats:
+        if f == "int8":
+            continue
+        cheaper = any(layer_cost(layer, f, objective, float_dtype) < layer_cost(layer, "int8", objective, float_dtype)
+                      for layer in layers if f in allowed_formats(layer, formats))
+        needed = _rank(f) > _rank("int8") and int8_degradation > budget
+        if cheaper or needed:
+            keep.append(f)
+    return tuple(f for f in formats if f in keep)
+
+
 def measure_sensitivity(float_model: nn.Module, qmodel: nn.Module, heldout: HeldOut, layers: Sequence[LayerInfo],
-                        formats: Sequence[str], grain: str, progress: bool = True) -> SensitivityTable:
-    """Each group's degradation change when only it takes each non-INT8 format (module doc)."""
+                        formats: Sequence[str], grain: str, progress: bool = True,
+                        choose_formats: Callable[[float], Sequence[str]] | None = None) -> SensitivityTable:
+    """Each group's degradation change when only it takes each non-INT8 format (module doc).
+    `choose_formats(int8_degradation)` may narrow `formats` once the all-INT8 model is measured
+    (see formats_worth_measuring)."""
     from tqdm import tqdm
 
     from cunet_optimize.quant.qmodel import _conv_quantizers, conv_scheme
@@ -364,6 +385,8 @@ def measure_sensitivity(float_model: nn.Module, qmodel: nn.Module, heldout: Held
     start = time.perf_counter()
     fp32 = heldout.metric(float_model)
     int8, int8_deg = heldout.degradation(qmodel, fp32)
+    if choose_formats is not None:
+        formats = tuple(choose_formats(int8_deg))
     modules = dict(qmodel.named_modules())
     by_group: dict[str, list[LayerInfo]] = {}
     for layer in layers:

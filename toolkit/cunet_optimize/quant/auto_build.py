@@ -22,6 +22,33 @@ log = logging.getLogger(__name__)
 MAX_BUILDS = 8  # the first plan and at most 7 back-off steps
 
 
+def plan_of_qat_checkpoint(path) -> dict:
+    """{conv: format} of a QAT checkpoint fine-tuned from an auto plan (`qat --plan`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CUNetError(f"{path}: not a QAT checkpoint ({e}); pass the best.safetensors of `qat --plan`") from None
+    if "layer_formats" not in meta:
+        raise CUNetError(f"{path}: QAT checkpoint of {meta.get('scheme', '?')}, not of an auto plan; build it with "
+                         f"--precision {meta.get('scheme', 'int8')}, or run `qat --plan BUILD_DIR`")
+    return json.loads(meta["layer_formats"])
+
+
+def load_plan(path) -> dict:
+    """{conv: format} of an auto build (its folder or build.json), for `qat --plan`."""
+    path = Path(path)
+    manifest = path / "build.json" if path.is_dir() else path
+    try:
+        plan = json.loads(manifest.read_text())["auto"]["plan"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CUNetError(f"{path}: no auto plan here; pass the folder (or build.json) of a "
+                         "`build --precision auto`") from None
+    return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}
+
+
 def run_auto_build(opts, echo=print, progress: bool = True):
     from cunet_optimize.atomic import write_atomic
     from cunet_optimize.build import (StageTimer, _eval_dataset, check_data_task, quantize_and_calibrate,
@@ -45,6 +72,8 @@ def run_auto_build(opts, echo=print, progress: bool = True):
                          "needs at least 4 (half held out from the scales); pass a larger --calib-data")
     scale_images = min(opts.calib_images, n - held)
     timer = StageTimer(total=3, echo=echo)
+    budget = opts.tolerance(task)
+    float_dtype = auto.float_type(target)
     base = replace(opts, precision="int8", calib_images=scale_images, layer_formats=None, qat_checkpoint=None)
     qmodel, calib_info = quantize_and_calibrate(base, model, ckpt_path, timer, progress)
     heldout = auto.HeldOut.load(calib_set, range(n - held, n))
@@ -54,12 +83,14 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         convs = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
         grain = opts.auto_grain or ("conv" if len(convs) <= auto.CONV_GRAIN_LIMIT else "block")
         layers = [replace(layer, group=auto.group_of(layer.name, grain)) for layer in convs]
-        table = auto.measure_sensitivity(model, qmodel, heldout, layers, formats, grain, progress)
-    budget = opts.tolerance(task)
-    float_dtype = auto.float_type(target)
+        table = auto.measure_sensitivity(
+            model, qmodel, heldout, layers, formats, grain, progress,
+            lambda int8_deg: auto.formats_worth_measuring(formats, layers, opts.objective, int8_deg, budget,
+                                                          float_dtype))
+        measured = sorted({f for d in table.delta.values() for f in d}, key=auto.ACCURACY_ORDER.index)
     with timer.stage("search", f"cheapest {opts.objective} plan with predicted {task.metric} degradation "
                                f"<= {budget}"):
-        costs = auto.group_costs(layers, formats, opts.objective, float_dtype)
+        costs = auto.group_costs(layers, measured, opts.objective, float_dtype)
         result = auto.search_plan(table, costs, budget)
     search_seconds = round(time.perf_counter() - start, 2)
     echo(f"search: {len(costs)} groups ({grain} grain), predicted {task.metric} degradation "
@@ -107,6 +138,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         "budget_option": task.gate_option,
         "grain": grain,
         "formats": list(formats),
+        "formats_measured": measured,
         "float_type": float_dtype,
         "heldout": {"data": str(calib_root.resolve()), "split": opts.calib_split, "first": n - held,
                     "images": held, "scale_images": scale_images},

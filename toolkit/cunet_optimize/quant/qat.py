@@ -123,10 +123,15 @@ def run_qat(
     resume: bool = True,
     progress: bool = True,
     metadata: dict | None = None,
+    layer_formats: dict | None = None,
 ) -> TrainResult:
     torch.manual_seed(recipe.seed)
     qmodel, _, equalization = post_training_quantize(model, scheme, calibration_batches, calib_method,
                                                      equalize_alpha, progress=progress)
+    if layer_formats:  # fine-tune a mixed plan of `build --precision auto` (quant/auto.py)
+        from cunet_optimize.quant.auto import with_layer_formats
+
+        qmodel = with_layer_formats(qmodel, layer_formats)
     if learnable_scales:
         set_learnable_scales(qmodel, True)
 
