@@ -256,3 +256,24 @@ def test_formats_worth_measuring_drops_dominated_formats():
     assert auto.formats_worth_measuring(formats, LAYERS, "size", 0.2, 0.1) == formats
     assert auto.formats_worth_measuring(formats, LAYERS, "latency", 0.01, 0.1) == ("int8",)
     assert auto.formats_worth_measuring(formats, LAYERS, "latency", 0.2, 0.1) == ("int8", "float")
+
+
+@pytest.mark.slow
+def test_prefix_cache_gives_the_same_sensitivity_as_full_forwards(faces):
+    """Replaying the convs before a variant's first changed conv is exact, not an approximation."""
+    from cunet_optimize.quant import calibrate
+    from cunet_optimize.tasks import FACE, open_dataset
+
+    torch.manual_seed(0)
+    model = create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2).eval()
+    dataset = open_dataset(FACE, faces, None)
+    heldout = auto.HeldOut.load(dataset, range(len(dataset)))
+    qmodel = quantize_model(model, "int8-convin")
+    calibrate(qmodel, [heldout.images[:4]], "max", progress=False)
+    qmodel.eval()
+    layers = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
+    args = (model, qmodel, heldout, layers, ("int4", "int8", "float"), "conv", False)
+    cached = auto.measure_sensitivity(*args)
+    full = auto.measure_sensitivity(*args, prefix_cache_bytes=0)
+    assert cached.delta == full.delta and cached.int8 == full.int8
+    assert any(d.get("int4", 0) != 0 for d in full.delta.values())

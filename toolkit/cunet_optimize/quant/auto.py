@@ -63,6 +63,7 @@ class LayerInfo:
     role: str  # qmodel.conv_roles, "conv1x1" for the inner 1x1 convs
     weight_shape: tuple[int, ...]
     macs: int  # multiply-accumulates per image at the model's input size
+    out_numel: int = 0  # output elements per image (the sensitivity's prefix cache)
 
     @property
     def params(self) -> int:
@@ -281,11 +282,13 @@ def layer_infos(qmodel: nn.Module, grain: str, input_size: tuple[int, int]) -> l
 
     roles = conv_roles(qmodel)
     macs: dict[str, int] = {}
+    outs: dict[str, int] = {}
     hooks = []
     for name, m in qmodel.named_modules():
         if isinstance(m, QuantConv2d):
             def hook(mod, inp, out, name=name):
                 macs[name] = int(out[0].numel() * mod.weight[0].numel())
+                outs[name] = int(out[0].numel())
             hooks.append(m.register_forward_hook(hook))
     from cunet_optimize.quant.qmodel import set_quantizers_enabled
 
@@ -301,8 +304,9 @@ def layer_infos(qmodel: nn.Module, grain: str, input_size: tuple[int, int]) -> l
             h.remove()
         qmodel.train(was_training)
     modules = dict(qmodel.named_modules())
-    return [LayerInfo(n, group_of(n, grain), roles.get(n, "conv1x1"), tuple(modules[n].weight.shape), macs[n])
-            for n in macs]
+    # in execution order (hooks fire as each conv finishes; convs do not nest)
+    return [LayerInfo(n, group_of(n, grain), roles.get(n, "conv1x1"), tuple(modules[n].weight.shape), macs[n],
+                      outs[n]) for n in macs]
 
 
 @dataclass
@@ -339,15 +343,19 @@ class HeldOut:
         value = self.metric(model, batch_size)
         return value, self.task.degradation(value, reference)
 
-    def metric(self, model: nn.Module, batch_size: int = 32) -> float:
+    def metric(self, model: nn.Module, batch_size: int = 32, run=None) -> float:
+        """The task's headline metric of `model` on the slice; `run(batch index, images)` may
+        replace `model(images)` (the prefix cache of `measure_sensitivity`)."""
         from cunet_optimize.data.transforms import decode_heatmaps, heatmap_to_image_coords
         from cunet_optimize.tasks import score
 
         model.eval()
         heatmaps = []
         with torch.inference_mode():
-            for start in range(0, len(self.images), batch_size):
-                heatmaps.append(model(self.images[start:start + batch_size])[-1].float().numpy())
+            for b, start in enumerate(range(0, len(self.images), batch_size)):
+                images = self.images[start:start + batch_size]
+                out = run(b, images) if run is not None else model(images)
+                heatmaps.append(out[-1].float().numpy())
         points = decode_heatmaps(np.concatenate(heatmaps))
         pred = np.stack([heatmap_to_image_coords(p, t) for p, t in zip(points, self.transforms)])
         summary, _, _ = score(self.task, pred, self.landmarks, self.visible, self.head_size)
@@ -372,9 +380,62 @@ def formats_worth_measuring(formats: Sequence[str], layers: Sequence[LayerInfo],
     return tuple(f for f in formats if f in keep)
 
 
+PREFIX_CACHE_BYTES = 1 << 30
+
+
+class PrefixCache:
+    """Outputs of the all-INT8 model's convs on the held-out slice, in execution order. A
+    variant that changes convs from position k on computes the same values before k (they
+    cannot depend on a later conv), so those convs return their recorded outputs instead of
+    computing: on average half the network's convolutions are skipped per variant. Only a
+    prefix of the convs is kept when all of them would exceed `max_bytes`."""
+
+    def __init__(self, qmodel: nn.Module, layers: Sequence[LayerInfo], images: int,
+                 max_bytes: int = PREFIX_CACHE_BYTES) -> None:
+        self.qmodel = qmodel
+        self.modules = dict(qmodel.named_modules())
+        self.order = [layer.name for layer in layers]
+        total, kept = 0, 0
+        for layer in layers:
+            total += layer.out_numel * images * 4
+            if total > max_bytes:
+                break
+            kept += 1
+        self.kept = self.order[:kept]
+        self.outputs: list[dict[str, list[torch.Tensor]]] = []
+
+    def record(self, batch: int, images: torch.Tensor):
+        store: dict[str, list[torch.Tensor]] = {}
+        hooks = [self.modules[n].register_forward_hook(
+            lambda mod, inp, out, n=n: store.setdefault(n, []).append(out.clone())) for n in self.kept]
+        try:
+            out = self.qmodel(images)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.outputs.append(store)
+        return out
+
+    def runner(self, first: int):
+        """run(batch, images) that replays the convs before execution position `first`."""
+        skip = self.kept[:first]
+
+        def run(batch: int, images: torch.Tensor):
+            for n in skip:
+                recorded = iter(self.outputs[batch][n])
+                self.modules[n].forward = lambda *args, _it=recorded: next(_it)
+            try:
+                return self.qmodel(images)
+            finally:
+                for n in skip:
+                    del self.modules[n].forward
+        return run
+
+
 def measure_sensitivity(float_model: nn.Module, qmodel: nn.Module, heldout: HeldOut, layers: Sequence[LayerInfo],
                         formats: Sequence[str], grain: str, progress: bool = True,
-                        choose_formats: Callable[[float], Sequence[str]] | None = None) -> SensitivityTable:
+                        choose_formats: Callable[[float], Sequence[str]] | None = None,
+                        prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> SensitivityTable:
     """Each group's degradation change when only it takes each non-INT8 format (module doc).
     `choose_formats(int8_degradation)` may narrow `formats` once the all-INT8 model is measured
     (see formats_worth_measuring)."""
@@ -384,7 +445,10 @@ def measure_sensitivity(float_model: nn.Module, qmodel: nn.Module, heldout: Held
 
     start = time.perf_counter()
     fp32 = heldout.metric(float_model)
-    int8, int8_deg = heldout.degradation(qmodel, fp32)
+    cache = PrefixCache(qmodel, layers, len(heldout), prefix_cache_bytes)
+    int8 = heldout.metric(qmodel, run=cache.record)
+    int8_deg = heldout.task.degradation(int8, fp32)
+    position = {n: i for i, n in enumerate(cache.order)}
     if choose_formats is not None:
         formats = tuple(choose_formats(int8_deg))
     modules = dict(qmodel.named_modules())
@@ -416,7 +480,8 @@ def measure_sensitivity(float_model: nn.Module, qmodel: nn.Module, heldout: Held
         names = [m.name for m in by_group[g]]
         put(names, f)
         try:
-            _, deg = heldout.degradation(qmodel, fp32)
+            value = heldout.metric(qmodel, run=cache.runner(min(position[n] for n in names)))
+            deg = heldout.task.degradation(value, fp32)
         finally:
             put(names, "int8")
         delta.setdefault(g, {"int8": 0.0})[f] = deg - int8_deg
