@@ -177,9 +177,22 @@ class SensitivityTable:
         return asdict(self)
 
 
+def expected_delta(table: SensitivityTable, group: str, fmt: str) -> float:
+    """A group's change at `fmt`, never better than INT8 for a lower format nor worse for a
+    higher one: on a held-out slice of 64 images, "INT4 made it more accurate" is noise, and
+    an additive sum would spend that noise on other groups (measured: a plan predicted at
+    +0.095 that built at +0.136 before this clamp)."""
+    d = table.delta[group].get(fmt, 0.0)
+    if fmt in ACCURACY_ORDER and _rank(fmt) < _rank("int8"):
+        return max(d, 0.0)
+    if fmt in ACCURACY_ORDER and _rank(fmt) > _rank("int8"):
+        return min(d, 0.0)
+    return d
+
+
 def predict_degradation(table: SensitivityTable, plan: Mapping[str, str]) -> float:
     """Additive prediction of a plan's degradation vs FP32 from single-group changes."""
-    return table.int8_degradation + sum(table.delta[g].get(f, 0.0) for g, f in plan.items())
+    return table.int8_degradation + sum(expected_delta(table, g, f) for g, f in plan.items())
 
 
 @dataclass
@@ -212,9 +225,9 @@ def search_plan(table: SensitivityTable, costs: Mapping[str, Mapping[str, float]
     while predicted > budget:
         best = None
         for g in groups:
-            current = table.delta[g].get(plan[g], 0.0)
+            current = expected_delta(table, g, plan[g])
             for f in costs[g]:
-                gain = current - table.delta[g].get(f, 0.0)
+                gain = current - expected_delta(table, g, f)
                 extra = costs[g][f] - costs[g][plan[g]]
                 if gain <= 0 or (extra < 0 and gain <= 0):
                     continue
@@ -237,9 +250,8 @@ def search_plan(table: SensitivityTable, costs: Mapping[str, Mapping[str, float]
                 saving = costs[g][plan[g]] - costs[g][f]
                 if saving <= 0:
                     continue
-                after = predicted - table.delta[g].get(plan[g], 0.0) + table.delta[g].get(f, 0.0)
-                moves.append((saving, g, f, after))
-        for saving, g, f, _ in sorted(moves, key=lambda m: -m[0]):
+                moves.append((saving, g, f))
+        for saving, g, f in sorted(moves, key=lambda m: -m[0]):
             old = plan[g]
             plan[g] = f
             p = predict(table, plan)
@@ -260,7 +272,7 @@ def back_off(table: SensitivityTable, costs: Mapping[str, Mapping[str, float]], 
         higher = sorted((h for h in costs[g] if _rank(h) > _rank(f)), key=_rank)
         if not higher:
             continue
-        gain = table.delta[g].get(f, 0.0) - table.delta[g].get(higher[0], 0.0)
+        gain = expected_delta(table, g, f) - expected_delta(table, g, higher[0])
         key = (gain, -costs[g][higher[0]] + costs[g][f])
         if best is None or key > best[0]:
             best = (key, g, higher[0])
