@@ -158,6 +158,13 @@ class BuildOptions:
     force: bool = False
     name: str | None = None
     command: str = ""
+    # --precision auto (quant/auto.py): {conv name: int4|int8|float} of the plan being built,
+    # the search's objective (size | latency), grain (conv | block; None: by model size) and
+    # the held-out calibration images its sensitivity is measured on
+    layer_formats: dict | None = None
+    objective: str = "size"
+    auto_grain: str | None = None
+    auto_heldout_images: int = 64
 
     def tolerance(self, task: Task) -> float:
         """The accuracy gate's allowed degradation for `task`, in its metric's points."""
@@ -405,6 +412,20 @@ def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_option
     return forms[form], record
 
 
+def engine_precision(opts: BuildOptions) -> str:
+    """The precision the engine is built as: `auto` plans build as int4 when any conv stores
+    INT4 weights (opset 21, packed), else as int8."""
+    if opts.precision != "auto":
+        return opts.precision
+    formats = set((opts.layer_formats or {}).values())
+    return "int4" if "int4" in formats else "int8"
+
+
+def base_precision(opts: BuildOptions) -> str:
+    """The scheme a build quantizes with (`auto` plans override convs of an int8 scheme)."""
+    return "int8" if opts.precision == "auto" else opts.precision
+
+
 def computes_in_fp16(target, opts: BuildOptions) -> bool:
     """Whether the exported graph computes in FP16: asked for, or what a strongly typed
     TensorRT plan takes precision from (e.g. INT4 weights dequantized to FP16 on TensorRT 11)."""
@@ -414,11 +435,19 @@ def computes_in_fp16(target, opts: BuildOptions) -> bool:
         return True
     if target.backend != "tensorrt":
         return False
-    plan = make_build_plan(target, opts.precision, "model.onnx", trt_major=opts.trt_major, dla_core=opts.dla_core)
+    plan = make_build_plan(target, engine_precision(opts), "model.onnx", trt_major=opts.trt_major, dla_core=opts.dla_core)
     return plan.onnx_form.endswith("fp16-cast")
 
 
 def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
+    if opts.precision == "auto" and opts.layer_formats is None:
+        from cunet_optimize.quant.auto_build import plan_of_qat_checkpoint, run_auto_build
+
+        if not opts.qat_checkpoint:
+            return run_auto_build(opts, echo, progress)  # search, then builds with a plan
+        from dataclasses import replace
+
+        opts = replace(opts, layer_formats=plan_of_qat_checkpoint(opts.qat_checkpoint))
     from cunet_optimize.engines import get_builder
     from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
     from cunet_optimize.evaluate import evaluate_landmarks
@@ -428,10 +457,10 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
 
     target = get_target(opts.target)
     dla = check_dla_core(target, opts.dla_core)
-    support = check_precision(target, opts.precision, on_dla=dla is not None)
+    support = check_precision(target, engine_precision(opts), on_dla=dla is not None)
     quantized = opts.precision not in ("fp32", "fp16")
     if quantized:  # contradictory placement requests stop here, before any work
-        quant_scheme(opts.precision, opts.concat_qdq, target.backend)
+        quant_scheme(base_precision(opts), opts.concat_qdq, target.backend)
     elif opts.concat_qdq not in (None, "none"):
         raise CUNetError(f"precision {opts.precision} has no INT8 activations, so there is no Q/DQ to place "
                          f"{_PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
@@ -459,7 +488,8 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         if quantized:
             export_model, calib_info = quantize_and_calibrate(opts, model, ckpt_path, timer, progress)
             manifest["calibration"] = calib_info
-            opset = 21 if export_model.scheme.weight_bits == 4 else 17
+            int4_convs = "int4" in getattr(export_model, "layer_formats", {}).values()
+            opset = 21 if export_model.scheme.weight_bits == 4 or int4_convs else 17
             if computes_in_fp16(target, opts):  # FP16 Q/DQ scales (e.g. strongly typed DLA on TensorRT 11)
                 opset = max(opset, 19)
 
@@ -538,10 +568,10 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
             if int8_form is not None:  # thread count and pool settings were timed with the form
                 engine_options["intra_op_threads"] = int8_form["chosen"]["intra_op_threads"]
                 engine_options["session_config"] = int8_form["chosen"]["session_config"]
-            if target.backend == "onnxruntime" and opts.precision == "int8":
+            if target.backend == "onnxruntime" and engine_precision(opts) == "int8":
                 engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
                                                  else "int8-symmetric")
-            build = get_builder(target.name).build(onnx_path, target.name, opts.precision, staging,
+            build = get_builder(target.name).build(onnx_path, target.name, engine_precision(opts), staging,
                                                     engine_options or None)
             manifest.update(backend=build.backend, backend_version=build.backend_version,
                             engine_built=build.engine_built, engine_settings=build.settings)
@@ -598,10 +628,13 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
         with timer.stage("calibrate", f"scales from the QAT checkpoint {opts.qat_checkpoint}"):
             qmodel = load_qat_checkpoint(opts.qat_checkpoint)
             # the checkpoint's scheme (concat placement included) is what gets exported
-            if qmodel.scheme.weight_bits != parse_precision(opts.precision).weight_bits:
+            if opts.precision == "auto" and not getattr(qmodel, "layer_formats", None):
+                raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, not an auto plan; "
+                                 f"build it with --precision {qmodel.scheme.spec}, or run qat --plan BUILD.json")
+            if opts.precision != "auto" and qmodel.scheme.weight_bits != parse_precision(opts.precision).weight_bits:
                 raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, "
                                  f"not {opts.precision}")
-            wanted = concat_placement(opts.precision, opts.concat_qdq)
+            wanted = concat_placement(base_precision(opts), opts.concat_qdq)
             if (opts.concat_qdq is not None or wanted != "none") and placement_of(qmodel.scheme) not in (None, wanted):
                 raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint places INT8 Q/DQ "
                                  f"{_PLACEMENT_WORDS[placement_of(qmodel.scheme)]}, but the build asks for "
@@ -610,7 +643,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     model_sha = sha256_file(ckpt_path)
     from cunet_optimize.engines.targets import get_target
 
-    scheme = quant_scheme(opts.precision, opts.concat_qdq, get_target(opts.target).backend)
+    scheme = quant_scheme(base_precision(opts), opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
     calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split, task_of_model(model))
     images = min(opts.calib_images, len(calib_set))
@@ -649,6 +682,10 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
                         images=images, scheme=scheme.spec, equalization=report)
             seal(calib_dir, cache_files)
     qmodel.eval()
+    if opts.layer_formats:  # an auto plan: the calibrated int8 model with its per-conv formats
+        from cunet_optimize.quant.auto import with_layer_formats
+
+        qmodel = with_layer_formats(qmodel, opts.layer_formats)
     scales = activation_scales(qmodel)
     few = dict(sorted(scales.items(), key=lambda kv: -kv[1])[:8])
     return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached, "scales_file": str(scales_file.resolve()),

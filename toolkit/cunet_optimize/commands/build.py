@@ -17,8 +17,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "build", help="calibrate/QAT, export, surgery, lint, build the engine and check accuracy")
     p.add_argument("--precision", default="int8",
-                   help="fp32, fp16, int8, int4 (weights; built dequantized where not executable), or a "
-                        "paper mode such as w1a8 (default: int8)")
+                   help="fp32, fp16, int8, int4 (weights; built dequantized where not executable), a "
+                        "paper mode such as w1a8, or auto: per-conv INT4/INT8/float, the cheapest plan "
+                        "(--objective) within the accuracy gate's budget (default: int8)")
     p.add_argument("--target", default="cpu", help="see `cunet-optimize targets` (default: cpu)")
     add_model_argument(p)
     p.add_argument("--qat", metavar="QAT_CKPT", dest="qat_checkpoint",
@@ -45,6 +46,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dla-core", type=int, metavar="N",
                    help="build for DLA core N (jetson-orin-nx, jetson-agx-orin): static batch 1, DLA lint rules, "
                         "trtexec --useDLACore=N --allowGPUFallback")
+    p.add_argument("--objective", choices=["size", "latency"], default="size",
+                   help="--precision auto minimises deployed weight bytes (size) or an estimated latency from "
+                        "the target's native precisions (latency) (default: size)")
+    p.add_argument("--auto-grain", choices=["conv", "block"], default=None,
+                   help="--precision auto: one format per conv or per U-Net block (default: conv up to 96 convs)")
+    p.add_argument("--auto-heldout-images", type=positive_int, default=64, metavar="N",
+                   help="--precision auto: calibration images held out from the scales to measure "
+                        "sensitivity on (at most half the calibration set; default 64)")
     p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>)")
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/engines and WORKDIR/calib")
     p.add_argument("--force", action="store_true", help="replace an existing build of the same name")
@@ -63,6 +72,7 @@ def run(args) -> int:
         accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, dla_core=args.dla_core,
         workdir=args.workdir,
         force=args.force, name=args.name, command=command_line(),
+        objective=args.objective, auto_grain=args.auto_grain, auto_heldout_images=args.auto_heldout_images,
     )
     echo = (lambda *_: None) if args.json else print
     with workdir_lock(args.workdir, "cunet-optimize build"):  # a second build here waits for this one
@@ -78,6 +88,17 @@ def run(args) -> int:
           f"gate {acc['tolerance']}: {'pass' if acc['passed'] else 'FAIL (not enforced)'})")
     for note in report.notes:
         print(f"note: {note}")
+    if "auto" in m:
+        a = m["auto"]
+        print(f"auto plan ({a['grain']} grain, {a['objective']}): {dict(sorted(_count(a['plan']).items()))}; "
+              f"weight bytes {a['weight_bytes']:.0f} (all int8: {a['weight_bytes_uniform'].get('int8', 0):.0f}); "
+              f"predicted {a['predicted_degradation']:+.4f}, {len(a['back_off'])} back-off step(s)")
     built = "engine" if m.get("engine_built") else "deployment bundle (no engine built here)"
     print(f"wrote {report.path}/ ({built}; manifest build.json)")
     return 0
+
+
+def _count(plan: dict) -> dict:
+    from collections import Counter
+
+    return dict(Counter(plan.values()))

@@ -13,6 +13,7 @@ from cunet_optimize.commands.common import (add_equalize_arguments, add_face_dat
                                             data_task, print_json, task_dataset)
 from cunet_optimize.data.face300w import FirstSamples
 from cunet_optimize.distributed import summary as distributed_summary
+from cunet_optimize.errors import CUNetError
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.quant.qat import qat_recipe, run_qat
 from cunet_optimize.train.loop import TrainRecipe
@@ -41,6 +42,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calib-images", type=positive_int, default=128)
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
+    p.add_argument("--plan", metavar="BUILD_DIR",
+                   help="fine-tune the per-conv plan of a `build --precision auto` (its folder or build.json); "
+                        "then build --precision auto --qat CKPT")
     p.add_argument("--learnable-scales", action="store_true", help="train the quantizer scales too (LSQ)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=non_negative_int, default=50, metavar="ITERS")
@@ -67,14 +71,25 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     model, ckpt, source, _ = resolve_model(args.model)
     task = data_task(args, model, args.model)
-    scheme = quant_scheme(args.precision, args.concat_qdq)
+    layer_formats = None
+    if args.plan:
+        from cunet_optimize.quant.auto_build import load_plan
+
+        if args.precision not in ("int8", "auto"):
+            raise CUNetError(f"qat --plan fine-tunes an auto plan (int8 base with per-conv formats); "
+                             f"drop --precision {args.precision}")
+        layer_formats = load_plan(args.plan)
+        args.precision = "auto"
+    scheme = quant_scheme("int8" if args.precision == "auto" else args.precision, args.concat_qdq)
+    # a plan with INT4 convs gets the INT4 schedule (longer, larger learning rate)
+    schedule_scheme = quant_scheme("int4") if "int4" in (layer_formats or {}).values() else scheme
     recorded, authors = trained_schedule(model), TrainRecipe()
     original = TrainRecipe(epochs=args.original_epochs or recorded.get("epochs", authors.epochs),
                            lr=args.original_lr or recorded.get("lr", authors.lr), batch_size=args.batch_size,
                            seed=args.seed, checkpoint_every=args.checkpoint_every)
     origin = ("given" if args.original_epochs and args.original_lr
               else "from the checkpoint's training record" if recorded else "the authors' recipe")
-    recipe = qat_recipe(original, scheme, epochs=args.epochs, lr=args.lr)
+    recipe = qat_recipe(original, schedule_scheme, epochs=args.epochs, lr=args.lr)
     if not args.json:
         print(f"original training: {original.epochs} epochs at lr {original.lr:g} ({origin}); "
               f"QAT {scheme.spec}: {recipe.epochs} epochs from lr {recipe.lr:g}")
@@ -88,7 +103,8 @@ def run(args) -> int:
                      equalize_alpha=equalize_alpha_for(scheme, args.equalize_alpha),
                      learnable_scales=args.learnable_scales,
                      resume=not args.no_resume, progress=not args.json, sync_batchnorm=args.sync_bn,
-                     metadata={"task": task.name, "source_model": source, "recipe": recipe.__dict__})
+                     metadata={"task": task.name, "source_model": source, "recipe": recipe.__dict__},
+                     layer_formats=layer_formats)
     summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,
                f"best_val_{result.metric_key}": result.best_metric, "epochs": result.epochs_run,
                "lr": recipe.lr, "original_schedule": {"epochs": original.epochs, "lr": original.lr, "origin": origin},

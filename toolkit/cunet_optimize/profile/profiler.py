@@ -145,6 +145,7 @@ def _engine_variant(build: BuildRecord) -> VariantProfile:
         status="", measured=False, model_sha256=build.model_sha256, build_dir=str(build.path),
         engine_built=build.engine_built, command=m.get("command"),
         build_accuracy=m.get("accuracy"), surgery=m.get("surgery"), calibration=m.get("calibration"),
+        auto=m.get("auto"),
     )
     v.size, notes = _build_size(build)
     v.notes.extend(str(n) for n in m.get("notes") or [])

@@ -50,6 +50,7 @@ class VariantProfile:
     build_accuracy: dict | None = None  # build.json "accuracy": the gate at build time
     surgery: dict | None = None
     calibration: dict | None = None
+    auto: dict | None = None  # build.json "auto": the per-conv plan of build --precision auto
     notes: list[str] = field(default_factory=list)
 
 
@@ -128,7 +129,7 @@ VARIANT_FIELD_TYPES: dict[str, Any] = {
     "name": str, "role": str, "precision": str, "target": str, "backend": str, "runtime": str,
     "status": str, "measured": bool, "engine_built": bool,
     "size": dict, "latency": dict, "memory": dict, "layers": dict, "accuracy": dict, "build_accuracy": dict,
-    "surgery": dict, "calibration": dict, "batch_sweep": list, "notes": list,
+    "surgery": dict, "calibration": dict, "auto": dict, "batch_sweep": list, "notes": list,
     "speedup_vs_pytorch": (int, float), "speedup_vs_onnx_fp32": (int, float),
 }
 

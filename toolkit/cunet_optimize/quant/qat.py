@@ -78,6 +78,8 @@ def save_qat_checkpoint(qmodel: QuantCUNet, path: str | os.PathLike, metadata: d
     path = Path(path)
     meta = {"format": QAT_FORMAT, "config": json.dumps(qmodel.config.to_dict(), sort_keys=True),
             "scheme": qmodel.scheme.spec}
+    if getattr(qmodel, "layer_formats", None):  # a mixed-precision plan (quant/auto.py)
+        meta["layer_formats"] = json.dumps(qmodel.layer_formats, sort_keys=True)
     meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
                  for k, v in (metadata or {}).items()})
     with atomic_path(path) as tmp:
@@ -100,7 +102,7 @@ def load_qat_checkpoint(path: str | os.PathLike) -> QuantCUNet:
         raise CheckpointError(f"{path}: not a QAT checkpoint (format {meta.get('format')!r}); "
                               "plain checkpoints go to --model")
     model = CUNet(CUNetConfig.from_dict(json.loads(meta["config"])))
-    qmodel = quantize_model(model, parse_precision(meta["scheme"]))
+    qmodel = quantize_model(model, parse_precision(meta["scheme"]), json.loads(meta.get("layer_formats", "{}")))
     load_quant_state(qmodel, state)
     qmodel.checkpoint_metadata = meta
     return qmodel.eval()
@@ -122,10 +124,15 @@ def run_qat(
     progress: bool = True,
     metadata: dict | None = None,
     sync_batchnorm: bool = False,
+    layer_formats: dict | None = None,
 ) -> TrainResult:
     torch.manual_seed(recipe.seed)
     qmodel, _, equalization = post_training_quantize(model, scheme, calibration_batches, calib_method,
                                                      equalize_alpha, progress=progress)
+    if layer_formats:  # fine-tune a mixed plan of `build --precision auto` (quant/auto.py)
+        from cunet_optimize.quant.auto import with_layer_formats
+
+        qmodel = with_layer_formats(qmodel, layer_formats)
     if learnable_scales:
         set_learnable_scales(qmodel, True)
 

@@ -157,6 +157,7 @@ class QuantCUNet(CUNet):
     """
 
     scheme: QuantScheme
+    layer_formats: dict[str, str]  # convs that differ from the scheme (mixed precision)
     concat_plan: ConcatPlan
     bn_frozen: bool
 
@@ -222,11 +223,38 @@ def _conv_quantizers(scheme: QuantScheme, role: str, conv: nn.Conv2d) -> dict[st
     return {"weight_quantizer": wq, "input_quantizer": iq, "gradient_quantizer": gq}
 
 
-def quantize_model(model: CUNet, scheme: QuantScheme | str) -> QuantCUNet:
+# Per-conv weight formats of a mixed-precision plan (`quantize_model(layer_formats=...)`):
+# "int8" = the scheme's own INT8 conv, "int4" = block-INT4 weights (INT8 input as the scheme
+# says), "float" = no quantizer at all (the conv runs in the target's float type).
+LAYER_FORMATS = ("int4", "int8", "float")
+
+
+def conv_scheme(scheme: QuantScheme, layer_format: str) -> QuantScheme:
+    """The scheme one conv of a mixed plan follows; the base must be int8 (TensorRT form)."""
+    from dataclasses import replace
+
+    from cunet_optimize.quant.scheme import DEFAULT_INT4_BLOCK, FLOAT
+
+    if layer_format not in LAYER_FORMATS:
+        raise CUNetError(f"layer format '{layer_format}' unknown; use one of {', '.join(LAYER_FORMATS)}")
+    if layer_format == "int8":
+        return scheme
+    if layer_format == "int4":
+        return replace(scheme, weight_bits=4, weight_granularity="block", block_size=DEFAULT_INT4_BLOCK,
+                       edge_weight_bits=None)
+    return replace(scheme, weight=FLOAT, weight_bits=32, weight_granularity="per_channel", block_size=None,
+                   activation=FLOAT, activation_bits=32, tie_concat_scales=False, learnable_scales=False,
+                   gradient_bits=None, edge_weight_bits=None)
+
+
+def quantize_model(model: CUNet, scheme: QuantScheme | str,
+                   layer_formats: Mapping[str, str] | None = None) -> QuantCUNet:
     """A quantized copy of `model` (left untouched) following `scheme` (or a spec string).
 
     Weight scales start at max|w|; INT8 activation scales are NaN until `calibrate`
     or `apply_scales` sets them (the model refuses to run before).
+    `layer_formats` {conv name: "int4" | "int8" | "float"} overrides single convs of an
+    int8 scheme (a mixed-precision plan, quant/auto.py); kept as `qmodel.layer_formats`.
     """
     if not isinstance(model, CUNet):
         raise CUNetError(f"quantize_model needs a CUNet, got {type(model).__name__}")
@@ -243,9 +271,18 @@ def quantize_model(model: CUNet, scheme: QuantScheme | str) -> QuantCUNet:
 
     modules = dict(qmodel.named_modules())
     roles = conv_roles(qmodel)
+    layer_formats = dict(layer_formats or {})
+    if layer_formats:
+        if scheme.weight != INT or scheme.weight_bits != 8 or scheme.learnable_scales:
+            raise CUNetError(f"per-layer formats need an int8 base scheme without -lsq, not '{scheme.spec}'")
+        unknown = sorted(set(layer_formats) - set(trace.called_convs))
+        if unknown:
+            raise CUNetError(f"layer formats name '{unknown[0]}', not a conv of this model; "
+                             "the plan was made for another model configuration")
     for name in trace.called_convs:
         conv = modules[name]
-        quantizers = _conv_quantizers(scheme, roles.get(name, "conv1x1"), conv)
+        conv_sch = conv_scheme(scheme, layer_formats[name]) if name in layer_formats else scheme
+        quantizers = _conv_quantizers(conv_sch, roles.get(name, "conv1x1"), conv)
         suffixes = {"input_quantizer": "input", "weight_quantizer": "weight", "gradient_quantizer": "weight_grad"}
         for attr, suffix in suffixes.items():
             if quantizers[attr] is not None:
@@ -265,6 +302,7 @@ def quantize_model(model: CUNet, scheme: QuantScheme | str) -> QuantCUNet:
     qmodel.to(next(model.parameters()).device)  # new quantizers start on the CPU
     _convert(qmodel, QuantCUNet)
     qmodel.scheme = scheme
+    qmodel.layer_formats = {k: v for k, v in layer_formats.items() if v != "int8"}
     qmodel.concat_plan = plan
     qmodel.bn_frozen = False
     _tie_groups(qmodel, plan)

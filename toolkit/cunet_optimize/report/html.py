@@ -547,6 +547,9 @@ def _compare(profile: dict, other: dict) -> str:
         '<p class="muted">Δ = this profile minus the other; negative latency Δ = faster now.</p>')
 
 
+from cunet_optimize.report.auto_plan import auto_plan_section  # noqa: E402
+
+
 def render_html(profile_json: dict, compare: dict | None = None, json_name: str | None = None) -> str:
     """The report page for a profile (and optionally a comparison with another)."""
     check_profile(profile_json)
@@ -559,13 +562,13 @@ def render_html(profile_json: dict, compare: dict | None = None, json_name: str 
         _summary(p),
         _compare(p, compare) if compare is not None else "",
         _pareto(p), _ced(p), _accuracy(p), _batch_sweep(p), _memory_size(p), _layers(p),
-        _surgery(p), _calibration(p), _environment(p), _commands(p, json_name), _notes(p),
+        _surgery(p), auto_plan_section(p), _calibration(p), _environment(p), _commands(p, json_name), _notes(p),
     ]
     present = [(anchor, label) for anchor, label in (
         ("summary", "Summary"), ("compare", "Comparison"), ("pareto", f"Latency vs {metric}"),
         ("ced", "CED" if metric == "NME" else "PCKh curve"),
         ("accuracy", "Accuracy"), ("latency", "Latency"), ("memory", "Size & memory"), ("layers", "Per-layer"),
-        ("surgery", "Surgery"), ("calibration", "Calibration"), ("environment", "Environment"),
+        ("surgery", "Surgery"), ("auto-plan", "Mixed precision"), ("calibration", "Calibration"), ("environment", "Environment"),
         ("reproduce", "Reproduce"), ("notes", "Notes"),
     ) if any(f'id="{anchor}"' in s for s in sections)]
     nav = "<nav>" + "".join(f'<a href="#{a}">{esc(label)}</a>' for a, label in present) + "</nav>"

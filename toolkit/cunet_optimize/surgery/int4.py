@@ -16,6 +16,10 @@ Patterns packed (weights of Conv/ConvTranspose/Gemm/MatMul):
    with its scales given by the caller: `block_scales={conv node name: (scale, block)}`,
    scale in ONNX's blocked layout [O, ceil(I / block), kh, kw]. The weight must be on
    the grid (|W - round(W/s)*s| <= 1e-6 * s) and inside [-8, 7], else CUNetError.
+4. Float initializer -> QuantizeLinear -> DequantizeLinear with an INT8 zero point (the
+   INT8 convs of a mixed `--precision auto` plan beside INT4 ones): the Q is evaluated
+   and the weight stored as its INT8 integers into the same DQ (a quarter of the bytes,
+   the same values), as integer_dataflow stores them in all-INT8 graphs.
 Per-channel int8 DQs are left alone even when their integers happen to fit in 4 bits:
 packing them would change what a TensorRT build executes (INT8 convs -> dequantized
 INT4), which must be the quantizer's decision, not a storage pass's.
@@ -109,7 +113,7 @@ def pack_int4_weights(graph: gs.Graph, *, block_scales: Mapping[str, tuple[np.nd
         )
     rec = PassRecorder("pack_int4_weights", graph)
     before_bytes = after_bytes = 0
-    left_int8 = 0
+    left_int8 = stored_int8 = 0
     for node in [n for n in graph.nodes if n.op in WEIGHTED_OPS]:
         w = conv_weight(node, graph)
         base = node.name or node.outputs[0].name
@@ -140,6 +144,14 @@ def pack_int4_weights(graph: gs.Graph, *, block_scales: Mapping[str, tuple[np.nd
             rec.rewrites += 1
         else:  # "qdq": float -> Q (INT4 zero point) -> DQ
             qp = qdq_params(w.q)
+            if qp.zero_point_type == onnx.TensorProto.INT8 and np.array_equal(qp.scale, p.scale):
+                values = np.asarray(w.stored.values)
+                ints = quantize(values, qp).astype(np.int8)
+                before_bytes += values.nbytes
+                w.dq.inputs = [make_constant(f"{base}/W_int8", ints), *w.dq.inputs[1:]]
+                after_bytes += ints.nbytes
+                stored_int8 += 1
+                continue
             if qp.zero_point_type != onnx.TensorProto.INT4 or not _zero(qp.zero_point) or not _zero(p.zero_point):
                 continue
             values = np.asarray(w.stored.values)
@@ -159,6 +171,9 @@ def pack_int4_weights(graph: gs.Graph, *, block_scales: Mapping[str, tuple[np.nd
     finish(graph)
     if rec.rewrites:
         rec.note(f"packed {rec.rewrites} weight(s): {before_bytes} -> {after_bytes} bytes of weight data")
+    if stored_int8:
+        rec.rewrites += stored_int8
+        rec.note(f"stored {stored_int8} Q/DQ int8 weight(s) as INT8 initializers")
     if left_int8:
         rec.note(f"left {left_int8} per-channel int8 weight(s) whose values fit in 4 bits as int8 (not block-quantized)")
     return rec.finish(graph)

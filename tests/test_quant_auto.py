@@ -1,0 +1,317 @@
+"""`build --precision auto`: the per-conv plan mechanism, the search, the back-off, plan reloads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cunet_optimize.engines.targets import get_target
+from cunet_optimize.models import CUNet, create_model, save_checkpoint
+from cunet_optimize.quant import auto
+from cunet_optimize.quant.qmodel import quantize_model
+from cunet_optimize.quant.quantizers import BlockQuantizer, IntQuantizer
+from conftest import tiny_config
+
+
+def _layer(name, group, shape=(16, 32, 1, 1), role="conv1x1", macs=1000):
+    return auto.LayerInfo(name, group, role, shape, macs)
+
+
+def _table(delta, int8_degradation=0.01):
+    return auto.SensitivityTable("NME", 8, 5.0, 5.0 + int8_degradation, int8_degradation, delta)
+
+
+LAYERS = [_layer("stem", "stem", (8, 3, 7, 7), "stem"), _layer("a", "a"), _layer("b", "b"), _layer("c", "c"),
+          _layer("head", "head", (4, 16, 1, 1), "last_head")]
+DELTA = {"stem": {"int8": 0.0, "float": -0.005}, "a": {"int8": 0.0, "int4": 0.01, "float": -0.002},
+         "b": {"int8": 0.0, "int4": 0.2, "float": -0.001}, "c": {"int8": 0.0, "int4": 0.03, "float": 0.0},
+         "head": {"int8": 0.0, "float": -0.001}}
+
+
+def test_target_formats_are_what_the_target_executes_or_stores():
+    assert auto.target_formats(get_target("cpu")) == ("int4", "int8", "float")
+    assert auto.float_type(get_target("cpu")) == "fp32"
+    assert auto.float_type(get_target("jetson-orin-nano")) == "fp16"
+    costs = auto.group_costs(LAYERS, ("int4", "int8", "float"), "size")
+    assert "int4" not in costs["stem"] and "int4" not in costs["head"]  # the int4 scheme's edge rule
+    assert costs["a"]["int4"] < costs["a"]["int8"] < costs["a"]["float"]
+
+
+@pytest.mark.parametrize("budget", [0.002, 0.02, 0.05, 0.1, 0.3, 1.0])
+def test_search_respects_the_budget_and_the_formats(budget):
+    formats = ("int4", "int8", "float")
+    table, costs = _table(DELTA), auto.group_costs(LAYERS, formats, "size")
+    result = auto.search_plan(table, costs, budget)
+    assert result.feasible and result.predicted <= budget + 1e-12
+    assert result.predicted == pytest.approx(auto.predict_degradation(table, result.plan))
+    assert all(f in costs[g] for g, f in result.plan.items())
+    # no single group can move to a cheaper format and still fit (the plan is locally cheapest)
+    for g, f in result.plan.items():
+        for cheaper in (h for h in costs[g] if costs[g][h] < costs[g][f]):
+            p = dict(result.plan, **{g: cheaper})
+            assert auto.predict_degradation(table, p) > budget
+    assert result.visited[0]["step"] == "cheapest" and result.visited[-1]["cost"] == result.cost
+
+
+def test_search_prefers_int4_where_it_is_cheap_in_accuracy():
+    table, costs = _table(DELTA), auto.group_costs(LAYERS, ("int4", "int8", "float"), "size")
+    plan = auto.search_plan(table, costs, 0.05).plan
+    assert plan["a"] == "int4" and plan["c"] == "int4" and plan["b"] == "int8"
+
+
+def test_search_without_int8_and_infeasible_budget():
+    table = _table(DELTA, int8_degradation=0.5)
+    costs = auto.group_costs(LAYERS, ("int4", "int8", "float"), "size")
+    result = auto.search_plan(table, costs, 0.1)
+    assert not result.feasible
+    assert all(f == "float" or costs[g].get("float") is None for g, f in result.plan.items() if g != "c")
+
+
+def test_latency_objective_never_picks_int4_on_a_target_that_runs_int8():
+    """INT4 is a storage format: it runs at float speed, so for latency INT8 dominates it."""
+    table, costs = _table(DELTA), auto.group_costs(LAYERS, ("int4", "int8", "float"), "latency")
+    assert "int4" not in auto.search_plan(table, costs, 0.1).plan.values()
+
+
+def test_back_off_raises_the_most_sensitive_group_one_step():
+    table, costs = _table(DELTA), auto.group_costs(LAYERS, ("int4", "int8", "float"), "size")
+    plan = {"stem": "int8", "a": "int4", "b": "int4", "c": "int4", "head": "int8"}
+    new, why = auto.back_off(table, costs, plan)
+    assert new == dict(plan, b="int8") and "raise b" in why
+    top = {g: "float" for g in costs}
+    assert auto.back_off(table, costs, top) is None
+
+
+def test_block_grain_groups_a_unet_block():
+    assert auto.group_of("hg.down_blocks.2.layers.1.conv2", "block") == "unet1/hg.down_blocks.2"
+    assert auto.group_of("hg.down_blocks.2.adapters_skip.1.adapter_conv", "block") == "unet1/hg.down_blocks.2"
+    assert auto.group_of("hg.neck_block.layers.0.conv1", "block") == "unet0/hg.neck"
+    assert auto.group_of("linears.1.conv", "block") == "head1"
+    assert auto.group_of("features.conv0", "block") == "features.conv0"
+
+
+def _mixed(model):
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    inner = [n for n in names if "conv1" in n and n != "features.conv0"]
+    return {inner[0]: "int4", inner[1]: "float"}, inner
+
+
+def test_quantize_model_holds_int4_int8_and_float_convs():
+    torch.manual_seed(0)
+    model = CUNet(tiny_config()).eval()
+    plan, inner = _mixed(model)
+    qmodel = quantize_model(model, "int8-convin", plan)
+    modules = dict(qmodel.named_modules())
+    assert isinstance(modules[inner[0]].weight_quantizer, BlockQuantizer)
+    assert modules[inner[0]].input_quantizer is not None
+    assert modules[inner[1]].weight_quantizer is None and modules[inner[1]].input_quantizer is None
+    assert isinstance(modules[inner[2]].weight_quantizer, IntQuantizer)
+    assert qmodel.layer_formats == plan
+    with pytest.raises(Exception, match="not a conv of this model"):
+        quantize_model(model, "int8", {"nope.conv": "int4"})
+    with pytest.raises(Exception, match="int8 base scheme"):
+        quantize_model(model, "int4", plan)
+
+
+def test_mixed_plan_reloads_from_a_qat_checkpoint(tmp_path):
+    from cunet_optimize.quant import calibrate
+    from cunet_optimize.quant.qat import load_qat_checkpoint, save_qat_checkpoint
+
+    torch.manual_seed(0)
+    model = CUNet(tiny_config()).eval()
+    plan, _ = _mixed(model)
+    qmodel = quantize_model(model, "int8-convin", plan)
+    x = torch.rand(2, 3, 64, 64)
+    calibrate(qmodel, [x], "max", progress=False)
+    path = save_qat_checkpoint(qmodel.eval(), tmp_path / "mixed.safetensors")
+    again = load_qat_checkpoint(path)
+    assert again.layer_formats == plan
+    with torch.no_grad():
+        assert torch.equal(again(x)[-1], qmodel(x)[-1])
+
+
+# --------------------------------------------------------------------------------------
+# End to end (slow): build --precision auto on a tiny model
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    from cunet_optimize.data.synth import write_synthetic_faces
+
+    root = tmp_path_factory.mktemp("faces") / "synth"
+    write_synthetic_faces(root, 10, seed=5, test_fraction=0.4, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_checkpoint(create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2), path)
+    return path
+
+
+def auto_args(tiny, faces, workdir, *extra):
+    return ["build", "--model", str(tiny), "--precision", "auto", "--calib-data", str(faces),
+            "--eval-data", str(faces), "--workdir", str(workdir), "--json", *extra]
+
+
+@pytest.mark.slow
+def test_auto_build_records_plan_and_packs_int4(tiny, faces, tmp_path, capsys):
+    from cunet_optimize.cli import main
+
+    assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "100", "--no-accuracy-gate")) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    out = tmp_path / "engines" / "tiny-auto-cpu"
+    a = json.loads((out / "build.json").read_text())["auto"]
+    assert manifest["auto"] == a and manifest["precision"] == "auto"
+    assert set(a["plan"].values()) <= set(a["formats"]) == {"int4", "int8", "float"}
+    assert a["predicted_degradation"] <= 100 and not a["back_off"]
+    held = a["heldout"]
+    assert held["first"] >= held["scale_images"]  # the sensitivity images never set a scale
+    for layer in a["layers"]:
+        if layer["role"] in ("stem", "last_head"):
+            assert layer["format"] != "int4"
+    # a huge budget: every conv that may take INT4 does, and the ONNX stores them packed
+    assert sum(f == "int4" for f in a["plan"].values()) == sum(
+        layer["role"] not in ("stem", "last_head") for layer in a["layers"])
+    graph = onnx.load(out / "model.onnx")
+    assert any(i.data_type == onnx.TensorProto.INT4 for i in graph.graph.initializer)
+    # the INT8 convs beside them (stem, last head) store INT8 integers, not float weights
+    assert not [i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4
+                and not i.name.endswith("_scale")]
+    assert a["weight_bytes"] < a["weight_bytes_uniform"]["int8"]
+    assert a["sensitivity"]["delta"] and a["visited"]
+
+
+@pytest.mark.slow
+def test_auto_build_backs_off_when_the_prediction_is_too_optimistic(tiny, faces, tmp_path, monkeypatch, capsys):
+    """A forced case: the prediction says everything is free, the first engine fails the gate."""
+    from cunet_optimize import build as build_module
+    from cunet_optimize.cli import main
+
+    monkeypatch.setattr(auto, "predict_degradation", lambda table, plan: 0.0)
+    real_gate, calls = build_module._accuracy_gate, []
+
+    def gate(*args, **kwargs):
+        result = real_gate(*args, **kwargs)
+        calls.append(result)
+        result["passed"] = len(calls) > 1  # the first (all-cheapest) engine is "too inaccurate"
+        return result
+
+    monkeypatch.setattr(build_module, "_accuracy_gate", gate)
+    assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "0.1")) == 0
+    a = json.loads(capsys.readouterr().out)["auto"]
+    assert len(calls) == 2 and len(a["builds"]) == 2 and len(a["back_off"]) == 1
+    assert not a["builds"][0]["passed"] and a["builds"][1]["passed"]
+    assert a["builds"][1]["weight_bytes"] > a["builds"][0]["weight_bytes"]  # one group raised
+    assert "raise" in a["back_off"][0]["action"]
+
+
+@pytest.mark.slow
+def test_auto_build_fails_cleanly_when_no_plan_passes(tiny, faces, tmp_path, monkeypatch, capsys):
+    from cunet_optimize import build as build_module
+    from cunet_optimize.cli import main
+    from cunet_optimize.quant import auto_build
+
+    monkeypatch.setattr(auto_build, "MAX_BUILDS", 2)
+    real_gate = build_module._accuracy_gate
+    monkeypatch.setattr(build_module, "_accuracy_gate", lambda *a, **k: {**real_gate(*a, **k), "passed": False})
+    assert main(auto_args(tiny, faces, tmp_path)) != 0
+    assert "no plan met the gate after 2 build(s)" in capsys.readouterr().err
+    assert not (tmp_path / "engines" / "tiny-auto-cpu").exists()
+
+
+@pytest.mark.slow
+def test_plan_reloads_into_qat_and_build(tiny, faces, tmp_path, capsys):
+    """build --precision auto -> qat --plan (fine-tunes the mixed model) -> build --precision auto --qat."""
+    from cunet_optimize.cli import main
+    from cunet_optimize.quant.qat import load_qat_checkpoint
+
+    assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "100", "--no-accuracy-gate")) == 0
+    plan = {c: f for c, f in json.loads(capsys.readouterr().out)["auto"]["plan"].items() if f != "int8"}
+    build_dir = tmp_path / "engines" / "tiny-auto-cpu"
+    qat = ["qat", "--model", str(tiny), "--plan", str(build_dir), "--data", str(faces), "--out",
+           str(tmp_path / "qat"), "--epochs", "1", "--lr", "1e-4", "--batch-size", "4", "--calib-images", "3",
+           "--threads", "1", "--json"]
+    assert main(qat) == 0
+    ckpt = json.loads(capsys.readouterr().out)["qat_checkpoint"]
+    assert load_qat_checkpoint(ckpt).layer_formats == plan
+    assert main(["build", "--precision", "auto", "--qat", ckpt, "--model", str(tiny), "--eval-data", str(faces),
+                 "--no-accuracy-gate", "--workdir", str(tmp_path / "w"), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["calibration"]["method"] == "qat" and manifest["engine_built"]
+    assert any(i.data_type == onnx.TensorProto.INT4
+               for i in onnx.load(tmp_path / "w" / "engines" / "tiny-auto-cpu" / "model.onnx").graph.initializer)
+    # a plain int8 QAT checkpoint is not an auto plan
+    assert main(["qat", "--model", str(tiny), "--plan", str(tmp_path / "nothing"), "--data", str(faces),
+                 "--out", str(tmp_path / "q2")]) != 0
+    assert "no auto plan here" in capsys.readouterr().err
+
+
+def test_formats_worth_measuring_drops_dominated_formats():
+    formats = ("int4", "int8", "float")
+    assert auto.formats_worth_measuring(formats, LAYERS, "size", 0.01, 0.1) == ("int4", "int8")
+    assert auto.formats_worth_measuring(formats, LAYERS, "size", 0.2, 0.1) == formats
+    assert auto.formats_worth_measuring(formats, LAYERS, "latency", 0.01, 0.1) == ("int8",)
+    assert auto.formats_worth_measuring(formats, LAYERS, "latency", 0.2, 0.1) == ("int8", "float")
+
+
+@pytest.mark.slow
+def test_prefix_cache_gives_the_same_sensitivity_as_full_forwards(faces):
+    """Replaying the convs before a variant's first changed conv is exact, not an approximation."""
+    from cunet_optimize.quant import calibrate
+    from cunet_optimize.tasks import FACE, open_dataset
+
+    torch.manual_seed(0)
+    model = create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2).eval()
+    dataset = open_dataset(FACE, faces, None)
+    heldout = auto.HeldOut.load(dataset, range(len(dataset)))
+    qmodel = quantize_model(model, "int8-convin")
+    calibrate(qmodel, [heldout.images[:4]], "max", progress=False)
+    qmodel.eval()
+    layers = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
+    args = (model, qmodel, heldout, layers, ("int4", "int8", "float"), "conv", False)
+    cached = auto.measure_sensitivity(*args)
+    full = auto.measure_sensitivity(*args, prefix_cache_bytes=0)
+    assert cached.delta == full.delta and cached.int8 == full.int8
+    assert any(d.get("int4", 0) != 0 for d in full.delta.values())
+
+
+def test_pack_pass_stores_int8_qdq_weights_of_a_mixed_graph_as_integers(tmp_path):
+    """Beside INT4 convs (opset 21), an INT8 fake-quant weight is stored as INT8, exactly."""
+    import onnx_graphsurgeon as gs
+
+    from cunet_optimize.export import export_onnx
+    from cunet_optimize.surgery import pack_int4_weights
+    from cunet_optimize.surgery.graph import to_model
+    from cunet_optimize.export.verify import random_feeds, run_onnxruntime
+
+    class EightBit(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 4, stride=4, bias=False)
+
+        def forward(self, x):
+            w = self.conv.weight
+            s = w.detach().abs().amax(dim=(1, 2, 3)) / 127
+            w = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(4, dtype=torch.int32), 0, -128, 127)
+            return [torch.nn.functional.conv2d(x, w, stride=4)]
+
+    torch.manual_seed(0)
+    export_onnx(EightBit(), tmp_path / "int8.onnx", opset=21)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    graph = gs.import_onnx(model)
+    report = pack_int4_weights(graph)
+    packed = to_model(graph)
+    assert report.rewrites == 1
+    assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4 for i in packed.graph.initializer)
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4 for i in packed.graph.initializer)
+    feeds = random_feeds(model, batch=1, seed=1)
+    a, b = run_onnxruntime(model, feeds, "disable_all"), run_onnxruntime(packed, feeds, "disable_all")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])

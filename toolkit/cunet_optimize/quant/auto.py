@@ -1,0 +1,525 @@
+"""`build --precision auto`: per-layer mixed precision that meets an accuracy budget.
+
+Three steps, each a plain function:
+
+1. Sensitivity (`measure_sensitivity`): on a held-out slice of the calibration split
+   (images the scales never saw), the calibrated all-INT8 fake-quant model's metric,
+   and for each group of convs the change when only that group moves to each other
+   format the target executes or stores (INT4 weights: lower; float: higher). Batched,
+   under torch.inference_mode.
+2. Search (`search_plan`, pure): a multiple-choice knapsack solved greedily. Start
+   with every group at its cheapest format; while the predicted degradation exceeds
+   the budget, take the upgrade with the best (predicted gain / cost increase); then
+   walk back down any group whose cheaper format still fits. The prediction is
+   additive: (INT8 - FP32) + sum of each group's single-group change.
+3. Back-off (`back_off`, pure): when the real engine fails the gate, raise the group
+   whose current format costs the most predicted accuracy one step, and rebuild.
+
+Formats per target (`target_formats`): "int8" where the target executes INT8, "int4"
+everywhere (a storage format: engines/targets.py), "float" (FP32 on the CPU, FP16 on
+NVIDIA targets). Binary / ternary weights are executed and stored by no target, so
+the search never offers them. The stem and the last head never take INT4 (the int4
+scheme's edge rule: tiny, and closest to the input and output).
+
+Costs (`layer_cost`): deployed weight bytes (integers + their float32 scales; float
+weights in the target's float type), or an estimated latency: multiply-accumulates
+times a relative cost per MAC of the arithmetic the engine runs (`MAC_COST`; INT4
+weights run as the target's float type plus a dequantization). The latency model is
+relative and coarse: it ranks plans, it does not predict milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cunet_optimize.errors import CUNetError
+
+OBJECTIVES = ("size", "latency")
+# Accuracy order, least accurate first (the search raises a group along it).
+ACCURACY_ORDER = ("int4", "int8", "float")
+# Relative cost of one multiply-accumulate by the arithmetic the engine performs.
+MAC_COST = {"int8": 1.0, "fp16": 2.0, "fp32": 4.0}
+INT4_DEQUANT_OVERHEAD = 1.1  # INT4 weights are dequantized to float before the conv
+EDGE_ROLES = ("stem", "last_head")
+DEFAULT_HELDOUT_IMAGES = 64
+CONV_GRAIN_LIMIT = 96  # above this many convs the default grain is the U-Net block
+
+
+# --------------------------------------------------------------------------------------
+# Layers, groups, costs (pure)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    group: str
+    role: str  # qmodel.conv_roles, "conv1x1" for the inner 1x1 convs
+    weight_shape: tuple[int, ...]
+    macs: int  # multiply-accumulates per image at the model's input size
+    out_numel: int = 0  # output elements per image (the sensitivity's prefix cache)
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.weight_shape)
+
+
+def target_formats(target) -> tuple[str, ...]:
+    """Formats a target executes or stores, least accurate first."""
+    formats = ["int4"]  # stored everywhere (engines/targets.py: never executed)
+    if "int8" in target.precisions:
+        formats.append("int8")
+    formats.append("float")
+    return tuple(formats)
+
+
+def float_type(target) -> str:
+    return "fp16" if "fp16" in target.precisions else "fp32"
+
+
+def allowed_formats(layer: LayerInfo, formats: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f for f in formats if not (f == "int4" and layer.role in EDGE_ROLES))
+
+
+def layer_cost(layer: LayerInfo, fmt: str, objective: str, float_dtype: str = "fp32") -> float:
+    """Weight bytes (objective "size") or relative latency units ("latency") of one conv."""
+    out_ch, in_ch, *kernel = layer.weight_shape
+    kernel_size = math.prod(kernel)
+    if objective == "size":
+        if fmt == "int8":
+            return layer.params + 4 * out_ch  # INT8 + one float32 scale per output channel
+        if fmt == "int4":
+            from cunet_optimize.quant.scheme import DEFAULT_INT4_BLOCK
+
+            blocks = out_ch * math.ceil(in_ch / DEFAULT_INT4_BLOCK) * kernel_size
+            return math.ceil(layer.params / 2) + 4 * blocks
+        return layer.params * (2 if float_dtype == "fp16" else 4)
+    if objective == "latency":
+        if fmt == "int8":
+            return layer.macs * MAC_COST["int8"]
+        if fmt == "int4":
+            return layer.macs * MAC_COST[float_dtype] * INT4_DEQUANT_OVERHEAD
+        return layer.macs * MAC_COST[float_dtype]
+    raise CUNetError(f"--objective {objective}: choose one of {', '.join(OBJECTIVES)}")
+
+
+def group_costs(layers: Sequence[LayerInfo], formats: Sequence[str], objective: str,
+                float_dtype: str = "fp32") -> dict[str, dict[str, float]]:
+    """{group: {format: cost}} over the formats every layer of the group allows."""
+    out: dict[str, dict[str, float]] = {}
+    for layer in layers:
+        costs = out.setdefault(layer.group, {f: 0.0 for f in formats})
+        ok = allowed_formats(layer, formats)
+        for f in list(costs):
+            if f in ok:
+                costs[f] += layer_cost(layer, f, objective, float_dtype)
+            else:
+                del costs[f]
+    return out
+
+
+def plan_cost(costs: Mapping[str, Mapping[str, float]], plan: Mapping[str, str]) -> float:
+    return float(sum(costs[g][f] for g, f in plan.items()))
+
+
+def layer_plan(layers: Sequence[LayerInfo], group_plan: Mapping[str, str]) -> dict[str, str]:
+    """{conv name: format} from {group: format}."""
+    return {layer.name: group_plan[layer.group] for layer in layers}
+
+
+def group_of(conv: str, grain: str) -> str:
+    """A conv's group: itself ("conv"), or its U-Net block ("block"): the same module path
+    with the U-Net index kept and the layer inside the block dropped, e.g.
+    hg.down_blocks.2.layers.1.conv2 -> unet1/hg.down_blocks.2."""
+    if grain == "conv":
+        return conv
+    if grain != "block":
+        raise CUNetError(f"grain '{grain}': use conv or block")
+    parts = conv.split(".")
+    if parts[0] == "hg" and len(parts) >= 5:  # hg.<blocks>.<i>.<layers|adapters_*>.<unet>...
+        return f"unet{parts[4]}/hg.{parts[1]}.{parts[2]}" if parts[1] != "neck_block" else f"unet{parts[3]}/hg.neck"
+    if parts[0] == "hg" and parts[1] == "neck_block":
+        return f"unet{parts[3]}/hg.neck"
+    if parts[0] == "linears":
+        return f"head{parts[1]}"
+    if parts[0] == "intermedia":
+        return f"intermedia{parts[2]}"
+    return conv  # the stem
+
+
+# --------------------------------------------------------------------------------------
+# Prediction and search (pure)
+
+
+@dataclass
+class SensitivityTable:
+    """Held-out metric of FP32 and all-INT8, and each group's change per format.
+
+    `delta[group][format]`: degradation (metric points, positive = worse) when only
+    that group takes `format` and the rest stays INT8; 0 for "int8"."""
+
+    metric: str
+    images: int
+    fp32: float
+    int8: float
+    int8_degradation: float  # all-INT8 vs FP32, metric points (positive = worse)
+    delta: dict[str, dict[str, float]]
+    grain: str = "conv"
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expected_delta(table: SensitivityTable, group: str, fmt: str) -> float:
+    """A group's change at `fmt`, never better than INT8 for a lower format nor worse for a
+    higher one: on a held-out slice of 64 images, "INT4 made it more accurate" is noise, and
+    an additive sum would spend that noise on other groups (measured: a plan predicted at
+    +0.095 that built at +0.136 before this clamp)."""
+    d = table.delta[group].get(fmt, 0.0)
+    if fmt in ACCURACY_ORDER and _rank(fmt) < _rank("int8"):
+        return max(d, 0.0)
+    if fmt in ACCURACY_ORDER and _rank(fmt) > _rank("int8"):
+        return min(d, 0.0)
+    return d
+
+
+def predict_degradation(table: SensitivityTable, plan: Mapping[str, str]) -> float:
+    """Additive prediction of a plan's degradation vs FP32 from single-group changes."""
+    return table.int8_degradation + sum(expected_delta(table, g, f) for g, f in plan.items())
+
+
+@dataclass
+class SearchResult:
+    plan: dict[str, str]  # group -> format
+    predicted: float  # predicted degradation vs FP32 (metric points)
+    cost: float
+    feasible: bool  # False: even the most accurate plan is predicted over the budget
+    visited: list[dict] = field(default_factory=list)  # {"cost", "predicted", "step"}
+
+
+def _rank(fmt: str) -> int:
+    return ACCURACY_ORDER.index(fmt)
+
+
+def search_plan(table: SensitivityTable, costs: Mapping[str, Mapping[str, float]], budget: float,
+                predict: Callable[[SensitivityTable, Mapping[str, str]], float] = predict_degradation
+                ) -> SearchResult:
+    """Cheapest plan whose predicted degradation is <= budget (greedy multiple-choice knapsack)."""
+    groups = sorted(costs)
+    plan = {g: min(costs[g], key=lambda f: (costs[g][f], -_rank(f))) for g in groups}
+    visited = []
+
+    def visit(step: str) -> float:
+        p = predict(table, plan)
+        visited.append({"step": step, "cost": plan_cost(costs, plan), "predicted": p})
+        return p
+
+    predicted = visit("cheapest")
+    while predicted > budget:
+        best = None
+        for g in groups:
+            current = expected_delta(table, g, plan[g])
+            for f in costs[g]:
+                gain = current - expected_delta(table, g, f)
+                extra = costs[g][f] - costs[g][plan[g]]
+                if gain <= 0 or (extra < 0 and gain <= 0):
+                    continue
+                ratio = gain / extra if extra > 0 else math.inf
+                key = (ratio, gain)
+                if best is None or key > best[0]:
+                    best = (key, g, f)
+        if best is None:
+            break
+        _, g, f = best
+        plan[g] = f
+        predicted = visit(f"raise {g} to {f}")
+    # Walk back down: a group whose cheaper format still fits the budget (largest saving first).
+    improved = predicted <= budget
+    while improved:
+        improved = False
+        moves = []
+        for g in groups:
+            for f in costs[g]:
+                saving = costs[g][plan[g]] - costs[g][f]
+                if saving <= 0:
+                    continue
+                moves.append((saving, g, f))
+        for saving, g, f in sorted(moves, key=lambda m: -m[0]):
+            old = plan[g]
+            plan[g] = f
+            p = predict(table, plan)
+            if p <= budget:
+                predicted = visit(f"lower {g} to {f}")
+                improved = True
+                break
+            plan[g] = old
+    return SearchResult(dict(plan), predicted, plan_cost(costs, plan), predicted <= budget, visited)
+
+
+def back_off(table: SensitivityTable, costs: Mapping[str, Mapping[str, float]], plan: Mapping[str, str]
+             ) -> tuple[dict[str, str], str] | None:
+    """Raise the group whose current format costs the most predicted accuracy by one step
+    (toward float); None when every group is already at its most accurate format."""
+    best = None
+    for g, f in plan.items():
+        higher = sorted((h for h in costs[g] if _rank(h) > _rank(f)), key=_rank)
+        if not higher:
+            continue
+        gain = expected_delta(table, g, f) - expected_delta(table, g, higher[0])
+        key = (gain, -costs[g][higher[0]] + costs[g][f])
+        if best is None or key > best[0]:
+            best = (key, g, higher[0])
+    if best is None:
+        return None
+    _, g, f = best
+    new = dict(plan)
+    new[g] = f
+    return new, f"raise {g} from {plan[g]} to {f}"
+
+
+# --------------------------------------------------------------------------------------
+# Measurement on the fake-quant model
+
+
+def layer_infos(qmodel: nn.Module, grain: str, input_size: tuple[int, int]) -> list[LayerInfo]:
+    """Every quantized conv of `qmodel`, its group and MACs (one traced forward at batch 1)."""
+    from cunet_optimize.quant.qmodel import QuantConv2d, conv_roles
+
+    roles = conv_roles(qmodel)
+    macs: dict[str, int] = {}
+    outs: dict[str, int] = {}
+    hooks = []
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantConv2d):
+            def hook(mod, inp, out, name=name):
+                macs[name] = int(out[0].numel() * mod.weight[0].numel())
+                outs[name] = int(out[0].numel())
+            hooks.append(m.register_forward_hook(hook))
+    from cunet_optimize.quant.qmodel import set_quantizers_enabled
+
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        set_quantizers_enabled(qmodel, False)
+        with torch.inference_mode():
+            qmodel(torch.zeros(1, 3, *input_size))
+    finally:
+        set_quantizers_enabled(qmodel, True)
+        for h in hooks:
+            h.remove()
+        qmodel.train(was_training)
+    modules = dict(qmodel.named_modules())
+    # in execution order (hooks fire as each conv finishes; convs do not nest)
+    return [LayerInfo(n, group_of(n, grain), roles.get(n, "conv1x1"), tuple(modules[n].weight.shape), macs[n],
+                      outs[n]) for n in macs]
+
+
+@dataclass
+class HeldOut:
+    """A held-out slice of a data set, loaded once: images and what scoring needs."""
+
+    images: torch.Tensor
+    transforms: list
+    landmarks: np.ndarray
+    visible: np.ndarray | None
+    head_size: np.ndarray | None
+    task: object
+
+    @classmethod
+    def load(cls, dataset, indices: Sequence[int]) -> "HeldOut":
+        from cunet_optimize.tasks import POSE, task_of_dataset
+
+        task = task_of_dataset(dataset)
+        items = [dataset[i] for i in indices]
+        return cls(
+            torch.stack([torch.as_tensor(np.asarray(it["image"], dtype=np.float32)) for it in items]),
+            [np.asarray(it["transform"], dtype=np.float64) for it in items],
+            np.stack([np.asarray(it["landmarks"], dtype=np.float64) for it in items]),
+            np.stack([np.asarray(it["visible"], dtype=bool) for it in items]) if task is POSE else None,
+            np.asarray([float(it["head_size"]) for it in items]) if task is POSE else None,
+            task,
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def degradation(self, model: nn.Module, reference: float, batch_size: int = 32) -> tuple[float, float]:
+        """(metric, degradation vs `reference`) of `model` on the slice."""
+        value = self.metric(model, batch_size)
+        return value, self.task.degradation(value, reference)
+
+    def metric(self, model: nn.Module, batch_size: int = 32, run=None) -> float:
+        """The task's headline metric of `model` on the slice; `run(batch index, images)` may
+        replace `model(images)` (the prefix cache of `measure_sensitivity`)."""
+        from cunet_optimize.data.transforms import decode_heatmaps, heatmap_to_image_coords
+        from cunet_optimize.tasks import score
+
+        model.eval()
+        heatmaps = []
+        with torch.inference_mode():
+            for b, start in enumerate(range(0, len(self.images), batch_size)):
+                images = self.images[start:start + batch_size]
+                out = run(b, images) if run is not None else model(images)
+                heatmaps.append(out[-1].float().numpy())
+        points = decode_heatmaps(np.concatenate(heatmaps))
+        pred = np.stack([heatmap_to_image_coords(p, t) for p, t in zip(points, self.transforms)])
+        summary, _, _ = score(self.task, pred, self.landmarks, self.visible, self.head_size)
+        return self.task.headline(summary)
+
+
+def formats_worth_measuring(formats: Sequence[str], layers: Sequence[LayerInfo], objective: str,
+                            int8_degradation: float, budget: float, float_dtype: str = "fp32") -> tuple[str, ...]:
+    """The formats a plan for `objective` could use: those cheaper than INT8 for some conv,
+    and the more accurate ones only when all-INT8 is already over the budget. The rest are
+    dominated (costlier and no more needed), so measuring them would only cost time: e.g.
+    INT4 for latency (it runs at float speed), float for size while INT8 fits."""
+    keep = ["int8"]
+    for f in formats:
+        if f == "int8":
+            continue
+        cheaper = any(layer_cost(layer, f, objective, float_dtype) < layer_cost(layer, "int8", objective, float_dtype)
+                      for layer in layers if f in allowed_formats(layer, formats))
+        needed = _rank(f) > _rank("int8") and int8_degradation > budget
+        if cheaper or needed:
+            keep.append(f)
+    return tuple(f for f in formats if f in keep)
+
+
+PREFIX_CACHE_BYTES = 1 << 30
+
+
+class PrefixCache:
+    """Outputs of the all-INT8 model's convs on the held-out slice, in execution order. A
+    variant that changes convs from position k on computes the same values before k (they
+    cannot depend on a later conv), so those convs return their recorded outputs instead of
+    computing: on average half the network's convolutions are skipped per variant. Only a
+    prefix of the convs is kept when all of them would exceed `max_bytes`."""
+
+    def __init__(self, qmodel: nn.Module, layers: Sequence[LayerInfo], images: int,
+                 max_bytes: int = PREFIX_CACHE_BYTES) -> None:
+        self.qmodel = qmodel
+        self.modules = dict(qmodel.named_modules())
+        self.order = [layer.name for layer in layers]
+        total, kept = 0, 0
+        for layer in layers:
+            total += layer.out_numel * images * 4
+            if total > max_bytes:
+                break
+            kept += 1
+        self.kept = self.order[:kept]
+        self.outputs: list[dict[str, list[torch.Tensor]]] = []
+
+    def record(self, batch: int, images: torch.Tensor):
+        store: dict[str, list[torch.Tensor]] = {}
+        hooks = [self.modules[n].register_forward_hook(
+            lambda mod, inp, out, n=n: store.setdefault(n, []).append(out.clone())) for n in self.kept]
+        try:
+            out = self.qmodel(images)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.outputs.append(store)
+        return out
+
+    def runner(self, first: int):
+        """run(batch, images) that replays the convs before execution position `first`."""
+        skip = self.kept[:first]
+
+        def run(batch: int, images: torch.Tensor):
+            for n in skip:
+                recorded = iter(self.outputs[batch][n])
+                self.modules[n].forward = lambda *args, _it=recorded: next(_it)
+            try:
+                return self.qmodel(images)
+            finally:
+                for n in skip:
+                    del self.modules[n].forward
+        return run
+
+
+def measure_sensitivity(float_model: nn.Module, qmodel: nn.Module, heldout: HeldOut, layers: Sequence[LayerInfo],
+                        formats: Sequence[str], grain: str, progress: bool = True,
+                        choose_formats: Callable[[float], Sequence[str]] | None = None,
+                        prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> SensitivityTable:
+    """Each group's degradation change when only it takes each non-INT8 format (module doc).
+    `choose_formats(int8_degradation)` may narrow `formats` once the all-INT8 model is measured
+    (see formats_worth_measuring)."""
+    from tqdm import tqdm
+
+    from cunet_optimize.quant.qmodel import _conv_quantizers, conv_scheme
+
+    start = time.perf_counter()
+    fp32 = heldout.metric(float_model)
+    cache = PrefixCache(qmodel, layers, len(heldout), prefix_cache_bytes)
+    int8 = heldout.metric(qmodel, run=cache.record)
+    int8_deg = heldout.task.degradation(int8, fp32)
+    position = {n: i for i, n in enumerate(cache.order)}
+    if choose_formats is not None:
+        formats = tuple(choose_formats(int8_deg))
+    modules = dict(qmodel.named_modules())
+    by_group: dict[str, list[LayerInfo]] = {}
+    for layer in layers:
+        by_group.setdefault(layer.group, []).append(layer)
+    alternatives: dict[str, dict[str, dict]] = {}  # conv -> format -> quantizer attrs
+    for layer in layers:
+        conv = modules[layer.name]
+        alternatives[layer.name] = {"int8": {"weight_quantizer": conv.weight_quantizer,
+                                             "input_quantizer": conv.input_quantizer}}
+        for f in allowed_formats(layer, formats):
+            if f == "int4":
+                q = _conv_quantizers(conv_scheme(qmodel.scheme, "int4"), layer.role, conv)["weight_quantizer"]
+                q.name = f"{layer.name}.weight"
+                alternatives[layer.name]["int4"] = {"weight_quantizer": q, "input_quantizer": conv.input_quantizer}
+            elif f == "float":
+                alternatives[layer.name]["float"] = {"weight_quantizer": None, "input_quantizer": None}
+
+    def put(names, fmt):
+        for n in names:
+            for attr, q in alternatives[n][fmt].items():
+                setattr(modules[n], attr, q)
+
+    delta: dict[str, dict[str, float]] = {}
+    todo = [(g, f) for g, members in by_group.items() for f in formats if f != "int8"
+            and all(f in alternatives[m.name] for m in members)]
+    for g, f in tqdm(todo, desc="sensitivity", unit="variant", disable=not progress, leave=False):
+        names = [m.name for m in by_group[g]]
+        put(names, f)
+        try:
+            value = heldout.metric(qmodel, run=cache.runner(min(position[n] for n in names)))
+            deg = heldout.task.degradation(value, fp32)
+        finally:
+            put(names, "int8")
+        delta.setdefault(g, {"int8": 0.0})[f] = deg - int8_deg
+    for g in by_group:
+        delta.setdefault(g, {"int8": 0.0})
+    return SensitivityTable(heldout.task.metric, len(heldout), fp32, int8, int8_deg, delta, grain,
+                            round(time.perf_counter() - start, 2))
+
+
+def with_layer_formats(qmodel: nn.Module, layer_formats: Mapping[str, str]) -> nn.Module:
+    """The calibrated int8 `qmodel` rebuilt with per-conv formats: same (equalized) float
+    weights, same activation scales for the quantizers that remain."""
+    from cunet_optimize.models.cunet import CUNet
+    from cunet_optimize.quant.calibrate import activation_scales, apply_scales
+    from cunet_optimize.quant.qmodel import float_state_dict, quantize_model
+
+    base = CUNet(qmodel.config)
+    base.load_state_dict(float_state_dict(qmodel))
+    mixed = quantize_model(base.eval(), qmodel.scheme, layer_formats)
+    scales = activation_scales(qmodel)
+    wanted = {n for n, _ in _activation_names(mixed)}
+    apply_scales(mixed, {n: s for n, s in scales.items() if n in wanted})
+    return mixed.eval()
+
+
+def _activation_names(model):
+    from cunet_optimize.quant.qmodel import activation_quantizers
+
+    return activation_quantizers(model).items()

@@ -1,0 +1,175 @@
+"""`build --precision auto`: calibrate INT8, measure sensitivity, search a per-conv plan,
+then build it and back off on the real accuracy gate (quant/auto.py holds the decisions).
+
+The builds themselves are ordinary `run_build` calls with `BuildOptions.layer_formats`
+set; this module only drives them and adds the `auto` section to build.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.quant import auto
+
+log = logging.getLogger(__name__)
+
+MAX_BUILDS = 8  # the first plan and at most 7 back-off steps
+
+
+def plan_of_qat_checkpoint(path) -> dict:
+    """{conv: format} of a QAT checkpoint fine-tuned from an auto plan (`qat --plan`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CUNetError(f"{path}: not a QAT checkpoint ({e}); pass the best.safetensors of `qat --plan`") from None
+    if "layer_formats" not in meta:
+        raise CUNetError(f"{path}: QAT checkpoint of {meta.get('scheme', '?')}, not of an auto plan; build it with "
+                         f"--precision {meta.get('scheme', 'int8')}, or run `qat --plan BUILD_DIR`")
+    return json.loads(meta["layer_formats"])
+
+
+def load_plan(path) -> dict:
+    """{conv: format} of an auto build (its folder or build.json), for `qat --plan`."""
+    path = Path(path)
+    manifest = path / "build.json" if path.is_dir() else path
+    try:
+        plan = json.loads(manifest.read_text())["auto"]["plan"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CUNetError(f"{path}: no auto plan here; pass the folder (or build.json) of a "
+                         "`build --precision auto`") from None
+    return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}
+
+
+def run_auto_build(opts, echo=print, progress: bool = True):
+    from cunet_optimize.atomic import write_atomic
+    from cunet_optimize.build import (StageTimer, _eval_dataset, check_data_task, quantize_and_calibrate,
+                                      resolve_model, run_build)
+    from cunet_optimize.engines.targets import get_target
+
+    start = time.perf_counter()
+    target = get_target(opts.target)
+    if opts.objective not in auto.OBJECTIVES:
+        raise CUNetError(f"--objective {opts.objective}: choose one of {', '.join(auto.OBJECTIVES)}")
+    if opts.dla_core is not None:
+        raise CUNetError("--precision auto with --dla-core: DLA runs whole networks in INT8 or FP16; "
+                         "build --precision int8 for the DLA, or drop --dla-core")
+    model, ckpt_path, source, _ = resolve_model(opts.model)
+    task = check_data_task(model, source, opts.calib_data, opts.eval_data)
+    calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split, task)
+    n = len(calib_set)
+    held = min(opts.auto_heldout_images, n // 2)
+    if held < 2:
+        raise CUNetError(f"--precision auto: the calibration set {calib_root} has {n} images; the sensitivity "
+                         "needs at least 4 (half held out from the scales); pass a larger --calib-data")
+    scale_images = min(opts.calib_images, n - held)
+    timer = StageTimer(total=3, echo=echo)
+    budget = opts.tolerance(task)
+    float_dtype = auto.float_type(target)
+    base = replace(opts, precision="int8", calib_images=scale_images, layer_formats=None, qat_checkpoint=None)
+    qmodel, calib_info = quantize_and_calibrate(base, model, ckpt_path, timer, progress)
+    heldout = auto.HeldOut.load(calib_set, range(n - held, n))
+    formats = auto.target_formats(target)
+    with timer.stage("sensitivity", f"{task.metric} of each group's formats ({', '.join(formats)}) on {held} "
+                                    f"held-out calibration images"):
+        convs = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
+        grain = opts.auto_grain or ("conv" if len(convs) <= auto.CONV_GRAIN_LIMIT else "block")
+        layers = [replace(layer, group=auto.group_of(layer.name, grain)) for layer in convs]
+        table = auto.measure_sensitivity(
+            model, qmodel, heldout, layers, formats, grain, progress,
+            lambda int8_deg: auto.formats_worth_measuring(formats, layers, opts.objective, int8_deg, budget,
+                                                          float_dtype))
+        measured = sorted({f for d in table.delta.values() for f in d}, key=auto.ACCURACY_ORDER.index)
+    with timer.stage("search", f"cheapest {opts.objective} plan with predicted {task.metric} degradation "
+                               f"<= {budget}"):
+        costs = auto.group_costs(layers, measured, opts.objective, float_dtype)
+        result = auto.search_plan(table, costs, budget)
+    search_seconds = round(time.perf_counter() - start, 2)
+    echo(f"search: {len(costs)} groups ({grain} grain), predicted {task.metric} degradation "
+         f"{result.predicted:.4f} (budget {budget}), {dict(Counter(result.plan.values()))}, "
+         f"{search_seconds:.1f} s")
+    if not result.feasible:
+        echo(f"search: even the most accurate plan is predicted over the budget ({result.predicted:.4f} > "
+             f"{budget}); building it and letting the gate decide")
+
+    size_costs = auto.group_costs(layers, formats, "size", float_dtype)
+    latency_costs = auto.group_costs(layers, formats, "latency", float_dtype)
+    uniform = {f: {g: f if f in size_costs[g] else "int8" for g in size_costs} for f in formats}
+
+    plan = result.plan
+    builds, back_offs = [], []
+    report = None
+    for step in range(MAX_BUILDS):
+        t0 = time.perf_counter()
+        report = run_build(replace(opts, precision="auto", layer_formats=auto.layer_plan(layers, plan),
+                                   calib_images=scale_images, accuracy_gate=False,
+                                   force=opts.force or step > 0), echo, progress)
+        acc = report.manifest["accuracy"]
+        builds.append({"step": step, "formats": dict(Counter(plan.values())),
+                       "predicted": auto.predict_degradation(table, plan), "degradation": acc["degradation_points"],
+                       "passed": acc["passed"], "weight_bytes": auto.plan_cost(size_costs, plan),
+                       "latency_units": auto.plan_cost(latency_costs, plan),
+                       "seconds": round(time.perf_counter() - t0, 2)})
+        if acc["passed"]:
+            break
+        nxt = auto.back_off(table, costs, plan)
+        if nxt is None:
+            break
+        plan, why = nxt
+        back_offs.append({"after_build": step, "degradation": acc["degradation_points"], "action": why})
+        echo(f"back-off: {task.metric} {acc['degradation_points']:.4f} points worse > {budget}; {why}")
+
+    final = Path(report.path)
+    manifest = report.manifest
+    acc = manifest["accuracy"]
+    conv_plan = auto.layer_plan(layers, plan)
+    manifest["accuracy"]["gate_enforced"] = opts.accuracy_gate
+    manifest["auto"] = {
+        "objective": opts.objective,
+        "budget": budget,
+        "budget_option": task.gate_option,
+        "grain": grain,
+        "formats": list(formats),
+        "formats_measured": measured,
+        "float_type": float_dtype,
+        "heldout": {"data": str(calib_root.resolve()), "split": opts.calib_split, "first": n - held,
+                    "images": held, "scale_images": scale_images},
+        "group_plan": plan,
+        "plan": conv_plan,
+        "layers": [{"name": layer.name, "group": layer.group, "role": layer.role,
+                    "weight_shape": list(layer.weight_shape), "params": layer.params, "macs": layer.macs,
+                    "format": conv_plan[layer.name],
+                    "weight_bytes": auto.layer_cost(layer, conv_plan[layer.name], "size", float_dtype)}
+                   for layer in layers],
+        "sensitivity": table.to_dict(),
+        "predicted_degradation": auto.predict_degradation(table, plan),
+        "weight_bytes": auto.plan_cost(size_costs, plan),
+        "weight_bytes_uniform": {f: auto.plan_cost(size_costs, p) for f, p in uniform.items()},
+        "latency_units": auto.plan_cost(latency_costs, plan),
+        "latency_units_uniform": {f: auto.plan_cost(latency_costs, p) for f, p in uniform.items()},
+        "visited": result.visited,
+        "builds": builds,
+        "back_off": back_offs,
+        "search_seconds": search_seconds,
+        "total_seconds": round(time.perf_counter() - start, 2),
+        "calibration": calib_info,
+    }
+    manifest["timings_seconds"] = {**timer.seconds, **manifest.get("timings_seconds", {})}
+    write_atomic(final / "build.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    if not acc["passed"] and opts.accuracy_gate:
+        import shutil
+
+        shutil.rmtree(final, ignore_errors=True)
+        raise CUNetError(
+            f"--precision auto: no plan met the gate after {len(builds)} build(s): {acc['metric']} "
+            f"{acc['degradation_points']:.3f} points worse than FP32 > {budget}; raise {task.gate_option}, "
+            "run `cunet-optimize qat --plan` on the plan, or build --precision int8")
+    return report

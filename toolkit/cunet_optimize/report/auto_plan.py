@@ -1,0 +1,97 @@
+"""Report section of a `build --precision auto` variant: the per-conv precision map along the
+network, and the weight-bytes vs degradation points the search visited and the builds measured.
+
+The degradation axis starts at 0 and reaches at least the budget, so a 0.00005-point difference
+between two plans is drawn as the sliver it is, not as a cliff."""
+
+from __future__ import annotations
+
+from html import escape
+
+FORMAT_COLOURS = {"int4": "#d95f02", "int8": "#1b9e77", "float": "#7570b3"}
+
+
+def precision_map_svg(layers: list[dict], width: int = 760) -> str:
+    """One cell per conv in execution order, coloured by its format."""
+    n = max(len(layers), 1)
+    cell = (width - 20) / n
+    body = []
+    for i, layer in enumerate(layers):
+        colour = FORMAT_COLOURS.get(layer["format"], "#999")
+        body.append(f'<rect x="{10 + i * cell:.1f}" y="10" width="{max(cell - 1, 1):.1f}" height="40" '
+                    f'fill="{colour}"><title>{escape(layer["name"])}: {escape(layer["format"])} '
+                    f'({layer["weight_bytes"]:.0f} B)</title></rect>')
+    legend = "".join(f'<rect x="{10 + k * 90}" y="60" width="12" height="12" fill="{c}"/>'
+                     f'<text x="{26 + k * 90}" y="71" font-size="12">{f}</text>'
+                     for k, (f, c) in enumerate(FORMAT_COLOURS.items()))
+    return (f'<svg class="plot" viewBox="0 0 {width} 80" width="{width}" height="80" role="img" '
+            f'aria-label="per-conv precision map">' + "".join(body) + legend + "</svg>")
+
+
+def search_points_svg(auto: dict, width: int = 760, height: int = 360) -> str:
+    """Weight bytes (x) vs degradation (y, from 0 to >= the budget): predicted and measured."""
+    pts = [(v["cost"] if auto.get("objective") == "size" else None, v["predicted"], "predicted")
+           for v in auto.get("visited", [])]
+    pts = [(p[0], p[1], p[2]) for p in pts if p[0] is not None]
+    pts += [(b["weight_bytes"], b["degradation"], "engine") for b in auto.get("builds", [])]
+    if not pts:
+        return ""
+    left, right, top, bottom = 72, width - 24, 20, height - 52
+    xs = [p[0] for p in pts]
+    x_lo, x_hi = min(xs) * 0.95, max(xs) * 1.05 or 1.0
+    y_hi = max([auto.get("budget", 0.0)] + [p[1] for p in pts]) * 1.15 or 1.0
+    y_lo = min(0.0, min(p[1] for p in pts) * 1.15)
+
+    def X(v):
+        return left + (v - x_lo) / ((x_hi - x_lo) or 1.0) * (right - left)
+
+    def Y(v):
+        return bottom - (v - y_lo) / ((y_hi - y_lo) or 1.0) * (bottom - top)
+
+    body = [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#444"/>',
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#444"/>',
+            f'<line x1="{left}" y1="{Y(auto.get("budget", 0)):.1f}" x2="{right}" y2="{Y(auto.get("budget", 0)):.1f}" '
+            f'stroke="#c00" stroke-dasharray="4 3"><title>budget {auto.get("budget")}</title></line>',
+            f'<text x="{(left + right) / 2}" y="{height - 12}" font-size="12" text-anchor="middle">weight bytes</text>',
+            f'<text x="14" y="{(top + bottom) / 2}" font-size="12" transform="rotate(-90 14 {(top + bottom) / 2})" '
+            f'text-anchor="middle">degradation (points)</text>']
+    for frac in (0.0, 0.5, 1.0):
+        yv = y_lo + frac * (y_hi - y_lo)
+        body.append(f'<text x="{left - 6}" y="{Y(yv) + 4:.1f}" font-size="11" text-anchor="end">{yv:.3g}</text>')
+        xv = x_lo + frac * (x_hi - x_lo)
+        body.append(f'<text x="{X(xv):.1f}" y="{bottom + 16}" font-size="11" text-anchor="middle">{xv:.3g}</text>')
+    for x, y, kind in pts:
+        colour = "#1f77b4" if kind == "predicted" else "#d62728"
+        body.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="{4 if kind == "predicted" else 6}" '
+                    f'fill="{colour}"><title>{kind}: {x:.0f} B, {y:+.4f}</title></circle>')
+    return (f'<svg class="plot" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+            f'aria-label="search points">' + "".join(body) + "</svg>")
+
+
+def auto_plan_section(profile: dict) -> str:
+    from cunet_optimize.report.html import esc, figure, section, table
+
+    parts = []
+    for v in profile.get("variants", []):
+        a = v.get("auto")
+        if not a:
+            continue
+        counts: dict[str, int] = {}
+        for f in a.get("plan", {}).values():
+            counts[f] = counts.get(f, 0) + 1
+        parts.append(f"<h3>{esc(v.get('name'))}</h3><p>{esc(a.get('objective'))} objective, {esc(a.get('grain'))} "
+                     f"grain, budget {esc(a.get('budget'))}: {esc(counts)}; weight bytes {a.get('weight_bytes', 0):.0f} "
+                     f"(all INT8 {a.get('weight_bytes_uniform', {}).get('int8', 0):.0f}); predicted "
+                     f"{a.get('predicted_degradation', 0):+.4f}; {len(a.get('back_off', []))} back-off step(s).</p>")
+        parts.append(figure(precision_map_svg(a.get("layers", [])), "Per-conv format along the network "
+                            "(execution order; hover for the conv)"))
+        svg = search_points_svg(a)
+        if svg:
+            parts.append(figure(svg, "Weight bytes vs degradation: blue = plans the search visited (predicted), "
+                                     "red = engines built (measured); dashed = budget"))
+        rows = [(b["step"], esc(b["formats"]), f"{b['predicted']:+.4f}", f"{b['degradation']:+.4f}",
+                 "pass" if b["passed"] else "fail", f"{b['weight_bytes']:.0f}") for b in a.get("builds", [])]
+        parts.append(table(["build", "formats", "predicted", "measured", "gate", "weight bytes"], rows))
+    if not parts:
+        return ""
+    return section("auto-plan", "Mixed precision (build --precision auto)", "".join(parts))
