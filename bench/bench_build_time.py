@@ -102,6 +102,10 @@ def main() -> None:
     import onnxruntime
     import torch
 
+    from cunet_optimize.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does
+
     results = {
         "model": str(Path(args.model).resolve()),
         "machine": {"cpu_model": cpu_model(), "platform": platform.platform(),

@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
+        from cunet_optimize.allocator import keep_freed_memory
         from cunet_optimize.commands.common import check_writable
 
+        keep_freed_memory()  # deep models fault their activations in on every pass otherwise
         for flag, path in output_locations(args):
             check_writable(path, flag)
         status = _run_command(args)
