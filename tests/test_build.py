@@ -131,13 +131,18 @@ def test_fp32_reference_accuracy_is_computed_once_per_graph_and_data(tiny, faces
         capsys.readouterr()
         return json.loads((tmp_path / "engines" / f"tiny-{precision}-cpu" / "build.json").read_text())["accuracy"]
 
+    def cached_references():
+        return sorted((tmp_path / "calib" / "fp32-reference").glob("*.json"))
+
     first = accuracy("fp32")
-    assert "cached" not in first["reference_runtime"]
+    assert "cached" not in first["reference_runtime"] and len(cached_references()) == 1
     second = accuracy("int8")  # the same FP32 export on the same data: read back
     assert "cached" in second["reference_runtime"] and second["reference"] == first["reference"]
+    assert len(cached_references()) == 1
     (faces / "test.txt").touch()  # the data changed (as far as anyone can tell): measured again
     os.utime(faces / "test.txt", ns=(0, 0))
-    assert "cached" not in accuracy("int8", "--force")["reference_runtime"]
+    accuracy("int8", "--force")
+    assert len(cached_references()) == 2
 
 
 def test_refuses_a_precision_the_target_cannot_run(tiny, faces, tmp_path, capsys):
