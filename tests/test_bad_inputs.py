@@ -357,7 +357,7 @@ def test_predict_uses_the_detector_box_when_it_finds_a_face(env, tmp_path, capsy
 
 
 def test_opencv_detector_when_installed(env):
-    pytest.importorskip("cv2")
+    pytest.importorskip("cv2", reason="the optional face-detector extra (pip install 'cunet-optimize[face]') is not installed; the whole-image fallback is tested without it")
     from cunet_optimize.detect import detect_face
 
     box = detect_face(np.zeros((64, 64, 3), np.uint8))
