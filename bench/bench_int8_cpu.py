@@ -43,7 +43,7 @@ def make_forms(spec: str, tmp: Path) -> dict[str, Path]:
     from cunet_optimize import load_model
     from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA
     from cunet_optimize.export import export_onnx
-    from cunet_optimize.export.onnx_export import verification_batch
+    from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.quant import parse_precision, post_training_quantize
     from cunet_optimize.surgery import run_surgery
 
@@ -82,7 +82,7 @@ def ort_nodes(path: Path, tmp: Path) -> dict:
 def bench(spec: str, runs: int) -> dict:
     import onnxruntime as ort
 
-    from cunet_optimize.export.onnx_export import verification_batch
+    from cunet_optimize.data.synth import verification_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_forms(spec, Path(tmp))

@@ -54,7 +54,7 @@ def prepare_model(name: str):
     import torch
 
     from cunet_optimize import load_model
-    from cunet_optimize.export.onnx_export import verification_batch
+    from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.models.batchnorm import reestimate_batchnorm
 
     if name == "embedded":
@@ -69,9 +69,9 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
     import torch
 
     from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA
-    from cunet_optimize.export import compare_outputs, export_onnx, make_session
-    from cunet_optimize.export.onnx_export import verification_batch
-    from cunet_optimize.export.verify import run_onnxruntime
+    from cunet_optimize.data.synth import verification_batch
+    from cunet_optimize.export import export_onnx
+    from cunet_optimize.onnx_tools.verify import compare_outputs, make_session, run_onnxruntime
     from cunet_optimize.quant import parse_precision, post_training_quantize
     from cunet_optimize.surgery import activation_memory, run_surgery
 

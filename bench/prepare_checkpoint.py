@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cunet_optimize import load_model
-from cunet_optimize.export.verify import verification_batch
+from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.models import save_checkpoint
 from cunet_optimize.models.batchnorm import reestimate_batchnorm
 

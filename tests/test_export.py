@@ -14,12 +14,13 @@ import torch
 from conftest import tiny_config
 from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export import export_onnx, run_onnxruntime
+from cunet_optimize.export import export_onnx
 from cunet_optimize.export.landmarks import add_landmark_decoder
 from cunet_optimize.export.onnx_export import verify_against_torch
 from cunet_optimize.models import CUNet
-from cunet_optimize.surgery.graph import to_model
-from cunet_optimize.surgery.patterns import qdq_params, quantize
+from cunet_optimize.onnx_tools.graph import to_model
+from cunet_optimize.onnx_tools.patterns import qdq_params, quantize
+from cunet_optimize.onnx_tools.verify import run_onnxruntime
 
 
 def torch_heads(model, image: np.ndarray) -> list[np.ndarray]:

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder
-from cunet_optimize.export import export_onnx, run_onnxruntime
-from cunet_optimize.export.onnx_export import verification_batch
+from cunet_optimize.export import export_onnx
 from cunet_optimize.models import CUNet
+from cunet_optimize.onnx_tools.graph import to_model
+from cunet_optimize.onnx_tools.patterns import qdq_params
+from cunet_optimize.onnx_tools.verify import run_onnxruntime
 from cunet_optimize.quant import parse_precision, post_training_quantize
 from cunet_optimize.surgery import run_surgery
-from cunet_optimize.surgery.graph import to_model
 from cunet_optimize.surgery.integer_dataflow import _fold_bn_into_quantized_convs, integer_dataflow
-from cunet_optimize.surgery.patterns import qdq_params
 
 IMAGES = verification_batch(6)
 

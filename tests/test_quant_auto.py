@@ -288,8 +288,8 @@ def test_pack_pass_stores_int8_qdq_weights_of_a_mixed_graph_as_integers(tmp_path
 
     from cunet_optimize.export import export_onnx
     from cunet_optimize.surgery import pack_int4_weights
-    from cunet_optimize.surgery.graph import to_model
-    from cunet_optimize.export.verify import random_feeds, run_onnxruntime
+    from cunet_optimize.onnx_tools.graph import to_model
+    from cunet_optimize.onnx_tools.verify import random_feeds, run_onnxruntime
 
     class EightBit(torch.nn.Module):
         def __init__(self):

@@ -15,17 +15,17 @@ import torch
 from onnx import TensorProto
 
 from conftest import tiny_config
+from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.export import export_onnx
-from cunet_optimize.export.onnx_export import verification_batch
-from cunet_optimize.export.verify import random_feeds, run_onnxruntime
 from cunet_optimize.models import CUNet
+from cunet_optimize.onnx_tools.graph import to_model
+from cunet_optimize.onnx_tools.verify import random_feeds, run_onnxruntime
 from cunet_optimize.quant import parse_precision, post_training_quantize
 from cunet_optimize.surgery import (
     activation_memory, check_weight_axes, check_zero_points, cleanup, flatten_nested_concats, fold_batchnorm,
     dequantize_weights, fold_dense_concats, lint_model, pack_int4_weights, remove_redundant_qdq, run_surgery, tie_concat_qdq_scales,
 )
-from cunet_optimize.surgery.graph import to_model
 from surgery_graphs import GraphBuilder, clean_int8_model, dense_concat_model
 
 EXACT = 1e-5

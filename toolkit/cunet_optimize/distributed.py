@@ -153,6 +153,26 @@ def shard(items, rank_: int | None = None, world: int | None = None):
     return items[lo:hi]
 
 
+# The fraction of the global batch this rank's current forward pass holds (1 in one
+# process); the training loop sets it per step, LSQ's gradient scale reads it.
+_LOCAL_BATCH_FRACTION = [1.0]
+
+
+@contextmanager
+def local_batch(fraction: float) -> Iterator[None]:
+    """Within the block, this rank's activations are `fraction` of the global batch."""
+    previous = _LOCAL_BATCH_FRACTION[0]
+    _LOCAL_BATCH_FRACTION[0] = fraction
+    try:
+        yield
+    finally:
+        _LOCAL_BATCH_FRACTION[0] = previous
+
+
+def local_batch_fraction() -> float:
+    return _LOCAL_BATCH_FRACTION[0]
+
+
 # --------------------------------------------------------------------------------------
 # Reductions (identity in one process)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cunet_optimize.commands.common import print_json
 from cunet_optimize.engines.targets import target_names
-from cunet_optimize.surgery.graph import cunet_mismatch, load_model_proto
+from cunet_optimize.onnx_tools.graph import cunet_mismatch, load_model_proto
 from cunet_optimize.surgery.lint import ERROR, WARNING, Finding, lint_model
 
 EXIT_FINDINGS = 1

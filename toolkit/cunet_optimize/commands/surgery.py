@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cunet_optimize.commands.common import print_json
-from cunet_optimize.surgery import PASSES, activation_memory, run_surgery
 from cunet_optimize.engines.targets import target_names
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.surgery.graph import cunet_mismatch, load_model_proto, save_model
+from cunet_optimize.onnx_tools.graph import cunet_mismatch, load_model_proto, save_model
+from cunet_optimize.surgery import PASSES, activation_memory, run_surgery
 
 
 def add_parser(subparsers) -> None:
@@ -39,7 +39,7 @@ def _pass_options(args, source, passes) -> dict:
     """Calibration images for the passes that calibrate (integer_dataflow): from --calib-data,
     never stand-in images; CUNetError without them."""
     from cunet_optimize.surgery import default_passes
-    from cunet_optimize.surgery.graph import opset_of
+    from cunet_optimize.onnx_tools.graph import opset_of
 
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in source.graph.node)
     names = passes or default_passes(args.target, quantized=quantized, opset=opset_of(source), dla_core=args.dla_core)

@@ -646,6 +646,21 @@ def synth_face(seed: int, index: int, image_size: int = 256) -> tuple[Image.Imag
     return render_face(sample_face_params(rng), rng, image_size)
 
 
+# Graph verification (export, every surgery pass, thread timing) runs on these faces.
+VERIFY_SEED = 0
+VERIFY_SIZE = 256  # the network's input size
+
+
+def verification_batch(batch: int) -> np.ndarray:
+    """Synthetic faces (deterministic, no data needed), float32 [batch, 3, 256, 256] in
+    [0, 1]: inputs from the distribution the model was calibrated on. Uniform noise lies
+    far outside the calibrated ranges, and on a quantized graph the rounding-boundary
+    flips then cascade: measured on a QAT model, mean error 22% of the output std on noise
+    against 0.18% on faces, for the same correct graph."""
+    faces = [np.asarray(synth_face(VERIFY_SEED, i, VERIFY_SIZE)[0], dtype=np.float32) for i in range(batch)]
+    return np.ascontiguousarray(np.stack(faces).transpose(0, 3, 1, 2) / np.float32(255.0))
+
+
 # --------------------------------------------------------------------------- data set
 
 

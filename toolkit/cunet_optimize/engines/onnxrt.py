@@ -171,7 +171,7 @@ def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: s
                     runs: int = THREAD_TUNING_RUNS) -> dict[Any, float]:
     """Median batch-1 latency in ms of each candidate (model file, session settings), loaded
     at graph optimisation `level`, all candidates alternating run by run."""
-    from cunet_optimize.export.onnx_export import INPUT_SIZE, verification_batch
+    from cunet_optimize.data.synth import VERIFY_SIZE as INPUT_SIZE, verification_batch
 
     sessions = {key: _make_session(Path(path), session_options(settings, level))
                 for key, (path, settings) in candidates.items()}

@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.surgery.graph import finish
+from cunet_optimize.onnx_tools.graph import finish
 
 # (op, input index) that ONNX defines as tensor(float) whatever the data type is.
 FLOAT32_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}

@@ -42,13 +42,16 @@ import onnx_graphsurgeon as gs
 import torch
 
 from cunet_optimize import __version__
+from cunet_optimize.data.synth import VERIFY_SEED, verification_batch
+from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.export.fp16 import convert_graph_to_fp16
 from cunet_optimize.export.landmarks import add_landmark_decoder
 from cunet_optimize.export.symbolics import fake_quant_symbolics, mark_int4_weights
-from cunet_optimize.export.verify import (
+from cunet_optimize.models.cunet import HEATMAP_SIZE, INPUT_SIZE
+from cunet_optimize.onnx_tools.graph import clean_graph, finish, op_counts, save_model, to_model
+from cunet_optimize.onnx_tools.verify import (
     QUANT_PROBE,
-    VERIFY_SEED,
     VerificationResult,
     check_onnx,
     bypass_activation_qdq,
@@ -57,10 +60,7 @@ from cunet_optimize.export.verify import (
     graph_kind,
     ort_version,
     run_onnxruntime,
-    verification_batch,
 )
-from cunet_optimize.models.cunet import HEATMAP_SIZE, INPUT_SIZE
-from cunet_optimize.surgery.graph import clean_graph, finish, op_counts, save_model, to_model
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +325,6 @@ def verify_against_torch(
 ) -> VerificationResult:
     """ORT (ORT_DISABLE_ALL) vs PyTorch on synthetic faces, judged by the model's own
     rounding noise (verify.py); CUNetError on mismatch."""
-    from cunet_optimize.data.transforms import decode_heatmaps
-
     image = verification_batch(batch)
     actual = run_onnxruntime(onnx_model, {INPUT_NAME: image}, level="disable_all")
     kind = graph_kind(onnx_model)

@@ -29,7 +29,7 @@ import torch
 from torch.onnx import symbolic_helper
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.surgery.patterns import make_constant, qdq_params, quantize
+from cunet_optimize.onnx_tools.patterns import make_constant, qdq_params, quantize
 
 _NATIVE_RANGES = {onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255)}
 _SYMBOLS = ("aten::fake_quantize_per_tensor_affine", "aten::fake_quantize_per_channel_affine")

@@ -33,11 +33,11 @@ weight gradients in backward). These have no calibrated state.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
 
 # A scale must stay positive: an all-zero channel would otherwise divide by zero.
@@ -70,23 +70,6 @@ def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -
 def _grad_scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
     """Exactly t in forward; gradient multiplied by `factor` (LSQ's step-size gradient scale)."""
     return t.detach() + (t - t.detach()) * factor
-
-
-# LSQ's gradient scale 1/sqrt(N * Qp) counts the elements N an activation scale covers in
-# the batch. Under DDP a rank holds only its part of the global batch, so N is its part's
-# count divided by this fraction (the training loop sets it): the step is one process's.
-_LOCAL_BATCH_FRACTION = [1.0]
-
-
-@contextmanager
-def local_batch_fraction(fraction: float):
-    """Within the block, activations are `fraction` of the global batch (DDP's per-rank part)."""
-    previous = _LOCAL_BATCH_FRACTION[0]
-    _LOCAL_BATCH_FRACTION[0] = fraction
-    try:
-        yield
-    finally:
-        _LOCAL_BATCH_FRACTION[0] = previous
 
 
 def _per_channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -255,7 +238,9 @@ class IntQuantizer(ScaledQuantizer):
     def _quantize_lsq(self, x: torch.Tensor) -> torch.Tensor:
         per_scale = x.numel() / max(1, self.scale.numel())
         if not self.is_weight:
-            per_scale /= _LOCAL_BATCH_FRACTION[0]
+            # LSQ's gradient scale 1/sqrt(N * Qp) counts the elements N an activation scale
+            # covers in the global batch; under DDP this rank holds only its part of it.
+            per_scale /= distributed.local_batch_fraction()
         scale = _grad_scaled(self.scale.abs().clamp_min(MIN_AMAX / self.qmax), 1.0 / math.sqrt(per_scale * self.qmax))
         if self.is_weight:
             scale = _per_channel_view(scale, x.dim())

@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from cunet_optimize.surgery.graph import clean_graph, constant_values, finish, only_consumer, producer
-from cunet_optimize.surgery.patterns import make_constant
+from cunet_optimize.onnx_tools.graph import clean_graph, constant_values, finish, only_consumer, producer
+from cunet_optimize.onnx_tools.patterns import make_constant
 from cunet_optimize.surgery.report import PassRecorder, PassReport
 
 

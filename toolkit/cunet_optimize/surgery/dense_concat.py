@@ -29,8 +29,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.surgery.graph import constant_values, finish, is_graph_output, only_consumer, producer, tensor_info
-from cunet_optimize.surgery.patterns import ConvWeight, conv_weight, is_per_tensor, make_constant, qdq_params
+from cunet_optimize.onnx_tools.graph import constant_values, finish, is_graph_output, only_consumer, producer, tensor_info
+from cunet_optimize.onnx_tools.patterns import ConvWeight, conv_weight, is_per_tensor, make_constant, qdq_params
 from cunet_optimize.surgery.report import PassRecorder, PassReport
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.surgery.graph import finish
-from cunet_optimize.surgery.patterns import (
+from cunet_optimize.onnx_tools.graph import finish
+from cunet_optimize.onnx_tools.patterns import (
     conv_weight,
     dequantized_weight,
     make_constant,

@@ -57,9 +57,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.onnx_tools.graph import finish, is_graph_output, only_consumer, producer, to_model
+from cunet_optimize.onnx_tools.patterns import conv_weight, is_per_tensor, qdq_params, quantize
+from cunet_optimize.onnx_tools.verify import run_onnxruntime
 from cunet_optimize.surgery.batchnorm import _bn_affine
-from cunet_optimize.surgery.graph import finish, is_graph_output, only_consumer, producer, to_model
-from cunet_optimize.surgery.patterns import conv_weight, is_per_tensor, qdq_params, quantize
 from cunet_optimize.surgery.report import PassRecorder, PassReport
 
 PASS_THROUGH = ("Concat", "MaxPool", "Resize")
@@ -325,8 +326,6 @@ def find_components(graph: gs.Graph) -> list[Component]:
 def channel_ranges(graph: gs.Graph, tensors: list[gs.Tensor],
                    images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (min, max) of `tensors` over `images`, by ONNX Runtime at ORT_DISABLE_ALL."""
-    from cunet_optimize.export.verify import run_onnxruntime
-
     model = to_model(graph)
     known = {o.name for o in model.graph.output}
     for t in tensors:

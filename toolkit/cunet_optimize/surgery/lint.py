@@ -26,8 +26,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.surgery.graph import ModelLike, as_model, constant_values, opset_of, producer
-from cunet_optimize.surgery.patterns import conv_weight, onnx_type_of, qdq_params, quantize
+from cunet_optimize.onnx_tools.graph import ModelLike, as_model, constant_values, opset_of, producer
+from cunet_optimize.onnx_tools.patterns import conv_weight, onnx_type_of, qdq_params, quantize
 
 ERROR, WARNING = "error", "warning"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")

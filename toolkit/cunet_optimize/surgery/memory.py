@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from cunet_optimize.surgery.graph import ModelLike, as_model, tensor_bytes, tensor_info
+from cunet_optimize.onnx_tools.graph import ModelLike, as_model, tensor_bytes, tensor_info
 
 TOP_LIVE_TENSORS = 10
 # Operators that runtimes fuse with the DequantizeLinear on their inputs and the

@@ -23,20 +23,19 @@ from typing import Callable, Mapping, Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
+from cunet_optimize.data.synth import VERIFY_SIZE, verification_batch
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export.verify import (
-    VERIFY_SIZE,
+from cunet_optimize.onnx_tools.graph import ModelLike, as_model, opset_of, to_model
+from cunet_optimize.onnx_tools.verify import (
     check_onnx,
     compare_outputs,
     graph_kind,
     ort_version,
     random_feeds,
     run_onnxruntime,
-    verification_batch,
 )
 from cunet_optimize.surgery.batchnorm import cleanup, fold_batchnorm
 from cunet_optimize.surgery.dense_concat import flatten_nested_concats, fold_dense_concats
-from cunet_optimize.surgery.graph import ModelLike, as_model, opset_of, to_model
 from cunet_optimize.surgery.int4 import dequantize_weights, pack_int4_weights
 from cunet_optimize.surgery.integer_dataflow import integer_dataflow
 from cunet_optimize.surgery.lint import lint_target

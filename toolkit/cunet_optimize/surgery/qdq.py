@@ -20,9 +20,9 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from cunet_optimize.surgery.graph import finish, producer, replace_all_uses
+from cunet_optimize.onnx_tools.graph import finish, producer, replace_all_uses
+from cunet_optimize.onnx_tools.patterns import make_constant, qdq_params
 from cunet_optimize.surgery.lint import lint_model, raise_on_errors
-from cunet_optimize.surgery.patterns import make_constant, qdq_params
 from cunet_optimize.surgery.report import PassRecorder, PassReport
 
 SCALE_COMMUTING_OPS = ("Concat", "MaxPool", "Resize")

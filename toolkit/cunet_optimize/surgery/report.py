@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from cunet_optimize.surgery.graph import tensor_bytes, tensor_info, to_model
+from cunet_optimize.onnx_tools.graph import tensor_bytes, tensor_info, to_model
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ from cunet_optimize.atomic import atomic_path, write_atomic
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import save_checkpoint
-from cunet_optimize.quant.quantizers import local_batch_fraction
 from cunet_optimize.tasks import task_of_dataset
 
 log = logging.getLogger(__name__)
@@ -226,7 +225,7 @@ def train(
             mine = distributed.shard(batches[b])
             images, target = collate(train_set, mine)
             optimizer.zero_grad(set_to_none=True)
-            with local_batch_fraction(len(mine) / len(batches[b])):
+            with distributed.local_batch(len(mine) / len(batches[b])):
                 loss = heatmap_loss(net(images.to(device)), target.to(device))
             # DDP averages gradients over ranks; weighting each rank's mean loss by its share
             # of the global batch makes that average the global batch's mean-loss gradient.

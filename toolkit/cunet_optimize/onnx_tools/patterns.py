@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from cunet_optimize.surgery.graph import constant_values, only_consumer, producer
+from cunet_optimize.onnx_tools.graph import constant_values, only_consumer, producer
 
 _PACKED = {np.dtype(ml_dtypes.int4): onnx.TensorProto.INT4, np.dtype(ml_dtypes.uint4): onnx.TensorProto.UINT4}
 

@@ -57,9 +57,6 @@ from cunet_optimize.errors import CUNetError
 log = logging.getLogger(__name__)
 
 ORT_LEVELS = ("disable_all", "basic", "extended", "all")
-VERIFY_SEED = 0
-VERIFY_SIZE = 256  # the network's input size
-
 
 NOISE_MULTIPLE = 4.0
 QUANT_PROBE = 1e-5  # input shift that measures a fake-quant network's rounding-boundary sensitivity
@@ -297,18 +294,6 @@ def random_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[
         else:
             feeds[inp.name] = rng.integers(0, 4, size=shape).astype(dtype)
     return feeds
-
-
-def verification_batch(batch: int) -> np.ndarray:
-    """Synthetic faces (deterministic, no data needed): inputs from the distribution the
-    model was calibrated on. Uniform noise lies far outside the calibrated ranges, and on
-    a quantized graph the rounding-boundary flips then cascade: measured on a QAT model,
-    mean error 22% of the output std on noise against 0.18% on faces, for the same correct
-    graph."""
-    from cunet_optimize.data.synth import synth_face
-
-    faces = [np.asarray(synth_face(VERIFY_SEED, i, VERIFY_SIZE)[0], dtype=np.float32) for i in range(batch)]
-    return np.ascontiguousarray(np.stack(faces).transpose(0, 3, 1, 2) / np.float32(255.0))
 
 
 def ort_version() -> str:
