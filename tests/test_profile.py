@@ -472,7 +472,7 @@ def test_cli_profile_writes_report_and_prints_json(workspace, capsys):
     assert printed["data"]["folder"] == str(workspace["data"]) and printed["data"]["split"] == "test"
     assert "--max-images 2" in printed["commands"]["profile"]
     saved = read_profile(ws / "reports" / "cli-test.json")
-    assert saved == printed
+    assert saved.to_dict() == printed
     html = (ws / "reports" / "cli-test.html").read_text()
     assert "tiny-fp32-cpu" in html and "<svg" in html
     assert not [p for p in (ws / "reports").iterdir() if p.name.startswith(".")]  # no temp files left

@@ -10,14 +10,8 @@ from html.parser import HTMLParser
 import pytest
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.profile.result import (
-    BUNDLE_ONLY_STATUS,
-    ProfileResult,
-    VariantProfile,
-    read_profile,
-    speedups,
-    what_ran_where,
-)
+from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, read_profile
+from cunet_optimize.profile.result import ProfileResult, VariantProfile, speedups, what_ran_where
 from cunet_optimize.report import render_html, write_report
 from cunet_optimize.report.svg import nice_ticks, pareto_front
 
@@ -294,7 +288,7 @@ def test_write_report_writes_json_and_html_that_read_back(tmp_path):
     profile = full_profile()
     json_path, html_path = write_report(profile, tmp_path / "reports", "run-1")
     assert json_path == tmp_path / "reports" / "run-1.json" and html_path.suffix == ".html"
-    assert read_profile(json_path) == profile
+    assert read_profile(json_path).to_dict() == profile
     assert "cunet-optimize report" in html_path.read_text() and str(json_path) in html_path.read_text()
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["run-1.html", "run-1.json"]
 

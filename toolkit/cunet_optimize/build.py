@@ -32,6 +32,7 @@ from cunet_optimize import __version__
 from cunet_optimize.atomic import sha256_file
 from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json
 from cunet_optimize.tasks import FACE, POSE, Task, check_task, open_dataset, task_of_data, task_of_model
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUILD_SCHEMA = "cunet-optimize/build/1"
 # Where INT8 Q/DQ sits around CU-Net's dense concatenations (QUANT_RULES.md, design space).
 # "none" is the default: on the embedded model (FP32 NME 5.293%), percentile PTQ after
 # equalization gives 5.351% with Q/DQ on conv inputs only, 6.429% tied and 5.892% untied
@@ -593,7 +593,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         # builders name the staging folder; users will find the build under its final name
         notes = [n.replace(staging.name, final.name) for n in notes]
         manifest["notes"] = notes
-        (staging / "build.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        (staging / BUILD_FILE).write_text(checked_build_json(manifest))  # typed: manifests/build.py
         if not manifest["accuracy"]["passed"] and opts.accuracy_gate:
             acc = manifest["accuracy"]
             raise CUNetError(

@@ -38,7 +38,17 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_command(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (the first word that is not an option: no global
+    option takes a value), or None."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand, or with `command` alone: each subcommand's module
+    imports what its stage needs (torch for most), and `report`, which only turns JSON into
+    HTML, should start without it."""
     parser = argparse.ArgumentParser(
         prog="cunet-optimize",
         description="Quantize, export, optimise and profile CU-Net landmark networks "
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cunet-optimize {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in [command] if command else COMMANDS:
         importlib.import_module(f"cunet_optimize.commands.{name}").add_parser(subparsers)
     return parser
 
@@ -110,7 +120,8 @@ def _run_in_this_process(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(requested_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cunet_optimize.errors import CUNetError
-from cunet_optimize.profile import read_profile
+from cunet_optimize.manifests.profile import read_profile
 from cunet_optimize.report import write_html
 
 
@@ -23,12 +22,6 @@ def run(args) -> int:
     out = Path(args.out) if args.out else Path(args.profile).with_suffix(".html")
     if out.is_dir():
         out = out / Path(args.profile).with_suffix(".html").name
-    try:
-        path = write_html(profile, out, compare=other, json_name=args.profile)
-    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:
-        # a nested field the schema check does not reach; nothing was written (rendered first)
-        raise CUNetError(f"{args.profile}{' or ' + args.compare if args.compare else ''}: a field has an "
-                         f"unexpected type or is missing ({type(exc).__name__}: {exc}); re-run "
-                         "`cunet-optimize profile` to write it again") from exc
+    path = write_html(profile, out, compare=other, json_name=args.profile)  # checked on reading: typed
     print(f"report: {path}")
     return 0

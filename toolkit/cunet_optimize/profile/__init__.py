@@ -12,17 +12,12 @@ per-layer time and accuracy vs the FP32 reference, for every folder under engine
 - profiler:    profile_engines, the one entry point
 """
 
-from cunet_optimize.profile.builds import BUILD_SCHEMA, BuildError, BuildRecord, find_builds, read_build
+from cunet_optimize.manifests.build import BUILD_SCHEMA
+from cunet_optimize.profile.builds import BuildError, BuildRecord, find_builds, read_build
 from cunet_optimize.profile.latency import batch_sweep, latency_stats, measure_latency
 from cunet_optimize.profile.profiler import profile_engines
-from cunet_optimize.profile.result import (
-    BUNDLE_ONLY_STATUS,
-    PROFILE_SCHEMA,
-    ProfileResult,
-    VariantProfile,
-    read_profile,
-    summary_rows,
-)
+from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, PROFILE_SCHEMA, read_profile, summary_rows
+from cunet_optimize.profile.result import ProfileResult, VariantProfile
 
 __all__ = [
     "BUILD_SCHEMA",

@@ -1,31 +1,23 @@
 """Build folders as the profiler sees them: find them, read and check their build.json.
 
 `cunet-optimize build` writes one folder per build under <workdir>/engines/ with a
-`build.json` manifest (schema "cunet-optimize/build/1", see engines/README.md). This
-module is the one place that reads those manifests for profiling; everything it
-rejects is a CUNetError naming the file and what to do.
+`build.json` manifest (manifests/build.py: BuildManifest, schema "cunet-optimize/build/1",
+see engines/README.md). Everything this module rejects is a CUNetError naming the file
+and what to do.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from cunet_optimize.build import BUILD_SCHEMA  # the writer of build.json owns its schema name
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.manifests.build import BUILD_FILE, BuildManifest, read_build_manifest
+from cunet_optimize.manifests.schema import ManifestError
 
 log = logging.getLogger(__name__)
-
-BUILD_FILE = "build.json"
-# Fields a build.json must have for the profiler to use it (dotted = nested).
-REQUIRED_FIELDS = (
-    "name", "precision", "target", "backend", "engine_built",
-    "model", "model.sha256", "model.checkpoint", "artifacts",
-)  # fmt: skip
 
 
 class BuildError(CUNetError):
@@ -37,52 +29,43 @@ class BuildRecord:
     """One build folder and its manifest."""
 
     path: Path  # the build folder (absolute)
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: BuildManifest = field(repr=False)
 
     @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.manifest.name
 
     @property
     def backend(self) -> str:
-        return str(self.manifest["backend"])
+        return self.manifest.backend
 
     @property
     def precision(self) -> str:
-        return str(self.manifest["precision"])
+        return self.manifest.precision
 
     @property
     def target(self) -> str:
-        return str(self.manifest["target"])
+        return self.manifest.target
 
     @property
     def engine_built(self) -> bool:
-        return bool(self.manifest["engine_built"])
+        return self.manifest.engine_built
 
     @property
     def model_sha256(self) -> str:
-        return str(self.manifest["model"]["sha256"])
+        return self.manifest.model.sha256
 
     @property
     def checkpoint(self) -> Path:
-        return Path(self.manifest["model"]["checkpoint"])
+        return Path(self.manifest.model.checkpoint)
 
     def artifact(self, role: str) -> Path | None:
         """Absolute path of an artifact (paths in build.json are relative to the folder)."""
-        rel = self.manifest.get("artifacts", {}).get(role)
+        rel = self.manifest.artifacts.get(role)
         if not rel:
             return None
         p = Path(rel)
         return p if p.is_absolute() else self.path / p
-
-
-def _get(manifest: dict, dotted: str) -> Any:
-    value: Any = manifest
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise KeyError(dotted)
-        value = value[part]
-    return value
 
 
 def read_build(folder: str | os.PathLike) -> BuildRecord:
@@ -98,29 +81,9 @@ def read_build(folder: str | os.PathLike) -> BuildRecord:
             f"{path}: no {BUILD_FILE}, so it is not a finished build; rebuild it with `cunet-optimize build`"
         )
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BuildError(
-            f"{manifest_path}: not valid JSON ({exc}); rebuild with `cunet-optimize build --force`"
-        ) from exc
-    if not isinstance(manifest, dict):
-        raise BuildError(f"{manifest_path}: expected a JSON object; rebuild with `cunet-optimize build --force`")
-    schema = manifest.get("schema")
-    if schema != BUILD_SCHEMA:
-        raise BuildError(
-            f"{manifest_path}: schema {schema!r}, expected {BUILD_SCHEMA!r}; "
-            "rebuild it with this toolkit version (`cunet-optimize build --force`)"
-        )
-    for name in REQUIRED_FIELDS:
-        try:
-            _get(manifest, name)
-        except KeyError:
-            raise BuildError(
-                f"{manifest_path}: missing field '{name}'; rebuild with `cunet-optimize build --force`"
-            ) from None
-    if not isinstance(manifest["artifacts"], dict):
-        raise BuildError(f"{manifest_path}: 'artifacts' must map roles to file names; rebuild")
-    return BuildRecord(path, manifest)
+        return BuildRecord(path, read_build_manifest(manifest_path))
+    except ManifestError as exc:
+        raise BuildError(str(exc)) from None
 
 
 def find_builds(workdir: str | os.PathLike = ".") -> list[BuildRecord]:

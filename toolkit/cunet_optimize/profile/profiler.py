@@ -25,6 +25,7 @@ from cunet_optimize.atomic import sha256_file
 from cunet_optimize.engines.base import Runner, TorchRunner
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_landmarks
+from cunet_optimize.manifests.schema import to_dict
 from cunet_optimize.profile.accuracy import (
     accuracy_delta,
     ced_for_plot,
@@ -110,7 +111,7 @@ class _Measure:
 
 
 def _build_size(build: BuildRecord) -> tuple[dict, list[str]]:
-    roles = {role: build.artifact(role) for role in build.manifest["artifacts"]}
+    roles = {role: build.artifact(role) for role in build.manifest.artifacts}
     sizes, notes = file_sizes(roles)
     distinct: dict[Path, int] = {}
     for role, n in sizes.items():
@@ -141,14 +142,15 @@ def _engine_variant(build: BuildRecord) -> VariantProfile:
     m = build.manifest
     v = VariantProfile(
         name=build.name, role="engine", precision=build.precision, target=build.target,
-        backend=build.backend, backend_version=m.get("backend_version"), runtime="",
+        backend=build.backend, backend_version=m.backend_version, runtime="",
         status="", measured=False, model_sha256=build.model_sha256, build_dir=str(build.path),
-        engine_built=build.engine_built, command=m.get("command"),
-        build_accuracy=m.get("accuracy"), surgery=m.get("surgery"), calibration=m.get("calibration"),
-        auto=m.get("auto"),
+        engine_built=build.engine_built, command=m.command,
+        # the build's records travel into the profile JSON as written
+        build_accuracy=to_dict(m.accuracy), surgery=to_dict(m.surgery), calibration=to_dict(m.calibration),
+        auto=m.auto,
     )
     v.size, notes = _build_size(build)
-    v.notes.extend(str(n) for n in m.get("notes") or [])
+    v.notes.extend(m.notes)
     v.notes.extend(notes)
     return v
 
@@ -311,7 +313,7 @@ def profile_engines(
     check_builds(builds, allow_mixed=allow_mixed)
     _check_inputs(builds)
     eval_data, notes = eval_data_for(
-        [b.manifest.get("eval_data") for b in builds], data, split, crop,
+        [b.manifest.eval_data for b in builds], data, split, crop,
         boxes=boxes, normalizer=normalizer, flip=flip, max_images=max_images,
     )
     dataset = eval_data.load() if eval_data is not None else None  # DataError before any measurement
@@ -365,7 +367,7 @@ def profile_engines(
         data=data_info,
         variants=variants,
         commands={
-            "builds": [{"name": b.name, "command": b.manifest.get("command")} for b in builds],
+            "builds": [{"name": b.name, "command": b.manifest.command} for b in builds],
             "profile": command or _default_command(build_dirs, data, runs, batch_sizes),
         },
         statement=what_ran_where(env, variant_dicts),

@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.manifests.build import BUILD_FILE, checked_build_json, read_build_manifest
+from cunet_optimize.manifests.schema import ManifestError
 from cunet_optimize.quant import auto
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,10 @@ def plan_of_qat_checkpoint(path) -> dict:
 def load_plan(path) -> dict:
     """{conv: format} of an auto build (its folder or build.json), for `qat --plan`."""
     path = Path(path)
-    manifest = path / "build.json" if path.is_dir() else path
+    manifest = path / BUILD_FILE if path.is_dir() else path
     try:
-        plan = json.loads(manifest.read_text())["auto"]["plan"]
-    except (OSError, ValueError, KeyError, TypeError):
+        plan = read_build_manifest(manifest).auto["plan"]
+    except (ManifestError, KeyError, TypeError):
         raise CUNetError(f"{path}: no auto plan here; pass the folder (or build.json) of a "
                          "`build --precision auto`") from None
     return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}
@@ -163,7 +165,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         "calibration": calib_info,
     }
     manifest["timings_seconds"] = {**timer.seconds, **manifest.get("timings_seconds", {})}
-    write_atomic(final / "build.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    write_atomic(final / BUILD_FILE, checked_build_json(manifest))
     if not acc["passed"] and opts.accuracy_gate:
         import shutil
 

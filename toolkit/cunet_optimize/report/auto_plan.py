@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from html import escape
 
+from cunet_optimize.manifests.profile import ProfileManifest
+
 FORMAT_COLOURS = {"int4": "#d95f02", "int8": "#1b9e77", "float": "#7570b3"}
 
 
@@ -68,18 +70,18 @@ def search_points_svg(auto: dict, width: int = 760, height: int = 360) -> str:
             f'aria-label="search points">' + "".join(body) + "</svg>")
 
 
-def auto_plan_section(profile: dict) -> str:
+def auto_plan_section(profile: ProfileManifest) -> str:
     from cunet_optimize.report.html import esc, figure, section, table
 
     parts = []
-    for v in profile.get("variants", []):
-        a = v.get("auto")
+    for v in profile.variants:
+        a = v.auto
         if not a:
             continue
         counts: dict[str, int] = {}
         for f in a.get("plan", {}).values():
             counts[f] = counts.get(f, 0) + 1
-        parts.append(f"<h3>{esc(v.get('name'))}</h3><p>{esc(a.get('objective'))} objective, {esc(a.get('grain'))} "
+        parts.append(f"<h3>{esc(v.name)}</h3><p>{esc(a.get('objective'))} objective, {esc(a.get('grain'))} "
                      f"grain, budget {esc(a.get('budget'))}: {esc(counts)}; weight bytes {a.get('weight_bytes', 0):.0f} "
                      f"(all INT8 {a.get('weight_bytes_uniform', {}).get('int8', 0):.0f}); predicted "
                      f"{a.get('predicted_degradation', 0):+.4f}; {len(a.get('back_off', []))} back-off step(s).</p>")

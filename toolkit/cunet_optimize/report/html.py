@@ -1,7 +1,7 @@
 """The profile report as ONE self-contained HTML file: inline CSS, inline SVG, no scripts.
 
-`render_html(profile, compare=None)` turns the JSON of a profile (see
-profile/result.py) into a page a person reads on a laptop: what ran where, the summary
+`render_html(profile, compare=None)` turns a profile (manifests/profile.py: the typed
+form of its JSON; a dict is checked into it first) into a page a person reads on a laptop: what ran where, the summary
 table, the latency-vs-NME Pareto plot, CED curves, batch sweep, memory and size,
 per-layer time, accuracy settings and deltas, surgery and calibration summaries,
 environment and the commands to reproduce. With `compare` (a second profile) it adds
@@ -15,7 +15,7 @@ import math
 from html import escape
 from typing import Any, Iterable, Sequence
 
-from cunet_optimize.profile.result import check_profile, summary_rows
+from cunet_optimize.manifests.profile import Memory, ProfileManifest, Size, Weights, as_profile, summary_rows
 from cunet_optimize.report.format import (
     MISSING,
     fmt_bytes,
@@ -142,14 +142,6 @@ def figure(svg: str, caption: str) -> str:
     return f"<figure>{svg}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
 def _ok(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -165,7 +157,7 @@ def _swatch(i: int) -> str:
 # ---------------------------------------------------------------- sections
 
 
-def _summary(profile: dict) -> str:
+def _summary(profile: ProfileManifest) -> str:
     rows, classes = [], []
     all_rows = summary_rows(profile)
     for i, r in enumerate(all_rows):
@@ -191,7 +183,7 @@ def _summary(profile: dict) -> str:
         ])
         classes.append("baseline" if r["role"] == "baseline" else "")
     batch = next((r["batch_size"] for r in all_rows if r["batch_size"]), 1)
-    metric = _metric_name(profile)
+    metric = profile.metric
     header = ["Variant", "Target · precision", "Size on disk", f"Median / p90 ms (batch {batch})", "Images/s",
               "Speed-up vs PyTorch FP32", "Speed-up vs ONNX FP32", f"{metric} %", f"Δ {metric} (points, relative)",
               "Pass", "Runtime that produced the numbers"]
@@ -203,13 +195,7 @@ def _summary(profile: dict) -> str:
                                                cls="summary") + note)
 
 
-def _metric_name(profile: dict) -> str:
-    """The headline metric of the profiled task: NME (faces) or PCKh@0.5 (pose)."""
-    return next((v["accuracy"]["metric"] for v in profile.get("variants", [])
-                 if _get(v, "accuracy", "metric")), "NME")
-
-
-def _points(profile: dict) -> list[dict]:
+def _points(profile: ProfileManifest) -> list[dict]:
     pts = []
     for i, r in enumerate(summary_rows(profile)):
         if _ok(r["median_ms"]) and _ok(r["metric_percent"]):
@@ -217,9 +203,9 @@ def _points(profile: dict) -> list[dict]:
     return pts
 
 
-def _pareto(profile: dict) -> str:
+def _pareto(profile: ProfileManifest) -> str:
     pts = _points(profile)
-    metric = _metric_name(profile)
+    metric = profile.metric
     if not pts:
         return section("pareto", "Latency vs accuracy", "<p class=\"muted\">No variant has both a latency and an "
                        f"{esc(metric)} (accuracy needs an evaluation set: pass --data).</p>")
@@ -231,17 +217,17 @@ def _pareto(profile: dict) -> str:
              "the dashed line form the Pareto front: no other variant is both faster and more accurate."))
 
 
-def _ced(profile: dict) -> str:
-    if any(_get(v, "accuracy", "pckh_curve") for v in profile["variants"]):
+def _ced(profile: ProfileManifest) -> str:
+    if any(v.accuracy and v.accuracy.pckh_curve for v in profile.variants):
         return _pckh_curve(profile)
     series, max_t, auc_t = [], None, None
-    for i, v in enumerate(profile["variants"]):
-        ced = _get(v, "accuracy", "ced")
+    for i, v in enumerate(profile.variants):
+        ced = v.accuracy.ced if v.accuracy else None
         if not ced:
             continue
-        max_t, auc_t = ced["max_threshold"], ced.get("auc_threshold")
-        series.append({"label": v["name"], "colour": colour(i),
-                       "xs": [t * 100 for t in ced["thresholds"]], "ys": [f * 100 for f in ced["fraction"]]})
+        max_t, auc_t = ced.max_threshold, ced.auc_threshold
+        series.append({"label": v.name, "colour": colour(i),
+                       "xs": [t * 100 for t in ced.thresholds], "ys": [f * 100 for f in ced.fraction]})
     if not series:
         return section("ced", "Cumulative error distribution", "<p class=\"muted\">Accuracy was not measured.</p>")
     svg = lines_svg(series, "NME threshold (%)", "images with NME below threshold (%)", "CED curves",
@@ -252,16 +238,16 @@ def _ced(profile: dict) -> str:
              f"{auc_t * 100:g}% (AUC and failure-rate threshold)." if auc_t else "CED curves per variant."))
 
 
-def _pckh_curve(profile: dict) -> str:
+def _pckh_curve(profile: ProfileManifest) -> str:
     """The pose task's CED: PCKh at each threshold from 0 to 0.5 head sizes."""
     series, max_t = [], None
-    for i, v in enumerate(profile["variants"]):
-        curve = _get(v, "accuracy", "pckh_curve")
+    for i, v in enumerate(profile.variants):
+        curve = v.accuracy.pckh_curve if v.accuracy else None
         if not curve:
             continue
-        max_t = curve["max_threshold"]
-        series.append({"label": v["name"], "colour": colour(i), "xs": list(curve["thresholds"]),
-                       "ys": [f * 100 for f in curve["fraction"]]})
+        max_t = curve.max_threshold
+        series.append({"label": v.name, "colour": colour(i), "xs": list(curve.thresholds),
+                       "ys": [f * 100 for f in curve.fraction]})
     svg = lines_svg(series, "threshold (head sizes)", "PCKh: visible joints within threshold (%)",
                     "PCKh vs threshold", x_max=max_t, marker_x=0.5 if max_t >= 0.5 else None, marker_label="0.5")
     return section("ced", "PCKh vs threshold", figure(
@@ -269,55 +255,53 @@ def _pckh_curve(profile: dict) -> str:
              "head sizes (0.6 x head-box diagonal); the value at 0.5 is PCKh@0.5."))
 
 
-def _per_joint(profile: dict) -> str:
+def _per_joint(profile: ProfileManifest) -> str:
     """Pose: PCKh@0.5 per joint and variant."""
-    variants = [v for v in profile["variants"] if _get(v, "accuracy", "metrics", "per_joint_percent")]
-    if not variants:
+    per_joint = {v.name: v.accuracy.metrics.per_joint_percent for v in profile.variants
+                 if v.accuracy and v.accuracy.metrics.per_joint_percent}
+    if not per_joint:
         return ""
-    joints = list(variants[0]["accuracy"]["metrics"]["per_joint_percent"])
-    rows = [[v["name"]] + [fmt_num(v["accuracy"]["metrics"]["per_joint_percent"].get(j), 1) for j in joints]
-            for v in variants]
+    joints = list(next(iter(per_joint.values())))
+    rows = [[name] + [fmt_num(values.get(j), 1) for j in joints] for name, values in per_joint.items()]
     return "<h3>PCKh@0.5 per joint (%)</h3>" + table(["Variant"] + joints, rows, numeric=range(1, len(joints) + 1))
 
 
-def _accuracy(profile: dict) -> str:
-    data = profile.get("data")
+def _accuracy(profile: ProfileManifest) -> str:
+    data = profile.data
     if not data:
-        notes = [n for n in profile.get("notes", []) if "evaluation data" in n]
+        notes = [n for n in profile.notes if "evaluation data" in n]
         return section("accuracy", "Accuracy", f"<p>{esc(notes[0] if notes else 'Accuracy was not measured.')}</p>")
-    variants = profile["variants"]
-    tolerances = sorted({(_get(v, "accuracy", "tolerance_points"), _get(v, "accuracy", "tolerance_source"))
-                         for v in variants if v.get("accuracy") and v.get("role") != "baseline"},
+    variants = profile.variants
+    tolerances = sorted({(v.accuracy.tolerance_points, v.accuracy.tolerance_source)
+                         for v in variants if v.accuracy and not v.baseline},
                         key=lambda t: (t[0] is None, t))
-    reference = next((v for v in variants if v.get("role") == "baseline"), None)
-    metric = _metric_name(profile)
+    reference = next((v for v in variants if v.baseline), None)
+    metric = profile.metric
     pose = metric != "NME"
     settings = kv([
-        ("Data set", f"{data.get('folder')} (split {data.get('split') or 'all images'})"),
-        ("Images", data.get("images")),
-        ("Crop policy", data.get("crop_policy") or data.get("crop")),
-        ("Normaliser", data.get("normalizer")),
-        ("Flip test", "on" if data.get("flip") else "off"),
-        ("Reference", f"{reference['name']}: {reference['runtime']}" if reference else MISSING),
+        ("Data set", f"{data.folder} (split {data.split or 'all images'})"),
+        ("Images", data.images),
+        ("Crop policy", data.crop_policy or data.crop),
+        ("Normaliser", data.normalizer),
+        ("Flip test", "on" if data.flip else "off"),
+        ("Reference", f"{reference.name}: {reference.runtime}" if reference else MISSING),
         ("Tolerance", "; ".join(f"{fmt_num(t, 3)} {metric} points ({s})" for t, s in tolerances) or MISSING),
-        ("Runtimes", "; ".join(dict.fromkeys(v["runtime"] for v in variants if v.get("accuracy")))),
+        ("Runtimes", "; ".join(dict.fromkeys(v.runtime for v in variants if v.accuracy))),
     ])
     rows = []
     for v in variants:
-        a = v.get("accuracy")
+        a = v.accuracy
         if not a:
             continue
-        m = a["metrics"]
-        key = "pckh" if pose else "nme"
-        rel = a.get(f"{key}_delta_relative_percent")
-        extra = ([fmt_num(m.get("pckh_0.2_percent"), 2)] if pose else
-                 [fmt_num(m.get("failure_rate_0.08_percent"), 2), fmt_num(m.get("failure_rate_0.10_percent"), 2),
-                  fmt_num(m.get("auc_0.08_percent"), 2)])
+        m = a.metrics
+        rel = a.delta_relative_percent
+        extra = ([fmt_num(m.pckh_02, 2)] if pose else
+                 [fmt_num(m.failure_rate_008, 2), fmt_num(m.failure_rate_010, 2), fmt_num(m.auc_008, 2)])
         rows.append([
-            v["name"], ("small", a.get("runtime")), fmt_num(a.get(f"reference_{key}_percent"), 3),
-            fmt_num(m.get(f"{key}_percent"), 3), fmt_num(a.get(f"{key}_delta_points"), 3, sign=True),
-            fmt_num(rel, 1, sign=True) + ("%" if _ok(rel) else ""), *extra, fmt_num(a.get("tolerance_points"), 3),
-            badge(a.get("passed")) if v.get("role") != "baseline" else REFERENCE_BADGE,
+            v.name, ("small", a.runtime), fmt_num(a.reference_value, 3),
+            fmt_num(a.value, 3), fmt_num(a.delta_points, 3, sign=True),
+            fmt_num(rel, 1, sign=True) + ("%" if _ok(rel) else ""), *extra, fmt_num(a.tolerance_points, 3),
+            badge(a.passed) if not v.baseline else REFERENCE_BADGE,
         ])
     extra_header = ["PCKh@0.2 %"] if pose else ["FR@0.08 %", "FR@0.10 %", "AUC@0.08 %"]
     measured = table(["Variant", "Runtime", f"FP32 reference {metric} %", f"{metric} %", "Δ (points)", "Δ (relative)",
@@ -325,15 +309,13 @@ def _accuracy(profile: dict) -> str:
                      rows, numeric=range(2, 7 + len(extra_header))) + _per_joint(profile)
     gates = []
     for v in variants:
-        g = v.get("build_accuracy")
+        g = v.build_accuracy
         if not g:
             continue
-        key = g.get("metric_key", "nme_percent")  # build.json before the pose task: NME only
-        worse = g.get("degradation_points", g.get("nme_increase_percent_points"))
         gates.append([
-            v["name"], ("small", g.get("runtime")), fmt_num(_get(g, "reference", key), 3),
-            fmt_num(_get(g, "quantized", key), 3), fmt_num(worse, 3, sign=True),
-            fmt_num(g.get("tolerance"), 3), badge(g.get("passed")),
+            v.name, ("small", g.runtime), fmt_num((g.reference or {}).get(g.key), 3),
+            fmt_num((g.quantized or {}).get(g.key), 3), fmt_num(g.worse_points, 3, sign=True),
+            fmt_num(g.tolerance, 3), badge(g.passed),
         ])
     gate_html = ""
     if gates:
@@ -345,51 +327,52 @@ def _accuracy(profile: dict) -> str:
                    + measured + gate_html)
 
 
-def _batch_sweep(profile: dict) -> str:
-    sizes = sorted({e["batch_size"] for v in profile["variants"] for e in v.get("batch_sweep") or []})
+def _batch_sweep(profile: ProfileManifest) -> str:
+    sizes = sorted({e.batch_size for v in profile.variants for e in v.batch_sweep if e.batch_size})
     if not sizes:
         return ""
     rows = []
-    for v in profile["variants"]:
-        by = {e["batch_size"]: e for e in v.get("batch_sweep") or []}
+    for v in profile.variants:
+        by = {e.batch_size: e for e in v.batch_sweep}
         if not by:
             continue
-        row = [v["name"]]
+        row = [v.name]
         for b in sizes:
             e = by.get(b)
-            row += [fmt_ms(_get(e, "median_ms")), fmt_ms(_get(e, "p99_ms")), fmt_num(_get(e, "throughput_ips"), 1)]
+            row += ([fmt_ms(e.median_ms), fmt_ms(e.p99_ms), fmt_num(e.throughput_ips, 1)] if e else
+                    [MISSING, MISSING, MISSING])
         rows.append(row)
     header = ["Variant"] + [f"b{b} {h}" for b in sizes for h in ("median ms", "p99 ms", "images/s")]
-    s = profile.get("settings", {})
-    caption = (f"<p class=\"muted\">Timed runs per batch size: {esc(s.get('sweep_runs', ''))}; "
-               f"warm-up runs: {esc(s.get('warmup'))} at batch 1, proportionally fewer at larger batches. "
-               f"Timing: {esc(s.get('timing', ''))}.</p>")
+    s = profile.settings
+    caption = (f"<p class=\"muted\">Timed runs per batch size: {esc(s.sweep_runs if s.sweep_runs is not None else '')}; "
+               f"warm-up runs: {esc(s.warmup)} at batch 1, proportionally fewer at larger batches. "
+               f"Timing: {esc(s.timing or '')}.</p>")
     latency_rows = []
-    for v in profile["variants"]:
-        lat = v.get("latency")
+    for v in profile.variants:
+        lat = v.latency
         if lat:
-            latency_rows.append([v["name"], lat["batch_size"], lat["runs"], fmt_ms(lat["median_ms"]),
-                                 fmt_ms(lat["p90_ms"]), fmt_ms(lat["p95_ms"]), fmt_ms(lat["p99_ms"]),
-                                 fmt_ms(lat["mean_ms"]), fmt_ms(lat["min_ms"]), fmt_ms(lat["max_ms"]),
-                                 fmt_num(lat["throughput_ips"], 1)])
+            latency_rows.append([v.name, lat.batch_size, lat.runs, fmt_ms(lat.median_ms),
+                                 fmt_ms(lat.p90_ms), fmt_ms(lat.p95_ms), fmt_ms(lat.p99_ms),
+                                 fmt_ms(lat.mean_ms), fmt_ms(lat.min_ms), fmt_ms(lat.max_ms),
+                                 fmt_num(lat.throughput_ips, 1)])
     detail = table(["Variant", "Batch", "Runs", "Median", "p90", "p95", "p99", "Mean", "Min", "Max", "Images/s"],
                    latency_rows, numeric=range(1, 11))
     return section("latency", "Latency and batch sweep", "<h3>Latency (ms)</h3>" + detail
                    + "<h3>Batch sweep</h3>" + table(header, rows, numeric=range(1, len(header))) + caption)
 
 
-def _memory_size(profile: dict) -> str:
+def _memory_size(profile: ProfileManifest) -> str:
     rows = []
-    for v in profile["variants"]:
-        size, mem = v.get("size") or {}, v.get("memory") or {}
-        weights = size.get("weights") or {}
-        dtypes = ", ".join(f"{k} {fmt_bytes(e['bytes'])}" for k, e in (weights.get("by_dtype") or {}).items())
+    for v in profile.variants:
+        size, mem = v.size or Size(), v.memory or Memory()
+        weights = size.weights or Weights()
+        dtypes = ", ".join(f"{k} {fmt_bytes(e.bytes)}" for k, e in weights.by_dtype.items())
         rows.append([
-            v["name"], size.get("deploy_artifact") or MISSING, fmt_bytes(size.get("deploy_bytes")),
-            fmt_bytes(size.get("total_bytes")), fmt_bytes(weights.get("total_bytes")), ("small", dtypes or MISSING),
-            fmt_bytes(mem.get("inference_growth_bytes")), fmt_bytes(mem.get("peak_rss_bytes")),
+            v.name, size.deploy_artifact or MISSING, fmt_bytes(size.deploy_bytes),
+            fmt_bytes(size.total_bytes), fmt_bytes(weights.total_bytes), ("small", dtypes or MISSING),
+            fmt_bytes(mem.inference_growth_bytes), fmt_bytes(mem.peak_rss_bytes),
         ])
-    method = profile.get("settings", {}).get("memory_method")
+    method = profile.settings.memory_method
     caption = f"<p class=\"muted\">Memory: {esc(method)}.</p>" if method else \
         "<p class=\"muted\">Memory was not measured (--memory off).</p>"
     return section("memory", "Size and memory", table(
@@ -397,126 +380,126 @@ def _memory_size(profile: dict) -> str:
          "Inference memory (RSS growth)", "Peak RSS of the process"], rows, numeric=(2, 3, 4, 6, 7)) + caption)
 
 
-def _layers(profile: dict) -> str:
+def _layers(profile: ProfileManifest) -> str:
     parts = []
-    for i, v in enumerate(profile["variants"]):
-        lay = v.get("layers")
+    for i, v in enumerate(profile.variants):
+        lay = v.layers
         if not lay:
             continue
-        ops = lay.get("by_op_type", [])[:TOP_LAYERS]
-        svg = hbars_svg([(o["op_type"], o["ms_per_run"], f"{fmt_ms(o['ms_per_run'])} ms · {o['percent']:.1f}%")
-                         for o in ops], "kernel time per run (ms)", f"{v['name']}: time by op type", colour(i))
+        ops = lay.by_op_type[:TOP_LAYERS]
+        svg = hbars_svg([(o.op_type, o.ms_per_run, f"{fmt_ms(o.ms_per_run)} ms · {o.percent:.1f}%")
+                         for o in ops], "kernel time per run (ms)", f"{v.name}: time by op type", colour(i))
         nodes = table(["Node", "Op type", "ms per run", "% of kernel time"],
-                      [[("small", n["node"]), n["op_type"], fmt_ms(n["ms_per_run"]), fmt_num(n["percent"], 1)]
-                       for n in lay.get("top_nodes", [])[:TOP_LAYERS]], numeric=(2, 3))
-        head = (f"{esc(v['name'])}: {fmt_ms(lay.get('total_ms_per_run'))} ms kernel time per run, "
-                f"{esc(lay.get('nodes'))} nodes, batch {esc(lay.get('batch_size'))}, {esc(lay.get('runs'))} runs")
-        if lay.get("run_ms_per_run") is not None:
-            head += (f"; the run takes {fmt_ms(lay['run_ms_per_run'])} ms "
-                     f"({fmt_ms(lay.get('outside_kernels_ms_per_run'))} ms outside the kernels)")
+                      [[("small", n.node), n.op_type, fmt_ms(n.ms_per_run), fmt_num(n.percent, 1)]
+                       for n in lay.top_nodes[:TOP_LAYERS]], numeric=(2, 3))
+        head = (f"{esc(v.name)}: {fmt_ms(lay.total_ms_per_run)} ms kernel time per run, "
+                f"{esc(lay.nodes)} nodes, batch {esc(lay.batch_size)}, {esc(lay.runs)} runs")
+        if lay.run_ms_per_run is not None:
+            head += (f"; the run takes {fmt_ms(lay.run_ms_per_run)} ms "
+                     f"({fmt_ms(lay.outside_kernels_ms_per_run)} ms outside the kernels)")
         by_type = table(["Op type", "Nodes", "ms per run", "% of kernel time"],
-                        [[o["op_type"], o.get("nodes", ""), fmt_ms(o["ms_per_run"]), fmt_num(o["percent"], 1)]
+                        [[o.op_type, "" if o.nodes is None else o.nodes, fmt_ms(o.ms_per_run), fmt_num(o.percent, 1)]
                          for o in ops], numeric=(1, 2, 3))
-        scaling = lay.get("thread_scaling")
+        scaling = lay.thread_scaling
         scale = ""
         if scaling:
             scale = ("<p>Latency by intra-op threads (batch 1, median): " + ", ".join(
-                f"{esc(n)}: {fmt_ms(ms)} ms (x{scaling['speedup_vs_1_thread'][n]:.2f})"
-                for n, ms in scaling["median_ms_batch1"].items())
-                + f"; the build uses {esc(scaling.get('build_threads'))}.</p>")
+                f"{esc(n)}: {fmt_ms(ms)} ms (x{fmt_num(scaling.speedup_vs_1_thread.get(n), 2)})"
+                for n, ms in scaling.median_ms_batch1.items())
+                + f"; the build uses {esc(scaling.build_threads)}.</p>")
         opened = " open" if not parts else ""
         parts.append(f"<details{opened}><summary>{head}</summary>{scale}"
                      f'<div class="plots"><figure>{svg}<figcaption>Top {TOP_LAYERS} op types.</figcaption></figure>'
                      f"<div><h3>By op type</h3>{by_type}<h3>Top {TOP_LAYERS} nodes</h3>{nodes}</div></div></details>")
     if not parts:
         return ""
-    src = next(v["layers"]["source"] for v in profile["variants"] if v.get("layers"))
+    src = next(v.layers.source for v in profile.variants if v.layers)
     return section("layers", "Per-layer time", f'<p class="muted">{esc(src)}.</p>' + "".join(parts))
 
 
-def _surgery(profile: dict) -> str:
+def _surgery(profile: ProfileManifest) -> str:
     parts = []
-    for v in profile["variants"]:
-        s = v.get("surgery")
+    for v in profile.variants:
+        s = v.surgery
         if not s:
             continue
-        # build.json: "reports" (one dict per pass, "passes" = their names), or "passes" as dicts
-        reports = s.get("reports") or [p for p in s.get("passes") or [] if isinstance(p, dict)]
         rows = []
-        for p in reports:
-            rows.append([p.get("name"), p.get("rewrites", MISSING),
-                         f"{p.get('nodes_before', MISSING)} → {p.get('nodes_after', MISSING)}",
-                         f"{p.get('concats_before', MISSING)} → {p.get('concats_after', MISSING)}",
-                         f"{fmt_bytes(p.get('concat_bytes_before'))} → {fmt_bytes(p.get('concat_bytes_after'))}"])
+        for p in s.pass_records:
+            rows.append([p.name, MISSING if p.rewrites is None else p.rewrites,
+                         f"{_or_missing(p.nodes_before)} → {_or_missing(p.nodes_after)}",
+                         f"{_or_missing(p.concats_before)} → {_or_missing(p.concats_after)}",
+                         f"{fmt_bytes(p.concat_bytes_before)} → {fmt_bytes(p.concat_bytes_after)}"])
         totals = kv([
-            ("Peak activation memory (batch 1)", f"{fmt_bytes(s.get('peak_activation_bytes_before'))} → "
-                                                 f"{fmt_bytes(s.get('peak_activation_bytes_after'))}"),
-            ("Concat outputs (batch 1)", f"{fmt_bytes(s.get('concat_bytes_before'))} → "
-                                         f"{fmt_bytes(s.get('concat_bytes_after'))}"),
+            ("Peak activation memory (batch 1)", f"{fmt_bytes(s.peak_activation_bytes_before)} → "
+                                                 f"{fmt_bytes(s.peak_activation_bytes_after)}"),
+            ("Concat outputs (batch 1)", f"{fmt_bytes(s.concat_bytes_before)} → "
+                                         f"{fmt_bytes(s.concat_bytes_after)}"),
         ])
         tbl = table(["Pass", "Rewrites", "Nodes", "Concats", "Concat bytes"], rows, numeric=(1, 2, 3, 4)) \
             if rows else ""
-        parts.append(f"<h3>{esc(v['name'])}</h3>{totals}{tbl}")
+        parts.append(f"<h3>{esc(v.name)}</h3>{totals}{tbl}")
     return section("surgery", "Graph surgery", "".join(parts)) if parts else ""
 
 
-def _calibration(profile: dict) -> str:
+def _or_missing(x: Any) -> Any:
+    return MISSING if x is None else x
+
+
+def _calibration(profile: ProfileManifest) -> str:
     parts = []
-    for v in profile["variants"]:
-        c = v.get("calibration")
+    for v in profile.variants:
+        c = v.calibration
         if not c:
             continue
-        ranges = list((c.get("ranges") or {}).items())
-        info = kv([("Method", c.get("method")), ("Scheme", c.get("scheme")), ("Images", c.get("images")),
-                   ("Data", c.get("data")), ("Scales file", c.get("scales_file"))])
+        ranges = list((c.ranges or {}).items())
+        info = kv([("Method", c.method), ("Scheme", c.scheme), ("Images", c.images),
+                   ("Data", c.data), ("Scales file", c.scales_file)])
         tbl = table(["Tensor", "amax"], [[("small", k), fmt_num(a, 4)] for k, a in ranges[:CALIBRATION_ROWS]],
                     numeric=(1,)) if ranges else ""
         more = f'<p class="muted">{len(ranges) - CALIBRATION_ROWS} more in the scales file.</p>' \
             if len(ranges) > CALIBRATION_ROWS else ""
-        parts.append(f"<h3>{esc(v['name'])}</h3>{info}{tbl}{more}")
+        parts.append(f"<h3>{esc(v.name)}</h3>{info}{tbl}{more}")
     return section("calibration", "Calibration", "".join(parts)) if parts else ""
 
 
-def _loads(values: Any) -> str:
-    return ", ".join(f"{x:g}" for x in values) if isinstance(values, list) and values else MISSING
+def _loads(values: list[float] | None) -> str:
+    return ", ".join(f"{x:g}" for x in values) if values else MISSING
 
 
-def _environment(profile: dict) -> str:
-    env = profile.get("environment", {})
-    versions = env.get("versions", {})
+def _environment(profile: ProfileManifest) -> str:
+    env = profile.environment
     pairs = [
-        ("CPU", env.get("cpu")), ("Cores (usable)", f"{env.get('cpu_cores')} ({env.get('cpu_cores_usable')})"),
-        ("Memory", fmt_bytes(env.get("memory_total_bytes"))), ("GPU", env.get("gpu")),
-        ("OS", env.get("os")), ("Python", env.get("python")),
-        *((name, ver) for name, ver in versions.items() if ver),
-        ("Load average 1/5/15 min (start; end)", f"{_loads(env.get('load_average'))}; "
-                                                   f"{_loads(env.get('load_average_end'))}"),
-        ("Created", profile.get("created")), ("Profile took", f"{fmt_num(profile.get('seconds'), 1)} s"),
+        ("CPU", env.cpu), ("Cores (usable)", f"{env.cpu_cores} ({env.cpu_cores_usable})"),
+        ("Memory", fmt_bytes(env.memory_total_bytes)), ("GPU", env.gpu),
+        ("OS", env.os), ("Python", env.python),
+        *((name, ver) for name, ver in env.versions.items() if ver),
+        ("Load average 1/5/15 min (start; end)", f"{_loads(env.load_average)}; {_loads(env.load_average_end)}"),
+        ("Created", profile.created), ("Profile took", f"{fmt_num(profile.seconds, 1)} s"),
     ]
     return section("environment", "Environment", kv(pairs))
 
 
-def _commands(profile: dict, json_name: str | None) -> str:
-    cmds = profile.get("commands", {})
+def _commands(profile: ProfileManifest, json_name: str | None) -> str:
+    cmds = profile.commands
     lines = ["# builds"]
-    for b in cmds.get("builds", []):
-        lines.append(b.get("command") or f"# {b.get('name')}: build command not recorded")
-    lines += ["", "# profile", cmds.get("profile") or "cunet-optimize profile"]
+    for b in cmds.builds:
+        lines.append(b.command or f"# {b.name}: build command not recorded")
+    lines += ["", "# profile", cmds.profile or "cunet-optimize profile"]
     if json_name:
         lines += ["", "# this page, from the JSON", f"cunet-optimize report {json_name}"]
     return section("reproduce", "Commands to reproduce", f"<pre>{esc(chr(10).join(lines))}</pre>")
 
 
-def _notes(profile: dict) -> str:
-    notes = list(profile.get("notes", []))
-    for v in profile["variants"]:
-        notes += [f"{v['name']}: {n}" for n in v.get("notes", [])]
+def _notes(profile: ProfileManifest) -> str:
+    notes = list(profile.notes)
+    for v in profile.variants:
+        notes += [f"{v.name}: {n}" for n in v.notes]
     if not notes:
         return ""
     return section("notes", "Notes", '<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
 
 
-def _compare(profile: dict, other: dict) -> str:
+def _compare(profile: ProfileManifest, other: ProfileManifest) -> str:
     mine = {r["variant"]: r for r in summary_rows(profile)}
     theirs = {r["variant"]: r for r in summary_rows(other)}
     rows = []
@@ -531,16 +514,16 @@ def _compare(profile: dict, other: dict) -> str:
         rows.append([name, where, fmt_ms(lb), fmt_ms(la), fmt_signed_ms(d_ms),
                      fmt_num(d_rel, 1, sign=True) + ("%" if _ok(d_rel) else ""),
                      fmt_num(nb, 3), fmt_num(na, 3), fmt_num(d_nme, 3, sign=True)])
-    env_a, env_b = profile.get("environment", {}), other.get("environment", {})
+    env_a, env_b = profile.environment, other.environment
     intro = kv([
-        ("This profile", f"{profile.get('name')} ({profile.get('created')}, {env_a.get('cpu')})"),
-        ("Compared with", f"{other.get('name')} ({other.get('created')}, {env_b.get('cpu')})"),
+        ("This profile", f"{profile.name} ({profile.created}, {env_a.cpu})"),
+        ("Compared with", f"{other.name} ({other.created}, {env_b.cpu})"),
     ])
     caution = ""
-    if env_a.get("cpu") != env_b.get("cpu") or env_a.get("cpu_cores_usable") != env_b.get("cpu_cores_usable"):
+    if env_a.cpu != env_b.cpu or env_a.cpu_cores_usable != env_b.cpu_cores_usable:
         caution = '<p class="muted">The two profiles ran on different machines: latency deltas mix the change ' \
                   "with the hardware.</p>"
-    metric = _metric_name(profile)
+    metric = profile.metric
     return section("compare", "Comparison with another profile", intro + caution + table(
         ["Variant", "In", "Other median ms", "This median ms", "Δ ms", "Δ latency", f"Other {metric} %",
          f"This {metric} %", f"Δ {metric} (points)"], rows, numeric=range(2, 9)) +
@@ -550,14 +533,13 @@ def _compare(profile: dict, other: dict) -> str:
 from cunet_optimize.report.auto_plan import auto_plan_section  # noqa: E402
 
 
-def render_html(profile_json: dict, compare: dict | None = None, json_name: str | None = None) -> str:
+def render_html(profile: ProfileManifest | dict, compare: ProfileManifest | dict | None = None,
+                json_name: str | None = None) -> str:
     """The report page for a profile (and optionally a comparison with another)."""
-    check_profile(profile_json)
-    if compare is not None:
-        check_profile(compare, "compare profile")
-    p = profile_json
-    title = f"CU-Net profile: {p.get('name', '')}"
-    metric = _metric_name(p)
+    p = as_profile(profile)
+    compare = as_profile(compare, "compare profile") if compare is not None else None
+    title = f"CU-Net profile: {p.name}"
+    metric = p.metric
     sections = [
         _summary(p),
         _compare(p, compare) if compare is not None else "",
@@ -578,10 +560,10 @@ def render_html(profile_json: dict, compare: dict | None = None, json_name: str 
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
         f"<h1>{esc(title)}</h1>"
-        f'<p class="muted">{esc(p.get("created"))} · {len(p["variants"])} variants · '
-        f"cunet-optimize {esc(p.get('toolkit_version'))}</p>{nav}"
-        f'<p class="statement">{esc(p.get("statement"))}</p>'
+        f'<p class="muted">{esc(p.created)} · {len(p.variants)} variants · '
+        f"cunet-optimize {esc(p.toolkit_version)}</p>{nav}"
+        f'<p class="statement">{esc(p.statement)}</p>'
         + "".join(sections)
-        + f"<footer>Generated by cunet-optimize {esc(p.get('toolkit_version'))} from {esc(json_name or 'a profile')}"
+        + f"<footer>Generated by cunet-optimize {esc(p.toolkit_version)} from {esc(json_name or 'a profile')}"
         "; self-contained: no scripts, no external resources.</footer></main></body></html>\n"
     )

@@ -1,0 +1,149 @@
+"""build.json: the manifest `cunet-optimize build` writes into every build folder.
+
+Schema "cunet-optimize/build/1" (engines/README.md describes the fields). The build
+writes it through `BuildManifest` (so a field of the wrong type fails the build, not a
+later profile), and the profiler and the report read it back through the same class.
+Fields the profiler or the report read are typed; the rest of a stage's record (export
+summary, engine settings, lint findings, timings) is kept as written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from cunet_optimize.manifests.schema import check_schema, from_dict, key, read_json, to_dict
+
+BUILD_SCHEMA = "cunet-optimize/build/1"
+BUILD_FILE = "build.json"
+REBUILD = "rebuild it with this toolkit version (`cunet-optimize build --force`)"
+
+
+@dataclass
+class ModelRecord:
+    """The checkpoint a build was made from."""
+
+    checkpoint: str
+    sha256: str
+    source: str | None = None
+    config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AccuracyGate:
+    """The accuracy gate at build time: the quantized engine vs the FP32 reference."""
+
+    runtime: str | None = None
+    task: str | None = None
+    metric: str | None = None
+    metric_key: str | None = None  # absent before the pose task: NME only
+    reference: dict[str, float | dict[str, float | None] | None] | None = None  # the reference's metrics, by key
+    quantized: dict[str, float | dict[str, float | None] | None] | None = None
+    reference_value: float | None = None
+    quantized_value: float | None = None
+    degradation_points: float | None = None  # positive = worse than FP32
+    nme_increase_percent_points: float | None = None  # the same, before the pose task
+    tolerance: float | None = None
+    passed: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.metric_key or "nme_percent"
+
+    @property
+    def worse_points(self) -> float | None:
+        return self.degradation_points if self.degradation_points is not None else self.nme_increase_percent_points
+
+
+@dataclass
+class PassRecord:
+    """One surgery pass: what it rewrote and what the graph became."""
+
+    name: str | None = None
+    rewrites: int | None = None
+    nodes_before: int | None = None
+    nodes_after: int | None = None
+    concats_before: int | None = None
+    concats_after: int | None = None
+    concat_bytes_before: int | None = None
+    concat_bytes_after: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SurgeryRecord:
+    # "passes": the pass names (with "reports" one record per pass), or, in older
+    # manifests, the records themselves
+    passes: list[str | PassRecord] = field(default_factory=list)
+    reports: list[PassRecord] = field(default_factory=list)
+    peak_activation_bytes_before: int | None = None
+    peak_activation_bytes_after: int | None = None
+    concat_bytes_before: int | None = None
+    concat_bytes_after: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pass_records(self) -> list[PassRecord]:
+        return self.reports or [p for p in self.passes if isinstance(p, PassRecord)]
+
+
+@dataclass
+class CalibrationRecord:
+    method: str | None = None
+    scheme: str | None = None
+    images: int | None = None
+    data: str | None = None
+    scales_file: str | None = None
+    ranges: dict[str, float | None] | None = None  # tensor -> amax
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildManifest:
+    name: str
+    precision: str
+    target: str
+    backend: str
+    engine_built: bool
+    model: ModelRecord
+    artifacts: dict[str, str]  # role -> path relative to the build folder
+    schema: str = BUILD_SCHEMA
+    toolkit_version: str | None = None
+    command: str | None = None
+    dla_core: int | None = None
+    backend_version: str | None = None
+    eval_data: dict[str, Any] | None = None
+    calibration: CalibrationRecord | None = None
+    surgery: SurgeryRecord | None = None
+    accuracy: AccuracyGate | None = None
+    auto: dict[str, Any] | None = None  # build --precision auto: the per-conv plan (report/auto_plan.py)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # target_spec, export, lint, engine_settings, timings...
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = BUILD_FILE) -> BuildManifest:
+        return from_dict(cls, check_schema(data, BUILD_SCHEMA, where, REBUILD), where, REBUILD)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+
+
+def read_build_manifest(path: str | os.PathLike) -> BuildManifest:
+    """The build.json at `path`; ManifestError (one line: file, field, what to do) when unusable."""
+    return BuildManifest.from_dict(read_json(path, BUILD_FILE, REBUILD), str(path))
+
+
+def checked_build_json(manifest: dict) -> str:
+    """The text of build.json for the manifest a build assembled, checked against
+    BuildManifest first: a build never writes a manifest the profiler would reject.
+    Written in the build's own key order (paths and other objects as strings)."""
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+    BuildManifest.from_dict(json.loads(text), f"{manifest.get('name', 'build')}/{BUILD_FILE}")
+    return text
