@@ -88,11 +88,13 @@ def _environment_error(command: str, exc: OSError) -> str:
 
 
 def _run_command(args) -> int:
-    from cunet_optimize import distributed
+    from cunet_optimize.launch import detect_launch
 
-    launch = distributed.detect_launch()
+    launch = detect_launch()
     if not launch.distributed:
         return _run_in_this_process(args)
+    from cunet_optimize import distributed
+
     if args.command not in DISTRIBUTED_COMMANDS:
         raise CUNetError(f"{args.command} runs in one process; launch it without torchrun/srun "
                          f"(multi-process: {', '.join(DISTRIBUTED_COMMANDS)})")

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cunet_optimize.manifests.schema import check_schema, from_dict, key, read_json, to_dict
+from cunet_optimize.manifests.schema import check_schema, from_dict, read_json, to_dict
 
 BUILD_SCHEMA = "cunet-optimize/build/1"
 BUILD_FILE = "build.json"

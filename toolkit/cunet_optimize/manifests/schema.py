@@ -60,6 +60,22 @@ class _Mismatch(Exception):
         super().__init__(f"{path} is {type(value).__name__} {str(value)[:40]!r}, expected {_type_name(expected)}")
 
 
+def _kind_matches(tp: Any, value: Any) -> bool:
+    """Whether `value` is of the JSON kind (object, list, string, number, bool) of type `tp`."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp) or tp
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin)
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
@@ -68,14 +84,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, path)
-            except _Mismatch:
-                continue
-        raise _Mismatch(path, value, tp)
+        # the option of the value's JSON kind; its own errors name the inner field
+        option = next((o for o in options if o is not type(None) and _kind_matches(o, value)), None)
+        if option is None:
+            raise _Mismatch(path, value, tp)
+        return _convert(option, value, path)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Mismatch(path, value, tp)
