@@ -25,6 +25,16 @@ GATE = {"runtime": "ONNX Runtime CPU", "reference_runtime": "ONNX Runtime CPU (O
         "quantized_value": 3.2, "degradation_points": 0.1, "tolerance": 0.5, "tolerance_option": "--max-nme-increase",
         "passed": True, "gate_enforced": True}
 
+AUTO = {"objective": "size", "budget": 0.3, "budget_option": "--max-nme-increase", "grain": "group",
+        "plan": {"conv1": "int8", "conv2": "int4"}, "weight_bytes": 1200.0, "weight_bytes_uniform": {"int8": 2000.0},
+        "predicted_degradation": 0.1, "back_off": [{"after_build": 0, "degradation": 0.4, "action": "conv2 -> int8"}],
+        "layers": [{"name": "conv1", "group": "stem", "format": "int8", "weight_bytes": 800.0},
+                   {"name": "conv2", "group": "u1", "format": "int4", "weight_bytes": 400.0}],
+        "visited": [{"step": 0, "cost": 1200.0, "predicted": 0.1}],
+        "builds": [{"step": 0, "formats": {"int8": 1, "int4": 1}, "predicted": 0.1, "degradation": 0.12,
+                    "passed": True, "weight_bytes": 1200.0, "seconds": 3.0}],
+        "search_seconds": 1.5}
+
 
 def build_json() -> dict:
     """A build.json with every section build.py writes (values shortened)."""
@@ -44,7 +54,7 @@ def build_json() -> dict:
                     "int8_cpu_form": None},
         "lint": [], "backend": "onnxruntime", "backend_version": "1.32.0", "engine_built": True,
         "engine_settings": {"intra_op_threads": 1}, "artifacts": {"onnx": "model.onnx", "model": "model.ort.onnx"},
-        "accuracy": GATE, "timings_seconds": {"export": 0.5}, "notes": ["a note"],
+        "accuracy": GATE, "timings_seconds": {"export": 0.5}, "notes": ["a note"], "auto": AUTO,
     }
 
 
@@ -56,6 +66,7 @@ def test_build_manifest_round_trips_and_types_what_the_profiler_reads(tmp_path):
     assert m.model.sha256 == "ab" * 32 and m.accuracy.tolerance == 0.5 and m.accuracy.key == "nme_percent"
     assert m.surgery.pass_records[0].nodes_after == 8 and m.calibration.ranges == {"conv1": 1.5}
     assert m.extra["lint"] == [] and m.extra["timings_seconds"] == {"export": 0.5}
+    assert m.auto.layers[1].format == "int4" and m.auto.builds[0].passed is True
     path = tmp_path / "build.json"
     path.write_text(checked_build_json(data))
     assert read_build_manifest(path) == m and json.loads(path.read_text()) == data
@@ -135,10 +146,14 @@ def test_every_field_the_report_reads_is_typed():
     """The page rendered from only the declared fields equals the page from the whole JSON:
     the report reads nothing the schema check did not check."""
     data = full_profile(extra_variants=1)
+    data["variants"][2]["auto"] = AUTO
     stripped = _without_extra(ProfileManifest.from_dict(data))
     assert stripped != data  # the fixture does carry undeclared keys (e.g. latency std_ms), so this can fail
     assert "std_ms" not in json.dumps(stripped) and "std_ms" in json.dumps(data)
-    assert render_html(stripped) == render_html(data)
+    assert "search_seconds" not in json.dumps(stripped)
+    page = render_html(data)
+    assert "Mixed precision" in page and "Per-layer time" in page and "Graph surgery" in page  # all sections drawn
+    assert render_html(stripped) == page
 
 
 def test_manifests_import_without_torch_or_numpy():

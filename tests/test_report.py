@@ -11,7 +11,7 @@ import pytest
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, read_profile
-from cunet_optimize.profile.result import ProfileResult, VariantProfile, speedups, what_ran_where
+from cunet_optimize.profile.result import VariantProfile, profile_manifest, speedups, what_ran_where
 from cunet_optimize.report import render_html, write_report
 from cunet_optimize.report.svg import nice_ticks, pareto_front
 
@@ -86,7 +86,7 @@ BUILD_GATE = {"runtime": "ONNX Runtime 1.32 CPU (ORT_DISABLE_ALL reference)", "r
 def make_profile(variants: list[VariantProfile], name: str = "p1", data: dict | None = DATA) -> dict:
     speedups(variants)
     dicts = [v.__dict__ for v in variants]
-    return ProfileResult(
+    return profile_manifest(
         name=name, created="2026-01-01T00:00:00+00:00", environment=ENV,
         settings={"runs": 50, "warmup": 10, "batch_sizes": [1, 2], "sweep_runs": "50 at batch 1",
                   "timing": "backend call", "memory_method": "test method"},

@@ -1,4 +1,4 @@
-"""Export verification judged by the network's own rounding noise (export/verify.py):
+"""Export verification judged by the network's own rounding noise (onnx_tools/verify.py):
 a deep network's correct graph passes, miswired graphs fail, in both directions."""
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.engines.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.onnx_tools.verify import open_session
 
 SESSION_SCHEMA = "cunet-optimize/ort-session/1"
 SESSION_FILE = "session.json"
@@ -173,7 +174,7 @@ def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: s
     at graph optimisation `level`, all candidates alternating run by run."""
     from cunet_optimize.data.synth import VERIFY_SIZE as INPUT_SIZE, verification_batch
 
-    sessions = {key: _make_session(Path(path), session_options(settings, level))
+    sessions = {key: open_session(Path(path), session_options(settings, level))
                 for key, (path, settings) in candidates.items()}
     first = next(iter(sessions.values())).get_inputs()[0]
     size = [d if isinstance(d, int) and d > 0 else INPUT_SIZE for d in first.shape[2:]]
@@ -189,17 +190,6 @@ def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: s
             if i >= 2:
                 times[key].append((time.perf_counter() - start) * 1e3)
     return {key: float(np.median(t)) for key, t in times.items()}
-
-
-def _make_session(model_path: Path, so):
-    ort = _ort()
-    try:
-        return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CUNetError(
-            f"ONNX Runtime cannot load {model_path}: {first}; check it with `cunet-optimize lint`"
-        ) from exc
 
 
 class OnnxRuntimeBuilder:
@@ -242,7 +232,7 @@ class OnnxRuntimeBuilder:
         final = out / OPTIMIZED_MODEL_FILE
         partial = out / f".{OPTIMIZED_MODEL_FILE}.partial"
         try:
-            _make_session(onnx_path, session_options(settings, settings.optimization, str(partial)))
+            open_session(onnx_path, session_options(settings, settings.optimization, str(partial)))
             if not partial.is_file():
                 raise CUNetError(f"ONNX Runtime wrote no optimised model for {onnx_path} in {out}")
             os.replace(partial, final)
@@ -352,7 +342,7 @@ class OnnxRuntimeSessionRunner(Runner):
     def activate_impl(self) -> None:
         if not self.model_path.is_file():
             raise CUNetError(f"model not found: {self.model_path}; rebuild it")
-        self._session = _make_session(self.model_path, session_options(self.settings, self.load_optimization))
+        self._session = open_session(self.model_path, session_options(self.settings, self.load_optimization))
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
             raise CUNetError(f"{self.model_path}: expected one image input, found {[i.name for i in inputs]}")

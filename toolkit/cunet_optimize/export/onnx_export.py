@@ -245,7 +245,7 @@ def _fp16_rounded(model: torch.nn.Module) -> torch.nn.Module:
 def reference_heads(torch_model: torch.nn.Module, image: np.ndarray, kind: str,
                     fp16: bool = False) -> tuple[list, list, str, str]:
     """(reference heads, noisy heads, reference name, noise name) for a graph of `kind`
-    (verify.py says why each pair is what it is)."""
+    (onnx_tools/verify.py says why each pair is what it is)."""
     version = f"PyTorch {torch.__version__}"
     float32 = _heads(torch_model, image)
     if kind == "fake_quant" and fp16:
@@ -300,7 +300,7 @@ def weights_quantized_float_model(qmodel: torch.nn.Module) -> torch.nn.Module | 
 def verify_wiring(onnx_model: onnx.ModelProto, qmodel: torch.nn.Module, image: np.ndarray,
                   head_names: list[str]) -> VerificationResult | None:
     """The fake-quant graph with its activation Q/DQ bypassed vs the model with activation
-    quantization off, under the fp32 rule (verify.py says why); None when the model's
+    quantization off, under the fp32 rule (onnx_tools/verify.py says why); None when the model's
     quantizers cannot be switched off or the graph has no activation Q/DQ."""
     plain = weights_quantized_float_model(qmodel)
     if plain is None:
@@ -324,7 +324,7 @@ def verify_against_torch(
     onnx_model: onnx.ModelProto, torch_model: torch.nn.Module, output_names: list[str], batch: int
 ) -> VerificationResult:
     """ORT (ORT_DISABLE_ALL) vs PyTorch on synthetic faces, judged by the model's own
-    rounding noise (verify.py); CUNetError on mismatch."""
+    rounding noise (onnx_tools/verify.py); CUNetError on mismatch."""
     image = verification_batch(batch)
     actual = run_onnxruntime(onnx_model, {INPUT_NAME: image}, level="disable_all")
     kind = graph_kind(onnx_model)
@@ -389,7 +389,7 @@ def export_onnx(
 
     Raises CUNetError if the options are invalid, the export fails, the file is not
     valid ONNX, or ONNX Runtime's outputs differ from PyTorch's by more than the
-    model's own rounding noise (verify.py); nothing is written then. verify=False skips
+    model's own rounding noise (onnx_tools/verify.py); nothing is written then. verify=False skips
     only that last check (for benchmarks that time the exporter alone).
     """
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cunet_optimize.manifests.schema import check_schema, from_dict, read_json, to_dict
+from cunet_optimize.manifests.schema import check_schema, from_dict, key, read_json, to_dict
 
 BUILD_SCHEMA = "cunet-optimize/build/1"
 BUILD_FILE = "build.json"
@@ -33,6 +33,40 @@ class ModelRecord:
 
 
 @dataclass
+class EvalDataRecord:
+    """The evaluation set the accuracy gate ran on (the profiler's default set)."""
+
+    folder: str | None = None
+    split: str | None = None
+    images: int | None = None
+    crop: str | None = None  # the crop policy, as a key ("tight") or its sentence
+    task: str | None = None  # absent before the pose task: face
+    boxes: str | None = None
+    normalizer: str | None = None
+    flip: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Metrics:
+    """A model's metrics on an evaluation set, in percent (metrics.py; a face or a pose set):
+    a profile variant's, and the two sides of a build's accuracy gate."""
+
+    nme_percent: float | None = None
+    failure_rate_008: float | None = key("failure_rate_0.08_percent")
+    failure_rate_010: float | None = key("failure_rate_0.10_percent")
+    auc_008: float | None = key("auc_0.08_percent")
+    pckh_percent: float | None = None
+    pckh_02: float | None = key("pckh_0.2_percent")
+    per_joint_percent: dict[str, float | None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def value(self, metric_key: str) -> float | None:
+        """The headline metric by its key: "nme_percent" (faces) or "pckh_percent" (pose)."""
+        return {"nme_percent": self.nme_percent, "pckh_percent": self.pckh_percent}.get(metric_key)
+
+
+@dataclass
 class AccuracyGate:
     """The accuracy gate at build time: the quantized engine vs the FP32 reference."""
 
@@ -40,8 +74,8 @@ class AccuracyGate:
     task: str | None = None
     metric: str | None = None
     metric_key: str | None = None  # absent before the pose task: NME only
-    reference: dict[str, float | dict[str, float | None] | None] | None = None  # the reference's metrics, by key
-    quantized: dict[str, float | dict[str, float | None] | None] | None = None
+    reference: Metrics | None = None  # the FP32 reference's metrics
+    quantized: Metrics | None = None
     reference_value: float | None = None
     quantized_value: float | None = None
     degradation_points: float | None = None  # positive = worse than FP32
@@ -103,6 +137,56 @@ class CalibrationRecord:
 
 
 @dataclass
+class PlanLayer:
+    """One conv of an auto plan, in execution order."""
+
+    name: str
+    format: str  # "int4", "int8", "float"
+    weight_bytes: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VisitedPlan:
+    """A plan the search visited: its cost and predicted degradation."""
+
+    predicted: float
+    cost: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlanBuild:
+    """An engine the search built and measured."""
+
+    step: int
+    formats: dict[str, int]  # format -> convs
+    predicted: float
+    degradation: float
+    passed: bool
+    weight_bytes: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AutoPlan:
+    """build --precision auto: the per-conv plan, the search and its builds (quant/auto_build.py)."""
+
+    plan: dict[str, str] = field(default_factory=dict)  # conv -> format
+    objective: str | None = None
+    grain: str | None = None
+    budget: float | None = None
+    weight_bytes: float | None = None
+    weight_bytes_uniform: dict[str, float] = field(default_factory=dict)
+    predicted_degradation: float | None = None
+    layers: list[PlanLayer] = field(default_factory=list)
+    visited: list[VisitedPlan] = field(default_factory=list)
+    builds: list[PlanBuild] = field(default_factory=list)
+    back_off: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class BuildManifest:
     name: str
     precision: str
@@ -116,11 +200,11 @@ class BuildManifest:
     command: str | None = None
     dla_core: int | None = None
     backend_version: str | None = None
-    eval_data: dict[str, Any] | None = None
+    eval_data: EvalDataRecord | None = None
     calibration: CalibrationRecord | None = None
     surgery: SurgeryRecord | None = None
     accuracy: AccuracyGate | None = None
-    auto: dict[str, Any] | None = None  # build --precision auto: the per-conv plan (report/auto_plan.py)
+    auto: AutoPlan | None = None  # build --precision auto
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # target_spec, export, lint, engine_settings, timings...
 

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cunet_optimize.manifests.build import AccuracyGate, CalibrationRecord, SurgeryRecord
-from cunet_optimize.manifests.schema import check_schema, from_dict, key, read_json, to_dict
+from cunet_optimize.manifests.build import AccuracyGate, AutoPlan, CalibrationRecord, Metrics, SurgeryRecord
+from cunet_optimize.manifests.schema import check_schema, from_dict, read_json, to_dict
 
 PROFILE_SCHEMA = "cunet-optimize/profile/1"
 REPROFILE = "re-run `cunet-optimize profile` to write it again"
@@ -125,24 +125,6 @@ class Curve:
 
 
 @dataclass
-class Metrics:
-    """The task's metrics of one variant, in percent (metrics.py; a face or a pose set)."""
-
-    nme_percent: float | None = None
-    failure_rate_008: float | None = key("failure_rate_0.08_percent")
-    failure_rate_010: float | None = key("failure_rate_0.10_percent")
-    auc_008: float | None = key("auc_0.08_percent")
-    pckh_percent: float | None = None
-    pckh_02: float | None = key("pckh_0.2_percent")
-    per_joint_percent: dict[str, float | None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def value(self, metric_key: str) -> float | None:
-        """"nme_percent" or "pckh_percent"."""
-        return {"nme_percent": self.nme_percent, "pckh_percent": self.pckh_percent}.get(metric_key)
-
-
-@dataclass
 class Accuracy:
     """Accuracy of one variant on the evaluation set, and its change vs the FP32 reference."""
 
@@ -213,7 +195,7 @@ class VariantRecord:
     build_accuracy: AccuracyGate | None = None  # build.json "accuracy": the gate at build time
     surgery: SurgeryRecord | None = None
     calibration: CalibrationRecord | None = None
-    auto: dict[str, Any] | None = None  # build.json "auto" (report/auto_plan.py)
+    auto: AutoPlan | None = None  # build.json "auto": the per-conv plan of build --precision auto
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -272,16 +254,16 @@ class Commands:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only: the JSON keeps its reading order, variants required
 class ProfileManifest:
     """Everything one profile run measured, and how to reproduce it."""
 
-    variants: list[VariantRecord]
     name: str = ""
     created: str | None = None  # ISO 8601, UTC
     environment: Environment = field(default_factory=Environment)
     settings: Settings = field(default_factory=Settings)
     data: EvalData | None = None  # evaluation set, or None when accuracy was not measured
+    variants: list[VariantRecord]
     commands: Commands = field(default_factory=Commands)
     statement: str | None = None  # what ran where, in one paragraph
     notes: list[str] = field(default_factory=list)

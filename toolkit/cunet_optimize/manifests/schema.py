@@ -181,17 +181,15 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def check_schema(data: Any, expected: str, where: str, fix: str, readers: dict[str, Any] | None = None) -> Any:
-    """The one schema check of every manifest: `data` if its "schema" is `expected`, or the
-    result of the reader registered for an older schema in `readers`; ManifestError otherwise."""
+def check_schema(data: Any, expected: str, where: str, fix: str) -> dict:
+    """The one schema check of every manifest: `data` if it is an object whose "schema" is
+    `expected`; ManifestError otherwise. (A reader for an older schema would convert the
+    older form here; none is needed while the schema strings are unchanged.)"""
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(data).__name__}; {fix}")
-    got = data.get("schema")
-    if got == expected:
-        return data
-    if readers and got in readers:
-        return readers[got](data)
-    raise ManifestError(f"{where}: schema {got!r}, expected {expected!r}; {fix}")
+    if data.get("schema") != expected:
+        raise ManifestError(f"{where}: schema {data.get('schema')!r}, expected {expected!r}; {fix}")
+    return data
 
 
 def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:

@@ -168,11 +168,21 @@ def make_session(
     options.log_severity_level = 3
     for key, value in (session_config or {}).items():
         options.add_session_config_entry(key, value)
+    return open_session(model, options)
+
+
+def open_session(model: onnx.ModelProto | bytes | str | os.PathLike, options):
+    """An ONNX Runtime CPU session of `model` with these SessionOptions: the one place the
+    toolkit makes sessions (checks, engines, the layer profiler); CUNetError in one line
+    when ONNX Runtime cannot load the model."""
+    import onnxruntime as ort
+
     try:
         return ort.InferenceSession(_model_bytes(model), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        first = str(err).strip().splitlines()[0]
-        raise CUNetError(f"ONNX Runtime cannot load the model: {first}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = str(model) if isinstance(model, (str, os.PathLike)) else "the model"
+        raise CUNetError(f"ONNX Runtime cannot load {where}: {first}; check it with `cunet-optimize lint`") from err
 
 
 def run_onnxruntime(

@@ -8,7 +8,7 @@ per-layer time and accuracy vs the FP32 reference, for every folder under engine
 - accuracy:    evaluation set, NME deltas vs reference, pass/fail, CED for plots
 - builds:      reading and checking build.json
 - environment: CPU, cores, GPU, versions
-- result:      ProfileResult / VariantProfile (the JSON), summary_rows, what_ran_where
+- result:      VariantProfile (one row as measured), profile_manifest (-> the typed JSON), what_ran_where
 - profiler:    profile_engines, the one entry point
 """
 
@@ -17,7 +17,7 @@ from cunet_optimize.profile.builds import BuildError, BuildRecord, find_builds, 
 from cunet_optimize.profile.latency import batch_sweep, latency_stats, measure_latency
 from cunet_optimize.profile.profiler import profile_engines
 from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, PROFILE_SCHEMA, read_profile, summary_rows
-from cunet_optimize.profile.result import ProfileResult, VariantProfile
+from cunet_optimize.profile.result import VariantProfile, profile_manifest
 
 __all__ = [
     "BUILD_SCHEMA",
@@ -25,7 +25,6 @@ __all__ = [
     "PROFILE_SCHEMA",
     "BuildError",
     "BuildRecord",
-    "ProfileResult",
     "VariantProfile",
     "batch_sweep",
     "find_builds",
@@ -33,6 +32,7 @@ __all__ = [
     "measure_latency",
     "profile_engines",
     "read_build",
+    "profile_manifest",
     "read_profile",
     "summary_rows",
 ]

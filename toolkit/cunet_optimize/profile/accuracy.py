@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from cunet_optimize.build import DEFAULT_MAX_NME_INCREASE
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.metrics import (AUC_THRESHOLD, FACE_FAILURE_THRESHOLDS, PCKH_CURVE_MAX_THRESHOLD, ced_curve,
                                    pckh_curve)
 from cunet_optimize.tasks import FACE, TASKS, Task, open_dataset, task_of_data
 
-# Used when a build.json states no tolerance: the build's own default (NME percentage points).
-DEFAULT_NME_TOLERANCE_POINTS = DEFAULT_MAX_NME_INCREASE
+# Used when a build.json states no tolerance: the build's own default (NME percentage points),
+# read from the task the build reads it from (build.py imports torch; the profile reader need not).
+DEFAULT_NME_TOLERANCE_POINTS = FACE.default_tolerance
 # CED stored for the plot: 0..10 % NME (both failure thresholds), 0.1 % steps.
 CED_MAX_THRESHOLD = max(FACE_FAILURE_THRESHOLDS)
 CED_PLOT_STEPS = 101

@@ -20,6 +20,7 @@ import numpy as np
 
 from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner, session_options
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.onnx_tools.verify import open_session
 from cunet_optimize.profile.latency import example_batch
 
 KERNEL_SUFFIX = "_kernel_time"
@@ -82,15 +83,13 @@ def summarize_ort_trace(events: list[dict], warmup_runs: int = 0, top: int = TOP
 def ort_layer_times(session_json: str | os.PathLike, batch_size: int = 1, runs: int = 10,
                     warmup: int = 2, top: int = TOP_N) -> dict:
     """Profile an ONNX Runtime build (its session.json or folder) with its own settings."""
-    import onnxruntime as ort
-
     runner = OnnxRuntimeRunner(session_json)  # reads and checks session.json; no session yet
     tmp = Path(tempfile.mkdtemp(prefix="cunet-ort-profile-"))
     try:
         so = session_options(runner.settings, runner.load_optimization)
         so.enable_profiling = True
         so.profile_file_prefix = str(tmp / "trace")
-        session = ort.InferenceSession(str(runner.model_path), so, providers=["CPUExecutionProvider"])
+        session = open_session(runner.model_path, so)
         image = session.get_inputs()[0]
         dtype = np.float16 if image.type == "tensor(float16)" else np.float32
         feed = {image.name: example_batch(batch_size).astype(dtype)}

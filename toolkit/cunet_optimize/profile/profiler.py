@@ -25,6 +25,7 @@ from cunet_optimize.atomic import sha256_file
 from cunet_optimize.engines.base import Runner, TorchRunner
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_landmarks
+from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, MEASURED_STATUS, ProfileManifest
 from cunet_optimize.manifests.schema import to_dict
 from cunet_optimize.profile.accuracy import (
     accuracy_delta,
@@ -36,14 +37,7 @@ from cunet_optimize.profile.builds import BuildRecord, check_builds, read_build
 from cunet_optimize.profile.environment import environment, load_average
 from cunet_optimize.profile.latency import batch_sweep
 from cunet_optimize.profile.memory import MEMORY_MODES, measure_peak_memory, method_description
-from cunet_optimize.profile.result import (
-    BUNDLE_ONLY_STATUS,
-    MEASURED_STATUS,
-    ProfileResult,
-    VariantProfile,
-    speedups,
-    what_ran_where,
-)
+from cunet_optimize.profile.result import VariantProfile, profile_manifest, speedups, what_ran_where
 from cunet_optimize.profile.size import file_sizes, onnx_weights, state_dict_weights
 from cunet_optimize.tasks import POSE, TASKS
 
@@ -147,7 +141,7 @@ def _engine_variant(build: BuildRecord) -> VariantProfile:
         engine_built=build.engine_built, command=m.command,
         # the build's records travel into the profile JSON as written
         build_accuracy=to_dict(m.accuracy), surgery=to_dict(m.surgery), calibration=to_dict(m.calibration),
-        auto=m.auto,
+        auto=to_dict(m.auto),
     )
     v.size, notes = _build_size(build)
     v.notes.extend(m.notes)
@@ -289,7 +283,7 @@ def profile_engines(
     progress: bool = True,
     name: str | None = None,
     command: str | None = None,
-) -> ProfileResult:
+) -> ProfileManifest:
     """Profile the builds in `build_dirs` plus the PyTorch FP32 baseline of their checkpoint.
 
     `data` (a 300-W layout folder, or MPII data for pose builds) overrides each build.json's eval_data; with neither,
@@ -313,7 +307,7 @@ def profile_engines(
     check_builds(builds, allow_mixed=allow_mixed)
     _check_inputs(builds)
     eval_data, notes = eval_data_for(
-        [b.manifest.eval_data for b in builds], data, split, crop,
+        [to_dict(b.manifest.eval_data) for b in builds], data, split, crop,
         boxes=boxes, normalizer=normalizer, flip=flip, max_images=max_images,
     )
     dataset = eval_data.load() if eval_data is not None else None  # DataError before any measurement
@@ -350,7 +344,7 @@ def profile_engines(
     data_info = None
     if eval_data is not None:
         data_info = {**asdict(eval_data), "images": len(dataset), "crop_policy": dataset.crop_policy}
-    return ProfileResult(
+    return profile_manifest(
         name=name,
         created=created.isoformat(timespec="seconds"),
         environment=env,

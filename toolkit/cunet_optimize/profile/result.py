@@ -1,19 +1,16 @@
-"""The profile result as the profiler builds it: plain data, checked on the way out.
-
-VariantProfile / ProfileResult gather what `cunet-optimize profile` measures (dicts,
-lists, numbers, strings); `to_dict` checks the result against the typed profile
-manifest (manifests/profile.py, schema "cunet-optimize/profile/1"), which is what
-`report` reads back, so the profiler cannot write a JSON the report would reject.
-Non-finite floats become null. `what_ran_where` states which runtimes measured what.
+"""The profile as the profiler builds it: one VariantProfile per row, filled in place
+(plain dicts, lists, numbers, strings), then `profile_manifest` turns the rows into the
+typed ProfileManifest (manifests/profile.py, schema "cunet-optimize/profile/1") that
+`profile` writes and `report` reads back. `speedups` and `what_ran_where` are pure
+functions over the rows.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from cunet_optimize.manifests.profile import (BUNDLE_ONLY_STATUS, MEASURED_STATUS, PROFILE_SCHEMA,  # noqa: F401
-                                              ProfileManifest)
+from cunet_optimize.manifests.profile import PROFILE_SCHEMA, ProfileManifest
 from cunet_optimize.manifests.schema import to_dict
 
 
@@ -49,30 +46,13 @@ class VariantProfile:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class ProfileResult:
-    """Everything one profile run measured, and how to reproduce it."""
-
-    name: str
-    created: str  # ISO 8601, UTC
-    environment: dict
-    settings: dict
-    data: dict | None  # evaluation set, or None when accuracy was not measured
-    variants: list[VariantProfile]
-    commands: dict  # {"builds": [{"name", "command"}], "profile": str}
-    statement: str  # what ran where, in one paragraph
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    schema: str = PROFILE_SCHEMA
-    toolkit_version: str = ""
-
-    def to_dict(self) -> dict:
-        data = to_dict(asdict(self))
-        ProfileManifest.from_dict(data, f"profile {self.name}")  # what report will read back
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+def profile_manifest(*, variants: list[VariantProfile], **fields: Any) -> ProfileManifest:
+    """The typed profile (manifests/profile.py) from the profiler's plain data: `fields` are
+    ProfileManifest's (name, created, environment, settings, data, commands, statement, notes,
+    seconds, toolkit_version). Checked field by field: the profiler cannot produce a profile
+    the report would reject."""
+    data = to_dict({"schema": PROFILE_SCHEMA, **fields, "variants": [asdict(v) for v in variants]})
+    return ProfileManifest.from_dict(data, f"profile {fields.get('name', '')}")
 
 
 def speedups(variants: list[VariantProfile]) -> None:

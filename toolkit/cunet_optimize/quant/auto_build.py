@@ -44,8 +44,8 @@ def load_plan(path) -> dict:
     path = Path(path)
     manifest = path / BUILD_FILE if path.is_dir() else path
     try:
-        plan = read_build_manifest(manifest).auto["plan"]
-    except (ManifestError, KeyError, TypeError):
+        plan = read_build_manifest(manifest).auto.plan
+    except (ManifestError, AttributeError):  # not a build, or one without an auto plan
         raise CUNetError(f"{path}: no auto plan here; pass the folder (or build.json) of a "
                          "`build --precision auto`") from None
     return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}

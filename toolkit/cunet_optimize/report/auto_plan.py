@@ -8,21 +8,22 @@ from __future__ import annotations
 
 from html import escape
 
+from cunet_optimize.manifests.build import AutoPlan, PlanLayer
 from cunet_optimize.manifests.profile import ProfileManifest
 
 FORMAT_COLOURS = {"int4": "#d95f02", "int8": "#1b9e77", "float": "#7570b3"}
 
 
-def precision_map_svg(layers: list[dict], width: int = 760) -> str:
+def precision_map_svg(layers: list[PlanLayer], width: int = 760) -> str:
     """One cell per conv in execution order, coloured by its format."""
     n = max(len(layers), 1)
     cell = (width - 20) / n
     body = []
     for i, layer in enumerate(layers):
-        colour = FORMAT_COLOURS.get(layer["format"], "#999")
+        colour = FORMAT_COLOURS.get(layer.format, "#999")
         body.append(f'<rect x="{10 + i * cell:.1f}" y="10" width="{max(cell - 1, 1):.1f}" height="40" '
-                    f'fill="{colour}"><title>{escape(layer["name"])}: {escape(layer["format"])} '
-                    f'({layer["weight_bytes"]:.0f} B)</title></rect>')
+                    f'fill="{colour}"><title>{escape(layer.name)}: {escape(layer.format)} '
+                    f'({layer.weight_bytes:.0f} B)</title></rect>')
     legend = "".join(f'<rect x="{10 + k * 90}" y="60" width="12" height="12" fill="{c}"/>'
                      f'<text x="{26 + k * 90}" y="71" font-size="12">{f}</text>'
                      for k, (f, c) in enumerate(FORMAT_COLOURS.items()))
@@ -30,18 +31,18 @@ def precision_map_svg(layers: list[dict], width: int = 760) -> str:
             f'aria-label="per-conv precision map">' + "".join(body) + legend + "</svg>")
 
 
-def search_points_svg(auto: dict, width: int = 760, height: int = 360) -> str:
+def search_points_svg(auto: AutoPlan, width: int = 760, height: int = 360) -> str:
     """Weight bytes (x) vs degradation (y, from 0 to >= the budget): predicted and measured."""
-    pts = [(v["cost"] if auto.get("objective") == "size" else None, v["predicted"], "predicted")
-           for v in auto.get("visited", [])]
-    pts = [(p[0], p[1], p[2]) for p in pts if p[0] is not None]
-    pts += [(b["weight_bytes"], b["degradation"], "engine") for b in auto.get("builds", [])]
+    # a visited plan's cost is in weight bytes only when the search minimised size
+    pts = [(v.cost, v.predicted, "predicted") for v in auto.visited if auto.objective == "size" and v.cost is not None]
+    pts += [(b.weight_bytes, b.degradation, "engine") for b in auto.builds]
+    budget = auto.budget or 0.0
     if not pts:
         return ""
     left, right, top, bottom = 72, width - 24, 20, height - 52
     xs = [p[0] for p in pts]
     x_lo, x_hi = min(xs) * 0.95, max(xs) * 1.05 or 1.0
-    y_hi = max([auto.get("budget", 0.0)] + [p[1] for p in pts]) * 1.15 or 1.0
+    y_hi = max([budget] + [p[1] for p in pts]) * 1.15 or 1.0
     y_lo = min(0.0, min(p[1] for p in pts) * 1.15)
 
     def X(v):
@@ -52,8 +53,8 @@ def search_points_svg(auto: dict, width: int = 760, height: int = 360) -> str:
 
     body = [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#444"/>',
             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#444"/>',
-            f'<line x1="{left}" y1="{Y(auto.get("budget", 0)):.1f}" x2="{right}" y2="{Y(auto.get("budget", 0)):.1f}" '
-            f'stroke="#c00" stroke-dasharray="4 3"><title>budget {auto.get("budget")}</title></line>',
+            f'<line x1="{left}" y1="{Y(budget):.1f}" x2="{right}" y2="{Y(budget):.1f}" '
+            f'stroke="#c00" stroke-dasharray="4 3"><title>budget {auto.budget}</title></line>',
             f'<text x="{(left + right) / 2}" y="{height - 12}" font-size="12" text-anchor="middle">weight bytes</text>',
             f'<text x="14" y="{(top + bottom) / 2}" font-size="12" transform="rotate(-90 14 {(top + bottom) / 2})" '
             f'text-anchor="middle">degradation (points)</text>']
@@ -79,20 +80,20 @@ def auto_plan_section(profile: ProfileManifest) -> str:
         if not a:
             continue
         counts: dict[str, int] = {}
-        for f in a.get("plan", {}).values():
+        for f in a.plan.values():
             counts[f] = counts.get(f, 0) + 1
-        parts.append(f"<h3>{esc(v.name)}</h3><p>{esc(a.get('objective'))} objective, {esc(a.get('grain'))} "
-                     f"grain, budget {esc(a.get('budget'))}: {esc(counts)}; weight bytes {a.get('weight_bytes', 0):.0f} "
-                     f"(all INT8 {a.get('weight_bytes_uniform', {}).get('int8', 0):.0f}); predicted "
-                     f"{a.get('predicted_degradation', 0):+.4f}; {len(a.get('back_off', []))} back-off step(s).</p>")
-        parts.append(figure(precision_map_svg(a.get("layers", [])), "Per-conv format along the network "
+        parts.append(f"<h3>{esc(v.name)}</h3><p>{esc(a.objective)} objective, {esc(a.grain)} "
+                     f"grain, budget {esc(a.budget)}: {esc(counts)}; weight bytes {a.weight_bytes or 0:.0f} "
+                     f"(all INT8 {a.weight_bytes_uniform.get('int8', 0):.0f}); predicted "
+                     f"{a.predicted_degradation or 0:+.4f}; {len(a.back_off)} back-off step(s).</p>")
+        parts.append(figure(precision_map_svg(a.layers), "Per-conv format along the network "
                             "(execution order; hover for the conv)"))
         svg = search_points_svg(a)
         if svg:
             parts.append(figure(svg, "Weight bytes vs degradation: blue = plans the search visited (predicted), "
                                      "red = engines built (measured); dashed = budget"))
-        rows = [(b["step"], esc(b["formats"]), f"{b['predicted']:+.4f}", f"{b['degradation']:+.4f}",
-                 "pass" if b["passed"] else "fail", f"{b['weight_bytes']:.0f}") for b in a.get("builds", [])]
+        rows = [(b.step, esc(b.formats), f"{b.predicted:+.4f}", f"{b.degradation:+.4f}",
+                 "pass" if b.passed else "fail", f"{b.weight_bytes:.0f}") for b in a.builds]
         parts.append(table(["build", "formats", "predicted", "measured", "gate", "weight bytes"], rows))
     if not parts:
         return ""

@@ -313,8 +313,8 @@ def _accuracy(profile: ProfileManifest) -> str:
         if not g:
             continue
         gates.append([
-            v.name, ("small", g.runtime), fmt_num((g.reference or {}).get(g.key), 3),
-            fmt_num((g.quantized or {}).get(g.key), 3), fmt_num(g.worse_points, 3, sign=True),
+            v.name, ("small", g.runtime), fmt_num(g.reference.value(g.key) if g.reference else None, 3),
+            fmt_num(g.quantized.value(g.key) if g.quantized else None, 3), fmt_num(g.worse_points, 3, sign=True),
             fmt_num(g.tolerance, 3), badge(g.passed),
         ])
     gate_html = ""

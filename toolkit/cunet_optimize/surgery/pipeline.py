@@ -5,7 +5,7 @@ otherwise. After every pass the graph is checked (onnx.checker, full) and run in
 Runtime on the same inputs as before the pass (synthetic faces for a CU-Net graph;
 ORT_DISABLE_ALL, BASIC once the graph holds INT4, the level ONNX Runtime executes INT4
 DequantizeLinear exactly at); an exact pass that changes the outputs by more than
-verify.py allows, against the noise of the input graph under ONNX Runtime's own fusions,
+onnx_tools/verify.py allows, against the noise of the input graph under ONNX Runtime's own fusions,
 raises CUNetError. Passes that change outputs by design (tie_concat_qdq_scales) record the
 change in their report instead.
 
