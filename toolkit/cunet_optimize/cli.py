@@ -90,7 +90,7 @@ def _run_command(args) -> int:
         raise CUNetError(f"{args.command} runs in one process; launch it without torchrun/srun "
                          f"(multi-process: {', '.join(DISTRIBUTED_COMMANDS)})")
     led = args.command in LED_BY_RANK_0
-    with distributed.process_group(launch):
+    with distributed.process_group(launch, distributed.LED_COMMAND_TIMEOUT if led else None):
         if not distributed.is_main():
             # rank 0 speaks for the job: the others log only warnings and print nothing
             logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)

@@ -23,6 +23,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
@@ -77,10 +78,17 @@ def backend_for_machine() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+# How long a rank may wait in one collective in a command led by rank 0: the others wait
+# while rank 0 exports, runs surgery and builds the engine alone (a TensorRT INT8 engine of a
+# deep model takes tens of minutes), longer than the default (10 minutes on nccl, 30 on gloo).
+LED_COMMAND_TIMEOUT = timedelta(hours=4)
+
+
 @contextmanager
-def process_group(launch: Launch | None = None) -> Iterator[Launch]:
-    """Join the job's process group for the block (env:// rendezvous), leave it afterwards.
-    One process, or a group that already exists (tests, a caller's own): nothing to do."""
+def process_group(launch: Launch | None = None, timeout: timedelta | None = None) -> Iterator[Launch]:
+    """Join the job's process group for the block (env:// rendezvous), leave it afterwards;
+    `timeout` bounds a collective (None: PyTorch's default). One process, or a group that
+    already exists (tests, a caller's own): nothing to do."""
     launch = launch or detect_launch()
     if not launch.distributed or dist.is_initialized():
         yield launch
@@ -91,7 +99,7 @@ def process_group(launch: Launch | None = None) -> Iterator[Launch]:
     backend = backend_for_machine()
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank)
-    dist.init_process_group(backend, init_method="env://")
+    dist.init_process_group(backend, init_method="env://", **({"timeout": timeout} if timeout else {}))
     try:
         yield launch
     finally:
