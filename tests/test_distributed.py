@@ -30,6 +30,7 @@ TINY = ["--model", "cunet-face-small", "--set", "width=8", "--set", "growth_rate
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
+    """14 faces (12 train: batches of 5, 5 and 2 split unevenly over 2 ranks), not conftest's 10."""
     root = tmp_path_factory.mktemp("faces") / "synth"
     write_synthetic_faces(root, 14, seed=3, test_fraction=2 / 14, progress=False)
     return root
@@ -314,7 +315,6 @@ def test_qat_under_torchrun_resumes_after_a_killed_rank_and_only_rank_0_writes(f
     """qat with 2 processes: rank 1 SIGKILLed after its 5th step (epoch 2, batch 2 of 3; state
     saved at step 4 by rank 0); torchrun stops the job; the same command again resumes and ends
     with the weights of an uninterrupted 2-process run."""
-    from cunet_optimize.cli import main
     from cunet_optimize.models import create_model, save_checkpoint
 
     model = tmp_path / "fp32.safetensors"
@@ -418,18 +418,8 @@ def many_faces(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from cunet_optimize.models import create_model, save_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(create_model("cunet-face-small", **TINY_FIELDS), path)
-    return path
-
-
 @pytest.mark.slow
-def test_build_under_torchrun_equals_one_process_build_and_only_rank_0_writes(many_faces, tiny_checkpoint, tmp_path,
+def test_build_under_torchrun_equals_one_process_build_and_only_rank_0_writes(many_faces, tiny, tmp_path,
                                                                              monkeypatch):
     """int8 for the CPU, 7 calibration images (one batch: 4 + 3 per rank), 35 evaluation images
     (batches of 16, 16, 3: rank 0 takes two, rank 1 one). Scales, ONNX bytes, the INT8 variant
@@ -438,8 +428,8 @@ def test_build_under_torchrun_equals_one_process_build_and_only_rank_0_writes(ma
     script = tmp_path / "wrapper.py"
     script.write_text(BUILD_WRAPPER)
     extra = ["--no-accuracy-gate"]
-    ddp = torchrun(script, *build_args(tiny_checkpoint, many_faces, tmp_path / "ddp"), *extra)
-    one = subprocess.run([sys.executable, str(script), *build_args(tiny_checkpoint, many_faces, tmp_path / "one"), *extra],
+    ddp = torchrun(script, *build_args(tiny, many_faces, tmp_path / "ddp"), *extra)
+    one = subprocess.run([sys.executable, str(script), *build_args(tiny, many_faces, tmp_path / "one"), *extra],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-3000:]
     assert "distributed: 2 processes, gloo" in ddp.stderr
@@ -462,7 +452,7 @@ def test_build_under_torchrun_equals_one_process_build_and_only_rank_0_writes(ma
 
 @pytest.mark.slow
 @pytest.mark.parametrize("failing", ["rank 1 evaluating its images", "rank 0 linting the graph"])
-def test_a_failed_build_under_torchrun_stops_every_rank_with_one_line(failing, many_faces, tiny_checkpoint, tmp_path,
+def test_a_failed_build_under_torchrun_stops_every_rank_with_one_line(failing, many_faces, tiny, tmp_path,
                                                                        monkeypatch):
     script = tmp_path / "wrapper.py"
     script.write_text(BUILD_WRAPPER)
@@ -479,7 +469,7 @@ def test_a_failed_build_under_torchrun_stops_every_rank_with_one_line(failing, m
     try:
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc_per_node={WORLD}", str(script),
-                               *build_args(tiny_checkpoint, many_faces, tmp_path), *extra],
+                               *build_args(tiny, many_faces, tmp_path), *extra],
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               timeout=300)
     except subprocess.TimeoutExpired:
@@ -491,9 +481,9 @@ def test_a_failed_build_under_torchrun_stops_every_rank_with_one_line(failing, m
     assert not [p for p in (tmp_path / "engines").iterdir()]  # nothing half-written, nothing kept
 
 
-def test_precision_auto_search_refuses_a_multi_process_launch(monkeypatch, capsys, tiny_checkpoint, tmp_path):
+def test_precision_auto_search_refuses_a_multi_process_launch(monkeypatch, capsys, tiny, tmp_path):
     from cunet_optimize.cli import main
 
     monkeypatch.setattr(distributed, "is_active", lambda: True)
-    assert main(["build", "--model", str(tiny_checkpoint), "--precision", "auto", "--workdir", str(tmp_path)]) == 2
+    assert main(["build", "--model", str(tiny), "--precision", "auto", "--workdir", str(tmp_path)]) == 2
     assert "searches its plan in one process" in capsys.readouterr().err
