@@ -363,8 +363,9 @@ def test_commands_without_multi_process_support_refuse_a_launch(monkeypatch, cap
 # build under torchrun: rank 0 builds, the others share calibration and the accuracy stage
 
 # Every rank reports each file or folder it creates or writes. BREAK_ON_RANK="R module:attr
-# ERROR" makes that callable raise ERROR (RuntimeError: a bug; CUNetError: a user's error) on rank R; INT8_FORM_TIMES makes the INT8 CPU timings prefer
-# the clamp form, so the variant gate evaluates it (on every rank) in each run.
+# ERROR" makes that callable raise ERROR (RuntimeError: a bug; CUNetError: a user's error) on
+# rank R; INT8_FORM_TIMES makes the INT8 CPU timings prefer the clamp form, so the variant
+# gate evaluates it (on every rank) in each run.
 BUILD_WRAPPER = textwrap.dedent("""
     import builtins, importlib, os, sys
     rank = int(os.environ.get("RANK", "0"))

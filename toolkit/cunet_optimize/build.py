@@ -755,9 +755,8 @@ def reference_accuracy(workdir: Path, reference_onnx: Path, eval_set, eval_root:
             return ReferenceAccuracy(record["metrics"], record["settings"], f" (cached: {cache})")
         except (ValueError, KeyError):
             log.warning("%s is damaged; recomputing the FP32 reference", cache)
-    result = distributed.on_every_rank(
-        evaluate_runner, OnnxRuntimeSessionRunner(reference_onnx, OrtSettings(optimization="all"), load_optimization="all"),
-        eval_set, evaluate_landmarks, progress, "FP32 reference")
+    runner = OnnxRuntimeSessionRunner(reference_onnx, OrtSettings(optimization="all"), load_optimization="all")
+    result = distributed.on_every_rank(evaluate_runner, runner, eval_set, evaluate_landmarks, progress, "FP32 reference")
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cache, json.dumps({"metrics": result.metrics, "settings": result.settings}, default=float) + "\n")
     return ReferenceAccuracy(result.metrics, result.settings)
