@@ -8,29 +8,12 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
 
 from cunet_optimize import build as build_module
 from cunet_optimize.cli import main
-from cunet_optimize.data.synth import write_synthetic_faces
-from cunet_optimize.models import DEFAULT_CHECKPOINT, create_model, save_checkpoint
+from cunet_optimize.models import DEFAULT_CHECKPOINT
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces") / "synth"
-    write_synthetic_faces(root, 10, seed=5, test_fraction=0.4, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2), path)
-    return path
 
 
 def build_args(tiny, faces, workdir, precision, *extra):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ TINY = ["--model", "cunet-face-small", "--set", "width=8", "--set", "growth_rate
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
+    """14 faces (12 train: batches of 5, 5 and 2 split unevenly over 2 ranks), not conftest's 10."""
     root = tmp_path_factory.mktemp("faces") / "synth"
     write_synthetic_faces(root, 14, seed=3, test_fraction=2 / 14, progress=False)
     return root
@@ -158,6 +160,9 @@ def _calibrate_all(faces, out, sizes):
     from cunet_optimize.quant import parse_precision
     from cunet_optimize.quant.calibrate import activation_scales, post_training_quantize
 
+    from cunet_optimize.quant import quantize_model
+    from cunet_optimize.quant.calibrate import calibrate
+
     data = _faces(faces, "train")
     images = torch.stack([torch.as_tensor(data[i]["image"]) for i in range(sum(sizes))])
     batches = list(torch.split(images, sizes))
@@ -169,13 +174,21 @@ def _calibrate_all(faces, out, sizes):
                                                     progress=False)
         result[method] = activation_scales(qmodel)
         result["equalization"] = {k: v.tolist() for k, v in factors.items()}
+    # Sampled histograms (every tensor larger than max_samples): an odd stride over the global
+    # batch, which starts inside rank 1's part at an offset that is not a multiple of it
+    torch.manual_seed(0)
+    qmodel = quantize_model(create_model("cunet-face-small", **TINY_FIELDS), parse_precision("int8"))
+    calibrate(qmodel, [distributed.shard(b) for b in batches], "percentile", progress=False,
+              sharded=distributed.is_active(), max_samples=1000)
+    result["percentile-sampled"] = activation_scales(qmodel)
     if distributed.is_main():
         Path(out).write_text(json.dumps(result))
 
 
 @pytest.mark.slow
 def test_sharded_calibration_scales_equal_single_process(faces, tmp_path):
-    """Batches of 5 and 1 images: rank 0 sees 3 + 1, rank 1 sees 2 + 0 (an empty part)."""
+    """Batches of 5 and 1 images: rank 0 sees 3 + 1, rank 1 sees 2 + 0 (an empty part); the
+    histograms binned whole and sampled."""
     sizes = [5, 1]
     spawn(_calibrate_all, faces, tmp_path / "ddp.json", sizes)
     _calibrate_all(faces, tmp_path / "one.json", sizes)
@@ -206,6 +219,51 @@ def test_sharded_eval_equals_single_process(faces, tmp_path):
     np.testing.assert_array_equal(ddp["pred"], one["pred"])
     np.testing.assert_array_equal(ddp["nme"], one["nme"])
     assert json.loads(str(ddp["metrics"])) == json.loads(str(one["metrics"]))
+
+
+# --------------------------------------------------------------------------------------
+# SyncBatchNorm (--sync-bn): what runs without a GPU
+
+
+def test_sync_batchnorm_conversion_keeps_outputs_and_checkpoint_keys(faces):
+    """The conversion --sync-bn applies (train/loop.py), on the QAT model: every BatchNorm
+    becomes a SyncBatchNorm, the state dict keeps its keys (a --sync-bn checkpoint loads in one
+    process) and, in eval mode (no statistics to synchronise), the outputs are unchanged."""
+    import copy
+
+    qmodel = _tiny_qmodel(faces).eval()
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(qmodel)).eval()
+    batchnorms = [m for m in qmodel.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms and not any(type(m) is torch.nn.BatchNorm2d for m in converted.modules())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == len(batchnorms)
+    assert converted.state_dict().keys() == qmodel.state_dict().keys()
+    images = torch.stack([torch.as_tensor(_faces(faces, "test")[i]["image"]) for i in range(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(images)[-1], qmodel(images)[-1], rtol=0, atol=0)
+
+
+def _train_with_sync_bn(faces, out):
+    from cunet_optimize.models import create_model
+    from cunet_optimize.train.loop import TrainRecipe, train
+
+    model = create_model("cunet-face-small", **TINY_FIELDS)
+    recipe = TrainRecipe(epochs=1, batch_size=4, checkpoint_every=0)
+    with pytest.raises(CUNetError, match=r"^--sync-bn needs GPUs \(nccl\)"):
+        train(model, _faces(faces, "train"), None, recipe, out, progress=False, sync_batchnorm=True)
+    # why: PyTorch's SyncBatchNorm refuses CPU tensors (torch/nn/modules/batchnorm.py,
+    # SyncBatchNorm.forward), and its kernel (aten::batch_norm_stats) has no CPU implementation.
+    # When a PyTorch release adds one, this fails and --sync-bn can run on gloo.
+    sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3))).train()
+    with pytest.raises(ValueError, match="expected input tensor to be on GPU"):
+        sync(torch.randn(2, 3, 4, 4))
+    with pytest.raises(NotImplementedError, match="batch_norm_stats"):
+        torch.batch_norm_stats(torch.randn(2, 3, 4, 4), 1e-5)
+
+
+@pytest.mark.slow
+def test_sync_bn_on_cpus_is_refused_with_one_line(faces, tmp_path):
+    spawn(_train_with_sync_bn, faces, tmp_path / "run")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 # --------------------------------------------------------------------------------------
@@ -257,7 +315,6 @@ def test_qat_under_torchrun_resumes_after_a_killed_rank_and_only_rank_0_writes(f
     """qat with 2 processes: rank 1 SIGKILLed after its 5th step (epoch 2, batch 2 of 3; state
     saved at step 4 by rank 0); torchrun stops the job; the same command again resumes and ends
     with the weights of an uninterrupted 2-process run."""
-    from cunet_optimize.cli import main
     from cunet_optimize.models import create_model, save_checkpoint
 
     model = tmp_path / "fp32.safetensors"
@@ -300,3 +357,134 @@ def test_commands_without_multi_process_support_refuse_a_launch(monkeypatch, cap
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["targets"]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# build under torchrun: rank 0 builds, the others share calibration and the accuracy stage
+
+# Every rank reports each file or folder it creates or writes. BREAK_ON_RANK="R module:attr
+# ERROR" makes that callable raise ERROR (RuntimeError: a bug; CUNetError: a user's error) on
+# rank R; INT8_FORM_TIMES makes the INT8 CPU timings prefer the clamp form, so the variant
+# gate evaluates it (on every rank) in each run.
+BUILD_WRAPPER = textwrap.dedent("""
+    import builtins, importlib, os, sys
+    rank = int(os.environ.get("RANK", "0"))
+    def report(what, path):
+        print(f"WRITE rank={rank} {what} {path}", file=sys.stderr, flush=True)
+    replace, mkdir, open_ = os.replace, os.mkdir, builtins.open
+    def reporting_replace(src, dst, *a, **k):
+        report("replace", dst)
+        return replace(src, dst, *a, **k)
+    def reporting_mkdir(path, *a, **k):
+        report("mkdir", path)
+        return mkdir(path, *a, **k)
+    def reporting_open(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+") and file != os.devnull:
+            report("open", file)
+        return open_(file, mode, *a, **k)
+    os.replace, os.mkdir, builtins.open = reporting_replace, reporting_mkdir, reporting_open
+    from cunet_optimize.errors import CUNetError
+    if os.environ.get("BREAK_ON_RANK"):
+        r, target, error = os.environ["BREAK_ON_RANK"].split()
+        if int(r) == rank:
+            module, attr = target.split(":")
+            owner = importlib.import_module(module)
+            *path, name = attr.split(".")
+            for p in path:
+                owner = getattr(owner, p)
+            def broken(*a, **k):
+                raise {"RuntimeError": RuntimeError, "CUNetError": CUNetError}[error](f"{name} broken by the test")
+            setattr(owner, name, broken)
+    if os.environ.get("INT8_FORM_TIMES"):
+        from cunet_optimize.engines import onnxrt
+        def clamp_first(candidates, **kwargs):
+            return {key: (0.0 if key[0] == "clamp" else 1.0) + i * 1e-3 for i, key in enumerate(candidates)}
+        onnxrt.time_candidates = clamp_first
+    from cunet_optimize.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def build_args(model, faces, workdir, *extra):
+    return ["build", "--model", str(model), "--precision", "int8", "--calib-data", str(faces), "--calib-split",
+            "train", "--calib-images", "7", "--eval-data", str(faces), "--eval-split", "train",
+            "--workdir", str(workdir), "--json", *extra]
+
+
+@pytest.fixture(scope="module")
+def many_faces(tmp_path_factory):
+    """36 faces: evaluation batches of 16, 16 and 4 (rank 0 takes the first and the last)."""
+    root = tmp_path_factory.mktemp("faces") / "synth36"
+    write_synthetic_faces(root, 36, seed=4, test_fraction=1 / 36, progress=False)
+    return root
+
+
+@pytest.mark.slow
+def test_build_under_torchrun_equals_one_process_build_and_only_rank_0_writes(many_faces, tiny, tmp_path,
+                                                                             monkeypatch):
+    """int8 for the CPU, 7 calibration images (one batch: 4 + 3 per rank), 35 evaluation images
+    (batches of 16, 16, 3: rank 0 takes two, rank 1 one). Scales, ONNX bytes, the INT8 variant
+    gate and the accuracy gate equal a one-process build's."""
+    monkeypatch.setenv("INT8_FORM_TIMES", "clamp")
+    script = tmp_path / "wrapper.py"
+    script.write_text(BUILD_WRAPPER)
+    extra = ["--no-accuracy-gate"]
+    ddp = torchrun(script, *build_args(tiny, many_faces, tmp_path / "ddp"), *extra)
+    one = subprocess.run([sys.executable, str(script), *build_args(tiny, many_faces, tmp_path / "one"), *extra],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "distributed: 2 processes, gloo" in ddp.stderr
+    writes = re.findall(r"WRITE rank=(\d+) (\S+ \S+)", ddp.stderr)  # (a progress bar may precede one)
+    assert writes and all(r == "0" for r, _ in writes), [w for w in writes if w[0] != "0"]
+
+    a, b = json.loads(one.stdout), json.loads(ddp.stdout)
+    out_a, out_b = (tmp_path / w / "engines" / "tiny-int8-cpu" for w in ("one", "ddp"))
+    assert (out_a / "model.onnx").read_bytes() == (out_b / "model.onnx").read_bytes()
+    assert (json.loads(Path(a["calibration"]["scales_file"]).read_text())["scales"]
+            == json.loads(Path(b["calibration"]["scales_file"]).read_text())["scales"])
+    checks = a["surgery"]["int8_cpu_form"]["accuracy_checks"]
+    assert "clamp" in checks and checks == b["surgery"]["int8_cpu_form"]["accuracy_checks"]
+    for key in ("reference", "quantized", "degradation_points", "passed", "data"):
+        assert a["accuracy"][key] == b["accuracy"][key], key
+    assert a["accuracy"]["quantized"]["count"] == 35
+    drop = lambda settings: {k: v for k, v in settings.items() if k != "source_onnx"}  # the staging folder
+    assert drop(a["engine_settings"]) == drop(b["engine_settings"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["rank 1 evaluating its images", "rank 0 linting the graph"])
+def test_a_failed_build_under_torchrun_stops_every_rank_with_one_line(failing, many_faces, tiny, tmp_path,
+                                                                       monkeypatch):
+    script = tmp_path / "wrapper.py"
+    script.write_text(BUILD_WRAPPER)
+    """A rank's error inside a shared stage (rank 1, evaluating the FP32 reference while rank 0
+    evaluates its batches) or rank 0's outside one (lint, after the shared calibration): every
+    rank exits non-zero, the error is one line, the staging folder is gone."""
+    if failing.startswith("rank 1"):
+        monkeypatch.setenv("BREAK_ON_RANK",
+                           "1 cunet_optimize.engines.onnxrt:OnnxRuntimeSessionRunner.infer_impl RuntimeError")
+        extra, expected = ["--precision", "fp32"], "error: rank 1: RuntimeError: infer_impl broken by the test"
+    else:
+        monkeypatch.setenv("BREAK_ON_RANK", "0 cunet_optimize.surgery:lint_model CUNetError")
+        extra, expected = [], "error: lint_model broken by the test"
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={WORLD}", str(script),
+                               *build_args(tiny, many_faces, tmp_path), *extra],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{failing}: the ranks hung")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("cunet-optimize build: error:")]
+    assert len(errors) == 1 and expected in errors[0], done.stderr[-3000:]
+    assert not re.search(r'File ".*cunet_optimize', done.stderr)  # (torchrun prints its own summary)
+    assert not [p for p in (tmp_path / "engines").iterdir()]  # nothing half-written, nothing kept
+
+
+def test_precision_auto_search_refuses_a_multi_process_launch(monkeypatch, capsys, tiny, tmp_path):
+    from cunet_optimize.cli import main
+
+    monkeypatch.setattr(distributed, "is_active", lambda: True)
+    assert main(["build", "--model", str(tiny), "--precision", "auto", "--workdir", str(tmp_path)]) == 2
+    assert "searches its plan in one process" in capsys.readouterr().err

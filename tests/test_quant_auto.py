@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cunet_optimize.engines.targets import get_target
-from cunet_optimize.models import CUNet, create_model, save_checkpoint
+from cunet_optimize.models import CUNet, create_model
 from cunet_optimize.quant import auto
 from cunet_optimize.quant.qmodel import quantize_model
 from cunet_optimize.quant.quantizers import BlockQuantizer, IntQuantizer
@@ -136,23 +136,6 @@ def test_mixed_plan_reloads_from_a_qat_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------------------
 # End to end (slow): build --precision auto on a tiny model
-
-
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    from cunet_optimize.data.synth import write_synthetic_faces
-
-    root = tmp_path_factory.mktemp("faces") / "synth"
-    write_synthetic_faces(root, 10, seed=5, test_fraction=0.4, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2), path)
-    return path
 
 
 def auto_args(tiny, faces, workdir, *extra):

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import torch
 
-from cunet_optimize import __version__
+from cunet_optimize import __version__, distributed
 from cunet_optimize.atomic import sha256_file
 from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.errors import CUNetError
@@ -618,8 +618,8 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
 
     from cunet_optimize.atomic import atomic_path
     from cunet_optimize.cache_seal import check_seal, seal
-    from cunet_optimize.quant import (activation_scales, apply_scales, load_scales, parse_precision,
-                                      post_training_quantize, quantize_model, save_scales)
+    from cunet_optimize.quant import (activation_scales, apply_scales, load_scales, parse_precision, quantize_model,
+                                      save_scales)
     from cunet_optimize.quant.equalize import apply_equalization
 
     if opts.qat_checkpoint:
@@ -669,9 +669,8 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
             apply_scales(qmodel, scale_file.scales)
             report = scale_file.equalization
         else:
-            qmodel, factors, eq_report = post_training_quantize(
-                model, scheme, calibration_batches(calib_set, opts.calib_images), opts.calib_method,
-                alpha, progress=progress)
+            qmodel, factors, eq_report = distributed.on_every_rank(
+                calibrate_shared, model, scheme, calib_set, opts.calib_images, opts.calib_method, alpha, progress)
             report = eq_report.to_dict() if eq_report else None
             if factors:
                 calib_dir.mkdir(parents=True, exist_ok=True)
@@ -691,6 +690,29 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached, "scales_file": str(scales_file.resolve()),
                     "images": images, "data": str(calib_root.resolve()), "scheme": scheme.spec,
                     "equalization": report, "ranges": {k: v * 127 for k, v in few.items()}}
+
+
+def calibrate_shared(model, scheme, calib_set, images: int, method: str, alpha: float | None, progress: bool):
+    """post_training_quantize over the first `images` calibration images, run by every rank
+    under torchrun (distributed.on_every_rank): each observes its part of every batch and the
+    statistics are merged, so the scales are one process's."""
+    from cunet_optimize.quant import post_training_quantize
+
+    batches = distributed.agreed(lambda: list(calibration_batches(calib_set, images)))
+    return post_training_quantize(model, scheme, batches, method, alpha, progress=progress and distributed.is_main())
+
+
+def evaluate_runner(runner, eval_set, evaluate_landmarks, progress: bool, description: str):
+    """`runner` (not yet active) over the evaluation set; under torchrun every rank runs it
+    (distributed.on_every_rank) on its share of the batches, reading the model rank 0 wrote,
+    and all get the metrics of every image. A static-batch (DLA) model takes its own batch size."""
+    distributed.agreed(runner.activate)
+    try:
+        fixed = (runner.input_shape or (None,))[0]
+        return evaluate_landmarks(runner.infer, eval_set, progress=progress, description=description,
+                                  **({"batch_size": fixed} if isinstance(fixed, int) else {}))
+    finally:
+        runner.deactivate()
 
 
 @dataclass
@@ -733,8 +755,8 @@ def reference_accuracy(workdir: Path, reference_onnx: Path, eval_set, eval_root:
             return ReferenceAccuracy(record["metrics"], record["settings"], f" (cached: {cache})")
         except (ValueError, KeyError):
             log.warning("%s is damaged; recomputing the FP32 reference", cache)
-    with OnnxRuntimeSessionRunner(reference_onnx, OrtSettings(optimization="all"), load_optimization="all") as ref:
-        result = evaluate_landmarks(ref.infer, eval_set, progress=progress, description="FP32 reference")
+    runner = OnnxRuntimeSessionRunner(reference_onnx, OrtSettings(optimization="all"), load_optimization="all")
+    result = distributed.on_every_rank(evaluate_runner, runner, eval_set, evaluate_landmarks, progress, "FP32 reference")
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cache, json.dumps({"metrics": result.metrics, "settings": result.settings}, default=float) + "\n")
     return ReferenceAccuracy(result.metrics, result.settings)
@@ -752,8 +774,10 @@ def _variant_gate(opts, task, reference_onnx, eval_set, eval_root, evaluate_land
         reference = reference_accuracy(Path(opts.workdir), reference_onnx, eval_set, eval_root, opts.eval_split,
                                        evaluate_landmarks, progress)
         reference_value = task.headline(reference.metrics)
-        with OnnxRuntimeSessionRunner(onnx_path, replace(settings, optimization="all"), load_optimization="all") as run:
-            got = evaluate_landmarks(run.infer, eval_set, progress=progress, description=f"variant {onnx_path.stem}")
+        got = distributed.on_every_rank(
+            evaluate_runner, OnnxRuntimeSessionRunner(onnx_path, replace(settings, optimization="all"),
+                                                      load_optimization="all"),
+            eval_set, evaluate_landmarks, progress, f"variant {onnx_path.stem}")
         value = task.headline(got.metrics)
         worse = task.degradation(value, reference_value)
         return {"metric": task.metric, "value": value, "reference_value": reference_value,
@@ -777,10 +801,7 @@ def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_s
         # No engine here: the Q/DQ ONNX, run exactly by ONNX Runtime, is the source of truth.
         runner = OnnxRuntimeReferenceRunner(onnx_path)
         runtime = "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the deployed ONNX; no TensorRT engine here"
-    with runner:
-        fixed = (runner.input_shape or (None,))[0]  # a static-batch (DLA) model takes its own batch size
-        candidate = evaluate_landmarks(runner.infer, eval_set, progress=progress, description="engine",
-                                       **({"batch_size": fixed} if isinstance(fixed, int) else {}))
+    candidate = distributed.on_every_rank(evaluate_runner, runner, eval_set, evaluate_landmarks, progress, "engine")
     ref_value, value = task.headline(reference.metrics), task.headline(candidate.metrics)
     worse = task.degradation(value, ref_value)
     tolerance = opts.tolerance(task)

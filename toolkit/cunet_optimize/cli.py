@@ -28,7 +28,10 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 
 # Commands that run as one job over many processes under torchrun / srun (README: "Many
 # GPUs"); the others refuse a multi-process launch rather than run N times over the same files.
-DISTRIBUTED_COMMANDS = ("train", "qat", "eval")
+DISTRIBUTED_COMMANDS = ("train", "qat", "eval", "build")
+# Of those, the commands rank 0 runs alone while the other ranks serve its requests
+# (distributed.on_every_rank: the build's calibration and accuracy stages) and write nothing.
+LED_BY_RANK_0 = ("build",)
 
 # Order = order in `--help`: the pipeline, front to back.
 COMMANDS = [
@@ -98,14 +101,21 @@ def _run_command(args) -> int:
     if args.command not in DISTRIBUTED_COMMANDS:
         raise CUNetError(f"{args.command} runs in one process; launch it without torchrun/srun "
                          f"(multi-process: {', '.join(DISTRIBUTED_COMMANDS)})")
-    with distributed.process_group(launch):
+    led = args.command in LED_BY_RANK_0
+    with distributed.process_group(launch, distributed.LED_COMMAND_TIMEOUT if led else None):
         if not distributed.is_main():
             # rank 0 speaks for the job: the others log only warnings and print nothing
             logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-                return int(args.func(args) or 0)
+            try:
+                with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                    return distributed.follow_rank_0() if led else int(args.func(args) or 0)
+            except distributed.JobFailed:
+                if args.verbose:
+                    raise
+                return EXIT_USER_ERROR  # rank 0 prints the line
         print(distributed.describe(), file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
-        return _run_in_this_process(args)
+        with distributed.leading_the_others() if led else contextlib.nullcontext():
+            return _run_in_this_process(args)
 
 
 def _run_in_this_process(args) -> int:

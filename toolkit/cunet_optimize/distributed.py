@@ -8,6 +8,13 @@ Without launcher variables (one process) every helper here is the identity and n
 process group exists, so single-process runs are what they always were.
 
 Rank 0 alone writes files, logs and progress; the other ranks compute and wait.
+
+Two ways to run a command over the ranks. `train`, `qat` and `eval` run the same code on
+every rank (each takes its part of the work where the code asks for it). `build` is led by
+rank 0 (`leading_the_others` / `follow_rank_0`): rank 0 runs the build; the others serve
+its requests (`on_every_rank`: calibration and evaluation, the steps worth sharing) and
+write nothing. A failure on any rank stops every rank with one line (`JobFailed`) rather
+than leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -15,15 +22,18 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator
+from datetime import timedelta
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from cunet_optimize.launch import Launch, detect_launch  # noqa: F401  (torch-free: the CLI reads it first)
+from cunet_optimize.errors import CUNetError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 
@@ -33,10 +43,17 @@ def backend_for_machine() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+# How long a rank may wait in one collective in a command led by rank 0: the others wait
+# while rank 0 exports, runs surgery and builds the engine alone (a TensorRT INT8 engine of a
+# deep model takes tens of minutes), longer than the default (10 minutes on nccl, 30 on gloo).
+LED_COMMAND_TIMEOUT = timedelta(hours=4)
+
+
 @contextmanager
-def process_group(launch: Launch | None = None) -> Iterator[Launch]:
-    """Join the job's process group for the block (env:// rendezvous), leave it afterwards.
-    One process, or a group that already exists (tests, a caller's own): nothing to do."""
+def process_group(launch: Launch | None = None, timeout: timedelta | None = None) -> Iterator[Launch]:
+    """Join the job's process group for the block (env:// rendezvous), leave it afterwards;
+    `timeout` bounds a collective (None: PyTorch's default). One process, or a group that
+    already exists (tests, a caller's own): nothing to do."""
     launch = launch or detect_launch()
     if not launch.distributed or dist.is_initialized():
         yield launch
@@ -47,7 +64,7 @@ def process_group(launch: Launch | None = None) -> Iterator[Launch]:
     backend = backend_for_machine()
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank)
-    dist.init_process_group(backend, init_method="env://")
+    dist.init_process_group(backend, init_method="env://", **({"timeout": timeout} if timeout else {}))
     try:
         yield launch
     finally:
@@ -192,3 +209,103 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(t, src)
         if t is not b:
             b.copy_(t)
+
+
+# --------------------------------------------------------------------------------------
+# Failures: every rank stops, rank 0 says why
+
+
+class JobFailed(CUNetError):
+    """Raised on every rank when one rank failed: rank 0 prints it, the others exit with the
+    same status and print nothing (the CLI), so a failure is one line, not one per rank."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if isinstance(exc, CUNetError) else f"{type(exc).__name__}: {line}".rstrip(": ")
+
+
+def agreed(compute: Callable[[], T]) -> T:
+    """compute() on this rank, then a check that it succeeded on every rank: a failure
+    anywhere raises JobFailed on all ranks (naming the rank), so none goes on to a collective
+    the failed rank will never join. Every rank must call it at the same point."""
+    try:
+        result, error = compute(), None
+    except Exception as exc:  # reported to every rank below; the traceback stays chained here
+        result, error = None, exc
+    if not is_active():
+        if error is not None:
+            raise error
+        return result
+    failures = all_gather_objects(None if error is None else _one_line(error))
+    for r, failure in enumerate(failures):
+        if failure is not None:
+            if isinstance(error, JobFailed):
+                raise error
+            raise JobFailed(failure if failure.startswith("rank ") else f"rank {r}: {failure}") from error
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Jobs led by rank 0 (`build`): rank 0 runs the command, the others serve its requests
+
+_in_request = [False]  # rank 0 is inside an on_every_rank call: the ranks' collectives are interleaved
+
+
+def on_every_rank(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Rank 0, leading: run fn(*args, **kwargs) on every rank (the others are in follow_rank_0)
+    and return rank 0's result. fn must be a module-level function and its arguments
+    picklable; it shares its work with collectives of its own (sharded calibration, sharded
+    evaluation). In one process: fn(*args, **kwargs)."""
+    if not is_active():
+        return fn(*args, **kwargs)
+    broadcast_object(("run", fn, args, kwargs))
+    _in_request[0] = True
+    try:
+        return fn(*args, **kwargs)
+    except dist.DistError as exc:  # another rank went away mid-request; it said why
+        raise JobFailed(f"another process stopped during {fn.__name__} ({_one_line(exc)}); see its message") from exc
+    finally:
+        _in_request[0] = False
+
+
+@contextmanager
+def leading_the_others() -> Iterator[None]:
+    """Rank 0's side of a led command: when the block ends, the others are released (exit 0),
+    or told that it failed (they stop with the same status; rank 0 prints the error)."""
+    if not is_active():
+        yield
+        return
+    try:
+        yield
+    except JobFailed:  # every rank raised it already
+        raise
+    except BaseException as exc:
+        if not _in_request[0]:  # the others wait for the next request: tell them
+            broadcast_object(("failed", _one_line(exc)))
+        # else they are inside a collective of the request: this process's exit ends it
+        # (gloo: the connection closes; torchrun stops every process once one fails)
+        _in_request[0] = False
+        raise
+    broadcast_object(("done",))
+
+
+def follow_rank_0() -> int:
+    """A rank other than 0 in a led command: run rank 0's requests until it is done (0) or
+    failed (JobFailed). Nothing here writes files."""
+    while True:
+        try:
+            message = broadcast_object(None)
+        except dist.DistError as exc:  # rank 0 went away
+            raise JobFailed(f"rank 0 stopped ({_one_line(exc)})") from exc
+        kind = message[0]
+        if kind == "done":
+            return 0
+        if kind == "failed":
+            raise JobFailed(message[1])
+        _, fn, args, kwargs = message
+        try:
+            fn(*args, **kwargs)
+        except dist.DistError as exc:  # another rank went away mid-request; it said why
+            raise JobFailed(f"another process stopped during {fn.__name__}") from exc

@@ -89,24 +89,30 @@ def evaluate_landmarks(
     task = tasks.task_of_dataset(dataset)
     if flip:
         infer = flip_test(infer, task.flip_perm)
-    preds, gts, paths, visible, head_size = [], [], [], [], []
     sharded = distributed.is_active() if sharded is None else sharded
     indices = range(0, len(dataset), batch_size)
     if sharded:
         indices = indices[distributed.rank()::distributed.world_size()]
         progress = progress and distributed.is_main()
-    for start in tqdm(indices, desc=description, unit="batch", disable=not progress, leave=False):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        images = np.stack([np.asarray(it["image"], dtype=np.float32) for it in items])
-        heatmaps = np.asarray(infer(images), dtype=np.float32)
-        points_64 = decode_heatmaps(heatmaps)
-        for it, p in zip(items, points_64):
-            preds.append(heatmap_to_image_coords(p, np.asarray(it["transform"], dtype=np.float64)))
-            gts.append(np.asarray(it["landmarks"], dtype=np.float64))
-            paths.append(str(it["path"]))
-            if task is tasks.POSE:
-                visible.append(np.asarray(it["visible"], dtype=bool))
-                head_size.append(float(it["head_size"]))
+
+    def predict():
+        preds, gts, paths, visible, head_size = [], [], [], [], []
+        for start in tqdm(indices, desc=description, unit="batch", disable=not progress, leave=False):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            images = np.stack([np.asarray(it["image"], dtype=np.float32) for it in items])
+            heatmaps = np.asarray(infer(images), dtype=np.float32)
+            points_64 = decode_heatmaps(heatmaps)
+            for it, p in zip(items, points_64):
+                preds.append(heatmap_to_image_coords(p, np.asarray(it["transform"], dtype=np.float64)))
+                gts.append(np.asarray(it["landmarks"], dtype=np.float64))
+                paths.append(str(it["path"]))
+                if task is tasks.POSE:
+                    visible.append(np.asarray(it["visible"], dtype=bool))
+                    head_size.append(float(it["head_size"]))
+        return preds, gts, paths, visible, head_size
+
+    # sharded: an image or a runner failing on one rank stops every rank (no rank waits in the gather)
+    preds, gts, paths, visible, head_size = distributed.agreed(predict) if sharded else predict()
     if sharded:  # rank r holds batches r, r + N, ...: deal them back into the data set's order
         shards = distributed.all_gather_objects((preds, gts, paths, visible, head_size))
         per_batch = [[], [], [], [], []]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cunet_optimize import distributed
+from cunet_optimize.errors import CUNetError
+
 from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, DEFAULT_MAX_PCKH_DECREASE, BuildOptions,
                                   add_concat_qdq_argument, command_line, default_calib_split, run_build)
 from cunet_optimize.commands.common import non_negative_float, positive_int
@@ -62,6 +65,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.precision == "auto" and not args.qat_checkpoint and distributed.is_active():
+        raise CUNetError("build --precision auto searches its plan in one process; launch it without "
+                         "torchrun/srun (a plan from `qat --plan` builds under torchrun: --qat QAT_CKPT)")
     opts = BuildOptions(
         precision=args.precision, target=args.target, model=args.model, qat_checkpoint=args.qat_checkpoint,
         calib_data=args.calib_data, calib_split=default_calib_split(args.calib_data, args.calib_split),

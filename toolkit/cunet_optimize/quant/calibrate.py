@@ -26,9 +26,10 @@ Sharded over ranks (torchrun; `calibrate(..., sharded=True)`): each rank observe
 part of every global batch; a histogram observer takes the batch's max over all ranks
 before binning (so every rank's range doubles at the same batch), and the observers'
 counts and maxima are summed/maxed at the end (`merge_observers`): the scales equal
-those of one process seeing the whole batches, exactly where no tensor needs sampling
-(a rank samples its own part, so sampled histograms agree within the sampling
-tolerances measured in tests/test_quant_calibrate.py; max calibration is always exact).
+those of one process seeing the whole batches, exactly. A sampled tensor is sampled as
+one process would: the stride comes from the global batch's size and each rank starts
+at its part's offset in the global flat order, so the ranks' samples are, together, the
+one process's sample.
 
 Tied groups (quant.qmodel, `tie_concat_scales`): every member's amax is computed
 from its own statistics, then the group takes the largest: tying never clips a
@@ -135,7 +136,7 @@ class HistogramObserver:
     """
 
     def __init__(self, num_bins: int = NUM_BINS, max_samples: int | None = None,
-                 reduce_batch_max: Callable[[float], float] | None = None) -> None:
+                 global_batch: Callable[[float, int], tuple[float, int, int]] | None = None) -> None:
         if num_bins < 2 or num_bins % 2:
             raise CalibrationError(f"histogram: num_bins must be even and >= 2, got {num_bins}")
         if max_samples is not None and max_samples < 1:
@@ -148,8 +149,9 @@ class HistogramObserver:
         self.zeros_before_range = 0  # values seen while every value so far was 0
         self.at_top = 0  # values equal to `range`: in the last bin, which is closed above
         self.count = 0
-        # distributed calibration: the max of the global batch, of which x is this rank's part
-        self.reduce_batch_max = reduce_batch_max
+        # distributed calibration, x being this rank's part of the global batch: (this part's
+        # max, size) -> (the global batch's max, size, this part's offset in its flat order)
+        self.global_batch = global_batch
 
     @property
     def bin_width(self) -> float:
@@ -159,13 +161,14 @@ class HistogramObserver:
         x = x.detach()
         lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
         m = max(-float(lo), float(hi))
-        if self.reduce_batch_max is not None:
-            m = self.reduce_batch_max(m)
-        self.amax = max(self.amax, m)
         a = x.flatten()
-        stride = sample_stride(a.numel(), self.max_samples)
-        if stride > 1:
-            a = a[::stride]
+        total, offset = a.numel(), 0
+        if self.global_batch is not None:
+            m, total, offset = self.global_batch(m, a.numel())
+        self.amax = max(self.amax, m)
+        stride = sample_stride(total, self.max_samples)
+        if stride > 1:  # the global sample's elements that fall in this part
+            a = a[(-offset) % stride::stride]
         # Conv inputs are ReLU outputs: |x| is x, and skipping abs saves a copy of the tensor.
         a = (a if float(lo) >= 0 else a.abs()).float()
         self.count += a.numel()
@@ -361,8 +364,8 @@ def calibrate(
     if not quantizers:
         log.info("calibrate: no integer activation quantizers; nothing to calibrate")
         return {}
-    reduce_max = _global_batch_max if sharded else None
-    observers = {n: MaxObserver() if method == "max" else HistogramObserver(num_bins, max_samples, reduce_max)
+    global_batch = _global_batch if sharded else None
+    observers = {n: MaxObserver() if method == "max" else HistogramObserver(num_bins, max_samples, global_batch)
                  for n in quantizers}
     handles = []
     enabled = {id(q): q.enabled for _, q in named_quantizers(qmodel)}
@@ -467,8 +470,15 @@ def _observed_amax(
 # Distributed calibration: statistics of rank-sharded batches combined over ranks
 
 
-def _global_batch_max(m: float) -> float:
-    return _distributed.all_reduce(float(m), "max")
+def _global_batch(m: float, numel: int) -> tuple[float, int, int]:
+    """(max over ranks, global size, this rank's offset) of a batch tensor split over ranks
+    in rank order: one max-reduce of [max_0, ..., max_N-1, size_0, ..., size_N-1]."""
+    world, r = _distributed.world_size(), _distributed.rank()
+    both = torch.zeros(2 * world, dtype=torch.float64)  # sizes < 2**53: exact in float64
+    both[r], both[world + r] = m, numel
+    both = _distributed.all_reduce(both, "max")
+    sizes = both[world:].to(torch.int64)
+    return float(both[:world].max()), int(sizes.sum()), int(sizes[:r].sum())
 
 
 def merge_observers(observers: Mapping[str, MaxObserver | HistogramObserver]) -> None:
