@@ -3,10 +3,13 @@
 glibc's malloc serves blocks above its mmap threshold (at most 32 MiB) with fresh mmaps
 and returns them on free, so every forward pass of a deep CU-Net faults in its
 activations page by page again (a batch of 16 on the N=8 face model holds 33 MB tensors).
-Raising the mmap and trim thresholds lets later passes reuse the same pages. Measured on
-2 shared vCPUs (AMD EPYC), three forwards of the N=8 face model at batch 16 under
-inference_mode: 76-82 s wall, 57-60 s user, 18.5 s system, 10.6 M minor faults as glibc
-ships; 50-55 s, 47-49 s, 2-7 s, 1.0-3.9 M with the thresholds raised. The cost: the
+Raising the mmap and trim thresholds lets later passes reuse the same pages. An INT8
+build of the N=8 face model on 2 shared vCPUs (AMD EPYC, load average 3-4 in both runs)
+spent 90.9 s of system time as glibc ships and 15.7 s with the thresholds raised; its
+calibration stage (PyTorch forwards at batch 16) took 314 s and 183 s wall
+(bench/results/build_time_face_n8_int8_glibc_default.json and
+bench/results/build_time_face_n8_int8.json, written by
+`python bench/bench_build_time.py --model N8.safetensors --precisions int8`). The cost: the
 process keeps its peak heap until it exits, which a command-line run does anyway.
 """
 

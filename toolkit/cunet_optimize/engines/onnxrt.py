@@ -17,9 +17,12 @@ that entry (tests/test_onnxrt_backend.py keeps an eye on it).
 Intra-op threads are timed at build time, as TensorRT times its tactics: unless the
 caller pins `intra_op_threads`, the builder runs the optimised model at batch 1 with
 1, 2, 4, ... threads (up to the CPUs this process may use) and records the fastest.
-Small networks lose to the thread pool's synchronisation: on the 2-vCPU CI machine
-the embedded model's INT8 engine took 14.5 ms with one thread and 28.2 ms with two,
-while the authors' face configuration was faster with two (141 vs 162 ms). INT8 builds
+Small networks lose to the thread pool's synchronisation, and on a shared machine a
+second thread may find no free core: bench/results/int8_cpu-run1.json (written by
+`python bench/bench_int8_cpu.py`, 2 vCPUs, load average 7) has the embedded model's INT8
+engine (depthwise form) at 15.0 ms median on one thread, 21.9 ms on two (19.4 without
+spinning), the N=8 face model's at 103 vs 178 (122) ms; bench/results/int8_cpu-run2.json,
+a second run, orders them the same. INT8 builds
 time more (build.choose_int8_form): the integer form's variants and, above one thread,
 the thread pool spinning or not (THREAD_POOL_VARIANTS); the winner's thread count and
 session entries are pinned in session.json, with the CPU's int8 instruction set.

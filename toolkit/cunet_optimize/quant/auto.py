@@ -180,8 +180,9 @@ class SensitivityTable:
 def expected_delta(table: SensitivityTable, group: str, fmt: str) -> float:
     """A group's change at `fmt`, never better than INT8 for a lower format nor worse for a
     higher one: on a held-out slice of 64 images, "INT4 made it more accurate" is noise, and
-    an additive sum would spend that noise on other groups (measured: a plan predicted at
-    +0.095 that built at +0.136 before this clamp)."""
+    an additive sum would spend that noise on other groups (before this clamp a block-grain
+    plan predicted at +0.095 NME points built at +0.136: bench/results/auto_precision_embedded.json,
+    `auto_block_grain_before_noise_clamp`)."""
     d = table.delta[group].get(fmt, 0.0)
     if fmt in ACCURACY_ORDER and _rank(fmt) < _rank("int8"):
         return max(d, 0.0)
