@@ -3,7 +3,7 @@
 Real 300-W cannot ship with the toolkit, yet demos, tests and calibration need face
 images whose landmarks are known. This module draws them: a parametric 3-D face in
 the iBUG 68-point layout and order (jaw 0-16, brows 17-26, nose 27-35, eyes 36-47,
-mouth 48-67; the EVAL.md flip permutation maps a mirrored face onto itself), posed
+mouth 48-67; the docs/EVAL.md flip permutation maps a mirrored face onto itself), posed
 (yaw, pitch, roll), scaled and moved, then rendered with PIL and numpy with clutter,
 occluders, lighting, blur and noise. Every visible feature is drawn from the same
 projected geometry as the landmarks (the jaw points are the face outline, 36-41 the
@@ -51,7 +51,7 @@ SUPERSAMPLE = 2
 # values, so the files are exactly the ground truth.
 PTS_DECIMALS = 4
 # PNG: the images are noisy, so stronger zlib settings cost time and gain little;
-# run-length matching at level 1 writes smaller files than the default, 2.5x faster.
+# level 1 with run-length matching is the cheap end of zlib's settings.
 PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 
 
@@ -655,8 +655,7 @@ def verification_batch(batch: int) -> np.ndarray:
     """Synthetic faces (deterministic, no data needed), float32 [batch, 3, 256, 256] in
     [0, 1]: inputs from the distribution the model was calibrated on. Uniform noise lies
     far outside the calibrated ranges, and on a quantized graph the rounding-boundary
-    flips then cascade: measured on a QAT model, mean error 22% of the output std on noise
-    against 0.18% on faces, for the same correct graph."""
+    flips then cascade, so the same correct graph errs far more on noise than on faces."""
     faces = [np.asarray(synth_face(VERIFY_SEED, i, VERIFY_SIZE)[0], dtype=np.float32) for i in range(batch)]
     return np.ascontiguousarray(np.stack(faces).transpose(0, 3, 1, 2) / np.float32(255.0))
 

@@ -230,7 +230,7 @@ def _heads(model: torch.nn.Module, image: np.ndarray, dtype: torch.dtype = torch
 def _fp16_rounded(model: torch.nn.Module) -> torch.nn.Module:
     """A float32 copy that stores like float16: weights, buffers and every leaf module's
     output rounded to float16, arithmetic in float32 (what fp16 GPU kernels do; PyTorch's
-    own float16 CPU kernels are ~10x slower than this)."""
+    own float16 CPU kernels are much slower than this)."""
     rounded = copy.deepcopy(model).float()
     with torch.no_grad():
         for tensor in [*rounded.parameters(), *rounded.buffers()]:
@@ -268,8 +268,8 @@ def _as_onnx_dequantizes(quantizer, weight: torch.Tensor) -> torch.Tensor:
     """The weight a graph's DequantizeLinear(QuantizeLinear(w)) computes. PyTorch's 8-bit
     fake quantization multiplies by the reciprocal scale where ONNX's QuantizeLinear
     divides, so a weight sitting on a rounding boundary can land one step apart; a deep
-    network amplifies a few such steps far beyond float rounding (the N=8 face model: 0.04
-    mean against 0.0008). Other weight quantizers are traced into constants, exact as is."""
+    network amplifies a few such steps far beyond float rounding (the N=8 face model's
+    wiring check failed on them). Other weight quantizers are traced into constants, exact as is."""
     from cunet_optimize.quant.quantizers import IntQuantizer
 
     if not (isinstance(quantizer, IntQuantizer) and quantizer.num_bits == 8):

@@ -3,9 +3,7 @@
 Defaults follow common QAT practice (NVIDIA's QAT guides, ModelOpt): start from
 calibrated scales, about 10% of the original schedule at 1% of its learning rate
 with cosine decay, BatchNorm statistics frozen after a warm-up of a quarter of the
-epochs (none for a 1-epoch QAT) so the quantization ranges stop chasing them. On the
-embedded model a 1-epoch int8 QAT (800 images, lr 1e-5) ended at NME 5.418% with the
-statistics free all along and 5.269% with them frozen from the start (FP32 5.293%).
+epochs (none for a 1-epoch QAT) so the quantization ranges stop chasing them.
 Weights of 4 bits and fewer sit further from the float ones and get a longer, hotter
 schedule (QAT_SCHEDULES). The checkpoint holds the weights and every quantizer's
 scale, and rebuilds the exact fake-quantized model for export.
@@ -38,12 +36,10 @@ from cunet_optimize.train.loop import TrainRecipe, TrainResult, train
 QAT_FORMAT = "cunet-optimize-qat"
 # (fraction of the original epochs, fraction of its learning rate) by weight bits; a
 # scheme uses the entry of the fewest bits >= its own (float weights: the 8-bit one).
-# Measured on the embedded model (all 2,700 training images, FP32 NME 5.293%):
-# 4 bits (block-32 INT4): 1 epoch at 1% of the lr 5.656% (800 images), 1 epoch at 10%
-#   5.551%, 3 epochs at 10% 5.358% (1.012x).
-# 2 bits and fewer (the paper's binary and ternary weights; measured for binary w1a8):
-#   1 epoch at 1% of the lr collapses (NME 95.8%); 6 epochs at the original lr 7.128%. The
-#   paper trains such networks from scratch: fine-tuning needs most of a schedule.
+# Fewer bits move the weights further from the float ones, so the schedule gets longer and
+# hotter; the paper trains its binary and ternary networks from scratch, so fine-tuning them
+# needs most of a schedule at the full rate. The trials behind these entries were not kept;
+# `python bench/bench_quant_table.py --data DIR` measures QAT at them (its QAT rows).
 QAT_SCHEDULES: dict[int, tuple[float, float]] = {8: (0.1, 0.01), 4: (0.3, 0.1), 2: (0.6, 1.0)}
 BN_WARMUP_FRACTION = 0.25  # of the QAT epochs, before BatchNorm statistics are frozen
 

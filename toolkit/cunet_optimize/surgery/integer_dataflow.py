@@ -31,11 +31,11 @@ almost every conv reads and writes uint8:
    T = -b/s rounded to an integer, s folded into the conv's weight columns (requantized per
    output channel) and b into its bias: a uint8 Max/Min instead of a depthwise
    QLinearConv, left out altogether where every threshold is 0 (it would only copy). Not
-   exact: the rounded threshold moves every zero-side element the same way. First measured
-   on an AVX2 machine, where ONNX Runtime's u8 x s8 kernels sum pairs in int16 and the
-   large clamped inputs saturate (embedded model NME 11.2% vs 5.3%); on AVX-512 VNNI the
-   sums are int32 (embedded model, ORT_ENABLE_ALL: 5.33% vs 5.32% depthwise, FP32 5.29%).
-   So it is never the default: `build` times it beside "depthwise" and takes it only where
+   exact: the rounded threshold moves every zero-side element the same way. Where ONNX
+   Runtime's u8 x s8 kernels sum pairs of products in int16 (plain AVX2, engines/cpu_isa.py)
+   the large clamped inputs can saturate, far beyond rounding; where the sums are int32
+   (AVX-512 VNNI, AVX-VNNI, AMX) it stays about as close to the float model as the Q/DQ
+   graph (tests/test_int8_cpu_variants.py, a tiny model). So it is never the default: `build` times it beside "depthwise" and takes it only where
    it is faster and passes the accuracy gate on the build machine (build.choose_int8_form).
 5. Every other INT8 Q/DQ pair on a ReLU output (and on the image input when the
    calibration images are >= 0) becomes uint8 with zero point 0 and half the scale:
