@@ -77,7 +77,7 @@ def evaluate_landmarks(
     runtime: str = "",
     sharded: bool | None = None,
 ) -> EvalResult:
-    """Predict every sample of a face or pose data set and score it (EVAL.md conventions:
+    """Predict every sample of a face or pose data set and score it (docs/EVAL.md conventions:
     NME with `normalizer` for faces, PCKh@0.5 for pose; flip test with the task's permutation).
 
     `sharded` (default: whether a process group is active): every rank must call this with

@@ -32,7 +32,7 @@ the output). int4 keeps the stem and last-head weights at INT8 (`edge_weight_bit
 they are a tiny share of the weights and the most sensitive ones. The paper's modes
 leave both in float, as the paper does.
 
-What runs where (QUANT_RULES.md): int8 is TensorRT's explicit-quantization form.
+What runs where (docs/QUANT_RULES.md): int8 is TensorRT's explicit-quantization form.
 int4 per channel (-pc) with INT8 activations is exactly representable as INT8
 per-channel weights ([-7, 7] inside [-127, 127], same scale), so TensorRT can run it
 as INT8; block-wise INT4 is a storage format (dequantized for execution), and

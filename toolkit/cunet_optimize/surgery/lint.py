@@ -8,9 +8,10 @@ DLA<->GPU transition) or say that a precision is stored, not executed.
 Targets: `lint_target(name, dla_core)` reads the engines target registry
 (engines/targets.py): the backend, and with a DLA core (validated against the target's
 DLA cores) the DLA rules. Facts behind the rules, and which are unverified:
-- TensorRT's ONNX parser operator table: onnx-tensorrt docs/operators.md (TensorRT 10.0).
+- TensorRT's ONNX parser operator table: github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
+  (as of TensorRT 10.0).
 - DLA layers and restrictions: TensorRT 8.x documentation, unverified for 10/11
-  (QUANT_RULES.md); layers DLA cannot run fall back to the GPU when GPU fallback is on,
+  (docs/QUANT_RULES.md, section 6); layers DLA cannot run fall back to the GPU when GPU fallback is on,
   so they are warnings, except what breaks a DLA build outright (dynamic shapes, FP32,
   INT8 Concat scales that differ, INT4).
 """
@@ -78,7 +79,7 @@ def lint_target(name: str, dla_core: int | None = None) -> LintTarget:
 
 # ----------------------------------------------------------------------------- facts
 
-# onnx-tensorrt docs/operators.md (TensorRT 10.0): operators marked N.
+# github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md (TensorRT 10.0): operators marked N.
 TRT_UNSUPPORTED_OPS = frozenset("""
 AffineGrid Bernoulli BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor BlackmanWindow CenterCropPad
 Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear HammingWindow HannWindow

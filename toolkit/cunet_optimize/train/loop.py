@@ -49,7 +49,7 @@ HISTORY_FILE = "history.json"
 
 @dataclass
 class TrainRecipe:
-    """The authors' recipe (CUNET.md) by default: RMSprop 2.5e-4, batch 24, step decay."""
+    """The authors' recipe (docs/CUNET.md) by default: RMSprop 2.5e-4, batch 24, step decay."""
 
     epochs: int = 120
     batch_size: int = 24
