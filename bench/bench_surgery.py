@@ -157,12 +157,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/surgery.json")
     args = ap.parse_args()
+    models = []
+    for name in args.models:
+        load = os.getloadavg()[0]  # timings on a shared machine mean little without it
+        models.append(bench_model(name, args.runs, args.warmup, args.threads))
+        models[-1]["load_average_1min_start_end"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     results = {
         "benchmark": "surgery: FP32 and INT8 graphs before and after, ONNX Runtime CPU",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count()},
         "settings": {"batch": 1, "graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": args.threads,
                      "warmup": args.warmup, "runs": args.runs},
-        "models": [bench_model(name, args.runs, args.warmup, args.threads) for name in args.models],
+        "models": models,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,10 @@ used on purpose: it is deterministic (tests export twice and compare bytes) and 
 Most of its time is the traced forward pass, so we trace at 64x64 px with the spatial
 dims marked dynamic (CU-Net is fully convolutional; its Resize nodes carry constant
 scales, so the graph does not depend on the size) and fix them to 256 afterwards;
-verification then runs at 256 px. On the authors' N=8 face model (2 shared cores under
-load) the TorchScript export took 36 s tracing at 256 px and 11-25 s tracing at 64 px,
-nearly all of it the tracer's per-op overhead; the torch.export path takes ~45 s. Its raw output is then cleaned with onnx-graphsurgeon: constant folding
+verification then runs at 256 px. The N=8 face model's FP32 export took 18.0 s in
+torch.onnx.export on 2 shared vCPUs at load average up to 8.9 (bench/results/surgery.json,
+`export_fp32`), and a build's whole export stage, verification included, 5.5 s on a quiet
+machine (bench/results/build_time_face_n8_fp32_quiet.json). Its raw output is then cleaned with onnx-graphsurgeon: constant folding
 (Q/DQ nodes are never folded), Identity removal, dead nodes removed, topological
 order; free-text fields are emptied so equal models give byte-identical files.
 

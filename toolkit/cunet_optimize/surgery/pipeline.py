@@ -63,14 +63,17 @@ CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales", "integer_dataflow"})
 # Whether the dense concatenations of a float graph are folded, per backend: True, False,
 # or TIMED (the default pipeline keeps them; `build` times both forms on the build machine
 # at each usable thread count and keeps the faster, see build.choose_concat_form).
-# onnxruntime: TIMED, because the winner depends on the network. bench/bench_surgery.py
-#   (ORT 1.32 CPU, ORT_ENABLE_ALL, batch 1, forms alternating run by run, trained or
-#   BN-recalibrated weights, median of 25; two sessions on this shared 2-vCPU machine):
-#   embedded model concat 16.96 / 15.23 ms vs folded 18.64 / 16.24 ms on 1 thread; the
-#   authors' N=8 face model concat 322.5 / 408.4 ms vs folded 304.8 / 339.7 ms on 1 thread,
-#   219.5 / 224.2 vs 227.4 / 219.3 ms on 2. Folding never materialises the Concat outputs
-#   (191 MB at batch 1 on the N=8 model) and moves the estimated peak activation memory
-#   (conv epilogues fused) by -18% (N=8) and +19% (embedded).
+# onnxruntime: TIMED, because the winner depends on the network and the machine. Medians at
+#   batch 1 (ORT 1.32 CPU, ORT_ENABLE_ALL, forms alternating run by run, trained or
+#   BN-recalibrated weights, the shared 2-vCPU machine):
+#   bench/results/surgery.json (`python bench/bench_surgery.py --runs 15 --threads 1`, load
+#   average 1.4 rising to 8.9): embedded model concat 18.0 vs folded 19.1 ms, the authors' N=8
+#   face model 806 vs 839 ms; bench/results/int8_cpu-run1.json and bench/results/int8_cpu-run2.json
+#   (`python bench/bench_int8_cpu.py`, load 6-7): N=8 on 1 thread concat 288 vs folded 298 ms in
+#   one run, 377 vs 353 ms in the other, on 2 threads without spinning 343 vs 311 and 470 vs 442.
+#   Folding never materialises the Concat outputs (191 MB at batch 1 on the N=8 model) and moves
+#   the estimated peak activation memory (conv epilogues fused) from 17.1 to 14.0 MB (N=8) and
+#   from 4.1 to 4.9 MB (embedded) (surgery.json).
 # tensorrt: no (not measured: no GPU here). TensorRT elides a Concat by writing its inputs
 #   into one buffer (with tied scales in INT8), so the concat form is kept until a device
 #   measurement says otherwise.
