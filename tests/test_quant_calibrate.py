@@ -165,8 +165,7 @@ def test_sample_stride_is_odd_and_keeps_the_bound():
 def test_sampled_histogram_is_deterministic_and_close_to_the_exact_one():
     # Tolerances from measuring 4 draws of this data (1/17 of 16 M values binned): percentile
     # amax within 2.7 %, entropy identical, mse within 4.6 % (its error curve is flat near
-    # the minimum); the embedded model's 66 tensors at the default bound stay within 0.4 %
-    # (percentile) and 1.6 % (mse), see HISTOGRAM_SAMPLES.
+    # the minimum). calibrate.HISTOGRAM_SAMPLES cites this test for the default bound.
     exact = HistogramObserver()
     fast, again = HistogramObserver(max_samples=1 << 18), HistogramObserver(max_samples=1 << 18)
     for seed in range(4):
