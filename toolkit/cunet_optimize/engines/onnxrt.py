@@ -17,12 +17,13 @@ that entry (tests/test_onnxrt_backend.py keeps an eye on it).
 Intra-op threads are timed at build time, as TensorRT times its tactics: unless the
 caller pins `intra_op_threads`, the builder runs the optimised model at batch 1 with
 1, 2, 4, ... threads (up to the CPUs this process may use) and records the fastest.
-Small networks lose to the thread pool's synchronisation, and on a shared machine a
-second thread may find no free core: bench/results/int8_cpu-run1.json (written by
-`python bench/bench_int8_cpu.py`, 2 vCPUs, load average 7) has the embedded model's INT8
-engine (depthwise form) at 15.0 ms median on one thread, 21.9 ms on two (19.4 without
-spinning), the N=8 face model's at 103 vs 178 (122) ms; bench/results/int8_cpu-run2.json,
-a second run, orders them the same. INT8 builds
+Small networks lose to the thread pool's synchronisation: on a quiet 2-vCPU machine
+(bench/results/int8_cpu_quiet.json, written by `python bench/bench_int8_cpu.py`, load
+average under 1.7) the embedded model's INT8 engine (depthwise form) took 5.6 ms median on
+one thread and 10.6 ms on two (8.9 without spinning), while the authors' N=8 face
+configuration was faster with two (45.7 vs 75.9 ms). Under load the second core may be
+busy: in bench/results/int8_cpu-run1.json (load average 7) one thread won for both (N=8:
+103 vs 178 ms). INT8 builds
 time more (build.choose_int8_form): the integer form's variants and, above one thread,
 the thread pool spinning or not (THREAD_POOL_VARIANTS); the winner's thread count and
 session entries are pinned in session.json, with the CPU's int8 instruction set.

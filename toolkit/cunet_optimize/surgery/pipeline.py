@@ -70,7 +70,9 @@ CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales", "integer_dataflow"})
 #   average 1.4 rising to 8.9): embedded model concat 18.0 vs folded 19.1 ms, the authors' N=8
 #   face model 806 vs 839 ms; bench/results/int8_cpu-run1.json and bench/results/int8_cpu-run2.json
 #   (`python bench/bench_int8_cpu.py`, load 6-7): N=8 on 1 thread concat 288 vs folded 298 ms in
-#   one run, 377 vs 353 ms in the other, on 2 threads without spinning 343 vs 311 and 470 vs 442.
+#   one run, 377 vs 353 ms in the other, on 2 threads without spinning 343 vs 311 and 470 vs 442;
+#   bench/results/int8_cpu_quiet.json (load under 1.7): N=8 on 2 threads 119.6 vs 125.5 ms, the
+#   embedded model's fastest concat 10.5 ms (2 threads, no spinning) vs folded 10.6 ms (1 thread).
 #   Folding never materialises the Concat outputs (191 MB at batch 1 on the N=8 model) and moves
 #   the estimated peak activation memory (conv epilogues fused) from 17.1 to 14.0 MB (N=8) and
 #   from 4.1 to 4.9 MB (embedded) (surgery.json).
