@@ -35,7 +35,8 @@ almost every conv reads and writes uint8:
    Runtime's u8 x s8 kernels sum pairs of products in int16 (plain AVX2, engines/cpu_isa.py)
    the large clamped inputs can saturate, far beyond rounding; where the sums are int32
    (AVX-512 VNNI, AVX-VNNI, AMX) it stays about as close to the float model as the Q/DQ
-   graph (tests/test_int8_cpu_variants.py, a tiny model). So it is never the default: `build` times it beside "depthwise" and takes it only where
+   graph (tests/test_int8_cpu_variants.py, a tiny model).
+   So it is never the default: `build` times it beside "depthwise" and takes it only where
    it is faster and passes the accuracy gate on the build machine (build.choose_int8_form).
 5. Every other INT8 Q/DQ pair on a ReLU output (and on the image input when the
    calibration images are >= 0) becomes uint8 with zero point 0 and half the scale:
