@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +81,22 @@ def main() -> None:
     test = Face300W(args.data, split="test")
     train = Face300W(args.data, split="train")
     rows = []
+    load_start = os.getloadavg()[0]
+
+    def write(complete: bool) -> None:
+        """The JSON so far: a long run stopped early keeps the rows it finished."""
+        result = {"benchmark": "quant_table", "model": args.model or "embedded default", "data": args.data,
+                  "test_images": len(test), "runtime": "PyTorch fake quantization, CPU", "rows": rows,
+                  "complete": complete, "load_average_1min_start_now": [round(load_start, 2),
+                                                                        round(os.getloadavg()[0], 2)],
+                  "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                                  "threads": args.threads},
+                  "command": "python " + " ".join(sys.argv)}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
 
     def evaluate(name, m, scheme, **extra):
         start = time.perf_counter()
@@ -90,6 +108,7 @@ def main() -> None:
                "eval_seconds": round(time.perf_counter() - start, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        write(complete=False)
 
     evaluate("fp32", model, None)
     calib = list(calibration_batches(train, args.calib_images))
@@ -129,14 +148,8 @@ def main() -> None:
                 evaluate(f"{spec} QAT", q, scheme, equalize_alpha=equalize_alpha_for(scheme),
                          qat_images=len(images), qat_epochs=recipe.epochs,
                          qat_lr=recipe.lr, qat_seconds=round(time.perf_counter() - start, 1))
-    result = {"benchmark": "quant_table", "model": args.model or "embedded default", "data": args.data,
-              "test_images": len(test), "runtime": "PyTorch fake quantization, CPU", "rows": rows,
-              "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads},
-              "command": "python bench/bench_quant_table.py --data " + args.data}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write(complete=True)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
