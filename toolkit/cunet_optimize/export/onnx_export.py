@@ -1,16 +1,21 @@
 """CU-Net -> ONNX: trace, clean, name, verify, write.
 
-`export_onnx` is the one entry point. The TorchScript exporter (`dynamo=False`) is
-used on purpose: it is deterministic (tests export twice and compare bytes) and fast.
-Most of its time is the traced forward pass, so we trace at 64x64 px with the spatial
-dims marked dynamic (CU-Net is fully convolutional; its Resize nodes carry constant
-scales, so the graph does not depend on the size) and fix them to 256 afterwards;
-verification then runs at 256 px. The N=8 face model's FP32 export took 18.0 s in
-torch.onnx.export on 2 shared vCPUs at load average up to 8.9 (bench/results/surgery.json,
-`export_fp32`), and a build's whole export stage, verification included, 5.5 s on a quiet
-machine (bench/results/build_time_face_n8_fp32_quiet.json). Its raw output is then cleaned with onnx-graphsurgeon: constant folding
+`export_onnx` is the one entry point. Two exporters make the raw graph (EXPORTERS):
+- "legacy", the TorchScript tracer (`dynamo=False`, deprecated since PyTorch 2.9). Most
+  of its time is the traced forward pass, so we trace at 64x64 px with the spatial dims
+  marked dynamic (CU-Net is fully convolutional; its Resize nodes carry constant scales,
+  so the graph does not depend on the size) and fix them to 256 afterwards. The N=8 face
+  model's FP32 export took 18.0 s in torch.onnx.export on 2 shared vCPUs at load average
+  up to 8.9 (bench/results/surgery.json, `export_fp32`), and a build's whole export stage,
+  verification included, 5.5 s on a quiet machine
+  (bench/results/build_time_face_n8_fp32_quiet.json).
+- "dynamo", torch.export (`dynamo=True`, dynamo.py), which traces on fake tensors and so
+  exports at 256 px directly.
+Both raw outputs are then cleaned the same way with onnx-graphsurgeon: constant folding
 (Q/DQ nodes are never folded), Identity removal, dead nodes removed, topological
-order; free-text fields are emptied so equal models give byte-identical files.
+order; free-text fields are emptied so equal models give byte-identical files. After
+that the two exporters give the same graph (same ops, same Q/DQ placement;
+bench/bench_exporters.py), so verification runs at 256 px on either.
 
 The contract of the file:
 - input "image": float32 [B, 3, 256, 256] in [0, 1] (B symbolic "batch" unless
@@ -46,6 +51,7 @@ from cunet_optimize import __version__
 from cunet_optimize.data.synth import VERIFY_SEED, verification_batch
 from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.export.dynamo import export_with_dynamo
 from cunet_optimize.export.fp16 import convert_graph_to_fp16
 from cunet_optimize.export.landmarks import add_landmark_decoder
 from cunet_optimize.export.symbolics import fake_quant_symbolics, mark_int4_weights
@@ -68,6 +74,8 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "image"
 BATCH_DIM = "batch"
 HEADS = ("last", "all")
+EXPORTERS = ("legacy", "dynamo")  # torch.onnx.export(dynamo=False) | (dynamo=True)
+DEFAULT_EXPORTER = "legacy"
 MIN_OPSET, MAX_OPSET = 13, 21
 # The TorchScript exporter stops at opset 20; higher opsets are reached with
 # onnx.version_converter on the raw export.
@@ -79,6 +87,7 @@ LANDMARK_TOLERANCE = 1e-5  # px: the in-graph decoder must match the NumPy one e
 @dataclass
 class ExportSummary:
     path: str
+    exporter: str  # one of EXPORTERS
     opset: int
     precision: str  # "fp32" | "fp16"
     quantized: bool  # the graph holds Q/DQ nodes (a fake-quantized model)
@@ -87,6 +96,7 @@ class ExportSummary:
     output_names: list[str]
     dynamic_batch: bool
     decode_landmarks: bool
+    raw_nodes: int  # as the exporter wrote them, before our clean-up
     num_nodes: int
     op_counts: dict[str, int]
     size_bytes: int
@@ -111,18 +121,36 @@ def _count_heads(model: torch.nn.Module, dummy: torch.Tensor) -> int:
         return len(model(dummy))
 
 
-def trace_to_onnx(model: torch.nn.Module, opset: int, dynamic_batch: bool) -> tuple[onnx.ModelProto, float]:
-    """The raw TorchScript export (outputs heatmaps_0..L-1) and the seconds it took."""
-    dummy = torch.rand(1, 3, TRACE_SIZE, TRACE_SIZE, generator=torch.Generator().manual_seed(VERIFY_SEED))
-    outputs = _head_names(_count_heads(model, dummy))
-    axes = {name: ({0: BATCH_DIM} if dynamic_batch else {}) | {2: "height", 3: "width"} for name in [INPUT_NAME, *outputs]}
-    buffer = io.BytesIO()
+def trace_to_onnx(model: torch.nn.Module, opset: int, dynamic_batch: bool,
+                  exporter: str = "legacy") -> tuple[onnx.ModelProto, float]:
+    """The raw export by `exporter` (outputs heatmaps_0..L-1) and the seconds it took."""
+    size = TRACE_SIZE if exporter == "legacy" else INPUT_SIZE
+    # Batch 2: torch.export specializes a dimension that is 1 in the example.
+    dummy = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(VERIFY_SEED))
+    outputs = _head_names(_count_heads(model, dummy[:1]))
     start = time.perf_counter()
-    # Tracing without autograd is faster; parameters get their flag back afterwards.
+    # Tracing without autograd is faster (and torch.export refuses fake quantization of
+    # tensors that require grad); parameters get their flag back afterwards.
     grads = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grads:
         p.requires_grad_(False)
-    with warnings.catch_warnings(), fake_quant_symbolics(), _restore_grads(grads):
+    with _restore_grads(grads):
+        if exporter == "dynamo":
+            raw = export_with_dynamo(model, dummy, input_name=INPUT_NAME, output_names=outputs, opset=opset,
+                                     dynamic_batch=dynamic_batch)
+        else:
+            raw = _torchscript_export(model, dummy[:1], outputs, opset, dynamic_batch)
+            if opset > TORCHSCRIPT_MAX_OPSET:
+                raw = convert_opset(raw, opset)
+    _fix_spatial_dims(raw)
+    return raw, time.perf_counter() - start
+
+
+def _torchscript_export(model: torch.nn.Module, dummy: torch.Tensor, outputs: list[str], opset: int,
+                        dynamic_batch: bool) -> onnx.ModelProto:
+    axes = {name: ({0: BATCH_DIM} if dynamic_batch else {}) | {2: "height", 3: "width"} for name in [INPUT_NAME, *outputs]}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), fake_quant_symbolics():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         try:
             torch.onnx.export(
@@ -144,9 +172,7 @@ def trace_to_onnx(model: torch.nn.Module, opset: int, dynamic_batch: bool) -> tu
                 f"torch.onnx.export failed: {str(err).strip().splitlines()[0]}; "
                 "is the model a CU-Net whose forward(image) returns a list of heatmaps?"
             ) from err
-    raw = onnx.load_from_string(buffer.getvalue())
-    _fix_spatial_dims(raw)
-    return raw, time.perf_counter() - start
+    return onnx.load_from_string(buffer.getvalue())
 
 
 @contextmanager
@@ -385,6 +411,7 @@ def export_onnx(
     fp16: bool = False,
     dynamic_batch: bool = True,
     verify: bool = True,
+    exporter: str = DEFAULT_EXPORTER,
 ) -> ExportSummary:
     """Export a CU-Net (plain or fake-quantized) to a verified ONNX file at `path`.
 
@@ -396,6 +423,8 @@ def export_onnx(
     start = time.perf_counter()
     if heads not in HEADS:
         raise CUNetError(f"export: heads must be one of {HEADS}, got '{heads}'")
+    if exporter not in EXPORTERS:
+        raise CUNetError(f"export: exporter must be one of {', '.join(EXPORTERS)}, got '{exporter}'")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise CUNetError(f"export: opset {opset} is outside the supported {MIN_OPSET}..{MAX_OPSET} (Q/DQ needs >= 13)")
     params = list(model.parameters())
@@ -407,9 +436,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        raw, torch_seconds = trace_to_onnx(model, opset, dynamic_batch)
-        if opset > TORCHSCRIPT_MAX_OPSET:
-            raw = convert_opset(raw, opset)
+        raw, torch_seconds = trace_to_onnx(model, opset, dynamic_batch, exporter)
         graph, output_names = build_graph(
             raw, heads=heads, decode_landmarks=decode_landmarks, fp16=fp16, dynamic_batch=dynamic_batch, opset=opset
         )
@@ -424,6 +451,7 @@ def export_onnx(
     data = onnx_model.SerializeToString()
     summary = ExportSummary(
         path=str(path),
+        exporter=exporter,
         opset=opset,
         precision=precision,
         quantized=any(n.op_type == "QuantizeLinear" or n.op_type == "DequantizeLinear" for n in onnx_model.graph.node),
@@ -432,6 +460,7 @@ def export_onnx(
         output_names=output_names,
         dynamic_batch=dynamic_batch,
         decode_landmarks=decode_landmarks,
+        raw_nodes=len(raw.graph.node),
         num_nodes=len(onnx_model.graph.node),
         op_counts=op_counts(onnx_model),
         size_bytes=len(data),

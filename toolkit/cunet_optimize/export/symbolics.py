@@ -1,4 +1,5 @@
-"""ONNX symbolics for PyTorch's fake-quantize ops, for the TorchScript exporter.
+"""ONNX symbolics for PyTorch's fake-quantize ops, for the TorchScript exporter (dynamo.py
+holds the same translation for the torch.export-based one).
 
 PyTorch's own symbolics accept only the quant ranges ONNX's int8/uint8 types give
 natively ((-128, 127), (0, 255), plus (0, 127)), but TensorRT wants weights on the
@@ -36,24 +37,30 @@ _SYMBOLS = ("aten::fake_quantize_per_tensor_affine", "aten::fake_quantize_per_ch
 _REGISTERED_AT = 13  # custom symbolics apply from this opset up
 
 
-def _zero_point_type(quant_min: int, quant_max: int) -> int:
-    return onnx.TensorProto.UINT8 if quant_min >= 0 and quant_max > 127 else onnx.TensorProto.INT8
-
-
-def _fake_quantize(g, x, scale, zero_point, axis: int | None, quant_min: int, quant_max: int):
+def check_quant_range(quant_min: int, quant_max: int) -> int:
+    """The ONNX zero-point type a fake-quantize range is exported with; CUNetError if none fits."""
     if not (-128 <= quant_min < quant_max <= 255) or (quant_min < 0 and quant_max > 127):
         raise CUNetError(
             f"fake-quantize range [{quant_min}, {quant_max}] does not fit an 8-bit integer type; "
             "use a range inside [-128, 127] (signed, TensorRT) or [0, 255] (unsigned)"
         )
-    zp_type = _zero_point_type(quant_min, quant_max)
+    return onnx.TensorProto.UINT8 if quant_min >= 0 and quant_max > 127 else onnx.TensorProto.INT8
+
+
+def is_native_range(quant_min: int, quant_max: int, zp_type: int) -> bool:
+    """Whether QuantizeLinear's own saturation gives the range (else the input is clamped first)."""
+    return (quant_min, quant_max) == _NATIVE_RANGES[zp_type]
+
+
+def _fake_quantize(g, x, scale, zero_point, axis: int | None, quant_min: int, quant_max: int):
+    zp_type = check_quant_range(quant_min, quant_max)
     if axis is None:
         # A one-element scale of shape [1] would read as per-axis on ONNX's default axis 1.
         scalar = g.op("Constant", value_t=torch.tensor([], dtype=torch.int64))
         scale, zero_point = g.op("Reshape", scale, scalar), g.op("Reshape", zero_point, scalar)
     scale = g.op("Cast", scale, to_i=onnx.TensorProto.FLOAT)
     zp = g.op("Cast", zero_point, to_i=zp_type)
-    if (quant_min, quant_max) != _NATIVE_RANGES[zp_type]:
+    if not is_native_range(quant_min, quant_max, zp_type):
         zp_float = g.op("Cast", zero_point, to_i=onnx.TensorProto.FLOAT)
 
         def bound(q: int):
