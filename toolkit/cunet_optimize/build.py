@@ -154,6 +154,7 @@ class BuildOptions:
     accuracy_gate: bool = True
     trt_major: int | None = None
     dla_core: int | None = None  # build for this DLA core of a Jetson Orin target (static batch 1)
+    exporter: str | None = None  # torch.onnx exporter: legacy | dynamo (None: export_onnx's default)
     workdir: str = "."
     force: bool = False
     name: str | None = None
@@ -452,6 +453,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
     from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
     from cunet_optimize.evaluate import evaluate_landmarks
     from cunet_optimize.export import export_onnx
+    from cunet_optimize.export.dynamo import check_exporter
     from cunet_optimize.surgery import activation_memory, default_passes, lint_model, run_surgery
     from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
@@ -464,6 +466,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
     elif opts.concat_qdq not in (None, "none"):
         raise CUNetError(f"precision {opts.precision} has no INT8 activations, so there is no Q/DQ to place "
                          f"{_PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
+    exporter = check_exporter(opts.exporter, opts.precision)  # before any calibration
     model, ckpt_path, source, stem = resolve_model(opts.model)
     task = check_data_task(model, source, opts.calib_data, opts.eval_data)
     name = opts.name or f"{stem}-{opts.precision}-{target.name}" + (f"-dla{dla}" if dla is not None else "")
@@ -497,12 +500,12 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
             raw = staging / "export.onnx"
             # DLA builds static shapes only: batch 1, as the plan's profile (min = opt = max)
             summary = export_onnx(export_model, raw, opset=opset, fp16=computes_in_fp16(target, opts),
-                                  dynamic_batch=dla is None)
+                                  dynamic_batch=dla is None, exporter=exporter)
             reference_onnx = staging / "reference-fp32.onnx"
             if export_model is model and opts.precision == "fp32":
                 shutil.copyfile(raw, reference_onnx)  # the same export: verified once
             else:
-                export_onnx(model, reference_onnx)
+                export_onnx(model, reference_onnx, exporter=exporter)
             manifest["export"] = _jsonable(summary)
 
         with timer.stage("surgery", f"graph passes for {target.name}, then lint"):

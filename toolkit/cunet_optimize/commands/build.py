@@ -11,6 +11,7 @@ from cunet_optimize.errors import CUNetError
 from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, DEFAULT_MAX_PCKH_DECREASE, BuildOptions,
                                   add_concat_qdq_argument, command_line, default_calib_split, run_build)
 from cunet_optimize.commands.common import non_negative_float, positive_int
+from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.workdir_lock import remove_stale_partials, workdir_lock
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
@@ -57,6 +58,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--auto-heldout-images", type=positive_int, default=64, metavar="N",
                    help="--precision auto: calibration images held out from the scales to measure "
                         "sensitivity on (at most half the calibration set; default 64)")
+    p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
+                   help=f"torch.onnx exporter: legacy (TorchScript) or dynamo (torch.export; fp32, fp16 and int8 "
+                        f"weights only) (default {DEFAULT_EXPORTER}, see export/onnx_export.py)")
     p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>)")
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/engines and WORKDIR/calib")
     p.add_argument("--force", action="store_true", help="replace an existing build of the same name")
@@ -76,6 +80,7 @@ def run(args) -> int:
         eval_data=args.eval_data, eval_split=args.eval_split, max_nme_increase=args.max_nme_increase,
         max_pckh_decrease=args.max_pckh_decrease,
         accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, dla_core=args.dla_core,
+        exporter=args.exporter,
         workdir=args.workdir,
         force=args.force, name=args.name, command=command_line(),
         objective=args.objective, auto_grain=args.auto_grain, auto_heldout_images=args.auto_heldout_images,

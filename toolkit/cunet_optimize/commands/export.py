@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cunet_optimize.commands.common import add_model_argument, print_json
 from cunet_optimize.export import export_onnx
+from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.models import DEFAULT_CONFIG_NAME, load_model
 
 
@@ -22,6 +23,9 @@ def add_parser(subparsers) -> None:
                    help="one output per supervised head (heatmaps_0..L-1) instead of the last one (heatmaps)")
     p.add_argument("--landmarks", action="store_true",
                    help="add a 'landmarks' output [B, C, 2] decoded in the graph (heatmap pixels)")
+    p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
+                   help="legacy: torch.onnx.export's TorchScript tracer; dynamo: its torch.export-based exporter "
+                        f"(same graph after clean-up; default {DEFAULT_EXPORTER}, see export/onnx_export.py)")
     p.add_argument("--static-batch", action="store_true", help="batch fixed to 1 (DLA needs static shapes)")
     p.add_argument("--workdir", default=".", help="where artifacts go (default: current folder)")
     p.add_argument("--json", action="store_true", help="print the export summary as JSON")
@@ -48,6 +52,7 @@ def run(args) -> int:
         decode_landmarks=args.landmarks,
         fp16=args.precision == "fp16",
         dynamic_batch=not args.static_batch,
+        exporter=args.exporter,
     )
     if args.json:
         print_json(summary.to_dict())
@@ -57,7 +62,7 @@ def run(args) -> int:
     print(f"wrote {summary.path} ({summary.size_bytes / 1e6:.2f} MB, {summary.num_nodes} nodes, opset {summary.opset}, "
           f"{summary.precision}{', Q/DQ' if summary.quantized else ''}; outputs {', '.join(summary.output_names)})")
     print(f"verified: {check['runtime']} vs {check['reference']}: max abs error {worst:.3g} ({check['tolerance']}); "
-          f"torch export {summary.torch_export_seconds:.1f} s, total {summary.total_seconds:.1f} s")
+          f"torch export ({summary.exporter}) {summary.torch_export_seconds:.1f} s, total {summary.total_seconds:.1f} s")
     for note in check.get("notes", []):
         print(f"  {note}")
     return 0
