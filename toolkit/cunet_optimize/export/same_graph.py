@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from cunet_optimize.surgery.graph import opset_of
+
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -65,16 +67,32 @@ def qdq_placement(model: onnx.ModelProto) -> list[tuple]:
     return sorted(entries, key=repr)
 
 
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+def _attributes(node: onnx.NodeProto, opset: int) -> dict:
+    """The node's attributes with the schema's defaults filled in: one exporter writes
+    QuantizeLinear's default axis=1, the other leaves it out."""
+    values = {}
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+        for name, attr in schema.attributes.items():
+            if attr.default_value.type != onnx.AttributeProto.UNDEFINED:
+                values[name] = onnx.helper.get_attribute_value(attr.default_value)
+    except onnx.defs.SchemaError:
+        pass
+    values.update({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+    return values
 
 
-def structural_difference(a: onnx.ModelProto, b: onnx.ModelProto, *, rtol: float = 0.0) -> str | None:
+def structural_difference(a: onnx.ModelProto, b: onnx.ModelProto, *, eps: float = 0.0) -> str | None:
     """None when `a` and `b` are the same graph: node for node the same op, attributes and
-    wiring, constants equal (to `rtol` of their largest magnitude); else the first
-    difference, in words. Inputs and outputs are matched by position."""
+    wiring, constants equal; else the first difference, in words. Inputs and outputs are
+    matched by position. Float constants may differ by `eps` times their type's machine
+    epsilon times their largest magnitude: the exporters fold BatchNormalization into
+    conv weights with different float operation orders (PyTorch against NumPy)."""
     if len(a.graph.node) != len(b.graph.node):
         return f"{len(a.graph.node)} nodes against {len(b.graph.node)}"
+    opset = opset_of(a)
+    if opset_of(b) != opset:
+        return f"opset {opset} against {opset_of(b)}"
     sides = []
     for model in (a, b):
         names = {i.name: ("graph input", k) for k, i in enumerate(model.graph.input)}
@@ -87,8 +105,9 @@ def structural_difference(a: onnx.ModelProto, b: onnx.ModelProto, *, rtol: float
         if na.op_type != nb.op_type:
             return f"{where} against {nb.op_type})"
         where += f" '{na.name}' / '{nb.name}')"
-        if _attributes(na) != _attributes(nb):
-            return f"{where}: attributes {_attributes(na)} against {_attributes(nb)}"
+        attrs_a, attrs_b = _attributes(na, opset), _attributes(nb, opset)
+        if attrs_a != attrs_b:
+            return f"{where}: attributes {attrs_a} against {attrs_b}"
         if len(na.input) != len(nb.input):
             return f"{where}: {len(na.input)} inputs against {len(nb.input)}"
         for slot, (ia, ib) in enumerate(zip(na.input, nb.input)):
@@ -100,7 +119,7 @@ def structural_difference(a: onnx.ModelProto, b: onnx.ModelProto, *, rtol: float
                 if va.dtype.kind == "f":
                     scale = float(np.abs(va).max()) if va.size else 0.0
                     worst = float(np.abs(va.astype(np.float64) - vb).max()) if va.size else 0.0
-                    if worst > rtol * scale:
+                    if worst > eps * float(np.finfo(va.dtype).eps) * scale:
                         return f"{where}: constant input {slot} differs by up to {worst:.3g} (largest value {scale:.3g})"
                 elif not np.array_equal(va, vb):
                     return f"{where}: constant input {slot} differs"
