@@ -126,11 +126,13 @@ def unsupported(model: torch.nn.Module) -> str | None:
     Weights fake-quantized by plain ops (INT4 per block or channel, the paper's binary,
     ternary and fixed-point weights) trace to constant-foldable arithmetic, and
     torch.onnx's optimizer folds a following BatchNormalization into the result, which
-    the TorchScript exporter never does (it fuses BN into parameters only): measured on
-    the embedded model, int4 at opset 21 kept 46 BatchNormalization nodes against 65
-    (bench/results/exporters.json). BN folded into INT4-grid weights takes them off their
-    grid, so `surgery.pack_int4_weights` cannot store them as INT4. INT8 weights export
-    as Q/DQ, which nothing folds, so INT8 models export to the same graph."""
+    the TorchScript exporter never does (it fuses BN into parameters only): measured with
+    export_onnx on the embedded model, int4 and int4-pc at opset 21, the torch.export path
+    kept 46 BatchNormalization nodes against the TorchScript path's 65 (547 nodes against
+    566). BN folded into INT4-grid weights takes them off their grid, so
+    `surgery.pack_int4_weights` cannot store them as INT4. INT8 weights export as Q/DQ,
+    which nothing folds, so INT8 models export to the same graph
+    (bench/results/exporters.json)."""
     from cunet_optimize.quant.quantizers import IntQuantizer
 
     for name, module in model.named_modules():
