@@ -43,7 +43,7 @@ def int8_model(model):
     import torch
 
     from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA, quant_scheme
-    from cunet_optimize.export.verify import verification_batch
+    from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.quant import post_training_quantize
 
     # the verification images are faces 0..B-1: calibrate on others

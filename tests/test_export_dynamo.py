@@ -12,7 +12,7 @@ from conftest import tiny_config
 from cunet_optimize.cli import main
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.export import export_onnx
-from cunet_optimize.export.onnx_export import verification_batch
+from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.export.same_graph import op_multiset, qdq_placement, structural_difference
 from cunet_optimize.models import CUNet
 from cunet_optimize.quant import calibrate, parse_precision, quantize_model

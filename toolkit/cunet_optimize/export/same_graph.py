@@ -2,7 +2,7 @@
 
 Node names and tensor names differ between exporters (and between versions of one), so
 graphs are compared by what they compute. Both sides must have been through the same
-clean-up (onnx_export.build_graph ends with surgery.graph.finish, whose depth-first
+clean-up (onnx_export.build_graph ends with onnx_tools.graph.finish, whose depth-first
 order follows the graph's structure only), so equal graphs list their nodes in the same
 order and the structural comparison can walk them side by side.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from cunet_optimize.surgery.graph import opset_of
+from cunet_optimize.onnx_tools.graph import opset_of
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
