@@ -3,6 +3,8 @@ both verified; what it cannot export is refused in one line."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -82,3 +84,14 @@ def test_build_dynamo_int4_is_refused_before_any_work(tmp_path, capsys):
 def test_unknown_exporter(tmp_path):
     with pytest.raises(CUNetError, match="exporter must be one of legacy, dynamo"):
         export_onnx(CUNet(tiny_config()), tmp_path / "x.onnx", exporter="jit")
+
+
+@pytest.mark.slow
+def test_build_with_dynamo_records_it(tiny, faces, tmp_path, capsys):
+    from test_build import build_args
+
+    assert main(build_args(tiny, faces, tmp_path, "int8", "--exporter", "dynamo", "--target", "jetson-orin-nano",
+                           "--json")) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["export"]["exporter"] == "dynamo" and manifest["export"]["verification"]["passed"]
+    assert manifest["export"]["op_counts"]["QuantizeLinear"] > 10
