@@ -86,7 +86,8 @@ def bench_case(name: str, precision: str, model, repeats: int, tmp: Path) -> dic
     from cunet_optimize.export import export_onnx
     from cunet_optimize.surgery import run_surgery
 
-    passes = ["cleanup", "flatten_nested_concats", "fold_batchnorm"] + (["remove_redundant_qdq"] if precision == "int8" else [])
+    passes = ["cleanup", "flatten_nested_concats", "fold_batchnorm"]
+    passes += ["remove_redundant_qdq"] if precision == "int8" else []
     runs: dict = {exporter: [] for exporter in EXPORTERS}
     graphs: dict = {}
     for repeat in range(repeats):

@@ -28,7 +28,6 @@ export at the real 256 px with static spatial dims and a symbolic batch.
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -141,7 +140,8 @@ def unsupported(model: torch.nn.Module) -> str | None:
             continue
         if not (isinstance(quantizer, IntQuantizer) and quantizer.num_bits == 8):
             bits = f", {quantizer.num_bits} bits" if hasattr(quantizer, "num_bits") else ""
-            return f"the weights of '{name}' are fake-quantized without Q/DQ ({type(quantizer).__name__}{bits}), " + _FOLDED
+            kind = f"{type(quantizer).__name__}{bits}"
+            return f"the weights of '{name}' are fake-quantized without Q/DQ ({kind}), " + _FOLDED
     return None
 
 
@@ -182,7 +182,8 @@ def export_with_dynamo(model: torch.nn.Module, example: torch.Tensor, *, input_n
     if reason:
         raise CUNetError(f"export: --exporter dynamo cannot export this model: {reason}; use --exporter legacy")
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with warnings.catch_warnings(), fake_tensor_kernels(), _quiet_loggers("torch.onnx", "torch.export", "onnxscript"):
+    quiet = _quiet_loggers("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
+    with warnings.catch_warnings(), fake_tensor_kernels(), quiet:
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -210,8 +211,9 @@ def export_with_dynamo(model: torch.nn.Module, example: torch.Tensor, *, input_n
 
 @contextmanager
 def _quiet_loggers(*names: str) -> Iterator[None]:
-    """Only errors from these loggers during the export: the exporter logs a warning per
-    missing optional package (torchvision) and per opset conversion on every call."""
+    """Only errors from these loggers during the export: on every call the exporter logs
+    a warning per missing optional package (torchvision) and per opset conversion, and
+    its optimizer a line per deduplicated initializer."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:

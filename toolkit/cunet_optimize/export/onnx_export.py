@@ -157,7 +157,8 @@ def trace_to_onnx(model: torch.nn.Module, opset: int, dynamic_batch: bool,
 
 def _torchscript_export(model: torch.nn.Module, dummy: torch.Tensor, outputs: list[str], opset: int,
                         dynamic_batch: bool) -> onnx.ModelProto:
-    axes = {name: ({0: BATCH_DIM} if dynamic_batch else {}) | {2: "height", 3: "width"} for name in [INPUT_NAME, *outputs]}
+    axes = {name: ({0: BATCH_DIM} if dynamic_batch else {}) | {2: "height", 3: "width"}
+            for name in [INPUT_NAME, *outputs]}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), fake_quant_symbolics():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice

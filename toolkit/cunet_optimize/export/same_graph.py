@@ -120,7 +120,8 @@ def structural_difference(a: onnx.ModelProto, b: onnx.ModelProto, *, eps: float 
                     scale = float(np.abs(va).max()) if va.size else 0.0
                     worst = float(np.abs(va.astype(np.float64) - vb).max()) if va.size else 0.0
                     if worst > eps * float(np.finfo(va.dtype).eps) * scale:
-                        return f"{where}: constant input {slot} differs by up to {worst:.3g} (largest value {scale:.3g})"
+                        return (f"{where}: constant input {slot} differs by up to {worst:.3g} "
+                                f"(largest value {scale:.3g})")
                 elif not np.array_equal(va, vb):
                     return f"{where}: constant input {slot} differs"
             elif names_a.get(ia) != names_b.get(ib):
