@@ -1,8 +1,8 @@
 """The torch.export-based ONNX exporter (`torch.onnx.export(..., dynamo=True)`) for CU-Net.
 
-`export_with_dynamo` is the counterpart of onnx_export.trace_to_onnx: it returns the raw
-export (outputs heatmaps_0..L-1, batch symbolic) and the seconds it took; onnx_export
-cleans, names and verifies it the same way whichever exporter made it.
+`export_with_dynamo` is what onnx_export.trace_to_onnx calls for exporter="dynamo": it
+returns the raw export (outputs heatmaps_0..L-1, batch symbolic), which onnx_export
+cleans, names and verifies the same way whichever exporter made it.
 
 What it takes to export our fake quantizers (torch 2.13, onnxscript 0.7):
 - torch.export runs the model on fake tensors. `torch.fake_quantize_per_tensor_affine` with
