@@ -166,3 +166,34 @@ def test_fake_quant_wiring_check_fails_a_miswired_graph(int8_export, miswire):
     wiring = verify_wiring(gs.export_onnx(graph.cleanup().toposort()), qmodel, verification_batch(2), ["heatmaps"])
     assert not wiring.passed
     assert wiring.outputs[0].max_abs_error > 10 * wiring.outputs[0].allowed
+
+
+@pytest.mark.slow
+def test_fp16_fake_quant_wiring_is_judged_by_fp16_storage_noise(int8_export, tmp_path):
+    # TensorRT 11's strongly typed plans compute the Q/DQ graph in float16 (opset 19 scales):
+    # its wiring check compares against float16 storage noise, and still fails a miswired graph.
+    qmodel, _ = int8_export
+    path = tmp_path / "q16.onnx"
+    check = export_onnx(qmodel, path, opset=19, fp16=True).verification
+    assert check["passed"] and check["wiring"]["passed"]
+    assert "float16 storage" in check["wiring"]["noise"]
+    graph = gs.import_onnx(onnx.load(str(path)))
+    _drop_batchnorm(graph)
+    wiring = verify_wiring(gs.export_onnx(graph.cleanup().toposort()), qmodel, verification_batch(2), ["heatmaps"])
+    assert not wiring.passed and wiring.outputs[0].max_abs_error > 10 * wiring.outputs[0].allowed
+
+
+def test_fp16_export_refuses_a_scale_float16_cannot_hold(int8_export, tmp_path):
+    import copy
+
+    from cunet_optimize.quant.qmodel import is_activation_quantizer, named_quantizers
+
+    qmodel = copy.deepcopy(int8_export[0])
+    name, quantizer = next((n, q) for n, q in named_quantizers(qmodel) if is_activation_quantizer(q))
+    with torch.no_grad():
+        quantizer.scale.fill_(1e-7)  # float16 keeps ~1 significant bit of it
+    with pytest.raises(CUNetError, match=f"quantizer '{name}' has scale 1e-07, which float16 rounds by"):
+        export_onnx(qmodel, tmp_path / "q16.onnx", opset=19, fp16=True)
+    assert not (tmp_path / "q16.onnx").exists()
+    quantizer.scale.fill_(1e-2)  # an ordinary scale is held
+    export_onnx(qmodel, tmp_path / "q16.onnx", opset=19, fp16=True, verify=False)

@@ -301,22 +301,26 @@ def reference_heads(torch_model: torch.nn.Module, image: np.ndarray, kind: str,
     return float64, noisy, f"{version} (float64)", f"{what} (vs float64)"
 
 
-def _as_onnx_dequantizes(quantizer, weight: torch.Tensor) -> torch.Tensor:
+def _as_onnx_dequantizes(quantizer, weight: torch.Tensor, fp16: bool = False) -> torch.Tensor:
     """The weight a graph's DequantizeLinear(QuantizeLinear(w)) computes. PyTorch's 8-bit
     fake quantization multiplies by the reciprocal scale where ONNX's QuantizeLinear
     divides, so a weight sitting on a rounding boundary can land one step apart; a deep
     network amplifies a few such steps far beyond float rounding (the N=8 face model's
-    wiring check failed on them). Other weight quantizers are traced into constants, exact as is."""
+    wiring check failed on them). A float16 graph quantizes float16 weights with float16
+    scales: a scale's rounding shifts its whole channel, which float16 storage noise alone
+    does not model. Other weight quantizers are traced into constants, exact as is."""
     from cunet_optimize.quant.quantizers import IntQuantizer
 
     if not (isinstance(quantizer, IntQuantizer) and quantizer.num_bits == 8):
         return quantizer(weight)
     scale = quantizer.scale.detach().reshape((-1,) + (1,) * (weight.dim() - 1))
+    if fp16:
+        weight, scale = weight.half().float(), scale.half().float()
     clamped = torch.clamp(weight, -scale * quantizer.qmax, scale * quantizer.qmax)
     return torch.clamp(torch.round(clamped / scale), -128, 127) * scale
 
 
-def weights_quantized_float_model(qmodel: torch.nn.Module) -> torch.nn.Module | None:
+def weights_quantized_float_model(qmodel: torch.nn.Module, fp16: bool = False) -> torch.nn.Module | None:
     """A copy of a fake-quantized CU-Net with its weights replaced by their quantized values
     and every quantizer off: the float network the graph computes when its activation
     Q/DQ pairs are bypassed. None for a model without quantizer modules."""
@@ -329,7 +333,7 @@ def weights_quantized_float_model(qmodel: torch.nn.Module) -> torch.nn.Module | 
         for module in plain.modules():
             quantizer = getattr(module, "weight_quantizer", None)
             if quantizer is not None and quantizer.enabled:
-                module.weight.copy_(_as_onnx_dequantizes(quantizer, module.weight))
+                module.weight.copy_(_as_onnx_dequantizes(quantizer, module.weight, fp16))
     set_quantizers_enabled(plain, False)
     return plain
 
@@ -337,18 +341,23 @@ def weights_quantized_float_model(qmodel: torch.nn.Module) -> torch.nn.Module | 
 def verify_wiring(onnx_model: onnx.ModelProto, qmodel: torch.nn.Module, image: np.ndarray,
                   head_names: list[str]) -> VerificationResult | None:
     """The fake-quant graph with its activation Q/DQ bypassed vs the model with activation
-    quantization off, under the fp32 rule (onnx_tools/verify.py says why); None when the model's
+    quantization off, under the fp32 rule (fp16 for a float16 graph; onnx_tools/verify.py says
+    why); None when the model's
     quantizers cannot be switched off or the graph has no activation Q/DQ."""
-    plain = weights_quantized_float_model(qmodel)
+    # A graph computing in float16 (e.g. TensorRT 11's strongly typed DLA plans) is judged
+    # by float16 storage noise, as its unquantized sibling would be.
+    fp16 = computes_in_fp16(onnx_model)
+    rule = "fp16" if fp16 else "fp32"
+    plain = weights_quantized_float_model(qmodel, fp16)
     if plain is None:
         return None
     bypassed, pairs = bypass_activation_qdq(onnx_model)
     if not pairs:
         return None
     actual = run_onnxruntime(bypassed, {INPUT_NAME: image}, level="disable_all")
-    reference, noisy, reference_name, noise_name = reference_heads(plain, image, "fp32")
+    reference, noisy, reference_name, noise_name = reference_heads(plain, image, rule)
     result = compare_outputs(
-        actual, dict(zip(head_names, reference[-len(head_names):])), "fp32",
+        actual, dict(zip(head_names, reference[-len(head_names):])), rule,
         noisy=dict(zip(head_names, noisy[-len(head_names):])),
         runtime=f"onnxruntime {ort_version()} CPU ORT_DISABLE_ALL, {pairs} activation Q/DQ pairs bypassed",
         reference_name=reference_name.replace("(float64)", "(float64, activation quantization off)"),
@@ -389,7 +398,7 @@ def verify_against_torch(
             wiring.raise_on_failure("export verification (wiring, activation Q/DQ bypassed)")
             worst = max(o.max_abs_error / max(o.allowed, 1e-30) for o in wiring.outputs)
             result.notes.append(f"wiring: with the {wiring.runtime.split(', ')[-1]}, the graph is within "
-                                f"{worst:.2f}x the fp32 allowance of the float model with quantized weights")
+                                f"{worst:.2f}x the allowance of the float model with quantized weights")
             result.wiring = wiring.to_dict()
     if "landmarks" in output_names:
         # The decoder is checked exactly against the NumPy decoding of the graph's own
@@ -409,6 +418,30 @@ def verify_against_torch(
             f"{agree:.1%} equal to decoding PyTorch's heatmaps"
         )
     return result
+
+
+FP16_SCALE_RELATIVE_ERROR = 0.01  # worst float16 rounding of a scale we accept (1%)
+
+
+def check_fp16_scales(model: torch.nn.Module) -> None:
+    """Refuse a fake-quantized model whose activation scales a float16 graph cannot hold:
+    float16 subnormals keep fewer significant bits the smaller they are, and below 2**-25 a
+    scale becomes 0 (every value then quantizes to one point). Seen on untrained models,
+    whose dead layers calibrate to near-zero ranges."""
+    from cunet_optimize.quant.qmodel import is_activation_quantizer, named_quantizers
+
+    for name, quantizer in named_quantizers(model):
+        scale = getattr(quantizer, "scale", None)
+        if scale is None or not (quantizer.enabled and is_activation_quantizer(quantizer)):
+            continue
+        scale = scale.detach().float()
+        error = ((scale.half().float() - scale).abs() / scale).max()
+        if float(error) > FP16_SCALE_RELATIVE_ERROR:
+            raise CUNetError(
+                f"export: quantizer '{name}' has scale {float(scale.min()):.3g}, which float16 rounds by "
+                f"{float(error):.0%}, and this graph computes in float16 (e.g. TensorRT 11's strongly typed "
+                "plans): its activations are all near zero (an untrained or dead layer?); check the model "
+                "and its calibration images, or build for TensorRT 10 (--trt-major 10)")
 
 
 def export_onnx(
@@ -443,6 +476,8 @@ def export_onnx(
             f"export: the model's parameters are {params[0].dtype}; pass a float32 model "
             "(use fp16=True for a float16 graph)"
         )
+    if fp16:
+        check_fp16_scales(model)
     was_training = model.training
     model.eval()
     try:
