@@ -9,7 +9,7 @@ is recorded too. Load averages before and after each build are recorded: on a sh
 machine compare the ratio, measured back to back, rather than the seconds.
 
     python bench/bench_auto_search.py [--model CKPT] [--max-nme-increase 0.1]
-        [--heldout-images 64] [--auto-grain conv|block] [--also int4] [--no-accuracy-gate]
+        [--heldout-images 64] [--auto-grain conv|block] [--also int4] [--no-accuracy-gate] [--keep DIR]
         --out bench/results/auto_search_embedded.json
 """
 
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def timed_build(precision: str, args, gate: bool) -> dict:
                             command="bench/bench_auto_search.py")
         report = run_build(opts, echo=clock, progress=False)
         m = report.manifest
+        if args.keep:  # the engine folder, e.g. for `qat --plan KEEP/auto`
+            shutil.copytree(report.path, Path(args.keep) / precision, dirs_exist_ok=True)
     end = time.perf_counter()
     after = resource.getrusage(resource.RUSAGE_SELF)
     acc = m.get("accuracy", {})
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--also", nargs="*", default=[], help="precisions built afterwards for comparison, ungated (int4)")
     ap.add_argument("--no-accuracy-gate", dest="accuracy_gate", action="store_false",
                     help="for checkpoints whose NME on the embedded test split means nothing (N=8)")
+    ap.add_argument("--keep", default=None, help="copy each engine folder to KEEP/<precision>")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -86,7 +90,7 @@ def main() -> None:
     keep_freed_memory()  # as the command line does
     results: dict = {
         "model": str(Path(args.model).resolve()) if args.model else "embedded default",
-        "options": {k: v for k, v in vars(args).items() if k != "out"},
+        "options": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
         "machine": {"cpu_model": cpu_model(), "platform": platform.platform(),
                     "usable_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()},
         "builds": {},
