@@ -338,7 +338,7 @@ def test_latency_vs_nme_plot_draws_a_tiny_difference_as_a_sliver_not_a_cliff():
 
 
 def test_auto_plan_section_maps_each_conv_and_scales_degradation_from_zero_to_the_budget():
-    from cunet_optimize.report.auto_plan import auto_plan_section, search_points_svg
+    from cunet_optimize.report.auto_plan import search_points_svg
 
     auto = {"objective": "size", "grain": "conv", "budget": 0.1, "weight_bytes": 2000, "predicted_degradation": 0.05,
             "weight_bytes_uniform": {"int8": 3000},
@@ -349,10 +349,13 @@ def test_auto_plan_section_maps_each_conv_and_scales_degradation_from_zero_to_th
                         {"step": "raise a", "cost": 1500, "predicted": 0.05005}],
             "builds": [{"step": 0, "formats": {"int4": 1}, "predicted": 0.05, "degradation": 0.04, "passed": True,
                         "weight_bytes": 1500}], "back_off": []}
-    svg = search_points_svg(auto)
+    from cunet_optimize.manifests.build import AutoPlan
+    from cunet_optimize.manifests.schema import from_dict
+
+    svg = search_points_svg(from_dict(AutoPlan, auto, "auto", "test"))
     ys = _circle_ys(svg)
     assert len(ys) == 3 and abs(ys[0] - ys[1]) < 1.0  # 0.00005 apart: one pixel at most
     assert "budget 0.1" in svg
-    v = variant("cunet-auto-cpu", 5.0, 3.0, precision="auto")
-    page = auto_plan_section({"variants": [{**v.__dict__, "auto": auto}]})
+    page = section_html(render_html(make_profile([variant("cunet-auto-cpu", 5.0, 3.0, precision="auto",
+                                                          auto=auto)])), "auto-plan")
     assert page.count("<rect") >= 3 and "stem: int8" in page and "a: int4" in page
