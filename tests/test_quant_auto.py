@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -169,6 +170,10 @@ def test_auto_build_records_plan_and_packs_int4(tiny, faces, tmp_path, capsys):
                 and not i.name.endswith("_scale")]
     assert a["weight_bytes"] < a["weight_bytes_uniform"]["int8"]
     assert a["sensitivity"]["delta"] and a["visited"]
+    # what the search tried is recorded: the grain and why, the additive plan, the joint runs
+    assert a["grain"] == "conv" and a["grain_reason"] == f"{len(a['layers'])} convs <= {auto.CONV_GRAIN_LIMIT}"
+    assert a["joint_runs"][0]["moves"] is None and a["joint_runs"][0]["cost"] == a["additive"]["cost"]
+    assert a["builds"][0]["heldout_degradation"] == a["heldout_degradation"] <= 100
 
 
 @pytest.mark.slow
@@ -298,3 +303,87 @@ def test_pack_pass_stores_int8_qdq_weights_of_a_mixed_graph_as_integers(tmp_path
     a, b = run_onnxruntime(model, feeds, "disable_all"), run_onnxruntime(packed, feeds, "disable_all")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+# --------------------------------------------------------------------------------------
+# Joint held-out runs (search_measured)
+
+MANY = [_layer(f"c{i}", f"c{i}", (16 * (1 + i % 3), 32, 3, 3)) for i in range(12)]
+
+
+def _joint_case(noise=0.04, true=0.01):
+    """Each conv truly costs `true` points at INT4 and interactions are nil; each single-group
+    measurement carries +-`noise` (alternating), so the clamped additive sum overstates plans."""
+    table = _table({layer.group: {"int8": 0.0, "int4": true + (noise if i % 2 else -noise)}
+                    for i, layer in enumerate(MANY)}, int8_degradation=0.0)
+    costs = auto.group_costs(MANY, ("int4", "int8"), "size")
+
+    def measure(plan):
+        return sum(true for f in plan.values() if f == "int4")
+    return table, costs, measure
+
+
+def test_lowering_moves_follow_the_knapsack_order_and_skip_done_groups():
+    table, costs, _ = _joint_case()
+    start = {g: "int8" for g in costs}
+    moves = auto.lowering_moves(table, costs, start)
+    assert sorted(g for g, _ in moves) == sorted(costs) and {f for _, f in moves} == {"int4"}
+    ratios = [(auto.expected_delta(table, g, f)) / (costs[g]["int8"] - costs[g][f]) for g, f in moves]
+    assert ratios == sorted(ratios)
+    plan = auto.plan_after(dict(start, c0="int4"), costs, [("c0", "int4"), ("c1", "int4")])
+    assert plan["c0"] == plan["c1"] == "int4" and plan["c2"] == "int8"
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.035, 0.06, 1.0])
+def test_search_measured_keeps_the_cheapest_plan_measured_within_the_budget(budget):
+    table, costs, measure = _joint_case()
+    additive = auto.search_plan(table, costs, budget)
+    calls = []
+    result = auto.search_measured(table, costs, budget, lambda p: calls.append(dict(p)) or measure(p), additive)
+    assert result["feasible"] and measure(result["plan"]) == result["measured"] <= budget + 1e-12
+    assert all(f in costs[g] for g, f in result["plan"].items())
+    assert result["cost"] == auto.plan_cost(costs, result["plan"])
+    if measure(additive.plan) <= budget:  # else the additive plan was too optimistic
+        assert result["cost"] <= additive.cost
+    # every plan measured is recorded, and bisection keeps the runs near log2(moves)
+    assert len(result["runs"]) == len(calls) <= 2 + math.ceil(math.log2(len(MANY) + 1))
+    assert result["runs"][0]["moves"] is None and result["runs"][0]["cost"] == additive.cost
+    # it is the cheapest of the plans it measured that fit
+    assert result["cost"] == min(r["cost"] for r in result["runs"] if r["measured"] <= budget)
+
+
+def test_search_measured_beats_a_pessimistic_additive_prediction():
+    """Twelve clamped single-group noises add up to 0.24 points of nothing: the joint runs
+    see that taking every move costs 0.12 and fit far more INT4 into the budget."""
+    table, costs, measure = _joint_case()
+    additive = auto.search_plan(table, costs, 0.1)
+    result = auto.search_measured(table, costs, 0.1, measure, additive)
+    n_int4 = sum(f == "int4" for f in result["plan"].values())
+    assert n_int4 == 10 > sum(f == "int4" for f in additive.plan.values())
+
+
+def test_search_measured_falls_back_to_the_additive_plan_when_nothing_fits():
+    table, costs, _ = _joint_case()
+    additive = auto.search_plan(table, costs, 0.1)
+    result = auto.search_measured(table, costs, 0.1, lambda plan: 1.0, additive)
+    assert not result["feasible"] and result["plan"] == additive.plan and result["measured"] == 1.0
+
+
+def test_format_switch_gives_the_rebuilt_mixed_model_exactly(faces):
+    """A plan run by swapping quantizers in place scores as the model `build` exports for it."""
+    from cunet_optimize.quant import calibrate
+    from cunet_optimize.tasks import FACE, open_dataset
+
+    torch.manual_seed(0)
+    model = create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2).eval()
+    heldout = auto.HeldOut.load(open_dataset(FACE, faces, None), range(6))
+    qmodel = quantize_model(model, "int8-convin")
+    calibrate(qmodel, [heldout.images[:4]], "max", progress=False)
+    qmodel.eval()
+    layers = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
+    inner = [layer.name for layer in layers if layer.role not in auto.EDGE_ROLES]
+    plan = {**{n: "int4" for n in inner[::2]}, inner[1]: "float"}
+    switch = auto.FormatSwitch(qmodel, heldout, layers)
+    int8 = switch.record_int8()
+    assert switch.metric(plan) == heldout.metric(auto.with_layer_formats(qmodel, plan))
+    assert switch.metric({}) == int8 == heldout.metric(qmodel)  # every quantizer put back

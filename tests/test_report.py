@@ -313,3 +313,49 @@ def test_nice_ticks_and_pareto_front_by_hand():
     assert nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
     # (latency, NME): (0.5, 9) fastest; (1, 5) and (2, 3) trade off; (3, 4) is beaten by (2, 3); (4, 1) best NME
     assert pareto_front([(1, 5), (2, 3), (3, 4), (0.5, 9), (4, 1)]) == [3, 0, 1, 4]
+
+
+def _circle_ys(svg: str) -> list[float]:
+    return [float(y) for y in re.findall(r'<circle cx="[^"]+" cy="([^"]+)"', svg)]
+
+
+def test_latency_vs_nme_plot_draws_a_tiny_difference_as_a_sliver_not_a_cliff():
+    """Two engines 0.00005 NME points apart: without a minimum span the y axis zooms to the
+    data and draws them a plot's height apart; with the gate's tolerance as the span they
+    sit within a pixel of each other."""
+    from cunet_optimize.report.svg import scatter_svg
+
+    fast, slow = variant("fast-int8", 5.0, 3.00000), variant("slow-fp32", 10.0, 3.00005, precision="fp32")
+    page = render_html(make_profile([fast, slow]))
+    ys = _circle_ys(section_html(page, "pareto"))
+    assert len(ys) == 2 and abs(ys[0] - ys[1]) < 1.0
+    pts = [{"x": 5.0, "y": 3.0, "label": "a", "colour": "#000"}, {"x": 10.0, "y": 3.00005, "label": "b",
+                                                                    "colour": "#000"}]
+    assert abs(_circle_ys(scatter_svg(pts, "ms", "NME", "t"))[0] - _circle_ys(scatter_svg(pts, "ms", "NME", "t"))[1]) > 200
+    # a real difference (a gate's worth) still spreads over the plot
+    ys = _circle_ys(scatter_svg([pts[0], dict(pts[1], y=3.1)], "ms", "NME", "t", y_min_span=0.1))
+    assert abs(ys[0] - ys[1]) > 200
+
+
+def test_auto_plan_section_maps_each_conv_and_scales_degradation_from_zero_to_the_budget():
+    from cunet_optimize.report.auto_plan import search_points_svg
+
+    auto = {"objective": "size", "grain": "conv", "budget": 0.1, "weight_bytes": 2000, "predicted_degradation": 0.05,
+            "weight_bytes_uniform": {"int8": 3000},
+            "plan": {"stem": "int8", "a": "int4", "b": "float"},
+            "layers": [{"name": n, "format": f, "weight_bytes": 100} for n, f in
+                       [("stem", "int8"), ("a", "int4"), ("b", "float")]],
+            "visited": [{"step": "cheapest", "cost": 1000, "predicted": 0.05},
+                        {"step": "raise a", "cost": 1500, "predicted": 0.05005}],
+            "builds": [{"step": 0, "formats": {"int4": 1}, "predicted": 0.05, "degradation": 0.04, "passed": True,
+                        "weight_bytes": 1500}], "back_off": []}
+    from cunet_optimize.manifests.build import AutoPlan
+    from cunet_optimize.manifests.schema import from_dict
+
+    svg = search_points_svg(from_dict(AutoPlan, auto, "auto", "test"))
+    ys = _circle_ys(svg)
+    assert len(ys) == 3 and abs(ys[0] - ys[1]) < 1.0  # 0.00005 apart: one pixel at most
+    assert "budget 0.1" in svg
+    page = section_html(render_html(make_profile([variant("cunet-auto-cpu", 5.0, 3.0, precision="auto",
+                                                          auto=auto)])), "auto-plan")
+    assert page.count("<rect") >= 3 and "stem: int8" in page and "a: int4" in page

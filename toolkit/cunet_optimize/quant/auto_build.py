@@ -84,29 +84,37 @@ def run_auto_build(opts, echo=print, progress: bool = True):
                                     f"held-out calibration images"):
         convs = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
         grain = opts.auto_grain or ("conv" if len(convs) <= auto.CONV_GRAIN_LIMIT else "block")
+        grain_reason = ("--auto-grain" if opts.auto_grain else
+                        f"{len(convs)} convs {'<=' if grain == 'conv' else '>'} {auto.CONV_GRAIN_LIMIT}")
         layers = [replace(layer, group=auto.group_of(layer.name, grain)) for layer in convs]
+        switch = auto.FormatSwitch(qmodel, heldout, layers)
         table = auto.measure_sensitivity(
             model, qmodel, heldout, layers, formats, grain, progress,
             lambda int8_deg: auto.formats_worth_measuring(formats, layers, opts.objective, int8_deg, budget,
-                                                          float_dtype))
+                                                          float_dtype), switch=switch)
         measured = sorted({f for d in table.delta.values() for f in d}, key=auto.ACCURACY_ORDER.index)
-    with timer.stage("search", f"cheapest {opts.objective} plan with predicted {task.metric} degradation "
-                               f"<= {budget}"):
+    with timer.stage("search", f"cheapest {opts.objective} plan with {task.metric} degradation <= {budget}: "
+                               "additive prediction, then joint held-out runs"):
         costs = auto.group_costs(layers, measured, opts.objective, float_dtype)
         result = auto.search_plan(table, costs, budget)
+
+        def heldout_degradation(group_plan):
+            return task.degradation(switch.metric(auto.layer_plan(layers, group_plan)), table.fp32)
+
+        joint = auto.search_measured(table, costs, budget, heldout_degradation, result)
     search_seconds = round(time.perf_counter() - start, 2)
-    echo(f"search: {len(costs)} groups ({grain} grain), predicted {task.metric} degradation "
-         f"{result.predicted:.4f} (budget {budget}), {dict(Counter(result.plan.values()))}, "
-         f"{search_seconds:.1f} s")
-    if not result.feasible:
-        echo(f"search: even the most accurate plan is predicted over the budget ({result.predicted:.4f} > "
-             f"{budget}); building it and letting the gate decide")
+    echo(f"search: {len(costs)} groups ({grain} grain), additive prediction {result.predicted:.4f} at "
+         f"{result.cost:.0f}; {len(joint['runs'])} joint held-out runs: {joint['measured']:.4f} at "
+         f"{joint['cost']:.0f} (budget {budget}), {dict(Counter(joint['plan'].values()))}, {search_seconds:.1f} s")
+    if not joint["feasible"]:
+        echo(f"search: no plan measured within the budget on the held-out images (the additive plan: "
+             f"{joint['measured']:.4f} > {budget}); building it and letting the gate decide")
 
     size_costs = auto.group_costs(layers, formats, "size", float_dtype)
     latency_costs = auto.group_costs(layers, formats, "latency", float_dtype)
     uniform = {f: {g: f if f in size_costs[g] else "int8" for g in size_costs} for f in formats}
 
-    plan = result.plan
+    plan = joint["plan"]
     builds, back_offs = [], []
     report = None
     for step in range(MAX_BUILDS):
@@ -116,7 +124,8 @@ def run_auto_build(opts, echo=print, progress: bool = True):
                                    force=opts.force or step > 0), echo, progress)
         acc = report.manifest["accuracy"]
         builds.append({"step": step, "formats": dict(Counter(plan.values())),
-                       "predicted": auto.predict_degradation(table, plan), "degradation": acc["degradation_points"],
+                       "predicted": auto.predict_degradation(table, plan),
+                       "heldout_degradation": joint["measured"] if step == 0 else None, "degradation": acc["degradation_points"],
                        "passed": acc["passed"], "weight_bytes": auto.plan_cost(size_costs, plan),
                        "latency_units": auto.plan_cost(latency_costs, plan),
                        "seconds": round(time.perf_counter() - t0, 2)})
@@ -139,6 +148,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         "budget": budget,
         "budget_option": task.gate_option,
         "grain": grain,
+        "grain_reason": grain_reason,
         "formats": list(formats),
         "formats_measured": measured,
         "float_type": float_dtype,
@@ -158,6 +168,11 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         "latency_units": auto.plan_cost(latency_costs, plan),
         "latency_units_uniform": {f: auto.plan_cost(latency_costs, p) for f, p in uniform.items()},
         "visited": result.visited,
+        # what the search tried: the additive plan, then plans along the knapsack order
+        # measured jointly on the held-out images (moves None: the additive plan)
+        "additive": {"cost": result.cost, "predicted": result.predicted, "feasible": result.feasible},
+        "joint_runs": joint["runs"],
+        "heldout_degradation": joint["measured"],
         "builds": builds,
         "back_off": back_offs,
         "search_seconds": search_seconds,

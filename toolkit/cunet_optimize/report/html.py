@@ -203,6 +203,19 @@ def _points(profile: ProfileManifest) -> list[dict]:
     return pts
 
 
+def _plot_min_span(profile: ProfileManifest) -> float:
+    """The least metric span an accuracy axis may show: the largest gate tolerance of the
+    variants (a difference the gate accepts many times over is not a cliff), or the task's
+    default tolerance when no variant states one."""
+    from cunet_optimize.tasks import FACE, POSE
+
+    tolerances = [v.accuracy.tolerance_points for v in profile.variants
+                  if v.accuracy and _ok(v.accuracy.tolerance_points)]
+    if tolerances:
+        return max(tolerances)
+    return (FACE if profile.metric == "NME" else POSE).default_tolerance
+
+
 def _pareto(profile: ProfileManifest) -> str:
     pts = _points(profile)
     metric = profile.metric
@@ -211,7 +224,7 @@ def _pareto(profile: ProfileManifest) -> str:
                        f"{esc(metric)} (accuracy needs an evaluation set: pass --data).</p>")
     higher = metric != "NME"
     svg = scatter_svg(pts, "median latency per batch (ms)", f"{metric} (%)", f"Latency vs {metric}",
-                      y_higher_is_better=higher)
+                      y_higher_is_better=higher, y_min_span=_plot_min_span(profile))
     return section("pareto", "Latency vs accuracy", figure(
         svg, f"Each point is a variant ({'upper' if higher else 'lower'}-left is better). Larger points joined by "
              "the dashed line form the Pareto front: no other variant is both faster and more accurate."))
