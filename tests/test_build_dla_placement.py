@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from cunet_optimize.build import concat_placement, quant_scheme
+from cunet_optimize.quant.policy import concat_placement, quant_scheme
 from cunet_optimize.cli import main
 from cunet_optimize.errors import CUNetError
 

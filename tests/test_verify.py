@@ -139,7 +139,7 @@ def test_deep_model_miswired_graph_is_refused(n8):
 
 @pytest.fixture(scope="module")
 def int8_export(tmp_path_factory):
-    from cunet_optimize.build import quant_scheme
+    from cunet_optimize.quant.policy import quant_scheme
     from cunet_optimize.quant import post_training_quantize
 
     qmodel, _, _ = post_training_quantize(load_model(), quant_scheme("int8"),

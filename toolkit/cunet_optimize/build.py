@@ -33,78 +33,15 @@ from cunet_optimize.atomic import sha256_file
 from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json
+from cunet_optimize.quant.policy import (CONCAT_QDQ, PLACEMENT_WORDS, base_precision, computes_in_fp16,
+                                         concat_placement, engine_precision, equalize_alpha_for, placement_of,
+                                         quant_scheme)
 from cunet_optimize.tasks import FACE, POSE, Task, check_task, open_dataset, task_of_data, task_of_model
 
 if TYPE_CHECKING:
     from cunet_optimize.surgery import SurgeryResult
 
 log = logging.getLogger(__name__)
-
-# Where INT8 Q/DQ sits around CU-Net's dense concatenations (QUANT_RULES.md, design space).
-# "none" is the default: on the embedded model (FP32 NME 5.293%), percentile PTQ after
-# equalization gives 5.351% with Q/DQ on conv inputs only, 6.429% tied and 5.892% untied
-# (bench/bench_quant_table.py; BN after the concat amplifies the per-tensor error of
-# small-variance channels). "tied" lets TensorRT elide the Concats and is meant to be paired with QAT.
-CONCAT_QDQ = {
-    "none": {"quantize_concats": False, "tie_concat_scales": False},
-    "tied": {"quantize_concats": True, "tie_concat_scales": True},
-    "untied": {"quantize_concats": True, "tie_concat_scales": False},
-}
-
-
-# The same choice spelt in a precision spec (quant/scheme.py modifiers) -> CONCAT_QDQ key.
-PLACEMENT_MODIFIERS = {"tied": "tied", "untied": "untied", "convin": "none"}
-_PLACEMENT_WORDS = {"none": "on conv inputs only", "tied": "on the concatenations, tied",
-                    "untied": "on the concatenations, untied"}
-
-
-def concat_placement(precision: str, concat_qdq: str | None = None) -> str:
-    """The one rule for where INT8 Q/DQ sits on the dense concatenations (a CONCAT_QDQ key).
-
-    The precision's placement modifier (int8-tied, int8-untied, int8-convin) and
-    --concat-qdq spell the same choice: either may be given, or both when they agree;
-    neither means "none". Contradictory requests are a CUNetError, never a silent override.
-    """
-    if concat_qdq is not None and concat_qdq not in CONCAT_QDQ:
-        raise CUNetError(f"--concat-qdq {concat_qdq}: choose one of {', '.join(sorted(CONCAT_QDQ))}")
-    named = {PLACEMENT_MODIFIERS[m] for m in precision.strip().lower().split("-")[1:] if m in PLACEMENT_MODIFIERS}
-    if len(named) > 1:
-        raise CUNetError(f"precision '{precision}' names two concat placements; keep one of "
-                         "-tied, -untied, -convin (or drop them and pass --concat-qdq)")
-    from_spec = named.pop() if named else None
-    if from_spec is not None and concat_qdq is not None and from_spec != concat_qdq:
-        raise CUNetError(f"--precision {precision} puts INT8 Q/DQ {_PLACEMENT_WORDS[from_spec]} but --concat-qdq "
-                         f"{concat_qdq} asks for {_PLACEMENT_WORDS[concat_qdq]}; give only one of them")
-    return from_spec or concat_qdq or "none"
-
-
-def placement_of(scheme) -> str | None:
-    """The CONCAT_QDQ key a scheme realises (None without integer activations)."""
-    if scheme.activation != "int":
-        return None
-    return "none" if not scheme.quantize_concats else "tied" if scheme.tie_concat_scales else "untied"
-
-
-def quant_scheme(precision: str, concat_qdq: str | None = None, backend: str = "onnxruntime"):
-    """The QuantScheme of `precision` with INT activations placed per concat_placement(precision,
-    concat_qdq): what build, calibrate and qat quantize (one rule, so a QAT checkpoint matches a
-    build). On TensorRT, INT4 weights are built dequantized to FP16 (engines/targets.py: no INT4
-    convolution kernels), so INT4 schemes there are weight-only: activations stay float, as the
-    engine computes them; asking for Q/DQ on the concatenations of such a scheme is an error."""
-    from cunet_optimize.quant import parse_precision
-
-    placement = concat_placement(precision, concat_qdq)
-    scheme = parse_precision(precision)
-    if backend == "tensorrt" and scheme.weight == "int" and scheme.weight_bits == 4 and scheme.activation == "int":
-        scheme = parse_precision("-".join(m for m in precision.split("-") if m.lower() not in PLACEMENT_MODIFIERS)
-                                 + "-wo")
-    if scheme.activation != "int":
-        if placement != "none":
-            why = " (INT4 on TensorRT is weight-only)" if backend == "tensorrt" and scheme.weight_bits == 4 else ""
-            raise CUNetError(f"precision {precision} has no INT8 activations{why}, so there is no Q/DQ to place "
-                             f"{_PLACEMENT_WORDS[placement]}; drop --concat-qdq / the -{placement} modifier")
-        return scheme
-    return parse_precision(precision, **CONCAT_QDQ[placement])
 
 
 def add_concat_qdq_argument(parser) -> None:
@@ -114,24 +51,8 @@ def add_concat_qdq_argument(parser) -> None:
                              "The same as the precision modifiers -convin / -tied / -untied: give one, or agree")
 
 
-# Activation equalization before PTQ (quant/equalize.py), SmoothQuant's alpha, for INT8 weights.
-# On the embedded model (FP32 NME 5.293%, 300 test images, bench/bench_quant_table.py) percentile
-# INT8 PTQ measured 5.531% without and 5.351% with it. It moves range into the weights, which
-# INT4 cannot afford: int4-convin PTQ measured 5.729% without and 6.436% with it, so INT4 builds
-# skip it unless --equalize is given explicitly.
-DEFAULT_EQUALIZE_ALPHA = 0.5
 DEFAULT_MAX_NME_INCREASE = FACE.default_tolerance  # NME percentage points
 DEFAULT_MAX_PCKH_DECREASE = POSE.default_tolerance  # PCKh percentage points
-
-
-def equalize_alpha_for(scheme, requested: float | str | None = "default") -> float | None:
-    """The equalization alpha a scheme gets: None without INT8 activations; "default" is
-    DEFAULT_EQUALIZE_ALPHA for INT8 weights and off for INT4 (see DEFAULT_EQUALIZE_ALPHA)."""
-    if scheme.activation != "int" or requested is None:
-        return None
-    if requested == "default":
-        return DEFAULT_EQUALIZE_ALPHA if scheme.weight_bits == 8 else None
-    return float(requested)
 
 
 @dataclass
@@ -413,33 +334,6 @@ def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_option
     return forms[form], record
 
 
-def engine_precision(opts: BuildOptions) -> str:
-    """The precision the engine is built as: `auto` plans build as int4 when any conv stores
-    INT4 weights (opset 21, packed), else as int8."""
-    if opts.precision != "auto":
-        return opts.precision
-    formats = set((opts.layer_formats or {}).values())
-    return "int4" if "int4" in formats else "int8"
-
-
-def base_precision(opts: BuildOptions) -> str:
-    """The scheme a build quantizes with (`auto` plans override convs of an int8 scheme)."""
-    return "int8" if opts.precision == "auto" else opts.precision
-
-
-def computes_in_fp16(target, opts: BuildOptions) -> bool:
-    """Whether the exported graph computes in FP16: asked for, or what a strongly typed
-    TensorRT plan takes precision from (e.g. INT4 weights dequantized to FP16 on TensorRT 11)."""
-    from cunet_optimize.engines.trt_plan import make_build_plan
-
-    if opts.precision == "fp16":
-        return True
-    if target.backend != "tensorrt":
-        return False
-    plan = make_build_plan(target, engine_precision(opts), "model.onnx", trt_major=opts.trt_major, dla_core=opts.dla_core)
-    return plan.onnx_form.endswith("fp16-cast")
-
-
 def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
     if opts.precision == "auto" and opts.layer_formats is None:
         from cunet_optimize.quant.auto_build import plan_of_qat_checkpoint, run_auto_build
@@ -465,7 +359,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         quant_scheme(base_precision(opts), opts.concat_qdq, target.backend)
     elif opts.concat_qdq not in (None, "none"):
         raise CUNetError(f"precision {opts.precision} has no INT8 activations, so there is no Q/DQ to place "
-                         f"{_PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
+                         f"{PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
     exporter = check_exporter(opts.exporter, opts.precision)  # before any calibration
     model, ckpt_path, source, stem = resolve_model(opts.model)
     task = check_data_task(model, source, opts.calib_data, opts.eval_data)
@@ -640,8 +534,8 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
             wanted = concat_placement(base_precision(opts), opts.concat_qdq)
             if (opts.concat_qdq is not None or wanted != "none") and placement_of(qmodel.scheme) not in (None, wanted):
                 raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint places INT8 Q/DQ "
-                                 f"{_PLACEMENT_WORDS[placement_of(qmodel.scheme)]}, but the build asks for "
-                                 f"{_PLACEMENT_WORDS[wanted]}; drop --concat-qdq / the modifier, or run qat with it")
+                                 f"{PLACEMENT_WORDS[placement_of(qmodel.scheme)]}, but the build asks for "
+                                 f"{PLACEMENT_WORDS[wanted]}; drop --concat-qdq / the modifier, or run qat with it")
             return qmodel.eval(), {"method": "qat", "checkpoint": str(opts.qat_checkpoint)}
     model_sha = sha256_file(ckpt_path)
     from cunet_optimize.engines.targets import get_target

@@ -160,7 +160,7 @@ def task_dataset(args, task, split: str | None, augment: bool = False, seed: int
 
 def add_equalize_arguments(parser) -> None:
     """--equalize ALPHA / --no-equalize: activation equalization before INT8 calibration."""
-    from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA
+    from cunet_optimize.quant.policy import DEFAULT_EQUALIZE_ALPHA
 
     def alpha(text: str):
         return text if text == "default" else unit_float(text)
