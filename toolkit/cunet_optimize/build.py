@@ -51,10 +51,6 @@ def add_concat_qdq_argument(parser) -> None:
                              "The same as the precision modifiers -convin / -tied / -untied: give one, or agree")
 
 
-DEFAULT_MAX_NME_INCREASE = FACE.default_tolerance  # NME percentage points
-DEFAULT_MAX_PCKH_DECREASE = POSE.default_tolerance  # PCKh percentage points
-
-
 @dataclass
 class BuildOptions:
     precision: str = "int8"
@@ -70,8 +66,8 @@ class BuildOptions:
     equalize_alpha: float | str | None = "default"
     eval_data: str | None = None
     eval_split: str = "test"
-    max_nme_increase: float = DEFAULT_MAX_NME_INCREASE  # the gate of face models
-    max_pckh_decrease: float = DEFAULT_MAX_PCKH_DECREASE  # the gate of pose models
+    max_nme_increase: float = FACE.default_tolerance  # the gate of face models, NME points
+    max_pckh_decrease: float = POSE.default_tolerance  # the gate of pose models, PCKh points
     accuracy_gate: bool = True
     trt_major: int | None = None
     dla_core: int | None = None  # build for this DLA core of a Jetson Orin target (static batch 1)

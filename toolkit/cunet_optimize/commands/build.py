@@ -8,13 +8,13 @@ from pathlib import Path
 from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
 
-from cunet_optimize.build import (DEFAULT_MAX_NME_INCREASE, DEFAULT_MAX_PCKH_DECREASE, BuildOptions,
-                                  add_concat_qdq_argument, command_line, default_calib_split, run_build)
+from cunet_optimize.build import BuildOptions, add_concat_qdq_argument, command_line, default_calib_split, run_build
 from cunet_optimize.commands.common import non_negative_float, positive_int
 from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.workdir_lock import remove_stale_partials, workdir_lock
 from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
 from cunet_optimize.quant.calibrate import METHODS
+from cunet_optimize.tasks import FACE, POSE
 
 
 def add_parser(subparsers) -> None:
@@ -39,12 +39,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-data", metavar="DIR",
                    help="evaluation set, same layouts (default: the model task's synthetic test split)")
     p.add_argument("--eval-split", default="test")
-    p.add_argument("--max-nme-increase", type=non_negative_float, default=DEFAULT_MAX_NME_INCREASE,
+    p.add_argument("--max-nme-increase", type=non_negative_float, default=FACE.default_tolerance,
                    metavar="POINTS", help="accuracy gate of face models: allowed NME increase in percentage "
-                                          f"points (default {DEFAULT_MAX_NME_INCREASE})")
-    p.add_argument("--max-pckh-decrease", type=non_negative_float, default=DEFAULT_MAX_PCKH_DECREASE,
+                                          f"points (default {FACE.default_tolerance})")
+    p.add_argument("--max-pckh-decrease", type=non_negative_float, default=POSE.default_tolerance,
                    metavar="POINTS", help="accuracy gate of pose models: allowed PCKh@0.5 decrease in "
-                                          f"percentage points (default {DEFAULT_MAX_PCKH_DECREASE})")
+                                          f"percentage points (default {POSE.default_tolerance})")
     p.add_argument("--no-accuracy-gate", action="store_true", help="record the accuracy but never fail on it")
     p.add_argument("--trt-major", type=int, choices=[10, 11], help="TensorRT major for GPU/Jetson bundles")
     p.add_argument("--dla-core", type=int, metavar="N",
