@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -33,22 +32,14 @@ from cunet_optimize.atomic import sha256_file
 from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json
-from cunet_optimize.quant.policy import (CONCAT_QDQ, PLACEMENT_WORDS, base_precision, computes_in_fp16,
-                                         concat_placement, engine_precision, equalize_alpha_for, placement_of,
-                                         quant_scheme)
+from cunet_optimize.quant.policy import (PLACEMENT_WORDS, base_precision, computes_in_fp16, concat_placement,
+                                         engine_precision, equalize_alpha_for, placement_of, quant_scheme)
 from cunet_optimize.tasks import FACE, POSE, Task, check_task, open_dataset, task_of_data, task_of_model
 
 if TYPE_CHECKING:
     from cunet_optimize.surgery import SurgeryResult
 
 log = logging.getLogger(__name__)
-
-
-def add_concat_qdq_argument(parser) -> None:
-    parser.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default=None,
-                        help="INT8 Q/DQ on the dense concatenations: none (conv inputs only; most accurate; the "
-                             "default), tied (one scale per concat: TensorRT elides it; pair with qat), untied. "
-                             "The same as the precision modifiers -convin / -tied / -untied: give one, or agree")
 
 
 @dataclass
@@ -730,10 +721,6 @@ def _jsonable(obj):
     if hasattr(obj, "__dataclass_fields__"):
         return json.loads(json.dumps(asdict(obj), default=str))
     return obj
-
-
-def command_line() -> str:
-    return "cunet-optimize " + " ".join(sys.argv[1:]) if sys.argv else ""
 
 
 __all__ = ["BuildOptions", "BuildReport", "run_build", "legacy_cache_scales", "calibration_id"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import (BuildOptions, StageTimer, add_concat_qdq_argument, check_data_task,
+from cunet_optimize.build import (BuildOptions, StageTimer, check_data_task,
                                   default_calib_split, legacy_cache_scales, quantize_and_calibrate, resolve_model)
 from cunet_optimize.commands.common import positive_int
 from cunet_optimize.workdir_lock import workdir_lock
-from cunet_optimize.commands.common import add_equalize_arguments, add_model_argument, print_json
+from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
+                                            print_json)
 from cunet_optimize.quant.calibrate import METHODS
 
 

@@ -158,6 +158,21 @@ def task_dataset(args, task, split: str | None, augment: bool = False, seed: int
                         skip_bad=args.skip_bad)
 
 
+def add_concat_qdq_argument(parser) -> None:
+    """--concat-qdq: INT8 Q/DQ placement on the dense concatenations (quant/policy.py)."""
+    from cunet_optimize.quant.policy import CONCAT_QDQ
+
+    parser.add_argument("--concat-qdq", choices=sorted(CONCAT_QDQ), default=None,
+                        help="INT8 Q/DQ on the dense concatenations: none (conv inputs only; most accurate; the "
+                             "default), tied (one scale per concat: TensorRT elides it; pair with qat), untied. "
+                             "The same as the precision modifiers -convin / -tied / -untied: give one, or agree")
+
+
+def command_line() -> str:
+    """The command as the user typed it, for the manifests that record it."""
+    return "cunet-optimize " + " ".join(sys.argv[1:]) if sys.argv else ""
+
+
 def add_equalize_arguments(parser) -> None:
     """--equalize ALPHA / --no-equalize: activation equalization before INT8 calibration."""
     from cunet_optimize.quant.policy import DEFAULT_EQUALIZE_ALPHA

@@ -7,9 +7,9 @@ import json
 import torch
 
 from cunet_optimize.commands.common import non_negative_int, positive_float, positive_int
-from cunet_optimize.build import add_concat_qdq_argument, calibration_batches, resolve_model
-from cunet_optimize.commands.common import (add_equalize_arguments, add_face_data_arguments, add_model_argument,
-                                            data_task, print_json, task_dataset)
+from cunet_optimize.build import calibration_batches, resolve_model
+from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_face_data_arguments,
+                                            add_model_argument, data_task, print_json, task_dataset)
 from cunet_optimize.data.face300w import FirstSamples
 from cunet_optimize.distributed import summary as distributed_summary
 from cunet_optimize.errors import CUNetError
