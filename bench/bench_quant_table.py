@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from cunet_optimize.build import calibration_batches
 from cunet_optimize.data.face300w import Face300W, FirstSamples
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
 from cunet_optimize.quant import parse_precision, post_training_quantize, requantization_points
 from cunet_optimize.quant.policy import DEFAULT_EQUALIZE_ALPHA, equalize_alpha_for, quant_scheme
 from cunet_optimize.quant.qat import load_qat_checkpoint, qat_recipe, run_qat
+from cunet_optimize.tasks import calibration_batches
 from cunet_optimize.train.loop import TrainRecipe
 
 

@@ -32,9 +32,11 @@ from cunet_optimize.atomic import sha256_file
 from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json
+from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.policy import (PLACEMENT_WORDS, base_precision, computes_in_fp16, concat_placement,
                                          engine_precision, equalize_alpha_for, placement_of, quant_scheme)
-from cunet_optimize.tasks import FACE, POSE, Task, check_task, open_dataset, task_of_data, task_of_model
+from cunet_optimize.tasks import (FACE, POSE, Task, calibration_batches, calibration_images, check_data_task,
+                                  open_dataset_or_default, task_of_model)
 
 if TYPE_CHECKING:
     from cunet_optimize.surgery import SurgeryResult
@@ -106,66 +108,6 @@ class StageTimer:
         """One line: each finished stage's seconds and the total."""
         stages = ", ".join(f"{name} {s:.1f}" for name, s in self.seconds.items())
         return f"stage times (s): {stages}; total {sum(self.seconds.values()):.1f}"
-
-
-def resolve_model(spec: str | None):
-    from cunet_optimize.models import DEFAULT_CHECKPOINT, MODEL_REGISTRY, load_model
-
-    if spec is None:
-        path = DEFAULT_CHECKPOINT
-        source, stem = "embedded default", "cunet-face-small"
-    elif spec in MODEL_REGISTRY and not Path(spec).exists():
-        raise CUNetError(
-            f"build needs trained weights; '{spec}' is an untrained registered configuration. "
-            "Pass a checkpoint (--model FILE) or train one with `cunet-optimize train`"
-        )
-    else:
-        path, source = Path(spec), str(spec)
-        stem = path.name.split(".")[0]
-    model = load_model(None if spec is None else path).eval()
-    return model, Path(path).resolve(), source, stem
-
-
-def check_data_task(model, model_name: str, *folders: str | None) -> Task:
-    """The model's task, after checking that every given data folder holds that task's data
-    (a face model with pose data or the reverse stops here, before any work)."""
-    task = task_of_model(model)
-    for folder in folders:
-        if folder:
-            check_task(task, task_of_data(folder), model_name, folder)
-    return task
-
-
-def _eval_dataset(folder: str | None, split: str | None, task: Task = FACE):
-    """`task`'s data set over `folder`, or over the task's synthetic default set when None."""
-    root = Path(folder) if folder else task.default_data()
-    return open_dataset(task, root, split), root
-
-
-def default_calib_split(calib_data: str | None, split: str | None = None) -> str | None:
-    """Calibrate on training images, never on the evaluation split: the embedded set's
-    calibration slice, a user folder's train list when it has one, MPII's training records."""
-    if split is not None:
-        return split
-    if not calib_data:
-        return "calib"
-    if (Path(calib_data) / "train.txt").is_file() or task_of_data(calib_data) is POSE:
-        return "train"
-    return None
-
-
-def calibration_batches(dataset, images: int, batch_size: int = 16):
-    count = min(images, len(dataset))
-    for start in range(0, count, batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        yield torch.stack([torch.as_tensor(it["image"]) for it in items])
-
-
-def calibration_images(opts: "BuildOptions", count: int = 16, task: Task = FACE) -> np.ndarray:
-    """The first `count` calibration images as one float32 array (for graph passes that
-    calibrate new quantization points, e.g. surgery's integer_dataflow)."""
-    dataset, _ = _eval_dataset(opts.calib_data, opts.calib_split, task)
-    return np.concatenate([b.numpy() for b in calibration_batches(dataset, min(count, opts.calib_images))])
 
 
 def calibration_id(model_sha: str, data_root: Path, split: str | None, method: str, spec: str,
@@ -364,7 +306,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         model_sha = sha256_file(ckpt_path)
         manifest["model"] = {"source": source, "checkpoint": str(ckpt_path), "sha256": model_sha,
                              "config": model.config.to_dict()}
-        eval_set, eval_root = _eval_dataset(opts.eval_data, opts.eval_split, task)
+        eval_set, eval_root = open_dataset_or_default(opts.eval_data, opts.eval_split, task)
         manifest["eval_data"] = {"folder": str(eval_root.resolve()), "split": opts.eval_split,
                                  "images": len(eval_set), "crop": eval_set.crop_policy, "task": task.name}
 
@@ -529,7 +471,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
 
     scheme = quant_scheme(base_precision(opts), opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
-    calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split, task_of_model(model))
+    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task_of_model(model))
     images = min(opts.calib_images, len(calib_set))
     cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,
                          opts.calib_images, alpha)

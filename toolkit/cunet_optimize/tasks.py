@@ -148,6 +148,52 @@ def open_dataset(task: Task, root: str | os.PathLike, split: str | None, *, augm
     return MPIIDataset(json_path, images, split=_MPII_SPLIT[split], augment=augment, seed=seed)
 
 
+def check_data_task(model, model_name: str, *folders: str | None) -> Task:
+    """The model's task, after checking that every given data folder holds that task's data
+    (a face model with pose data or the reverse stops here, before any work)."""
+    task = task_of_model(model)
+    for folder in folders:
+        if folder:
+            check_task(task, task_of_data(folder), model_name, folder)
+    return task
+
+
+def open_dataset_or_default(folder: str | None, split: str | None, task: Task = FACE):
+    """(`task`'s data set over `folder`, or over the task's synthetic default set when None; its root)."""
+    root = Path(folder) if folder else task.default_data()
+    return open_dataset(task, root, split), root
+
+
+def default_calib_split(calib_data: str | None, split: str | None = None) -> str | None:
+    """Calibrate on training images, never on the evaluation split: the embedded set's
+    calibration slice, a user folder's train list when it has one, MPII's training records."""
+    if split is not None:
+        return split
+    if not calib_data:
+        return "calib"
+    if (Path(calib_data) / "train.txt").is_file() or task_of_data(calib_data) is POSE:
+        return "train"
+    return None
+
+
+def calibration_batches(dataset, images: int, batch_size: int = 16):
+    """The first `images` images of `dataset` as tensors, `batch_size` at a time."""
+    import torch
+
+    count = min(images, len(dataset))
+    for start in range(0, count, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        yield torch.stack([torch.as_tensor(it["image"]) for it in items])
+
+
+def calibration_images(opts, count: int = 16, task: Task = FACE) -> np.ndarray:
+    """The first `count` calibration images of a build's options (calib_data, calib_split,
+    calib_images) as one float32 array (for graph passes that calibrate new quantization
+    points, e.g. surgery's integer_dataflow)."""
+    dataset, _ = open_dataset_or_default(opts.calib_data, opts.calib_split, task)
+    return np.concatenate([b.numpy() for b in calibration_batches(dataset, min(count, opts.calib_images))])
+
+
 def task_of_dataset(dataset) -> Task:
     return TASKS[getattr(dataset, "task", "face")]
 

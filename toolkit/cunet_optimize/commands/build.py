@@ -8,14 +8,14 @@ from pathlib import Path
 from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
 
-from cunet_optimize.build import BuildOptions, default_calib_split, run_build
+from cunet_optimize.build import BuildOptions, run_build
 from cunet_optimize.commands.common import non_negative_float, positive_int
 from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.workdir_lock import remove_stale_partials, workdir_lock
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
                                             command_line, print_json)
 from cunet_optimize.quant.calibrate import METHODS
-from cunet_optimize.tasks import FACE, POSE
+from cunet_optimize.tasks import FACE, POSE, default_calib_split
 
 
 def add_parser(subparsers) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import (BuildOptions, StageTimer, check_data_task,
-                                  default_calib_split, legacy_cache_scales, quantize_and_calibrate, resolve_model)
+from cunet_optimize.build import BuildOptions, StageTimer, legacy_cache_scales, quantize_and_calibrate
 from cunet_optimize.commands.common import positive_int
 from cunet_optimize.workdir_lock import workdir_lock
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
                                             print_json)
+from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calibrate import METHODS
+from cunet_optimize.tasks import check_data_task, default_calib_split
 
 
 def add_parser(subparsers) -> None:

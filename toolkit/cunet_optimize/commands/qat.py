@@ -7,15 +7,16 @@ import json
 import torch
 
 from cunet_optimize.commands.common import non_negative_int, positive_float, positive_int
-from cunet_optimize.build import calibration_batches, resolve_model
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_face_data_arguments,
                                             add_model_argument, data_task, print_json, task_dataset)
 from cunet_optimize.data.face300w import FirstSamples
 from cunet_optimize.distributed import summary as distributed_summary
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.quant.policy import equalize_alpha_for, quant_scheme
 from cunet_optimize.quant.qat import qat_recipe, run_qat
+from cunet_optimize.tasks import calibration_batches
 from cunet_optimize.train.loop import TrainRecipe
 
 

@@ -60,6 +60,25 @@ def load_model(
     return create_model(str(name_or_path), memory_efficient=memory_efficient, **overrides)
 
 
+def resolve_model(spec: str | None) -> tuple[torch.nn.Module, Path, str, str]:
+    """(model in eval mode, checkpoint path, how to name its source, file stem) of a --model
+    that must carry trained weights (build, calibrate, qat): a checkpoint or, with None, the
+    embedded default; an untrained registered name is a CUNetError."""
+    if spec is None:
+        path = DEFAULT_CHECKPOINT
+        source, stem = "embedded default", "cunet-face-small"
+    elif spec in MODEL_REGISTRY and not Path(spec).exists():
+        raise CUNetError(
+            f"build needs trained weights; '{spec}' is an untrained registered configuration. "
+            "Pass a checkpoint (--model FILE) or train one with `cunet-optimize train`"
+        )
+    else:
+        path, source = Path(spec), str(spec)
+        stem = path.name.split(".")[0]
+    model = load_model(None if spec is None else path).eval()
+    return model, Path(path).resolve(), source, stem
+
+
 __all__ = [
     "CUNet",
     "CUNetConfig",
@@ -70,6 +89,7 @@ __all__ = [
     "HEATMAP_SIZE",
     "create_model",
     "load_model",
+    "resolve_model",
     "load_checkpoint",
     "read_checkpoint",
     "save_checkpoint",

@@ -53,9 +53,10 @@ def load_plan(path) -> dict:
 
 def run_auto_build(opts, echo=print, progress: bool = True):
     from cunet_optimize.atomic import write_atomic
-    from cunet_optimize.build import (StageTimer, _eval_dataset, check_data_task, quantize_and_calibrate,
-                                      resolve_model, run_build)
+    from cunet_optimize.build import StageTimer, quantize_and_calibrate, run_build
     from cunet_optimize.engines.targets import get_target
+    from cunet_optimize.models import resolve_model
+    from cunet_optimize.tasks import check_data_task, open_dataset_or_default
 
     start = time.perf_counter()
     target = get_target(opts.target)
@@ -66,7 +67,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
                          "build --precision int8 for the DLA, or drop --dla-core")
     model, ckpt_path, source, _ = resolve_model(opts.model)
     task = check_data_task(model, source, opts.calib_data, opts.eval_data)
-    calib_set, calib_root = _eval_dataset(opts.calib_data, opts.calib_split, task)
+    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task)
     n = len(calib_set)
     held = min(opts.auto_heldout_images, n // 2)
     if held < 2:
