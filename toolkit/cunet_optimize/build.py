@@ -23,16 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx
-import torch
 
 from cunet_optimize import __version__, distributed
 from cunet_optimize.atomic import sha256_file
-from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json
 from cunet_optimize.models import resolve_model
+from cunet_optimize.quant.calib_cache import CalibrationCache, calibration_id
+from cunet_optimize.quant.onnx_scales import int4_block_scales, legacy_cache_scales
 from cunet_optimize.quant.policy import (PLACEMENT_WORDS, base_precision, computes_in_fp16, concat_placement,
                                          engine_precision, equalize_alpha_for, placement_of, quant_scheme)
 from cunet_optimize.tasks import (FACE, POSE, Task, calibration_batches, calibration_images, check_data_task,
@@ -108,66 +107,6 @@ class StageTimer:
         """One line: each finished stage's seconds and the total."""
         stages = ", ".join(f"{name} {s:.1f}" for name, s in self.seconds.items())
         return f"stage times (s): {stages}; total {sum(self.seconds.values()):.1f}"
-
-
-def calibration_id(model_sha: str, data_root: Path, split: str | None, method: str, spec: str,
-                   images: int, equalize_alpha: float | None = None) -> str:
-    """Same model, data, method, scheme and equalization -> same id -> the cached scales are reused."""
-    if data_root.is_dir():
-        listing = sorted(str(p.relative_to(data_root)) for p in data_root.rglob("*.pts"))
-    else:
-        listing = []
-    annotations = data_root if data_root.is_file() else data_root / MPII_ANNOTATION_FILE
-    if annotations.is_file():  # MPII: the records are in one JSON
-        listing.append(sha256_file(annotations))
-    key = json.dumps([model_sha, listing, split, method, spec, images]
-                     + ([] if equalize_alpha is None else [equalize_alpha]))
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def legacy_cache_scales(model: onnx.ModelProto) -> dict[str, float]:
-    """{activation tensor: scale} of the per-tensor QuantizeLinear nodes, named as in the ONNX
-    (what TensorRT's legacy calibration cache is keyed by)."""
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
-            scale = inits.get(node.input[1])
-            if scale is not None and scale.size == 1:
-                out[node.input[0]] = float(scale.reshape(()))
-    return out
-
-
-def int4_block_scales(qmodel, model: onnx.ModelProto) -> dict:
-    """Conv node name -> (block scales, block size) for every block-INT4 conv of `qmodel`.
-
-    The exporter folds the fake quantization into the weight initializer, so the
-    ONNX conv is found by its weight: the fake-quantized weight of the module.
-    """
-    from onnx import numpy_helper
-
-    from cunet_optimize.quant.quantizers import BlockQuantizer
-
-    wanted = []
-    with torch.no_grad():
-        for module in qmodel.modules():
-            q = getattr(module, "weight_quantizer", None)
-            if isinstance(q, BlockQuantizer):
-                wanted.append((q.quantize(module.weight).numpy(), q.scale.detach().numpy(), q.block_size))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    found = {}
-    for node in model.graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        if w is None:
-            continue
-        for weight, scale, block in wanted:
-            if weight.shape == w.shape and np.allclose(weight, w, rtol=0, atol=1e-6 * max(1e-12, np.abs(weight).max())):
-                found[node.name] = (scale, block)
-                break
-    # Convs of heads that are not exported (only the last head is, by default) match nothing.
-    if wanted and not found:
-        raise CUNetError("INT4 packing: none of the block-quantized convs was found in the exported graph")
-    return found
 
 
 def _final_dir(workdir: Path, name: str, force: bool) -> Path:
@@ -440,13 +379,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
 def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool):
     """The fake-quantized model with calibrated scales (cached in calib/<id>/), or the
     model of a QAT checkpoint; and what to record about it."""
-    from safetensors.torch import load_file, save_file
-
-    from cunet_optimize.atomic import atomic_path
-    from cunet_optimize.cache_seal import check_seal, seal
-    from cunet_optimize.quant import (activation_scales, apply_scales, load_scales, parse_precision, quantize_model,
-                                      save_scales)
-    from cunet_optimize.quant.equalize import apply_equalization
+    from cunet_optimize.quant import activation_scales, parse_precision
 
     if opts.qat_checkpoint:
         from cunet_optimize.quant.qat import load_qat_checkpoint
@@ -475,37 +408,20 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     images = min(opts.calib_images, len(calib_set))
     cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,
                          opts.calib_images, alpha)
-    calib_dir = Path(opts.workdir) / "calib" / cid
-    scales_file = calib_dir / "scales.json"
-    # The scales belong to the equalized weights: both files make the cache.
-    factors_file = calib_dir / "equalization.safetensors"
-    cache_files = [scales_file] + ([factors_file] if alpha is not None else [])
-    cached, damage = check_seal(calib_dir, cache_files)
-    if damage:  # recompute rather than fail or trust it
-        log.warning("%s: calibration cache not reusable (%s); recomputing it", calib_dir, damage)
+    cache = CalibrationCache(Path(opts.workdir) / "calib" / cid, equalized=alpha is not None)
+    cached = cache.reusable()
     what = f"{opts.calib_method} over {images} images"
     if alpha is not None:
         what += f", equalization alpha {alpha:g}"
     with timer.stage("calibrate", what + (" (cached)" if cached else "")):
         if cached:
-            if alpha is not None:
-                model = apply_equalization(model, load_file(str(factors_file)))
-            qmodel = quantize_model(model, scheme)
-            scale_file = load_scales(scales_file)
-            apply_scales(qmodel, scale_file.scales)
-            report = scale_file.equalization
+            qmodel, report = cache.load(model, scheme)
         else:
             qmodel, factors, eq_report = distributed.on_every_rank(
                 calibrate_shared, model, scheme, calib_set, opts.calib_images, opts.calib_method, alpha, progress)
             report = eq_report.to_dict() if eq_report else None
-            if factors:
-                calib_dir.mkdir(parents=True, exist_ok=True)
-                with atomic_path(factors_file) as tmp:
-                    save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
-            save_scales(scales_file, activation_scales(qmodel), opts.calib_method,
-                        model_sha256=model_sha, data=str(calib_root.resolve()), split=opts.calib_split,
-                        images=images, scheme=scheme.spec, equalization=report)
-            seal(calib_dir, cache_files)
+            cache.store(qmodel, factors, opts.calib_method, report, model_sha256=model_sha,
+                        data=str(calib_root.resolve()), split=opts.calib_split, images=images, scheme=scheme.spec)
     qmodel.eval()
     if opts.layer_formats:  # an auto plan: the calibrated int8 model with its per-conv formats
         from cunet_optimize.quant.auto import with_layer_formats
@@ -513,7 +429,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
         qmodel = with_layer_formats(qmodel, opts.layer_formats)
     scales = activation_scales(qmodel)
     few = dict(sorted(scales.items(), key=lambda kv: -kv[1])[:8])
-    return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached, "scales_file": str(scales_file.resolve()),
+    return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached, "scales_file": str(cache.scales_file.resolve()),
                     "images": images, "data": str(calib_root.resolve()), "scheme": scheme.spec,
                     "equalization": report, "ranges": {k: v * 127 for k, v in few.items()}}
 
@@ -665,4 +581,4 @@ def _jsonable(obj):
     return obj
 
 
-__all__ = ["BuildOptions", "BuildReport", "run_build", "legacy_cache_scales", "calibration_id"]
+__all__ = ["BuildOptions", "BuildReport", "run_build"]

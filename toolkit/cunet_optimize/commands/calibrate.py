@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import BuildOptions, StageTimer, legacy_cache_scales, quantize_and_calibrate
+from cunet_optimize.build import BuildOptions, StageTimer, quantize_and_calibrate
 from cunet_optimize.commands.common import positive_int
 from cunet_optimize.workdir_lock import workdir_lock
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
@@ -50,6 +50,7 @@ def run(args) -> int:
 
         from cunet_optimize.export import export_onnx
         from cunet_optimize.quant.legacy_cache import write_legacy_cache
+        from cunet_optimize.quant.onnx_scales import legacy_cache_scales
 
         with tempfile.TemporaryDirectory() as tmp:
             export_onnx(qmodel, Path(tmp) / "q.onnx")
