@@ -11,7 +11,6 @@ replaced only with force=True.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ import onnx
 from cunet_optimize import __version__, distributed
 from cunet_optimize.atomic import sha256_file
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.evaluate import evaluate_runner
+from cunet_optimize.fp32_reference import reference_accuracy
 from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json
 from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calib_cache import CalibrationCache, calibration_id
@@ -442,66 +443,6 @@ def calibrate_shared(model, scheme, calib_set, images: int, method: str, alpha: 
 
     batches = distributed.agreed(lambda: list(calibration_batches(calib_set, images)))
     return post_training_quantize(model, scheme, batches, method, alpha, progress=progress and distributed.is_main())
-
-
-def evaluate_runner(runner, eval_set, evaluate_landmarks, progress: bool, description: str):
-    """`runner` (not yet active) over the evaluation set; under torchrun every rank runs it
-    (distributed.on_every_rank) on its share of the batches, reading the model rank 0 wrote,
-    and all get the metrics of every image. A static-batch (DLA) model takes its own batch size."""
-    distributed.agreed(runner.activate)
-    try:
-        fixed = (runner.input_shape or (None,))[0]
-        return evaluate_landmarks(runner.infer, eval_set, progress=progress, description=description,
-                                  **({"batch_size": fixed} if isinstance(fixed, int) else {}))
-    finally:
-        runner.deactivate()
-
-
-@dataclass
-class ReferenceAccuracy:
-    metrics: dict
-    settings: dict
-    cached: str = ""  # " (cached: FILE)" when read back
-
-
-def dataset_fingerprint(root: Path) -> str:
-    """Every file under an evaluation set's root by path, size and modification time: a
-    changed image or annotation gives another fingerprint (hashing the images would cost
-    as much as evaluating them)."""
-    root = Path(root)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def reference_accuracy(workdir: Path, reference_onnx: Path, eval_set, eval_root: Path, split: str | None,
-                       evaluate_landmarks, progress: bool) -> ReferenceAccuracy:
-    """The FP32 export's metrics on the evaluation set, computed once per (FP32 graph,
-    data set) and kept in calib/fp32-reference/: every build of a model (int8, int4, each
-    target) compares against the same numbers, and the FP32 pass over 300 images is the
-    slowest part of a deep model's build. The graph runs optimised (ORT_ENABLE_ALL): it is
-    plain float32 arithmetic, equal to the unoptimised run within float rounding."""
-    from cunet_optimize.atomic import write_atomic
-    from cunet_optimize.engines.onnxrt import OnnxRuntimeSessionRunner, OrtSettings
-
-    key = hashlib.sha256(json.dumps([__version__, sha256_file(reference_onnx), str(Path(eval_root).resolve()),
-                                     dataset_fingerprint(eval_root), split, len(eval_set),
-                                     getattr(eval_set, "crop_policy", ""), type(eval_set).__name__]).encode())
-    cache = workdir / "calib" / "fp32-reference" / f"{key.hexdigest()[:16]}.json"
-    if cache.is_file():
-        try:
-            record = json.loads(cache.read_text())
-            return ReferenceAccuracy(record["metrics"], record["settings"], f" (cached: {cache})")
-        except (ValueError, KeyError):
-            log.warning("%s is damaged; recomputing the FP32 reference", cache)
-    runner = OnnxRuntimeSessionRunner(reference_onnx, OrtSettings(optimization="all"), load_optimization="all")
-    result = distributed.on_every_rank(evaluate_runner, runner, eval_set, evaluate_landmarks, progress, "FP32 reference")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cache, json.dumps({"metrics": result.metrics, "settings": result.settings}, default=float) + "\n")
-    return ReferenceAccuracy(result.metrics, result.settings)
 
 
 def _variant_gate(opts, task, reference_onnx, eval_set, eval_root, evaluate_landmarks, progress):

@@ -142,6 +142,19 @@ def evaluate_landmarks(
     return EvalResult(summary, per_image, pred, paths, settings, task.name, joint_errors, vis)
 
 
+def evaluate_runner(runner, eval_set, evaluate_landmarks, progress: bool, description: str):
+    """`runner` (not yet active) over the evaluation set; under torchrun every rank runs it
+    (distributed.on_every_rank) on its share of the batches, reading the model rank 0 wrote,
+    and all get the metrics of every image. A static-batch (DLA) model takes its own batch size."""
+    distributed.agreed(runner.activate)
+    try:
+        fixed = (runner.input_shape or (None,))[0]
+        return evaluate_landmarks(runner.infer, eval_set, progress=progress, description=description,
+                                  **({"batch_size": fixed} if isinstance(fixed, int) else {}))
+    finally:
+        runner.deactivate()
+
+
 def result_to_json(result: EvalResult) -> dict:
     out = asdict(result)
     out.pop("per_image_nme")
