@@ -20,7 +20,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnx
 
@@ -37,9 +36,6 @@ from cunet_optimize.quant.policy import (PLACEMENT_WORDS, base_precision, comput
                                          engine_precision, equalize_alpha_for, placement_of, quant_scheme)
 from cunet_optimize.tasks import (FACE, POSE, Task, calibration_batches, calibration_images, check_data_task,
                                   open_dataset_or_default, task_of_model)
-
-if TYPE_CHECKING:
-    from cunet_optimize.surgery import SurgeryResult
 
 log = logging.getLogger(__name__)
 
@@ -117,92 +113,6 @@ def _final_dir(workdir: Path, name: str, force: bool) -> Path:
     return final
 
 
-def choose_concat_form(concat: SurgeryResult, target: str, workdir: Path) -> tuple[SurgeryResult, dict]:
-    """A float graph for ONNX Runtime with its dense concatenations and folded
-    (fold_dense_concats): time both at each usable intra-op thread count on this machine,
-    keep the faster form (see surgery.pipeline.FOLD_DENSE_CONCATS). Returns the result
-    to build and what was measured, with the thread count that won."""
-    from cunet_optimize.engines.onnxrt import OrtSettings, thread_candidates, time_variants
-    from cunet_optimize.surgery import SurgeryResult, run_surgery
-
-    folded = run_surgery(concat.model, ["fold_dense_concats", "fold_batchnorm"], target=target)
-    forms = {"concat": concat, "folded": SurgeryResult(folded.model, concat.reports + folded.reports,
-                                                       concat.passes + folded.passes)}
-    paths = {form: workdir / f"form-{form}.onnx" for form in forms}
-    try:
-        for form, path in paths.items():
-            onnx.save(forms[form].model, path)
-        timed = time_variants(paths, OrtSettings(), thread_candidates(), level="all")
-    finally:
-        for path in paths.values():
-            path.unlink(missing_ok=True)
-    form, threads = min(timed, key=timed.get)
-    return forms[form], {"chosen": form, "intra_op_threads": threads,
-                         "median_ms_batch1": {f"{f} x{n}": round(ms, 3) for (f, n), ms in timed.items()}}
-
-
-# The INT8 CPU integer-form variants `build` times (surgery/integer_dataflow.py, relu_form): "depthwise"
-# is the pass's default and its reference; the others change outputs, so each must pass the
-# accuracy gate on this machine before it may be chosen.
-INT8_CPU_RELU_FORMS = ("depthwise", "clamp")
-EXACT_INT8_CPU_FORM = "depthwise"
-
-
-def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_options: dict, target: str,
-                     workdir: Path, accuracy_check) -> tuple[SurgeryResult, dict]:
-    """An INT8 graph in ONNX Runtime's integer form (integer_dataflow), chosen by timing, as
-    TensorRT picks tactics: each relu_form variant of INT8_CPU_RELU_FORMS at each usable
-    intra-op thread count and, above one thread, each thread-pool setting
-    (onnxrt.THREAD_POOL_VARIANTS), all alternating run by run on this machine. The fastest
-    wins, except that a variant other than EXACT_INT8_CPU_FORM is taken only once
-    `accuracy_check(onnx_path, OrtSettings) -> dict` (with "passed") says it passes the gate
-    here. Returns the result to build and the record (candidates, timings, the CPU's int8 ISA)."""
-    from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
-    from cunet_optimize.engines.onnxrt import THREAD_POOL_VARIANTS, OrtSettings, thread_candidates, time_candidates
-    from cunet_optimize.surgery import SurgeryResult, run_surgery
-
-    forms = {EXACT_INT8_CPU_FORM: result}
-    for form in INT8_CPU_RELU_FORMS:
-        if form in forms:
-            continue
-        options = {**pass_options, "integer_dataflow": {**pass_options.get("integer_dataflow", {}), "relu_form": form}}
-        # the passes before integer_dataflow are deterministic and were verified in `result`
-        variant = run_surgery(source, result.passes, target=target, verify=False, pass_options=options)
-        forms[form] = SurgeryResult(variant.model, result.reports[:-1] + variant.reports[-1:], result.passes)
-    paths = {form: workdir / f"int8-form-{form}.onnx" for form in forms}
-    candidates = {}
-    for form in forms:
-        for n in thread_candidates():
-            for pool, config in (THREAD_POOL_VARIANTS.items() if n > 1 else [("spin", {})]):
-                candidates[form, n, pool] = (paths[form], OrtSettings(intra_op_threads=n, session_config=dict(config)))
-    checks: dict[str, dict] = {}
-    try:
-        for form, path in paths.items():
-            onnx.save(forms[form].model, path)
-        timed = time_candidates(candidates, level="all")
-        chosen = None
-        for key in sorted(timed, key=timed.get):
-            form = key[0]
-            if form != EXACT_INT8_CPU_FORM and form not in checks:
-                checks[form] = accuracy_check(paths[form], candidates[key][1])
-            if form == EXACT_INT8_CPU_FORM or checks[form]["passed"]:
-                chosen = key
-                break
-    finally:
-        for path in paths.values():
-            path.unlink(missing_ok=True)
-    form, threads, pool = chosen
-    record = {
-        "chosen": {"relu_form": form, "intra_op_threads": threads, "thread_pool": pool,
-                   "session_config": candidates[chosen][1].session_config},
-        "median_ms_batch1": {f"{f} x{n} {p}": round(ms, 3) for (f, n, p), ms in timed.items()},
-        "nodes": {f: len(r.model.graph.node) for f, r in forms.items()},
-        "accuracy_checks": checks,
-        "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": thread_candidates()[-1]},
-    }
-    return forms[form], record
-
-
 def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
     if opts.precision == "auto" and opts.layer_formats is None:
         from cunet_optimize.quant.auto_build import plan_of_qat_checkpoint, run_auto_build
@@ -218,6 +128,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
     from cunet_optimize.export import export_onnx
     from cunet_optimize.export.dynamo import check_exporter
     from cunet_optimize.surgery import activation_memory, default_passes, lint_model, run_surgery
+    from cunet_optimize.surgery.forms import choose_concat_form, choose_int8_form
     from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
     target = get_target(opts.target)

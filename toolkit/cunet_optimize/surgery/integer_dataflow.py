@@ -37,7 +37,7 @@ almost every conv reads and writes uint8:
    (AVX-512 VNNI, AVX-VNNI, AMX) it stays about as close to the float model as the Q/DQ
    graph (tests/test_int8_cpu_variants.py, a tiny model).
    So it is never the default: `build` times it beside "depthwise" and takes it only where
-   it is faster and passes the accuracy gate on the build machine (build.choose_int8_form).
+   it is faster and passes the accuracy gate on the build machine (forms.choose_int8_form).
 5. Every other INT8 Q/DQ pair on a ReLU output (and on the image input when the
    calibration images are >= 0) becomes uint8 with zero point 0 and half the scale:
    the same range, one more bit, and ONNX Runtime's u8 x s8 kernels on x86.
@@ -381,7 +381,7 @@ def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None, rel
     images the model was calibrated on; CUNetError without them). `relu_form`: how a sink's
     BN -> ReLU runs, "depthwise" (step 4) or "clamp" (a uint8 Max into a following 1x1
     conv; sinks before other convs stay depthwise), a variant `build` times and gates
-    (build.choose_int8_form)."""
+    (forms.choose_int8_form)."""
     if relu_form not in RELU_FORMS:
         raise ValueError(f"relu_form must be one of {RELU_FORMS}, got {relu_form!r}")
     rec = PassRecorder("integer_dataflow", graph)

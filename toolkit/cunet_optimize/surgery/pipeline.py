@@ -62,7 +62,7 @@ CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales", "integer_dataflow"})
 
 # Whether the dense concatenations of a float graph are folded, per backend: True, False,
 # or TIMED (the default pipeline keeps them; `build` times both forms on the build machine
-# at each usable thread count and keeps the faster, see build.choose_concat_form).
+# at each usable thread count and keeps the faster, see forms.choose_concat_form).
 # onnxruntime: TIMED, because the winner depends on the network and the machine. Medians at
 #   batch 1 (ORT 1.32 CPU, ORT_ENABLE_ALL, forms alternating run by run, trained or
 #   BN-recalibrated weights, the shared 2-vCPU machine):
@@ -85,7 +85,7 @@ FOLD_DENSE_CONCATS = {"onnxruntime": TIMED, "tensorrt": False}
 # INT8 graphs for ONNX Runtime are rewritten into uint8 integer dataflow (integer_dataflow.py):
 # TensorRT's placement runs there as float convs between Q/DQ, slower than FP32. The pass's
 # relu_form variants, thread count and thread-pool spinning are timed per machine by `build`
-# (build.choose_int8_form); the default pipeline makes the "depthwise" form.
+# (forms.choose_int8_form); the default pipeline makes the "depthwise" form.
 INTEGER_DATAFLOW = {"onnxruntime": True, "tensorrt": False}
 
 
