@@ -3,6 +3,11 @@
     model -> (calibrate | QAT checkpoint) -> export ONNX -> surgery -> lint -> engine
           -> accuracy gate against the FP32 reference -> build.json
 
+`run_build` runs every check that needs no work, then one function per stage. The work
+is done where each idea lives: quant/policy.py (what is quantized how), quant/calib_cache.py
+(calib/<id>/), export/, surgery/ (forms.py: the graph forms timed on this machine),
+engines/, fp32_reference.py (what the gate compares against).
+
 Everything is written into a hidden staging folder and renamed into
 engines/<model>-<precision>-<target>/ only when the build succeeded, so an
 interrupted or failed build leaves nothing half-written, and an existing build is
@@ -12,7 +17,6 @@ replaced only with force=True.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -32,13 +37,16 @@ from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_bui
 from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calib_cache import CalibrationCache, calibration_id
 from cunet_optimize.quant.onnx_scales import int4_block_scales, legacy_cache_scales
-from cunet_optimize.quant.policy import (PLACEMENT_WORDS, base_precision, computes_in_fp16, concat_placement,
-                                         engine_precision, equalize_alpha_for, placement_of, quant_scheme)
+from cunet_optimize.quant.policy import (base_precision, check_placement_request, check_qat_checkpoint,
+                                         computes_in_fp16, engine_precision, equalize_alpha_for, quant_scheme,
+                                         quantizes)
 from cunet_optimize.tasks import (FACE, POSE, Task, calibration_batches, calibration_images, check_data_task,
                                   open_dataset_or_default, task_of_model)
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
 
+    from cunet_optimize.engines.targets import TargetSpec
 
 @dataclass
 class BuildOptions:
@@ -113,7 +121,49 @@ def _final_dir(workdir: Path, name: str, force: bool) -> Path:
     return final
 
 
+@dataclass
+class _Build:
+    """One build in progress: what its stages share, and the build.json they fill in the
+    staging folder (renamed to `final` only when every stage passed)."""
+
+    opts: BuildOptions
+    target: TargetSpec
+    dla: int | None
+    exporter: str  # export/dynamo.py check_exporter's choice
+    model: torch.nn.Module
+    ckpt_path: Path
+    source: str
+    task: Task
+    final: Path
+    staging: Path
+    timer: StageTimer
+    manifest: dict
+    notes: list[str]
+    progress: bool
+    eval_set: object = None
+    eval_root: Path | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return quantizes(self.opts.precision)
+
+    @property
+    def raw_onnx(self) -> Path:  # the export, before surgery
+        return self.staging / "export.onnx"
+
+    @property
+    def reference_onnx(self) -> Path:  # the FP32 export the accuracy gate compares against
+        return self.staging / "reference-fp32.onnx"
+
+    @property
+    def onnx_path(self) -> Path:  # the deployed graph
+        return self.staging / "model.onnx"
+
+
 def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
+    """Build `opts` into engines/<name>/: every check that needs no work first, then the
+    stages in order (calibrate, export, surgery + lint, engine, accuracy), each filling its
+    part of build.json. `--precision auto` without a plan searches one (quant/auto_build.py)."""
     if opts.precision == "auto" and opts.layer_formats is None:
         from cunet_optimize.quant.auto_build import plan_of_qat_checkpoint, run_auto_build
 
@@ -122,24 +172,30 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         from dataclasses import replace
 
         opts = replace(opts, layer_formats=plan_of_qat_checkpoint(opts.qat_checkpoint))
-    from cunet_optimize.engines import get_builder
+    b = _start(opts, echo, progress)
+    try:
+        _record_inputs(b)
+        export_model = _calibrate(b)
+        opset = _export(b, export_model)
+        result, concat_form, int8_form = _surgery(b, export_model, opset)
+        build = _engine(b, result, concat_form, int8_form)
+        _accuracy(b, build)
+        return _finish(b)
+    finally:
+        if b.staging.exists():
+            shutil.rmtree(b.staging, ignore_errors=True)
+
+
+def _start(opts: BuildOptions, echo, progress: bool) -> _Build:
+    """Every check that needs no work (target, DLA core, precision, Q/DQ placement, model, the
+    data's task, an existing build), then the staging folder and the manifest's header."""
     from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
-    from cunet_optimize.evaluate import evaluate_landmarks
-    from cunet_optimize.export import export_onnx
     from cunet_optimize.export.dynamo import check_exporter
-    from cunet_optimize.surgery import activation_memory, default_passes, lint_model, run_surgery
-    from cunet_optimize.surgery.forms import choose_concat_form, choose_int8_form
-    from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
     target = get_target(opts.target)
     dla = check_dla_core(target, opts.dla_core)
     support = check_precision(target, engine_precision(opts), on_dla=dla is not None)
-    quantized = opts.precision not in ("fp32", "fp16")
-    if quantized:  # contradictory placement requests stop here, before any work
-        quant_scheme(base_precision(opts), opts.concat_qdq, target.backend)
-    elif opts.concat_qdq not in (None, "none"):
-        raise CUNetError(f"precision {opts.precision} has no INT8 activations, so there is no Q/DQ to place "
-                         f"{PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
+    check_placement_request(opts, target.backend)
     exporter = check_exporter(opts.exporter, opts.precision)  # before any calibration
     model, ckpt_path, source, stem = resolve_model(opts.model)
     task = check_data_task(model, source, opts.calib_data, opts.eval_data)
@@ -148,172 +204,219 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
     final = _final_dir(workdir, name, opts.force)
     (workdir / "engines").mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=workdir / "engines"))
-    timer = StageTimer(total=5 if quantized else 4, echo=echo)
-    notes = [support.note] if getattr(support, "note", "") else []
     manifest: dict = {"schema": BUILD_SCHEMA, "name": name, "toolkit_version": __version__,
                       "command": opts.command, "precision": opts.precision, "target": target.name,
                       "dla_core": dla, "target_spec": target.to_dict()}
-    try:
-        model_sha = sha256_file(ckpt_path)
-        manifest["model"] = {"source": source, "checkpoint": str(ckpt_path), "sha256": model_sha,
-                             "config": model.config.to_dict()}
-        eval_set, eval_root = open_dataset_or_default(opts.eval_data, opts.eval_split, task)
-        manifest["eval_data"] = {"folder": str(eval_root.resolve()), "split": opts.eval_split,
-                                 "images": len(eval_set), "crop": eval_set.crop_policy, "task": task.name}
+    return _Build(opts, target, dla, exporter, model, ckpt_path, source, task, final, staging,
+                  StageTimer(total=5 if quantizes(opts.precision) else 4, echo=echo), manifest,
+                  [support.note] if getattr(support, "note", "") else [], progress)
 
-        export_model, opset = model, 17
-        if quantized:
-            export_model, calib_info = quantize_and_calibrate(opts, model, ckpt_path, timer, progress)
-            manifest["calibration"] = calib_info
-            int4_convs = "int4" in getattr(export_model, "layer_formats", {}).values()
-            opset = 21 if export_model.scheme.weight_bits == 4 or int4_convs else 17
-            if computes_in_fp16(target, opts):  # FP16 Q/DQ scales (e.g. strongly typed DLA on TensorRT 11)
-                opset = max(opset, 19)
 
-        with timer.stage("export", f"ONNX opset {opset} ({opts.precision}), verified in ONNX Runtime"):
-            raw = staging / "export.onnx"
-            # DLA builds static shapes only: batch 1, as the plan's profile (min = opt = max)
-            summary = export_onnx(export_model, raw, opset=opset, fp16=computes_in_fp16(target, opts),
-                                  dynamic_batch=dla is None, exporter=exporter)
-            reference_onnx = staging / "reference-fp32.onnx"
-            if export_model is model and opts.precision == "fp32":
-                shutil.copyfile(raw, reference_onnx)  # the same export: verified once
-            else:
-                export_onnx(model, reference_onnx, exporter=exporter)
-            manifest["export"] = _jsonable(summary)
+def _record_inputs(b: _Build) -> None:
+    """The model and the evaluation set, as build.json records them."""
+    b.manifest["model"] = {"source": b.source, "checkpoint": str(b.ckpt_path), "sha256": sha256_file(b.ckpt_path),
+                           "config": b.model.config.to_dict()}
+    b.eval_set, b.eval_root = open_dataset_or_default(b.opts.eval_data, b.opts.eval_split, b.task)
+    b.manifest["eval_data"] = {"folder": str(b.eval_root.resolve()), "split": b.opts.eval_split,
+                               "images": len(b.eval_set), "crop": b.eval_set.crop_policy, "task": b.task.name}
 
-        with timer.stage("surgery", f"graph passes for {target.name}, then lint"):
-            before = onnx.load(raw)
-            options = {}
-            passes = default_passes(target.name, quantized=quantized, opset=opset, dla_core=dla)
-            if "pack_int4_weights" in passes:
-                options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
-            if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images
-                options["integer_dataflow"] = {"calibration": calibration_images(opts, task=task)}
-            result = run_surgery(before, passes, target=target.name, dla_core=dla, pass_options=options)
-            concat_form = None
-            if not quantized and FOLD_DENSE_CONCATS[target.backend] == TIMED:
-                result, concat_form = choose_concat_form(result, target.name, staging)
-                notes.append(f"dense concatenations: the {concat_form['chosen']} form, the faster one here "
-                             f"with {concat_form['intra_op_threads']} thread(s) at batch 1 (median ms: "
-                             + ", ".join(f"{k} {v:.2f}" for k, v in concat_form["median_ms_batch1"].items())
-                             + ")")
-            int8_form = None
-            if "integer_dataflow" in result.passes and target.backend == "onnxruntime":
-                variant_gate = _variant_gate(opts, task, reference_onnx, eval_set, eval_root, evaluate_landmarks,
-                                             progress)
-                result, int8_form = choose_int8_form(result, before, options, target.name, staging, variant_gate)
-                chosen = int8_form["chosen"]
-                notes.append(f"INT8 integer form: relu_form {chosen['relu_form']}, {chosen['intra_op_threads']} "
-                             f"thread(s), thread pool {chosen['thread_pool']}: the fastest here that passes the gate "
-                             f"({int8_form['cpu']['int8_isa']}; median ms: "
-                             + ", ".join(f"{k} {v:.2f}" for k, v in int8_form["median_ms_batch1"].items()) + ")")
-            onnx_path = staging / "model.onnx"
-            onnx.save(result.model, onnx_path)
-            raw.unlink()
-            mem_before, mem_after = activation_memory(before), activation_memory(result.model)
-            manifest["surgery"] = {
-                **result.to_dict(),
-                "peak_activation_bytes_before": mem_before["peak_bytes"],
-                "peak_activation_bytes_after": mem_after["peak_bytes"],
-                "concat_bytes_before": mem_before["concat_output_bytes"],
-                "concat_bytes_after": mem_after["concat_output_bytes"],
-                "dense_concat_form": concat_form,
-                "int8_cpu_form": int8_form,
-            }
-            findings = lint_model(result.model, target.name, dla_core=dla)
-            errors = [f for f in findings if f.severity == "error"]
-            manifest["lint"] = [asdict(f) if hasattr(f, "__dataclass_fields__") else dict(f) for f in findings]
-            if errors:
-                first = errors[0]
-                where = target.name + (f" DLA core {dla}" if dla is not None else "")
-                raise CUNetError(f"lint for {where}: {len(errors)} error(s), first: [{first.rule}] "
-                                 f"{first.node}: {first.message}; fix: {first.fix}")
-            if quantized:
-                from cunet_optimize.quant.legacy_cache import write_legacy_cache
 
-                scales = legacy_cache_scales(result.model)
-                if scales:
-                    write_legacy_cache(staging / "calibration.cache", scales)
+def _calibrate(b: _Build):
+    """Stage 1 of quantized builds: the fake-quantized model to export (the float model otherwise)."""
+    if not b.quantized:
+        return b.model
+    export_model, calib_info = quantize_and_calibrate(b.opts, b.model, b.ckpt_path, b.timer, b.progress)
+    b.manifest["calibration"] = calib_info
+    return export_model
 
-        with timer.stage("engine", f"{target.backend} for {target.name}"):
-            engine_options = {"trt_major": opts.trt_major} if opts.trt_major else {}
-            if dla is not None:
-                engine_options["dla_core"] = dla
-            if concat_form is not None:  # the thread count was timed with the form
-                engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
-            if int8_form is not None:  # thread count and pool settings were timed with the form
-                engine_options["intra_op_threads"] = int8_form["chosen"]["intra_op_threads"]
-                engine_options["session_config"] = int8_form["chosen"]["session_config"]
-            if target.backend == "onnxruntime" and engine_precision(opts) == "int8":
-                engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
-                                                 else "int8-symmetric")
-            build = get_builder(target.name).build(onnx_path, target.name, engine_precision(opts), staging,
-                                                    engine_options or None)
-            manifest.update(backend=build.backend, backend_version=build.backend_version,
-                            engine_built=build.engine_built, engine_settings=build.settings)
-            # relative to the build folder, which is renamed into place at the end
-            manifest["artifacts"] = {role: os.path.relpath(os.path.abspath(p), staging.resolve())
-                                     for role, p in build.artifacts.items()}
-            manifest["artifacts"].setdefault("onnx", "model.onnx")
-            if (staging / "calibration.cache").exists():
-                manifest["artifacts"]["legacy_calibration_cache"] = "calibration.cache"
-            notes += [n for n in build.notes if n not in notes]
 
-        with timer.stage("accuracy", f"{task.metric} on {len(eval_set)} images vs the FP32 reference "
-                                     "(ONNX Runtime)"):
-            manifest["accuracy"] = _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set,
-                                                  eval_root, evaluate_landmarks, progress)
-            reference_onnx.unlink()
-        manifest["timings_seconds"] = timer.seconds
-        echo(timer.summary())
-        # builders name the staging folder; users will find the build under its final name
-        notes = [n.replace(staging.name, final.name) for n in notes]
-        manifest["notes"] = notes
-        (staging / BUILD_FILE).write_text(checked_build_json(manifest))  # typed: manifests/build.py
-        if not manifest["accuracy"]["passed"] and opts.accuracy_gate:
-            acc = manifest["accuracy"]
-            raise CUNetError(
-                f"accuracy gate failed: {acc['metric']} {acc['quantized_value']:.3f}% vs FP32 "
-                f"{acc['reference_value']:.3f}% ({acc['degradation_points']:.3f} points worse > "
-                f"{acc['tolerance']}); try --calib-method entropy, more --calib-images, --qat, "
-                f"or {task.gate_option} / --no-accuracy-gate to accept it"
-            )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return BuildReport(name, str(final), manifest, notes)
+def _export(b: _Build, export_model) -> int:
+    """The ONNX export to deploy and the FP32 reference export, both verified in ONNX Runtime;
+    returns the opset: 21 for INT4 weights, at least 19 for FP16 Q/DQ scales (e.g. strongly
+    typed DLA on TensorRT 11), else 17."""
+    from cunet_optimize.export import export_onnx
+
+    opset = 17
+    if b.quantized:
+        int4_convs = "int4" in getattr(export_model, "layer_formats", {}).values()
+        opset = 21 if export_model.scheme.weight_bits == 4 or int4_convs else 17
+        if computes_in_fp16(b.target, b.opts):
+            opset = max(opset, 19)
+    with b.timer.stage("export", f"ONNX opset {opset} ({b.opts.precision}), verified in ONNX Runtime"):
+        # DLA builds static shapes only: batch 1, as the plan's profile (min = opt = max)
+        summary = export_onnx(export_model, b.raw_onnx, opset=opset, fp16=computes_in_fp16(b.target, b.opts),
+                              dynamic_batch=b.dla is None, exporter=b.exporter)
+        if export_model is b.model and b.opts.precision == "fp32":
+            shutil.copyfile(b.raw_onnx, b.reference_onnx)  # the same export: verified once
+        else:
+            export_onnx(b.model, b.reference_onnx, exporter=b.exporter)
+        b.manifest["export"] = _jsonable(summary)
+    return opset
+
+
+def _surgery(b: _Build, export_model, opset: int):
+    """The target's graph passes, the graph forms timed on ONNX Runtime, then the lint; the
+    deployed graph is saved as model.onnx. Returns (SurgeryResult, concat form, INT8 form)."""
+    from cunet_optimize.surgery import activation_memory, default_passes, run_surgery
+
+    with b.timer.stage("surgery", f"graph passes for {b.target.name}, then lint"):
+        before = onnx.load(b.raw_onnx)
+        options = {}
+        passes = default_passes(b.target.name, quantized=b.quantized, opset=opset, dla_core=b.dla)
+        if "pack_int4_weights" in passes:
+            options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
+        if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images
+            options["integer_dataflow"] = {"calibration": calibration_images(b.opts, task=b.task)}
+        result = run_surgery(before, passes, target=b.target.name, dla_core=b.dla, pass_options=options)
+        result, concat_form, int8_form = _timed_forms(b, result, before, options)
+        onnx.save(result.model, b.onnx_path)
+        b.raw_onnx.unlink()
+        mem_before, mem_after = activation_memory(before), activation_memory(result.model)
+        b.manifest["surgery"] = {
+            **result.to_dict(),
+            "peak_activation_bytes_before": mem_before["peak_bytes"],
+            "peak_activation_bytes_after": mem_after["peak_bytes"],
+            "concat_bytes_before": mem_before["concat_output_bytes"],
+            "concat_bytes_after": mem_after["concat_output_bytes"],
+            "dense_concat_form": concat_form,
+            "int8_cpu_form": int8_form,
+        }
+        _lint(b, result.model)
+        if b.quantized:
+            _write_legacy_cache(b, result.model)
+    return result, concat_form, int8_form
+
+
+def _timed_forms(b: _Build, result, before, options: dict):
+    """On ONNX Runtime: the faster dense-concat form of a float graph, and the fastest INT8
+    integer form that passes the gate (surgery/forms.py); each choice is noted."""
+    from cunet_optimize.evaluate import evaluate_landmarks
+    from cunet_optimize.surgery.forms import choose_concat_form, choose_int8_form
+    from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
+
+    concat_form = None
+    if not b.quantized and FOLD_DENSE_CONCATS[b.target.backend] == TIMED:
+        result, concat_form = choose_concat_form(result, b.target.name, b.staging)
+        b.notes.append(f"dense concatenations: the {concat_form['chosen']} form, the faster one here "
+                       f"with {concat_form['intra_op_threads']} thread(s) at batch 1 (median ms: "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in concat_form["median_ms_batch1"].items())
+                       + ")")
+    int8_form = None
+    if "integer_dataflow" in result.passes and b.target.backend == "onnxruntime":
+        variant_gate = _variant_gate(b.opts, b.task, b.reference_onnx, b.eval_set, b.eval_root, evaluate_landmarks,
+                                     b.progress)
+        result, int8_form = choose_int8_form(result, before, options, b.target.name, b.staging, variant_gate)
+        chosen = int8_form["chosen"]
+        b.notes.append(f"INT8 integer form: relu_form {chosen['relu_form']}, {chosen['intra_op_threads']} "
+                       f"thread(s), thread pool {chosen['thread_pool']}: the fastest here that passes the gate "
+                       f"({int8_form['cpu']['int8_isa']}; median ms: "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in int8_form["median_ms_batch1"].items()) + ")")
+    return result, concat_form, int8_form
+
+
+def _lint(b: _Build, model: onnx.ModelProto) -> None:
+    """The target's rules (DLA's with a DLA core): findings go to build.json, an error stops the build."""
+    from cunet_optimize.surgery import lint_model
+
+    findings = lint_model(model, b.target.name, dla_core=b.dla)
+    errors = [f for f in findings if f.severity == "error"]
+    b.manifest["lint"] = [asdict(f) if hasattr(f, "__dataclass_fields__") else dict(f) for f in findings]
+    if errors:
+        first = errors[0]
+        where = b.target.name + (f" DLA core {b.dla}" if b.dla is not None else "")
+        raise CUNetError(f"lint for {where}: {len(errors)} error(s), first: [{first.rule}] "
+                         f"{first.node}: {first.message}; fix: {first.fix}")
+
+
+def _write_legacy_cache(b: _Build, model: onnx.ModelProto) -> None:
+    """calibration.cache beside the Q/DQ ONNX, for TensorRT <= 10's implicit quantization."""
+    from cunet_optimize.quant.legacy_cache import write_legacy_cache
+
+    scales = legacy_cache_scales(model)
+    if scales:
+        write_legacy_cache(b.staging / "calibration.cache", scales)
+
+
+def _engine(b: _Build, result, concat_form: dict | None, int8_form: dict | None):
+    """The target's builder over model.onnx, with what surgery timed (threads, session
+    settings); returns its BuildResult."""
+    from cunet_optimize.engines import get_builder
+
+    with b.timer.stage("engine", f"{b.target.backend} for {b.target.name}"):
+        engine_options = {"trt_major": b.opts.trt_major} if b.opts.trt_major else {}
+        if b.dla is not None:
+            engine_options["dla_core"] = b.dla
+        if concat_form is not None:  # the thread count was timed with the form
+            engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
+        if int8_form is not None:  # thread count and pool settings were timed with the form
+            engine_options["intra_op_threads"] = int8_form["chosen"]["intra_op_threads"]
+            engine_options["session_config"] = int8_form["chosen"]["session_config"]
+        if b.target.backend == "onnxruntime" and engine_precision(b.opts) == "int8":
+            engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
+                                             else "int8-symmetric")
+        build = get_builder(b.target.name).build(b.onnx_path, b.target.name, engine_precision(b.opts), b.staging,
+                                                 engine_options or None)
+        b.manifest.update(backend=build.backend, backend_version=build.backend_version,
+                          engine_built=build.engine_built, engine_settings=build.settings)
+        # relative to the build folder, which is renamed into place at the end
+        b.manifest["artifacts"] = {role: os.path.relpath(os.path.abspath(p), b.staging.resolve())
+                                   for role, p in build.artifacts.items()}
+        b.manifest["artifacts"].setdefault("onnx", "model.onnx")
+        if (b.staging / "calibration.cache").exists():
+            b.manifest["artifacts"]["legacy_calibration_cache"] = "calibration.cache"
+        b.notes += [n for n in build.notes if n not in b.notes]
+    return build
+
+
+def _accuracy(b: _Build, build) -> None:
+    """The accuracy gate (`_accuracy_gate`) on the evaluation set; the FP32 reference export is dropped after."""
+    from cunet_optimize.evaluate import evaluate_landmarks
+
+    with b.timer.stage("accuracy", f"{b.task.metric} on {len(b.eval_set)} images vs the FP32 reference "
+                                   "(ONNX Runtime)"):
+        b.manifest["accuracy"] = _accuracy_gate(b.opts, b.task, b.staging, build, b.onnx_path, b.reference_onnx,
+                                                b.eval_set, b.eval_root, evaluate_landmarks, b.progress)
+        b.reference_onnx.unlink()
+
+
+def _finish(b: _Build) -> BuildReport:
+    """build.json written; a failed gate (when enforced) stops here, else the staging folder
+    replaces engines/<name>/."""
+    b.manifest["timings_seconds"] = b.timer.seconds
+    b.timer.echo(b.timer.summary())
+    # builders name the staging folder; users will find the build under its final name
+    b.notes = [n.replace(b.staging.name, b.final.name) for n in b.notes]
+    b.manifest["notes"] = b.notes
+    (b.staging / BUILD_FILE).write_text(checked_build_json(b.manifest))  # typed: manifests/build.py
+    if not b.manifest["accuracy"]["passed"] and b.opts.accuracy_gate:
+        acc = b.manifest["accuracy"]
+        raise CUNetError(
+            f"accuracy gate failed: {acc['metric']} {acc['quantized_value']:.3f}% vs FP32 "
+            f"{acc['reference_value']:.3f}% ({acc['degradation_points']:.3f} points worse > "
+            f"{acc['tolerance']}); try --calib-method entropy, more --calib-images, --qat, "
+            f"or {b.task.gate_option} / --no-accuracy-gate to accept it"
+        )
+    if b.final.exists():
+        shutil.rmtree(b.final)
+    os.replace(b.staging, b.final)
+    return BuildReport(b.manifest["name"], str(b.final), b.manifest, b.notes)
 
 
 def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool):
-    """The fake-quantized model with calibrated scales (cached in calib/<id>/), or the
-    model of a QAT checkpoint; and what to record about it."""
-    from cunet_optimize.quant import activation_scales, parse_precision
+    """The calibrate stage (also `calibrate` and `build --precision auto`'s first step): the
+    fake-quantized model with calibrated scales (cached in calib/<id>/, quant/calib_cache.py),
+    or the model of a QAT checkpoint; and what build.json records about it."""
+    from cunet_optimize.engines.targets import get_target
+    from cunet_optimize.quant import activation_scales
 
     if opts.qat_checkpoint:
         from cunet_optimize.quant.qat import load_qat_checkpoint
 
         with timer.stage("calibrate", f"scales from the QAT checkpoint {opts.qat_checkpoint}"):
             qmodel = load_qat_checkpoint(opts.qat_checkpoint)
-            # the checkpoint's scheme (concat placement included) is what gets exported
-            if opts.precision == "auto" and not getattr(qmodel, "layer_formats", None):
-                raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, not an auto plan; "
-                                 f"build it with --precision {qmodel.scheme.spec}, or run qat --plan BUILD.json")
-            if opts.precision != "auto" and qmodel.scheme.weight_bits != parse_precision(opts.precision).weight_bits:
-                raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, "
-                                 f"not {opts.precision}")
-            wanted = concat_placement(base_precision(opts), opts.concat_qdq)
-            if (opts.concat_qdq is not None or wanted != "none") and placement_of(qmodel.scheme) not in (None, wanted):
-                raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint places INT8 Q/DQ "
-                                 f"{PLACEMENT_WORDS[placement_of(qmodel.scheme)]}, but the build asks for "
-                                 f"{PLACEMENT_WORDS[wanted]}; drop --concat-qdq / the modifier, or run qat with it")
+            check_qat_checkpoint(qmodel, opts)  # its scheme (concat placement included) is what gets exported
             return qmodel.eval(), {"method": "qat", "checkpoint": str(opts.qat_checkpoint)}
     model_sha = sha256_file(ckpt_path)
-    from cunet_optimize.engines.targets import get_target
-
     scheme = quant_scheme(base_precision(opts), opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
     calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task_of_model(model))
@@ -341,9 +444,10 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
         qmodel = with_layer_formats(qmodel, opts.layer_formats)
     scales = activation_scales(qmodel)
     few = dict(sorted(scales.items(), key=lambda kv: -kv[1])[:8])
-    return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached, "scales_file": str(cache.scales_file.resolve()),
-                    "images": images, "data": str(calib_root.resolve()), "scheme": scheme.spec,
-                    "equalization": report, "ranges": {k: v * 127 for k, v in few.items()}}
+    return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached,
+                    "scales_file": str(cache.scales_file.resolve()), "images": images,
+                    "data": str(calib_root.resolve()), "scheme": scheme.spec, "equalization": report,
+                    "ranges": {k: v * 127 for k, v in few.items()}}
 
 
 def calibrate_shared(model, scheme, calib_set, images: int, method: str, alpha: float | None, progress: bool):

@@ -123,3 +123,37 @@ def computes_in_fp16(target, opts) -> bool:
         return False
     plan = make_build_plan(target, engine_precision(opts), "model.onnx", trt_major=opts.trt_major, dla_core=opts.dla_core)
     return plan.onnx_form.endswith("fp16-cast")
+
+
+def quantizes(precision: str) -> bool:
+    """Whether a build of `precision` quantizes at all (calibration, Q/DQ): not fp32 or fp16."""
+    return precision not in ("fp32", "fp16")
+
+
+def check_placement_request(opts, backend: str) -> None:
+    """Contradictory Q/DQ placement requests of a build (precision modifier vs --concat-qdq, or
+    --concat-qdq on a precision without INT8 activations) stop here, before any work."""
+    if quantizes(opts.precision):
+        quant_scheme(base_precision(opts), opts.concat_qdq, backend)
+    elif opts.concat_qdq not in (None, "none"):
+        raise CUNetError(f"precision {opts.precision} has no INT8 activations, so there is no Q/DQ to place "
+                         f"{PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
+
+
+def check_qat_checkpoint(qmodel, opts) -> None:
+    """A QAT checkpoint (opts.qat_checkpoint, loaded as `qmodel`) is exported with its own scheme,
+    concat placement included: a build asking for another weight width, placement, or an auto
+    plan the checkpoint was not fine-tuned from is a CUNetError."""
+    from cunet_optimize.quant import parse_precision
+
+    if opts.precision == "auto" and not getattr(qmodel, "layer_formats", None):
+        raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, not an auto plan; "
+                         f"build it with --precision {qmodel.scheme.spec}, or run qat --plan BUILD.json")
+    if opts.precision != "auto" and qmodel.scheme.weight_bits != parse_precision(opts.precision).weight_bits:
+        raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, "
+                         f"not {opts.precision}")
+    wanted = concat_placement(base_precision(opts), opts.concat_qdq)
+    if (opts.concat_qdq is not None or wanted != "none") and placement_of(qmodel.scheme) not in (None, wanted):
+        raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint places INT8 Q/DQ "
+                         f"{PLACEMENT_WORDS[placement_of(qmodel.scheme)]}, but the build asks for "
+                         f"{PLACEMENT_WORDS[wanted]}; drop --concat-qdq / the modifier, or run qat with it")
