@@ -258,6 +258,7 @@ def _surgery(b: _Build, export_model, opset: int):
     """The target's graph passes, the graph forms timed on ONNX Runtime, then the lint; the
     deployed graph is saved as model.onnx. Returns (SurgeryResult, concat form, INT8 form)."""
     from cunet_optimize.surgery import activation_memory, default_passes, run_surgery
+    from cunet_optimize.surgery.integer_dataflow import CALIBRATION_IMAGES
 
     with b.timer.stage("surgery", f"graph passes for {b.target.name}, then lint"):
         before = onnx.load(b.raw_onnx)
@@ -266,7 +267,9 @@ def _surgery(b: _Build, export_model, opset: int):
         if "pack_int4_weights" in passes:
             options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
         if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images
-            options["integer_dataflow"] = {"calibration": calibration_images(b.opts, task=b.task)}
+            count = min(CALIBRATION_IMAGES, b.opts.calib_images)
+            options["integer_dataflow"] = {"calibration": calibration_images(b.opts.calib_data, b.opts.calib_split,
+                                                                             count, b.task)}
         result = run_surgery(before, passes, target=b.target.name, dla_core=b.dla, pass_options=options)
         result, concat_form, int8_form = _timed_forms(b, result, before, options)
         onnx.save(result.model, b.onnx_path)

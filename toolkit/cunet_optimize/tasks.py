@@ -186,12 +186,12 @@ def calibration_batches(dataset, images: int, batch_size: int = 16):
         yield torch.stack([torch.as_tensor(it["image"]) for it in items])
 
 
-def calibration_images(opts, count: int = 16, task: Task = FACE) -> np.ndarray:
-    """The first `count` calibration images of a build's options (calib_data, calib_split,
-    calib_images) as one float32 array (for graph passes that calibrate new quantization
-    points, e.g. surgery's integer_dataflow)."""
-    dataset, _ = open_dataset_or_default(opts.calib_data, opts.calib_split, task)
-    return np.concatenate([b.numpy() for b in calibration_batches(dataset, min(count, opts.calib_images))])
+def calibration_images(folder: str | None, split: str | None, count: int, task: Task = FACE) -> np.ndarray:
+    """The first `count` calibration images (of `folder`, or of the task's default set) as one
+    float32 array, for graph passes that calibrate new quantization points (surgery's
+    integer_dataflow)."""
+    dataset, _ = open_dataset_or_default(folder, split, task)
+    return np.concatenate([b.numpy() for b in calibration_batches(dataset, count)])
 
 
 def task_of_dataset(dataset) -> Task:

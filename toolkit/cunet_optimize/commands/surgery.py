@@ -48,12 +48,11 @@ def _pass_options(args, source, passes) -> dict:
     if not args.calib_data:
         raise CUNetError(f"{args.model}: surgery pass integer_dataflow calibrates new uint8 points on the model's "
                          "calibration images; pass --calib-data DIR (or leave the pass out with --passes ...)")
-    from cunet_optimize.build import BuildOptions
     from cunet_optimize.surgery.integer_dataflow import CALIBRATION_IMAGES
     from cunet_optimize.tasks import calibration_images, default_calib_split, task_of_data
 
-    opts = BuildOptions(calib_data=args.calib_data, calib_split=default_calib_split(args.calib_data, args.calib_split))
-    images = calibration_images(opts, CALIBRATION_IMAGES, task=task_of_data(args.calib_data))
+    images = calibration_images(args.calib_data, default_calib_split(args.calib_data, args.calib_split),
+                                CALIBRATION_IMAGES, task_of_data(args.calib_data))
     return {"integer_dataflow": {"calibration": images}}
 
 
