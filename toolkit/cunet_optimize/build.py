@@ -59,7 +59,7 @@ class BuildOptions:
     calib_method: str = "percentile"
     calib_images: int = 128
     concat_qdq: str | None = None  # Q/DQ on the dense concatenations: none | tied | untied (None: as the precision says, else none)
-    # None: no activation equalization; "default": DEFAULT_EQUALIZE_ALPHA for INT8 weights only
+    # None: no activation equalization; "default": quant.policy.DEFAULT_EQUALIZE_ALPHA for INT8 weights only
     equalize_alpha: float | str | None = "default"
     eval_data: str | None = None
     eval_split: str = "test"
