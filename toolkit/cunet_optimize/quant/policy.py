@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from cunet_optimize.errors import CUNetError
 
-# Where INT8 Q/DQ sits around CU-Net's dense concatenations (QUANT_RULES.md, design space).
-# "none" is the default: BN right after each concatenation amplifies the per-tensor error of
-# its small-variance channels, so percentile PTQ loses least with Q/DQ on the conv inputs only
-# (bench/bench_quant_table.py compares the three on one model; the default INT8 CPU build of the
-# embedded model stays within 0.005 NME points of FP32: bench/results/auto_precision_embedded.json,
-# "int8"). "tied" lets TensorRT elide the Concats and is meant to be paired with QAT.
+# Where INT8 Q/DQ sits around CU-Net's dense concatenations (docs/QUANT_RULES.md, design space).
+# "none" is the default: the most accurate after PTQ, since BN right after each concatenation
+# amplifies the per-tensor error of its small-variance channels (embedded model, percentile,
+# equalized: NME 5.36% none, 5.90% untied, 6.37% tied, FP32 5.29%;
+# bench/results/quant_table_ptq_percentile.json). "tied" lets TensorRT elide the Concats and is
+# meant to be paired with QAT.
 CONCAT_QDQ = {
     "none": {"quantize_concats": False, "tie_concat_scales": False},
     "tied": {"quantize_concats": True, "tie_concat_scales": True},
@@ -80,11 +80,11 @@ def quant_scheme(precision: str, concat_qdq: str | None = None, backend: str = "
     return parse_precision(precision, **CONCAT_QDQ[placement])
 
 
-# Activation equalization before PTQ (quant/equalize.py), SmoothQuant's alpha, for INT8 weights:
-# it moves activation range into the weights, which 8-bit weights absorb and 4-bit weights cannot
-# afford, so INT4 builds skip it unless --equalize is given explicitly (bench/bench_quant_table.py
-# measures PTQ with and without it for both; the default INT8 build with alpha 0.5 is the "int8"
-# entry of bench/results/auto_precision_embedded.json).
+# Activation equalization before PTQ (quant/equalize.py), SmoothQuant's alpha, for INT8 weights.
+# It moves activation range into the weights, which 8-bit weights absorb and 4-bit weights cannot
+# afford, so INT4 builds skip it unless --equalize is given explicitly. Embedded model, percentile
+# PTQ, NME without -> with alpha 0.5 (FP32 5.29%): int8 5.53% -> 5.36%, int4-convin 5.72% -> 6.43%,
+# int4-pc-convin 5.82% -> 7.62% (bench/results/quant_table_ptq_percentile.json).
 DEFAULT_EQUALIZE_ALPHA = 0.5
 
 
