@@ -30,14 +30,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from cunet_optimize.allocator import keep_freed_memory
-    from cunet_optimize.build import BuildOptions, StageTimer, _eval_dataset, quantize_and_calibrate, resolve_model
+    from cunet_optimize.build import BuildOptions, StageTimer, quantize_and_calibrate
+    from cunet_optimize.models import resolve_model
     from cunet_optimize.quant import auto
-    from cunet_optimize.tasks import task_of_model
+    from cunet_optimize.tasks import open_dataset_or_default, task_of_model
 
     keep_freed_memory()
     model, ckpt, _, _ = resolve_model(args.model)
     task = task_of_model(model)
-    calib_set, _ = _eval_dataset(None, "calib", task)
+    calib_set, _ = open_dataset_or_default(None, "calib", task)
     n = len(calib_set)
     held = min(args.heldout_images, n // 2)
     opts = BuildOptions(precision="int8", model=args.model, workdir=args.workdir, calib_images=min(128, n - held))

@@ -42,9 +42,9 @@ def load(name: str):
 def int8_model(model):
     import torch
 
-    from cunet_optimize.build import DEFAULT_EQUALIZE_ALPHA, quant_scheme
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.quant import post_training_quantize
+    from cunet_optimize.quant.policy import DEFAULT_EQUALIZE_ALPHA, quant_scheme
 
     # the verification images are faces 0..B-1: calibrate on others
     calib = torch.from_numpy(verification_batch(CALIBRATION_IMAGES + 2)[2:])
