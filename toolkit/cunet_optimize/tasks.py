@@ -76,7 +76,7 @@ FACE = Task(
     name="face", num_points=68, model_words="a 68-point face model",
     data_words="300-W face data (images with .pts files)", flip_perm=FACE68_FLIP_PERM,
     metric="NME", metric_key="nme_percent", lower_is_better=True, gate_option="--max-nme-increase",
-    default_tolerance=0.30,  # NME points; under 6% of the embedded model's 5.293% (assets/MODEL_CARD.md)
+    default_tolerance=metrics.DEFAULT_TOLERANCE_POINTS["NME"],
     box_factor=1.1,  # the authors' detector box policy
     curve_name="CED",
 )
@@ -84,7 +84,7 @@ POSE = Task(
     name="pose", num_points=16, model_words="a 16-joint pose model",
     data_words="MPII pose data (an annotation JSON)", flip_perm=MPII_FLIP_PERM,
     metric="PCKh@0.5", metric_key="pckh_percent", lower_is_better=False, gate_option="--max-pckh-decrease",
-    default_tolerance=1.0,  # PCKh points
+    default_tolerance=metrics.DEFAULT_TOLERANCE_POINTS["PCKh@0.5"],
     box_factor=1.25,  # MPII: scale *= 1.25 around the person
     curve_name="PCKh vs threshold", limbs=MPII_LIMBS,
 )

@@ -16,6 +16,7 @@ from html import escape
 from typing import Any, Iterable, Sequence
 
 from cunet_optimize.manifests.profile import Memory, ProfileManifest, Size, Weights, as_profile, summary_rows
+from cunet_optimize.metrics import DEFAULT_TOLERANCE_POINTS
 from cunet_optimize.report.format import (
     MISSING,
     fmt_bytes,
@@ -207,13 +208,11 @@ def _plot_min_span(profile: ProfileManifest) -> float:
     """The least metric span an accuracy axis may show: the largest gate tolerance of the
     variants (a difference the gate accepts many times over is not a cliff), or the task's
     default tolerance when no variant states one."""
-    from cunet_optimize.tasks import FACE, POSE
-
     tolerances = [v.accuracy.tolerance_points for v in profile.variants
                   if v.accuracy and _ok(v.accuracy.tolerance_points)]
     if tolerances:
         return max(tolerances)
-    return (FACE if profile.metric == "NME" else POSE).default_tolerance
+    return DEFAULT_TOLERANCE_POINTS.get(profile.metric, 0.0)
 
 
 def _pareto(profile: ProfileManifest) -> str:
