@@ -29,6 +29,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from cunet_optimize.atomic import write_atomic
+
 CALIBRATION_IMAGES = 32
 EXPORTERS = ("legacy", "dynamo")
 
@@ -148,11 +150,7 @@ def main() -> None:
                      "verification": "first repeat only"},
         "cases": cases,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=2))
-    os.replace(tmp_out, out)
+    write_atomic(args.out, json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

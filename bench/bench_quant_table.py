@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cunet_optimize.atomic import write_atomic
 from cunet_optimize.data.face300w import Face300W, FirstSamples
 from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
@@ -93,11 +94,7 @@ def main() -> None:
                   "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                   "threads": args.threads},
                   "command": "python " + " ".join(sys.argv)}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_atomic(args.out, json.dumps(result, indent=2) + "\n")
 
     def evaluate(name, m, scheme, **extra):
         start = time.perf_counter()

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cunet_optimize.atomic import write_atomic
+
 CLEANUP = ["cleanup", "flatten_nested_concats", "fold_batchnorm"]
 FORMS = {
     ("fp32", "export"): [],
@@ -169,11 +171,7 @@ def main() -> None:
                      "warmup": args.warmup, "runs": args.runs},
         "models": models,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    write_atomic(args.out, json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 
