@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from cunet_optimize.engines.targets import TargetSpec
 
+
 @dataclass
 class BuildOptions:
     precision: str = "int8"
