@@ -19,13 +19,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from bench_build_time import StageClock, cpu_model, cpu_seconds
+from bench_build_time import cpu_model, measured
 
 AUTO_KEYS = ("grain", "grain_reason", "budget", "formats_measured", "weight_bytes", "weight_bytes_uniform",
              "latency_units", "latency_units_uniform", "predicted_degradation", "heldout_degradation", "additive",
@@ -35,12 +33,8 @@ AUTO_KEYS = ("grain", "grain_reason", "budget", "formats_measured", "weight_byte
 def timed_build(precision: str, args, gate: bool) -> dict:
     from cunet_optimize.build import BuildOptions, run_build
 
-    clock = StageClock()
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    load_before = os.getloadavg()
-    start = time.perf_counter()
     out: dict = {"precision": precision}
-    with tempfile.TemporaryDirectory(prefix="bench-auto-") as workdir:
+    with measured(out) as clock, tempfile.TemporaryDirectory(prefix="bench-auto-") as workdir:
         opts = BuildOptions(precision=precision, model=args.model, workdir=workdir,
                             max_nme_increase=args.max_nme_increase, accuracy_gate=gate,
                             auto_heldout_images=args.heldout_images, auto_grain=args.auto_grain,
@@ -49,15 +43,9 @@ def timed_build(precision: str, args, gate: bool) -> dict:
         m = report.manifest
         if args.keep:  # the engine folder, e.g. for `qat --plan KEEP/auto`
             shutil.copytree(report.path, Path(args.keep) / precision, dirs_exist_ok=True)
-    end = time.perf_counter()
-    after = resource.getrusage(resource.RUSAGE_SELF)
     acc = m.get("accuracy", {})
     out.update({
-        "wall_seconds": round(end - start, 2),
-        "cpu_seconds": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 1),
-        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "timings_seconds": m.get("timings_seconds"),
-        "stage_seconds_from_progress_lines": clock.stages(end, cpu_seconds()),
         "nme_percent": acc.get("quantized_value"), "fp32_nme_percent": acc.get("reference_value"),
         "degradation_points": acc.get("degradation_points"), "passed": acc.get("passed"),
     })

@@ -23,7 +23,9 @@ import platform
 import resource
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def cpu_model() -> str:
@@ -60,15 +62,31 @@ class StageClock:
                 for (name, start, cpu), (stop, stop_cpu) in zip(self.starts, ends)}
 
 
-def time_build(model: str, precision: str, calib_images: int) -> dict:
-    from cunet_optimize.build import BuildOptions, run_build
-
+@contextmanager
+def measured(result: dict) -> Iterator[StageClock]:
+    """Measure what runs inside: yields the StageClock to pass to run_build as its echo; on
+    exit `result` gets the per-stage, wall and CPU seconds and the load average before/after."""
     clock = StageClock()
     before = resource.getrusage(resource.RUSAGE_SELF)
     load_before = os.getloadavg()
     start = time.perf_counter()
+    try:
+        yield clock
+    finally:
+        end = time.perf_counter()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        result["stage_seconds_from_progress_lines"] = clock.stages(end, cpu_seconds())
+        result["wall_seconds"] = round(end - start, 2)
+        result["cpu_seconds"] = {"user": round(after.ru_utime - before.ru_utime, 1),
+                                 "system": round(after.ru_stime - before.ru_stime, 1)}
+        result["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+
+
+def time_build(model: str, precision: str, calib_images: int) -> dict:
+    from cunet_optimize.build import BuildOptions, run_build
+
     result: dict = {"precision": precision}
-    with tempfile.TemporaryDirectory(prefix="bench-build-") as workdir:
+    with measured(result) as clock, tempfile.TemporaryDirectory(prefix="bench-build-") as workdir:
         opts = BuildOptions(precision=precision, model=model, calib_images=calib_images, workdir=workdir,
                             accuracy_gate=False, command="bench/bench_build_time.py")
         try:
@@ -81,13 +99,6 @@ def time_build(model: str, precision: str, calib_images: int) -> dict:
         except Exception as e:  # a failed build still tells how long its stages took
             result["status"] = "failed"
             result["error"] = f"{type(e).__name__}: {e}"
-    end = time.perf_counter()
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    result["stage_seconds_from_progress_lines"] = clock.stages(end, cpu_seconds())
-    result["wall_seconds"] = round(end - start, 2)
-    result["cpu_seconds"] = {"user": round(after.ru_utime - before.ru_utime, 1),
-                             "system": round(after.ru_stime - before.ru_stime, 1)}
-    result["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     return result
 
 
