@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -268,41 +267,6 @@ def test_prefix_cache_gives_the_same_sensitivity_as_full_forwards(faces):
     full = auto.measure_sensitivity(*args, prefix_cache_bytes=0)
     assert cached.delta == full.delta and cached.int8 == full.int8
     assert any(d.get("int4", 0) != 0 for d in full.delta.values())
-
-
-def test_pack_pass_stores_int8_qdq_weights_of_a_mixed_graph_as_integers(tmp_path):
-    """Beside INT4 convs (opset 21), an INT8 fake-quant weight is stored as INT8, exactly."""
-    import onnx_graphsurgeon as gs
-
-    from cunet_optimize.export import export_onnx
-    from cunet_optimize.surgery import pack_int4_weights
-    from cunet_optimize.onnx_tools.graph import to_model
-    from cunet_optimize.onnx_tools.verify import random_feeds, run_onnxruntime
-
-    class EightBit(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 4, stride=4, bias=False)
-
-        def forward(self, x):
-            w = self.conv.weight
-            s = w.detach().abs().amax(dim=(1, 2, 3)) / 127
-            w = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(4, dtype=torch.int32), 0, -128, 127)
-            return [torch.nn.functional.conv2d(x, w, stride=4)]
-
-    torch.manual_seed(0)
-    export_onnx(EightBit(), tmp_path / "int8.onnx", opset=21)
-    model = onnx.load(str(tmp_path / "int8.onnx"))
-    graph = gs.import_onnx(model)
-    report = pack_int4_weights(graph)
-    packed = to_model(graph)
-    assert report.rewrites == 1
-    assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4 for i in packed.graph.initializer)
-    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4 for i in packed.graph.initializer)
-    feeds = random_feeds(model, batch=1, seed=1)
-    a, b = run_onnxruntime(model, feeds, "disable_all"), run_onnxruntime(packed, feeds, "disable_all")
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name])
 
 
 # --------------------------------------------------------------------------------------

@@ -267,27 +267,48 @@ def test_pack_int4_from_float_weights_on_a_grid():
         apply(model, pack_int4_weights, block_scales={"conv": (scale * 1.37, 4)})
 
 
+class FakeQuantConv(torch.nn.Module):
+    """One conv whose weight is fake-quantized per output channel to [qmin, qmax] (symmetric
+    scale, zero point 0), as our weight quantizers export."""
+
+    def __init__(self, qmin: int, qmax: int):
+        super().__init__()
+        self.qmin, self.qmax = qmin, qmax
+        self.conv = torch.nn.Conv2d(3, 4, 4, stride=4, bias=False)
+
+    def forward(self, x):
+        w = self.conv.weight
+        s = w.detach().abs().amax(dim=(1, 2, 3)) / self.qmax
+        w = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(4, dtype=torch.int32), 0, self.qmin, self.qmax)
+        return [torch.nn.functional.conv2d(x, w, stride=4)]
+
+
 def test_pack_int4_fake_quant_export(tmp_path):
     """A 4-bit fake-quantized conv (quant range [-8, 7]) exported at opset 21 packs exactly."""
-
-    class FourBit(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 4, stride=4, bias=False)
-
-        def forward(self, x):
-            w = self.conv.weight
-            s = w.detach().abs().amax(dim=(1, 2, 3)) / 7
-            w = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(4, dtype=torch.int32), 0, -8, 7)
-            return [torch.nn.functional.conv2d(x, w, stride=4)]
-
     torch.manual_seed(0)
-    export_onnx(FourBit(), tmp_path / "int4.onnx", opset=21)
+    export_onnx(FakeQuantConv(-8, 7), tmp_path / "int4.onnx", opset=21)
     model = onnx.load(str(tmp_path / "int4.onnx"))
     packed, report = apply(model, pack_int4_weights)
     assert report.rewrites == 1
     assert_same_outputs(model, packed, level="basic", tol=0.0)
     assert any(i.data_type == TensorProto.INT4 for i in packed.graph.initializer)
+
+
+def test_pack_pass_stores_int8_qdq_weights_of_a_mixed_graph_as_integers(tmp_path):
+    """Beside INT4 convs (opset 21), an INT8 fake-quant weight is stored as INT8, exactly."""
+    torch.manual_seed(0)
+    export_onnx(FakeQuantConv(-128, 127), tmp_path / "int8.onnx", opset=21)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    graph = gs.import_onnx(model)
+    report = pack_int4_weights(graph)
+    packed = to_model(graph)
+    assert report.rewrites == 1
+    assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4 for i in packed.graph.initializer)
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4 for i in packed.graph.initializer)
+    feeds = random_feeds(model, batch=1, seed=1)
+    a, b = run_onnxruntime(model, feeds, "disable_all"), run_onnxruntime(packed, feeds, "disable_all")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
 
 
 def test_dequantize_weights_leaves_float_initializers_on_the_grid():
