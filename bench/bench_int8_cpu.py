@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cunet_optimize.atomic import write_atomic
+
 CLEANUP = ["cleanup", "flatten_nested_concats", "fold_batchnorm"]
 CALIBRATION_IMAGES = 32
 
@@ -137,9 +139,7 @@ def main() -> None:
                      "order": "all sessions alternate run by run"},
         "models": [bench(spec, args.runs) for spec in args.models],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out, json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -17,7 +17,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from cunet_optimize.atomic import write_atomic
 
 
 def one_step(model_name: str, batch: int, memory_efficient: bool, threads: int) -> dict:
@@ -85,9 +86,7 @@ def main() -> None:
         "command": " ".join(["python", "bench/bench_train_memory.py", "--model", args.model,
                              "--batch", str(args.batch)]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
