@@ -47,6 +47,27 @@ def test_int8_activation_rounds_half_to_even_and_saturates_at_minus128_127():
     assert torch.equal(q.eval()(x), expected)
 
 
+@pytest.mark.parametrize("scale", [0.5, 0.0371, 1.7e-3, 3.3])
+def test_int8_activation_inference_path_equals_torch_op_bit_for_bit(scale):
+    """Without autograd the activation quantizer skips torch's op (which also builds its
+    backward mask); the values must stay those of the op, ties and saturation included."""
+    q = IntQuantizer(8).eval()
+    q.set_amax(scale * 127)
+    s = q.scale.detach()
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=g) * 100 * scale,  # beyond +-128 steps: saturates
+                   (torch.arange(-300, 300) + 0.5) * s,  # exact half steps: round half to even
+                   torch.arange(-300, 300) * s])
+    zero = torch.zeros((), dtype=torch.int32)
+    with torch.no_grad():
+        fast = q(x)
+    with torch.enable_grad():
+        op = torch.fake_quantize_per_tensor_affine(x, s, zero, -128, 127)
+        assert torch.equal(q(x), op)  # the autograd path still calls the op
+    assert torch.equal(fast, op)
+    assert torch.equal(fast.abs().amax(), 128 * s)  # the test reaches the range's end
+
+
 def test_int8_weight_is_per_output_channel_with_narrow_range():
     w = torch.zeros(2, 3, 1, 1)
     w[0, :, 0, 0] = t(127 / 128, -127 / 128, 0.5 / 128)  # max 127/128 -> scale 1/128
