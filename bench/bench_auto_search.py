@@ -9,7 +9,7 @@ is recorded too. Load averages before and after each build are recorded: on a sh
 machine compare the ratio, measured back to back, rather than the seconds.
 
     python bench/bench_auto_search.py [--model CKPT] [--max-nme-increase 0.1]
-        [--heldout-images 64] [--auto-grain conv|block] [--also int4] [--no-accuracy-gate] [--keep DIR]
+        [--heldout-images 64] [--sensitivity-images N] [--auto-grain conv|block] [--also int4] [--no-accuracy-gate] [--keep DIR]
         --out bench/results/auto_search_embedded.json
 """
 
@@ -38,6 +38,7 @@ def timed_build(precision: str, args, gate: bool) -> dict:
         opts = BuildOptions(precision=precision, model=args.model, workdir=workdir,
                             max_nme_increase=args.max_nme_increase, accuracy_gate=gate,
                             auto_heldout_images=args.heldout_images, auto_grain=args.auto_grain,
+                            auto_sensitivity_images=args.sensitivity_images,
                             command="bench/bench_auto_search.py")
         report = run_build(opts, echo=clock, progress=False)
         m = report.manifest
@@ -52,7 +53,7 @@ def timed_build(precision: str, args, gate: bool) -> dict:
     if "auto" in m:
         out["auto"] = {k: m["auto"].get(k) for k in AUTO_KEYS}
         out["auto"]["sensitivity_seconds"] = m["auto"]["sensitivity"]["seconds"]
-        out["auto"]["heldout_images"] = m["auto"]["heldout"]["images"]
+        out["auto"]["heldout"] = m["auto"]["heldout"]
         out["auto"]["groups"] = len(m["auto"]["sensitivity"]["delta"])
     return out
 
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
     ap.add_argument("--max-nme-increase", type=float, default=0.1)
     ap.add_argument("--heldout-images", type=int, default=64)
+    ap.add_argument("--sensitivity-images", type=int, default=None,
+                    help="--auto-sensitivity-images (default: the build's, by grain)")
     ap.add_argument("--auto-grain", choices=("conv", "block"), default=None)
     ap.add_argument("--order", nargs=2, default=["int8", "auto"], help="the two builds, in this order")
     ap.add_argument("--also", nargs="*", default=[], help="precisions built afterwards for comparison, ungated (int4)")
@@ -94,9 +97,9 @@ def main() -> None:
         results["search_over_int8_build"] = round(a["search_seconds"] / int8["wall_seconds"], 2)
         results["auto_build_over_int8_build"] = round(auto["wall_seconds"] / int8["wall_seconds"], 2)
         results["weight_bytes_over_int8"] = round(a["weight_bytes"] / a["weight_bytes_uniform"]["int8"], 3)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    from cunet_optimize.atomic import write_atomic
+
+    out = write_atomic(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}: search / INT8 build {results.get('search_over_int8_build')}, "
           f"weight bytes / INT8 {results.get('weight_bytes_over_int8')}")
 

@@ -152,10 +152,16 @@ def test_auto_build_records_plan_and_packs_int4(tiny, faces, tmp_path, capsys):
     out = tmp_path / "engines" / "tiny-auto-cpu"
     a = json.loads((out / "build.json").read_text())["auto"]
     assert manifest["auto"] == a and manifest["precision"] == "auto"
+    timings = manifest["timings_seconds"]  # the search's stages beside the final build's
+    assert {"calibrate", "sensitivity", "search", "export", "accuracy"} <= set(timings)
+    assert timings["sensitivity"] >= a["sensitivity"]["seconds"]
     assert set(a["plan"].values()) <= set(a["formats"]) == {"int4", "int8", "float"}
     assert a["predicted_degradation"] <= 100 and not a["back_off"]
     held = a["heldout"]
     assert held["first"] >= held["scale_images"]  # the sensitivity images never set a scale
+    # conv grain: the single-group changes and the joint runs on the same held-out images
+    assert held["sensitivity_images"] == held["images"] == a["sensitivity"]["images"]
+    assert held["fp32"] == a["sensitivity"]["fp32"]
     for layer in a["layers"]:
         if layer["role"] in ("stem", "last_head"):
             assert layer["format"] != "int4"
@@ -191,8 +197,11 @@ def test_auto_build_backs_off_when_the_prediction_is_too_optimistic(tiny, faces,
         return result
 
     monkeypatch.setattr(build_module, "_accuracy_gate", gate)
-    assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "0.1")) == 0
+    assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "0.1", "--auto-sensitivity-images", "2")) == 0
     a = json.loads(capsys.readouterr().out)["auto"]
+    # sensitivity on the first 2 held-out images, the joint runs on all of them
+    assert a["sensitivity"]["images"] == a["heldout"]["sensitivity_images"] == 2 < a["heldout"]["images"]
+    assert a["heldout"]["fp32"] != a["sensitivity"]["fp32"]  # the joint runs' own FP32 reference
     assert len(calls) == 2 and len(a["builds"]) == 2 and len(a["back_off"]) == 1
     assert not a["builds"][0]["passed"] and a["builds"][1]["passed"]
     assert a["builds"][1]["weight_bytes"] > a["builds"][0]["weight_bytes"]  # one group raised
@@ -263,10 +272,43 @@ def test_prefix_cache_gives_the_same_sensitivity_as_full_forwards(faces):
     qmodel.eval()
     layers = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
     args = (model, qmodel, heldout, layers, ("int4", "int8", "float"), "conv", False)
-    cached = auto.measure_sensitivity(*args)
+    switch = auto.FormatSwitch(qmodel, heldout, layers)
+    cached = auto.measure_sensitivity(*args, switch=switch)
     full = auto.measure_sensitivity(*args, prefix_cache_bytes=0)
     assert cached.delta == full.delta and cached.int8 == full.int8
     assert any(d.get("int4", 0) != 0 for d in full.delta.values())
+    # both grains were replayed: whole U-Nets before a change in a later one, and single convs
+    cache = switch.cache
+    assert len(cache.unet_ends) == model.config.num_unets >= 2 and cache.kept == cache.order
+    assert layers[-1].role == "last_head" and cache.replayed_unets(len(layers) - 1) == model.config.num_unets
+    assert cache.replayed_unets(cache.unet_ends[0] - 1) == 0 and cache.replayed_unets(cache.unet_ends[0]) == 1
+
+
+def test_measurement_layout_is_channels_last_inside_and_restored_after(faces):
+    from cunet_optimize.tasks import FACE, open_dataset
+
+    torch.manual_seed(0)
+    model = create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    heldout = auto.HeldOut.load(open_dataset(FACE, faces, None), range(4))
+    assert heldout.head(2).images.is_contiguous(memory_format=torch.channels_last)
+    assert len(heldout.head(2)) == 2 and heldout.head(2).landmarks.shape[0] == 2
+    contiguous = heldout.metric(model)
+    conv = model.features.conv0.weight
+    with auto.measurement_layout(model):
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        channels_last = heldout.metric(model)
+    assert conv.is_contiguous()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
+    # the same float network: the layouts differ by float32 summation order only
+    assert channels_last == pytest.approx(contiguous, rel=1e-3)
+
+
+@pytest.mark.parametrize("grain, expected", [("conv", 64), ("block", 16)])
+def test_default_sensitivity_images(grain, expected):
+    assert auto.default_sensitivity_images(grain, 64) == expected
+    assert auto.default_sensitivity_images(grain, 4) >= 2
 
 
 # --------------------------------------------------------------------------------------

@@ -347,6 +347,8 @@ def test_auto_plan_section_maps_each_conv_and_scales_degradation_from_zero_to_th
                        [("stem", "int8"), ("a", "int4"), ("b", "float")]],
             "visited": [{"step": "cheapest", "cost": 1000, "predicted": 0.05},
                         {"step": "raise a", "cost": 1500, "predicted": 0.05005}],
+            "joint_runs": [{"moves": None, "cost": 1500, "predicted": 0.05, "measured": 0.03}],
+            "heldout": {"images": 64, "sensitivity_images": 16},
             "builds": [{"step": 0, "formats": {"int4": 1}, "predicted": 0.05, "degradation": 0.04, "passed": True,
                         "weight_bytes": 1500}], "back_off": []}
     from cunet_optimize.manifests.build import AutoPlan
@@ -354,8 +356,9 @@ def test_auto_plan_section_maps_each_conv_and_scales_degradation_from_zero_to_th
 
     svg = search_points_svg(from_dict(AutoPlan, auto, "auto", "test"))
     ys = _circle_ys(svg)
-    assert len(ys) == 3 and abs(ys[0] - ys[1]) < 1.0  # 0.00005 apart: one pixel at most
-    assert "budget 0.1" in svg
+    assert len(ys) == 4 and abs(ys[0] - ys[1]) < 1.0  # 0.00005 apart: one pixel at most
+    assert "budget 0.1" in svg and "held-out: 1500 B, +0.0300" in svg
     page = section_html(render_html(make_profile([variant("cunet-auto-cpu", 5.0, 3.0, precision="auto",
                                                           auto=auto)])), "auto-plan")
     assert page.count("<rect") >= 3 and "stem: int8" in page and "a: int4" in page
+    assert "1 joint held-out run(s) on 64 images (sensitivity on 16)" in page

@@ -75,12 +75,14 @@ class BuildOptions:
     name: str | None = None
     command: str = ""
     # --precision auto (quant/auto.py): {conv name: int4|int8|float} of the plan being built,
-    # the search's objective (size | latency), grain (conv | block; None: by model size) and
-    # the held-out calibration images its sensitivity is measured on
+    # the search's objective (size | latency), grain (conv | block; None: by model size), the
+    # held-out calibration images its joint runs are measured on and the first of them its
+    # single-group sensitivity is measured on
     layer_formats: dict | None = None
     objective: str = "size"
     auto_grain: str | None = None
     auto_heldout_images: int = 64
+    auto_sensitivity_images: int | None = None  # None: quant.auto.default_sensitivity_images
 
     def tolerance(self, task: Task) -> float:
         """The accuracy gate's allowed degradation for `task`, in its metric's points."""

@@ -57,8 +57,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--auto-grain", choices=["conv", "block"], default=None,
                    help="--precision auto: one format per conv or per U-Net block (default: conv up to 96 convs)")
     p.add_argument("--auto-heldout-images", type=positive_int, default=64, metavar="N",
-                   help="--precision auto: calibration images held out from the scales to measure "
-                        "sensitivity on (at most half the calibration set; default 64)")
+                   help="--precision auto: calibration images held out from the scales, on which plans are "
+                        "measured (at most half the calibration set; default 64)")
+    p.add_argument("--auto-sensitivity-images", type=positive_int, default=None, metavar="N",
+                   help="--precision auto: measure each group's sensitivity on the first N held-out images only "
+                        "(the joint runs of whole plans use all of them); default: all at conv grain, a quarter "
+                        "at block grain")
     p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
                    help=f"torch.onnx exporter: legacy (TorchScript) or dynamo (torch.export; fp32, fp16 and int8 "
                         f"weights only) (default {DEFAULT_EXPORTER}, see export/onnx_export.py)")
@@ -85,6 +89,7 @@ def run(args) -> int:
         workdir=args.workdir,
         force=args.force, name=args.name, command=command_line(),
         objective=args.objective, auto_grain=args.auto_grain, auto_heldout_images=args.auto_heldout_images,
+        auto_sensitivity_images=args.auto_sensitivity_images,
     )
     echo = (lambda *_: None) if args.json else print
     with workdir_lock(args.workdir, "cunet-optimize build"):  # a second build here waits for this one

@@ -156,6 +156,17 @@ class VisitedPlan:
 
 
 @dataclass
+class JointRun:
+    """A whole plan the search ran on the held-out images (moves None: the additive plan)."""
+
+    cost: float
+    predicted: float
+    measured: float
+    moves: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PlanBuild:
     """An engine the search built and measured."""
 
@@ -181,6 +192,7 @@ class AutoPlan:
     predicted_degradation: float | None = None
     layers: list[PlanLayer] = field(default_factory=list)
     visited: list[VisitedPlan] = field(default_factory=list)
+    joint_runs: list[JointRun] = field(default_factory=list)
     builds: list[PlanBuild] = field(default_factory=list)
     back_off: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +55,14 @@ INT4_DEQUANT_OVERHEAD = 1.1  # INT4 weights are dequantized to float before the 
 EDGE_ROLES = ("stem", "last_head")
 DEFAULT_HELDOUT_IMAGES = 64
 CONV_GRAIN_LIMIT = 96  # above this many convs the default grain is the U-Net block
+
+
+def default_sensitivity_images(grain: str, heldout: int) -> int:
+    """Held-out images the single-group changes are measured on (the joint runs use all):
+    all of them at conv grain; a quarter at block grain, the grain of deep models, where
+    each variant's forward costs the most (N=8: 88 groups, each image ~13x the embedded
+    model's forward)."""
+    return heldout if grain == "conv" else max(2, heldout // 4)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,8 +352,9 @@ class HeldOut:
 
         task = task_of_dataset(dataset)
         items = [dataset[i] for i in indices]
+        images = torch.stack([torch.as_tensor(np.asarray(it["image"], dtype=np.float32)) for it in items])
         return cls(
-            torch.stack([torch.as_tensor(np.asarray(it["image"], dtype=np.float32)) for it in items]),
+            images.contiguous(memory_format=torch.channels_last),  # the layout of `measurement_layout`
             [np.asarray(it["transform"], dtype=np.float64) for it in items],
             np.stack([np.asarray(it["landmarks"], dtype=np.float64) for it in items]),
             np.stack([np.asarray(it["visible"], dtype=bool) for it in items]) if task is POSE else None,
@@ -354,6 +364,12 @@ class HeldOut:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def head(self, k: int) -> "HeldOut":
+        """The first k images (the sensitivity's subset when it measures on fewer)."""
+        return HeldOut(self.images[:k], self.transforms[:k], self.landmarks[:k],
+                       None if self.visible is None else self.visible[:k],
+                       None if self.head_size is None else self.head_size[:k], self.task)
 
     def degradation(self, model: nn.Module, reference: float, batch_size: int = 32) -> tuple[float, float]:
         """(metric, degradation vs `reference`) of `model` on the slice."""
@@ -379,6 +395,22 @@ class HeldOut:
         return self.task.headline(summary)
 
 
+@contextmanager
+def measurement_layout(*models: nn.Module) -> Iterator[None]:
+    """The models' weights in channels-last layout while the held-out slice (stored so) runs
+    through them, contiguous again after (the build exports from them). oneDNN's convolutions
+    run the fake-quant models 1.3-1.6x faster so (bench/results/heldout_forward.json); the
+    outputs differ from the contiguous layout's by float32 summation order, which the
+    fake quantizers' rounding can amplify, so every metric of one search is taken in it."""
+    for m in models:
+        m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.to(memory_format=torch.contiguous_format)
+
+
 def formats_worth_measuring(formats: Sequence[str], layers: Sequence[LayerInfo], objective: str,
                             int8_degradation: float, budget: float, float_dtype: str = "fp32") -> tuple[str, ...]:
     """The formats a plan for `objective` could use: those cheaper than INT8 for some conv,
@@ -401,11 +433,17 @@ PREFIX_CACHE_BYTES = 1 << 30
 
 
 class PrefixCache:
-    """Outputs of the all-INT8 model's convs on the held-out slice, in execution order. A
-    variant that changes convs from position k on computes the same values before k (they
-    cannot depend on a later conv), so those convs return their recorded outputs instead of
-    computing: on average half the network's convolutions are skipped per variant. Only a
-    prefix of the convs is kept when all of them would exceed `max_bytes`."""
+    """What the all-INT8 model computed on the held-out slice before each point of its
+    execution, so that a variant changing convs from execution position k on replays
+    everything before k instead of computing it (a conv's output cannot depend on a later
+    conv): on average half the network per variant.
+
+    Two grains. Whole U-Nets: the output of each U-Net (its `hg` call) and the dense-link
+    FIFOs it leaves behind, small (~3.5 MB per image and U-Net for the N=8 face model) and
+    replayed with everything inside them (BatchNorms, concatenations, pooling). Single convs:
+    each conv's output, for the convs before k inside the first U-Net that runs, as long as
+    all of them fit `max_bytes` (the N=8 model's conv outputs take 155 MB per image, so only
+    a prefix of them is kept); 0 keeps nothing at either grain."""
 
     def __init__(self, qmodel: nn.Module, layers: Sequence[LayerInfo], images: int,
                  max_bytes: int = PREFIX_CACHE_BYTES) -> None:
@@ -420,32 +458,78 @@ class PrefixCache:
             kept += 1
         self.kept = self.order[:kept]
         self.outputs: list[dict[str, list[torch.Tensor]]] = []
+        # U-Net grain: one `hg` call per U-Net and refinement pass; with one pass, a U-Net's
+        # convs run in one stretch of the execution order (several passes re-run earlier convs)
+        config = getattr(qmodel, "config", None)
+        self.hg = qmodel.hg if max_bytes > 0 and getattr(config, "refine_iters", 0) == 1 else None
+        self.unet_ends: list[int] = []  # execution position after each U-Net's last conv
+        self.unet_states: list[list[tuple[torch.Tensor, dict]]] = []  # per batch: (output, FIFOs)
 
     def record(self, batch: int, images: torch.Tensor):
         store: dict[str, list[torch.Tensor]] = {}
         hooks = [self.modules[n].register_forward_hook(
             lambda mod, inp, out, n=n: store.setdefault(n, []).append(out.clone())) for n in self.kept]
+        if self.hg is not None:
+            executed: set[str] = set()
+            hooks += [self.modules[n].register_forward_hook(lambda mod, inp, out, n=n: executed.add(n))
+                      for n in self.order]
+            states, ends, hg_forward = [], [], self.hg.forward
+
+            def recording(x, i, fifos, memory_efficient):
+                out = hg_forward(x, i, fifos, memory_efficient)
+                states.append((out, {key: list(queue) for key, queue in fifos.items()}))
+                ends.append(len(executed))  # convs run in `order`: these are order[:len(executed)]
+                return out
+            self.hg.forward = recording
         try:
             out = self.qmodel(images)
         finally:
             for h in hooks:
                 h.remove()
+            if self.hg is not None:
+                del self.hg.forward
         self.outputs.append(store)
+        if self.hg is not None:
+            self.unet_states.append(states)
+            self.unet_ends = ends
         return out
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kept) or self.hg is not None
+
+    def replayed_unets(self, first: int) -> int:
+        """How many U-Nets end before execution position `first` (replayed whole)."""
+        return sum(end <= first for end in self.unet_ends)
+
     def runner(self, first: int):
-        """run(batch, images) that replays the convs before execution position `first`."""
+        """run(batch, images) that replays what runs before execution position `first`."""
         skip = self.kept[:first]
+        unets = self.replayed_unets(first)
 
         def run(batch: int, images: torch.Tensor):
             for n in skip:
                 recorded = iter(self.outputs[batch][n])
                 self.modules[n].forward = lambda *args, _it=recorded: next(_it)
+            if unets:
+                states, calls, hg_forward = self.unet_states[batch], iter(range(len(self.unet_ends))), self.hg.forward
+
+                def replaying(x, i, fifos, memory_efficient):
+                    call = next(calls)
+                    if call >= unets:
+                        return hg_forward(x, i, fifos, memory_efficient)
+                    out, queues = states[call]
+                    fifos.clear()  # the dict CUNet.forward passes to every U-Net of the pass
+                    fifos.update({key: list(queue) for key, queue in queues.items()})
+                    return out
+                self.hg.forward = replaying
             try:
                 return self.qmodel(images)
             finally:
                 for n in skip:
                     del self.modules[n].forward
+                if unets:
+                    del self.hg.forward
         return run
 
 
@@ -498,9 +582,9 @@ class FormatSwitch:
 
     def metric(self, conv_formats: Mapping[str, str]) -> float:
         """The held-out metric with the convs of `conv_formats` in their formats, the rest INT8."""
-        if self.int8 is None:
-            self.record_int8()
         changed = {c: f for c, f in conv_formats.items() if f != "int8"}
+        if self.int8 is None and (not changed or self.cache.enabled):
+            self.record_int8()
         if not changed:
             return self.int8
         self._put(changed)

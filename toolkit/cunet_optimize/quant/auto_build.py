@@ -81,28 +81,39 @@ def run_auto_build(opts, echo=print, progress: bool = True):
     qmodel, calib_info = quantize_and_calibrate(base, model, ckpt_path, timer, progress)
     heldout = auto.HeldOut.load(calib_set, range(n - held, n))
     formats = auto.target_formats(target)
-    with timer.stage("sensitivity", f"{task.metric} of each group's formats ({', '.join(formats)}) on {held} "
-                                    f"held-out calibration images"):
-        convs = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
-        grain = opts.auto_grain or ("conv" if len(convs) <= auto.CONV_GRAIN_LIMIT else "block")
-        grain_reason = ("--auto-grain" if opts.auto_grain else
-                        f"{len(convs)} convs {'<=' if grain == 'conv' else '>'} {auto.CONV_GRAIN_LIMIT}")
-        layers = [replace(layer, group=auto.group_of(layer.name, grain)) for layer in convs]
-        switch = auto.FormatSwitch(qmodel, heldout, layers)
-        table = auto.measure_sensitivity(
-            model, qmodel, heldout, layers, formats, grain, progress,
-            lambda int8_deg: auto.formats_worth_measuring(formats, layers, opts.objective, int8_deg, budget,
-                                                          float_dtype), switch=switch)
-        measured = sorted({f for d in table.delta.values() for f in d}, key=auto.ACCURACY_ORDER.index)
-    with timer.stage("search", f"cheapest {opts.objective} plan with {task.metric} degradation <= {budget}: "
-                               "additive prediction, then joint held-out runs"):
-        costs = auto.group_costs(layers, measured, opts.objective, float_dtype)
-        result = auto.search_plan(table, costs, budget)
+    convs = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
+    grain = opts.auto_grain or ("conv" if len(convs) <= auto.CONV_GRAIN_LIMIT else "block")
+    grain_reason = ("--auto-grain" if opts.auto_grain else
+                    f"{len(convs)} convs {'<=' if grain == 'conv' else '>'} {auto.CONV_GRAIN_LIMIT}")
+    layers = [replace(layer, group=auto.group_of(layer.name, grain)) for layer in convs]
+    sensitivity_images = min(held, opts.auto_sensitivity_images or auto.default_sensitivity_images(grain, held))
+    probe = heldout.head(sensitivity_images)
+    with auto.measurement_layout(model, qmodel):
+        with timer.stage("sensitivity", f"{task.metric} of each group's formats ({', '.join(formats)}) on "
+                                        f"{sensitivity_images} held-out calibration images"):
+            switch = auto.FormatSwitch(qmodel, probe, layers)
+            table = auto.measure_sensitivity(
+                model, qmodel, probe, layers, formats, grain, progress,
+                lambda int8_deg: auto.formats_worth_measuring(formats, layers, opts.objective, int8_deg, budget,
+                                                              float_dtype), switch=switch)
+            measured = sorted({f for d in table.delta.values() for f in d}, key=auto.ACCURACY_ORDER.index)
+        with timer.stage("search", f"cheapest {opts.objective} plan with {task.metric} degradation <= {budget}: "
+                                   f"additive prediction, then joint runs on {held} held-out images"):
+            costs = auto.group_costs(layers, measured, opts.objective, float_dtype)
+            result = auto.search_plan(table, costs, budget)
+            if len(probe) < held:  # the joint runs decide what fits: on every held-out image
+                # whole plans change early groups too: a prefix cache would rarely be replayed
+                del switch  # (and the sensitivity's cache is freed)
+                switch = auto.FormatSwitch(qmodel, heldout, layers, prefix_cache_bytes=0)
+                joint_fp32 = heldout.metric(model)
+            else:
+                joint_fp32 = table.fp32
 
-        def heldout_degradation(group_plan):
-            return task.degradation(switch.metric(auto.layer_plan(layers, group_plan)), table.fp32)
+            def heldout_degradation(group_plan):
+                return task.degradation(switch.metric(auto.layer_plan(layers, group_plan)), joint_fp32)
 
-        joint = auto.search_measured(table, costs, budget, heldout_degradation, result)
+            joint = auto.search_measured(table, costs, budget, heldout_degradation, result)
+            del switch
     search_seconds = round(time.perf_counter() - start, 2)
     echo(f"search: {len(costs)} groups ({grain} grain), additive prediction {result.predicted:.4f} at "
          f"{result.cost:.0f}; {len(joint['runs'])} joint held-out runs: {joint['measured']:.4f} at "
@@ -154,7 +165,8 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         "formats_measured": measured,
         "float_type": float_dtype,
         "heldout": {"data": str(calib_root.resolve()), "split": opts.calib_split, "first": n - held,
-                    "images": held, "scale_images": scale_images},
+                    "images": held, "sensitivity_images": sensitivity_images, "scale_images": scale_images,
+                    "fp32": joint_fp32},
         "group_plan": plan,
         "plan": conv_plan,
         "layers": [{"name": layer.name, "group": layer.group, "role": layer.role,
@@ -180,7 +192,10 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         "total_seconds": round(time.perf_counter() - start, 2),
         "calibration": calib_info,
     }
-    manifest["timings_seconds"] = {**timer.seconds, **manifest.get("timings_seconds", {})}
+    # the search's stages and the final build's; calibrate in both (the build reloads the cache)
+    built = manifest.get("timings_seconds", {})
+    manifest["timings_seconds"] = {stage: round(timer.seconds.get(stage, 0.0) + built.get(stage, 0.0), 2)
+                                   for stage in {**timer.seconds, **built}}
     write_atomic(final / BUILD_FILE, checked_build_json(manifest))
     if not acc["passed"] and opts.accuracy_gate:
         import shutil

@@ -12,6 +12,7 @@ from cunet_optimize.manifests.build import AutoPlan, PlanLayer
 from cunet_optimize.manifests.profile import ProfileManifest
 
 FORMAT_COLOURS = {"int4": "#d95f02", "int8": "#1b9e77", "float": "#7570b3"}
+POINT_STYLE = {"predicted": ("#1f77b4", 4), "held-out": ("#2ca02c", 5), "engine": ("#d62728", 6)}  # colour, radius
 
 
 def precision_map_svg(layers: list[PlanLayer], width: int = 760) -> str:
@@ -32,9 +33,12 @@ def precision_map_svg(layers: list[PlanLayer], width: int = 760) -> str:
 
 
 def search_points_svg(auto: AutoPlan, width: int = 760, height: int = 360) -> str:
-    """Weight bytes (x) vs degradation (y, from 0 to >= the budget): predicted and measured."""
-    # a visited plan's cost is in weight bytes only when the search minimised size
-    pts = [(v.cost, v.predicted, "predicted") for v in auto.visited if auto.objective == "size" and v.cost is not None]
+    """Weight bytes (x) vs degradation (y, from 0 to >= the budget): predicted, measured on the
+    held-out images (joint runs), and measured on the engines."""
+    # a visited plan's (or joint run's) cost is in weight bytes only when the search minimised size
+    size = auto.objective == "size"
+    pts = [(v.cost, v.predicted, "predicted") for v in auto.visited if size and v.cost is not None]
+    pts += [(r.cost, r.measured, "held-out") for r in auto.joint_runs if size]
     pts += [(b.weight_bytes, b.degradation, "engine") for b in auto.builds]
     budget = auto.budget or 0.0
     if not pts:
@@ -64,11 +68,18 @@ def search_points_svg(auto: AutoPlan, width: int = 760, height: int = 360) -> st
         xv = x_lo + frac * (x_hi - x_lo)
         body.append(f'<text x="{X(xv):.1f}" y="{bottom + 16}" font-size="11" text-anchor="middle">{xv:.3g}</text>')
     for x, y, kind in pts:
-        colour = "#1f77b4" if kind == "predicted" else "#d62728"
-        body.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="{4 if kind == "predicted" else 6}" '
+        colour, radius = POINT_STYLE[kind]
+        body.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="{radius}" '
                     f'fill="{colour}"><title>{kind}: {x:.0f} B, {y:+.4f}</title></circle>')
     return (f'<svg class="plot" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
             f'aria-label="search points">' + "".join(body) + "</svg>")
+
+
+def _heldout_text(auto: AutoPlan) -> str:
+    held = auto.extra.get("heldout") or {}
+    if "images" not in held:
+        return ""
+    return f" on {held['images']} images (sensitivity on {held.get('sensitivity_images', held['images'])})"
 
 
 def auto_plan_section(profile: ProfileManifest) -> str:
@@ -85,13 +96,15 @@ def auto_plan_section(profile: ProfileManifest) -> str:
         parts.append(f"<h3>{esc(v.name)}</h3><p>{esc(a.objective)} objective, {esc(a.grain)} "
                      f"grain, budget {esc(a.budget)}: {esc(counts)}; weight bytes {a.weight_bytes or 0:.0f} "
                      f"(all INT8 {a.weight_bytes_uniform.get('int8', 0):.0f}); predicted "
-                     f"{a.predicted_degradation or 0:+.4f}; {len(a.back_off)} back-off step(s).</p>")
+                     f"{a.predicted_degradation or 0:+.4f}; {len(a.joint_runs)} joint held-out run(s)"
+                     f"{_heldout_text(a)}; {len(a.back_off)} back-off step(s).</p>")
         parts.append(figure(precision_map_svg(a.layers), "Per-conv format along the network "
                             "(execution order; hover for the conv)"))
         svg = search_points_svg(a)
         if svg:
-            parts.append(figure(svg, "Weight bytes vs degradation: blue = plans the search visited (predicted), "
-                                     "red = engines built (measured); dashed = budget"))
+            parts.append(figure(svg, "Weight bytes vs degradation: blue = plans the search visited (additive "
+                                     "prediction), green = plans run whole on the held-out images, red = engines "
+                                     "built (measured on the evaluation set); dashed = budget"))
         rows = [(b.step, esc(b.formats), f"{b.predicted:+.4f}", f"{b.degradation:+.4f}",
                  "pass" if b.passed else "fail", f"{b.weight_bytes:.0f}") for b in a.builds]
         parts.append(table(["build", "formats", "predicted", "measured", "gate", "weight bytes"], rows))
