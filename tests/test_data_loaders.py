@@ -230,6 +230,30 @@ def test_face_split_lists(face_root, tmp_path):
     assert len(Face300W(face_root, split="common", skip_bad=True)) == 1
 
 
+def test_missing_split_of_the_default_data_cache_says_how_to_write_the_whole_set(tmp_path, monkeypatch):
+    """The cache holds only the test split and the calibration slice; `qat --split train` on it
+    must say which `data synth` command writes the training split, and that command must."""
+    from cunet_optimize.cli import main
+    from cunet_optimize.data import default_set
+
+    monkeypatch.setenv("CUNET_OPTIMIZE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(default_set.DEFAULT_SYNTH, "count", 20)
+    monkeypatch.setattr(default_set, "CALIBRATION_IMAGES", 4)
+    cache = default_set.ensure_default_dataset(progress=False)
+    with pytest.raises(DataError, match="no train split") as err:
+        Face300W(cache, split="train")
+    command = err.value.args[0].split("`")[1]
+    assert command == "cunet-optimize data synth --out DIR --count 20 --seed 0 --test-fraction 0.1"
+    whole = tmp_path / "whole"
+    assert main([*command.replace("DIR", str(whole)).split()[1:], "--json"]) == 0
+    train = Face300W(whole, split="train")
+    assert len(train) == 18  # the calibration slice is the head of the training split
+    assert [r.key for r in train.records[:4]] == (cache / "calib.txt").read_text().split()
+    # any other folder keeps the generic message
+    with pytest.raises(DataError, match="split list not found"):
+        Face300W(whole, split="common")
+
+
 def _bad_cases(root, rng):
     """Each bad sample next to a good one; returns {case: file the error must name}."""
     _write_face(root, "good", rng)

@@ -131,6 +131,11 @@ def resolve_split_list(root: Path, split: str | os.PathLike) -> Path:
     is_path = os.sep in text or "/" in text or text.endswith(".txt") or Path(text).is_file()
     path = Path(text) if is_path else root / f"{text}.txt"
     if not path.is_file():
+        from cunet_optimize.data.default_set import subset_split_hint
+
+        hint = None if is_path else subset_split_hint(root, text)
+        if hint:
+            raise DataError(hint)
         names = ", ".join(SPLIT_NAMES)
         raise DataError(
             f"{path}: split list not found; write one image path (relative to {root}) per line, "
