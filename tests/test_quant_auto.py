@@ -229,18 +229,26 @@ def test_plan_reloads_into_qat_and_build(tiny, faces, tmp_path, capsys):
     from cunet_optimize.quant.qat import load_qat_checkpoint
 
     assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "100", "--no-accuracy-gate")) == 0
-    plan = {c: f for c, f in json.loads(capsys.readouterr().out)["auto"]["plan"].items() if f != "int8"}
+    searched = json.loads(capsys.readouterr().out)["auto"]
+    plan = {c: f for c, f in searched["plan"].items() if f != "int8"}
     build_dir = tmp_path / "engines" / "tiny-auto-cpu"
     qat = ["qat", "--model", str(tiny), "--plan", str(build_dir), "--data", str(faces), "--out",
            str(tmp_path / "qat"), "--epochs", "1", "--lr", "1e-4", "--batch-size", "4", "--calib-images", "3",
-           "--threads", "1", "--json"]
+           "--val-split", "none", "--threads", "1", "--json"]
     assert main(qat) == 0
-    ckpt = json.loads(capsys.readouterr().out)["qat_checkpoint"]
+    summary = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert summary["best_val_nme_percent"] is None  # no validation split: nothing was validated
+    ckpt = summary["qat_checkpoint"]
     assert load_qat_checkpoint(ckpt).layer_formats == plan
     assert main(["build", "--precision", "auto", "--qat", ckpt, "--model", str(tiny), "--eval-data", str(faces),
                  "--no-accuracy-gate", "--workdir", str(tmp_path / "w"), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["calibration"]["method"] == "qat" and manifest["engine_built"]
+    # build.json records the fine-tuned plan as the search recorded it: per conv, with its bytes
+    a = manifest["auto"]
+    assert a["source"] == "qat checkpoint" and a["plan"] == searched["plan"]
+    assert a["layers"] == searched["layers"]
+    assert a["weight_bytes"] == searched["weight_bytes"] < a["weight_bytes_uniform"]["int8"]
     assert any(i.data_type == onnx.TensorProto.INT4
                for i in onnx.load(tmp_path / "w" / "engines" / "tiny-auto-cpu" / "model.onnx").graph.initializer)
     # a plain int8 QAT checkpoint is not an auto plan

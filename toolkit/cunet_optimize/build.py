@@ -230,6 +230,12 @@ def _calibrate(b: _Build):
         return b.model
     export_model, calib_info = quantize_and_calibrate(b.opts, b.model, b.ckpt_path, b.timer, b.progress)
     b.manifest["calibration"] = calib_info
+    if b.opts.qat_checkpoint and b.opts.layer_formats is not None:  # `qat --plan`: no search records the plan
+        from cunet_optimize.models.cunet import INPUT_SIZE
+        from cunet_optimize.quant.auto_build import qat_plan_record
+
+        b.manifest["auto"] = qat_plan_record(export_model, b.target, b.opts.tolerance(b.task),
+                                             (INPUT_SIZE, INPUT_SIZE))
     return export_model
 
 

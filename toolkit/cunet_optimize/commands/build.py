@@ -107,9 +107,11 @@ def run(args) -> int:
         print(f"note: {note}")
     if "auto" in m:
         a = m["auto"]
-        print(f"auto plan ({a['grain']} grain, {a['objective']}): {dict(sorted(_count(a['plan']).items()))}; "
-              f"weight bytes {a['weight_bytes']:.0f} (all int8: {a['weight_bytes_uniform'].get('int8', 0):.0f}); "
-              f"predicted {a['predicted_degradation']:+.4f}, {len(a['back_off'])} back-off step(s)")
+        searched = (f"predicted {a['predicted_degradation']:+.4f}, {len(a['back_off'])} back-off step(s)"
+                    if "back_off" in a else f"the plan of the {a['source']}")
+        print(f"auto plan ({a['grain']} grain, {a.get('objective') or 'as given'}): "
+              f"{dict(sorted(_count(a['plan']).items()))}; weight bytes {a['weight_bytes']:.0f} "
+              f"(all int8: {a['weight_bytes_uniform'].get('int8', 0):.0f}); {searched}")
     built = "engine" if m.get("engine_built") else "deployment bundle (no engine built here)"
     print(f"wrote {report.path}/ ({built}; manifest build.json)")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import torch
 
@@ -91,9 +92,12 @@ def run(args) -> int:
     origin = ("given" if args.original_epochs and args.original_lr
               else "from the checkpoint's training record" if recorded else "the authors' recipe")
     recipe = qat_recipe(original, schedule_scheme, epochs=args.epochs, lr=args.lr)
+    # a plan's convs are INT8 but for those it lists (quant/auto_build.py load_plan)
+    what = (f"auto plan ({', '.join(f'{n} {f}' for f, n in sorted(Counter(layer_formats.values()).items()))} "
+            f"convs, the rest int8)" if layer_formats else scheme.spec)
     if not args.json:
         print(f"original training: {original.epochs} epochs at lr {original.lr:g} ({origin}); "
-              f"QAT {scheme.spec}: {recipe.epochs} epochs from lr {recipe.lr:g}")
+              f"QAT {what}: {recipe.epochs} epochs from lr {recipe.lr:g}")
     train_set = task_dataset(args, task, args.split, augment=True, seed=args.seed)
     if args.train_images:
         train_set = FirstSamples(train_set, args.train_images)
@@ -107,15 +111,17 @@ def run(args) -> int:
                      metadata={"task": task.name, "source_model": source, "recipe": recipe.__dict__},
                      layer_formats=layer_formats)
     summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,
-               f"best_val_{result.metric_key}": result.best_metric, "epochs": result.epochs_run,
+               f"best_val_{result.metric_key}": result.best_metric if val_set is not None else None, "epochs": result.epochs_run,
                "lr": recipe.lr, "original_schedule": {"epochs": original.epochs, "lr": original.lr, "origin": origin},
                "wall_seconds": result.wall_seconds, "history": result.history,
                "distributed": distributed_summary(args.sync_bn)}
     if args.json:
         print_json(summary)
     else:
-        print(f"QAT {scheme.spec}: {result.epochs_run} epochs at lr {recipe.lr:g} (cosine) in "
-              f"{result.wall_seconds:.0f} s; best validation {result.metric} {result.best_metric:.3f}%")
+        chosen = (f"best validation {result.metric} {result.best_metric:.3f}%" if val_set is not None
+                  else "no validation split: best.safetensors is the last epoch")
+        print(f"QAT {what}: {result.epochs_run} epochs at lr {recipe.lr:g} (cosine) in "
+              f"{result.wall_seconds:.0f} s; {chosen}")
         print(f"wrote {result.best_checkpoint} (use: cunet-optimize build --precision {args.precision} "
               f"--qat {result.best_checkpoint})")
     return 0

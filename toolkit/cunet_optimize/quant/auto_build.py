@@ -51,6 +51,40 @@ def load_plan(path) -> dict:
     return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}
 
 
+def plan_fields(layers, group_plan: dict, formats, float_dtype: str) -> dict:
+    """The `auto` fields of build.json that describe a plan, whoever chose it (the search, or
+    `qat --plan` before a `build --qat`): each conv's format and weight bytes, and the plan's
+    weight bytes and latency units beside those of every uniform format."""
+    size = auto.group_costs(layers, formats, "size", float_dtype)
+    latency = auto.group_costs(layers, formats, "latency", float_dtype)
+    uniform = {f: {g: f if f in size[g] else "int8" for g in size} for f in formats}
+    conv_plan = auto.layer_plan(layers, group_plan)
+    return {
+        "group_plan": dict(group_plan),
+        "plan": conv_plan,
+        "layers": [{"name": layer.name, "group": layer.group, "role": layer.role,
+                    "weight_shape": list(layer.weight_shape), "params": layer.params, "macs": layer.macs,
+                    "format": conv_plan[layer.name],
+                    "weight_bytes": auto.layer_cost(layer, conv_plan[layer.name], "size", float_dtype)}
+                   for layer in layers],
+        "weight_bytes": auto.plan_cost(size, group_plan),
+        "weight_bytes_uniform": {f: auto.plan_cost(size, p) for f, p in uniform.items()},
+        "latency_units": auto.plan_cost(latency, group_plan),
+        "latency_units_uniform": {f: auto.plan_cost(latency, p) for f, p in uniform.items()},
+    }
+
+
+def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) -> dict:
+    """build.json's `auto` section for `build --precision auto --qat CKPT`: the plan that
+    `qat --plan` fine-tuned, per conv (no search ran, so no sensitivity, visits or back-off)."""
+    formats = auto.target_formats(target)
+    float_dtype = auto.float_type(target)
+    layers = auto.layer_infos(qmodel, "conv", input_size)
+    conv_plan = {layer.name: qmodel.layer_formats.get(layer.name, "int8") for layer in layers}
+    return {"source": "qat checkpoint", "grain": "conv", "budget": budget, "formats": list(formats),
+            "float_type": float_dtype, **plan_fields(layers, conv_plan, formats, float_dtype)}
+
+
 def run_auto_build(opts, echo=print, progress: bool = True):
     from cunet_optimize.atomic import write_atomic
     from cunet_optimize.build import StageTimer, quantize_and_calibrate, run_build
@@ -124,7 +158,6 @@ def run_auto_build(opts, echo=print, progress: bool = True):
 
     size_costs = auto.group_costs(layers, formats, "size", float_dtype)
     latency_costs = auto.group_costs(layers, formats, "latency", float_dtype)
-    uniform = {f: {g: f if f in size_costs[g] else "int8" for g in size_costs} for f in formats}
 
     plan = joint["plan"]
     builds, back_offs = [], []
@@ -153,7 +186,6 @@ def run_auto_build(opts, echo=print, progress: bool = True):
     final = Path(report.path)
     manifest = report.manifest
     acc = manifest["accuracy"]
-    conv_plan = auto.layer_plan(layers, plan)
     manifest["accuracy"]["gate_enforced"] = opts.accuracy_gate
     manifest["auto"] = {
         "objective": opts.objective,
@@ -167,19 +199,9 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         "heldout": {"data": str(calib_root.resolve()), "split": opts.calib_split, "first": n - held,
                     "images": held, "sensitivity_images": sensitivity_images, "scale_images": scale_images,
                     "fp32": joint_fp32},
-        "group_plan": plan,
-        "plan": conv_plan,
-        "layers": [{"name": layer.name, "group": layer.group, "role": layer.role,
-                    "weight_shape": list(layer.weight_shape), "params": layer.params, "macs": layer.macs,
-                    "format": conv_plan[layer.name],
-                    "weight_bytes": auto.layer_cost(layer, conv_plan[layer.name], "size", float_dtype)}
-                   for layer in layers],
+        **plan_fields(layers, plan, formats, float_dtype),
         "sensitivity": table.to_dict(),
         "predicted_degradation": auto.predict_degradation(table, plan),
-        "weight_bytes": auto.plan_cost(size_costs, plan),
-        "weight_bytes_uniform": {f: auto.plan_cost(size_costs, p) for f, p in uniform.items()},
-        "latency_units": auto.plan_cost(latency_costs, plan),
-        "latency_units_uniform": {f: auto.plan_cost(latency_costs, p) for f, p in uniform.items()},
         "visited": result.visited,
         # what the search tried: the additive plan, then plans along the knapsack order
         # measured jointly on the held-out images (moves None: the additive plan)
