@@ -82,7 +82,7 @@ class BuildOptions:
     objective: str = "size"
     auto_grain: str | None = None
     auto_heldout_images: int = 64
-    auto_sensitivity_images: int | None = None  # None: quant.auto.default_sensitivity_images
+    auto_sensitivity_images: int | None = None  # None: quant.auto.DEFAULT_SENSITIVITY_IMAGES
 
     def tolerance(self, task: Task) -> float:
         """The accuracy gate's allowed degradation for `task`, in its metric's points."""

@@ -14,6 +14,7 @@ from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.workdir_lock import remove_stale_partials, workdir_lock
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
                                             command_line, print_json)
+from cunet_optimize.quant.auto import DEFAULT_SENSITIVITY_IMAGES
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.tasks import FACE, POSE, default_calib_split
 
@@ -61,8 +62,7 @@ def add_parser(subparsers) -> None:
                         "measured (at most half the calibration set; default 64)")
     p.add_argument("--auto-sensitivity-images", type=positive_int, default=None, metavar="N",
                    help="--precision auto: measure each group's sensitivity on the first N held-out images only "
-                        "(the joint runs of whole plans use all of them); default: all at conv grain, a quarter "
-                        "at block grain")
+                        f"(the joint runs of whole plans use all of them; default {DEFAULT_SENSITIVITY_IMAGES})")
     p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
                    help=f"torch.onnx exporter: legacy (TorchScript) or dynamo (torch.export; fp32, fp16 and int8 "
                         f"weights only) (default {DEFAULT_EXPORTER}, see export/onnx_export.py)")

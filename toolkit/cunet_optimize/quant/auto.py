@@ -57,12 +57,14 @@ DEFAULT_HELDOUT_IMAGES = 64
 CONV_GRAIN_LIMIT = 96  # above this many convs the default grain is the U-Net block
 
 
-def default_sensitivity_images(grain: str, heldout: int) -> int:
-    """Held-out images the single-group changes are measured on (the joint runs use all):
-    all of them at conv grain; a quarter at block grain, the grain of deep models, where
-    each variant's forward costs the most (N=8: 88 groups, each image ~13x the embedded
-    model's forward)."""
-    return heldout if grain == "conv" else max(2, heldout // 4)
+# Held-out images the single-group changes are measured on; the joint runs of whole plans,
+# which decide what fits the budget, use all of them. Measured on the embedded model (conv
+# grain, budget 0.1, quiet 2-core EPYC; bench/results/auto_search_embedded_sens16_quiet.json,
+# auto_search_embedded_sens32_quiet.json, auto_search_embedded_quiet.json): sensitivity on
+# 16 / 32 / 64 images made the search 1.74x / 2.87x / 4.09x an INT8 build,
+# for plans of 0.701x / 0.651x / 0.666x INT8's weight bytes, all within the budget: the joint
+# runs, not the single-group noise, set the plan's accuracy.
+DEFAULT_SENSITIVITY_IMAGES = 16
 
 
 # --------------------------------------------------------------------------------------
@@ -399,9 +401,10 @@ class HeldOut:
 def measurement_layout(*models: nn.Module) -> Iterator[None]:
     """The models' weights in channels-last layout while the held-out slice (stored so) runs
     through them, contiguous again after (the build exports from them). oneDNN's convolutions
-    run the fake-quant models 1.3-1.6x faster so (bench/results/heldout_forward.json); the
-    outputs differ from the contiguous layout's by float32 summation order, which the
-    fake quantizers' rounding can amplify, so every metric of one search is taken in it."""
+    run the float and fake-quant models 1.6-1.7x faster so (embedded model, 64 images:
+    bench/results/heldout_forward.json); the outputs differ from the contiguous layout's by
+    float32 summation order, which the fake quantizers' rounding can amplify, so every
+    metric of one search is taken in it."""
     for m in models:
         m.to(memory_format=torch.channels_last)
     try:

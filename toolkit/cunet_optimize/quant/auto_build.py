@@ -120,7 +120,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
     grain_reason = ("--auto-grain" if opts.auto_grain else
                     f"{len(convs)} convs {'<=' if grain == 'conv' else '>'} {auto.CONV_GRAIN_LIMIT}")
     layers = [replace(layer, group=auto.group_of(layer.name, grain)) for layer in convs]
-    sensitivity_images = min(held, opts.auto_sensitivity_images or auto.default_sensitivity_images(grain, held))
+    sensitivity_images = min(held, opts.auto_sensitivity_images or auto.DEFAULT_SENSITIVITY_IMAGES)
     probe = heldout.head(sensitivity_images)
     with auto.measurement_layout(model, qmodel):
         with timer.stage("sensitivity", f"{task.metric} of each group's formats ({', '.join(formats)}) on "
