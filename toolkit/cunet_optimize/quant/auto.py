@@ -2,20 +2,21 @@
 
 Three steps, each a plain function:
 
-1. Sensitivity (`measure_sensitivity`): on a held-out slice of the calibration split
-   (images the scales never saw), the calibrated all-INT8 fake-quant model's metric,
-   and for each group of convs the change when only that group moves to each other
-   format the target executes or stores (INT4 weights: lower; float: higher). Batched,
-   under torch.inference_mode.
+1. Sensitivity (`measure_sensitivity`): on the first images (DEFAULT_SENSITIVITY_IMAGES)
+   of a held-out slice of the calibration split (images the scales never saw), the
+   calibrated all-INT8 fake-quant model's metric, and for each group of convs the change
+   when only that group moves to each other format the target executes or stores (INT4
+   weights: lower; float: higher). Batched, under torch.inference_mode, each variant
+   replaying what runs before its first change (`PrefixCache`).
 2. Search (`search_plan`, pure): a multiple-choice knapsack solved greedily. Start
    with every group at its cheapest format; while the predicted degradation exceeds
    the budget, take the upgrade with the best (predicted gain / cost increase); then
    walk back down any group whose cheaper format still fits. The prediction is
    additive: (INT8 - FP32) + sum of each group's single-group change.
-   The additive prediction is only a guide (on the embedded model it put the chosen plan at
-   +0.097 points, the plan measured -0.23 on the same images): `search_measured` then runs
-   whole plans along the knapsack's order on the held-out slice (bisection: ~log2(groups)
-   runs) and keeps the cheapest one measured within the budget.
+   The additive prediction is only a guide (on the embedded model, from 16 images, it put
+   the chosen plan at +2.9 points; the plan measured +0.07 on all 64): `search_measured`
+   then runs whole plans along the knapsack's order on the whole held-out slice
+   (bisection: ~log2(groups) runs) and keeps the cheapest one measured within the budget.
 3. Back-off (`back_off`, pure): when the real engine fails the gate, raise the group
    whose current format costs the most predicted accuracy one step, and rebuild.
 
@@ -442,11 +443,12 @@ class PrefixCache:
     conv): on average half the network per variant.
 
     Two grains. Whole U-Nets: the output of each U-Net (its `hg` call) and the dense-link
-    FIFOs it leaves behind, small (~3.5 MB per image and U-Net for the N=8 face model) and
+    FIFOs it leaves behind (a width-channel map and a few growth-rate-wide ones per level),
     replayed with everything inside them (BatchNorms, concatenations, pooling). Single convs:
-    each conv's output, for the convs before k inside the first U-Net that runs, as long as
-    all of them fit `max_bytes` (the N=8 model's conv outputs take 155 MB per image, so only
-    a prefix of them is kept); 0 keeps nothing at either grain."""
+    each conv's output, replayed for the convs before k that still run (in the first U-Net
+    that runs, the heads, the adapters between U-Nets), as long as they fit `max_bytes` (the
+    N=8 face model's conv outputs take 155 MB per image, so only a prefix of them is kept);
+    0 keeps nothing at either grain."""
 
     def __init__(self, qmodel: nn.Module, layers: Sequence[LayerInfo], images: int,
                  max_bytes: int = PREFIX_CACHE_BYTES) -> None:
