@@ -156,9 +156,6 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         echo(f"search: no plan measured within the budget on the held-out images (the additive plan: "
              f"{joint['measured']:.4f} > {budget}); building it and letting the gate decide")
 
-    size_costs = auto.group_costs(layers, formats, "size", float_dtype)
-    latency_costs = auto.group_costs(layers, formats, "latency", float_dtype)
-
     plan = joint["plan"]
     builds, back_offs = [], []
     report = None
@@ -168,13 +165,14 @@ def run_auto_build(opts, echo=print, progress: bool = True):
                                    calib_images=scale_images, accuracy_gate=False,
                                    force=opts.force or step > 0), echo, progress)
         acc = report.manifest["accuracy"]
+        fields = plan_fields(layers, plan, formats, float_dtype)
         builds.append({"step": step, "formats": dict(Counter(plan.values())),
                        "predicted": auto.predict_degradation(table, plan),
-                       "heldout_degradation": joint["measured"] if step == 0 else None, "degradation": acc["degradation_points"],
-                       "passed": acc["passed"], "weight_bytes": auto.plan_cost(size_costs, plan),
-                       "latency_units": auto.plan_cost(latency_costs, plan),
+                       "heldout_degradation": joint["measured"] if step == 0 else None,
+                       "degradation": acc["degradation_points"], "passed": acc["passed"],
+                       "weight_bytes": fields["weight_bytes"], "latency_units": fields["latency_units"],
                        "seconds": round(time.perf_counter() - t0, 2)})
-        if acc["passed"]:
+        if acc["passed"] or step + 1 == MAX_BUILDS:  # `plan` stays the one built last
             break
         nxt = auto.back_off(table, costs, plan)
         if nxt is None:
@@ -199,7 +197,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         "heldout": {"data": str(calib_root.resolve()), "split": opts.calib_split, "first": n - held,
                     "images": held, "sensitivity_images": sensitivity_images, "scale_images": scale_images,
                     "fp32": joint_fp32},
-        **plan_fields(layers, plan, formats, float_dtype),
+        **fields,
         "sensitivity": table.to_dict(),
         "predicted_degradation": auto.predict_degradation(table, plan),
         "visited": result.visited,
