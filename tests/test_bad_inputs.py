@@ -428,12 +428,15 @@ def test_read_only_workdir_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_stale_partial_build_folders_are_removed_under_the_lock(env, tmp_path, capsys):
-    """14. Staging folders of killed builds go at the next build into the workdir."""
+    """14. Staging folders of killed builds go at the next build into the workdir (a refused
+    build, which never takes the lock, leaves them and everything else as it was)."""
     partial = tmp_path / "engines" / ".tiny-int8-cpu.partial-abc123"
     partial.mkdir(parents=True)
     (partial / "export.onnx").write_bytes(b"x")
     assert main(["build", "--target", "no-such-target", "--workdir", str(tmp_path)]) == 2
-    assert not partial.exists()
+    assert partial.exists()
+    assert main(_build_args(env, tmp_path)) == 0
+    assert not partial.exists() and [p.name for p in (tmp_path / "engines").iterdir()] == ["tiny-fp32-cpu"]
 
 
 def test_a_second_writer_waits_for_the_lock(tmp_path):

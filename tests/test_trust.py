@@ -78,6 +78,10 @@ def touch(path: Path, text: str = "") -> Path:
     return path
 
 
+def _assert(condition: bool, context: str) -> None:
+    assert condition, context[-3000:]
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -100,7 +104,35 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------- data loss (1, 2, 3, 11)
     Case("build-name-dotdot", "data-loss", 1,
          lambda e, t: build_args(e, t / "w", "--name", "..") if touch(t / "w" / "mine.txt", "user file") else [],
-         2, "--name '..'"),
+         2, "--name '..' is not a build folder name"),
+    Case("build-name-dotdot-force", "data-loss", 1,
+         lambda e, t: build_args(e, built_workdir(e, t), "--name", "..", "--force"), 2,
+         "--name '..' is not a build folder name"),
+    Case("build-name-with-slash", "data-loss", 1, lambda e, t: build_args(e, t / "w", "--name", "a/b"), 2,
+         "--name 'a/b' is not a build folder name"),
+    Case("build-name-hidden", "data-loss", 1, lambda e, t: build_args(e, t / "w", "--name", ".x"), 2,
+         "--name '.x' is not a build folder name"),
+    Case("build-name-dash", "data-loss", 1, lambda e, t: build_args(e, t / "w", "--name=-x"), 2,
+         "--name '-x' is not a build folder name"),
+    Case("build-model-named-like-a-dotfile", "data-loss", 1,
+         lambda e, t: build_args(e, t / "w") + ["--model", str(shutil.copy(e.model, t / ".face.safetensors"))], 0,
+         check=lambda e, t, out, err: _assert([p.name for p in (t / "w" / "engines").iterdir()]
+                                              == ["face-fp32-cpu"], err)),
+    Case("build-force-over-a-file", "data-loss", 3,
+         lambda e, t: build_args(e, t / "w", "--force") if touch(t / "w" / "engines" / "tiny-fp32-cpu", "x") else [],
+         2, "engines/tiny-fp32-cpu exists and is not a build folder"),
+    Case("build-force-over-a-folder-that-is-not-a-build", "data-loss", 3,
+         lambda e, t: build_args(e, t / "w", "--force")
+         if touch(t / "w" / "engines" / "tiny-fp32-cpu" / "notes.txt", "mine") else [],
+         2, "engines/tiny-fp32-cpu exists and is not a build (no build.json)"),
+    Case("build-force-replaces-a-build", "data-loss", 3,
+         lambda e, t: build_args(e, built_workdir(e, t), "--force"), 0,
+         check=lambda e, t, out, err: _assert(sorted(p.name for p in (t / "w" / "engines").iterdir())
+                                              == ["tiny-fp32-cpu"], err)),
+    Case("build-refused-leaves-no-workdir", "data-loss", 11,
+         lambda e, t: build_args(e, t / "new", "--target", "no-such-target"), 2, "no-such-target"),
+    Case("build-refused-existing-build-leaves-no-lock", "data-loss", 11,
+         lambda e, t: build_args(e, built_workdir(e, t)), 2, "already exists; pass --force"),
     # ------------------------------------------------------------------- end data loss
 
     # ------------------------------------------------------------------- integrity (4, 5, 6)
@@ -169,3 +201,28 @@ def test_trust(case, env, tmp_path, capsys, caplog, monkeypatch):
 def test_every_family_has_rows():
     assert {c.family for c in CASES} == set(FAMILIES)
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+# ----------------------------------------------------------------------------- data loss: the auto build (review note)
+
+
+@pytest.mark.slow
+def test_failed_auto_build_leaves_the_build_it_would_replace(env, tmp_path, capsys, monkeypatch):
+    """`build --precision auto --force` whose every plan fails the gate: the existing build is
+    untouched, and no staging folder is left (each plan is assembled in staging, renamed once)."""
+    from cunet_optimize import build as build_module
+    from cunet_optimize.quant import auto_build
+
+    workdir = built_workdir(env, tmp_path)
+    existing = workdir / "engines" / "tiny-auto-cpu"
+    shutil.copytree(env.build, existing)
+    before = tree(existing)
+    monkeypatch.setattr(auto_build, "MAX_BUILDS", 2)
+    real_gate = build_module._accuracy_gate
+    monkeypatch.setattr(build_module, "_accuracy_gate", lambda *a, **k: {**real_gate(*a, **k), "passed": False})
+    argv = ["build", "--model", env.model, "--precision", "auto", "--calib-data", str(env.faces), "--calib-split",
+            "all", "--eval-data", str(env.faces), "--eval-split", "all", "--workdir", str(workdir), "--force"]
+    assert main(argv) == 2
+    assert "no plan met the gate after 2 build(s)" in error_line(capsys.readouterr().err, "build")
+    assert tree(existing) == before
+    assert sorted(p.name for p in (workdir / "engines").iterdir()) == ["tiny-auto-cpu", "tiny-fp32-cpu"]

@@ -8,16 +8,19 @@ is done where each idea lives: quant/policy.py (what is quantized how), quant/ca
 (calib/<id>/), export/, surgery/ (forms.py: the graph forms timed on this machine),
 engines/, fp32_reference.py (what the gate compares against).
 
-Everything is written into a hidden staging folder and renamed into
-engines/<model>-<precision>-<target>/ only when the build succeeded, so an
-interrupted or failed build leaves nothing half-written, and an existing build is
-replaced only with force=True.
+Every check that needs no work runs before anything is written (a refused build leaves
+the workdir as it was), then the build takes the workdir's lock (workdir_lock.py). Everything
+is written into a hidden staging folder and renamed into engines/<model>-<precision>-<target>/
+only when the build succeeded, so an interrupted or failed build leaves nothing half-written;
+an existing build is replaced only with force=True, and only if it is a build (a folder with
+build.json): nothing else in engines/ is ever deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -117,11 +120,47 @@ class StageTimer:
         return f"stage times (s): {stages}; total {sum(self.seconds.values()):.1f}"
 
 
+# A build folder's name: one plain path component that `profile` lists (no leading dot:
+# hidden, like the staging folders; no leading dash: read as an option by the commands
+# that take it).
+BUILD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_build_name(name: str) -> str:
+    """`name` if it is a plain build folder name (BUILD_NAME), else a CUNetError."""
+    if not BUILD_NAME.fullmatch(name) or name in (".", ".."):
+        raise CUNetError(f"--name {name!r} is not a build folder name: use letters, digits, '.', '_', '+', '-', "
+                         "starting with a letter or digit, without '/' (the build goes to WORKDIR/engines/NAME)")
+    return name
+
+
+def default_build_name(stem: str, precision: str, target: str, dla: int | None) -> str:
+    """<model>-<precision>-<target>[-dla<N>], the model part reduced to BUILD_NAME's characters
+    (a checkpoint named `.face.safetensors` or `my model.pth` still names its build)."""
+    model = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip(".-_+") or "model"
+    return f"{model}-{precision}-{target}" + (f"-dla{dla}" if dla is not None else "")
+
+
 def _final_dir(workdir: Path, name: str, force: bool) -> Path:
+    """WORKDIR/engines/<name>, refused when it holds anything --force may not replace."""
     final = workdir / "engines" / name
-    if final.exists() and not force:
-        raise CUNetError(f"{final} already exists; pass --force to replace it (or --name to build beside it)")
+    if final.is_symlink() or final.exists() and not final.is_dir():
+        raise CUNetError(f"{final} exists and is not a build folder; move it away or choose another --name")
+    if final.exists():
+        if not (final / BUILD_FILE).is_file():
+            raise CUNetError(f"{final} exists and is not a build (no {BUILD_FILE}); --force replaces builds only: "
+                             "move it away or choose another --name")
+        if not force:
+            raise CUNetError(f"{final} already exists; pass --force to replace it (or --name to build beside it)")
     return final
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+    """--workdir as a folder (it may not exist yet); a file there is a CUNetError."""
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise CUNetError(f"--workdir {workdir}: is a file, not a folder; choose a folder for engines/ and calib/")
+    return path
 
 
 @dataclass
@@ -163,10 +202,68 @@ class _Build:
         return self.staging / "model.onnx"
 
 
-def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildReport:
-    """Build `opts` into engines/<name>/: every check that needs no work first, then the
-    stages in order (calibrate, export, surgery + lint, engine, accuracy), each filling its
-    part of build.json. `--precision auto` without a plan searches one (quant/auto_build.py)."""
+@dataclass
+class _Checked:
+    """What `check_build` found, before anything is written."""
+
+    opts: BuildOptions
+    target: TargetSpec
+    dla: int | None
+    support_note: str
+    exporter: str  # export/dynamo.py check_exporter's choice
+    model: torch.nn.Module
+    ckpt_path: Path
+    source: str
+    task: Task
+    name: str
+    workdir: Path
+
+
+def check_build(opts: BuildOptions) -> _Checked:
+    """Every check of a build that needs no work and writes nothing: workdir, target, DLA core,
+    precision, Q/DQ placement, exporter, model, the data's task, the build's name and an
+    existing build of that name."""
+    from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
+    from cunet_optimize.export.dynamo import check_exporter
+
+    workdir = check_workdir(opts.workdir)
+    if opts.name is not None:
+        check_build_name(opts.name)
+    target = get_target(opts.target)
+    dla = check_dla_core(target, opts.dla_core)
+    support = check_precision(target, engine_precision(opts), on_dla=dla is not None)
+    check_placement_request(opts, target.backend)
+    exporter = check_exporter(opts.exporter, opts.precision)  # before any calibration
+    model, ckpt_path, source, stem = resolve_model(opts.model)
+    task = check_data_task(model, source, opts.calib_data, opts.eval_data)
+    name = opts.name or default_build_name(stem, opts.precision, target.name, dla)
+    _final_dir(workdir, name, opts.force)
+    return _Checked(opts, target, dla, getattr(support, "note", ""), exporter, model, ckpt_path, source, task,
+                    name, workdir)
+
+
+@contextmanager
+def locked_workdir(workdir: Path, lock: bool = True):
+    """The workdir's lock (a second build here waits for this one), then the staging folders of
+    killed builds removed: safe only while holding it. lock=False: the caller holds it."""
+    from cunet_optimize.workdir_lock import remove_stale_partials, workdir_lock
+
+    if not lock:
+        yield
+        return
+    with workdir_lock(workdir, "cunet-optimize build"):
+        remove_stale_partials(workdir / "engines")
+        yield
+
+
+def run_build(opts: BuildOptions, echo=print, progress: bool = True, *, lock: bool = True,
+              commit: bool = True) -> BuildReport:
+    """Build `opts` into engines/<name>/: every check that needs no work first, then, holding
+    the workdir's lock, the stages in order (calibrate, export, surgery + lint, engine,
+    accuracy), each filling its part of build.json. `--precision auto` without a plan searches
+    one (quant/auto_build.py). commit=False leaves the finished build in its staging folder
+    (the report's path) for the caller to `commit_build` or remove; lock=False: the caller
+    holds the workdir's lock."""
     if opts.precision == "auto" and opts.layer_formats is None:
         from cunet_optimize.quant.auto_build import plan_of_qat_checkpoint, run_auto_build
 
@@ -175,44 +272,53 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True) -> BuildRep
         from dataclasses import replace
 
         opts = replace(opts, layer_formats=plan_of_qat_checkpoint(opts.qat_checkpoint))
-    b = _start(opts, echo, progress)
-    try:
-        _record_inputs(b)
-        export_model = _calibrate(b)
-        opset = _export(b, export_model)
-        result, concat_form, int8_form = _surgery(b, export_model, opset)
-        build = _engine(b, result, concat_form, int8_form)
-        _accuracy(b, build)
-        return _finish(b)
-    finally:
-        if b.staging.exists():
+    checked = check_build(opts)
+    with locked_workdir(checked.workdir, lock):
+        b = _start(checked, echo, progress)
+        try:
+            _record_inputs(b)
+            export_model = _calibrate(b)
+            opset = _export(b, export_model)
+            result, concat_form, int8_form = _surgery(b, export_model, opset)
+            build = _engine(b, result, concat_form, int8_form)
+            _accuracy(b, build)
+            report = _finish(b)
+            if commit:
+                commit_build(b.staging, b.final)
+                report.path = str(b.final)
+            return report
+        except BaseException:
             shutil.rmtree(b.staging, ignore_errors=True)
+            raise
+        finally:
+            if commit and b.staging.exists():
+                shutil.rmtree(b.staging, ignore_errors=True)
 
 
-def _start(opts: BuildOptions, echo, progress: bool) -> _Build:
-    """Every check that needs no work (target, DLA core, precision, Q/DQ placement, model, the
-    data's task, an existing build), then the staging folder and the manifest's header."""
-    from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
-    from cunet_optimize.export.dynamo import check_exporter
+def _start(c: _Checked, echo, progress: bool) -> _Build:
+    """The staging folder and the manifest's header, holding the workdir's lock (an existing
+    build is checked again: another build may have finished while this one waited)."""
+    final = _final_dir(c.workdir, c.name, c.opts.force)
+    (c.workdir / "engines").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{c.name}.partial-", dir=c.workdir / "engines"))
+    manifest: dict = {"schema": BUILD_SCHEMA, "name": c.name, "toolkit_version": __version__,
+                      "command": c.opts.command, "precision": c.opts.precision, "target": c.target.name,
+                      "dla_core": c.dla, "target_spec": c.target.to_dict()}
+    return _Build(c.opts, c.target, c.dla, c.exporter, c.model, c.ckpt_path, c.source, c.task, final, staging,
+                  StageTimer(total=5 if quantizes(c.opts.precision) else 4, echo=echo), manifest,
+                  [c.support_note] if c.support_note else [], progress)
 
-    target = get_target(opts.target)
-    dla = check_dla_core(target, opts.dla_core)
-    support = check_precision(target, engine_precision(opts), on_dla=dla is not None)
-    check_placement_request(opts, target.backend)
-    exporter = check_exporter(opts.exporter, opts.precision)  # before any calibration
-    model, ckpt_path, source, stem = resolve_model(opts.model)
-    task = check_data_task(model, source, opts.calib_data, opts.eval_data)
-    name = opts.name or f"{stem}-{opts.precision}-{target.name}" + (f"-dla{dla}" if dla is not None else "")
-    workdir = Path(opts.workdir)
-    final = _final_dir(workdir, name, opts.force)
-    (workdir / "engines").mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=workdir / "engines"))
-    manifest: dict = {"schema": BUILD_SCHEMA, "name": name, "toolkit_version": __version__,
-                      "command": opts.command, "precision": opts.precision, "target": target.name,
-                      "dla_core": dla, "target_spec": target.to_dict()}
-    return _Build(opts, target, dla, exporter, model, ckpt_path, source, task, final, staging,
-                  StageTimer(total=5 if quantizes(opts.precision) else 4, echo=echo), manifest,
-                  [support.note] if getattr(support, "note", "") else [], progress)
+
+def commit_build(staging: Path, final: Path) -> None:
+    """Rename a finished staging folder to `final`. A previous build there (checked by
+    _final_dir) is renamed aside first and deleted after, so no moment leaves neither."""
+    previous = None
+    if final.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-replaced-", dir=final.parent))
+        os.replace(final, previous / final.name)
+    os.replace(staging, final)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _record_inputs(b: _Build) -> None:
@@ -371,7 +477,8 @@ def _engine(b: _Build, result, concat_form: dict | None, int8_form: dict | None)
         b.manifest.update(backend=build.backend, backend_version=build.backend_version,
                           engine_built=build.engine_built, engine_settings=build.settings)
         # relative to the build folder, which is renamed into place at the end
-        b.manifest["artifacts"] = {role: os.path.relpath(os.path.abspath(p), b.staging.resolve())
+        # (both sides resolved: a symlinked --workdir must not leave paths through the link)
+        b.manifest["artifacts"] = {role: os.path.relpath(Path(p).resolve(), b.staging.resolve())
                                    for role, p in build.artifacts.items()}
         b.manifest["artifacts"].setdefault("onnx", "model.onnx")
         if (b.staging / "calibration.cache").exists():
@@ -392,8 +499,7 @@ def _accuracy(b: _Build, build) -> None:
 
 
 def _finish(b: _Build) -> BuildReport:
-    """build.json written; a failed gate (when enforced) stops here, else the staging folder
-    replaces engines/<name>/."""
+    """build.json written into the staging folder; a failed gate (when enforced) stops here."""
     b.manifest["timings_seconds"] = b.timer.seconds
     b.timer.echo(b.timer.summary())
     # builders name the staging folder; users will find the build under its final name
@@ -408,10 +514,7 @@ def _finish(b: _Build) -> BuildReport:
             f"{acc['tolerance']}); try --calib-method entropy, more --calib-images, --qat, "
             f"or {b.task.gate_option} / --no-accuracy-gate to accept it"
         )
-    if b.final.exists():
-        shutil.rmtree(b.final)
-    os.replace(b.staging, b.final)
-    return BuildReport(b.manifest["name"], str(b.final), b.manifest, b.notes)
+    return BuildReport(b.manifest["name"], str(b.staging), b.manifest, b.notes)
 
 
 def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-
-from pathlib import Path
-
 from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
 
 from cunet_optimize.build import BuildOptions, run_build
 from cunet_optimize.commands.common import non_negative_float, positive_int
 from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
-from cunet_optimize.workdir_lock import remove_stale_partials, workdir_lock
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
                                             command_line, print_json)
 from cunet_optimize.quant.auto import DEFAULT_SENSITIVITY_IMAGES
@@ -92,9 +88,7 @@ def run(args) -> int:
         auto_sensitivity_images=args.auto_sensitivity_images,
     )
     echo = (lambda *_: None) if args.json else print
-    with workdir_lock(args.workdir, "cunet-optimize build"):  # a second build here waits for this one
-        remove_stale_partials(Path(args.workdir) / "engines")
-        report = run_build(opts, echo=echo, progress=not args.json)
+    report = run_build(opts, echo=echo, progress=not args.json)  # checks, then holds the workdir's lock
     m = report.manifest
     if args.json:
         print_json(m)

@@ -74,7 +74,7 @@ def resolve_model(spec: str | None) -> tuple[torch.nn.Module, Path, str, str]:
         )
     else:
         path, source = Path(spec), str(spec)
-        stem = path.name.split(".")[0]
+        stem = path.name.lstrip(".").split(".")[0]  # `.face.safetensors` -> face
     model = load_model(None if spec is None else path).eval()
     return model, Path(path).resolve(), source, stem
 

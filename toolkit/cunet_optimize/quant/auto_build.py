@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from dataclasses import replace
@@ -86,27 +87,35 @@ def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) 
 
 
 def run_auto_build(opts, echo=print, progress: bool = True):
-    from cunet_optimize.atomic import write_atomic
-    from cunet_optimize.build import StageTimer, quantize_and_calibrate, run_build
-    from cunet_optimize.engines.targets import get_target
-    from cunet_optimize.models import resolve_model
-    from cunet_optimize.tasks import check_data_task, open_dataset_or_default
+    from cunet_optimize.build import check_build, locked_workdir
+    from cunet_optimize.tasks import open_dataset_or_default
 
-    start = time.perf_counter()
-    target = get_target(opts.target)
     if opts.objective not in auto.OBJECTIVES:
         raise CUNetError(f"--objective {opts.objective}: choose one of {', '.join(auto.OBJECTIVES)}")
     if opts.dla_core is not None:
         raise CUNetError("--precision auto with --dla-core: DLA runs whole networks in INT8 or FP16; "
                          "build --precision int8 for the DLA, or drop --dla-core")
-    model, ckpt_path, source, _ = resolve_model(opts.model)
-    task = check_data_task(model, source, opts.calib_data, opts.eval_data)
-    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task)
+    checked = check_build(opts)  # an existing build, a bad name, ...: refused before the search
+    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, checked.task)
     n = len(calib_set)
-    held = min(opts.auto_heldout_images, n // 2)
-    if held < 2:
+    if min(opts.auto_heldout_images, n // 2) < 2:
         raise CUNetError(f"--precision auto: the calibration set {calib_root} has {n} images; the sensitivity "
                          "needs at least 4 (half held out from the scales); pass a larger --calib-data")
+    with locked_workdir(checked.workdir):
+        return _search_and_build(opts, checked, calib_set, calib_root, echo, progress)
+
+
+def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool):
+    """The search, then builds of its plan (backing off while the gate fails), each assembled
+    in its own staging folder; only the last one is renamed into place, with its build.json
+    complete, and only if it passed (or the gate is not enforced)."""
+    from cunet_optimize.atomic import write_atomic
+    from cunet_optimize.build import StageTimer, commit_build, quantize_and_calibrate, run_build
+
+    start = time.perf_counter()
+    target, model, ckpt_path, task = checked.target, checked.model, checked.ckpt_path, checked.task
+    n = len(calib_set)
+    held = min(opts.auto_heldout_images, n // 2)
     scale_images = min(opts.calib_images, n - held)
     timer = StageTimer(total=3, echo=echo)
     budget = opts.tolerance(task)
@@ -161,9 +170,11 @@ def run_auto_build(opts, echo=print, progress: bool = True):
     report = None
     for step in range(MAX_BUILDS):
         t0 = time.perf_counter()
+        if report is not None:  # the plan backed off from: never renamed into place
+            shutil.rmtree(report.path, ignore_errors=True)
         report = run_build(replace(opts, precision="auto", layer_formats=auto.layer_plan(layers, plan),
-                                   calib_images=scale_images, accuracy_gate=False,
-                                   force=opts.force or step > 0), echo, progress)
+                                   calib_images=scale_images, accuracy_gate=False),
+                           echo, progress, lock=False, commit=False)
         acc = report.manifest["accuracy"]
         fields = plan_fields(layers, plan, formats, float_dtype)
         builds.append({"step": step, "formats": dict(Counter(plan.values())),
@@ -181,7 +192,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         back_offs.append({"after_build": step, "degradation": acc["degradation_points"], "action": why})
         echo(f"back-off: {task.metric} {acc['degradation_points']:.4f} points worse > {budget}; {why}")
 
-    final = Path(report.path)
+    staging = Path(report.path)
     manifest = report.manifest
     acc = manifest["accuracy"]
     manifest["accuracy"]["gate_enforced"] = opts.accuracy_gate
@@ -216,13 +227,14 @@ def run_auto_build(opts, echo=print, progress: bool = True):
     built = manifest.get("timings_seconds", {})
     manifest["timings_seconds"] = {stage: round(timer.seconds.get(stage, 0.0) + built.get(stage, 0.0), 2)
                                    for stage in {**timer.seconds, **built}}
-    write_atomic(final / BUILD_FILE, checked_build_json(manifest))
+    write_atomic(staging / BUILD_FILE, checked_build_json(manifest))
     if not acc["passed"] and opts.accuracy_gate:
-        import shutil
-
-        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise CUNetError(
             f"--precision auto: no plan met the gate after {len(builds)} build(s): {acc['metric']} "
             f"{acc['degradation_points']:.3f} points worse than FP32 > {budget}; raise {task.gate_option}, "
             "run `cunet-optimize qat --plan` on the plan, or build --precision int8")
+    final = staging.parent / manifest["name"]
+    commit_build(staging, final)
+    report.path = str(final)
     return report
