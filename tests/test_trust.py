@@ -226,3 +226,34 @@ def test_failed_auto_build_leaves_the_build_it_would_replace(env, tmp_path, caps
     assert "no plan met the gate after 2 build(s)" in error_line(capsys.readouterr().err, "build")
     assert tree(existing) == before
     assert sorted(p.name for p in (workdir / "engines").iterdir()) == ["tiny-auto-cpu", "tiny-fp32-cpu"]
+
+
+@pytest.mark.slow
+def test_build_killed_while_replacing_keeps_the_old_build(env, tmp_path):
+    """kill -9 between renaming the old build aside and the new one in: the next build into
+    the workdir puts the old one back (and then refuses to overwrite it without --force)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    workdir = built_workdir(env, tmp_path)
+    before = tree(workdir / "engines" / "tiny-fp32-cpu")
+    killer = textwrap.dedent(f"""
+        import os, signal
+        from cunet_optimize import build
+        real = os.replace
+        def replace(a, b):
+            real(a, b)
+            if ".partial-replaced-" in str(b):
+                os.kill(os.getpid(), signal.SIGKILL)  # the old build is aside, the new one not in
+        build.os.replace = replace
+        from cunet_optimize.cli import main
+        main({build_args(env, workdir, "--force")!r})
+    """)
+    env_vars = {**os.environ, "PYTHONPATH": str(REPO / "toolkit") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, env=env_vars)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (workdir / "engines" / "tiny-fp32-cpu").exists()
+    assert main(build_args(env, workdir)) == 2  # restored under the lock, then refused: it exists
+    assert tree(workdir / "engines" / "tiny-fp32-cpu") == before
+    assert [p.name for p in (workdir / "engines").iterdir()] == ["tiny-fp32-cpu"]

@@ -49,13 +49,22 @@ def workdir_lock(workdir: str | os.PathLike, what: str) -> Iterator[None]:
 
 
 def remove_stale_partials(engines_dir: str | os.PathLike) -> list[str]:
-    """Remove staging folders of builds that were killed; call only while holding the lock."""
+    """Remove staging folders of builds that were killed; call only while holding the lock.
+
+    A build replacing another renames the old one aside (build.py commit_build:
+    .<name>.partial-replaced-*/<name>) before renaming the new one in; killed between the
+    two renames, the old build is put back here instead of removed."""
     engines_dir = Path(engines_dir)
     removed = []
     for partial in sorted(engines_dir.glob(PARTIAL_GLOB)) if engines_dir.is_dir() else []:
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-            removed.append(partial.name)
+        if not partial.is_dir():
+            continue
+        name = partial.name[1:].split(".partial-replaced-")[0]
+        if ".partial-replaced-" in partial.name and (partial / name).is_dir() and not (engines_dir / name).exists():
+            os.replace(partial / name, engines_dir / name)
+            log.warning("restored %s: the build replacing it was interrupted", engines_dir / name)
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial.name)
     if removed:
         log.info("removed %d staging folder(s) of interrupted builds in %s", len(removed), engines_dir)
     return removed
