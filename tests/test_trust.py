@@ -78,6 +78,50 @@ def touch(path: Path, text: str = "") -> Path:
     return path
 
 
+# ------------------------------------------------- helpers: data loss (item 2)
+
+
+def profile_json(tmp: Path, name: str = "p") -> Path:
+    """A valid profile JSON, as `profile` writes it (test_report's), in tmp/<name>.json."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_report import full_profile
+
+    return touch(tmp / f"{name}.json", json.dumps(full_profile(name=name), default=str))
+
+
+def two_faces_one_stem(env, tmp: Path) -> list[Path]:
+    """a/face.png and b/face.png: two images whose annotated PNGs have one name."""
+    faces = [tmp / "a" / "face.png", tmp / "b" / "face.png"]
+    for image, face in zip(env.images, faces):
+        face.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, face)
+    return faces
+
+
+def quick_profile(workdir: Path, *extra) -> list[str]:
+    """`profile` of a built workdir at the least cost (one image, one run, batch 1)."""
+    return ["profile", "--workdir", str(workdir), "--runs", "1", "--warmup", "0", "--batch-sizes", "1",
+            "--memory", "off", "--layer-runs", "0", "--max-images", "1", "--no-progress", *extra]
+
+
+def built_with_report(env, tmp: Path, file: str) -> Path:
+    """A built workdir whose reports/ already holds `file` (the user's)."""
+    workdir = built_workdir(env, tmp)
+    touch(workdir / "reports" / file, "user file")
+    return workdir
+
+
+def replaced_by_html(path: str):
+    """check: the user's file at `path` (under tmp) now holds the report."""
+    return lambda e, t, out, err: _expect("<html" in (t / path).read_text().lower(), (t / path).read_text()[:200])
+
+
+def _expect(condition: bool, context: str) -> None:
+    assert condition, context
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -101,6 +145,62 @@ CASES: list[Case] = [
     Case("build-name-dotdot", "data-loss", 1,
          lambda e, t: build_args(e, t / "w", "--name", "..") if touch(t / "w" / "mine.txt", "user file") else [],
          2, "--name '..'"),
+    # item 2: an output is replaced only with --force, an input never (check_new_output)
+    Case("out-report-over-own-input", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--out", t / "p.json"], 2, "is the input"),
+    Case("out-report-over-own-input-force", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--out", "p.json", "--force"], 2, "is the input"),
+    Case("out-report-over-compare", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--compare", profile_json(t, "o"), "--out", "o.json"],
+         2, "is the input"),
+    Case("out-report-over-a-file", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--out", touch(t / "mine.html", "user file")], 2,
+         "mine.html already exists; pass --force to replace it or choose another --out"),
+    Case("out-report-over-a-file-force", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--out", touch(t / "mine.html", "user file"), "--force"], 0,
+         check=replaced_by_html("mine.html")),
+    Case("out-report-default-exists", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t)] if touch(t / "p.html", "user file") else [], 2,
+         "p.html already exists; pass --force"),
+    Case("out-profile-out-exists", "data-loss", 2,
+         lambda e, t: quick_profile(built_with_report(e, t, "r.html"), "--out", "r"), 2,
+         "r.html already exists; pass --force to replace it or choose another --out"),
+    Case("out-profile-out-exists-force", "data-loss", 2,
+         lambda e, t: quick_profile(built_with_report(e, t, "r.json"), "--out", "r", "--force"), 0,
+         check=lambda e, t, out, err: _expect(json.loads((t / "w" / "reports" / "r.json").read_text())["name"] == "r",
+                                              "r.json not replaced")),
+    Case("out-surgery-over-a-file", "data-loss", 2,
+         lambda e, t: ["surgery", e.build / "model.onnx", "--passes", "cleanup", "--no-verify",
+                       "--out", touch(t / "o.onnx", "user file")], 2, "o.onnx already exists; pass --force"),
+    Case("out-surgery-default-exists", "data-loss", 2,
+         lambda e, t: ["surgery", e.build / "model.onnx", "--passes", "cleanup", "--no-verify", "--workdir", t]
+         if touch(t / "model-surgery.onnx", "user file") else [], 2, "model-surgery.onnx already exists"),
+    Case("out-surgery-over-a-file-force", "data-loss", 2,
+         lambda e, t: ["surgery", e.build / "model.onnx", "--passes", "cleanup", "--no-verify",
+                       "--out", touch(t / "o.onnx", "user file"), "--force"], 0,
+         check=lambda e, t, out, err: _expect((t / "o.onnx").stat().st_size > 1000, "o.onnx not replaced")),
+    Case("out-surgery-over-own-input", "data-loss", 2,
+         lambda e, t: ["surgery", shutil.copy(e.build / "model.onnx", t / "m.onnx"), "--passes", "cleanup",
+                       "--no-verify", "--out", "m.onnx"], 2, "is the input"),
+    Case("out-predict-same-stem", "data-loss", 2,
+         lambda e, t: ["predict", *two_faces_one_stem(e, t), "--model", e.model, "--no-detect", "--out-dir", "o"], 2,
+         "would both be drawn to o/face.landmarks.png"),
+    Case("out-predict-same-stem-force", "data-loss", 2,  # --force replaces an earlier run's PNG, not this run's
+         lambda e, t: ["predict", *two_faces_one_stem(e, t), "--model", e.model, "--no-detect", "--out-dir", "o",
+                       "--force"], 2, "would both be drawn to o/face.landmarks.png"),
+    Case("out-predict-png-exists", "data-loss", 2,
+         lambda e, t: ["predict", e.images[0], "--model", e.model, "--no-detect", "--out-dir", "o"]
+         if touch(t / "o" / f"{e.images[0].stem}.landmarks.png", "user file") else [], 2,
+         "landmarks.png already exists; pass --force to replace it or choose another --out-dir"),
+    Case("out-predict-png-exists-force", "data-loss", 2,
+         lambda e, t: ["predict", e.images[0], "--model", e.model, "--no-detect", "--out-dir", "o", "--force"]
+         if touch(t / "o" / f"{e.images[0].stem}.landmarks.png", "user file") else [], 0,
+         check=lambda e, t, out, err: _expect(
+             (t / "o" / f"{e.images[0].stem}.landmarks.png").read_bytes().startswith(b"\x89PNG"), "not replaced")),
+    Case("out-predict-over-an-input", "data-loss", 2,
+         lambda e, t: ["predict", shutil.copy(e.images[0], t / "a.png"),
+                       shutil.copy(e.images[1], t / "a.landmarks.png"),  # where a.png's PNG would go
+                       "--model", e.model, "--no-detect", "--out-dir", "."], 2, "is the input"),
     # ------------------------------------------------------------------- end data loss
 
     # ------------------------------------------------------------------- integrity (4, 5, 6)

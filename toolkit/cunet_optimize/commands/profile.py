@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cunet_optimize.commands.common import non_negative_float, non_negative_int, positive_int
-from cunet_optimize.commands.common import json_stream, print_table
+from cunet_optimize.commands.common import add_force_argument, check_new_output, json_stream, print_table
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.profile import find_builds, profile_engines, summary_rows
@@ -81,6 +81,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="PyTorch baseline threads (default: PyTorch's)")
     p.add_argument("--allow-mixed", action="store_true", help="allow builds of different models in one report")
     p.add_argument("--out", metavar="NAME", help="report name (default profile-<UTC timestamp>)")
+    add_force_argument(p, "the report NAME.json and NAME.html")
     p.add_argument("--json", action="store_true", help="print the profile JSON to stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -123,6 +124,9 @@ def run(args) -> int:
     workdir = Path(args.workdir)
     sizes = parse_batch_sizes(args.batch_sizes)
     name = report_name(args.out)  # checked before anything is measured
+    if name is not None:
+        for suffix in (".json", ".html"):
+            check_new_output(workdir / "reports" / f"{name}{suffix}", "--out", force=args.force)
     if args.engine_dirs:
         dirs = [Path(d) for d in args.engine_dirs]
     else:
