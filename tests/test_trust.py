@@ -213,6 +213,16 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------- end grammar
 
     # ------------------------------------------------------------------- one line (12, 13)
+    # item 12: --box and --batch-sizes checked before any work
+    Case("predict-box-nan", "one-line", 12,
+         lambda e, t: ["predict", e.images[0], "--model", e.model, "--box", "nan,0,100,100"], 2,
+         "--box 'nan,0,100,100': expected four finite numbers"),
+    Case("predict-box-inf", "one-line", 12,
+         lambda e, t: ["predict", e.images[0], "--model", e.model, "--box", "0,0,inf,inf"], 2,
+         "--box '0,0,inf,inf': expected four finite numbers"),
+    Case("profile-batch-100000", "one-line", 12,
+         lambda e, t: ["profile", "--workdir", t / "w", "--batch-sizes", "1,100000"], 2,
+         "at most 64 images per batch"),
     # ------------------------------------------------------------------- end one line
 ]
 
@@ -269,3 +279,24 @@ def test_trust(case, env, tmp_path, capsys, caplog, monkeypatch):
 def test_every_family_has_rows():
     assert {c.family for c in CASES} == set(FAMILIES)
     assert len({c.id for c in CASES}) == len(CASES)
+
+# ----------------------------------------------------------------------------- one line: both sides of the bounds
+
+
+def test_batch_size_bound_is_the_largest_engine_profile():
+    """--batch-sizes up to the largest optimisation profile of any target is taken, one more is not."""
+    from cunet_optimize.commands.profile import MAX_BATCH_SIZE, parse_batch_sizes
+    from cunet_optimize.engines.targets import TARGETS
+    from cunet_optimize.errors import CUNetError
+
+    assert MAX_BATCH_SIZE == max(spec.batch[2] for spec in TARGETS.values()) == 64
+    assert parse_batch_sizes(f"1,{MAX_BATCH_SIZE}") == [1, MAX_BATCH_SIZE]
+    with pytest.raises(CUNetError, match=f"at most {MAX_BATCH_SIZE} images per batch"):
+        parse_batch_sizes(f"1,{MAX_BATCH_SIZE + 1}")
+
+
+def test_a_finite_box_is_used(env, tmp_path, capsys):
+    """--box with finite corners (x2 > x1, y2 > y1) still predicts, from that crop."""
+    assert main(["predict", str(env.images[0]), "--model", env.model, "--box", "10,10.5,200,220", "--no-draw",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["box"] == [10.0, 10.5, 200.0, 220.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from cunet_optimize.commands.common import add_force_argument, add_model_argument, check_new_output, print_json
@@ -38,8 +39,8 @@ def _parse_box(text: str | None) -> list[float] | None:
         box = [float(v) for v in text.split(",")]
     except ValueError:
         box = []
-    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
-        raise CUNetError(f"--box {text!r}: expected X1,Y1,X2,Y2 with X2 > X1 and Y2 > Y1")
+    if len(box) != 4 or not all(map(math.isfinite, box)) or box[2] <= box[0] or box[3] <= box[1]:
+        raise CUNetError(f"--box {text!r}: expected four finite numbers X1,Y1,X2,Y2 (pixels) with X2 > X1 and Y2 > Y1")
     return box
 
 
