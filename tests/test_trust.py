@@ -78,7 +78,7 @@ def touch(path: Path, text: str = "") -> Path:
     return path
 
 
-# ------------------------------------------------- helpers: data loss (item 2)
+# ------------------------------------------------- helpers: data loss (item 2) and one line (12, 13)
 
 
 def profile_json(tmp: Path, name: str = "p") -> Path:
@@ -120,6 +120,12 @@ def replaced_by_html(path: str):
 
 def _expect(condition: bool, context: str) -> None:
     assert condition, context
+
+
+def argparse_refusal_only(e, t, out, err) -> None:
+    """check: an argparse refusal prints its error line and where --help is, no usage block."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("see 'cunet-optimize ") and lines[1].endswith(" --help'"), err
 
 
 # ----------------------------------------------------------------------------- the table
@@ -223,6 +229,20 @@ CASES: list[Case] = [
     Case("profile-batch-100000", "one-line", 12,
          lambda e, t: ["profile", "--workdir", t / "w", "--batch-sizes", "1,100000"], 2,
          "at most 64 images per batch"),
+    # item 13: the closest target; any letter case; argparse's error line first
+    Case("target-did-you-mean", "one-line", 13,
+         lambda e, t: ["lint", e.build / "model.onnx", "--target", "jetson-orin-nan"], 2,
+         "did you mean jetson-orin-nano?"),
+    Case("target-any-case", "one-line", 13,
+         lambda e, t: ["surgery", e.build / "model.onnx", "--target", "H100", "--passes", "cleanup", "--no-verify",
+                       "--out", "o.onnx", "--json"], 0,
+         check=lambda e, t, out, err: _expect(json.loads(out)["target"] == "h100", out)),
+    Case("argparse-error-first", "one-line", 13,
+         lambda e, t: ["build", "--calib-images", "0", "--workdir", t / "w"], 2,
+         "argument --calib-images: expected an integer >= 1", check=argparse_refusal_only),
+    Case("argparse-unknown-option-names-command", "one-line", 13,
+         lambda e, t: ["report", profile_json(t), "--nosuch"], 2, "unrecognized arguments: --nosuch",
+         check=argparse_refusal_only),
     # ------------------------------------------------------------------- end one line
 ]
 
@@ -279,6 +299,7 @@ def test_trust(case, env, tmp_path, capsys, caplog, monkeypatch):
 def test_every_family_has_rows():
     assert {c.family for c in CASES} == set(FAMILIES)
     assert len({c.id for c in CASES}) == len(CASES)
+
 
 # ----------------------------------------------------------------------------- one line: both sides of the bounds
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cunet_optimize.commands.common import add_force_argument, check_new_output, print_json
-from cunet_optimize.engines.targets import target_names
+from cunet_optimize.engines.targets import get_target, target_names
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.graph import cunet_mismatch, load_model_proto, save_model
 from cunet_optimize.surgery import PASSES, activation_memory, run_surgery
@@ -75,7 +75,8 @@ def run(args) -> int:
     save_model(result.model, out)
     before, after = _memory_summary(source), _memory_summary(result.model)
     if args.json:
-        print_json({"input": args.model, "output": str(out), "target": args.target, **result.to_dict(),
+        target = get_target(args.target).name  # the registry's spelling, whatever the case typed
+        print_json({"input": args.model, "output": str(out), "target": target, **result.to_dict(),
                     "memory": {"before": before, "after": after}})
         return 0
     for report in result.reports:
