@@ -237,6 +237,10 @@ CASES: list[Case] = [
          lambda e, t: ["surgery", e.build / "model.onnx", "--target", "H100", "--passes", "cleanup", "--no-verify",
                        "--out", "o.onnx", "--json"], 0,
          check=lambda e, t, out, err: _expect(json.loads(out)["target"] == "h100", out)),
+    Case("target-any-case-build-records-registry-name", "one-line", 13,
+         lambda e, t: build_args(e, t / "w", "--target", "CPU"), 0,
+         check=lambda e, t, out, err: _expect(json.loads((t / "w" / "engines" / "tiny-fp32-cpu" / "build.json")
+                                                         .read_text())["target"] == "cpu", out)),
     Case("argparse-error-first", "one-line", 13,
          lambda e, t: ["build", "--calib-images", "0", "--workdir", t / "w"], 2,
          "argument --calib-images: expected an integer >= 1", check=argparse_refusal_only),
