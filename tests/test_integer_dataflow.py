@@ -139,7 +139,7 @@ def test_surgery_cli_takes_calib_data_or_refuses(tmp_path, capsys):
     write_synthetic_faces(faces, 8, seed=3, test_fraction=0.25, progress=False)  # 6 train images
     capsys.readouterr()
     assert main(["surgery", str(path), "--target", "cpu", "--calib-data", str(faces), "--workdir", str(tmp_path),
-                 "--json"]) == 0
+                 "--json", "--force"]) == 0  # over the cleanup's int8-surgery.onnx
     report = json.loads(capsys.readouterr().out)
     notes = [n for r in report["reports"] if r["name"] == "integer_dataflow" for n in r["notes"]]
     assert any("over 6 calibration images" in n for n in notes), notes

@@ -78,8 +78,56 @@ def touch(path: Path, text: str = "") -> Path:
     return path
 
 
-def _assert(condition: bool, context: str) -> None:
+def _expect(condition: bool, context: str) -> None:
     assert condition, context[-3000:]
+# ------------------------------------------------- helpers: data loss (item 2) and one line (12, 13)
+
+
+def profile_json(tmp: Path, name: str = "p") -> Path:
+    """A valid profile JSON, as `profile` writes it (test_report's), in tmp/<name>.json."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_report import full_profile
+
+    return touch(tmp / f"{name}.json", json.dumps(full_profile(name=name), default=str))
+
+
+def two_faces_one_stem(env, tmp: Path) -> list[Path]:
+    """a/face.png and b/face.png: two images whose annotated PNGs have one name."""
+    faces = [tmp / "a" / "face.png", tmp / "b" / "face.png"]
+    for image, face in zip(env.images, faces):
+        face.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, face)
+    return faces
+
+
+def quick_profile(workdir: Path, *extra) -> list[str]:
+    """`profile` of a built workdir at the least cost (one image, one run, batch 1)."""
+    return ["profile", "--workdir", str(workdir), "--runs", "1", "--warmup", "0", "--batch-sizes", "1",
+            "--memory", "off", "--layer-runs", "0", "--max-images", "1", "--no-progress", *extra]
+
+
+def built_with_report(env, tmp: Path, file: str) -> Path:
+    """A built workdir whose reports/ already holds `file` (the user's)."""
+    workdir = built_workdir(env, tmp)
+    touch(workdir / "reports" / file, "user file")
+    return workdir
+
+
+def replaced_by_html(path: str):
+    """check: the user's file at `path` (under tmp) now holds the report."""
+    return lambda e, t, out, err: _expect("<html" in (t / path).read_text().lower(), (t / path).read_text()[:200])
+
+
+def _expect(condition: bool, context: str) -> None:
+    assert condition, context
+
+
+def argparse_refusal_only(e, t, out, err) -> None:
+    """check: an argparse refusal prints its error line and where --help is, no usage block."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("see 'cunet-optimize ") and lines[1].endswith(" --help'"), err
 
 
 # ----------------------------------------------------------------------------- the table
@@ -116,7 +164,7 @@ CASES: list[Case] = [
          "--name '-x' is not a build folder name"),
     Case("build-model-named-like-a-dotfile", "data-loss", 1,
          lambda e, t: build_args(e, t / "w") + ["--model", str(shutil.copy(e.model, t / ".face.safetensors"))], 0,
-         check=lambda e, t, out, err: _assert([p.name for p in (t / "w" / "engines").iterdir()]
+         check=lambda e, t, out, err: _expect([p.name for p in (t / "w" / "engines").iterdir()]
                                               == ["face-fp32-cpu"], err)),
     Case("build-force-over-a-file", "data-loss", 3,
          lambda e, t: build_args(e, t / "w", "--force") if touch(t / "w" / "engines" / "tiny-fp32-cpu", "x") else [],
@@ -127,12 +175,68 @@ CASES: list[Case] = [
          2, "engines/tiny-fp32-cpu exists and is not a build (no build.json)"),
     Case("build-force-replaces-a-build", "data-loss", 3,
          lambda e, t: build_args(e, built_workdir(e, t), "--force"), 0,
-         check=lambda e, t, out, err: _assert(sorted(p.name for p in (t / "w" / "engines").iterdir())
+         check=lambda e, t, out, err: _expect(sorted(p.name for p in (t / "w" / "engines").iterdir())
                                               == ["tiny-fp32-cpu"], err)),
     Case("build-refused-leaves-no-workdir", "data-loss", 11,
          lambda e, t: build_args(e, t / "new", "--target", "no-such-target"), 2, "no-such-target"),
     Case("build-refused-existing-build-leaves-no-lock", "data-loss", 11,
          lambda e, t: build_args(e, built_workdir(e, t)), 2, "already exists; pass --force"),
+    # item 2: an output is replaced only with --force, an input never (check_new_output)
+    Case("out-report-over-own-input", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--out", t / "p.json"], 2, "is the input"),
+    Case("out-report-over-own-input-force", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--out", "p.json", "--force"], 2, "is the input"),
+    Case("out-report-over-compare", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--compare", profile_json(t, "o"), "--out", "o.json"],
+         2, "is the input"),
+    Case("out-report-over-a-file", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--out", touch(t / "mine.html", "user file")], 2,
+         "mine.html already exists; pass --force to replace it or choose another --out"),
+    Case("out-report-over-a-file-force", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t), "--out", touch(t / "mine.html", "user file"), "--force"], 0,
+         check=replaced_by_html("mine.html")),
+    Case("out-report-default-exists", "data-loss", 2,
+         lambda e, t: ["report", profile_json(t)] if touch(t / "p.html", "user file") else [], 2,
+         "p.html already exists; pass --force"),
+    Case("out-profile-out-exists", "data-loss", 2,
+         lambda e, t: quick_profile(built_with_report(e, t, "r.html"), "--out", "r"), 2,
+         "r.html already exists; pass --force to replace it or choose another --out"),
+    Case("out-profile-out-exists-force", "data-loss", 2,
+         lambda e, t: quick_profile(built_with_report(e, t, "r.json"), "--out", "r", "--force"), 0,
+         check=lambda e, t, out, err: _expect(json.loads((t / "w" / "reports" / "r.json").read_text())["name"] == "r",
+                                              "r.json not replaced")),
+    Case("out-surgery-over-a-file", "data-loss", 2,
+         lambda e, t: ["surgery", e.build / "model.onnx", "--passes", "cleanup", "--no-verify",
+                       "--out", touch(t / "o.onnx", "user file")], 2, "o.onnx already exists; pass --force"),
+    Case("out-surgery-default-exists", "data-loss", 2,
+         lambda e, t: ["surgery", e.build / "model.onnx", "--passes", "cleanup", "--no-verify", "--workdir", t]
+         if touch(t / "model-surgery.onnx", "user file") else [], 2, "model-surgery.onnx already exists"),
+    Case("out-surgery-over-a-file-force", "data-loss", 2,
+         lambda e, t: ["surgery", e.build / "model.onnx", "--passes", "cleanup", "--no-verify",
+                       "--out", touch(t / "o.onnx", "user file"), "--force"], 0,
+         check=lambda e, t, out, err: _expect((t / "o.onnx").stat().st_size > 1000, "o.onnx not replaced")),
+    Case("out-surgery-over-own-input", "data-loss", 2,
+         lambda e, t: ["surgery", shutil.copy(e.build / "model.onnx", t / "m.onnx"), "--passes", "cleanup",
+                       "--no-verify", "--out", "m.onnx"], 2, "is the input"),
+    Case("out-predict-same-stem", "data-loss", 2,
+         lambda e, t: ["predict", *two_faces_one_stem(e, t), "--model", e.model, "--no-detect", "--out-dir", "o"], 2,
+         "would both be drawn to o/face.landmarks.png"),
+    Case("out-predict-same-stem-force", "data-loss", 2,  # --force replaces an earlier run's PNG, not this run's
+         lambda e, t: ["predict", *two_faces_one_stem(e, t), "--model", e.model, "--no-detect", "--out-dir", "o",
+                       "--force"], 2, "would both be drawn to o/face.landmarks.png"),
+    Case("out-predict-png-exists", "data-loss", 2,
+         lambda e, t: ["predict", e.images[0], "--model", e.model, "--no-detect", "--out-dir", "o"]
+         if touch(t / "o" / f"{e.images[0].stem}.landmarks.png", "user file") else [], 2,
+         "landmarks.png already exists; pass --force to replace it or choose another --out-dir"),
+    Case("out-predict-png-exists-force", "data-loss", 2,
+         lambda e, t: ["predict", e.images[0], "--model", e.model, "--no-detect", "--out-dir", "o", "--force"]
+         if touch(t / "o" / f"{e.images[0].stem}.landmarks.png", "user file") else [], 0,
+         check=lambda e, t, out, err: _expect(
+             (t / "o" / f"{e.images[0].stem}.landmarks.png").read_bytes().startswith(b"\x89PNG"), "not replaced")),
+    Case("out-predict-over-an-input", "data-loss", 2,
+         lambda e, t: ["predict", shutil.copy(e.images[0], t / "a.png"),
+                       shutil.copy(e.images[1], t / "a.landmarks.png"),  # where a.png's PNG would go
+                       "--model", e.model, "--no-detect", "--out-dir", "."], 2, "is the input"),
     # ------------------------------------------------------------------- end data loss
 
     # ------------------------------------------------------------------- integrity (4, 5, 6)
@@ -145,6 +249,34 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------- end grammar
 
     # ------------------------------------------------------------------- one line (12, 13)
+    # item 12: --box and --batch-sizes checked before any work
+    Case("predict-box-nan", "one-line", 12,
+         lambda e, t: ["predict", e.images[0], "--model", e.model, "--box", "nan,0,100,100"], 2,
+         "--box 'nan,0,100,100': expected four finite numbers"),
+    Case("predict-box-inf", "one-line", 12,
+         lambda e, t: ["predict", e.images[0], "--model", e.model, "--box", "0,0,inf,inf"], 2,
+         "--box '0,0,inf,inf': expected four finite numbers"),
+    Case("profile-batch-100000", "one-line", 12,
+         lambda e, t: ["profile", "--workdir", t / "w", "--batch-sizes", "1,100000"], 2,
+         "at most 64 images per batch"),
+    # item 13: the closest target; any letter case; argparse's error line first
+    Case("target-did-you-mean", "one-line", 13,
+         lambda e, t: ["lint", e.build / "model.onnx", "--target", "jetson-orin-nan"], 2,
+         "did you mean jetson-orin-nano?"),
+    Case("target-any-case", "one-line", 13,
+         lambda e, t: ["surgery", e.build / "model.onnx", "--target", "H100", "--passes", "cleanup", "--no-verify",
+                       "--out", "o.onnx", "--json"], 0,
+         check=lambda e, t, out, err: _expect(json.loads(out)["target"] == "h100", out)),
+    Case("target-any-case-build-records-registry-name", "one-line", 13,
+         lambda e, t: build_args(e, t / "w", "--target", "CPU"), 0,
+         check=lambda e, t, out, err: _expect(json.loads((t / "w" / "engines" / "tiny-fp32-cpu" / "build.json")
+                                                         .read_text())["target"] == "cpu", out)),
+    Case("argparse-error-first", "one-line", 13,
+         lambda e, t: ["build", "--calib-images", "0", "--workdir", t / "w"], 2,
+         "argument --calib-images: expected an integer >= 1", check=argparse_refusal_only),
+    Case("argparse-unknown-option-names-command", "one-line", 13,
+         lambda e, t: ["report", profile_json(t), "--nosuch"], 2, "unrecognized arguments: --nosuch",
+         check=argparse_refusal_only),
     # ------------------------------------------------------------------- end one line
 ]
 
@@ -257,3 +389,23 @@ def test_build_killed_while_replacing_keeps_the_old_build(env, tmp_path):
     assert main(build_args(env, workdir)) == 2  # restored under the lock, then refused: it exists
     assert tree(workdir / "engines" / "tiny-fp32-cpu") == before
     assert [p.name for p in (workdir / "engines").iterdir()] == ["tiny-fp32-cpu"]
+# ----------------------------------------------------------------------------- one line: both sides of the bounds
+
+
+def test_batch_size_bound_is_the_largest_engine_profile():
+    """--batch-sizes up to the largest optimisation profile of any target is taken, one more is not."""
+    from cunet_optimize.commands.profile import MAX_BATCH_SIZE, parse_batch_sizes
+    from cunet_optimize.engines.targets import TARGETS
+    from cunet_optimize.errors import CUNetError
+
+    assert MAX_BATCH_SIZE == max(spec.batch[2] for spec in TARGETS.values()) == 64
+    assert parse_batch_sizes(f"1,{MAX_BATCH_SIZE}") == [1, MAX_BATCH_SIZE]
+    with pytest.raises(CUNetError, match=f"at most {MAX_BATCH_SIZE} images per batch"):
+        parse_batch_sizes(f"1,{MAX_BATCH_SIZE + 1}")
+
+
+def test_a_finite_box_is_used(env, tmp_path, capsys):
+    """--box with finite corners (x2 > x1, y2 > y1) still predicts, from that crop."""
+    assert main(["predict", str(env.images[0]), "--model", env.model, "--box", "10,10.5,200,220", "--no-draw",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["box"] == [10.0, 10.5, 200.0, 220.0]

@@ -3,6 +3,7 @@
 Each subcommand lives in cunet_optimize/commands/<name>.py and registers itself
 with `add_parser(subparsers)`; a subcommand is listed here only once it works.
 User errors (CUNetError) print one line and exit 2; tracebacks only with --verbose.
+Command-line errors too: the error line, then a pointer to --help (CommandLineParser).
 So do a full disk or a read-only folder met mid-run (output folders are checked before
 any work), and a closed stdout (`... --json | head`) ends quietly with status 141, as
 for any Unix tool killed by SIGPIPE.
@@ -17,6 +18,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from cunet_optimize import __version__
 from cunet_optimize.errors import CUNetError
@@ -48,11 +50,27 @@ def requested_command(argv: list[str]) -> str | None:
     return word if word in COMMANDS else None
 
 
+def usage_error(prog: str, message: str) -> NoReturn:
+    """A refusal of the command line, printed like every other refusal: the error line first
+    (`cunet-optimize <cmd>: error: ...`), then where the usage is, not 20 lines of usage
+    above the one that matters. Exit 2, as argparse."""
+    sys.stderr.write(f"{prog}: error: {message}\nsee '{prog} --help'\n")
+    sys.exit(EXIT_USER_ERROR)
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse with `usage_error`'s refusals; the subcommands' parsers are of this class too
+    (add_subparsers makes its parsers of the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(self.prog, message)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand, or with `command` alone: each subcommand's module
     imports what its stage needs (torch for most), and `report`, which only turns JSON into
     HTML, should start without it."""
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="cunet-optimize",
         description="Quantize, export, optimise and profile CU-Net landmark networks "
         "for TensorRT (datacenter GPUs, Jetson) and ONNX Runtime (CPU).",
@@ -134,7 +152,10 @@ def _run_in_this_process(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(requested_command(argv))
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse would blame the main parser for an option only the subcommand lacks
+        usage_error(f"{parser.prog} {args.command}" if getattr(args, "command", None) else parser.prog,
+                    f"unrecognized arguments: {' '.join(extras)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",

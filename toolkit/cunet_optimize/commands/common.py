@@ -1,8 +1,10 @@
-"""Small helpers shared by the subcommands: tables, JSON output, option types.
+"""Small helpers shared by the subcommands: tables, JSON output, option types, output checks.
 
 Every numeric option is checked by its argparse `type=` here (positive_int,
 non_negative_float, ...), so a bad value is refused before any work starts, with
-argparse's one-line message naming the flag (exit 2).
+argparse's one-line message naming the flag (exit 2). Every file a command writes is
+checked here before any work too: a writable place (check_writable), and nothing there
+the user did not ask to replace (check_new_output, --force).
 """
 
 from __future__ import annotations
@@ -58,6 +60,40 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
     except OSError as exc:
         raise CUNetError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc}); "
                          f"choose a writable {flag} or fix its permissions") from None
+
+
+def add_force_argument(parser, what: str) -> None:
+    """--force: the one way to let a command replace an existing output (check_new_output)."""
+    parser.add_argument("--force", action="store_true", help=f"replace {what} if it exists (never an input)")
+
+
+def check_new_output(path: str | os.PathLike, flag: str, *, force: bool,
+                     inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse, before any work, to write `path` over something the user did not ask to replace.
+
+    The rule `build` keeps for engines/NAME, for every file a command writes: an existing file
+    is replaced only with --force; one of the command's own `inputs` never (reading it is the
+    work that would produce what replaces it, and --force asks to replace an output); a folder
+    never (an atomic rename cannot put a file in its place)."""
+    from cunet_optimize.errors import CUNetError
+
+    target = Path(path)
+    for source in inputs:
+        if _same_file(target, Path(source)):
+            raise CUNetError(f"{flag} {path} is the input {source}: it would be overwritten; "
+                             f"choose another {flag}")
+    if target.is_dir():
+        raise CUNetError(f"{flag} {path} is a folder; choose another {flag}")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise CUNetError(f"{path} already exists; pass --force to replace it or choose another {flag}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file (through links, `..` and hard links alike)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from cunet_optimize.commands.common import non_negative_float, non_negative_int, positive_int
-from cunet_optimize.commands.common import json_stream, print_table
+from cunet_optimize.commands.common import add_force_argument, check_new_output, json_stream, print_table
+from cunet_optimize.engines.targets import TARGETS
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.profile import find_builds, profile_engines, summary_rows
@@ -26,6 +27,15 @@ from cunet_optimize.report.format import MISSING, fmt_bytes, fmt_ms, fmt_num, fm
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+# The largest batch the sweep takes: the largest optimisation profile of any target
+# (`cunet-optimize targets`; h100's 64), since no TensorRT engine we build accepts more.
+# Only the CPU engine (dynamic batch) could run a larger one, and one batch of N holds N
+# input images (3x256x256 float32, 0.79 MB each) plus their activations (4 MB at the
+# embedded model's peak, 58 MB of node outputs in all: bench/results/surgery.json) in
+# memory at once: about 4 GB at 64, where 100000 asks for 73 GiB of input alone.
+MAX_BATCH_SIZE = max(spec.batch[2] for spec in TARGETS.values())
+
+
 def parse_batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -33,6 +43,10 @@ def parse_batch_sizes(text: str) -> list[int]:
         sizes = []
     if not sizes or min(sizes) < 1:
         raise CUNetError(f"--batch-sizes must be comma-separated positive integers such as 1,2,4,8; got {text!r}")
+    if max(sizes) > MAX_BATCH_SIZE:
+        raise CUNetError(f"--batch-sizes {text}: at most {MAX_BATCH_SIZE} images per batch (the largest engine "
+                         "profile of any target; a batch holds every image's input and activations in memory "
+                         "at once); pass smaller sizes such as 1,2,4,8")
     return sizes
 
 
@@ -72,7 +86,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-seconds", type=non_negative_float, default=0.0,
                    help="keep timing until this much time passed")
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), metavar="LIST",
-                   help=f"batch sweep, e.g. 1,2,4 (default {','.join(map(str, DEFAULT_BATCH_SIZES))})")
+                   help=f"batch sweep, e.g. 1,2,4 (default {','.join(map(str, DEFAULT_BATCH_SIZES))}; "
+                        f"at most {MAX_BATCH_SIZE})")
     p.add_argument("--memory", choices=MEMORY_MODES, default="subprocess",
                    help="peak-memory measurement: a fresh process per variant (default), in this process, or off")
     p.add_argument("--layer-runs", type=non_negative_int, default=LAYER_PROFILE_RUNS, metavar="N",
@@ -81,6 +96,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="PyTorch baseline threads (default: PyTorch's)")
     p.add_argument("--allow-mixed", action="store_true", help="allow builds of different models in one report")
     p.add_argument("--out", metavar="NAME", help="report name (default profile-<UTC timestamp>)")
+    add_force_argument(p, "the report NAME.json and NAME.html")
     p.add_argument("--json", action="store_true", help="print the profile JSON to stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -123,6 +139,9 @@ def run(args) -> int:
     workdir = Path(args.workdir)
     sizes = parse_batch_sizes(args.batch_sizes)
     name = report_name(args.out)  # checked before anything is measured
+    if name is not None:
+        for suffix in (".json", ".html"):
+            check_new_output(workdir / "reports" / f"{name}{suffix}", "--out", force=args.force)
     if args.engine_dirs:
         dirs = [Path(d) for d in args.engine_dirs]
     else:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cunet_optimize.commands.common import print_json
-from cunet_optimize.engines.targets import target_names
+from cunet_optimize.commands.common import add_force_argument, check_new_output, print_json
+from cunet_optimize.engines.targets import get_target, target_names
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.graph import cunet_mismatch, load_model_proto, save_model
 from cunet_optimize.surgery import PASSES, activation_memory, run_surgery
@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check after each pass")
     p.add_argument("--workdir", default=".", help="where artifacts go (default: current folder)")
     p.add_argument("--json", action="store_true", help="print the pass reports and memory figures as JSON")
+    add_force_argument(p, "the output file")
     p.set_defaults(func=run)
 
 
@@ -57,6 +58,9 @@ def _pass_options(args, source, passes) -> dict:
 
 
 def run(args) -> int:
+    stem = Path(args.model).name.removesuffix(".onnx")
+    out = Path(args.out) if args.out else Path(args.workdir) / f"{stem}-surgery.onnx"
+    check_new_output(out, "--out", force=args.force, inputs=[args.model])
     source = load_model_proto(args.model)
     mismatch = cunet_mismatch(source)
     if mismatch:
@@ -68,12 +72,11 @@ def run(args) -> int:
     options = _pass_options(args, source, passes)
     result = run_surgery(source, passes, target=args.target, dla_core=args.dla_core, verify=not args.no_verify,
                          pass_options=options)
-    stem = Path(args.model).name.removesuffix(".onnx")
-    out = Path(args.out) if args.out else Path(args.workdir) / f"{stem}-surgery.onnx"
     save_model(result.model, out)
     before, after = _memory_summary(source), _memory_summary(result.model)
     if args.json:
-        print_json({"input": args.model, "output": str(out), "target": args.target, **result.to_dict(),
+        target = get_target(args.target).name  # the registry's spelling, whatever the case typed
+        print_json({"input": args.model, "output": str(out), "target": target, **result.to_dict(),
                     "memory": {"before": before, "after": after}})
         return 0
     for report in result.reports:

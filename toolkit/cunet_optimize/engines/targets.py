@@ -17,6 +17,7 @@ the accuracy is that of INT4 weights, the speed that of FP16/FP32, the saving on
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass
 
 from cunet_optimize.errors import CUNetError
@@ -129,6 +130,7 @@ def _register(spec: TargetSpec) -> None:
     assert set(spec.precisions) <= set(PRECISIONS) and "int4" not in spec.precisions, spec
     assert set(spec.unverified_precisions) <= set(spec.precisions), spec
     assert spec.default_tensorrt_major in (None, *spec.tensorrt_majors), spec
+    assert spec.name == spec.name.lower(), spec  # get_target looks names up in lower case
     TARGETS[spec.name] = spec
 
 
@@ -320,15 +322,20 @@ def target_names() -> list[str]:
 
 
 def get_target(name: str | TargetSpec) -> TargetSpec:
-    """The registered target called `name` (a TargetSpec passes through)."""
+    """The registered target called `name`, in any letter case (`H100` is h100: a name people
+    type; the spec carries the registry's spelling for build names and manifests). A
+    TargetSpec passes through; an unknown name is refused with the closest known one."""
     if isinstance(name, TargetSpec):
         return name
-    try:
-        return TARGETS[name]
-    except KeyError:
+    key = str(name).lower()
+    spec = TARGETS.get(key)
+    if spec is None:
+        close = difflib.get_close_matches(key, TARGETS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
         raise CUNetError(
-            f"unknown target '{name}'; known targets: {', '.join(TARGETS)} (see `cunet-optimize targets`)"
-        ) from None
+            f"unknown target '{name}'; {hint}known targets: {', '.join(TARGETS)} (see `cunet-optimize targets`)"
+        )
+    return spec
 
 
 def check_dla_core(target: str | TargetSpec, dla_core: int | None) -> int | None:
