@@ -90,6 +90,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
     from cunet_optimize.build import StageTimer, quantize_and_calibrate, run_build
     from cunet_optimize.engines.targets import get_target
     from cunet_optimize.models import resolve_model
+    from cunet_optimize.data.face300w import CALIB_DATA_FLAGS
     from cunet_optimize.tasks import check_data_task, open_dataset_or_default
 
     start = time.perf_counter()
@@ -101,7 +102,7 @@ def run_auto_build(opts, echo=print, progress: bool = True):
                          "build --precision int8 for the DLA, or drop --dla-core")
     model, ckpt_path, source, _ = resolve_model(opts.model)
     task = check_data_task(model, source, opts.calib_data, opts.eval_data)
-    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task)
+    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task, CALIB_DATA_FLAGS)
     n = len(calib_set)
     held = min(opts.auto_heldout_images, n // 2)
     if held < 2:
