@@ -415,10 +415,12 @@ def _finish(b: _Build) -> BuildReport:
     return BuildReport(b.manifest["name"], str(b.final), b.manifest, b.notes)
 
 
-def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool):
+def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool,
+                           calib_flags=CALIB_DATA_FLAGS):
     """The calibrate stage (also `calibrate` and `build --precision auto`'s first step): the
     fake-quantized model with calibrated scales (cached in calib/<id>/, quant/calib_cache.py),
-    or the model of a QAT checkpoint; and what build.json records about it."""
+    or the model of a QAT checkpoint; and what build.json records about it. `calib_flags`:
+    how hints name the calibration data options (`calibrate`'s are --data/--split)."""
     from cunet_optimize.engines.targets import get_target
     from cunet_optimize.quant import activation_scales
 
@@ -433,7 +435,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     scheme = quant_scheme(base_precision(opts), opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
     calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task_of_model(model),
-                                                    CALIB_DATA_FLAGS)
+                                                    calib_flags)
     images = min(opts.calib_images, len(calib_set))
     cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,
                          opts.calib_images, alpha)
