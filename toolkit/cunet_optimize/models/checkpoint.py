@@ -156,6 +156,13 @@ def _check_fits(config: CUNetConfig, state_dict: dict, path: Path) -> dict:
     if config.num_unets != held:
         raise CheckpointError(f"{path}: its config says num_unets = {config.num_unets}, but its tensors "
                               f"'hg.down_blocks.0.layers.*' hold {held} U-Nets; {_MISMATCH_FIX}")
+    # c0, g, b*g and C are each some tensor's dimension: larger than every one, the config
+    # cannot describe this file (and its shapes could overflow even on the meta device)
+    largest = max((max(t.shape) for t in state_dict.values() if t.dim()), default=0)
+    for name in ("width", "growth_rate", "neck_size", "num_classes"):
+        if getattr(config, name) > largest:
+            raise CheckpointError(f"{path}: its config says {name} = {getattr(config, name)}, more than any "
+                                  f"dimension of its tensors (the largest is {largest}); {_MISMATCH_FIX}")
     with torch.device("meta"):
         skeleton = CUNet(config)
     return check_state_dict(skeleton, state_dict, str(path))
@@ -189,11 +196,11 @@ def _sniff_format(path: Path) -> str:
 
 def _check_is_file(path: Path) -> None:
     if path.is_dir():
-        inside = sorted(p.name for p in path.iterdir() if p.is_file()
-                        and (p.name.endswith(".safetensors") or p.name.endswith((".pth.tar", ".pth", ".pt"))))
-        which = f" ({', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''} there)" if inside else ""
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file; pass a checkpoint file inside it{which}, "
-                              "e.g. the best.safetensors that `cunet-optimize train` writes")
+        inside = sorted(p.name for p in path.iterdir()
+                        if p.is_file() and p.name.endswith((".safetensors", ".pth.tar", ".pth", ".pt")))
+        which = (f"one of the checkpoint files in it ({', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})"
+                 if inside else "a checkpoint file, e.g. the best.safetensors `cunet-optimize train` writes in --out")
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file; pass {which}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
 
@@ -255,7 +262,7 @@ def _read_authors(path: Path, overrides: dict) -> tuple[CUNetConfig, dict, dict]
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: state_dict entry {str(key)[:80]!r} is {type(value).__name__} "
-                                  f"{str(value)[:40]!r}, not a tensor; this is not a CU-Net checkpoint "
+                                  f"{repr(value)[:40]}, not a tensor; this is not a CU-Net checkpoint "
                                   "(or it is damaged)")
     state_dict = strip_dataparallel_prefix(state_dict)
     try:
