@@ -200,8 +200,8 @@ def _one_image_per_stem(images: list[Path]) -> tuple[list[Path], list[str]]:
         elif (image.parent, image.stem) not in seen:
             seen.add((image.parent, image.stem))
             problems.append(f"{' and '.join(str(image.parent / n) for n in same)}: {len(same)} images share the "
-                            f"landmark file {image.stem}.pts (scoring both would count the face twice); "
-                            "remove or rename all but the one it was drawn on")
+                            f"landmark file {image.stem}.pts (scoring both would count the face twice; keep only the "
+                            "one it was drawn on)")
     return kept, problems
 
 

@@ -61,7 +61,8 @@ def _field(record: dict, name: str, where: str, expected: str, dtype, shape: tup
         array = None
     if array is None or array.shape != shape:
         got = f"shape {array.shape}" if array is not None else f"{type(value).__name__} {str(value)[:40]!r}"
-        raise DataError(f"{where}: {name} is {got}, expected {expected}; expected the CU-Net authors' MPII JSON")
+        raise DataError(f"{where}: {name} is {got}, expected {expected}; fix the record (the CU-Net authors' "
+                        "MPII JSON format)")
     return array
 
 
@@ -139,7 +140,7 @@ class MPIIDataset(Dataset):
                 )
             if not isinstance(a["img_paths"], str) or not a["img_paths"]:
                 raise DataError(f"{where}: img_paths is {a['img_paths']!r:.60}, expected an image path (a string); "
-                                "expected the CU-Net authors' MPII JSON")
+                                "fix the record (the CU-Net authors' MPII JSON format)")
             image_path = self.image_root / a["img_paths"]
             if not image_path.is_file():
                 raise DataError(f"{image_path}: image of {where} not found; check image_root")
