@@ -7,7 +7,9 @@ Two formats:
   model (every key starts with `module.`); read with weights_only=True so no
   pickled code runs. Its configuration is inferred from the tensors' shapes.
 
-A checkpoint that does not fit is an error naming the first mismatch.
+A checkpoint that does not fit is an error naming the first mismatch, found before
+any real allocation (a shapes-only model on the meta device); a NaN or inf value is an
+error naming its tensor.
 """
 
 from __future__ import annotations
