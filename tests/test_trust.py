@@ -21,6 +21,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +79,6 @@ def touch(path: Path, text: str = "") -> Path:
     return path
 
 
-def _expect(condition: bool, context: str) -> None:
-    assert condition, context[-3000:]
 # ------------------------------------------------- helpers: data loss (item 2) and one line (12, 13)
 
 
@@ -128,6 +127,159 @@ def argparse_refusal_only(e, t, out, err) -> None:
     """check: an argparse refusal prints its error line and where --help is, no usage block."""
     lines = err.strip().splitlines()
     assert len(lines) == 2 and lines[1].startswith("see 'cunet-optimize ") and lines[1].endswith(" --help'"), err
+
+
+# ---- helpers of the wrong-result (7, 8) and one-line (12, 13) rows: inputs a checkpoint or a data
+# set should be refused for (models/checkpoint.py, evaluate.check_finite, data/face300w.py, data/mpii.py)
+
+
+def tiny_state(env) -> tuple[dict, dict]:
+    """(tensors, metadata) of the module's tiny checkpoint, to damage."""
+    from safetensors import safe_open
+
+    with safe_open(env.model, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def tiny_variant(env, path: Path, edit_tensors=None, edit_meta=None) -> Path:
+    """The tiny checkpoint with its tensors and/or metadata edited in place by the callables."""
+    from safetensors.torch import save_file
+
+    tensors, meta = tiny_state(env)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def with_nan(tensors: dict, key: str, count: int = 3, value: float = float("nan")) -> None:
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[:count] = value
+
+
+def with_config(**fields):
+    """A metadata edit: these config fields changed."""
+    def edit(meta: dict) -> None:
+        meta["config"] = json.dumps({**json.loads(meta["config"]), **fields})
+    return edit
+
+
+def authors_file(env, path: Path, edit=None) -> Path:
+    """The tiny model as the authors' torch.save'd DataParallel dict, optionally edited."""
+    import torch
+
+    state = {f"module.{k}": v for k, v in tiny_state(env)[0].items()}
+    if edit:
+        edit(state)
+    torch.save({"state_dict": state, "epoch": 1}, path)
+    return path
+
+
+def grown_last_layer(state: dict) -> None:
+    """U-Net N-1's first dense layer made wider (c0 + N*g inputs) than any order K < N gives."""
+    n = 1 + max(int(m.group(1)) for k in state
+                if (m := re.match(r"module\.hg\.down_blocks\.0\.layers\.(\d+)\.norm1\.weight$", k)))
+    width = state["module.features.conv0.weight"].shape[0]
+    growth = state["module.hg.down_blocks.0.layers.0.conv2.weight"].shape[0]
+    key = f"module.hg.down_blocks.0.layers.{n - 1}.norm1.weight"
+    state[key] = state[key].new_ones(width + n * growth)
+
+
+def run_folder(env, tmp: Path) -> Path:
+    """A training run's folder, holding its best.safetensors."""
+    (tmp / "run").mkdir()
+    shutil.copy(env.model, tmp / "run" / "best.safetensors")
+    return tmp / "run"
+
+
+def without_version_record(env, path: Path) -> Path:
+    """A torch zip file with its `version` record missing: torch.load's message for it asks the
+    reader to report an enhancement request to PyTorch."""
+    import zipfile
+
+    src = authors_file(env, path.with_name("whole.pth.tar"))
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for name in z.namelist():
+            if not name.endswith("/version"):
+                out.writestr(name, z.read(name))
+    src.unlink()
+    return path
+
+
+def faces_copy(env, tmp: Path, edit_pts=None) -> Path:
+    """A copy of the 6 faces; edit_pts(index, landmarks) -> landmarks rewrites .pts files."""
+    from cunet_optimize.data.pts import read_pts, write_pts
+
+    faces = Path(shutil.copytree(env.faces, tmp / "faces"))
+    if edit_pts:
+        for i, pts in enumerate(sorted((faces / "images").glob("*.pts"))):
+            new = edit_pts(i, read_pts(pts).copy())
+            if new is not None:
+                write_pts(pts, new)
+    return faces
+
+
+def far_outside(i: int, points):
+    """Image 1: 27 of 68 points 1e5 px away; image 2: one point 0.9 image sizes past the right
+    border (kept: within the image's own size); image 3: one 1.1 image sizes past (refused)."""
+    if i == 1:
+        points[:27] += 1e5
+    elif i in (2, 3):
+        points[0, 0] = 255.5 + (0.9 if i == 2 else 1.1) * 256
+    else:
+        return None
+    return points
+
+
+def zero_inter_ocular(i: int, points):
+    if i == 0:
+        points[45] = points[36]
+        return points
+    return None
+
+
+def two_images_of_one_stem(env, tmp: Path, other: str) -> Path:
+    faces = faces_copy(env, tmp)
+    shutil.copy(faces / "images" / "00001.png", faces / "images" / f"00001{other}")
+    return faces
+
+
+def pose_model(tmp: Path) -> Path:
+    """A tiny 16-joint (pose) model."""
+    import torch
+
+    from cunet_optimize.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp / "pose.safetensors"
+    save_checkpoint(create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2, num_classes=16), path,
+                    {"task": "pose"})
+    return path
+
+
+def mpii_with(tmp: Path, **fields) -> Path:
+    """An MPII annotation JSON of one valid record with `fields` replaced, and its image."""
+    from PIL import Image
+
+    (tmp / "mpii" / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp / "mpii" / "images" / "a.png")
+    record = {"img_paths": "a.png", "joint_self": [[20.0, 20.0, 1.0]] * 16, "objpos": [32.0, 32.0],
+              "scale_provided": 0.3, "normalizer": 10.0, "isValidation": 1.0, "dataset": "MPII", **fields}
+    path = tmp / "mpii" / "mpii_annotations.json"
+    path.write_text(json.dumps([record]))
+    return path
+
+
+def json_count(expected: int):
+    def check(env, tmp, out, err):
+        assert json.loads(out)["metrics"]["count"] == expected, out
+    return check
+
+
+def no_torch_advice(env, tmp, out, err):
+    assert "PyTorch" not in err and "report" not in err, err
 
 
 # ----------------------------------------------------------------------------- the table
@@ -243,6 +395,44 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------- end integrity
 
     # ------------------------------------------------------------------- wrong results (7, 8, 9)
+    # item 7: a checkpoint with NaN/inf values is refused at load, naming the tensor (BatchNorm
+    # statistics too, the authors' format too); a model whose outputs are NaN/inf, or a ground
+    # truth that cannot be scored, is an error, never an "NME nan" printed with exit 0
+    Case("eval-nan-weight", "wrong-result", 7,
+         lambda e, t: ["eval", "--model", tiny_variant(e, t / "nan.safetensors", lambda d: with_nan(
+             d, "hg.down_blocks.0.layers.0.conv1.weight")), "--data", e.faces, "--split", "all"],
+         2, "tensor 'hg.down_blocks.0.layers.0.conv1.weight' has 3 NaN value(s); the checkpoint is damaged"),
+    Case("eval-inf-running-var", "wrong-result", 7,
+         lambda e, t: ["eval", "--model", tiny_variant(e, t / "inf.safetensors", lambda d: with_nan(
+             d, "features.norm0.running_var", 1, float("inf"))), "--data", e.faces, "--split", "all"],
+         2, "tensor 'features.norm0.running_var' has 1 inf value(s)"),
+    Case("models-authors-nan", "wrong-result", 7,
+         lambda e, t: ["models", "--checkpoint", authors_file(e, t / "a.pth.tar", lambda d: with_nan(
+             d, "module.linears.0.conv.weight"))], 2, "tensor 'linears.0.conv.weight' has 3 NaN value(s)"),
+    Case("eval-overflowing-model", "wrong-result", 7,
+         lambda e, t: ["eval", "--model", tiny_variant(e, t / "big.safetensors", lambda d: d.update(
+             {k: v * 1e30 for k, v in d.items() if k.endswith("conv.weight")})), "--data", e.faces, "--split", "all"],
+         2, "NME is not a result here: PyTorch FP32 (CPU) outputs NaN/inf heatmaps for 6 of 6 images"),
+    Case("eval-zero-inter-ocular", "wrong-result", 7,
+         lambda e, t: ["eval", "--model", e.model, "--data", faces_copy(e, t, zero_inter_ocular), "--split", "all"],
+         2, "inter_ocular distance is zero for 1 image(s)"),
+    # item 8: a landmark further past the border than the image is large is a damaged .pts
+    # (both directions in one row: 0.9 image sizes past is kept, 1.1 and 1e5 px are skipped)
+    Case("eval-pts-far-outside", "wrong-result", 8,
+         lambda e, t: ["eval", "--model", e.model, "--data", faces_copy(e, t, far_outside), "--split", "all"],
+         2, "00001.pts: 27 of 68 landmarks lie far outside the 256x256 image"),
+    Case("eval-pts-far-outside-skip-bad", "wrong-result", 8,
+         lambda e, t: ["eval", "--model", e.model, "--data", faces_copy(e, t, far_outside), "--split", "all",
+                       "--skip-bad", "--json"],
+         0, "00003.pts: 1 of 68 landmarks lie far outside", check=json_count(4)),
+    # item 8: two images of one .pts stem are an error naming both, never two samples
+    Case("eval-png-and-PNG", "wrong-result", 8,
+         lambda e, t: ["eval", "--model", e.model, "--data", two_images_of_one_stem(e, t, ".PNG"), "--split", "all"],
+         2, "00001.PNG and "),
+    Case("eval-png-and-jpg-skip-bad", "wrong-result", 8,
+         lambda e, t: ["eval", "--model", e.model, "--data", two_images_of_one_stem(e, t, ".jpg"), "--split", "all",
+                       "--skip-bad", "--json"],
+         0, "2 images share the landmark file 00001.pts", check=json_count(5)),
     # ------------------------------------------------------------------- end wrong results
 
     # ------------------------------------------------------------------- grammar (10)
@@ -277,6 +467,45 @@ CASES: list[Case] = [
     Case("argparse-unknown-option-names-command", "one-line", 13,
          lambda e, t: ["report", profile_json(t), "--nosuch"], 2, "unrecognized arguments: --nosuch",
          check=argparse_refusal_only),
+    # item 12: checkpoints and annotations of the wrong types or sizes are one line
+    Case("models-authors-values-not-tensors", "one-line", 12,
+         lambda e, t: ["models", "--checkpoint", authors_file(e, t / "a.pth.tar", lambda d: d.update(
+             {"module.features.conv0.weight": 3}))], 2, "'module.features.conv0.weight' is int 3, not a tensor"),
+    Case("models-config-metadata-a-list", "one-line", 12,
+         lambda e, t: ["models", "--checkpoint", tiny_variant(e, t / "m.safetensors", edit_meta=lambda m: m.update(
+             config="[1,2]"))], 2, "its config metadata is not a JSON object"),
+    Case("models-config-metadata-not-json", "one-line", 12,
+         lambda e, t: ["models", "--checkpoint", tiny_variant(e, t / "m.safetensors", edit_meta=lambda m: m.update(
+             config="{width: 8"))], 2, "its config metadata is not a JSON object"),
+    Case("models-config-width-2-40", "one-line", 12,
+         lambda e, t: ["models", "--checkpoint", tiny_variant(e, t / "m.safetensors",
+                                                              edit_meta=with_config(width=2 ** 40))],
+         2, "its config says width = 1099511627776, more than any dimension of its tensors"),
+    Case("eval-68-channels-task-pose", "one-line", 12,
+         lambda e, t: ["eval", "--model", tiny_variant(e, t / "m.safetensors", edit_meta=lambda m: m.update(
+             task="pose")), "--data", e.faces], 2, "says task 'pose' (16 points), but the model has 68 heatmap"),
+    Case("eval-mpii-joint-self-a-string", "one-line", 12,
+         lambda e, t: ["eval", "--model", pose_model(t), "--data", mpii_with(t, joint_self="abc")],
+         2, "mpii_annotations.json[0]: joint_self is str 'abc', expected 16 rows of [x, y, visible]"),
+    Case("eval-mpii-scale-a-list", "one-line", 12,
+         lambda e, t: ["eval", "--model", pose_model(t), "--data", mpii_with(t, scale_provided=[1, 2])],
+         2, "mpii_annotations.json[0]: scale_provided is shape (2,), expected a number"),
+    # item 13: messages that point the right way
+    Case("models-checkpoint-a-folder", "one-line", 13,
+         lambda e, t: ["models", "--checkpoint", run_folder(e, t)],
+         2, "run: is a folder, not a checkpoint file; pass one of the checkpoint files in it (best.safetensors)"),
+    Case("models-shapes-fit-no-config", "one-line", 13,
+         lambda e, t: ["models", "--checkpoint", authors_file(e, t / "a.pth.tar", grown_last_layer)],
+         2, "the tensor shapes fit no CU-Net configuration: 'hg.down_blocks.0.layers."),
+    Case("build-eval-split-hint-names-its-flag", "one-line", 13,
+         lambda e, t: build_args(e, t / "w", "--eval-split", "nosuch"), 2, "pass --eval-split all for every image",
+         may_create=("w/*",)),  # the workdir lock, taken before the checks, is item 11's
+    Case("build-calib-split-hint-names-its-flag", "one-line", 13,
+         lambda e, t: build_args(e, t / "w", "--precision", "int8", "--calib-split", "nosuch"), 2,
+         "pass --calib-split all for every image", may_create=("w/*",)),
+    Case("models-torch-asks-for-a-report", "one-line", 13,
+         lambda e, t: ["models", "--checkpoint", without_version_record(e, t / "v.pth.tar")], 2,
+         "v.pth.tar: cannot be read as a torch checkpoint", check=no_torch_advice),
     # ------------------------------------------------------------------- end one line
 ]
 
@@ -409,3 +638,17 @@ def test_a_finite_box_is_used(env, tmp_path, capsys):
     assert main(["predict", str(env.images[0]), "--model", env.model, "--box", "10,10.5,200,220", "--no-draw",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["box"] == [10.0, 10.5, 200.0, 220.0]
+
+
+# ----------------------------------------------------------------------------- one line (12): the cache variable
+# CUNET_OPTIMIZE_CACHE needs the environment, so these rows run through test_trust with it set.
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_trust_cache_variable(where, env, tmp_path, capsys, caplog, monkeypatch):
+    cache = touch(tmp_path / "cache", "not a folder")
+    monkeypatch.setenv("CUNET_OPTIMIZE_CACHE", str(cache if where == "a-file" else cache / "sub"))
+    case = Case(f"calibrate-cache-variable-{where}", "one-line", 12,
+                lambda e, t: ["calibrate", "--model", e.model, "--workdir", t / "w"], 2,
+                "CUNET_OPTIMIZE_CACHE=", may_create=("w/*",))  # the workdir lock is item 11's
+    test_trust(case, env, tmp_path, capsys, caplog, monkeypatch)

@@ -33,6 +33,7 @@ import onnx
 
 from cunet_optimize import __version__, distributed
 from cunet_optimize.atomic import sha256_file
+from cunet_optimize.data.face300w import CALIB_DATA_FLAGS, EVAL_DATA_FLAGS
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_runner
 from cunet_optimize.fp32_reference import reference_accuracy
@@ -325,7 +326,7 @@ def _record_inputs(b: _Build) -> None:
     """The model and the evaluation set, as build.json records them."""
     b.manifest["model"] = {"source": b.source, "checkpoint": str(b.ckpt_path), "sha256": sha256_file(b.ckpt_path),
                            "config": b.model.config.to_dict()}
-    b.eval_set, b.eval_root = open_dataset_or_default(b.opts.eval_data, b.opts.eval_split, b.task)
+    b.eval_set, b.eval_root = open_dataset_or_default(b.opts.eval_data, b.opts.eval_split, b.task, EVAL_DATA_FLAGS)
     b.manifest["eval_data"] = {"folder": str(b.eval_root.resolve()), "split": b.opts.eval_split,
                                "images": len(b.eval_set), "crop": b.eval_set.crop_policy, "task": b.task.name}
 
@@ -517,10 +518,12 @@ def _finish(b: _Build) -> BuildReport:
     return BuildReport(b.manifest["name"], str(b.staging), b.manifest, b.notes)
 
 
-def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool):
+def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool,
+                           calib_flags=CALIB_DATA_FLAGS):
     """The calibrate stage (also `calibrate` and `build --precision auto`'s first step): the
     fake-quantized model with calibrated scales (cached in calib/<id>/, quant/calib_cache.py),
-    or the model of a QAT checkpoint; and what build.json records about it."""
+    or the model of a QAT checkpoint; and what build.json records about it. `calib_flags`:
+    how hints name the calibration data options (`calibrate`'s are --data/--split)."""
     from cunet_optimize.engines.targets import get_target
     from cunet_optimize.quant import activation_scales
 
@@ -534,7 +537,8 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     model_sha = sha256_file(ckpt_path)
     scheme = quant_scheme(base_precision(opts), opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
-    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task_of_model(model))
+    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task_of_model(model),
+                                                    calib_flags)
     images = min(opts.calib_images, len(calib_set))
     cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,
                          opts.calib_images, alpha)

@@ -9,6 +9,10 @@ Under torchrun the batches are dealt out to the ranks (batch k to rank k mod N, 
 batch holds the images it holds in one process), the per-image predictions are gathered
 on every rank, and the metrics are computed over all of them: the same numbers as one
 process, on every rank.
+
+A metric that comes out NaN or inf is an error, not a result (`check_finite`): the model's
+outputs are broken, or the ground truth cannot be scored. Training's validation, where a
+diverging run is a finding the loop records, opts out with `allow_nonfinite`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cunet_optimize import distributed, tasks
+from cunet_optimize import distributed, metrics, tasks
 from cunet_optimize.data.transforms import decode_heatmaps, heatmap_to_image_coords
+from cunet_optimize.errors import CUNetError
 
 InferFn = Callable[[np.ndarray], np.ndarray]  # Bx3x256x256 float32 -> BxCx64x64 float32
 
@@ -76,15 +81,15 @@ def evaluate_landmarks(
     description: str = "eval",
     runtime: str = "",
     sharded: bool | None = None,
+    allow_nonfinite: bool = False,
 ) -> EvalResult:
     """Predict every sample of a face or pose data set and score it (docs/EVAL.md conventions:
     NME with `normalizer` for faces, PCKh@0.5 for pose; flip test with the task's permutation).
 
     `sharded` (default: whether a process group is active): every rank must call this with
-    the same data set and batch size; each predicts its batches and all get the full result."""
+    the same data set and batch size; each predicts its batches and all get the full result.
+    A NaN/inf metric or prediction raises CUNetError (see `check_finite`) unless `allow_nonfinite`."""
     if len(dataset) == 0:
-        from cunet_optimize.errors import CUNetError
-
         raise CUNetError("evaluation set is empty; check the data folder and its split list")
     task = tasks.task_of_dataset(dataset)
     if flip:
@@ -130,6 +135,8 @@ def evaluate_landmarks(
     vis = np.stack(visible) if visible else None
     hs = np.asarray(head_size) if head_size else None
     summary, per_image, joint_errors = tasks.score(task, pred, gt, vis, hs, normalizer)
+    if not allow_nonfinite:
+        check_finite(task, summary, pred, gt, paths, runtime or description, normalizer)
     settings = {
         "task": task.name,
         "metric": task.metric,
@@ -140,6 +147,31 @@ def evaluate_landmarks(
         "runtime": runtime,
     }
     return EvalResult(summary, per_image, pred, paths, settings, task.name, joint_errors, vis)
+
+
+def check_finite(task, summary: dict, pred: np.ndarray, gt: np.ndarray, paths: list[str], what: str,
+                 normalizer: str = "inter_ocular") -> None:
+    """One line when an evaluation's numbers are not numbers: predictions that are NaN/inf (the
+    model or engine is broken: its heatmaps are not finite), else a headline metric that is
+    (a ground truth that cannot be scored, e.g. a face whose normalising distance is zero)."""
+    value = task.headline(summary)
+    broken = ~np.isfinite(pred).all(axis=(1, 2))
+    if broken.any():
+        first = paths[int(np.argmax(broken))]
+        raise CUNetError(
+            f"{task.metric} is not a result here: {what} outputs NaN/inf heatmaps for {int(broken.sum())} of "
+            f"{len(pred)} images (e.g. {first}); the model is broken (damaged weights, or values that overflow): "
+            "retrain, re-export or rebuild it"
+        )
+    if not np.isfinite(value):
+        detail = "check the annotations"
+        if task is tasks.FACE:
+            with np.errstate(all="ignore"):
+                zero = ~(metrics.normalizing_distance(gt, normalizer) > 0)
+            if zero.any():
+                detail = (f"the ground truth's {normalizer} distance is zero for {int(zero.sum())} image(s) (e.g. "
+                          f"{paths[int(np.argmax(zero))]}); fix those .pts files or use the normaliser 'box'")
+        raise CUNetError(f"{task.metric} of {what} came out {value} on {len(pred)} images: {detail}")
 
 
 def evaluate_runner(runner, eval_set, evaluate_landmarks, progress: bool, description: str):

@@ -132,16 +132,17 @@ def check_task(model_task: Task, data_task: Task, model_name: str, data: str | o
 
 
 def open_dataset(task: Task, root: str | os.PathLike, split: str | None, *, augment: bool = False, seed: int = 0,
-                 crop: str = "tight", boxes: str | None = None, skip_bad: bool = False):
+                 crop: str = "tight", boxes: str | None = None, skip_bad: bool = False, flags=None):
     """The task's data set over `root`. Split names are the face lists' (train/test/calib/...;
     None or "all" for everything); for MPII, test -> the validation records, train and calib ->
-    the training records. `crop`, `boxes`, `skip_bad` are the 300-W reader's."""
-    from cunet_optimize.data.face300w import DataError, Face300W
+    the training records. `crop`, `boxes`, `skip_bad` are the 300-W reader's; `flags`
+    (face300w.DataFlags) the command's option names its hints use (default --data/--split)."""
+    from cunet_optimize.data.face300w import DataError, DataFlags, Face300W
     from cunet_optimize.data.mpii import MPIIDataset
 
     if task is FACE:
         return Face300W(root, split=None if split in (None, "all") else split, crop=crop, boxes=boxes,
-                        augment=augment, seed=seed, skip_bad=skip_bad)
+                        augment=augment, seed=seed, skip_bad=skip_bad, flags=flags or DataFlags())
     if split not in _MPII_SPLIT:
         raise DataError(f"{root}: MPII data has no split {split!r}; use train, test (its validation records) or all")
     json_path, images = mpii_paths(root)
@@ -158,10 +159,11 @@ def check_data_task(model, model_name: str, *folders: str | None) -> Task:
     return task
 
 
-def open_dataset_or_default(folder: str | None, split: str | None, task: Task = FACE):
-    """(`task`'s data set over `folder`, or over the task's synthetic default set when None; its root)."""
+def open_dataset_or_default(folder: str | None, split: str | None, task: Task = FACE, flags=None):
+    """(`task`'s data set over `folder`, or over the task's synthetic default set when None; its root).
+    `flags`: the command's option names for hints (face300w.EVAL_DATA_FLAGS for a build's --eval-*)."""
     root = Path(folder) if folder else task.default_data()
-    return open_dataset(task, root, split), root
+    return open_dataset(task, root, split, flags=flags), root
 
 
 def default_calib_split(calib_data: str | None, split: str | None = None) -> str | None:
@@ -189,8 +191,10 @@ def calibration_batches(dataset, images: int, batch_size: int = 16):
 def calibration_images(folder: str | None, split: str | None, count: int, task: Task = FACE) -> np.ndarray:
     """The first `count` calibration images (of `folder`, or of the task's default set) as one
     float32 array, for graph passes that calibrate new quantization points (surgery's
-    integer_dataflow)."""
-    dataset, _ = open_dataset_or_default(folder, split, task)
+    integer_dataflow, whose commands name them --calib-data/--calib-split)."""
+    from cunet_optimize.data.face300w import CALIB_DATA_FLAGS
+
+    dataset, _ = open_dataset_or_default(folder, split, task, CALIB_DATA_FLAGS)
     return np.concatenate([b.numpy() for b in calibration_batches(dataset, count)])
 
 

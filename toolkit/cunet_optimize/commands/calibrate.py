@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cunet_optimize.build import BuildOptions, StageTimer, quantize_and_calibrate
 from cunet_optimize.commands.common import positive_int
+from cunet_optimize.data.face300w import DataFlags
 from cunet_optimize.workdir_lock import workdir_lock
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
                                             print_json)
@@ -42,7 +43,8 @@ def run(args) -> int:
     check_data_task(model, source, args.data)
     timer = StageTimer(total=1, echo=(lambda *_: None) if args.json else print)
     with workdir_lock(args.workdir, "cunet-optimize calibrate"):
-        qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json)
+        qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json,
+                                              calib_flags=DataFlags(skip_bad=None))
     calib_dir = Path(info["scales_file"]).parent
     cache = calib_dir / "calibration.cache"
     if not cache.is_file() or not info.get("cached"):  # keyed by ONNX tensor names: export once per scales

@@ -9,35 +9,78 @@ the same indices of `cunet-optimize data synth --count 3000 --seed 0
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
 from cunet_optimize.data.synth import SYNTH_VERSION, image_name, split_test_indices, write_face
+from cunet_optimize.errors import CUNetError
 
 DEFAULT_SYNTH = {"count": 3000, "seed": 0, "test_fraction": 0.1}
 CALIBRATION_IMAGES = 128  # taken from the training split: never from the test split
 
 
+CACHE_VARIABLE = "CUNET_OPTIMIZE_CACHE"
+
+
+def cache_root() -> Path:
+    """Where the default data sets are written: $CUNET_OPTIMIZE_CACHE, else ~/.cache/cunet-optimize."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "cunet-optimize")
+
+
+def _cache_error(exc: OSError | None = None) -> CUNetError:
+    """One line naming what sets the cache folder (the variable, when set; never --workdir)."""
+    root = cache_root()
+    where = f"{CACHE_VARIABLE}={root}" if os.environ.get(CACHE_VARIABLE) else f"the cache folder {root}"
+    why = "is a file, not a folder" if exc is None else f"cannot be written ({exc.strerror or exc})"
+    return CUNetError(f"{where}: {why}; point {CACHE_VARIABLE} at a writable folder, or pass a data folder "
+                      "so that the default data is not needed")
+
+
+# Errors that mean "this place cannot hold the cache"; a full disk stays the CLI's own line.
+_CACHE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT, errno.EEXIST}
+
+
+@contextmanager
+def _writing_cache():
+    """Around creating and writing the default data: a cache root that cannot be one is named
+    by what sets it (the CLI would otherwise blame --workdir/--out)."""
+    if cache_root().exists() and not cache_root().is_dir():
+        raise _cache_error()
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _CACHE_ERRNOS:
+            raise
+        raise _cache_error(exc) from None
+
+
 def default_data_dir() -> Path:
-    base = os.environ.get("CUNET_OPTIMIZE_CACHE") or Path.home() / ".cache" / "cunet-optimize"
     s = DEFAULT_SYNTH
-    return Path(base) / f"synth-faces-v{SYNTH_VERSION}-seed{s['seed']}-n{s['count']}"
+    return cache_root() / f"synth-faces-v{SYNTH_VERSION}-seed{s['seed']}-n{s['count']}"
 
 
 def ensure_default_dataset(progress: bool = True) -> Path:
     """Folder with images/, test.txt and calib.txt of the default set; written on first use."""
     out = default_data_dir()
-    if (out / "dataset.json").is_file():
-        return out
-    count, seed, fraction = DEFAULT_SYNTH["count"], DEFAULT_SYNTH["seed"], DEFAULT_SYNTH["test_fraction"]
-    test = split_test_indices(count, seed, fraction)
-    test_set = set(test)
-    calib = [i for i in range(count) if i not in test_set][:CALIBRATION_IMAGES]
+    with _writing_cache():
+        if (out / "dataset.json").is_file():
+            return out
+        count, seed, fraction = DEFAULT_SYNTH["count"], DEFAULT_SYNTH["seed"], DEFAULT_SYNTH["test_fraction"]
+        test = split_test_indices(count, seed, fraction)
+        test_set = set(test)
+        calib = [i for i in range(count) if i not in test_set][:CALIBRATION_IMAGES]
+        _write_default_faces(out, seed, count, test, calib, progress)
+    return out
+
+
+def _write_default_faces(out: Path, seed: int, count: int, test: list[int], calib: list[int], progress: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -60,13 +103,13 @@ def ensure_default_dataset(progress: bool = True) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
-def subset_split_hint(root: Path, split: str) -> str | None:
+def subset_split_hint(root: Path, split: str, data_flag: str = "--data DIR") -> str | None:
     """Why `split` is missing from `root` when root is the default data's cache: it holds only
     the test split and the calibration slice, so say how to write the whole set (the same
-    images), e.g. the training split that `qat` fine-tunes on. None for any other folder."""
+    images), e.g. the training split that `qat` fine-tunes on, to pass as `data_flag`. None for
+    any other folder."""
     try:
         info = json.loads((Path(root) / "dataset.json").read_text())
     except (OSError, ValueError):
@@ -76,7 +119,7 @@ def subset_split_hint(root: Path, split: str) -> str | None:
     return (f"{root} is the cached part of a synthetic set ({', '.join(sorted(info['subset']))} only), with no "
             f"{split} split; write the whole set (the same images) with `cunet-optimize data synth --out DIR "
             f"--count {info['count']} --seed {info['seed']} --test-fraction {info['test_fraction']}` "
-            f"and pass --data DIR")
+            f"and pass {data_flag}")
 
 
 # The pose task's default data: the validation split and a calibration slice of
@@ -87,9 +130,8 @@ DEFAULT_POSE_SYNTH = {"count": 1200, "seed": 0, "test_fraction": 0.1}
 def default_pose_data_dir() -> Path:
     from cunet_optimize.data.synth_pose import SYNTH_POSE_VERSION
 
-    base = os.environ.get("CUNET_OPTIMIZE_CACHE") or Path.home() / ".cache" / "cunet-optimize"
     s = DEFAULT_POSE_SYNTH
-    return Path(base) / f"synth-poses-v{SYNTH_POSE_VERSION}-seed{s['seed']}-n{s['count']}"
+    return cache_root() / f"synth-poses-v{SYNTH_POSE_VERSION}-seed{s['seed']}-n{s['count']}"
 
 
 def ensure_default_pose_dataset(progress: bool = True) -> Path:
@@ -98,8 +140,9 @@ def ensure_default_pose_dataset(progress: bool = True) -> Path:
     from cunet_optimize.data.synth_pose import SYNTH_POSE_GENERATOR, SYNTH_POSE_VERSION, write_pose_set
 
     out = default_pose_data_dir()
-    if (out / "dataset.json").is_file():
-        return out
+    with _writing_cache():
+        if (out / "dataset.json").is_file():
+            return out
     count, seed, fraction = (DEFAULT_POSE_SYNTH[k] for k in ("count", "seed", "test_fraction"))
     valid = set(split_test_indices(count, seed, fraction))
     calib = [i for i in range(count) if i not in valid][:CALIBRATION_IMAGES]
@@ -107,9 +150,10 @@ def ensure_default_pose_dataset(progress: bool = True) -> Path:
                 **DEFAULT_POSE_SYNTH, "subset": {"valid": len(valid), "train (calibration)": len(calib)},
                 "note": "valid split + first training images of `data synth --task pose --count 1200 --seed 0 "
                         "--test-fraction 0.1`"}
-    try:
-        write_pose_set(out, seed, sorted(valid | set(calib)), valid, count, 256, progress, manifest)
-    except OSError:  # another process finished first: keep theirs
-        if not (out / "dataset.json").is_file():
-            raise
+    with _writing_cache():
+        try:
+            write_pose_set(out, seed, sorted(valid | set(calib)), valid, count, 256, progress, manifest)
+        except OSError:  # another process finished first: keep theirs
+            if not (out / "dataset.json").is_file():
+                raise
     return out

@@ -43,6 +43,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".t
 # Smaller than this, a face crop has no detail left: 1x1 "images" are refused, not predicted.
 MIN_IMAGE_SIDE = 16
 SPLIT_NAMES = ("train", "test", "common", "challenging", "full")
+# A landmark further past the image border than the image is wide (or high) is not a point of a
+# face in this picture: 300-W's faces cut by the border have their hidden points (the jaw, a
+# cheek) within a fraction of the face's size past it, and a face is no larger than its photo.
+# Such a point is a damaged or foreign .pts; one alone moves the NME by orders of magnitude.
+FAR_OUTSIDE_IMAGE_SIZES = 1.0
 CROP_POLICIES = {
     "tight": "tight: ground-truth landmark box, centre = box centre, scale = max(w,h)/200*1.25 (HRNet)",
     "detector": "detector: face-detector box, centre = box centre, scale = max(w,h)/200*1.1 (CU-Net authors)",
@@ -51,6 +56,21 @@ CROP_POLICIES = {
 
 class DataError(CUNetError):
     """A data set on disk that cannot be used as given (missing, corrupt or inconsistent files)."""
+
+
+@dataclass(frozen=True)
+class DataFlags:
+    """How a hint names the data options of whoever opened the set: the command's flags (a
+    build's evaluation data is --eval-data/--eval-split), by default those of the commands
+    with --data/--split/--skip-bad, with the Python arguments beside them."""
+
+    data: str = "--data DIR"
+    split_all: str = "--split all (split=None)"
+    skip_bad: str | None = "--skip-bad (skip_bad=True)"  # None: the caller cannot skip bad samples
+
+
+EVAL_DATA_FLAGS = DataFlags("--eval-data DIR", "--eval-split all", None)
+CALIB_DATA_FLAGS = DataFlags("--calib-data DIR", "--calib-split all", None)
 
 
 # Pillow's own errors for unreadable files; DecompressionBombError is none of these.
@@ -125,21 +145,22 @@ class FaceRecord:
     box: np.ndarray | None  # [x1, y1, x2, y2] for the detector crop
 
 
-def resolve_split_list(root: Path, split: str | os.PathLike) -> Path:
-    """``"train"`` -> root/train.txt; anything that looks like a path is taken as the list file itself."""
+def resolve_split_list(root: Path, split: str | os.PathLike, flags: DataFlags = DataFlags()) -> Path:
+    """``"train"`` -> root/train.txt; anything that looks like a path is taken as the list file itself.
+    A missing list's hint names the options in `flags`."""
     text = os.fspath(split)
     is_path = os.sep in text or "/" in text or text.endswith(".txt") or Path(text).is_file()
     path = Path(text) if is_path else root / f"{text}.txt"
     if not path.is_file():
         from cunet_optimize.data.default_set import subset_split_hint
 
-        hint = None if is_path else subset_split_hint(root, text)
+        hint = None if is_path else subset_split_hint(root, text, flags.data)
         if hint:
             raise DataError(hint)
         names = ", ".join(SPLIT_NAMES)
         raise DataError(
             f"{path}: split list not found; write one image path (relative to {root}) per line, "
-            f"or pass --split all (split=None) for every image (usual names: {names})"
+            f"or pass {flags.split_all} for every image (usual names: {names})"
         )
     return path
 
@@ -159,6 +180,29 @@ def _image_for_entry(root: Path, entry: str) -> Path | None:
         if cand.is_file():
             return cand
     return None
+
+
+def _one_image_per_stem(images: list[Path]) -> tuple[list[Path], list[str]]:
+    """(images whose stem has no other image beside it, a problem per stem that has several).
+    Siblings are found by the names the folder lists (a case-insensitive disk has one name)."""
+    by_stem: dict[Path, dict[str, list[str]]] = {}  # folder -> stem -> its image names
+    kept, problems, seen = [], [], set()
+    for image in images:
+        if image.parent not in by_stem:
+            stems: dict[str, list[str]] = {}
+            for name in sorted(os.listdir(image.parent)):
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    stems.setdefault(Path(name).stem, []).append(name)
+            by_stem[image.parent] = stems
+        same = by_stem[image.parent].get(image.stem, [image.name])
+        if len(same) < 2:
+            kept.append(image)
+        elif (image.parent, image.stem) not in seen:
+            seen.add((image.parent, image.stem))
+            problems.append(f"{' and '.join(str(image.parent / n) for n in same)}: {len(same)} images share the "
+                            f"landmark file {image.stem}.pts (scoring both would count the face twice; keep only the "
+                            "one it was drawn on)")
+    return kept, problems
 
 
 def _read_boxes(path: str | os.PathLike) -> dict[str, list[float]]:
@@ -192,7 +236,12 @@ class Face300W(Dataset):
             raising. Problems are found at construction: `.pts` files are parsed and
             images verified (header / PNG CRC) eagerly, so a run never dies halfway.
         verify_images: set False to skip the eager image check on very large sets; a
-            corrupt image then raises DataError when its item is loaded.
+            corrupt image then raises DataError when its item is loaded (and landmarks are
+            not checked against the image size).
+        flags: how error hints name the data options (a command's flags; `DataFlags`).
+
+    Two images of one stem (``a.png`` beside ``a.PNG`` or ``a.jpg``) share one ``a.pts``:
+    which one it annotates is unknown, so both are a bad sample (never two samples).
 
     Item (dict): image float32 (3, 256, 256); heatmaps float32 (C, 64, 64); landmarks
     float32 (C, 2) original coords; transform float32 (2, 3) original -> input;
@@ -217,8 +266,10 @@ class Face300W(Dataset):
         verify_images: bool = True,
         input_size: int = INPUT_SIZE,
         heatmap_size: int = HEATMAP_SIZE,
+        flags: DataFlags = DataFlags(),
     ) -> None:
         self.root = Path(root)
+        self.flags = flags
         if crop not in CROP_POLICIES:
             raise DataError(f"unknown crop policy {crop!r}; use one of: {', '.join(CROP_POLICIES)}")
         if crop == "detector" and boxes is None:
@@ -239,8 +290,10 @@ class Face300W(Dataset):
         box_table = _read_boxes(boxes) if boxes is not None else None
 
         images, problems = self._list_images(split)
+        images, doubled = _one_image_per_stem(images)
+        problems += doubled
         if not images and not problems:
-            where = self.root if split is None else resolve_split_list(self.root, split)
+            where = self.root if split is None else resolve_split_list(self.root, split, flags)
             raise DataError(f"{where}: no images ({'/'.join(IMAGE_EXTENSIONS)}) found; check the data folder")
 
         self.records: list[FaceRecord] = []
@@ -253,8 +306,9 @@ class Face300W(Dataset):
         if problems:
             if not skip_bad:
                 more = f" (and {len(problems) - 1} more bad samples)" if len(problems) > 1 else ""
-                raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad (skip_bad=True) "
-                                "to skip bad samples")
+                fix = (f"fix the data or pass {flags.skip_bad} to skip bad samples" if flags.skip_bad
+                       else "fix or remove the bad samples")
+                raise DataError(f"{problems[0]}{more}; {fix}")
             for p in problems:
                 log.warning("skipping bad sample: %s", p)
             total = len(problems) + len(self.records)
@@ -272,7 +326,7 @@ class Face300W(Dataset):
                              and p.with_suffix("") not in stems and p.is_file())
             return images, [f"{p}: landmark file without an image ({'/'.join(IMAGE_EXTENSIONS)}) of the same "
                             "name; add the image or remove the .pts" for p in orphans]
-        list_path = resolve_split_list(self.root, split)
+        list_path = resolve_split_list(self.root, split, self.flags)
         images, problems = [], []
         for lineno, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), 1):
             entry = line.split("#", 1)[0].strip()
@@ -314,6 +368,15 @@ class Face300W(Dataset):
             if inside.mean() < 0.5:  # a few points past the border are normal for cropped faces
                 raise DataError(f"{pts_path}: {int((~inside).sum())} of {len(landmarks)} landmarks lie outside "
                                 f"the {width}x{height} image; is the .pts for another image (or 0/1-based)?")
+            size = np.array([width, height], dtype=np.float64)
+            beyond = np.maximum(-0.5 - landmarks, landmarks - (size - 0.5))  # past the border, per axis
+            far = np.any(beyond > FAR_OUTSIDE_IMAGE_SIZES * size, axis=1)
+            if far.any():
+                i = int(np.argmax(far))
+                raise DataError(f"{pts_path}: {int(far.sum())} of {len(landmarks)} landmarks lie far outside the "
+                                f"{width}x{height} image (further past its border than the image is wide or high; "
+                                f"e.g. point {i + 1} at ({landmarks[i, 0]:.6g}, {landmarks[i, 1]:.6g})); "
+                                "is the .pts damaged or for another image?")
         return FaceRecord(image_path=image_path, pts_path=pts_path, key=key, landmarks=landmarks, box=box)
 
     # ----------------------------------------------------------------------- access

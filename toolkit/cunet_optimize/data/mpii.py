@@ -49,6 +49,23 @@ MPII_SPLITS = ("valid", "train", "all")  # by isValidation; "all" takes both
 _REQUIRED = ("img_paths", "joint_self", "objpos", "scale_provided", "normalizer", "isValidation")
 
 
+def _field(record: dict, name: str, where: str, expected: str, dtype, shape: tuple) -> np.ndarray:
+    """record[name] as a `dtype` array of `shape`; DataError naming the field otherwise (a string,
+    a list where a number belongs, ragged rows...)."""
+    value = record[name]
+    try:
+        if isinstance(value, (str, bytes, dict)) or value is None:
+            raise TypeError
+        array = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.shape != shape:
+        got = f"shape {array.shape}" if array is not None else f"{type(value).__name__} {str(value)[:40]!r}"
+        raise DataError(f"{where}: {name} is {got}, expected {expected}; fix the record (the CU-Net authors' "
+                        "MPII JSON format)")
+    return array
+
+
 class MPIIDataset(Dataset):
     """Single-person crops of MPII for training (``split="train"``) or PCKh evaluation (``"valid"``;
     ``"all"`` for both).
@@ -113,16 +130,17 @@ class MPIIDataset(Dataset):
                 raise DataError(f"{where}: record lacks {', '.join(missing)}; expected the CU-Net authors' MPII JSON")
             if a.get("dataset", "MPII") != "MPII" or (self.split != "all" and bool(a["isValidation"]) != want_valid):
                 continue
-            joints = np.asarray(a["joint_self"], dtype=np.float64)
-            if joints.shape != (MPII_NUM_JOINTS, 3):
-                raise DataError(f"{where}: joint_self has shape {joints.shape}, expected (16, 3)")
-            center = np.asarray(a["objpos"], dtype=np.float64)
-            scale = float(a["scale_provided"])
-            normalizer = float(a["normalizer"])
-            if center.shape != (2,) or not scale > 0 or not normalizer > 0:
+            joints = _field(a, "joint_self", where, "16 rows of [x, y, visible]", np.float64, (MPII_NUM_JOINTS, 3))
+            center = _field(a, "objpos", where, "[x, y]", np.float64, (2,))
+            scale = float(_field(a, "scale_provided", where, "a number", np.float64, ()))
+            normalizer = float(_field(a, "normalizer", where, "a number", np.float64, ()))
+            if not (scale > 0 and normalizer > 0 and np.all(np.isfinite([*center, scale, normalizer]))):
                 raise DataError(
                     f"{where}: invalid objpos {a['objpos']}, scale_provided {scale} or normalizer {normalizer}"
                 )
+            if not isinstance(a["img_paths"], str) or not a["img_paths"]:
+                raise DataError(f"{where}: img_paths is {a['img_paths']!r:.60}, expected an image path (a string); "
+                                "fix the record (the CU-Net authors' MPII JSON format)")
             image_path = self.image_root / a["img_paths"]
             if not image_path.is_file():
                 raise DataError(f"{image_path}: image of {where} not found; check image_root")

@@ -66,7 +66,7 @@ class CUNetConfig:
         if not 0 <= self.order < self.num_unets:
             raise ConfigError(
                 f"model config: order K={self.order} needs 0 <= K < N={self.num_unets} "
-                "(K = N-1 is fully dense); lower --order or add U-Nets"
+                "(K = N-1 is fully dense): lower the order or add U-Nets (num_unets)"
             )
         if not 1 <= self.num_heads <= self.num_unets:
             raise ConfigError(

@@ -88,6 +88,7 @@ def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) 
 
 def run_auto_build(opts, echo=print, progress: bool = True):
     from cunet_optimize.build import check_build, locked_workdir
+    from cunet_optimize.data.face300w import CALIB_DATA_FLAGS
     from cunet_optimize.tasks import open_dataset_or_default
 
     if opts.objective not in auto.OBJECTIVES:
@@ -96,7 +97,8 @@ def run_auto_build(opts, echo=print, progress: bool = True):
         raise CUNetError("--precision auto with --dla-core: DLA runs whole networks in INT8 or FP16; "
                          "build --precision int8 for the DLA, or drop --dla-core")
     checked = check_build(opts)  # an existing build, a bad name, ...: refused before the search
-    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, checked.task)
+    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, checked.task,
+                                                     CALIB_DATA_FLAGS)
     n = len(calib_set)
     if min(opts.auto_heldout_images, n // 2) < 2:
         raise CUNetError(f"--precision auto: the calibration set {calib_root} has {n} images; the sensitivity "

@@ -246,8 +246,9 @@ def train(
         record = {"epoch": epoch, "lr": recipe.lr_at(epoch - 1), "train_loss": running / max(seen, 1)}
         if val_set is not None and (epoch % recipe.eval_every == 0 or epoch == recipe.epochs):
             distributed.broadcast_buffers(model)  # every rank validates the BN statistics rank 0 saves
+            # a diverging run scores NaN: recorded in the history, never saved as the best
             result = evaluate_landmarks(torch_infer(model), val_set, progress=progress,
-                                        description="validate")
+                                        description="validate", allow_nonfinite=True)
             value = task.headline(result.metrics)
             record[history_key] = value
             if task.better(value, best):
