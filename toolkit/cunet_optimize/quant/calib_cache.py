@@ -33,7 +33,7 @@ def calibration_id(model_sha: str, data_root: Path, split: str | None, method: s
     from cunet_optimize.quant.calibrate import DEFAULT_PERCENTILE, HISTOGRAM_SAMPLES, NUM_BINS
     from cunet_optimize.tasks import open_dataset, task_of_data
 
-    dataset = open_dataset(task_of_data(data_root), data_root, split)
+    dataset = open_dataset(task_of_data(data_root), data_root, split)  # the records the calibration takes
     used = min(images, len(dataset))
     key = json.dumps([__version__, model_sha, dataset_digest(dataset, used), dataset.task,
                       getattr(dataset, "crop_policy", ""), method, spec, used,
