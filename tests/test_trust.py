@@ -139,6 +139,18 @@ def edit_fp32_reference(env, tmp: Path, text: Callable[[dict], str]) -> list[str
     return build_args(env, w, "--force")
 
 
+def resealed_empty_list(env, tmp: Path) -> list[str]:
+    """The record replaced by `[]` and its seal updated to match: only the content check is left."""
+    argv = edit_fp32_reference(env, tmp, lambda r: "[]")
+    for ref in fp32_references(tmp / "w"):
+        seal = ref.parent / "checksums.json"
+        if seal.is_file():
+            sums = json.loads(seal.read_text())
+            sums[ref.name] = hashlib.sha256(ref.read_bytes()).hexdigest()
+            seal.write_text(json.dumps(sums))
+    return argv
+
+
 def gate_reference(tmp: Path) -> dict:
     return json.loads((tmp / "w" / "engines" / "tiny-fp32-cpu" / "build.json").read_text())["accuracy"]
 
@@ -253,6 +265,8 @@ CASES: list[Case] = [
          lambda e, t: edit_fp32_reference(e, t, nme_99), 0, check=check_reference_recomputed),
     Case("fp32-reference-empty-list", "integrity", 5,
          lambda e, t: edit_fp32_reference(e, t, lambda r: "[]"), 0, check=check_reference_recomputed),
+    Case("fp32-reference-resealed-malformed", "integrity", 5,
+         resealed_empty_list, 0, check=check_reference_recomputed),
     Case("fp32-reference-keyed-by-content", "integrity", 5,
          eval_data_edited, 0, check=check_reference_not_cached),
     Case("legacy-cache-truncated", "integrity", 5,
@@ -328,3 +342,41 @@ def test_trust(case, env, tmp_path, capsys, caplog, monkeypatch):
 def test_every_family_has_rows():
     assert {c.family for c in CASES} == set(FAMILIES)
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+# ----------------------------------------------------------------------------- wrong results (item 8: zero range)
+# The threshold of the zero-range refusal is exact (every pixel equal): the row above refuses a
+# black set end to end; here one lit pixel in one image is enough to calibrate, and an internal
+# activation whose amax is 0 (a dead channel) keeps the smallest scale instead of being refused.
+
+
+def test_zero_range_threshold_and_dead_channels():
+    import torch
+
+    from cunet_optimize.models import CUNet, CUNetConfig
+    from cunet_optimize.quant import CalibrationError, activation_quantizers, calibrate, quantize_model
+    from cunet_optimize.quant.policy import quant_scheme
+
+    def qmodel():
+        torch.manual_seed(0)
+        return quantize_model(CUNet(CUNetConfig(num_unets=2, order=1, num_classes=4, width=8, growth_rate=4)).eval(),
+                              quant_scheme("int8", None, "onnxruntime"))
+
+    black = torch.zeros(2, 3, 64, 64)
+    with pytest.raises(CalibrationError, match="calibration images have zero range"):
+        calibrate(qmodel(), [black, black], "max", progress=False)
+    with pytest.raises(CalibrationError, match="zero range"):  # constant but not black: no range either
+        calibrate(qmodel(), [torch.full_like(black, 0.5)], "max", progress=False)
+    lit = black.clone()
+    lit[1, 0, 7, 7] = 1 / 255
+    amax = calibrate(qmodel(), [black, lit], "max", progress=False)
+    assert amax and all(v >= 0 for v in amax.values())
+    dead = qmodel()  # every conv dead: the activations after the first are all zero
+    with torch.no_grad():
+        for m in dead.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+    amax = calibrate(dead, [black, lit], "max", progress=False)
+    assert set(amax) == set(activation_quantizers(dead)) and 0.0 in amax.values() and max(amax.values()) > 0
