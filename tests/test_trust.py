@@ -17,8 +17,10 @@ appear (`may_create`). `item` is the numbered item of issue 22 the row reproduce
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import re
@@ -282,6 +284,160 @@ def no_torch_advice(env, tmp, out, err):
     assert "PyTorch" not in err and "report" not in err, err
 
 
+# ---- integrity helpers (items 4, 5, 6; and item 8's zero-range calibration set)
+
+
+def calibrate_args(env, faces, workdir) -> list[str]:
+    """`calibrate` of the tiny model on `faces` (all 6 images), JSON out."""
+    return ["calibrate", "--model", env.model, "--data", str(faces), "--split", "all", "--images", "6",
+            "--workdir", str(workdir), "--json"]
+
+
+def calibrated(env, tmp: Path) -> Path:
+    """tmp/faces (a copy of the fixture's faces) calibrated once into tmp/w; returns tmp/faces."""
+    faces = Path(shutil.copytree(env.faces, tmp / "faces"))
+    assert main(calibrate_args(env, faces, tmp / "w")) == 0
+    return faces
+
+
+def repainted(env, tmp: Path) -> list[str]:
+    """Calibrated once, then one image's pixels replaced under the same name."""
+    faces = calibrated(env, tmp)
+    repaint(faces / "images" / env.images[0].name)
+    return calibrate_args(env, faces, tmp / "w")
+
+
+def check_recalibrated(env, tmp, out, err):
+    assert json_out(out)["cached"] is False, "the old scales were reused for new pixels"
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        assert main(calibrate_args(env, tmp / "faces", tmp / "w")) == 0
+    assert json_out(again.getvalue())["cached"] is True  # the new pixels' scales are the cache now
+
+
+def repaint(image: Path) -> None:
+    """New pixels under the same name (the image's negative)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(image) as im:
+        ImageOps.invert(im.convert("RGB")).save(image)
+
+
+def json_out(out: str) -> dict:
+    return json.loads(out[out.index("{"):])
+
+
+def fp32_references(workdir: Path) -> list[Path]:
+    """The FP32 reference records of a workdir (whatever the cache's layout)."""
+    return sorted(p for p in (workdir / "calib" / "fp32-reference").rglob("*.json") if p.name != "checksums.json")
+
+
+def edit_fp32_reference(env, tmp: Path, text: Callable[[dict], str]) -> list[str]:
+    """A copy of the module's build whose FP32 reference record(s) now read `text(record)`; argv
+    rebuilds it (the same graph on the same data: the cache's key)."""
+    w = built_workdir(env, tmp)
+    refs = fp32_references(w)
+    assert refs
+    for ref in refs:
+        ref.write_text(text(json.loads(ref.read_text())))
+    return build_args(env, w, "--force")
+
+
+def resealed_empty_list(env, tmp: Path) -> list[str]:
+    """The record replaced by `[]` and its seal updated to match: only the content check is left."""
+    argv = edit_fp32_reference(env, tmp, lambda r: "[]")
+    for ref in fp32_references(tmp / "w"):
+        seal = ref.parent / "checksums.json"
+        if seal.is_file():
+            sums = json.loads(seal.read_text())
+            sums[ref.name] = hashlib.sha256(ref.read_bytes()).hexdigest()
+            seal.write_text(json.dumps(sums))
+    return argv
+
+
+def gate_reference(tmp: Path) -> dict:
+    return json.loads((tmp / "w" / "engines" / "tiny-fp32-cpu" / "build.json").read_text())["accuracy"]
+
+
+def nme_99(record: dict) -> str:
+    record["metrics"]["nme_percent"] = 99.0
+    return json.dumps(record)
+
+
+def check_reference_recomputed(env, tmp, out, err):
+    acc = gate_reference(tmp)
+    assert "cached" not in acc["reference_runtime"], acc["reference_runtime"]
+    assert acc["reference_value"] < 99 and abs(acc["reference_value"] - acc["quantized_value"]) < 1.0, acc
+    assert "recomputing the FP32 reference" in err
+
+
+def same_size_edit(pts: Path) -> None:
+    """One landmark moved by a pixel without changing the file's size or modification time (as
+    `cp -p` / `rsync -t` of a corrected annotation would leave it)."""
+    st = pts.stat()
+    lines = pts.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        parts = line.split()
+        if len(parts) == 2 and parts[0][:1].isdigit():
+            x = parts[0]
+            last = x[-1]
+            lines[i] = line.replace(x, x[:-1] + ("1" if last == "0" else "0"), 1)
+            break
+    pts.write_text("".join(lines))
+    assert pts.stat().st_size == st.st_size
+    os.utime(pts, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def eval_data_edited(env, tmp: Path) -> list[str]:
+    """tmp/faces built once in tmp/w, then one annotation changed under the same size and mtime."""
+    faces = Path(shutil.copytree(env.faces, tmp / "faces"))
+    args = ["build", "--precision", "fp32", "--model", env.model, "--eval-data", str(faces), "--eval-split", "all",
+            "--no-accuracy-gate", "--workdir", str(tmp / "w")]
+    assert main(args) == 0
+    for pts in sorted((faces / "images").glob("*.pts"))[:3]:
+        same_size_edit(pts)
+    return args + ["--force"]
+
+
+def check_reference_not_cached(env, tmp, out, err):
+    assert "cached" not in gate_reference(tmp)["reference_runtime"]
+
+
+def truncated_legacy_cache(env, tmp: Path) -> list[str]:
+    faces = calibrated(env, tmp)
+    (legacy,) = (tmp / "w" / "calib").glob("*/calibration.cache")
+    (tmp / "good.cache").write_bytes(legacy.read_bytes())
+    legacy.write_bytes(legacy.read_bytes()[:40])
+    return calibrate_args(env, faces, tmp / "w")
+
+
+def check_legacy_rewritten(env, tmp, out, err):
+    (legacy,) = (tmp / "w" / "calib").glob("*/calibration.cache")
+    assert legacy.read_bytes() == (tmp / "good.cache").read_bytes()
+    assert json_out(out)["legacy_cache_cached"] is False
+
+
+def swapped_engine(env, tmp: Path) -> list[str]:
+    """The build's model.ort.onnx replaced by another runnable engine (its own model.onnx)."""
+    w = built_workdir(env, tmp)
+    build = w / "engines" / "tiny-fp32-cpu"
+    shutil.copyfile(build / "model.onnx", build / "model.ort.onnx")
+    return ["profile", str(build), "--runs", "1", "--warmup", "0", "--batch-sizes", "1", "--memory", "off",
+            "--layer-runs", "0", "--no-progress", "--workdir", str(w)]
+
+
+def black_faces(env, tmp: Path) -> Path:
+    """The fixture's faces with every image painted black (annotations kept)."""
+    from PIL import Image
+
+    faces = Path(shutil.copytree(env.faces, tmp / "black"))
+    for image in (faces / "images").glob("*.png"):
+        with Image.open(image) as im:
+            size = im.size
+        Image.new("RGB", size).save(image)
+    return faces
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -392,6 +548,19 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------- end data loss
 
     # ------------------------------------------------------------------- integrity (4, 5, 6)
+    Case("calib-cache-keyed-by-pixels", "integrity", 4, repainted, 0, check=check_recalibrated),
+    Case("fp32-reference-edited", "integrity", 5,
+         lambda e, t: edit_fp32_reference(e, t, nme_99), 0, check=check_reference_recomputed),
+    Case("fp32-reference-empty-list", "integrity", 5,
+         lambda e, t: edit_fp32_reference(e, t, lambda r: "[]"), 0, check=check_reference_recomputed),
+    Case("fp32-reference-resealed-malformed", "integrity", 5,
+         resealed_empty_list, 0, check=check_reference_recomputed),
+    Case("fp32-reference-keyed-by-content", "integrity", 5,
+         eval_data_edited, 0, check=check_reference_not_cached),
+    Case("legacy-cache-truncated", "integrity", 5,
+         truncated_legacy_cache, 0, check=check_legacy_rewritten),
+    Case("profile-swapped-engine", "integrity", 6,
+         swapped_engine, 2, "model.ort.onnx does not match the sha256 build.json recorded; rebuild with"),
     # ------------------------------------------------------------------- end integrity
 
     # ------------------------------------------------------------------- wrong results (7, 8, 9)
@@ -433,6 +602,12 @@ CASES: list[Case] = [
          lambda e, t: ["eval", "--model", e.model, "--data", two_images_of_one_stem(e, t, ".jpg"), "--split", "all",
                        "--skip-bad", "--json"],
          0, "2 images share the landmark file 00001.pts", check=json_count(5)),
+
+
+    Case("calib-zero-range", "wrong-result", 8,
+         lambda e, t: build_args(e, t / "w", "--precision", "int8", "--calib-data", black_faces(e, t)),
+         # refused in the calibrate stage, under the workdir lock: its (empty) lock file may stay
+         2, "calibration images have zero range", may_create=("w/.cunet-optimize.lock",)),
     # ------------------------------------------------------------------- end wrong results
 
     # ------------------------------------------------------------------- grammar (10)
@@ -652,3 +827,41 @@ def test_trust_cache_variable(where, env, tmp_path, capsys, caplog, monkeypatch)
                 lambda e, t: ["calibrate", "--model", e.model, "--workdir", t / "w"], 2,
                 "CUNET_OPTIMIZE_CACHE=", may_create=("w/*",))  # the workdir lock is item 11's
     test_trust(case, env, tmp_path, capsys, caplog, monkeypatch)
+
+
+# ----------------------------------------------------------------------------- wrong results (item 8: zero range)
+# The threshold of the zero-range refusal is exact (every pixel equal): the row above refuses a
+# black set end to end; here one lit pixel in one image is enough to calibrate, and an internal
+# activation whose amax is 0 (a dead channel) keeps the smallest scale instead of being refused.
+
+
+def test_zero_range_threshold_and_dead_channels():
+    import torch
+
+    from cunet_optimize.models import CUNet, CUNetConfig
+    from cunet_optimize.quant import CalibrationError, activation_quantizers, calibrate, quantize_model
+    from cunet_optimize.quant.policy import quant_scheme
+
+    def qmodel():
+        torch.manual_seed(0)
+        return quantize_model(CUNet(CUNetConfig(num_unets=2, order=1, num_classes=4, width=8, growth_rate=4)).eval(),
+                              quant_scheme("int8", None, "onnxruntime"))
+
+    black = torch.zeros(2, 3, 64, 64)
+    with pytest.raises(CalibrationError, match="calibration images have zero range"):
+        calibrate(qmodel(), [black, black], "max", progress=False)
+    with pytest.raises(CalibrationError, match="zero range"):  # constant but not black: no range either
+        calibrate(qmodel(), [torch.full_like(black, 0.5)], "max", progress=False)
+    lit = black.clone()
+    lit[1, 0, 7, 7] = 1 / 255
+    amax = calibrate(qmodel(), [black, lit], "max", progress=False)
+    assert amax and all(v >= 0 for v in amax.values())
+    dead = qmodel()  # every conv dead: the activations after the first are all zero
+    with torch.no_grad():
+        for m in dead.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+    amax = calibrate(dead, [black, lit], "max", progress=False)
+    assert set(amax) == set(activation_quantizers(dead)) and 0.0 in amax.values() and max(amax.values()) > 0

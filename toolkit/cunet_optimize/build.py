@@ -37,7 +37,7 @@ from cunet_optimize.data.face300w import CALIB_DATA_FLAGS, EVAL_DATA_FLAGS
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluate import evaluate_runner
 from cunet_optimize.fp32_reference import reference_accuracy
-from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json
+from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json, record_artifact_hashes
 from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calib_cache import CalibrationCache, calibration_id
 from cunet_optimize.quant.onnx_scales import int4_block_scales, legacy_cache_scales
@@ -506,6 +506,7 @@ def _finish(b: _Build) -> BuildReport:
     # builders name the staging folder; users will find the build under its final name
     b.notes = [n.replace(b.staging.name, b.final.name) for n in b.notes]
     b.manifest["notes"] = b.notes
+    record_artifact_hashes(b.manifest, b.staging)  # the folder is complete: what profile checks before running
     (b.staging / BUILD_FILE).write_text(checked_build_json(b.manifest))  # typed: manifests/build.py
     if not b.manifest["accuracy"]["passed"] and b.opts.accuracy_gate:
         acc = b.manifest["accuracy"]

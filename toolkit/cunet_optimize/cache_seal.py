@@ -1,15 +1,23 @@
-"""Checksummed caches: a cached result is reused only if every file is as it was written.
+"""Checksummed caches keyed by content: a cached result is reused only if it was computed
+from the same bytes and every file is as it was written.
 
-A cache folder (calib/<id>/) holds files written one by one; a kill between two
-writes, a full disk or a hand edit can leave one damaged or missing. `seal` records
-the SHA-256 of each file in checksums.json, written last; `check_seal` says whether
-the cache can be reused, and why not, so the caller recomputes instead of failing.
+A cache folder (calib/<id>/, calib/fp32-reference/<key>/) holds files written one by one;
+a kill between two writes, a full disk or a hand edit can leave one damaged or missing.
+`seal` records the SHA-256 of each file in checksums.json, written last; `check_seal` says
+whether the cache can be reused, and why not, so the caller recomputes instead of failing.
+
+A cache's key names what it was computed from by content, not by file names or
+modification times (a folder whose images were replaced under the same names, or copied
+with `cp -p` / `rsync -t`, must not hit): `dataset_digest` hashes the bytes of every file
+the first samples of a landmark data set read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Iterable
 
@@ -48,3 +56,40 @@ def check_seal(folder: str | os.PathLike, files: Iterable[str | os.PathLike]) ->
         if sums.get(f.name) != sha256_file(f):
             return False, f"{f.name} does not match its checksum (truncated or edited)"
     return True, None
+
+
+def dataset_files(dataset, count: int | None = None) -> list[Path]:
+    """The files the first `count` samples (all with None) of a landmark data set read: each
+    face's image and .pts (data/face300w.py), or MPII's annotation JSON and each record's
+    image (data/mpii.py); FirstSamples and other wrappers by their `base`."""
+    while hasattr(dataset, "base"):
+        count = len(dataset) if count is None else min(count, len(dataset))
+        dataset = dataset.base
+    records = dataset.records[:count]
+    if hasattr(dataset, "json_path"):  # MPII: every record is in the one JSON
+        return [Path(dataset.json_path)] + list(dict.fromkeys(Path(r["image_path"]) for r in records))
+    return [p for r in records for p in (Path(r.image_path), Path(r.pts_path))]
+
+
+def files_digest(files: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 over each file's name (relative to the files' common folder) and bytes, in order."""
+    files = [Path(f) for f in files]
+    common = Path(os.path.commonpath([f.resolve() for f in files])) if files else Path()
+    h = hashlib.sha256()
+    for f in files:
+        rel = f.resolve().relative_to(common).as_posix() if f.resolve() != common else f.name
+        h.update(f"{rel}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+# A build asks for its evaluation set's key once per timed INT8 variant and once for the
+# gate: the files are read once per data set object (they do not change during a build).
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def dataset_digest(dataset, count: int | None = None) -> str:
+    """The content key of the first `count` samples of `dataset` (`dataset_files`, `files_digest`)."""
+    known = _DIGESTS.setdefault(dataset, {})
+    if count not in known:
+        known[count] = files_digest(dataset_files(dataset, count))
+    return known[count]

@@ -1,4 +1,5 @@
-"""`cunet-optimize calibrate`: activation ranges of a quantized CU-Net, cached under calib/."""
+"""`cunet-optimize calibrate`: activation ranges of a quantized CU-Net, cached under calib/<id>/
+(quant/calib_cache.py), with TensorRT's legacy calibration.cache sealed beside them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cunet_optimize.workdir_lock import workdir_lock
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
                                             print_json)
 from cunet_optimize.models import resolve_model
+from cunet_optimize.quant.calib_cache import CalibrationCache
 from cunet_optimize.quant.calibrate import METHODS
 from cunet_optimize.tasks import check_data_task, default_calib_split
 
@@ -45,23 +47,27 @@ def run(args) -> int:
     with workdir_lock(args.workdir, "cunet-optimize calibrate"):
         qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json,
                                               calib_flags=DataFlags(skip_bad=None))
-    calib_dir = Path(info["scales_file"]).parent
-    cache = calib_dir / "calibration.cache"
-    if not cache.is_file() or not info.get("cached"):  # keyed by ONNX tensor names: export once per scales
-        import onnx
+        # equalized scales are cached with their factors (quant/calib_cache.py)
+        calib = CalibrationCache(Path(info["scales_file"]).parent, equalized=info.get("equalization") is not None)
+        # keyed by ONNX tensor names: exported once per scales, rewritten when missing or damaged
+        wrote_legacy = not info.get("cached") or not calib.legacy_cache_reusable()
+        if wrote_legacy:
+            import onnx
 
-        from cunet_optimize.export import export_onnx
-        from cunet_optimize.quant.legacy_cache import write_legacy_cache
-        from cunet_optimize.quant.onnx_scales import legacy_cache_scales
+            from cunet_optimize.export import export_onnx
+            from cunet_optimize.quant.onnx_scales import legacy_cache_scales
 
-        with tempfile.TemporaryDirectory() as tmp:
-            export_onnx(qmodel, Path(tmp) / "q.onnx")
-            write_legacy_cache(cache, legacy_cache_scales(onnx.load(Path(tmp) / "q.onnx")))
-    info["legacy_cache"] = str(cache.resolve())
+            with tempfile.TemporaryDirectory() as tmp:
+                export_onnx(qmodel, Path(tmp) / "q.onnx")
+                calib.store_legacy_cache(legacy_cache_scales(onnx.load(Path(tmp) / "q.onnx")))
+    info["legacy_cache"] = str(calib.legacy_cache_file.resolve())
+    info["legacy_cache_cached"] = not wrote_legacy
     if args.json:
         print_json(info)
     else:
+        cached = info.get("cached")
         print(f"calibrated {info['scheme']} with {info['method']} over {info['images']} images "
-              f"({'cached' if info.get('cached') else 'computed'})")
-        print(f"wrote {info['scales_file']}\nwrote {info['legacy_cache']} (TensorRT <= 10 legacy cache)")
+              f"({'cached' if cached else 'computed'})")
+        print(f"{'reused' if cached else 'wrote'} {info['scales_file']}\n"
+              f"{'wrote' if wrote_legacy else 'reused'} {info['legacy_cache']} (TensorRT <= 10 legacy cache)")
     return 0

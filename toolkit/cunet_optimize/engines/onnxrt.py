@@ -264,6 +264,7 @@ class OnnxRuntimeBuilder:
         record = {
             "schema": SESSION_SCHEMA,
             "model": final.name,
+            "model_sha256": sha256_file(final),  # the runner runs only this file
             "source_onnx": str(onnx_path),
             "source_onnx_sha256": sha256_file(onnx_path),
             "target": spec.name,
@@ -384,13 +385,29 @@ class OnnxRuntimeRunner(OnnxRuntimeSessionRunner):
                 f"{session_json} has schema {record.get('schema')!r}, not {SESSION_SCHEMA!r}; rebuild"
             )
         self.record = record
+        model = session_json.parent / record["model"]
+        if record.get("model_sha256") and model.is_file() and sha256_file(model) != record["model_sha256"]:
+            raise CUNetError(f"{model} does not match the sha256 {session_json} recorded (replaced or edited "
+                             "after the build); rebuild it with `cunet-optimize build ... --force`")
         settings = OrtSettings(**{f.name: record[f.name] for f in fields(OrtSettings) if f.name in record})
         super().__init__(
-            session_json.parent / record["model"],
+            model,
             settings,
             load_optimization=record.get("load_optimization", "disable"),
             name=name,
         )
+
+
+def session_source_problem(session_json: str | os.PathLike, onnx_path: str | os.PathLike) -> str | None:
+    """Why `onnx_path` is not the source ONNX that session.json says its model was optimised
+    from (None: it is, or session.json records no source hash)."""
+    try:
+        recorded = json.loads(Path(session_json).read_text()).get("source_onnx_sha256")
+    except (OSError, ValueError, AttributeError):
+        return "is not a readable session record"
+    if recorded and sha256_file(onnx_path) != recorded:
+        return f"records another source ONNX (sha256 {str(recorded)[:12]}) than {Path(onnx_path).name}"
+    return None
 
 
 class OnnxRuntimeReferenceRunner(OnnxRuntimeSessionRunner):

@@ -5,6 +5,11 @@ writes it through `BuildManifest` (so a field of the wrong type fails the build,
 later profile), and the profiler and the report read it back through the same class.
 Fields the profiler or the report read are typed; the rest of a stage's record (export
 summary, engine settings, lint findings, timings) is kept as written.
+
+`artifact_sha256` holds the SHA-256 of every file of the build folder (but build.json),
+recorded by `record_artifact_hashes` when the build is complete; `artifact_hash_problems`
+says which files no longer match, so nothing runs a file the build did not write.
+A build.json from before the field has none (its files cannot be checked).
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from cunet_optimize.atomic import sha256_file
 
 from cunet_optimize.manifests.schema import check_schema, from_dict, key, read_json, to_dict
 
@@ -208,6 +216,8 @@ class BuildManifest:
     model: ModelRecord
     artifacts: dict[str, str]  # role -> path relative to the build folder
     schema: str = BUILD_SCHEMA
+    # path relative to the folder -> sha256, every file but build.json (None: built before the field)
+    artifact_sha256: dict[str, str] | None = None
     toolkit_version: str | None = None
     command: str | None = None
     dla_core: int | None = None
@@ -243,3 +253,34 @@ def checked_build_json(manifest: dict) -> str:
     text = json.dumps(manifest, indent=2, default=str) + "\n"
     BuildManifest.from_dict(json.loads(text), f"{manifest.get('name', 'build')}/{BUILD_FILE}")
     return text
+
+
+def record_artifact_hashes(manifest: dict, folder: str | os.PathLike) -> dict:
+    """Record in `manifest` the sha256 of every file under the (complete) build folder but
+    build.json, by path relative to it; call right before build.json is written."""
+    folder = Path(folder)
+    manifest["artifact_sha256"] = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() != BUILD_FILE}
+    return manifest
+
+
+def artifact_hash_problems(manifest: BuildManifest, folder: str | os.PathLike) -> list[tuple[str, str]]:
+    """[(path relative to the folder, what is wrong)] for each recorded file that is missing or
+    whose bytes changed, and each artifact role inside the folder that has no recorded hash."""
+    if manifest.artifact_sha256 is None:
+        return []
+    folder = Path(folder)
+    recorded = manifest.artifact_sha256
+    problems = []
+    for rel, digest in recorded.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append((rel, "is missing (build.json records its sha256)"))
+        elif sha256_file(path) != digest:
+            problems.append((rel, "does not match the sha256 build.json recorded"))
+    for rel in dict.fromkeys(manifest.artifacts.values()):
+        inside = not Path(rel).is_absolute() and not Path(os.path.normpath(rel)).parts[:1] == ("..",)
+        if inside and os.path.normpath(rel).replace(os.sep, "/") not in recorded:
+            problems.append((rel, "has no sha256 in build.json"))
+    return problems

@@ -3,7 +3,8 @@
 `cunet-optimize build` writes one folder per build under <workdir>/engines/ with a
 `build.json` manifest (manifests/build.py: BuildManifest, schema "cunet-optimize/build/1",
 see engines/README.md). Everything this module rejects is a CUNetError naming the file
-and what to do.
+and what to do. `BuildRecord.check_artifacts` compares every file with the sha256
+build.json recorded, before anything in the folder is run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.manifests.build import BUILD_FILE, BuildManifest, read_build_manifest
+from cunet_optimize.manifests.build import BUILD_FILE, BuildManifest, artifact_hash_problems, read_build_manifest
 from cunet_optimize.manifests.schema import ManifestError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,45 @@ class BuildRecord:
             return None
         p = Path(rel)
         return p if p.is_absolute() else self.path / p
+
+
+    def check_artifacts(self) -> list[str]:
+        """BuildError when a file of the folder is not the one the build wrote (replaced, edited,
+        missing), or session.json names another source ONNX than the build's; the notes to carry
+        (a build.json from before artifact hashes: nothing to check against)."""
+        if self.manifest.artifact_sha256 is None:
+            log.warning("%s records no artifact hashes (built before they were recorded): its files are not "
+                        "checked; rebuild it to have them checked", self.path / BUILD_FILE)
+            return [f"{BUILD_FILE} records no artifact hashes: the files were not checked before measuring"]
+        problems = artifact_hash_problems(self.manifest, self.path)
+        session, onnx_path = self.artifact("session"), self.artifact("onnx")
+        if not problems and session is not None and onnx_path is not None and session.is_file() \
+                and onnx_path.is_file():
+            from cunet_optimize.engines.onnxrt import session_source_problem
+
+            why = session_source_problem(session, onnx_path)
+            if why:
+                problems.append((os.path.relpath(session, self.path), why))
+        if problems:
+            rel, why = problems[0]
+            raise BuildError(f"{_shown(self.path / rel)} {why}; rebuild with `{self.rebuild_command}`")
+        return []
+
+    @property
+    def rebuild_command(self) -> str:
+        """The command that made this build, with --force (generic when build.json has none)."""
+        command = (self.manifest.command or "").strip()
+        if not command.startswith("cunet-optimize build"):
+            return "cunet-optimize build ... --force"
+        return command if " --force" in f" {command} " else f"{command} --force"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is inside it (as the user typed it)."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def read_build(folder: str | os.PathLike) -> BuildRecord:

@@ -4,7 +4,8 @@ For each variant, in this order: size on disk and weight bytes; latency over a b
 sweep; accuracy on the evaluation set; per-layer time (ONNX Runtime builds); peak
 memory (in a fresh process by default). A TensorRT deployment bundle whose engine was
 not built is listed with its size and status and never measured: no invented numbers.
-All inputs are checked before the first measurement, so a bad folder fails fast.
+All inputs are checked before the first measurement, so a bad folder fails fast: every
+file of a build folder must be the one the build wrote (the sha256 build.json records).
 """
 
 from __future__ import annotations
@@ -305,12 +306,14 @@ def profile_engines(
         raise CUNetError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
     builds = [read_build(d) for d in build_dirs]
     check_builds(builds, allow_mixed=allow_mixed)
+    unchecked = [f"{b.name}: {note}" for b in builds for note in b.check_artifacts()]  # nothing runs a stranger
     _check_inputs(builds)
     eval_data, notes = eval_data_for(
         [to_dict(b.manifest.eval_data) for b in builds], data, split, crop,
         boxes=boxes, normalizer=normalizer, flip=flip, max_images=max_images,
     )
     dataset = eval_data.load() if eval_data is not None else None  # DataError before any measurement
+    notes += unchecked
 
     started = time.perf_counter()
     if torch_threads is not None:

@@ -1,10 +1,12 @@
-"""The calibration cache, <workdir>/calib/<id>/: calibrated scales kept per (model, data,
-split, method, scheme, image count, equalization), so a second build, `calibrate` or
+"""The calibration cache, <workdir>/calib/<id>/: calibrated scales kept per (model, the
+bytes of the calibration images and annotations, method, scheme, image count,
+equalization, the calibration's own settings), so a second build, `calibrate` or
 `build --precision auto` of the same inputs reuses them instead of recalibrating.
 
 A folder holds scales.json (the scale file of quant/calibrate.py, with where the scales
 came from) and, when the weights were equalized, equalization.safetensors: the scales
-belong to the equalized weights, so both files make the cache. Their checksums are sealed
+belong to the equalized weights, so both files make the cache. `calibrate` adds
+calibration.cache (TensorRT's legacy cache of the same scales). Their checksums are sealed
 last (cache_seal.py): an incomplete or damaged folder is recomputed with a warning, never
 trusted and never fatal.
 """
@@ -17,24 +19,26 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from cunet_optimize.atomic import sha256_file
-from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
-
 log = logging.getLogger(__name__)
 
 
 def calibration_id(model_sha: str, data_root: Path, split: str | None, method: str, spec: str,
                    images: int, equalize_alpha: float | None = None) -> str:
-    """Same model, data, method, scheme and equalization -> same id -> the cached scales are reused."""
-    if data_root.is_dir():
-        listing = sorted(str(p.relative_to(data_root)) for p in data_root.rglob("*.pts"))
-    else:
-        listing = []
-    annotations = data_root if data_root.is_file() else data_root / MPII_ANNOTATION_FILE
-    if annotations.is_file():  # MPII: the records are in one JSON
-        listing.append(sha256_file(annotations))
-    key = json.dumps([model_sha, listing, split, method, spec, images]
-                     + ([] if equalize_alpha is None else [equalize_alpha]))
+    """Same model, calibration bytes, method, scheme, image count, equalization and calibration
+    settings -> same id -> the cached scales are reused. The data is keyed by the content of
+    the files the calibration reads (the first `images` samples of the split: images and
+    annotations), so replaced images under the same names are calibrated again."""
+    from cunet_optimize import __version__
+    from cunet_optimize.cache_seal import dataset_digest
+    from cunet_optimize.quant.calibrate import DEFAULT_PERCENTILE, HISTOGRAM_SAMPLES, NUM_BINS
+    from cunet_optimize.tasks import open_dataset, task_of_data
+
+    dataset = open_dataset(task_of_data(data_root), data_root, split)  # the records the calibration takes
+    used = min(images, len(dataset))
+    key = json.dumps([__version__, model_sha, dataset_digest(dataset, used), dataset.task,
+                      getattr(dataset, "crop_policy", ""), method, spec, used,
+                      [DEFAULT_PERCENTILE, NUM_BINS, HISTOGRAM_SAMPLES]]
+                     + ([] if equalize_alpha is None else [equalize_alpha]), default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -52,6 +56,10 @@ class CalibrationCache:
     @property
     def factors_file(self) -> Path:
         return self.folder / "equalization.safetensors"
+
+    @property
+    def legacy_cache_file(self) -> Path:
+        return self.folder / "calibration.cache"
 
     @property
     def files(self) -> list[Path]:
@@ -92,5 +100,28 @@ class CalibrationCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.factors_file) as tmp:
                 save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
+        # a legacy cache left by the scales being replaced is theirs, not these scales'
+        self.legacy_cache_file.unlink(missing_ok=True)
         save_scales(self.scales_file, activation_scales(qmodel), method, **provenance, equalization=equalization)
         seal(self.folder, self.files)
+
+    def legacy_cache_reusable(self) -> bool:
+        """Whether calibration.cache was written from these scales and is undamaged (sealed with
+        them by `store_legacy_cache`); a damaged one is logged, a missing one is just not there."""
+        from cunet_optimize.cache_seal import check_seal
+
+        if not self.legacy_cache_file.is_file():
+            return False
+        cached, damage = check_seal(self.folder, self.files + [self.legacy_cache_file])
+        if damage:
+            log.warning("%s: not reusable (%s); writing it again", self.legacy_cache_file, damage)
+        return cached
+
+    def store_legacy_cache(self, scales: dict[str, float]) -> Path:
+        """Write calibration.cache ({ONNX tensor name: scale}), then seal it with the scales."""
+        from cunet_optimize.cache_seal import seal
+        from cunet_optimize.quant.legacy_cache import write_legacy_cache
+
+        write_legacy_cache(self.legacy_cache_file, scales)
+        seal(self.folder, self.files + [self.legacy_cache_file])
+        return self.legacy_cache_file

@@ -35,6 +35,11 @@ Tied groups (quant.qmodel, `tie_concat_scales`): every member's amax is computed
 from its own statistics, then the group takes the largest: tying never clips a
 member more than its own calibration would.
 
+Images of zero range (every pixel the same value, e.g. an all-black set) are refused
+before any scale is set: they give the input quantizer a zero amax (a 1e-10 scale) and
+every later activation the statistics of one constant image. An internal activation
+whose amax is 0 is a dead channel, not bad data, and keeps the smallest scale.
+
 Weight scales are max|w| per output channel (or block), set by `quantize_model` and
 refreshed as weights change; `calibrate_weights(qmodel, "mse")` optionally searches
 a clipping ratio per channel/block instead (useful for INT4).
@@ -381,6 +386,7 @@ def calibrate(
     was_training = qmodel.training
     param = next(qmodel.parameters())
     seen = 0
+    pixels = torch.tensor([math.inf, -math.inf], dtype=torch.float64)  # the images' (min, max)
     try:
         # Observe the float network (as TensorRT calibrates): every quantizer off; the
         # pre-hooks still see each activation quantizer's input.
@@ -396,6 +402,10 @@ def calibrate(
                 if max_batches is not None and i >= max_batches:
                     break
                 images = _as_images(batch, i).to(device=param.device, dtype=param.dtype)
+                if images.numel():  # a rank's part of a small sharded batch may be empty
+                    low, high = torch.aminmax(images)
+                    pixels = torch.stack([torch.minimum(pixels[0], low.double().cpu()),
+                                          torch.maximum(pixels[1], high.double().cpu())])
                 qmodel(images)
                 seen += 1
     finally:
@@ -406,8 +416,16 @@ def calibrate(
         qmodel.train(was_training)
     if sharded:
         merge_observers(observers)
+        pixels = _distributed.all_reduce(pixels * torch.tensor([-1.0, 1.0], dtype=torch.float64), "max") \
+            * torch.tensor([-1.0, 1.0], dtype=torch.float64)
     if seen == 0:
         raise CalibrationError("calibration set is empty: no batch was given; pass at least one image batch")
+    low, high = float(pixels[0]), float(pixels[1])
+    if low == high:  # the network input's range, not an internal activation's (a dead channel is fine)
+        raise CalibrationError(
+            f"calibration images have zero range (every pixel of the {seen} batch(es) is {high:g}: blank or "
+            "constant images) and would give the input a zero scale; calibrate on real images (check the "
+            "calibration data folder and its split)")
     unseen = [n for n, o in observers.items() if o.count == 0]
     if unseen:
         raise CalibrationError(f"quantizer '{unseen[0]}' saw no data during calibration; is it on the forward path?")
