@@ -185,6 +185,7 @@ class _Build:
     progress: bool
     eval_set: object = None
     eval_root: Path | None = None
+    calib_data: tuple | None = None  # check_build's (data set, root) of the calibration images
 
     @property
     def quantized(self) -> bool:
@@ -218,6 +219,8 @@ class _Checked:
     task: Task
     name: str
     workdir: Path
+    eval_data: tuple  # (data set, its root) the accuracy is measured on
+    calib_data: tuple | None  # (data set, its root) of PTQ calibration; None when nothing is calibrated
 
 
 def check_build(opts: BuildOptions) -> _Checked:
@@ -239,8 +242,14 @@ def check_build(opts: BuildOptions) -> _Checked:
     task = check_data_task(model, source, opts.calib_data, opts.eval_data)
     name = opts.name or default_build_name(stem, opts.precision, target.name, dla)
     _final_dir(workdir, name, opts.force)
+    # the data sets are opened (listed and their annotations read) now: a missing split or a
+    # bad sample is refused before the workdir is touched
+    eval_data = open_dataset_or_default(opts.eval_data, opts.eval_split, task, EVAL_DATA_FLAGS)
+    calibrates = quantizes(opts.precision) and not opts.qat_checkpoint
+    calib_data = (open_dataset_or_default(opts.calib_data, opts.calib_split, task, CALIB_DATA_FLAGS)
+                  if calibrates else None)
     return _Checked(opts, target, dla, getattr(support, "note", ""), exporter, model, ckpt_path, source, task,
-                    name, workdir)
+                    name, workdir, eval_data, calib_data)
 
 
 @contextmanager
@@ -307,7 +316,7 @@ def _start(c: _Checked, echo, progress: bool) -> _Build:
                       "dla_core": c.dla, "target_spec": c.target.to_dict()}
     return _Build(c.opts, c.target, c.dla, c.exporter, c.model, c.ckpt_path, c.source, c.task, final, staging,
                   StageTimer(total=5 if quantizes(c.opts.precision) else 4, echo=echo), manifest,
-                  [c.support_note] if c.support_note else [], progress)
+                  [c.support_note] if c.support_note else [], progress, *c.eval_data, c.calib_data)
 
 
 def commit_build(staging: Path, final: Path) -> None:
@@ -326,7 +335,6 @@ def _record_inputs(b: _Build) -> None:
     """The model and the evaluation set, as build.json records them."""
     b.manifest["model"] = {"source": b.source, "checkpoint": str(b.ckpt_path), "sha256": sha256_file(b.ckpt_path),
                            "config": b.model.config.to_dict()}
-    b.eval_set, b.eval_root = open_dataset_or_default(b.opts.eval_data, b.opts.eval_split, b.task, EVAL_DATA_FLAGS)
     b.manifest["eval_data"] = {"folder": str(b.eval_root.resolve()), "split": b.opts.eval_split,
                                "images": len(b.eval_set), "crop": b.eval_set.crop_policy, "task": b.task.name}
 
@@ -335,7 +343,8 @@ def _calibrate(b: _Build):
     """Stage 1 of quantized builds: the fake-quantized model to export (the float model otherwise)."""
     if not b.quantized:
         return b.model
-    export_model, calib_info = quantize_and_calibrate(b.opts, b.model, b.ckpt_path, b.timer, b.progress)
+    export_model, calib_info = quantize_and_calibrate(b.opts, b.model, b.ckpt_path, b.timer, b.progress,
+                                                      calib_data=b.calib_data)
     b.manifest["calibration"] = calib_info
     if b.opts.qat_checkpoint and b.opts.layer_formats is not None:  # `qat --plan`: no search records the plan
         from cunet_optimize.models.cunet import INPUT_SIZE
@@ -520,11 +529,13 @@ def _finish(b: _Build) -> BuildReport:
 
 
 def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool,
-                           calib_flags=CALIB_DATA_FLAGS):
+                           calib_flags=CALIB_DATA_FLAGS, calib_data: tuple | None = None):
     """The calibrate stage (also `calibrate` and `build --precision auto`'s first step): the
     fake-quantized model with calibrated scales (cached in calib/<id>/, quant/calib_cache.py),
     or the model of a QAT checkpoint; and what build.json records about it. `calib_flags`:
-    how hints name the calibration data options (`calibrate`'s are --data/--split)."""
+    how hints name the calibration data options (`calibrate`'s are --data/--split);
+    `calib_data`: the (data set, root) already opened by the caller's checks."""
+    from cunet_optimize.quant.calibrate import CalibrationError
     from cunet_optimize.engines.targets import get_target
     from cunet_optimize.quant import activation_scales
 
@@ -538,8 +549,8 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     model_sha = sha256_file(ckpt_path)
     scheme = quant_scheme(base_precision(opts), opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
-    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, task_of_model(model),
-                                                    calib_flags)
+    calib_set, calib_root = calib_data or open_dataset_or_default(opts.calib_data, opts.calib_split,
+                                                                  task_of_model(model), calib_flags)
     images = min(opts.calib_images, len(calib_set))
     cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,
                          opts.calib_images, alpha)
@@ -552,8 +563,12 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
         if cached:
             qmodel, report = cache.load(model, scheme)
         else:
-            qmodel, factors, eq_report = distributed.on_every_rank(
-                calibrate_shared, model, scheme, calib_set, opts.calib_images, opts.calib_method, alpha, progress)
+            try:
+                qmodel, factors, eq_report = distributed.on_every_rank(
+                    calibrate_shared, model, scheme, calib_set, opts.calib_images, opts.calib_method, alpha,
+                    progress)
+            except CalibrationError as exc:  # e.g. images of zero range: name the data they came from
+                raise CalibrationError(f"{calib_root} ({opts.calib_split or 'every'} split): {exc}") from None
             report = eq_report.to_dict() if eq_report else None
             cache.store(qmodel, factors, opts.calib_method, report, model_sha256=model_sha,
                         data=str(calib_root.resolve()), split=opts.calib_split, images=images, scheme=scheme.spec)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import BuildOptions, StageTimer, quantize_and_calibrate
+from cunet_optimize.build import BuildOptions, StageTimer, check_workdir, quantize_and_calibrate
 from cunet_optimize.commands.common import positive_int
 from cunet_optimize.data.face300w import DataFlags
 from cunet_optimize.workdir_lock import workdir_lock
@@ -15,7 +15,7 @@ from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equaliz
 from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calib_cache import CalibrationCache
 from cunet_optimize.quant.calibrate import METHODS
-from cunet_optimize.tasks import check_data_task, default_calib_split
+from cunet_optimize.tasks import check_data_task, default_calib_split, open_dataset_or_default
 
 
 def add_parser(subparsers) -> None:
@@ -41,12 +41,16 @@ def run(args) -> int:
                         calib_method=args.method, calib_images=args.images,
                         concat_qdq=args.concat_qdq, equalize_alpha=args.equalize_alpha,
                         workdir=args.workdir)
+    # every check before the workdir's lock: a refused calibrate leaves the workdir as it was
+    check_workdir(args.workdir)
     model, ckpt, source, _ = resolve_model(args.model)
-    check_data_task(model, source, args.data)
+    task = check_data_task(model, source, args.data)
+    flags = DataFlags(skip_bad=None)
+    calib_data = open_dataset_or_default(args.data, opts.calib_split, task, flags)
     timer = StageTimer(total=1, echo=(lambda *_: None) if args.json else print)
     with workdir_lock(args.workdir, "cunet-optimize calibrate"):
         qmodel, info = quantize_and_calibrate(opts, model, ckpt, timer, progress=not args.json,
-                                              calib_flags=DataFlags(skip_bad=None))
+                                              calib_flags=flags, calib_data=calib_data)
         # equalized scales are cached with their factors (quant/calib_cache.py)
         calib = CalibrationCache(Path(info["scales_file"]).parent, equalized=info.get("equalization") is not None)
         # keyed by ONNX tensor names: exported once per scales, rewritten when missing or damaged

@@ -40,15 +40,21 @@ non_negative_float = _number_type(float, lambda v: v >= 0, "a number >= 0")
 unit_float = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+# Output options that name a folder (the others name a file or a folder).
+FOLDER_FLAGS = ("--workdir", "--out-dir")
+
+
 def check_writable(path: str | os.PathLike, flag: str) -> None:
     """Refuse, before any work, an output location this process cannot write to.
 
     `path` is a file or folder that may not exist yet: its nearest existing folder must
     accept a new file (tried for real: permission bits say nothing for root or a
-    read-only mount)."""
+    read-only mount). A FOLDER_FLAGS path may not be a file."""
     from cunet_optimize.errors import CUNetError
 
     target = Path(path)
+    if flag in FOLDER_FLAGS and target.exists() and not target.is_dir():
+        raise CUNetError(f"{flag} {path}: is a file, not a folder; choose a folder for {flag}")
     folder = target if target.is_dir() else target.parent if target.exists() else target
     while not folder.exists():
         folder = folder.parent

@@ -88,17 +88,14 @@ def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) 
 
 def run_auto_build(opts, echo=print, progress: bool = True):
     from cunet_optimize.build import check_build, locked_workdir
-    from cunet_optimize.data.face300w import CALIB_DATA_FLAGS
-    from cunet_optimize.tasks import open_dataset_or_default
 
     if opts.objective not in auto.OBJECTIVES:
         raise CUNetError(f"--objective {opts.objective}: choose one of {', '.join(auto.OBJECTIVES)}")
     if opts.dla_core is not None:
         raise CUNetError("--precision auto with --dla-core: DLA runs whole networks in INT8 or FP16; "
                          "build --precision int8 for the DLA, or drop --dla-core")
-    checked = check_build(opts)  # an existing build, a bad name, ...: refused before the search
-    calib_set, calib_root = open_dataset_or_default(opts.calib_data, opts.calib_split, checked.task,
-                                                     CALIB_DATA_FLAGS)
+    checked = check_build(opts)  # an existing build, a bad name, the data, ...: refused before the search
+    calib_set, calib_root = checked.calib_data
     n = len(calib_set)
     if min(opts.auto_heldout_images, n // 2) < 2:
         raise CUNetError(f"--precision auto: the calibration set {calib_root} has {n} images; the sensitivity "
@@ -123,7 +120,8 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
     budget = opts.tolerance(task)
     float_dtype = auto.float_type(target)
     base = replace(opts, precision="int8", calib_images=scale_images, layer_formats=None, qat_checkpoint=None)
-    qmodel, calib_info = quantize_and_calibrate(base, model, ckpt_path, timer, progress)
+    qmodel, calib_info = quantize_and_calibrate(base, model, ckpt_path, timer, progress,
+                                                calib_data=checked.calib_data)
     heldout = auto.HeldOut.load(calib_set, range(n - held, n))
     formats = auto.target_formats(target)
     convs = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
