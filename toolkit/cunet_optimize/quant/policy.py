@@ -22,6 +22,8 @@ from cunet_optimize.quant.scheme import GRAMMAR, INT, QuantSpecError, parse_prec
 # float16, and a per-conv plan (quant/auto.py). Commands other than build take a subset.
 FP16, AUTO = "fp16", "auto"
 BUILD_WORDS = (FP16, AUTO)
+# Engine precisions a target may run (engines/targets.py PRECISIONS) that no build produces yet.
+NOT_BUILT = ("fp8",)
 _FP32_ALIASES = ("float", "float32")
 
 
@@ -39,6 +41,9 @@ def canonical_precision(text: str, words: tuple[str, ...] = BUILD_WORDS) -> str:
     word = precision_spelling(text)
     if word in words:
         return word
+    if word in NOT_BUILT:
+        raise QuantSpecError(f"precision '{word}' is a target capability (`cunet-optimize targets`) that no build "
+                             f"produces yet; use one of {GRAMMAR}")
     if word in BUILD_WORDS:
         raise QuantSpecError(f"precision '{word}' is a build precision, not a quantization scheme this command "
                              f"applies; use one of {GRAMMAR}")
@@ -162,8 +167,8 @@ def engine_precision(opts) -> str:
 # What a build of the paper's modes deploys (build.json notes): their quantizers are plain ops,
 # not Q/DQ (export/dynamo.py unsupported), so the exported graph is a float graph whose weights
 # hold the binary / ternary / k-bit values and whose fixed-point inputs are Clip/Round ops.
-PAPER_ENGINE_NOTE = ("the paper's {spec}: weights exported as float values on their {weight} grid and "
-                     "fixed-point inputs as float ops (Clip, Round), computed in FP32; no engine has binary or "
+PAPER_ENGINE_NOTE = ("the paper's {spec}: a float graph whose weights hold their {grid} values and whose "
+                     "fixed-point inputs are float ops (Clip, Round), computed in FP32; no engine has binary or "
                      "ternary kernels, so this is an accuracy format, not a faster or smaller one")
 
 
@@ -232,7 +237,8 @@ def precision_notes(opts) -> list[str]:
     scheme = parse_precision(opts.precision)
     if not scheme.is_paper:
         return []
-    return [PAPER_ENGINE_NOTE.format(spec=scheme.spec, weight=scheme.weight)]
+    grid = {"binary": "binary", "ternary": "ternary", "fixed": f"{scheme.weight_bits}-bit fixed-point"}
+    return [PAPER_ENGINE_NOTE.format(spec=scheme.spec, grid=grid.get(scheme.weight, "float"))]
 
 
 def _deployed_form(scheme) -> tuple:
