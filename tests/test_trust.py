@@ -264,3 +264,23 @@ def test_trust(case, env, tmp_path, capsys, caplog, monkeypatch):
 def test_every_family_has_rows():
     assert {c.family for c in CASES} == set(FAMILIES)
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+# ----------------------------------------------------------------------------- grammar (10): the Python API
+
+
+def test_grammar_api_reads_a_precision_as_the_commands_do():
+    """BuildOptions (the Python API's build) spells and checks --precision as the CLI does, and
+    the engine precision comes from the parsed scheme, not the spelling."""
+    from cunet_optimize.build import BuildOptions
+    from cunet_optimize.errors import CUNetError
+    from cunet_optimize.quant.policy import engine_precision, quant_scheme
+
+    opts = BuildOptions(precision=" Int8-Untied ")
+    assert opts.precision == "int8-untied" and engine_precision(opts) == "int8"
+    assert engine_precision(BuildOptions(precision="INT4-PC-WO")) == "int4"
+    assert quant_scheme("int8").spec == "int8-convin"  # the quant API's documented flow = the CLI's
+    with pytest.raises(CUNetError, match="give only one of them"):
+        BuildOptions(precision="int8-untied", concat_qdq="none")
+    with pytest.raises(CUNetError, match=r"unknown precision 'nonsense'; use one of fp32, fp16 .* auto"):
+        BuildOptions(precision="nonsense")
