@@ -445,6 +445,65 @@ def black_faces(env, tmp: Path) -> Path:
     return faces
 
 
+# ---- grammar (10): helpers
+
+def grammar_built(precision: str, name: str):
+    """check: the build is engines/<name>/ and its build.json records `precision` (the
+    canonical spelling); returns the manifest for further checks."""
+    def check(env, tmp, out, err):
+        manifest = json.loads((tmp / "w" / "engines" / name / "build.json").read_text())
+        assert manifest["precision"] == precision and manifest["name"] == name, manifest["name"]
+        return manifest
+    return check
+
+
+def grammar_same_calibration(env, tmp, out, err):
+    """int8-untied builds what int8 --concat-qdq untied builds: the same calibrated scheme, the
+    same scales (calibrate with the flag finds the build's calib/<id>/ and adds none)."""
+    spelt = grammar_built("int8-untied", "tiny-int8-untied-cpu")(env, tmp, out, err)
+    assert spelt["calibration"]["scheme"] == "int8-untied"
+    ids = sorted(p.name for p in (tmp / "w" / "calib").iterdir())
+    assert spelt["calibration"]["id"] in ids
+    assert main(["calibrate", "--model", env.model, "--data", str(env.faces), "--split", "all",
+                 "--precision", "int8", "--concat-qdq", "untied", "--workdir", str(tmp / "w")]) == 0
+    assert sorted(p.name for p in (tmp / "w" / "calib").iterdir()) == ids
+
+
+def grammar_calibrate_then_build(env, tmp, out, err):
+    """`calibrate --precision Int8` and `build --precision INT8` read the same precision: the
+    build reuses the scales calibrate cached."""
+    calibrated = [line for line in out.splitlines() if line.endswith("scales.json")]
+    assert len(calibrated) == 1, out
+    assert main(build_args(env, tmp / "w", "--precision", "INT8", "--calib-images", "2")) == 0
+    built = json.loads((tmp / "w" / "engines" / "tiny-int8-cpu" / "build.json").read_text())
+    assert built["calibration"]["cached"] and calibrated[0].endswith(built["calibration"]["scales_file"])
+
+
+def grammar_qat_w1a8(env, tmp) -> str:
+    """A one-step w1a8 QAT checkpoint of the tiny model (tmp/qat/best.safetensors)."""
+    assert main(["qat", "--model", env.model, "--data", str(env.faces), "--split", "all", "--val-split", "none",
+                 "--precision", "w1a8", "--epochs", "1", "--train-images", "2", "--batch-size", "2",
+                 "--calib-images", "2", "--out", str(tmp / "qat")]) == 0
+    return str(tmp / "qat" / "best.safetensors")
+
+
+def grammar_binary_weights(env, tmp, out, err):
+    """The w1a8 build deploys a float graph whose convs (all but the stem and the last head, as
+    the paper) hold one magnitude per output filter, and says so in build.json's notes."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = grammar_built("w1a8", "tiny-w1a8-cpu")(env, tmp, out, err)
+    assert any("binary" in note and "FP32" in note for note in manifest["notes"]), manifest["notes"]
+    graph = onnx.load(tmp / "w" / "engines" / "tiny-w1a8-cpu" / "model.onnx").graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convs = [weights[n.input[1]] for n in graph.node if n.op_type == "Conv" and n.input[1] in weights]
+    binary = [w for w in convs if all(len(np.unique(np.abs(f))) == 1 for f in w)]
+    assert len(binary) == len(convs) - 2, (len(binary), len(convs))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -625,6 +684,42 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------- end wrong results
 
     # ------------------------------------------------------------------- grammar (10)
+    Case("build-upper-case", "grammar", 10,
+         lambda e, t: build_args(e, t / "w", "--precision", " INT8 "),
+         0, check=grammar_built("int8", "tiny-int8-cpu")),
+    Case("build-int8-tied", "grammar", 10,
+         lambda e, t: build_args(e, t / "w", "--precision", "Int8-Tied"),
+         0, check=grammar_built("int8-tied", "tiny-int8-tied-cpu")),
+    Case("build-int8-untied-as-flag", "grammar", 10,
+         lambda e, t: build_args(e, t / "w", "--precision", "int8-untied"),
+         0, check=grammar_same_calibration),
+    Case("build-modifier-contradicts-flag", "grammar", 10,
+         lambda e, t: build_args(e, built_workdir(e, t), "--precision", "int8-untied", "--concat-qdq", "none"),
+         2, "--precision int8-untied puts INT8 Q/DQ on the concatenations, untied but --concat-qdq none"),
+    Case("build-unknown-lists-grammar", "grammar", 10,
+         lambda e, t: build_args(e, t / "w", "--precision", "nonsense"),
+         2, "unknown precision 'nonsense'; use one of fp32, fp16 (build, export), int8[-convin|-tied|-untied], "
+            "int4[-b<N>|-pc][-wo], the paper's w<k>[a<m>][g<n>] (e.g. w1a8, w2a8g8), auto (build; qat --plan)"),
+    Case("calibrate-any-case", "grammar", 10,
+         lambda e, t: ["calibrate", "--model", e.model, "--data", str(e.faces), "--split", "all", "--images", "2",
+                       "--precision", "Int8", "--workdir", str(t / "w")],
+         0, check=grammar_calibrate_then_build),
+    Case("qat-unknown-lists-grammar", "grammar", 10,
+         lambda e, t: ["qat", "--model", e.model, "--data", str(e.faces), "--out", str(t / "q"),
+                       "--precision", "INT16"],
+         2, "not 'int16'; use one of fp32, fp16 (build, export)"),
+    Case("calibrate-build-only-word", "grammar", 10,
+         lambda e, t: ["calibrate", "--model", e.model, "--data", str(e.faces), "--precision", "AUTO"],
+         2, "precision 'auto' is a build precision"),
+    Case("export-any-case", "grammar", 10,
+         lambda e, t: ["export", "--model", e.model, "--precision", "FP16", "--out", str(t / "m.onnx")],
+         0, check=lambda e, t, out, err: (t / "m.onnx").is_file() or pytest.fail(out)),
+    Case("build-w1a8-ptq-refused", "grammar", 10,
+         lambda e, t: build_args(e, built_workdir(e, t), "--precision", "W1A8"),
+         2, "trained, not calibrated: run `cunet-optimize qat --precision w1a8` first"),
+    Case("build-w1a8-qat", "grammar", 10,
+         lambda e, t: build_args(e, t / "w", "--precision", "w1a8", "--qat", grammar_qat_w1a8(e, t)),
+         0, check=grammar_binary_weights),
     # ------------------------------------------------------------------- end grammar
 
     # ------------------------------------------------------------------- one line (12, 13)
@@ -886,3 +981,23 @@ def test_zero_range_threshold_and_dead_channels():
                     m.bias.zero_()
     amax = calibrate(dead, [black, lit], "max", progress=False)
     assert set(amax) == set(activation_quantizers(dead)) and 0.0 in amax.values() and max(amax.values()) > 0
+
+
+# ----------------------------------------------------------------------------- grammar (10): the Python API
+
+
+def test_grammar_api_reads_a_precision_as_the_commands_do():
+    """BuildOptions (the Python API's build) spells and checks --precision as the CLI does, and
+    the engine precision comes from the parsed scheme, not the spelling."""
+    from cunet_optimize.build import BuildOptions
+    from cunet_optimize.errors import CUNetError
+    from cunet_optimize.quant.policy import engine_precision, quant_scheme
+
+    opts = BuildOptions(precision=" Int8-Untied ")
+    assert opts.precision == "int8-untied" and engine_precision(opts) == "int8"
+    assert engine_precision(BuildOptions(precision="INT4-PC-WO")) == "int4"
+    assert quant_scheme("int8").spec == "int8-convin"  # the quant API's documented flow = the CLI's
+    with pytest.raises(CUNetError, match="give only one of them"):
+        BuildOptions(precision="int8-untied", concat_qdq="none")
+    with pytest.raises(CUNetError, match=r"unknown precision 'nonsense'; use one of fp32, fp16 .* auto"):
+        BuildOptions(precision="nonsense")

@@ -41,9 +41,10 @@ from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_bui
 from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calib_cache import CalibrationCache, calibration_id
 from cunet_optimize.quant.onnx_scales import int4_block_scales, legacy_cache_scales
-from cunet_optimize.quant.policy import (base_precision, check_placement_request, check_qat_checkpoint,
-                                         computes_in_fp16, engine_precision, equalize_alpha_for, quant_scheme,
-                                         quantizes)
+from cunet_optimize.quant.policy import (base_precision, canonical_precision, check_placement_request,
+                                         check_precision_options, check_qat_checkpoint, computes_in_fp16,
+                                         engine_precision, equalize_alpha_for, exports_qdq, precision_notes,
+                                         quant_scheme, quantizes)
 from cunet_optimize.tasks import (FACE, POSE, Task, calibration_batches, calibration_images, check_data_task,
                                   open_dataset_or_default, task_of_model)
 
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class BuildOptions:
-    precision: str = "int8"
+    precision: str = "int8"  # any spelling; kept as quant.policy.canonical_precision's (names, build.json)
     target: str = "cpu"
     model: str | None = None  # checkpoint or registered name; None = embedded default
     qat_checkpoint: str | None = None  # a `cunet-optimize qat` output to export instead of PTQ
@@ -87,6 +88,10 @@ class BuildOptions:
     auto_grain: str | None = None
     auto_heldout_images: int = 64
     auto_sensitivity_images: int | None = None  # None: quant.auto.DEFAULT_SENSITIVITY_IMAGES
+
+    def __post_init__(self) -> None:  # one spelling, and no self-contradiction, before any work
+        self.precision = canonical_precision(self.precision)
+        check_precision_options(self)
 
     def tolerance(self, task: Task) -> float:
         """The accuracy gate's allowed degradation for `task`, in its metric's points."""
@@ -316,7 +321,8 @@ def _start(c: _Checked, echo, progress: bool) -> _Build:
                       "dla_core": c.dla, "target_spec": c.target.to_dict()}
     return _Build(c.opts, c.target, c.dla, c.exporter, c.model, c.ckpt_path, c.source, c.task, final, staging,
                   StageTimer(total=5 if quantizes(c.opts.precision) else 4, echo=echo), manifest,
-                  [c.support_note] if c.support_note else [], progress, *c.eval_data, c.calib_data)
+                  ([c.support_note] if c.support_note else []) + precision_notes(c.opts), progress, *c.eval_data,
+                  c.calib_data)
 
 
 def commit_build(staging: Path, final: Path) -> None:
@@ -388,7 +394,7 @@ def _surgery(b: _Build, export_model, opset: int):
     with b.timer.stage("surgery", f"graph passes for {b.target.name}, then lint"):
         before = onnx.load(b.raw_onnx)
         options = {}
-        passes = default_passes(b.target.name, quantized=b.quantized, opset=opset, dla_core=b.dla)
+        passes = default_passes(b.target.name, quantized=exports_qdq(b.opts.precision), opset=opset, dla_core=b.dla)
         if "pack_int4_weights" in passes:
             options["pack_int4_weights"] = {"block_scales": int4_block_scales(export_model, before)}
         if "integer_dataflow" in passes:  # calibrates the new uint8 points on the user's images

@@ -12,16 +12,18 @@ from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equaliz
                                             command_line, print_json)
 from cunet_optimize.quant.auto import DEFAULT_SENSITIVITY_IMAGES
 from cunet_optimize.quant.calibrate import METHODS
+from cunet_optimize.quant.policy import precision_argument
 from cunet_optimize.tasks import FACE, POSE, default_calib_split
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "build", help="calibrate/QAT, export, surgery, lint, build the engine and check accuracy")
-    p.add_argument("--precision", default="int8",
-                   help="fp32, fp16, int8, int4 (weights; built dequantized where not executable), a "
-                        "paper mode such as w1a8, or auto: per-conv INT4/INT8/float, the cheapest plan "
-                        "(--objective) within the accuracy gate's budget (default: int8)")
+    p.add_argument("--precision", default="int8", type=precision_argument(),
+                   help="fp32, fp16, int8[-convin|-tied|-untied], int4[-b<N>|-pc][-wo] (weights; built dequantized "
+                        "where not executable), a paper mode such as w1a8 (with --qat: trained by `qat`, built as a "
+                        "float graph), or auto: per-conv INT4/INT8/float, the cheapest plan (--objective) within the "
+                        "accuracy gate's budget; any case (default: int8)")
     p.add_argument("--target", default="cpu", help="see `cunet-optimize targets` (default: cpu)")
     add_model_argument(p)
     p.add_argument("--qat", metavar="QAT_CKPT", dest="qat_checkpoint",

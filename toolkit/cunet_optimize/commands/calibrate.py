@@ -15,6 +15,7 @@ from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equaliz
 from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calib_cache import CalibrationCache
 from cunet_optimize.quant.calibrate import METHODS
+from cunet_optimize.quant.policy import precision_argument
 from cunet_optimize.tasks import check_data_task, default_calib_split, open_dataset_or_default
 
 
@@ -26,7 +27,8 @@ def add_parser(subparsers) -> None:
                    "calibration slice)")
     p.add_argument("--split", default=None, help="split list in DIR (default: its train list if any, else all)")
     p.add_argument("--method", choices=METHODS, default="percentile")
-    p.add_argument("--precision", default="int8", help="quantization scheme (int8, int4, w1a8, ...)")
+    p.add_argument("--precision", default="int8", type=precision_argument(words=()),
+                   help="quantization scheme: int8[-convin|-tied|-untied], int4[-b<N>|-pc][-wo], ... (default int8)")
     p.add_argument("--images", type=positive_int, default=128, help="number of calibration images")
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)

@@ -8,6 +8,7 @@ from cunet_optimize.commands.common import add_model_argument, print_json
 from cunet_optimize.export import export_onnx
 from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.models import DEFAULT_CONFIG_NAME, load_model
+from cunet_optimize.quant.policy import precision_argument
 
 
 def add_parser(subparsers) -> None:
@@ -15,8 +16,9 @@ def add_parser(subparsers) -> None:
         "export", help="export a CU-Net to ONNX (cleaned, verified against PyTorch in ONNX Runtime)"
     )
     add_model_argument(p)
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="fp16: float16 weights and compute, float32 input/output (default fp32)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", type=precision_argument(schemes=False),
+                   help="fp16: float16 weights and compute, float32 input/output; any case (default fp32). "
+                        "Quantized graphs: `build` (or `calibrate` / `qat`, then build)")
     p.add_argument("--out", metavar="PATH", help="ONNX file to write (default: WORKDIR/<model>-<precision>.onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..21 (21 for INT4 weights; default 17)")
     p.add_argument("--all-heads", action="store_true",

@@ -15,7 +15,7 @@ from cunet_optimize.distributed import summary as distributed_summary
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calibrate import METHODS
-from cunet_optimize.quant.policy import equalize_alpha_for, quant_scheme
+from cunet_optimize.quant.policy import AUTO, equalize_alpha_for, precision_argument, quant_scheme
 from cunet_optimize.quant.qat import qat_recipe, run_qat
 from cunet_optimize.tasks import calibration_batches
 from cunet_optimize.train.loop import TrainRecipe
@@ -24,7 +24,9 @@ from cunet_optimize.train.loop import TrainRecipe
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("qat", help="quantization-aware fine-tuning (short schedule, resumable)")
     add_model_argument(p)
-    p.add_argument("--precision", default="int8", help="int8, int4, w1a8, w2a8g8, ... (default int8)")
+    p.add_argument("--precision", default="int8", type=precision_argument(words=(AUTO,)),
+                   help="int8[-convin|-tied|-untied], int4[-b<N>|-pc][-wo], the paper's w1a8, w2a8g8, ..., "
+                        "auto with --plan (default int8)")
     add_face_data_arguments(p, split_default="train")
     p.add_argument("--val-split", default="test")
     p.add_argument("--train-images", type=positive_int, default=None, help="use only the first N training images")

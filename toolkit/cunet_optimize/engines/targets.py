@@ -25,7 +25,9 @@ from cunet_optimize.errors import CUNetError
 MiB = 1 << 20
 GiB = 1 << 30
 
-# Every precision the toolkit knows, in the order tables show them.
+# Every precision an engine is built as, in the order tables show them. A build's --precision is
+# a spec (int8-untied, int4-pc, w1a8, auto ...; quant/scheme.py GRAMMAR) that quant/policy.py
+# engine_precision maps onto one of these; fp8 is a target capability no build produces yet.
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -367,8 +369,10 @@ def check_precision(target: str | TargetSpec, precision: str, *, on_dla: bool = 
     int4 always passes with native=False: see the module docstring for the rule.
     """
     spec = get_target(target)
+    precision = precision.strip().lower()  # the spelling rule of every precision (quant.policy)
     if precision not in PRECISIONS:
-        raise CUNetError(f"unknown precision '{precision}'; known precisions: {', '.join(PRECISIONS)}")
+        raise CUNetError(f"unknown precision '{precision}' for an engine; engines build as {', '.join(PRECISIONS)} "
+                         "(a build's --precision spec, auto included, maps onto one: quant.policy.engine_precision)")
     if on_dla and spec.dla_cores == 0:
         raise CUNetError(
             f"target {spec.name} has no DLA cores; drop --dla-core or pick jetson-orin-nx / jetson-agx-orin"

@@ -1,11 +1,17 @@
 """Quantization of CU-Net: fake quantizers, the quantized model, calibration, scale files.
 
-Typical post-training flow::
+Typical post-training flow, quantizing as `build` and `calibrate` do::
 
-    from cunet_optimize.quant import parse_precision, quantize_model, calibrate, save_scales
-    qmodel = quantize_model(model, parse_precision("int8"))        # a copy; model untouched
+    from cunet_optimize.quant import quantize_model, calibrate, save_scales
+    from cunet_optimize.quant.policy import quant_scheme
+    qmodel = quantize_model(model, quant_scheme("int8"))           # a copy; model untouched
     amax = calibrate(qmodel, batches, method="entropy")            # sets scales = amax / 127
     save_scales("calib/scales.json", activation_scales(qmodel), "entropy")
+
+`quant_scheme` (quant/policy.py) is the commands' rule: a bare int8 puts no Q/DQ on the
+dense concatenations (-tied / -untied or its concat_qdq argument ask for them). The lower
+level `parse_precision("int8")` is the scheme's own default, scales tied over the
+concatenations (quant/scheme.py), which the tests and stored QAT specs rely on.
 
 QAT: train `qmodel` as any nn.Module (STE gradients; `freeze_bn(qmodel)`; learnable
 scales with the "-lsq" spec modifier) and checkpoint `quant_state_dict(qmodel)` plus

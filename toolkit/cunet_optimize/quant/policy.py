@@ -4,14 +4,66 @@ exported graph and the engine take.
 
 `build`, `calibrate` and `qat` all ask `quant_scheme` (so a QAT checkpoint matches the
 build that exports it); quant/scheme.py parses the spec, this module decides what a
-command's options make of it. The decisions are pure functions of the options; `opts`
-below is anything with the `BuildOptions` fields they read (precision, layer_formats,
-trt_major, dla_core).
+command's options make of it. Every command reads its --precision through
+`precision_argument` (one spelling: `canonical_precision`), and every decision below
+reads the parsed scheme, never the spelling. The decisions are pure functions of the
+options; `opts` below is anything with the `BuildOptions` fields they read (precision,
+layer_formats, trt_major, dla_core, qat_checkpoint).
 """
 
 from __future__ import annotations
 
+import argparse
+
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.quant.scheme import GRAMMAR, INT, QuantSpecError, parse_precision
+
+# Build precisions that are not quantization schemes (quant/scheme.py): the float model in
+# float16, and a per-conv plan (quant/auto.py). Commands other than build take a subset.
+FP16, AUTO = "fp16", "auto"
+BUILD_WORDS = (FP16, AUTO)
+# Engine precisions a target may run (engines/targets.py PRECISIONS) that no build produces yet.
+NOT_BUILT = ("fp8",)
+_FP32_ALIASES = ("float", "float32")
+
+
+def precision_spelling(text: str) -> str:
+    """The one spelling of a precision: stripped and lower case (`INT8`, ` int8 `, `Int8-Tied`
+    are int8 / int8-tied; build names and build.json carry it), fp32's aliases as fp32."""
+    word = str(text).strip().lower()
+    return "fp32" if word in _FP32_ALIASES else word
+
+
+def canonical_precision(text: str, words: tuple[str, ...] = BUILD_WORDS) -> str:
+    """`text` in its one spelling (precision_spelling), checked against the grammar: a scheme of
+    quant/scheme.py, or one of `words`, the build precisions the command takes (fp16, auto).
+    Anything else is a QuantSpecError, one line listing the grammar."""
+    word = precision_spelling(text)
+    if word in words:
+        return word
+    if word in NOT_BUILT:
+        raise QuantSpecError(f"precision '{word}' is a target capability (`cunet-optimize targets`) that no build "
+                             f"produces yet; use one of {GRAMMAR}")
+    if word in BUILD_WORDS:
+        raise QuantSpecError(f"precision '{word}' is a build precision, not a quantization scheme this command "
+                             f"applies; use one of {GRAMMAR}")
+    parse_precision(word)  # a spec, or the grammar's one-line refusal
+    return word
+
+
+def precision_argument(words: tuple[str, ...] = BUILD_WORDS, *, schemes: bool = True):
+    """canonical_precision as an argparse `type=`: the refusal is the command's one error line
+    at parse time, before any work. schemes=False: the spelling only, for a command whose
+    `choices` name the few precisions it takes (export: fp32, fp16)."""
+    def precision(text: str) -> str:
+        if not schemes:
+            return precision_spelling(text)
+        try:
+            return canonical_precision(text, words)
+        except QuantSpecError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return precision
 
 # Where INT8 Q/DQ sits around CU-Net's dense concatenations (docs/QUANT_RULES.md, design space).
 # "none" is the default: the most accurate after PTQ, since BN right after each concatenation
@@ -64,8 +116,6 @@ def quant_scheme(precision: str, concat_qdq: str | None = None, backend: str = "
     build). On TensorRT, INT4 weights are built dequantized to FP16 (engines/targets.py: no INT4
     convolution kernels), so INT4 schemes there are weight-only: activations stay float, as the
     engine computes them; asking for Q/DQ on the concatenations of such a scheme is an error."""
-    from cunet_optimize.quant import parse_precision
-
     placement = concat_placement(precision, concat_qdq)
     scheme = parse_precision(precision)
     if backend == "tensorrt" and scheme.weight == "int" and scheme.weight_bits == 4 and scheme.activation == "int":
@@ -99,17 +149,32 @@ def equalize_alpha_for(scheme, requested: float | str | None = "default") -> flo
 
 
 def engine_precision(opts) -> str:
-    """The precision the engine is built as: `auto` plans build as int4 when any conv stores
-    INT4 weights (opset 21, packed), else as int8."""
-    if opts.precision != "auto":
-        return opts.precision
-    formats = set((opts.layer_formats or {}).values())
-    return "int4" if "int4" in formats else "int8"
+    """The precision the engine is built as (engines/targets.py check_precision), from the parsed
+    scheme, not its spelling: INT8 weights build as int8 whatever the placement or training
+    modifiers (int8-tied, -untied, -convin, -lsq); INT4 weights as int4 (a storage format on
+    every target); float schemes as fp32; the paper's binary, ternary and fixed-point modes as
+    fp32 (PAPER_ENGINE_NOTE); `auto` plans as int4 when any conv stores INT4 weights (opset 21,
+    packed), else as int8."""
+    if opts.precision == AUTO:
+        formats = set((opts.layer_formats or {}).values())
+        return "int4" if "int4" in formats else "int8"
+    if opts.precision == FP16:
+        return FP16
+    scheme = parse_precision(opts.precision)
+    return f"int{scheme.weight_bits}" if scheme.weight == INT else "fp32"
+
+
+# What a build of the paper's modes deploys (build.json notes): their quantizers are plain ops,
+# not Q/DQ (export/dynamo.py unsupported), so the exported graph is a float graph whose weights
+# hold the binary / ternary / k-bit values and whose fixed-point inputs are Clip/Round ops.
+PAPER_ENGINE_NOTE = ("the paper's {spec}: a float graph whose weights hold their {grid} values and whose "
+                     "fixed-point inputs are float ops (Clip, Round), computed in FP32; no engine has binary or "
+                     "ternary kernels, so this is an accuracy format, not a faster or smaller one")
 
 
 def base_precision(opts) -> str:
     """The scheme a build quantizes with (`auto` plans override convs of an int8 scheme)."""
-    return "int8" if opts.precision == "auto" else opts.precision
+    return "int8" if opts.precision == AUTO else opts.precision
 
 
 def computes_in_fp16(target, opts) -> bool:
@@ -117,7 +182,7 @@ def computes_in_fp16(target, opts) -> bool:
     TensorRT plan takes precision from (e.g. INT4 weights dequantized to FP16 on TensorRT 11)."""
     from cunet_optimize.engines.trt_plan import make_build_plan
 
-    if opts.precision == "fp16":
+    if opts.precision == FP16:
         return True
     if target.backend != "tensorrt":
         return False
@@ -126,32 +191,75 @@ def computes_in_fp16(target, opts) -> bool:
 
 
 def quantizes(precision: str) -> bool:
-    """Whether a build of `precision` quantizes at all (calibration, Q/DQ): not fp32 or fp16."""
-    return precision not in ("fp32", "fp16")
+    """Whether a build of `precision` quantizes at all (calibration or a QAT checkpoint): not
+    fp16 nor a float scheme (fp32)."""
+    return precision == AUTO or precision != FP16 and not parse_precision(precision).is_float
+
+
+def exports_qdq(precision: str) -> bool:
+    """Whether a build's exported graph holds Q/DQ, so the passes for quantized graphs apply
+    (surgery/pipeline.py default_passes): it quantizes and is not one of the paper's modes, whose
+    quantizers export as plain float ops (PAPER_ENGINE_NOTE)."""
+    return quantizes(precision) and (precision == AUTO or not parse_precision(precision).is_paper)
+
+
+def check_precision_options(opts) -> None:
+    """What a build's precision options contradict by themselves, whatever the target: a
+    placement modifier against --concat-qdq, --concat-qdq on a precision without INT8
+    activations, PTQ of the paper's modes (trained, not calibrated). BuildOptions checks them
+    when it is made, so the command line is refused before any work."""
+    if not quantizes(opts.precision):
+        if opts.concat_qdq not in (None, "none"):
+            raise CUNetError(f"precision {opts.precision} has no INT8 activations, so there is no Q/DQ to place "
+                             f"{PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
+        return
+    concat_placement(base_precision(opts), opts.concat_qdq)
+    if opts.precision != AUTO and parse_precision(opts.precision).is_paper and not opts.qat_checkpoint:
+        raise CUNetError(f"--precision {opts.precision} is one of the paper's binary/ternary/k-bit modes, which are "
+                         f"trained, not calibrated: run `cunet-optimize qat --precision {opts.precision}` first, "
+                         f"then build --precision {opts.precision} --qat RUN/best.safetensors")
 
 
 def check_placement_request(opts, backend: str) -> None:
-    """Contradictory Q/DQ placement requests of a build (precision modifier vs --concat-qdq, or
-    --concat-qdq on a precision without INT8 activations) stop here, before any work."""
+    """A build's quantization requests that the target's backend cannot meet stop here, before
+    any work (e.g. Q/DQ placed on INT4, which is weight-only on TensorRT), after the checks of
+    check_precision_options."""
+    check_precision_options(opts)
     if quantizes(opts.precision):
         quant_scheme(base_precision(opts), opts.concat_qdq, backend)
-    elif opts.concat_qdq not in (None, "none"):
-        raise CUNetError(f"precision {opts.precision} has no INT8 activations, so there is no Q/DQ to place "
-                         f"{PLACEMENT_WORDS[opts.concat_qdq]}; drop --concat-qdq")
+
+
+def precision_notes(opts) -> list[str]:
+    """What build.json's notes say about how the precision is deployed (beyond the target's
+    check_precision note): the paper's modes are float graphs (PAPER_ENGINE_NOTE)."""
+    if opts.precision in (AUTO, FP16):
+        return []
+    scheme = parse_precision(opts.precision)
+    if not scheme.is_paper:
+        return []
+    grid = {"binary": "binary", "ternary": "ternary", "fixed": f"{scheme.weight_bits}-bit fixed-point"}
+    return [PAPER_ENGINE_NOTE.format(spec=scheme.spec, grid=grid.get(scheme.weight, "float"))]
+
+
+def _deployed_form(scheme) -> tuple:
+    """What a scheme computes at inference (gradient bits and scale training do not matter)."""
+    return scheme.weight, scheme.weight_bits, scheme.activation, scheme.activation_bits
 
 
 def check_qat_checkpoint(qmodel, opts) -> None:
     """A QAT checkpoint (opts.qat_checkpoint, loaded as `qmodel`) is exported with its own scheme,
-    concat placement included: a build asking for another weight width, placement, or an auto
-    plan the checkpoint was not fine-tuned from is a CUNetError."""
-    from cunet_optimize.quant import parse_precision
-
-    if opts.precision == "auto" and not getattr(qmodel, "layer_formats", None):
+    concat placement included: a build asking for another weight width (or, for the paper's
+    modes, another weight or input form), placement, or an auto plan the checkpoint was not
+    fine-tuned from is a CUNetError."""
+    if opts.precision == AUTO and not getattr(qmodel, "layer_formats", None):
         raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, not an auto plan; "
                          f"build it with --precision {qmodel.scheme.spec}, or run qat --plan BUILD.json")
-    if opts.precision != "auto" and qmodel.scheme.weight_bits != parse_precision(opts.precision).weight_bits:
-        raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, "
-                         f"not {opts.precision}")
+    if opts.precision != AUTO:
+        asked, trained = parse_precision(opts.precision), qmodel.scheme
+        paper = asked.is_paper or trained.is_paper
+        if (_deployed_form(asked) != _deployed_form(trained)) if paper else asked.weight_bits != trained.weight_bits:
+            raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {trained.spec}, "
+                             f"not {opts.precision}; build it with --precision {trained.spec}")
     wanted = concat_placement(base_precision(opts), opts.concat_qdq)
     if (opts.concat_qdq is not None or wanted != "none") and placement_of(qmodel.scheme) not in (None, wanted):
         raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint places INT8 Q/DQ "

@@ -10,12 +10,14 @@ Two families share one dataclass:
   k-bit fixed-point weights, k-bit unsigned fixed-point inputs of the 3x3 convs and
   of the heads, and k-bit weight gradients. Stem and last head stay float.
 
-Spec grammar (case-insensitive; modifiers joined by '-', in any order)::
+Spec grammar (case-insensitive, surrounding blanks ignored; modifiers joined by '-', in any
+order)::
 
     fp32 | float                      no quantization (a baseline with the same module tree)
-    int8[-untied|-convin][-lsq][-g<n>] W8A8, concat scales tied unless -untied;
+    int8[-tied|-untied|-convin][-lsq][-g<n>]
+                                      W8A8, concat scales tied unless -untied;
                                       -convin: Q/DQ at conv inputs only, none on concats
-    int4[-b<N>|-pc][-wo][-untied][-lsq][-g<n>]
+    int4[-b<N>|-pc][-wo][-tied|-untied|-convin][-lsq][-g<n>]
                                       W4 (blocks of N input channels, default 32; -pc: per
                                       output channel) with INT8 activations, or float
                                       activations with -wo (weight-only, W4A16)
@@ -23,7 +25,11 @@ Spec grammar (case-insensitive; modifiers joined by '-', in any order)::
                                       a<m>: m-bit inputs (omitted: float); g<n>: n-bit gradients
 
 `parse_precision(spec).spec` gives the canonical spelling, and parsing it back
-gives an equal scheme.
+gives an equal scheme. The default concat placement here (tied, as the scheme's own
+fields say) is not the commands' (none): `quant.policy.quant_scheme` applies the
+commands' rule and `quant.policy.canonical_precision` the commands' spelling (fp16 and
+auto are build precisions, not schemes). GRAMMAR is the one-line summary every refusal
+quotes.
 
 Edge layers. TensorRT forms quantize the stem too (its input is the image in
 [0, 1]: INT8 with a calibrated scale near 1/127; its 3x147 weights per channel) and
@@ -192,6 +198,11 @@ class QuantScheme:
             raise QuantSpecError("quant scheme: paper weight kinds and TensorRT activations do not mix")
 
 
+# Every command's precisions in one line, the one every refusal quotes: the specs of this module
+# plus fp16 and auto, build precisions that are not schemes (quant/policy.py canonical_precision).
+GRAMMAR = ("fp32, fp16 (build, export), int8[-convin|-tied|-untied], int4[-b<N>|-pc][-wo], the paper's "
+           "w<k>[a<m>][g<n>] (e.g. w1a8, w2a8g8), auto (build; qat --plan)")
+
 _PAPER = re.compile(r"^w(\d+)(?:a(\d+))?(?:g(\d+))?$")
 
 
@@ -199,7 +210,7 @@ def parse_precision(spec: str, **overrides) -> QuantScheme:
     """Parse a precision spec (see the module docstring); `overrides` replace fields."""
     text = spec.strip().lower()
     if not text:
-        raise QuantSpecError("empty precision spec; use e.g. int8, int4, w1a8, w2a8g8")
+        raise QuantSpecError(f"empty precision; use one of {GRAMMAR}")
     if text in ("fp32", "float", "float32"):
         scheme = QuantScheme()
     elif m := _PAPER.match(text):
@@ -207,10 +218,7 @@ def parse_precision(spec: str, **overrides) -> QuantScheme:
     elif text.startswith("int"):
         scheme = _parse_int(text)
     else:
-        raise QuantSpecError(
-            f"unknown precision spec '{spec}'; use fp32, int8[-untied], int4[-b<N>|-pc][-wo], "
-            "or the paper's w<k>[a<m>][g<n>] (e.g. w1a8, w2a8g8)"
-        )
+        raise QuantSpecError(f"unknown precision '{spec}'; use one of {GRAMMAR}")
     if overrides:
         try:
             scheme = replace(scheme, **overrides)
@@ -244,7 +252,8 @@ def _parse_paper(text: str, w: str, a: str | None, g: str | None) -> QuantScheme
 def _parse_int(text: str) -> QuantScheme:
     base, *mods = text.split("-")
     if base not in ("int8", "int4"):
-        raise QuantSpecError(f"precision '{text}': integer weights are int8 or int4, not '{base}'")
+        raise QuantSpecError(f"precision '{text}': integer weights are int8 or int4, not '{base}'; "
+                             f"use one of {GRAMMAR}")
     bits = int(base[3:])
     fields_: dict = dict(
         weight=INT,
@@ -274,7 +283,7 @@ def _parse_int(text: str) -> QuantScheme:
             fields_.update(activation=FLOAT, activation_bits=32, tie_concat_scales=False)
         else:
             raise QuantSpecError(
-                f"precision '{text}': unknown modifier '{mod}'; int8 takes -convin -untied -lsq -g<n>, "
+                f"precision '{text}': unknown modifier '{mod}'; int8 takes -convin -tied -untied -lsq -g<n>, "
                 "int4 also -b<N> -pc -wo"
             )
     if fields_["activation"] == FLOAT:
