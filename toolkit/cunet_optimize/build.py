@@ -558,8 +558,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     calib_set, calib_root = calib_data or open_dataset_or_default(opts.calib_data, opts.calib_split,
                                                                   task_of_model(model), calib_flags)
     images = min(opts.calib_images, len(calib_set))
-    cid = calibration_id(model_sha, calib_root, opts.calib_split, opts.calib_method, scheme.spec,
-                         opts.calib_images, alpha)
+    cid = calibration_id(model_sha, calib_set, opts.calib_method, scheme.spec, opts.calib_images, alpha)
     cache = CalibrationCache(Path(opts.workdir) / "calib" / cid, equalized=alpha is not None)
     cached = cache.reusable()
     what = f"{opts.calib_method} over {images} images"

@@ -22,20 +22,19 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def calibration_id(model_sha: str, data_root: Path, split: str | None, method: str, spec: str,
-                   images: int, equalize_alpha: float | None = None) -> str:
+def calibration_id(model_sha: str, dataset, method: str, spec: str, images: int,
+                   equalize_alpha: float | None = None) -> str:
     """Same model, calibration bytes, method, scheme, image count, equalization and calibration
-    settings -> same id -> the cached scales are reused. The data is keyed by the content of
-    the files the calibration reads (the first `images` samples of the split: images and
-    annotations), so replaced images under the same names are calibrated again."""
+    settings -> same id -> the cached scales are reused. `dataset` (the opened calibration
+    split) is keyed by the content of the files the calibration reads (its first `images`
+    samples: images and annotations), so replaced images under the same names are
+    calibrated again."""
     from cunet_optimize import __version__
     from cunet_optimize.cache_seal import dataset_digest
     from cunet_optimize.quant.calibrate import DEFAULT_PERCENTILE, HISTOGRAM_SAMPLES, NUM_BINS
-    from cunet_optimize.tasks import open_dataset, task_of_data
 
-    dataset = open_dataset(task_of_data(data_root), data_root, split)  # the records the calibration takes
     used = min(images, len(dataset))
-    key = json.dumps([__version__, model_sha, dataset_digest(dataset, used), dataset.task,
+    key = json.dumps([__version__, model_sha, dataset_digest(dataset, used), getattr(dataset, "task", ""),
                       getattr(dataset, "crop_policy", ""), method, spec, used,
                       [DEFAULT_PERCENTILE, NUM_BINS, HISTOGRAM_SAMPLES]]
                      + ([] if equalize_alpha is None else [equalize_alpha]), default=str)
