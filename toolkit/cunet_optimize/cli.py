@@ -28,8 +28,8 @@ EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 # OS errors a user fixes outside the program (space, permissions), not bugs
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
-# Commands that run as one job over many processes under torchrun / srun (README: "Many
-# GPUs"); the others refuse a multi-process launch rather than run N times over the same files.
+# Commands that run as one job over many processes under torchrun / srun (docs/DISTRIBUTED.md);
+# the others refuse a multi-process launch rather than run N times over the same files.
 DISTRIBUTED_COMMANDS = ("train", "qat", "eval", "build")
 # Of those, the commands rank 0 runs alone while the other ranks serve its requests
 # (distributed.on_every_rank: the build's calibration and accuracy stages) and write nothing.

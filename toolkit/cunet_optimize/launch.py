@@ -43,7 +43,7 @@ def detect_launch(environ: Mapping[str, str] = os.environ) -> Launch:
                 raise CUNetError(
                     f"SLURM job with {ntasks} tasks but no {' or '.join(missing)}: export "
                     "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) and "
-                    "MASTER_PORT=29500 before srun (README: 'Many GPUs')")
+                    "MASTER_PORT=29500 before srun (docs/DISTRIBUTED.md)")
             return Launch(int(environ["SLURM_PROCID"]), ntasks, int(environ.get("SLURM_LOCALID", 0)), "slurm")
     except ValueError as e:
         raise CUNetError(f"launcher variables are not integers ({e}); run under torchrun or srun as documented")
