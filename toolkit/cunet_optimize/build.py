@@ -378,19 +378,13 @@ def _calibrate(b: _Build):
 
 def _export(b: _Build, export_model) -> int:
     """The ONNX export to deploy and the FP32 reference export, both verified in ONNX Runtime;
-    returns the opset: 21 for INT4 weights, at least 19 for FP16 Q/DQ scales (e.g. strongly
-    typed DLA on TensorRT 11), else 17."""
+    returns the opset (deployed_export_form)."""
     from cunet_optimize.export import export_onnx
 
-    opset = 17
-    if b.quantized:
-        int4_convs = "int4" in getattr(export_model, "layer_formats", {}).values()
-        opset = 21 if export_model.scheme.weight_bits == 4 or int4_convs else 17
-        if computes_in_fp16(b.target, b.opts):
-            opset = max(opset, 19)
+    opset, fp16 = deployed_export_form(export_model, b.quantized, b.target, b.opts)
     with b.timer.stage("export", f"ONNX opset {opset} ({b.opts.precision}), verified in ONNX Runtime"):
         # DLA builds static shapes only: batch 1, as the plan's profile (min = opt = max)
-        summary = export_onnx(export_model, b.raw_onnx, opset=opset, fp16=computes_in_fp16(b.target, b.opts),
+        summary = export_onnx(export_model, b.raw_onnx, opset=opset, fp16=fp16,
                               dynamic_batch=b.dla is None, exporter=b.exporter)
         if export_model is b.model and b.opts.precision == "fp32":
             shutil.copyfile(b.raw_onnx, b.reference_onnx)  # the same export: verified once
@@ -398,6 +392,20 @@ def _export(b: _Build, export_model) -> int:
             export_onnx(b.model, b.reference_onnx, exporter=b.exporter)
         b.manifest["export"] = _jsonable(summary)
     return opset
+
+
+def deployed_export_form(export_model, quantized: bool, target: TargetSpec, opts) -> tuple[int, bool]:
+    """(opset, fp16) of the graph a build deploys (also api.export's): opset 21 for INT4 weights,
+    at least 19 for FP16 Q/DQ scales (e.g. strongly typed DLA on TensorRT 11), else 17; FP16
+    compute when asked for or when the target's plan takes it (computes_in_fp16)."""
+    fp16 = computes_in_fp16(target, opts)
+    opset = 17
+    if quantized:
+        int4_convs = "int4" in getattr(export_model, "layer_formats", {}).values()
+        opset = 21 if export_model.scheme.weight_bits == 4 or int4_convs else 17
+        if fp16:
+            opset = max(opset, 19)
+    return opset, fp16
 
 
 def _surgery(b: _Build, export_model, opset: int):
