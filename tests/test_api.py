@@ -110,16 +110,22 @@ def test_a_dataloader_calibrates_as_the_folder_it_reads(tiny, faces):
     assert from_folder.scheme.spec == "int8-convin"  # build's int8: no Q/DQ on the dense concatenations
 
 
-def test_quantize_save_then_cli_build_qat(tiny, faces, tmp_path):
-    qmodel = co.quantize(str(tiny), "int8", str(faces), images=4)
+def test_quantize_save_then_cli_build_qat_is_build_with_a_loader(tiny, faces, tmp_path):
+    loader = DataLoader(TensorDataset(_images(faces)), batch_size=3)
+    qmodel = co.quantize(str(tiny), "int8", loader, images=4)
     path = co.save_quantized(qmodel, tmp_path / "q.safetensors")
     assert torch.equal(co.load_quantized(path).state_dict()["features.conv0.weight"],
                        qmodel.state_dict()["features.conv0.weight"])
     # a TensorRT bundle: the same --qat reading as the CPU's, without timing the CPU's int8 forms
     assert main(["build", "--qat", str(path), "--model", str(tiny), "--precision", "int8", "--target", "h100",
-                 "--eval-data", str(faces), "--workdir", str(tmp_path)]) == 0
-    built = json.loads((tmp_path / "engines" / "tiny-int8-h100" / "build.json").read_text())
+                 "--eval-data", str(faces), "--workdir", str(tmp_path / "cli")]) == 0
+    built = json.loads((tmp_path / "cli" / "engines" / "tiny-int8-h100" / "build.json").read_text())
     assert built["calibration"] == {"method": "qat", "checkpoint": str(path)}
+    # build(model, calib_data=loader) is build(quantize(model, precision, loader))
+    report = co.build(str(tiny), precision="int8", target="h100", calib_data=loader, eval_data=str(faces),
+                      workdir=tmp_path / "api", calib_images=4)
+    assert report.accuracy["quantized_value"] == built["accuracy"]["quantized_value"]
+    assert report.manifest["artifact_sha256"]["model.onnx"] == built["artifact_sha256"]["model.onnx"]
 
 
 @pytest.mark.parametrize("call, message", [

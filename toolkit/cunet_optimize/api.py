@@ -88,7 +88,11 @@ def quantize(model: torch.nn.Module | PathLike | None, precision: str = DEFAULT_
     scheme = quant_scheme(precision, concat_qdq, get_target(target).backend)
     alpha = equalize_alpha_for(scheme, equalize)
     batches = _calibration_batches(module, calib_data, images)
-    qmodel, _, _ = post_training_quantize(module, scheme, batches, method, alpha, progress=progress)
+    training = module.training
+    try:  # observed in eval mode, as `build` observes the checkpoint it loads
+        qmodel, _, _ = post_training_quantize(module.eval(), scheme, batches, method, alpha, progress=progress)
+    finally:
+        module.train(training)
     _set_float_source(qmodel, source)
     return qmodel.eval()
 
@@ -374,7 +378,9 @@ def evaluate(model_or_engine: Any, data: Any, *, split: str | None = None, batch
 
     _check_count("evaluate", "batch_size", batch_size)
     if isinstance(model_or_engine, (str, os.PathLike)) and (Path(model_or_engine) / "build.json").is_file():
-        model_or_engine = load_engine(model_or_engine)
+        with load_engine(model_or_engine) as engine:
+            return evaluate(engine, data, split=split, batch_size=batch_size, normalizer=normalizer, flip=flip,
+                            progress=progress)
     if isinstance(model_or_engine, Engine):
         from cunet_optimize.tasks import TASKS
 
@@ -500,7 +506,7 @@ def profile(engine_dirs: Iterable[PathLike] | None = None, *, workdir: PathLike 
 
 
 def _float_model(model, what: str) -> tuple[CUNet, Any]:
-    """(the float CU-Net in eval mode, its source: a checkpoint path or the module) of a module,
+    """(the float CU-Net, its source: a checkpoint path or the module) of a module,
     a checkpoint path (or our registered name: untrained, refused as build refuses it), or None."""
     if isinstance(model, QuantCUNet):
         raise CUNetError(f"{what}: the model is quantized already (from quantize()); pass the float model")
@@ -508,7 +514,7 @@ def _float_model(model, what: str) -> tuple[CUNet, Any]:
         if not isinstance(model, CUNet):
             raise CUNetError(f"{what}: model is a {type(model).__name__}, not a CU-Net; load one with "
                              "cunet_optimize.load_model")
-        return model.eval(), model
+        return model, model
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise CUNetError(f"{what}: model is a {type(model).__name__}; pass a CU-Net module, a checkpoint path, "
                          "or None (the embedded default)")
