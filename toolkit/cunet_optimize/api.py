@@ -36,6 +36,7 @@ import torch
 from cunet_optimize.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_EVAL_SPLIT, DEFAULT_PRECISION,
                                   DEFAULT_TARGET, BuildReport, check_build, deployed_export_form, run_build)
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_NORMALIZER
 from cunet_optimize.models import CUNet, load_model, resolve_model, save_checkpoint
 from cunet_optimize.quant.calibrate import METHODS, _as_images, post_training_quantize
 from cunet_optimize.quant.policy import canonical_precision, equalize_alpha_for, quant_scheme
@@ -203,7 +204,8 @@ def _option_argv(parser: argparse.ArgumentParser, options: Mapping[str, Any]) ->
     for key, value in options.items():
         if key not in known:
             raise CUNetError(f"build: unknown option {key!r}; the options are {', '.join(sorted(known))} "
-                             "(and the parameters model, precision, target, calib_data, eval_data, workdir, name, force)")
+                             "(and the parameters model, precision, target, calib_data, eval_data, workdir, name, "
+                             "force)")
         action, flag = known[key], "--" + key.replace("_", "-")
         if key == "equalize" and value is None:
             argv.append("--no-equalize")
@@ -367,8 +369,8 @@ def _as_batch(images: Any) -> np.ndarray:
 # evaluate
 
 
-def evaluate(model_or_engine: Any, data: Any, *, split: str | None = None, batch_size: int = 16,
-             normalizer: str = "inter_ocular", flip: bool = False, progress: bool = False) -> dict:
+def evaluate(model_or_engine: Any, data: Any, *, split: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+             normalizer: str = DEFAULT_NORMALIZER, flip: bool = False, progress: bool = False) -> dict:
     """`cunet-optimize eval`'s metrics (faces: NME, failure rates, AUC; pose: PCKh@0.5) of a model
     (module, quantized model, checkpoint path, None = the embedded default), an Engine from
     load_engine, or a build folder, on `data`: a folder as `--data` (split: its `--split`, default
