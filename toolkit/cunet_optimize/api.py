@@ -145,6 +145,8 @@ def build(model: torch.nn.Module | PathLike | None = None, *, precision: str = D
     --no-equalize, ...), parsed and checked by the command's own parser."""
     parser = _build_parser()
     extra = _option_argv(parser, options)
+    # the options as the command parses them (values, precision, placement) before any work
+    _build_options(parser, _build_argv(precision, target, None, eval_data, workdir, name, force, {}, extra))
     if calib_data is not None and not isinstance(calib_data, (str, os.PathLike)):
         if isinstance(model, QuantCUNet):
             raise CUNetError("build: the quantized model is calibrated already; drop calib_data (or pass the float "
