@@ -20,7 +20,6 @@ Errors a caller can fix are CUNetError, one line, as on the command line.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import os
 import shlex
@@ -275,18 +274,21 @@ def _content_named(module: CUNet, folder: Path) -> Path:
 
 def _by_content(path: Path, stem: str) -> Path:
     """`path` renamed <stem>-<first 12 hex digits of its sha256>.safetensors."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    from cunet_optimize.atomic import sha256_file
+
+    digest = sha256_file(path)[:12]
     named = path.with_name(f"{stem}-{digest}.safetensors")
     os.replace(path, named)
     return named
 
 
 def _keep(path: Path, folder: Path) -> Path:
-    """`path` copied into `folder` (atomically; a file of that name holds the same bytes already)."""
-    from cunet_optimize.atomic import atomic_path
+    """`path` copied into `folder` atomically, unless a file of that name holds its bytes already
+    (the name says which: _by_content; one that does not is damaged and replaced)."""
+    from cunet_optimize.atomic import atomic_path, sha256_file
 
     final = folder / path.name
-    if not final.is_file():
+    if not final.is_file() or sha256_file(final) != sha256_file(path):
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(final) as tmp:
             shutil.copyfile(path, tmp)
