@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -10,9 +11,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from cunet_optimize import build as build_module
 from cunet_optimize.cli import main
 from cunet_optimize.models import DEFAULT_CHECKPOINT
+
+build_module = importlib.import_module("cunet_optimize.build")  # the module: cunet_optimize.build is the API function
 
 pytestmark = pytest.mark.slow
 

@@ -185,7 +185,9 @@ def test_auto_build_records_plan_and_packs_int4(tiny, faces, tmp_path, capsys):
 @pytest.mark.slow
 def test_auto_build_backs_off_when_the_prediction_is_too_optimistic(tiny, faces, tmp_path, monkeypatch, capsys):
     """A forced case: the prediction says everything is free, the first engine fails the gate."""
-    from cunet_optimize import build as build_module
+    import importlib
+
+    build_module = importlib.import_module("cunet_optimize.build")  # the module: cunet_optimize.build is the API function
     from cunet_optimize.cli import main
 
     monkeypatch.setattr(auto, "predict_degradation", lambda table, plan: 0.0)
@@ -211,7 +213,9 @@ def test_auto_build_backs_off_when_the_prediction_is_too_optimistic(tiny, faces,
 
 @pytest.mark.slow
 def test_auto_build_fails_cleanly_when_no_plan_passes(tiny, faces, tmp_path, monkeypatch, capsys):
-    from cunet_optimize import build as build_module
+    import importlib
+
+    build_module = importlib.import_module("cunet_optimize.build")  # the module: cunet_optimize.build is the API function
     from cunet_optimize.cli import main
     from cunet_optimize.quant import auto_build
 

@@ -862,7 +862,9 @@ def test_every_family_has_rows():
 def test_failed_auto_build_leaves_the_build_it_would_replace(env, tmp_path, capsys, monkeypatch):
     """`build --precision auto --force` whose every plan fails the gate: the existing build is
     untouched, and no staging folder is left (each plan is assembled in staging, renamed once)."""
-    from cunet_optimize import build as build_module
+    import importlib
+
+    build_module = importlib.import_module("cunet_optimize.build")  # the module: cunet_optimize.build is the API function
     from cunet_optimize.quant import auto_build
 
     workdir = built_workdir(env, tmp_path)
@@ -892,7 +894,8 @@ def test_build_killed_while_replacing_keeps_the_old_build(env, tmp_path):
     before = tree(workdir / "engines" / "tiny-fp32-cpu")
     killer = textwrap.dedent(f"""
         import os, signal
-        from cunet_optimize import build
+        import importlib
+        build = importlib.import_module("cunet_optimize.build")
         real = os.replace
         def replace(a, b):
             real(a, b)

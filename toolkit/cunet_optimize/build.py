@@ -54,21 +54,31 @@ if TYPE_CHECKING:
     from cunet_optimize.engines.targets import TargetSpec
 
 
+# The defaults of `build`, which `calibrate`, `qat` and the Python API (api.py) share: the
+# argparse options read them from here, so a command line and a Python call mean the same.
+DEFAULT_PRECISION = "int8"
+DEFAULT_TARGET = "cpu"
+DEFAULT_CALIB_METHOD = "percentile"
+DEFAULT_CALIB_IMAGES = 128
+DEFAULT_EVAL_SPLIT = "test"
+DEFAULT_AUTO_HELDOUT_IMAGES = 64
+
+
 @dataclass
 class BuildOptions:
-    precision: str = "int8"  # any spelling; kept as quant.policy.canonical_precision's (names, build.json)
-    target: str = "cpu"
+    precision: str = DEFAULT_PRECISION  # any spelling; kept as quant.policy.canonical_precision's (names, build.json)
+    target: str = DEFAULT_TARGET
     model: str | None = None  # checkpoint or registered name; None = embedded default
     qat_checkpoint: str | None = None  # a `cunet-optimize qat` output to export instead of PTQ
     calib_data: str | None = None
     calib_split: str | None = "calib"
-    calib_method: str = "percentile"
-    calib_images: int = 128
+    calib_method: str = DEFAULT_CALIB_METHOD
+    calib_images: int = DEFAULT_CALIB_IMAGES
     concat_qdq: str | None = None  # Q/DQ on the dense concatenations: none | tied | untied (None: as the precision says, else none)
     # None: no activation equalization; "default": quant.policy.DEFAULT_EQUALIZE_ALPHA for INT8 weights only
     equalize_alpha: float | str | None = "default"
     eval_data: str | None = None
-    eval_split: str = "test"
+    eval_split: str = DEFAULT_EVAL_SPLIT
     max_nme_increase: float = FACE.default_tolerance  # the gate of face models, NME points
     max_pckh_decrease: float = POSE.default_tolerance  # the gate of pose models, PCKh points
     accuracy_gate: bool = True
@@ -86,7 +96,7 @@ class BuildOptions:
     layer_formats: dict | None = None
     objective: str = "size"
     auto_grain: str | None = None
-    auto_heldout_images: int = 64
+    auto_heldout_images: int = DEFAULT_AUTO_HELDOUT_IMAGES
     auto_sensitivity_images: int | None = None  # None: quant.auto.DEFAULT_SENSITIVITY_IMAGES
 
     def __post_init__(self) -> None:  # one spelling, and no self-contradiction, before any work
@@ -104,6 +114,11 @@ class BuildReport:
     path: str
     manifest: dict
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> dict:
+        """build.json's accuracy gate: the metric, the FP32 reference's and the build's value, the verdict."""
+        return self.manifest["accuracy"]
 
 
 class StageTimer:
@@ -363,19 +378,13 @@ def _calibrate(b: _Build):
 
 def _export(b: _Build, export_model) -> int:
     """The ONNX export to deploy and the FP32 reference export, both verified in ONNX Runtime;
-    returns the opset: 21 for INT4 weights, at least 19 for FP16 Q/DQ scales (e.g. strongly
-    typed DLA on TensorRT 11), else 17."""
+    returns the opset (deployed_export_form)."""
     from cunet_optimize.export import export_onnx
 
-    opset = 17
-    if b.quantized:
-        int4_convs = "int4" in getattr(export_model, "layer_formats", {}).values()
-        opset = 21 if export_model.scheme.weight_bits == 4 or int4_convs else 17
-        if computes_in_fp16(b.target, b.opts):
-            opset = max(opset, 19)
+    opset, fp16 = deployed_export_form(export_model, b.quantized, b.target, b.opts)
     with b.timer.stage("export", f"ONNX opset {opset} ({b.opts.precision}), verified in ONNX Runtime"):
         # DLA builds static shapes only: batch 1, as the plan's profile (min = opt = max)
-        summary = export_onnx(export_model, b.raw_onnx, opset=opset, fp16=computes_in_fp16(b.target, b.opts),
+        summary = export_onnx(export_model, b.raw_onnx, opset=opset, fp16=fp16,
                               dynamic_batch=b.dla is None, exporter=b.exporter)
         if export_model is b.model and b.opts.precision == "fp32":
             shutil.copyfile(b.raw_onnx, b.reference_onnx)  # the same export: verified once
@@ -383,6 +392,20 @@ def _export(b: _Build, export_model) -> int:
             export_onnx(b.model, b.reference_onnx, exporter=b.exporter)
         b.manifest["export"] = _jsonable(summary)
     return opset
+
+
+def deployed_export_form(export_model, quantized: bool, target: TargetSpec, opts) -> tuple[int, bool]:
+    """(opset, fp16) of the graph a build deploys (also api.export's): opset 21 for INT4 weights,
+    at least 19 for FP16 Q/DQ scales (e.g. strongly typed DLA on TensorRT 11), else 17; FP16
+    compute when asked for or when the target's plan takes it (computes_in_fp16)."""
+    fp16 = computes_in_fp16(target, opts)
+    opset = 17
+    if quantized:
+        int4_convs = "int4" in getattr(export_model, "layer_formats", {}).values()
+        opset = 21 if export_model.scheme.weight_bits == 4 or int4_convs else 17
+        if fp16:
+            opset = max(opset, 19)
+    return opset, fp16
 
 
 def _surgery(b: _Build, export_model, opset: int):

@@ -29,6 +29,9 @@ from cunet_optimize.data.transforms import decode_heatmaps, heatmap_to_image_coo
 from cunet_optimize.errors import CUNetError
 
 InferFn = Callable[[np.ndarray], np.ndarray]  # Bx3x256x256 float32 -> BxCx64x64 float32
+# `eval`'s defaults (and api.evaluate's): images per inference batch, the NME normaliser (docs/EVAL.md)
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_NORMALIZER = "inter_ocular"
 
 
 @dataclass
@@ -74,8 +77,8 @@ def evaluate_landmarks(
     infer: InferFn,
     dataset,
     *,
-    batch_size: int = 16,
-    normalizer: str = "inter_ocular",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    normalizer: str = DEFAULT_NORMALIZER,
     flip: bool = False,
     progress: bool = True,
     description: str = "eval",

@@ -178,7 +178,12 @@ def default_calib_split(calib_data: str | None, split: str | None = None) -> str
     return None
 
 
-def calibration_batches(dataset, images: int, batch_size: int = 16):
+# Images per calibration batch: histogram ranges start at the first batch's maximum, so the
+# scales depend on how the images are batched; api.quantize batches a user's loader the same way.
+CALIB_BATCH_SIZE = 16
+
+
+def calibration_batches(dataset, images: int, batch_size: int = CALIB_BATCH_SIZE):
     """The first `images` images of `dataset` as tensors, `batch_size` at a time."""
     import torch
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
 
-from cunet_optimize.build import BuildOptions, run_build
+from cunet_optimize.build import (DEFAULT_AUTO_HELDOUT_IMAGES, DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD,
+                                  DEFAULT_EVAL_SPLIT, DEFAULT_PRECISION, DEFAULT_TARGET, BuildOptions, run_build)
 from cunet_optimize.commands.common import non_negative_float, positive_int
 from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
@@ -19,12 +20,12 @@ from cunet_optimize.tasks import FACE, POSE, default_calib_split
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "build", help="calibrate/QAT, export, surgery, lint, build the engine and check accuracy")
-    p.add_argument("--precision", default="int8", type=precision_argument(),
+    p.add_argument("--precision", default=DEFAULT_PRECISION, type=precision_argument(),
                    help="fp32, fp16, int8[-convin|-tied|-untied], int4[-b<N>|-pc][-wo] (weights; built dequantized "
                         "where not executable), a paper mode such as w1a8 (with --qat: trained by `qat`, built as a "
                         "float graph), or auto: per-conv INT4/INT8/float, the cheapest plan (--objective) within the "
-                        "accuracy gate's budget; any case (default: int8)")
-    p.add_argument("--target", default="cpu", help="see `cunet-optimize targets` (default: cpu)")
+                        f"accuracy gate's budget; any case (default: {DEFAULT_PRECISION})")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"see `cunet-optimize targets` (default: {DEFAULT_TARGET})")
     add_model_argument(p)
     p.add_argument("--qat", metavar="QAT_CKPT", dest="qat_checkpoint",
                    help="export this `cunet-optimize qat` checkpoint instead of post-training calibration")
@@ -32,13 +33,13 @@ def add_parser(subparsers) -> None:
                    "annotation JSON / its folder (pose models) (default: the model task's synthetic set's "
                    "calibration slice)")
     p.add_argument("--calib-split", default=None, help="split list in --calib-data (default: train if present)")
-    p.add_argument("--calib-method", choices=METHODS, default="percentile")
-    p.add_argument("--calib-images", type=positive_int, default=128)
+    p.add_argument("--calib-method", choices=METHODS, default=DEFAULT_CALIB_METHOD)
+    p.add_argument("--calib-images", type=positive_int, default=DEFAULT_CALIB_IMAGES)
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--eval-data", metavar="DIR",
                    help="evaluation set, same layouts (default: the model task's synthetic test split)")
-    p.add_argument("--eval-split", default="test")
+    p.add_argument("--eval-split", default=DEFAULT_EVAL_SPLIT)
     p.add_argument("--max-nme-increase", type=non_negative_float, default=FACE.default_tolerance,
                    metavar="POINTS", help="accuracy gate of face models: allowed NME increase in percentage "
                                           f"points (default {FACE.default_tolerance})")
@@ -55,9 +56,9 @@ def add_parser(subparsers) -> None:
                         "the target's native precisions (latency) (default: size)")
     p.add_argument("--auto-grain", choices=["conv", "block"], default=None,
                    help="--precision auto: one format per conv or per U-Net block (default: conv up to 96 convs)")
-    p.add_argument("--auto-heldout-images", type=positive_int, default=64, metavar="N",
+    p.add_argument("--auto-heldout-images", type=positive_int, default=DEFAULT_AUTO_HELDOUT_IMAGES, metavar="N",
                    help="--precision auto: calibration images held out from the scales, on which plans are "
-                        "measured (at most half the calibration set; default 64)")
+                        f"measured (at most half the calibration set; default {DEFAULT_AUTO_HELDOUT_IMAGES})")
     p.add_argument("--auto-sensitivity-images", type=positive_int, default=None, metavar="N",
                    help="--precision auto: measure each group's sensitivity on the first N held-out images only "
                         f"(the joint runs of whole plans use all of them; default {DEFAULT_SENSITIVITY_IMAGES})")
@@ -71,11 +72,14 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def build_options(args, command: str | None = None) -> BuildOptions:
+    """The BuildOptions of parsed `build` arguments: the CLI's, and api.build's, which parses its
+    keyword options with this command's parser (one mapping from options to a build).
+    `command`: what build.json records (default: the command line)."""
     if args.precision == "auto" and not args.qat_checkpoint and distributed.is_active():
         raise CUNetError("build --precision auto searches its plan in one process; launch it without "
                          "torchrun/srun (a plan from `qat --plan` builds under torchrun: --qat QAT_CKPT)")
-    opts = BuildOptions(
+    return BuildOptions(
         precision=args.precision, target=args.target, model=args.model, qat_checkpoint=args.qat_checkpoint,
         calib_data=args.calib_data, calib_split=default_calib_split(args.calib_data, args.calib_split),
         calib_method=args.calib_method,
@@ -85,10 +89,14 @@ def run(args) -> int:
         accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, dla_core=args.dla_core,
         exporter=args.exporter,
         workdir=args.workdir,
-        force=args.force, name=args.name, command=command_line(),
+        force=args.force, name=args.name, command=command_line() if command is None else command,
         objective=args.objective, auto_grain=args.auto_grain, auto_heldout_images=args.auto_heldout_images,
         auto_sensitivity_images=args.auto_sensitivity_images,
     )
+
+
+def run(args) -> int:
+    opts = build_options(args)
     echo = (lambda *_: None) if args.json else print
     report = run_build(opts, echo=echo, progress=not args.json)  # checks, then holds the workdir's lock
     m = report.manifest

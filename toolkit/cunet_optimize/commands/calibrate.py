@@ -6,7 +6,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import BuildOptions, StageTimer, check_workdir, quantize_and_calibrate
+from cunet_optimize.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_PRECISION, BuildOptions,
+                                  StageTimer, check_workdir, quantize_and_calibrate)
 from cunet_optimize.commands.common import positive_int
 from cunet_optimize.data.face300w import DataFlags
 from cunet_optimize.workdir_lock import workdir_lock
@@ -26,10 +27,11 @@ def add_parser(subparsers) -> None:
                    "annotation JSON / its folder (pose models) (default: the model task's synthetic set's "
                    "calibration slice)")
     p.add_argument("--split", default=None, help="split list in DIR (default: its train list if any, else all)")
-    p.add_argument("--method", choices=METHODS, default="percentile")
-    p.add_argument("--precision", default="int8", type=precision_argument(words=()),
-                   help="quantization scheme: int8[-convin|-tied|-untied], int4[-b<N>|-pc][-wo], ... (default int8)")
-    p.add_argument("--images", type=positive_int, default=128, help="number of calibration images")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_CALIB_METHOD)
+    p.add_argument("--precision", default=DEFAULT_PRECISION, type=precision_argument(words=()),
+                   help="quantization scheme: int8[-convin|-tied|-untied], int4[-b<N>|-pc][-wo], ... "
+                        f"(default {DEFAULT_PRECISION})")
+    p.add_argument("--images", type=positive_int, default=DEFAULT_CALIB_IMAGES, help="number of calibration images")
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/calib/<id>/")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from cunet_optimize.commands.common import (add_face_data_arguments, add_model_argument, data_task, positive_int,
                                             print_json, print_table, task_dataset)
-from cunet_optimize.evaluate import evaluate_landmarks, result_to_json, torch_infer
+from cunet_optimize.evaluate import (DEFAULT_BATCH_SIZE, DEFAULT_NORMALIZER, evaluate_landmarks, result_to_json,
+                                     torch_infer)
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.models import load_model
 from cunet_optimize.tasks import POSE
@@ -15,10 +16,10 @@ def add_parser(subparsers) -> None:
                                            "data set")
     add_model_argument(p)
     add_face_data_arguments(p, split_default="test")
-    p.add_argument("--normalizer", choices=NORMALIZERS, default="inter_ocular",
+    p.add_argument("--normalizer", choices=NORMALIZERS, default=DEFAULT_NORMALIZER,
                    help="NME normaliser (faces; pose uses the head size)")
     p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored image")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 

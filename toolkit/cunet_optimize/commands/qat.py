@@ -7,6 +7,7 @@ from collections import Counter
 
 import torch
 
+from cunet_optimize.build import DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_PRECISION
 from cunet_optimize.commands.common import non_negative_int, positive_float, positive_int
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_face_data_arguments,
                                             add_model_argument, data_task, print_json, task_dataset)
@@ -24,7 +25,7 @@ from cunet_optimize.train.loop import TrainRecipe
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("qat", help="quantization-aware fine-tuning (short schedule, resumable)")
     add_model_argument(p)
-    p.add_argument("--precision", default="int8", type=precision_argument(words=(AUTO,)),
+    p.add_argument("--precision", default=DEFAULT_PRECISION, type=precision_argument(words=(AUTO,)),
                    help="int8[-convin|-tied|-untied], int4[-b<N>|-pc][-wo], the paper's w1a8, w2a8g8, ..., "
                         "auto with --plan (default int8)")
     add_face_data_arguments(p, split_default="train")
@@ -42,8 +43,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--epochs", type=positive_int, help="override the QAT epochs")
     p.add_argument("--lr", type=positive_float, help="override the QAT learning rate")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--calib-method", choices=METHODS, default="percentile")
-    p.add_argument("--calib-images", type=positive_int, default=128)
+    p.add_argument("--calib-method", choices=METHODS, default=DEFAULT_CALIB_METHOD)
+    p.add_argument("--calib-images", type=positive_int, default=DEFAULT_CALIB_IMAGES)
     add_concat_qdq_argument(p)
     add_equalize_arguments(p)
     p.add_argument("--plan", metavar="BUILD_DIR",

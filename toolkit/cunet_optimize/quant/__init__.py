@@ -13,9 +13,13 @@ dense concatenations (-tied / -untied or its concat_qdq argument ask for them). 
 level `parse_precision("int8")` is the scheme's own default, scales tied over the
 concatenations (quant/scheme.py), which the tests and stored QAT specs rely on.
 
+`post_training_quantize` takes the equalization alpha as given (None: off); the commands use
+`quant.policy.equalize_alpha_for` (0.5 for INT8 weights). `cunet_optimize.quantize` (api.py)
+does all of it as `build` does, on any model and DataLoader.
+
 QAT: train `qmodel` as any nn.Module (STE gradients; `freeze_bn(qmodel)`; learnable
-scales with the "-lsq" spec modifier) and checkpoint `quant_state_dict(qmodel)` plus
-`qmodel.scheme.spec`.
+scales with the "-lsq" spec modifier) and save it with `cunet_optimize.save_quantized`
+(quant/qat.py `save_qat_checkpoint`): the file `build --qat` reads.
 """
 
 from cunet_optimize.quant.calibrate import (
