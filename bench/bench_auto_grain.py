@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from cunet_optimize.allocator import keep_freed_memory
-    from cunet_optimize.build import BuildOptions, StageTimer, quantize_and_calibrate
+    from cunet_optimize.pipeline.build import BuildOptions, StageTimer, quantize_and_calibrate
     from cunet_optimize.models import resolve_model
     from cunet_optimize.quant import auto
     from cunet_optimize.tasks import open_dataset_or_default, task_of_model

@@ -13,7 +13,7 @@ call by call in one process so machine load hits them alike. Recorded per export
 - the verification of the first repeat (verify.py: error against PyTorch, the noise it
   is judged against, their ratio; the fake-quant wiring check for INT8).
 And whether the two exporters' graphs match after each clean-up: same op multiset, same
-Q/DQ placement (export/same_graph.py), and node for node the same structure.
+Q/DQ placement (exporters/same_graph.py), and node for node the same structure.
 
     python bench/bench_exporters.py [--models embedded /work/scratch/n8.safetensors]
                                     [--repeats 2] [--out bench/results/exporters.json]
@@ -67,7 +67,7 @@ def verification_summary(check: dict) -> dict:
 
 
 def compare(a, b) -> dict:
-    from cunet_optimize.export.same_graph import op_multiset, qdq_placement, structural_difference
+    from cunet_optimize.exporters.same_graph import op_multiset, qdq_placement, structural_difference
 
     ops_a, ops_b = op_multiset(a), op_multiset(b)
     placement_a, placement_b = qdq_placement(a), qdq_placement(b)
@@ -85,7 +85,7 @@ def compare(a, b) -> dict:
 def bench_case(name: str, precision: str, model, repeats: int, tmp: Path) -> dict:
     import onnx
 
-    from cunet_optimize.export import export_onnx
+    from cunet_optimize.exporters import export_onnx
     from cunet_optimize.surgery import run_surgery
 
     passes = ["cleanup", "flatten_nested_concats", "fold_batchnorm"]

@@ -38,7 +38,7 @@ def main() -> None:
 
     from cunet_optimize.allocator import keep_freed_memory
     from cunet_optimize.atomic import write_atomic
-    from cunet_optimize.build import BuildOptions, StageTimer, quantize_and_calibrate
+    from cunet_optimize.pipeline.build import BuildOptions, StageTimer, quantize_and_calibrate
     from cunet_optimize.models import resolve_model
     from cunet_optimize.quant.auto import HeldOut
     from cunet_optimize.tasks import open_dataset_or_default, task_of_model

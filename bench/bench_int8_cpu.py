@@ -44,7 +44,7 @@ def make_forms(spec: str, tmp: Path) -> dict[str, Path]:
 
     from cunet_optimize import load_model
     from cunet_optimize.quant.policy import DEFAULT_EQUALIZE_ALPHA
-    from cunet_optimize.export import export_onnx
+    from cunet_optimize.exporters import export_onnx
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.quant import parse_precision, post_training_quantize
     from cunet_optimize.surgery import run_surgery

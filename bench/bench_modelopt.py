@@ -39,8 +39,8 @@ from onnx import numpy_helper
 from cunet_optimize.data.default_set import ensure_default_dataset
 from cunet_optimize.data.face300w import Face300W, FirstSamples
 from cunet_optimize.engines.onnxrt import OnnxRuntimeReferenceRunner
-from cunet_optimize.evaluate import evaluate_landmarks
-from cunet_optimize.export import export_onnx
+from cunet_optimize.evaluation import evaluate_landmarks
+from cunet_optimize.exporters import export_onnx
 from cunet_optimize.models import load_model
 from cunet_optimize.surgery import lint_model
 from cunet_optimize.tasks import calibration_batches, default_calib_split

@@ -29,7 +29,7 @@ import torch
 
 from cunet_optimize.atomic import write_atomic
 from cunet_optimize.data.face300w import Face300W, FirstSamples
-from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
+from cunet_optimize.evaluation import evaluate_landmarks, torch_infer
 from cunet_optimize.models import load_model
 from cunet_optimize.quant import parse_precision, post_training_quantize, requantization_points
 from cunet_optimize.quant.policy import DEFAULT_EQUALIZE_ALPHA, equalize_alpha_for, quant_scheme

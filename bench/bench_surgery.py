@@ -71,7 +71,7 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
     import torch
 
     from cunet_optimize.data.synth import verification_batch
-    from cunet_optimize.export import export_onnx
+    from cunet_optimize.exporters import export_onnx
     from cunet_optimize.onnx_tools.verify import compare_outputs, make_session, run_onnxruntime
     from cunet_optimize.quant import parse_precision, post_training_quantize
     from cunet_optimize.quant.policy import DEFAULT_EQUALIZE_ALPHA

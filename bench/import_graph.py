@@ -1,6 +1,6 @@
 """Which part of cunet_optimize imports which: the package-level import graph, from the source.
 
-A node is a subpackage (export, surgery, profile...) or a top-level module (build, tasks,
+A node is a subpackage (exporters, surgery, profiling...) or a top-level module (build, tasks,
 cli...); `cunet_optimize` itself is the package's __init__. Every `import` / `from ... import`
 statement of toolkit/cunet_optimize that names another node is an edge, read with `ast`
 (nothing is imported, so the graph of a broken tree can still be drawn). Imports inside
@@ -42,7 +42,7 @@ class Edge:
 
 
 def node_of(module: str) -> str:
-    """`cunet_optimize.onnx_tools.verify` -> `export`; the package itself -> `cunet_optimize`."""
+    """`cunet_optimize.onnx_tools.verify` -> `onnx_tools`; the package itself -> `cunet_optimize`."""
     parts = module.split(".")
     if parts[0] != PACKAGE:
         raise ValueError(module)

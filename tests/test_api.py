@@ -168,7 +168,7 @@ def test_build_of_a_module_keeps_its_checkpoint_by_content_and_writes_nothing_wh
 
 def test_the_api_is_lazy_and_its_names_are_the_functions():
     code = ("import sys, cunet_optimize as co; assert 'torch' not in sys.modules; "
-            "import cunet_optimize.build, cunet_optimize.profile; "
+            "import cunet_optimize.pipeline.build, cunet_optimize.profiling; "
             "assert callable(co.build) and co.build.__module__ == 'cunet_optimize.api', co.build; "
             "assert co.profile.__module__ == 'cunet_optimize.api'")
     env = {**os.environ, "PYTHONPATH": str(REPO / "toolkit")}

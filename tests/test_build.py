@@ -14,7 +14,7 @@ import pytest
 from cunet_optimize.cli import main
 from cunet_optimize.models import DEFAULT_CHECKPOINT
 
-build_module = importlib.import_module("cunet_optimize.build")  # the module: cunet_optimize.build is the API function
+build_module = importlib.import_module("cunet_optimize.pipeline.build")
 
 pytestmark = pytest.mark.slow
 

@@ -92,7 +92,7 @@ def test_build_cli_dla_core_errors(tmp_path, capsys, argv, message):
 
 def test_surgery_and_lint_cli_take_the_dla_core(tmp_path, capsys):
     from conftest import tiny_config
-    from cunet_optimize.export import export_onnx
+    from cunet_optimize.exporters import export_onnx
     from cunet_optimize.models import CUNet
 
     torch.manual_seed(0)

@@ -199,7 +199,7 @@ def test_sharded_calibration_scales_equal_single_process(faces, tmp_path):
 
 
 def _evaluate(faces, out):
-    from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
+    from cunet_optimize.evaluation import evaluate_landmarks, torch_infer
     from cunet_optimize.models import create_model
 
     torch.manual_seed(0)

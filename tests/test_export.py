@@ -14,9 +14,9 @@ import torch
 from conftest import tiny_config
 from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export import export_onnx
-from cunet_optimize.export.landmarks import add_landmark_decoder
-from cunet_optimize.export.onnx_export import verify_against_torch
+from cunet_optimize.exporters import export_onnx
+from cunet_optimize.exporters.landmarks import add_landmark_decoder
+from cunet_optimize.exporters.onnx_export import verify_against_torch
 from cunet_optimize.models import CUNet
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.patterns import qdq_params, quantize

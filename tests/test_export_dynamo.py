@@ -13,9 +13,9 @@ import torch
 from conftest import tiny_config
 from cunet_optimize.cli import main
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export import export_onnx
+from cunet_optimize.exporters import export_onnx
 from cunet_optimize.data.synth import verification_batch
-from cunet_optimize.export.same_graph import op_multiset, qdq_placement, structural_difference
+from cunet_optimize.exporters.same_graph import op_multiset, qdq_placement, structural_difference
 from cunet_optimize.models import CUNet
 from cunet_optimize.quant import calibrate, parse_precision, quantize_model
 from test_export import FakeQuantNet

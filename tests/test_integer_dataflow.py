@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config
 from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder
-from cunet_optimize.export import export_onnx
+from cunet_optimize.exporters import export_onnx
 from cunet_optimize.models import CUNet
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.patterns import qdq_params

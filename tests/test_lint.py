@@ -224,7 +224,7 @@ def test_exported_fp16_static_cunet_is_clean_for_dla(tmp_path):
     import torch
 
     from conftest import tiny_config
-    from cunet_optimize.export import export_onnx
+    from cunet_optimize.exporters import export_onnx
     from cunet_optimize.models import CUNet
 
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ AUTO = {"objective": "size", "budget": 0.3, "budget_option": "--max-nme-increase
 
 
 def build_json() -> dict:
-    """A build.json with every section build.py writes (values shortened)."""
+    """A build.json with every section pipeline/build.py writes (values shortened)."""
     return {
         "schema": BUILD_SCHEMA, "name": "tiny-int8-cpu", "toolkit_version": "0.1.0",
         "command": "cunet-optimize build --precision int8", "precision": "int8", "target": "cpu", "dla_core": None,

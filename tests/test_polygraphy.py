@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_config
 from cunet_optimize.data.synth import verification_batch
-from cunet_optimize.export import export_onnx
+from cunet_optimize.exporters import export_onnx
 from cunet_optimize.models import CUNet
 from cunet_optimize.quant import calibrate, quantize_model
 from cunet_optimize.surgery import run_surgery

@@ -16,7 +16,7 @@ from cunet_optimize.data.mpii import ANNOTATION_FILE, MPIIDataset
 from cunet_optimize.data.synth import write_synthetic_faces
 from cunet_optimize.data.synth_pose import synth_pose, write_synthetic_poses
 from cunet_optimize.data.transforms import MPII_FLIP_PERM
-from cunet_optimize.evaluate import evaluate_landmarks, flip_test
+from cunet_optimize.evaluation import evaluate_landmarks, flip_test
 from cunet_optimize.metrics import pckh_curve, pckh_errors
 from cunet_optimize.models import create_model, save_checkpoint
 from cunet_optimize.models.batchnorm import reestimate_batchnorm
@@ -217,7 +217,7 @@ def test_build_int8_tiny_pose_model_gates_on_pckh_and_profiles(tiny_pose, poses,
 
     # the gate in PCKh points: no model can lose less than -100 points, so this one must fail
     # (the CLI refuses a negative tolerance; the API takes it, to force the failure)
-    from cunet_optimize.build import BuildOptions, run_build
+    from cunet_optimize.pipeline.build import BuildOptions, run_build
     from cunet_optimize.errors import CUNetError
 
     strict = BuildOptions(precision="int8", model=str(tiny_pose), calib_data=str(poses), calib_images=4,

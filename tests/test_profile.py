@@ -22,7 +22,7 @@ from cunet_optimize.engines.base import Runner
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models import CUNet, CUNetConfig, save_checkpoint
-from cunet_optimize.profile import (
+from cunet_optimize.profiling import (
     BUNDLE_ONLY_STATUS,
     batch_sweep,
     latency_stats,
@@ -33,12 +33,12 @@ from cunet_optimize.profile import (
     summary_rows,
 )
 from cunet_optimize.engines.onnxrt import thread_candidates
-from cunet_optimize.profile.accuracy import DEFAULT_NME_TOLERANCE_POINTS, accuracy_delta
-from cunet_optimize.profile.builds import check_builds, find_builds
-from cunet_optimize.profile.layers import summarize_ort_trace
-from cunet_optimize.profile.memory import measure_peak_memory
-from cunet_optimize.profile.profiler import padded_to
-from cunet_optimize.profile.size import weights_by_dtype
+from cunet_optimize.profiling.accuracy import DEFAULT_NME_TOLERANCE_POINTS, accuracy_delta
+from cunet_optimize.profiling.builds import check_builds, find_builds
+from cunet_optimize.profiling.layers import summarize_ort_trace
+from cunet_optimize.profiling.memory import measure_peak_memory
+from cunet_optimize.profiling.profiler import padded_to
+from cunet_optimize.profiling.size import weights_by_dtype
 
 TINY = CUNetConfig(num_unets=2, order=1, num_classes=68, width=8, growth_rate=4, neck_size=2)
 INT8_TOLERANCE = 0.5
@@ -105,7 +105,7 @@ def write_ort_build(engines: Path, name: str, onnx_path: Path, checkpoint: Path,
                     data: Path | None = None, builder_roles: bool = False, **extra) -> Path:
     """An ONNX Runtime build. builder_roles: artifacts named as OnnxRuntimeBuilder names them
     ("model" = the optimised model, "source_onnx") and eval_data's crop as the policy sentence,
-    as build.py records them; else the short form ("engine", crop "tight")."""
+    as pipeline/build.py records them; else the short form ("engine", crop "tight")."""
     from cunet_optimize.data.face300w import CROP_POLICIES
 
     folder = engines / name

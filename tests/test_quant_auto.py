@@ -187,7 +187,7 @@ def test_auto_build_backs_off_when_the_prediction_is_too_optimistic(tiny, faces,
     """A forced case: the prediction says everything is free, the first engine fails the gate."""
     import importlib
 
-    build_module = importlib.import_module("cunet_optimize.build")  # the module: cunet_optimize.build is the API function
+    build_module = importlib.import_module("cunet_optimize.pipeline.build")
     from cunet_optimize.cli import main
 
     monkeypatch.setattr(auto, "predict_degradation", lambda table, plan: 0.0)
@@ -215,7 +215,7 @@ def test_auto_build_backs_off_when_the_prediction_is_too_optimistic(tiny, faces,
 def test_auto_build_fails_cleanly_when_no_plan_passes(tiny, faces, tmp_path, monkeypatch, capsys):
     import importlib
 
-    build_module = importlib.import_module("cunet_optimize.build")  # the module: cunet_optimize.build is the API function
+    build_module = importlib.import_module("cunet_optimize.pipeline.build")
     from cunet_optimize.cli import main
     from cunet_optimize.quant import auto_build
 

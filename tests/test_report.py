@@ -11,7 +11,7 @@ import pytest
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, read_profile
-from cunet_optimize.profile.result import VariantProfile, profile_manifest, speedups, what_ran_where
+from cunet_optimize.profiling.result import VariantProfile, profile_manifest, speedups, what_ran_where
 from cunet_optimize.report import render_html, write_report
 from cunet_optimize.report.svg import nice_ticks, pareto_front
 
@@ -70,7 +70,7 @@ LAYERS = {"source": "ONNX Runtime profiler", "runs": 10, "nodes": 40, "total_ms_
           "by_op_type": [{"op_type": "Conv", "nodes": 30, "ms_per_run": 4.0, "percent": 80.0},
                          {"op_type": "Concat", "nodes": 10, "ms_per_run": 1.0, "percent": 20.0}],
           "top_nodes": [{"node": "/hg/down_blocks.0/conv", "op_type": "Conv", "ms_per_run": 1.2, "percent": 24.0}]}
-SURGERY = {"passes": ["fold_dense_concat"],  # as build.py writes it: names + one report per pass
+SURGERY = {"passes": ["fold_dense_concat"],  # as pipeline/build.py writes it: names + one report per pass
            "reports": [{"name": "fold_dense_concat", "nodes_before": 812, "nodes_after": 640, "concats_before": 96,
                         "concats_after": 12, "concat_bytes_before": 4 << 20, "concat_bytes_after": 1 << 20,
                         "rewrites": 84, "notes": [], "verification": None}],

@@ -17,7 +17,7 @@ from onnx import TensorProto
 from conftest import tiny_config
 from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export import export_onnx
+from cunet_optimize.exporters import export_onnx
 from cunet_optimize.models import CUNet
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.verify import random_feeds, run_onnxruntime

@@ -864,7 +864,7 @@ def test_failed_auto_build_leaves_the_build_it_would_replace(env, tmp_path, caps
     untouched, and no staging folder is left (each plan is assembled in staging, renamed once)."""
     import importlib
 
-    build_module = importlib.import_module("cunet_optimize.build")  # the module: cunet_optimize.build is the API function
+    build_module = importlib.import_module("cunet_optimize.pipeline.build")
     from cunet_optimize.quant import auto_build
 
     workdir = built_workdir(env, tmp_path)
@@ -895,7 +895,7 @@ def test_build_killed_while_replacing_keeps_the_old_build(env, tmp_path):
     killer = textwrap.dedent(f"""
         import os, signal
         import importlib
-        build = importlib.import_module("cunet_optimize.build")
+        build = importlib.import_module("cunet_optimize.pipeline.build")
         real = os.replace
         def replace(a, b):
             real(a, b)
@@ -992,7 +992,7 @@ def test_zero_range_threshold_and_dead_channels():
 def test_grammar_api_reads_a_precision_as_the_commands_do():
     """BuildOptions (the Python API's build) spells and checks --precision as the CLI does, and
     the engine precision comes from the parsed scheme, not the spelling."""
-    from cunet_optimize.build import BuildOptions
+    from cunet_optimize.pipeline.build import BuildOptions
     from cunet_optimize.errors import CUNetError
     from cunet_optimize.quant.policy import engine_precision, quant_scheme
 

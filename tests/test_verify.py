@@ -11,8 +11,8 @@ import torch
 
 from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export import export_onnx
-from cunet_optimize.export.onnx_export import reference_heads, verify_against_torch, verify_wiring
+from cunet_optimize.exporters import export_onnx
+from cunet_optimize.exporters.onnx_export import reference_heads, verify_against_torch, verify_wiring
 from cunet_optimize.models import load_model
 from cunet_optimize.models.batchnorm import reestimate_batchnorm
 from cunet_optimize.onnx_tools.verify import NOISE_MULTIPLE, TOLERANCES, compare_outputs, run_onnxruntime

@@ -5,8 +5,6 @@ load_engine, evaluate, export, profile, each the code path of its command, with 
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -18,21 +16,16 @@ _API = {"load_model": "cunet_optimize.models",
 __all__ = [*_API, "__version__"]
 
 
-class _Package(types.ModuleType):
-    """This package, whose API names always mean the API: `build`, `evaluate`, `export` and
-    `profile` are also submodules, which the import system sets as attributes of the package when
-    they are first imported. The API is imported on first use: importing any part of the package
-    runs this file, and the parts that only read JSON (`cunet-optimize report`, the manifests) must
-    not pay for torch. The submodules stay `from cunet_optimize.build import ...` and
-    `importlib.import_module("cunet_optimize.build")`."""
-
-    def __getattribute__(self, name: str):
-        if name in _API:
-            return getattr(importlib.import_module(_API[name]), name)
-        return super().__getattribute__(name)
-
-    def __dir__(self) -> list[str]:
-        return sorted({*super().__dir__(), *_API})
+def __getattr__(name: str):
+    # The API is imported on first use (PEP 562): importing any part of the package runs this
+    # file, and the parts that only read JSON (`cunet-optimize report`, the manifests) must not
+    # pay for torch. No submodule shares an API name (the build pipeline is `pipeline.build`,
+    # the stages `exporters/`, `profiling/`, `evaluation`), so `import cunet_optimize.X.Y`
+    # keeps working beside `cunet_optimize.build(...)`.
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'cunet_optimize' has no attribute {name!r}")
 
 
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})

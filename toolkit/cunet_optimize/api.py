@@ -1,7 +1,7 @@
 """The Python API: the CLI's pipeline on your own objects (a model, a DataLoader, a folder).
 
 Each function is a thin layer over the code its command runs, with the command's defaults
-(build.py DEFAULT_*), so `quantize(model, "int8")` is the scheme, equalization and calibration
+(pipeline/build.py DEFAULT_*), so `quantize(model, "int8")` is the scheme, equalization and calibration
 of `cunet-optimize build --precision int8`, and `build(...)` parses its options with `build`'s
 own parser. docs/API.md has the table and a QAT-in-your-own-loop example::
 
@@ -32,10 +32,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from cunet_optimize.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_EVAL_SPLIT, DEFAULT_PRECISION,
+from cunet_optimize.pipeline.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_EVAL_SPLIT, DEFAULT_PRECISION,
                                   DEFAULT_TARGET, BuildReport, check_build, deployed_export_form, run_build)
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_NORMALIZER
+from cunet_optimize.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_NORMALIZER
 from cunet_optimize.models import CUNet, load_model, resolve_model, save_checkpoint
 from cunet_optimize.quant.calibrate import METHODS, _as_images, post_training_quantize
 from cunet_optimize.quant.policy import canonical_precision, equalize_alpha_for, quant_scheme
@@ -343,7 +343,7 @@ def load_engine(engine_dir: PathLike) -> Engine:
     """The engine of a build folder (engines/<name>/), after checking every file against the sha256
     build.json recorded (as `profile` does): ONNX Runtime builds here, TensorRT engines where TensorRT
     runs. A TensorRT bundle without an engine is a CUNetError (build it on the device)."""
-    from cunet_optimize.profile.builds import read_build
+    from cunet_optimize.profiling.builds import read_build
 
     record = read_build(engine_dir)
     record.check_artifacts()
@@ -380,7 +380,7 @@ def evaluate(model_or_engine: Any, data: Any, *, split: str | None = None, batch
     load_engine, or a build folder, on `data`: a folder as `--data` (split: its `--split`, default
     test, every image when it has no split lists), or an iterable of (images, landmarks) batches,
     images Bx3x256x256 in [0, 1] and 68-point landmarks BxCx2 in their pixels (faces)."""
-    from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
+    from cunet_optimize.evaluation import evaluate_landmarks, torch_infer
 
     _check_count("evaluate", "batch_size", batch_size)
     if isinstance(model_or_engine, (str, os.PathLike)) and (Path(model_or_engine) / "build.json").is_file():
@@ -457,7 +457,7 @@ def export(model_or_qmodel: torch.nn.Module | PathLike | None, path: PathLike, *
     with force=True."""
     from cunet_optimize.commands.common import check_new_output
     from cunet_optimize.engines.targets import get_target
-    from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, export_onnx
+    from cunet_optimize.exporters.onnx_export import DEFAULT_EXPORTER, export_onnx
 
     check_new_output(path, "path", force=force)
     if isinstance(model_or_qmodel, QuantCUNet):
@@ -487,7 +487,7 @@ def profile(engine_dirs: Iterable[PathLike] | None = None, *, workdir: PathLike 
     `options`: profile_engines' (runs, warmup, batch_sizes, memory, layer_runs, max_images, split, ...)."""
     from cunet_optimize.commands.common import check_new_output
     from cunet_optimize.commands.profile import report_name
-    from cunet_optimize.profile import find_builds, profile_engines
+    from cunet_optimize.profiling import find_builds, profile_engines
     from cunet_optimize.report import write_report
 
     known = set(inspect.signature(profile_engines).parameters) - {"build_dirs", "data", "name", "command", "progress"}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cunet_optimize import __version__, distributed
 from cunet_optimize.atomic import sha256_file
-from cunet_optimize.evaluate import evaluate_runner
+from cunet_optimize.evaluation import evaluate_runner
 
 log = logging.getLogger(__name__)
 

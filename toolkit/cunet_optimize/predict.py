@@ -17,7 +17,7 @@ from cunet_optimize.data.transforms import (
     heatmap_to_image_coords,
     warp_image,
 )
-from cunet_optimize.evaluate import InferFn
+from cunet_optimize.evaluation import InferFn
 
 
 def crop_for(image: np.ndarray, box: list[float] | None, box_factor: float = DETECTOR_BOX_FACTOR) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".cunet-optimize.lock"
-PARTIAL_GLOB = ".*.partial-*"  # build.py's staging folders
+PARTIAL_GLOB = ".*.partial-*"  # pipeline/build.py's staging folders
 
 
 @contextmanager
@@ -51,7 +51,7 @@ def workdir_lock(workdir: str | os.PathLike, what: str) -> Iterator[None]:
 def remove_stale_partials(engines_dir: str | os.PathLike) -> list[str]:
     """Remove staging folders of builds that were killed; call only while holding the lock.
 
-    A build replacing another renames the old one aside (build.py commit_build:
+    A build replacing another renames the old one aside (pipeline/build.py commit_build:
     .<name>.partial-replaced-*/<name>) before renaming the new one in; killed between the
     two renames, the old build is put back here instead of removed."""
     engines_dir = Path(engines_dir)

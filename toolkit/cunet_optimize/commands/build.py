@@ -5,10 +5,10 @@ from __future__ import annotations
 from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
 
-from cunet_optimize.build import (DEFAULT_AUTO_HELDOUT_IMAGES, DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD,
+from cunet_optimize.pipeline.build import (DEFAULT_AUTO_HELDOUT_IMAGES, DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD,
                                   DEFAULT_EVAL_SPLIT, DEFAULT_PRECISION, DEFAULT_TARGET, BuildOptions, run_build)
 from cunet_optimize.commands.common import non_negative_float, positive_int
-from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
+from cunet_optimize.exporters.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,
                                             command_line, print_json)
 from cunet_optimize.quant.auto import DEFAULT_SENSITIVITY_IMAGES
@@ -64,7 +64,7 @@ def add_parser(subparsers) -> None:
                         f"(the joint runs of whole plans use all of them; default {DEFAULT_SENSITIVITY_IMAGES})")
     p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
                    help=f"torch.onnx exporter: legacy (TorchScript) or dynamo (torch.export; fp32, fp16 and int8 "
-                        f"weights only) (default {DEFAULT_EXPORTER}, see export/onnx_export.py)")
+                        f"weights only) (default {DEFAULT_EXPORTER}, see exporters/onnx_export.py)")
     p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>)")
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/engines and WORKDIR/calib")
     p.add_argument("--force", action="store_true", help="replace an existing build of the same name")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cunet_optimize.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_PRECISION, BuildOptions,
+from cunet_optimize.pipeline.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_PRECISION, BuildOptions,
                                   StageTimer, check_workdir, quantize_and_calibrate)
 from cunet_optimize.commands.common import positive_int
 from cunet_optimize.data.face300w import DataFlags
@@ -62,7 +62,7 @@ def run(args) -> int:
         if wrote_legacy:
             import onnx
 
-            from cunet_optimize.export import export_onnx
+            from cunet_optimize.exporters import export_onnx
             from cunet_optimize.quant.onnx_scales import legacy_cache_scales
 
             with tempfile.TemporaryDirectory() as tmp:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cunet_optimize.commands.common import add_model_argument, print_json
-from cunet_optimize.export import export_onnx
-from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
+from cunet_optimize.exporters import export_onnx
+from cunet_optimize.exporters.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.models import DEFAULT_CONFIG_NAME, load_model
 from cunet_optimize.quant.policy import precision_argument
 
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
                    help="add a 'landmarks' output [B, C, 2] decoded in the graph (heatmap pixels)")
     p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
                    help="legacy: torch.onnx.export's TorchScript tracer; dynamo: its torch.export-based exporter "
-                        f"(same graph after clean-up; default {DEFAULT_EXPORTER}, see export/onnx_export.py)")
+                        f"(same graph after clean-up; default {DEFAULT_EXPORTER}, see exporters/onnx_export.py)")
     p.add_argument("--static-batch", action="store_true", help="batch fixed to 1 (DLA needs static shapes)")
     p.add_argument("--workdir", default=".", help="where artifacts go (default: current folder)")
     p.add_argument("--json", action="store_true", help="print the export summary as JSON")

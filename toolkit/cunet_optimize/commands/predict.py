@@ -8,7 +8,7 @@ from pathlib import Path
 from cunet_optimize.commands.common import add_force_argument, add_model_argument, check_new_output, print_json
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.detect import face_box_or_whole_image
-from cunet_optimize.evaluate import torch_infer
+from cunet_optimize.evaluation import torch_infer
 from cunet_optimize.models import load_model
 from cunet_optimize.data.face300w import MIN_IMAGE_SIDE, DataError, load_rgb
 from cunet_optimize.predict import draw_landmarks, predict_landmarks

@@ -18,9 +18,9 @@ from cunet_optimize.commands.common import add_force_argument, check_new_output,
 from cunet_optimize.engines.targets import TARGETS
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.metrics import NORMALIZERS
-from cunet_optimize.profile import find_builds, profile_engines, summary_rows
-from cunet_optimize.profile.memory import MEMORY_MODES
-from cunet_optimize.profile.profiler import DEFAULT_BATCH_SIZES, DEFAULT_RUNS, DEFAULT_WARMUP, LAYER_PROFILE_RUNS
+from cunet_optimize.profiling import find_builds, profile_engines, summary_rows
+from cunet_optimize.profiling.memory import MEMORY_MODES
+from cunet_optimize.profiling.profiler import DEFAULT_BATCH_SIZES, DEFAULT_RUNS, DEFAULT_WARMUP, LAYER_PROFILE_RUNS
 from cunet_optimize.report import write_report
 from cunet_optimize.report.format import MISSING, fmt_bytes, fmt_ms, fmt_num, fmt_pass, fmt_speedup
 

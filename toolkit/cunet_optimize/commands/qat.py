@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from cunet_optimize.build import DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_PRECISION
+from cunet_optimize.pipeline.build import DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_PRECISION
 from cunet_optimize.commands.common import non_negative_int, positive_float, positive_int
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_face_data_arguments,
                                             add_model_argument, data_task, print_json, task_dataset)

@@ -5,7 +5,7 @@ report reads (a number where a number belongs, ...) and the report reads nothing
 so a hand-edited or truncated profile fails with one line naming the field, never with
 a traceback half way through a page. Numbers are `float | None`: None = not measured
 (non-finite values are written as null). The profiler builds its result as plain data
-(profile/result.py) and checks it against this model before writing.
+(profiling/result.py) and checks it against this model before writing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ MEASURED_STATUS = "measured"
 
 @dataclass
 class Latency:
-    """Timed runs at one batch size (profile/latency.py latency_stats)."""
+    """Timed runs at one batch size (profiling/latency.py latency_stats)."""
 
     batch_size: int | None = None
     runs: int | None = None

@@ -87,7 +87,7 @@ def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) 
 
 
 def run_auto_build(opts, echo=print, progress: bool = True):
-    from cunet_optimize.build import check_build, locked_workdir
+    from cunet_optimize.pipeline.build import check_build, locked_workdir
 
     if opts.objective not in auto.OBJECTIVES:
         raise CUNetError(f"--objective {opts.objective}: choose one of {', '.join(auto.OBJECTIVES)}")
@@ -109,7 +109,7 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
     in its own staging folder; only the last one is renamed into place, with its build.json
     complete, and only if it passed (or the gate is not enforced)."""
     from cunet_optimize.atomic import write_atomic
-    from cunet_optimize.build import StageTimer, commit_build, quantize_and_calibrate, run_build
+    from cunet_optimize.pipeline.build import StageTimer, commit_build, quantize_and_calibrate, run_build
 
     start = time.perf_counter()
     target, model, ckpt_path, task = checked.target, checked.model, checked.ckpt_path, checked.task

@@ -165,7 +165,7 @@ def engine_precision(opts) -> str:
 
 
 # What a build of the paper's modes deploys (build.json notes): their quantizers are plain ops,
-# not Q/DQ (export/dynamo.py unsupported), so the exported graph is a float graph whose weights
+# not Q/DQ (exporters/dynamo.py unsupported), so the exported graph is a float graph whose weights
 # hold the binary / ternary / k-bit values and whose fixed-point inputs are Clip/Round ops.
 PAPER_ENGINE_NOTE = ("the paper's {spec}: a float graph whose weights hold their {grid} values and whose "
                      "fixed-point inputs are float ops (Clip, Round), computed in FP32; no engine has binary or "

@@ -6,7 +6,7 @@ Patterns packed (weights of Conv/ConvTranspose/Gemm/MatMul):
    as INT4 (half a byte each), everything else unchanged.
 2. The fake-quant INT4 export: float initializer -> QuantizeLinear -> DequantizeLinear
    with an INT4 zero point (what `torch.fake_quantize_per_channel_affine` with
-   quant_min=-8, quant_max=7 exports to at opset 21, see export/symbolics.py). The Q
+   quant_min=-8, quant_max=7 exports to at opset 21, see exporters/symbolics.py). The Q
    is evaluated here (as ONNX Runtime does: round half to even in float32) and the
    weight becomes INT4 integers -> block DQ: a per-channel scale s[o] turns into the
    same-rank scale [O, 1, kh, kw] with the whole input-channel axis as one block

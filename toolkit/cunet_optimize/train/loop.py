@@ -35,7 +35,7 @@ from tqdm import tqdm
 from cunet_optimize import distributed
 from cunet_optimize.atomic import atomic_path, write_atomic
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.evaluate import evaluate_landmarks, torch_infer
+from cunet_optimize.evaluation import evaluate_landmarks, torch_infer
 from cunet_optimize.models import save_checkpoint
 from cunet_optimize.tasks import task_of_dataset
 

@@ -5,7 +5,7 @@
 
 `run_build` runs every check that needs no work, then one function per stage. The work
 is done where each idea lives: quant/policy.py (what is quantized how), quant/calib_cache.py
-(calib/<id>/), export/, surgery/ (forms.py: the graph forms timed on this machine),
+(calib/<id>/), exporters/, surgery/ (forms.py: the graph forms timed on this machine),
 engines/, fp32_reference.py (what the gate compares against).
 
 Every check that needs no work runs before anything is written (a refused build leaves
@@ -35,7 +35,7 @@ from cunet_optimize import __version__, distributed
 from cunet_optimize.atomic import sha256_file
 from cunet_optimize.data.face300w import CALIB_DATA_FLAGS, EVAL_DATA_FLAGS
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.evaluate import evaluate_runner
+from cunet_optimize.evaluation import evaluate_runner
 from cunet_optimize.fp32_reference import reference_accuracy
 from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json, record_artifact_hashes
 from cunet_optimize.models import resolve_model
@@ -192,7 +192,7 @@ class _Build:
     opts: BuildOptions
     target: TargetSpec
     dla: int | None
-    exporter: str  # export/dynamo.py check_exporter's choice
+    exporter: str  # exporters/dynamo.py check_exporter's choice
     model: torch.nn.Module
     ckpt_path: Path
     source: str
@@ -232,7 +232,7 @@ class _Checked:
     target: TargetSpec
     dla: int | None
     support_note: str
-    exporter: str  # export/dynamo.py check_exporter's choice
+    exporter: str  # exporters/dynamo.py check_exporter's choice
     model: torch.nn.Module
     ckpt_path: Path
     source: str
@@ -248,7 +248,7 @@ def check_build(opts: BuildOptions) -> _Checked:
     precision, Q/DQ placement, exporter, model, the data's task, the build's name and an
     existing build of that name."""
     from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
-    from cunet_optimize.export.dynamo import check_exporter
+    from cunet_optimize.exporters.dynamo import check_exporter
 
     workdir = check_workdir(opts.workdir)
     if opts.name is not None:
@@ -379,7 +379,7 @@ def _calibrate(b: _Build):
 def _export(b: _Build, export_model) -> int:
     """The ONNX export to deploy and the FP32 reference export, both verified in ONNX Runtime;
     returns the opset (deployed_export_form)."""
-    from cunet_optimize.export import export_onnx
+    from cunet_optimize.exporters import export_onnx
 
     opset, fp16 = deployed_export_form(export_model, b.quantized, b.target, b.opts)
     with b.timer.stage("export", f"ONNX opset {opset} ({b.opts.precision}), verified in ONNX Runtime"):
@@ -447,7 +447,7 @@ def _surgery(b: _Build, export_model, opset: int):
 def _timed_forms(b: _Build, result, before, options: dict):
     """On ONNX Runtime: the faster dense-concat form of a float graph, and the fastest INT8
     integer form that passes the gate (surgery/forms.py); each choice is noted."""
-    from cunet_optimize.evaluate import evaluate_landmarks
+    from cunet_optimize.evaluation import evaluate_landmarks
     from cunet_optimize.surgery.forms import choose_concat_form, choose_int8_form
     from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
@@ -528,7 +528,7 @@ def _engine(b: _Build, result, concat_form: dict | None, int8_form: dict | None)
 
 def _accuracy(b: _Build, build) -> None:
     """The accuracy gate (`_accuracy_gate`) on the evaluation set; the FP32 reference export is dropped after."""
-    from cunet_optimize.evaluate import evaluate_landmarks
+    from cunet_optimize.evaluation import evaluate_landmarks
 
     with b.timer.stage("accuracy", f"{b.task.metric} on {len(b.eval_set)} images vs the FP32 reference "
                                    "(ONNX Runtime)"):

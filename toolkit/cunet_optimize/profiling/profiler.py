@@ -25,21 +25,21 @@ from cunet_optimize import __version__
 from cunet_optimize.atomic import sha256_file
 from cunet_optimize.engines.base import Runner, TorchRunner
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.evaluate import evaluate_landmarks
+from cunet_optimize.evaluation import evaluate_landmarks
 from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, MEASURED_STATUS, ProfileManifest
 from cunet_optimize.manifests.schema import to_dict
-from cunet_optimize.profile.accuracy import (
+from cunet_optimize.profiling.accuracy import (
     accuracy_delta,
     ced_for_plot,
     eval_data_for,
     pckh_curve_for_plot,
 )
-from cunet_optimize.profile.builds import BuildRecord, check_builds, read_build
-from cunet_optimize.profile.environment import environment, load_average
-from cunet_optimize.profile.latency import batch_sweep
-from cunet_optimize.profile.memory import MEMORY_MODES, measure_peak_memory, method_description
-from cunet_optimize.profile.result import VariantProfile, profile_manifest, speedups, what_ran_where
-from cunet_optimize.profile.size import file_sizes, onnx_weights, state_dict_weights
+from cunet_optimize.profiling.builds import BuildRecord, check_builds, read_build
+from cunet_optimize.profiling.environment import environment, load_average
+from cunet_optimize.profiling.latency import batch_sweep
+from cunet_optimize.profiling.memory import MEMORY_MODES, measure_peak_memory, method_description
+from cunet_optimize.profiling.result import VariantProfile, profile_manifest, speedups, what_ran_where
+from cunet_optimize.profiling.size import file_sizes, onnx_weights, state_dict_weights
 from cunet_optimize.tasks import POSE, TASKS
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _profile_tensorrt_engine(build: BuildRecord, v: VariantProfile, measure: _Me
     """An engine built on a device: measured when this machine can run it (the device itself)."""
     from cunet_optimize.engines.trt_apply import TensorRTUnavailable
     from cunet_optimize.engines.trt_runner import TrtRunner
-    from cunet_optimize.profile.environment import gpu_description
+    from cunet_optimize.profiling.environment import gpu_description
 
     engine = build.artifact("engine")
     v.runtime = f"TensorRT {v.backend_version} on {gpu_description()} (target {build.target})"
@@ -192,7 +192,7 @@ def _profile_engine(build: BuildRecord, measure: _Measure, memory: str, layer_ru
         v.status = "not measured: build.json says engine_built is false; rebuild it"
         return v
     from cunet_optimize.engines.onnxrt import SESSION_FILE, OnnxRuntimeRunner
-    from cunet_optimize.profile.layers import ort_layer_times, ort_thread_scaling
+    from cunet_optimize.profiling.layers import ort_layer_times, ort_thread_scaling
 
     session = build.artifact("session") or build.path / SESSION_FILE
     runner = OnnxRuntimeRunner(session, name=build.name)

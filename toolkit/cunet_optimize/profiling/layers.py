@@ -21,7 +21,7 @@ import numpy as np
 from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner, session_options
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.verify import open_session
-from cunet_optimize.profile.latency import example_batch
+from cunet_optimize.profiling.latency import example_batch
 
 KERNEL_SUFFIX = "_kernel_time"
 TOP_N = 15

@@ -51,10 +51,10 @@ from cunet_optimize import __version__
 from cunet_optimize.data.synth import VERIFY_SEED, verification_batch
 from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export.dynamo import export_with_dynamo
-from cunet_optimize.export.fp16 import convert_graph_to_fp16
-from cunet_optimize.export.landmarks import add_landmark_decoder
-from cunet_optimize.export.symbolics import fake_quant_symbolics, mark_int4_weights
+from cunet_optimize.exporters.dynamo import export_with_dynamo
+from cunet_optimize.exporters.fp16 import convert_graph_to_fp16
+from cunet_optimize.exporters.landmarks import add_landmark_decoder
+from cunet_optimize.exporters.symbolics import fake_quant_symbolics, mark_int4_weights
 from cunet_optimize.models.cunet import HEATMAP_SIZE, INPUT_SIZE
 from cunet_optimize.onnx_tools.graph import clean_graph, finish, op_counts, save_model, to_model
 from cunet_optimize.onnx_tools.verify import (

@@ -36,7 +36,7 @@ import onnx
 import torch
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.export.symbolics import check_quant_range, is_native_range
+from cunet_optimize.exporters.symbolics import check_quant_range, is_native_range
 from cunet_optimize.onnx_tools.graph import opset_of
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def unsupported_precision(precision: str) -> str | None:
 def check_exporter(exporter: str | None, precision: str) -> str:
     """The exporter a build of `precision` uses (None: the default); CUNetError, one line,
     for an unknown exporter or one that cannot export that precision."""
-    from cunet_optimize.export.onnx_export import DEFAULT_EXPORTER, EXPORTERS
+    from cunet_optimize.exporters.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 
     exporter = exporter or DEFAULT_EXPORTER
     if exporter not in EXPORTERS:

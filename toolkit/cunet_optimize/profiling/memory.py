@@ -3,7 +3,7 @@
 psutil is not a dependency, so the numbers come from Linux's /proc/self/status:
 VmRSS (resident now) and VmHWM (the resident high-water mark). The method:
 
-1. in a fresh Python process (`cunet_optimize.profile.memory.main`), import
+1. in a fresh Python process (`cunet_optimize.profiling.memory.main`), import
    everything and make the input batch, so interpreter, libraries and input are
    in the baseline;
 2. reset the high-water mark by writing "5" to /proc/self/clear_refs (Linux >= 4.0)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MEMORY_MODES = ("subprocess", "inprocess", "off")
 SUBPROCESS_TIMEOUT_S = 600
-_WORKER = "import sys; from cunet_optimize.profile.memory import main; sys.exit(main())"
+_WORKER = "import sys; from cunet_optimize.profiling.memory import main; sys.exit(main())"
 
 
 def read_status() -> dict[str, int]:
@@ -65,7 +65,7 @@ def reset_peak() -> bool:
 
 def measure_in_this_process(make_runner: Callable, batch_size: int = 1, runs: int = 3) -> dict:
     """Steps 2-3 of the module docstring for the runner `make_runner()` returns."""
-    from cunet_optimize.profile.latency import example_batch
+    from cunet_optimize.profiling.latency import example_batch
 
     batch = example_batch(batch_size)
     gc.collect()

@@ -1,5 +1,5 @@
 """Export: CU-Net (plain or fake-quantized) -> a cleaned, verified ONNX file."""
 
-from cunet_optimize.export.onnx_export import ExportSummary, export_onnx
+from cunet_optimize.exporters.onnx_export import ExportSummary, export_onnx
 
 __all__ = ["ExportSummary", "export_onnx"]

@@ -13,11 +13,11 @@ per-layer time and accuracy vs the FP32 reference, for every folder under engine
 """
 
 from cunet_optimize.manifests.build import BUILD_SCHEMA
-from cunet_optimize.profile.builds import BuildError, BuildRecord, find_builds, read_build
-from cunet_optimize.profile.latency import batch_sweep, latency_stats, measure_latency
-from cunet_optimize.profile.profiler import profile_engines
+from cunet_optimize.profiling.builds import BuildError, BuildRecord, find_builds, read_build
+from cunet_optimize.profiling.latency import batch_sweep, latency_stats, measure_latency
+from cunet_optimize.profiling.profiler import profile_engines
 from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, PROFILE_SCHEMA, read_profile, summary_rows
-from cunet_optimize.profile.result import VariantProfile, profile_manifest
+from cunet_optimize.profiling.result import VariantProfile, profile_manifest
 
 __all__ = [
     "BUILD_SCHEMA",

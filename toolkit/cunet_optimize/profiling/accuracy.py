@@ -23,7 +23,7 @@ from cunet_optimize.metrics import (AUC_THRESHOLD, FACE_FAILURE_THRESHOLDS, PCKH
 from cunet_optimize.tasks import FACE, TASKS, Task, open_dataset, task_of_data
 
 # Used when a build.json states no tolerance: the build's own default (NME percentage points),
-# read from the task the build reads it from (build.py imports torch; the profile reader need not).
+# read from the task the build reads it from (pipeline/build.py imports torch; the profile reader need not).
 DEFAULT_NME_TOLERANCE_POINTS = FACE.default_tolerance
 # CED stored for the plot: 0..10 % NME (both failure thresholds), 0.1 % steps.
 CED_MAX_THRESHOLD = max(FACE_FAILURE_THRESHOLDS)
