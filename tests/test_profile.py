@@ -22,16 +22,8 @@ from cunet_optimize.engines.base import Runner
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models import CUNet, CUNetConfig, save_checkpoint
-from cunet_optimize.profiling import (
-    BUNDLE_ONLY_STATUS,
-    batch_sweep,
-    latency_stats,
-    measure_latency,
-    profile_engines,
-    read_build,
-    read_profile,
-    summary_rows,
-)
+from cunet_optimize.profiling import (BUNDLE_ONLY_STATUS, batch_sweep, latency_stats, measure_latency, profile_engines,
+                                      read_build, read_profile, summary_rows)
 from cunet_optimize.engines.onnxrt import thread_candidates
 from cunet_optimize.profiling.accuracy import DEFAULT_NME_TOLERANCE_POINTS, accuracy_delta
 from cunet_optimize.profiling.builds import check_builds, find_builds

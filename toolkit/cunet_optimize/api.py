@@ -32,8 +32,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from cunet_optimize.pipeline.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_EVAL_SPLIT, DEFAULT_PRECISION,
-                                  DEFAULT_TARGET, BuildReport, check_build, deployed_export_form, run_build)
+from cunet_optimize.pipeline.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_EVAL_SPLIT,
+                                           DEFAULT_PRECISION, DEFAULT_TARGET, BuildReport, check_build,
+                                           deployed_export_form, run_build)
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_NORMALIZER
 from cunet_optimize.models import CUNet, load_model, resolve_model, save_checkpoint

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from cunet_optimize.pipeline.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_PRECISION, BuildOptions,
-                                  StageTimer, check_workdir, quantize_and_calibrate)
+                                           StageTimer, check_workdir, quantize_and_calibrate)
 from cunet_optimize.commands.common import positive_int
 from cunet_optimize.data.face300w import DataFlags
 from cunet_optimize.workdir_lock import workdir_lock

@@ -5,7 +5,7 @@ from __future__ import annotations
 from cunet_optimize.commands.common import (add_face_data_arguments, add_model_argument, data_task, positive_int,
                                             print_json, print_table, task_dataset)
 from cunet_optimize.evaluation import (DEFAULT_BATCH_SIZE, DEFAULT_NORMALIZER, evaluate_landmarks, result_to_json,
-                                     torch_infer)
+                                       torch_infer)
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.models import load_model
 from cunet_optimize.tasks import POSE

@@ -28,12 +28,7 @@ from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluation import evaluate_landmarks
 from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, MEASURED_STATUS, ProfileManifest
 from cunet_optimize.manifests.schema import to_dict
-from cunet_optimize.profiling.accuracy import (
-    accuracy_delta,
-    ced_for_plot,
-    eval_data_for,
-    pckh_curve_for_plot,
-)
+from cunet_optimize.profiling.accuracy import (accuracy_delta, ced_for_plot, eval_data_for, pckh_curve_for_plot)
 from cunet_optimize.profiling.builds import BuildRecord, check_builds, read_build
 from cunet_optimize.profiling.environment import environment, load_average
 from cunet_optimize.profiling.latency import batch_sweep
