@@ -1,13 +1,16 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+"""Atomic writes: a reader sees the old file (or folder) or the new one, never half of one.
 
-Every artifact goes through here (temp file in the same folder, then os.replace), so
-an interrupted command leaves nothing half-written.
+Every artifact goes through here (a temporary file or staging folder beside the target,
+then a rename), so an interrupted command leaves nothing half-written: files through
+`write_atomic` / `atomic_path`, folders (a build, a data set) through `staged_folder` /
+`replace_folder`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,3 +59,39 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the finished folder `staging` to `final` (same parent). A folder already at `final`
+    is renamed aside first (.<name>.partial-replaced-*/<name>, which workdir_lock's clean-up
+    puts back if this process dies before the new one is in), put back if the rename in fails,
+    and deleted last: no moment leaves neither."""
+    staging, final = Path(staging), Path(final)
+    previous = None
+    if final.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-replaced-", dir=final.parent))
+        os.replace(final, previous / final.name)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if previous is not None:
+            os.replace(previous / final.name, final)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """A hidden staging folder beside `final` (.<name>.partial-*) to write a whole folder into;
+    it replaces `final` (replace_folder) only if the block succeeds, and is removed otherwise.
+    The caller decides beforehand whether `final` may be replaced."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield staging
+        replace_folder(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -23,8 +23,6 @@ import functools
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from cunet_optimize.atomic import staged_folder
 from cunet_optimize.data.pts import PTS_ORIGIN, format_pts
 from cunet_optimize.errors import CUNetError
 
@@ -744,8 +743,7 @@ def write_synthetic_faces(
     out.parent.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:  # an existing `out` is replaced only when allowed (above)
         (tmp / "images").mkdir()
         names = [image_name(i, count) for i in range(count)]
         for i in tqdm(range(count), desc="synthetic faces", unit="img", disable=not progress):
@@ -770,10 +768,6 @@ def write_synthetic_faces(
             "pts_coordinates": "1-based (subtract 1 for 0-based pixel centres)",
         }
         (tmp / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - start
     summary = SynthSummary(out, count, len(splits["train"]), len(splits["test"]), image_size, seed, seconds)
     log.debug("wrote %d synthetic faces to %s in %.1f s (%.0f images/s)",
@@ -781,16 +775,3 @@ def write_synthetic_faces(
     return summary
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`, replacing what is there (already allowed)."""
-    if out.is_dir():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "set")
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old / "set", out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from cunet_optimize.atomic import staged_folder
 from cunet_optimize.data.synth import (PNG_OPTIONS, SynthSummary, _background, _Canvas, _clutter, _mix,
                                        _random_colour, _rgb, _skin_colour, check_synth_args, image_rng,
                                        split_test_indices)
@@ -236,24 +235,12 @@ def write_pose(root: Path, seed: int, index: int, count: int, valid: bool, image
 def write_pose_set(out: Path, seed: int, indices: list[int], valid: set[int], count: int,
                    image_size: int, progress: bool, manifest: dict) -> None:
     """Write the listed images and their annotation JSON into `out` (a new folder), atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         (tmp / IMAGE_FOLDER).mkdir()
         records = [write_pose(tmp, seed, i, count, i in valid, image_size)
                    for i in tqdm(indices, desc="synthetic poses", unit="img", disable=not progress, leave=False)]
         (tmp / ANNOTATION_FILE).write_text(json.dumps(records) + "\n", encoding="utf-8")
         (tmp / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "set")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_synthetic_poses(

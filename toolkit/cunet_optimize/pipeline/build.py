@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from cunet_optimize import __version__, distributed
-from cunet_optimize.atomic import sha256_file
+from cunet_optimize.atomic import replace_folder, sha256_file
 from cunet_optimize.data.face300w import CALIB_DATA_FLAGS, EVAL_DATA_FLAGS
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluation import evaluate_runner
@@ -292,7 +292,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True, *, lock: bo
     the workdir's lock, the stages in order (calibrate, export, surgery + lint, engine,
     accuracy), each filling its part of build.json. `--precision auto` without a plan searches
     one (quant/auto_build.py). commit=False leaves the finished build in its staging folder
-    (the report's path) for the caller to `commit_build` or remove; lock=False: the caller
+    (the report's path) for the caller to rename (atomic.replace_folder) or remove; lock=False: the caller
     holds the workdir's lock."""
     if opts.precision == "auto" and opts.layer_formats is None:
         from cunet_optimize.quant.auto_build import plan_of_qat_checkpoint, run_auto_build
@@ -314,7 +314,7 @@ def run_build(opts: BuildOptions, echo=print, progress: bool = True, *, lock: bo
             _accuracy(b, build)
             report = _finish(b)
             if commit:
-                commit_build(b.staging, b.final)
+                replace_folder(b.staging, b.final)
                 report.path = str(b.final)
             return report
         except BaseException:
@@ -338,18 +338,6 @@ def _start(c: _Checked, echo, progress: bool) -> _Build:
                   StageTimer(total=5 if quantizes(c.opts.precision) else 4, echo=echo), manifest,
                   ([c.support_note] if c.support_note else []) + precision_notes(c.opts), progress, *c.eval_data,
                   c.calib_data)
-
-
-def commit_build(staging: Path, final: Path) -> None:
-    """Rename a finished staging folder to `final`. A previous build there (checked by
-    _final_dir) is renamed aside first and deleted after, so no moment leaves neither."""
-    previous = None
-    if final.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-replaced-", dir=final.parent))
-        os.replace(final, previous / final.name)
-    os.replace(staging, final)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _record_inputs(b: _Build) -> None:

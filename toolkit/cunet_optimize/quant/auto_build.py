@@ -109,7 +109,8 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
     in its own staging folder; only the last one is renamed into place, with its build.json
     complete, and only if it passed (or the gate is not enforced)."""
     from cunet_optimize.atomic import write_atomic
-    from cunet_optimize.pipeline.build import StageTimer, commit_build, quantize_and_calibrate, run_build
+    from cunet_optimize.atomic import replace_folder
+    from cunet_optimize.pipeline.build import StageTimer, quantize_and_calibrate, run_build
 
     start = time.perf_counter()
     target, model, ckpt_path, task = checked.target, checked.model, checked.ckpt_path, checked.task
@@ -235,6 +236,6 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
             f"{acc['degradation_points']:.3f} points worse than FP32 > {budget}; raise {task.gate_option}, "
             "run `cunet-optimize qat --plan` on the plan, or build --precision int8")
     final = staging.parent / manifest["name"]
-    commit_build(staging, final)
+    replace_folder(staging, final)
     report.path = str(final)
     return report
