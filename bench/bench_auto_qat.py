@@ -115,7 +115,7 @@ def main() -> None:
                                        "--max-nme-increase", str(args.budget), "--no-accuracy-gate",
                                        "--workdir", str(work), "--name", "plan-qat"])
         results["ptq_same_plan"] = ptq
-        from cunet_optimize.quant.auto_build import load_plan, plan_of_qat_checkpoint
+        from cunet_optimize.pipeline.plans import load_plan, plan_of_qat_checkpoint
 
         if plan_of_qat_checkpoint(qat_dir / "best.safetensors") != load_plan(plan_dir):
             raise SystemExit("the QAT checkpoint's plan is not the plan it was fine-tuned from")

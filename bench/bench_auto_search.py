@@ -31,7 +31,7 @@ AUTO_KEYS = ("grain", "grain_reason", "budget", "formats_measured", "weight_byte
 
 
 def timed_build(precision: str, args, gate: bool) -> dict:
-    from cunet_optimize.pipeline.build import BuildOptions, run_build
+    from cunet_optimize.pipeline import BuildOptions, run_build
 
     out: dict = {"precision": precision}
     with measured(out) as clock, tempfile.TemporaryDirectory(prefix="bench-auto-") as workdir:

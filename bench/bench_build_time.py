@@ -83,7 +83,7 @@ def measured(result: dict) -> Iterator[StageClock]:
 
 
 def time_build(model: str, precision: str, calib_images: int) -> dict:
-    from cunet_optimize.pipeline.build import BuildOptions, run_build
+    from cunet_optimize.pipeline import BuildOptions, run_build
 
     result: dict = {"precision": precision}
     with measured(result) as clock, tempfile.TemporaryDirectory(prefix="bench-build-") as workdir:

@@ -105,15 +105,22 @@ def _walk(tree: ast.AST):
     yield from visit(tree, False)
 
 
-def import_graph(root: Path = DEFAULT_ROOT) -> dict[tuple[str, str], Edge]:
+def module_of(module: str) -> str:
+    """The finest grain: every module is its own node."""
+    return module
+
+
+def import_graph(root: Path = DEFAULT_ROOT, node=node_of) -> dict[tuple[str, str], Edge]:
+    """The edges between nodes, `node` mapping a module to its node: its subpackage
+    (node_of, the default) or the module itself (module_of)."""
     edges: dict[tuple[str, str], Edge] = {}
     for path in sorted(root.rglob("*.py")):
         module = _module_name(path, root)
-        importer = node_of(module)
+        importer = node(module)
         tree = ast.parse(path.read_text(), filename=str(path))
         for stmt, kind in _walk(tree):
             for target in sorted(set(_imported_modules(stmt, module, path.name == "__init__.py", root))):
-                imported = node_of(target)
+                imported = node(target)
                 if imported == importer:
                     continue
                 edge = edges.setdefault((importer, imported), Edge(importer, imported))

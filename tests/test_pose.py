@@ -217,7 +217,7 @@ def test_build_int8_tiny_pose_model_gates_on_pckh_and_profiles(tiny_pose, poses,
 
     # the gate in PCKh points: no model can lose less than -100 points, so this one must fail
     # (the CLI refuses a negative tolerance; the API takes it, to force the failure)
-    from cunet_optimize.pipeline.build import BuildOptions, run_build
+    from cunet_optimize.pipeline import BuildOptions, run_build
     from cunet_optimize.errors import CUNetError
 
     strict = BuildOptions(precision="int8", model=str(tiny_pose), calib_data=str(poses), calib_images=4,

@@ -217,7 +217,7 @@ def test_auto_build_fails_cleanly_when_no_plan_passes(tiny, faces, tmp_path, mon
 
     build_module = importlib.import_module("cunet_optimize.pipeline.build")
     from cunet_optimize.cli import main
-    from cunet_optimize.quant import auto_build
+    from cunet_optimize.pipeline import auto_build
 
     monkeypatch.setattr(auto_build, "MAX_BUILDS", 2)
     real_gate = build_module._accuracy_gate

@@ -865,7 +865,7 @@ def test_failed_auto_build_leaves_the_build_it_would_replace(env, tmp_path, caps
     import importlib
 
     build_module = importlib.import_module("cunet_optimize.pipeline.build")
-    from cunet_optimize.quant import auto_build
+    from cunet_optimize.pipeline import auto_build
 
     workdir = built_workdir(env, tmp_path)
     existing = workdir / "engines" / "tiny-auto-cpu"

@@ -34,8 +34,9 @@ import torch
 
 from cunet_optimize.pipeline.build import (DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD, DEFAULT_EVAL_SPLIT,
                                            DEFAULT_PRECISION, DEFAULT_TARGET, BuildReport, check_build,
-                                           deployed_export_form, run_build)
+                                           deployed_export_form)
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.pipeline import run_build
 from cunet_optimize.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_NORMALIZER
 from cunet_optimize.models import CUNet, load_model, resolve_model, save_checkpoint
 from cunet_optimize.quant.calibrate import METHODS, _as_images, post_training_quantize

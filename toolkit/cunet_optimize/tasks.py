@@ -25,6 +25,7 @@ from cunet_optimize.data.mpii import ANNOTATION_FILE as MPII_ANNOTATION_FILE
 from cunet_optimize.data.mpii import IMAGE_FOLDER as MPII_IMAGE_FOLDER
 from cunet_optimize.data.transforms import FACE68_FLIP_PERM, MPII_FLIP_PERM
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.models.cunet import POINTS_PER_TASK
 
 # The MPII skeleton: joint pairs `predict` draws as limbs.
 MPII_LIMBS = ((0, 1), (1, 2), (2, 6), (6, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9),
@@ -73,7 +74,7 @@ class Task:
 
 
 FACE = Task(
-    name="face", num_points=68, model_words="a 68-point face model",
+    name="face", num_points=POINTS_PER_TASK["face"], model_words="a 68-point face model",
     data_words="300-W face data (images with .pts files)", flip_perm=FACE68_FLIP_PERM,
     metric="NME", metric_key="nme_percent", lower_is_better=True, gate_option="--max-nme-increase",
     default_tolerance=metrics.DEFAULT_TOLERANCE_POINTS["NME"],
@@ -81,7 +82,7 @@ FACE = Task(
     curve_name="CED",
 )
 POSE = Task(
-    name="pose", num_points=16, model_words="a 16-joint pose model",
+    name="pose", num_points=POINTS_PER_TASK["pose"], model_words="a 16-joint pose model",
     data_words="MPII pose data (an annotation JSON)", flip_perm=MPII_FLIP_PERM,
     metric="PCKh@0.5", metric_key="pckh_percent", lower_is_better=False, gate_option="--max-pckh-decrease",
     default_tolerance=metrics.DEFAULT_TOLERANCE_POINTS["PCKh@0.5"],

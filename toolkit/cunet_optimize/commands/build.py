@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from cunet_optimize import distributed
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.pipeline import run_build
 
 from cunet_optimize.pipeline.build import (DEFAULT_AUTO_HELDOUT_IMAGES, DEFAULT_CALIB_IMAGES, DEFAULT_CALIB_METHOD,
-                                           DEFAULT_EVAL_SPLIT, DEFAULT_PRECISION, DEFAULT_TARGET, BuildOptions,
-                                           run_build)
+                                           DEFAULT_EVAL_SPLIT, DEFAULT_PRECISION, DEFAULT_TARGET, BuildOptions)
 from cunet_optimize.commands.common import non_negative_float, positive_int
 from cunet_optimize.exporters.onnx_export import DEFAULT_EXPORTER, EXPORTERS
 from cunet_optimize.commands.common import (add_concat_qdq_argument, add_equalize_arguments, add_model_argument,

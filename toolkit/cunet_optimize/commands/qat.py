@@ -78,7 +78,7 @@ def run(args) -> int:
     task = data_task(args, model, args.model)
     layer_formats = None
     if args.plan:
-        from cunet_optimize.quant.auto_build import load_plan
+        from cunet_optimize.pipeline.plans import load_plan
 
         if args.precision not in ("int8", "auto"):
             raise CUNetError(f"qat --plan fine-tunes an auto plan (int8 base with per-conv formats); "
@@ -95,7 +95,7 @@ def run(args) -> int:
     origin = ("given" if args.original_epochs and args.original_lr
               else "from the checkpoint's training record" if recorded else "the authors' recipe")
     recipe = qat_recipe(original, schedule_scheme, epochs=args.epochs, lr=args.lr)
-    # a plan's convs are INT8 but for those it lists (quant/auto_build.py load_plan)
+    # a plan's convs are INT8 but for those it lists (pipeline/plans.py load_plan)
     what = (f"auto plan ({', '.join(f'{n} {f}' for f, n in sorted(Counter(layer_formats.values()).items()))} "
             f"convs, the rest int8)" if layer_formats else scheme.spec)
     if not args.json:

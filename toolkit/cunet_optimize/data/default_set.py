@@ -105,23 +105,6 @@ def _write_default_faces(out: Path, seed: int, count: int, test: list[int], cali
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def subset_split_hint(root: Path, split: str, data_flag: str = "--data DIR") -> str | None:
-    """Why `split` is missing from `root` when root is the default data's cache: it holds only
-    the test split and the calibration slice, so say how to write the whole set (the same
-    images), e.g. the training split that `qat` fine-tunes on, to pass as `data_flag`. None for
-    any other folder."""
-    try:
-        info = json.loads((Path(root) / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or "subset" not in info or info.get("generator") != "cunet_optimize.data.synth":
-        return None
-    return (f"{root} is the cached part of a synthetic set ({', '.join(sorted(info['subset']))} only), with no "
-            f"{split} split; write the whole set (the same images) with `cunet-optimize data synth --out DIR "
-            f"--count {info['count']} --seed {info['seed']} --test-fraction {info['test_fraction']}` "
-            f"and pass {data_flag}")
-
-
 # The pose task's default data: the validation split and a calibration slice of
 # `data synth --task pose --count 1200 --seed 0 --test-fraction 0.1`, in the MPII layout.
 DEFAULT_POSE_SYNTH = {"count": 1200, "seed": 0, "test_fraction": 0.1}

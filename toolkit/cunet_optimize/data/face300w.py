@@ -145,6 +145,23 @@ class FaceRecord:
     box: np.ndarray | None  # [x1, y1, x2, y2] for the detector crop
 
 
+def subset_split_hint(root: Path, split: str, data_flag: str = "--data DIR") -> str | None:
+    """Why `split` is missing from `root` when root is the default data's cache: it holds only
+    the test split and the calibration slice, so say how to write the whole set (the same
+    images), e.g. the training split that `qat` fine-tunes on, to pass as `data_flag`. None for
+    any other folder."""
+    try:
+        info = json.loads((Path(root) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or "subset" not in info or info.get("generator") != "cunet_optimize.data.synth":
+        return None
+    return (f"{root} is the cached part of a synthetic set ({', '.join(sorted(info['subset']))} only), with no "
+            f"{split} split; write the whole set (the same images) with `cunet-optimize data synth --out DIR "
+            f"--count {info['count']} --seed {info['seed']} --test-fraction {info['test_fraction']}` "
+            f"and pass {data_flag}")
+
+
 def resolve_split_list(root: Path, split: str | os.PathLike, flags: DataFlags = DataFlags()) -> Path:
     """``"train"`` -> root/train.txt; anything that looks like a path is taken as the list file itself.
     A missing list's hint names the options in `flags`."""
@@ -152,8 +169,6 @@ def resolve_split_list(root: Path, split: str | os.PathLike, flags: DataFlags = 
     is_path = os.sep in text or "/" in text or text.endswith(".txt") or Path(text).is_file()
     path = Path(text) if is_path else root / f"{text}.txt"
     if not path.is_file():
-        from cunet_optimize.data.default_set import subset_split_hint
-
         hint = None if is_path else subset_split_hint(root, text, flags.data)
         if hint:
             raise DataError(hint)

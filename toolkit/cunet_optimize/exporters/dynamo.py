@@ -160,20 +160,6 @@ def unsupported_precision(precision: str) -> str | None:
     return f"{precision} weights are fake-quantized without Q/DQ, " + _FOLDED
 
 
-def check_exporter(exporter: str | None, precision: str) -> str:
-    """The exporter a build of `precision` uses (None: the default); CUNetError, one line,
-    for an unknown exporter or one that cannot export that precision."""
-    from cunet_optimize.exporters.onnx_export import DEFAULT_EXPORTER, EXPORTERS
-
-    exporter = exporter or DEFAULT_EXPORTER
-    if exporter not in EXPORTERS:
-        raise CUNetError(f"exporter must be one of {', '.join(EXPORTERS)}, got '{exporter}'")
-    reason = unsupported_precision(precision) if exporter == "dynamo" else None
-    if reason:
-        raise CUNetError(f"--exporter dynamo cannot export --precision {precision}: {reason}; use --exporter legacy")
-    return exporter
-
-
 def export_with_dynamo(model: torch.nn.Module, example: torch.Tensor, *, input_name: str,
                        output_names: list[str], opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     """The raw torch.export-based ONNX export of `model` on `example` (batch symbolic

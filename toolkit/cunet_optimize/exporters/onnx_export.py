@@ -51,7 +51,7 @@ from cunet_optimize import __version__
 from cunet_optimize.data.synth import VERIFY_SEED, verification_batch
 from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.exporters.dynamo import export_with_dynamo
+from cunet_optimize.exporters.dynamo import export_with_dynamo, unsupported_precision
 from cunet_optimize.exporters.fp16 import convert_graph_to_fp16
 from cunet_optimize.exporters.landmarks import add_landmark_decoder
 from cunet_optimize.exporters.symbolics import fake_quant_symbolics, mark_int4_weights
@@ -91,6 +91,18 @@ MIN_OPSET, MAX_OPSET = 13, 21
 TORCHSCRIPT_MAX_OPSET = 20
 TRACE_SIZE = 64  # smallest input CU-Net accepts: stride 4 stem, then 4 poolings by 2
 LANDMARK_TOLERANCE = 1e-5  # px: the in-graph decoder must match the NumPy one exactly
+
+
+def check_exporter(exporter: str | None, precision: str) -> str:
+    """The exporter a build of `precision` uses (None: the default); CUNetError, one line,
+    for an unknown exporter or one that cannot export that precision."""
+    exporter = exporter or DEFAULT_EXPORTER
+    if exporter not in EXPORTERS:
+        raise CUNetError(f"exporter must be one of {', '.join(EXPORTERS)}, got '{exporter}'")
+    reason = unsupported_precision(precision) if exporter == "dynamo" else None
+    if reason:
+        raise CUNetError(f"--exporter dynamo cannot export --precision {precision}: {reason}; use --exporter legacy")
+    return exporter
 
 
 @dataclass

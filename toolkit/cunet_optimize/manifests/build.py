@@ -189,7 +189,7 @@ class PlanBuild:
 
 @dataclass
 class AutoPlan:
-    """build --precision auto: the per-conv plan, the search and its builds (quant/auto_build.py)."""
+    """build --precision auto: the per-conv plan, the search and its builds (pipeline/auto_build.py)."""
 
     plan: dict[str, str] = field(default_factory=dict)  # conv -> format
     objective: str | None = None

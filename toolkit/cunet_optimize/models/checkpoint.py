@@ -23,7 +23,7 @@ import torch
 
 from cunet_optimize.atomic import atomic_path
 from cunet_optimize.errors import CheckpointError, ConfigError
-from cunet_optimize.models.cunet import CUNet, CUNetConfig
+from cunet_optimize.models.cunet import POINTS_PER_TASK, CUNet, CUNetConfig
 
 FORMAT_NAME = "cunet-optimize"
 FORMAT_VERSION = "1"
@@ -172,12 +172,11 @@ def _check_fits(config: CUNetConfig, state_dict: dict, path: Path) -> dict:
 
 def _check_task(config: CUNetConfig, metadata: dict, path: Path) -> None:
     """A recorded task must agree with the heatmap channels (a pose file has 16)."""
-    from cunet_optimize.tasks import TASKS  # tasks imports the data sets, which import this package
-
-    task = TASKS.get(metadata.get("task"))
-    if task is not None and task.num_points != config.num_classes:
+    task = metadata.get("task")
+    points = POINTS_PER_TASK.get(task)
+    if points is not None and points != config.num_classes:
         raise CheckpointError(
-            f"{path}: its metadata says task '{task.name}' ({task.num_points} points), but the model has "
+            f"{path}: its metadata says task '{task}' ({points} points), but the model has "
             f"{config.num_classes} heatmap channels; the file contradicts itself: use the checkpoint file the "
             "training run wrote"
         )

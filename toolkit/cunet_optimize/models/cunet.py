@@ -34,6 +34,8 @@ from cunet_optimize.errors import ConfigError
 NUM_LEVELS = 4
 INPUT_SIZE = 256
 HEATMAP_SIZE = 64
+# Heatmap channels of each task's layout (300-W faces, MPII joints); tasks.py builds on these.
+POINTS_PER_TASK = {"face": 68, "pose": 16}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     model -> (calibrate | QAT checkpoint) -> export ONNX -> surgery -> lint -> engine
           -> accuracy gate against the FP32 reference -> build.json
 
-`run_build` runs every check that needs no work, then one function per stage. The work
+`run_stages` runs every check that needs no work, then one function per stage. The work
 is done where each idea lives: quant/policy.py (what is quantized how), quant/calib_cache.py
 (calib/<id>/), exporters/, surgery/ (forms.py: the graph forms timed on this machine),
 engines/, fp32_reference.py (what the gate compares against).
@@ -192,7 +192,7 @@ class _Build:
     opts: BuildOptions
     target: TargetSpec
     dla: int | None
-    exporter: str  # exporters/dynamo.py check_exporter's choice
+    exporter: str  # exporters/onnx_export.py check_exporter's choice
     model: torch.nn.Module
     ckpt_path: Path
     source: str
@@ -232,7 +232,7 @@ class _Checked:
     target: TargetSpec
     dla: int | None
     support_note: str
-    exporter: str  # exporters/dynamo.py check_exporter's choice
+    exporter: str  # exporters/onnx_export.py check_exporter's choice
     model: torch.nn.Module
     ckpt_path: Path
     source: str
@@ -248,7 +248,7 @@ def check_build(opts: BuildOptions) -> _Checked:
     precision, Q/DQ placement, exporter, model, the data's task, the build's name and an
     existing build of that name."""
     from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
-    from cunet_optimize.exporters.dynamo import check_exporter
+    from cunet_optimize.exporters.onnx_export import check_exporter
 
     workdir = check_workdir(opts.workdir)
     if opts.name is not None:
@@ -286,22 +286,16 @@ def locked_workdir(workdir: Path, lock: bool = True):
         yield
 
 
-def run_build(opts: BuildOptions, echo=print, progress: bool = True, *, lock: bool = True,
-              commit: bool = True) -> BuildReport:
-    """Build `opts` into engines/<name>/: every check that needs no work first, then, holding
-    the workdir's lock, the stages in order (calibrate, export, surgery + lint, engine,
-    accuracy), each filling its part of build.json. `--precision auto` without a plan searches
-    one (quant/auto_build.py). commit=False leaves the finished build in its staging folder
-    (the report's path) for the caller to rename (atomic.replace_folder) or remove; lock=False: the caller
-    holds the workdir's lock."""
+def run_stages(opts: BuildOptions, echo=print, progress: bool = True, *, lock: bool = True,
+               commit: bool = True) -> BuildReport:
+    """Build `opts` (an `auto` precision with its plan) into engines/<name>/: every check
+    that needs no work first, then, holding the workdir's lock, the stages in order (calibrate,
+    export, surgery + lint, engine, accuracy), each filling its part of build.json.
+    commit=False leaves the finished build in its staging folder (the report's path) for the
+    caller to rename (atomic.replace_folder) or remove; lock=False: the caller holds the
+    workdir's lock. pipeline.run_build is the entry that also searches `auto` plans."""
     if opts.precision == "auto" and opts.layer_formats is None:
-        from cunet_optimize.quant.auto_build import plan_of_qat_checkpoint, run_auto_build
-
-        if not opts.qat_checkpoint:
-            return run_auto_build(opts, echo, progress)  # search, then builds with a plan
-        from dataclasses import replace
-
-        opts = replace(opts, layer_formats=plan_of_qat_checkpoint(opts.qat_checkpoint))
+        raise ValueError("run_stages builds a plan; pipeline.run_build searches one for --precision auto")
     checked = check_build(opts)
     with locked_workdir(checked.workdir, lock):
         b = _start(checked, echo, progress)
@@ -357,7 +351,7 @@ def _calibrate(b: _Build):
     b.manifest["calibration"] = calib_info
     if b.opts.qat_checkpoint and b.opts.layer_formats is not None:  # `qat --plan`: no search records the plan
         from cunet_optimize.models.cunet import INPUT_SIZE
-        from cunet_optimize.quant.auto_build import qat_plan_record
+        from cunet_optimize.pipeline.plans import qat_plan_record
 
         b.manifest["auto"] = qat_plan_record(export_model, b.target, b.opts.tolerance(b.task),
                                              (INPUT_SIZE, INPUT_SIZE))
@@ -688,4 +682,4 @@ def _jsonable(obj):
     return obj
 
 
-__all__ = ["BuildOptions", "BuildReport", "run_build"]
+__all__ = ["BuildOptions", "BuildReport", "run_stages"]

@@ -10,6 +10,7 @@ from html import escape
 
 from cunet_optimize.manifests.build import AutoPlan, PlanLayer
 from cunet_optimize.manifests.profile import ProfileManifest
+from cunet_optimize.report.markup import esc, figure, section, table
 
 FORMAT_COLOURS = {"int4": "#d95f02", "int8": "#1b9e77", "float": "#7570b3"}
 POINT_STYLE = {"predicted": ("#1f77b4", 4), "held-out": ("#2ca02c", 5), "engine": ("#d62728", 6)}  # colour, radius
@@ -83,8 +84,6 @@ def _heldout_text(auto: AutoPlan) -> str:
 
 
 def auto_plan_section(profile: ProfileManifest) -> str:
-    from cunet_optimize.report.html import esc, figure, section, table
-
     parts = []
     for v in profile.variants:
         a = v.auto

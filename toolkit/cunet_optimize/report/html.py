@@ -12,8 +12,7 @@ escaped; the page references nothing outside itself.
 from __future__ import annotations
 
 import math
-from html import escape
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from cunet_optimize.manifests.profile import Memory, ProfileManifest, Size, Weights, as_profile, summary_rows
 from cunet_optimize.metrics import DEFAULT_TOLERANCE_POINTS
@@ -25,6 +24,7 @@ from cunet_optimize.report.format import (
     fmt_pass,
     fmt_speedup,
 )
+from cunet_optimize.report.markup import esc, figure, section, table
 from cunet_optimize.report.svg import colour, hbars_svg, lines_svg, scatter_svg
 
 TOP_LAYERS = 15
@@ -90,38 +90,6 @@ footer { margin-top: 40px; font-size: 12px; color: var(--muted); }
 # ---------------------------------------------------------------- small builders
 
 
-def esc(x: Any) -> str:
-    return escape("" if x is None else str(x), quote=True)
-
-
-def _cell(value: Any, cls: str = "", raw: bool = False) -> str:
-    c = f' class="{cls}"' if cls else ""
-    return f"<td{c}>{value if raw else esc(value)}</td>"
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = (),
-          row_classes: Sequence[str] | None = None, cls: str = "") -> str:
-    """rows hold plain values (escaped) or ("raw", html) pairs for cells with markup."""
-    num = set(numeric)
-    head = "".join(f'<th class="num">{esc(h)}</th>' if i in num else f"<th>{esc(h)}</th>"
-                   for i, h in enumerate(header))
-    body = []
-    for r, row in enumerate(rows):
-        cells = []
-        for i, v in enumerate(row):
-            klass = "num" if i in num else ""
-            if isinstance(v, tuple) and len(v) == 2 and v[0] == "raw":
-                cells.append(_cell(v[1], klass, raw=True))
-            elif isinstance(v, tuple) and len(v) == 2 and v[0] == "small":
-                cells.append(_cell(v[1], "small"))
-            else:
-                cells.append(_cell(v, klass))
-        rc = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
-        body.append(f"<tr{rc}>{''.join(cells)}</tr>")
-    c = f' class="{cls}"' if cls else ""
-    return f'<div class="scroll"><table{c}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
-
-
 def badge(passed: Any) -> tuple[str, str]:
     kind = {True: "pass", False: "fail"}.get(passed, "na")
     return ("raw", f'<span class="badge {kind}">{esc(fmt_pass(passed) if passed is not None else "n/a")}</span>')
@@ -133,14 +101,6 @@ REFERENCE_BADGE = ("raw", '<span class="badge na">reference</span>')
 def kv(pairs: Iterable[tuple[str, Any]]) -> str:
     return '<dl class="kv">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(MISSING if v is None or v == '' else v)}</dd>"
                                        for k, v in pairs) + "</dl>"
-
-
-def section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{body}</section>'
-
-
-def figure(svg: str, caption: str) -> str:
-    return f"<figure>{svg}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
 def _ok(x: Any) -> bool:

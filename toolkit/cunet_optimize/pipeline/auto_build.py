@@ -1,13 +1,13 @@
 """`build --precision auto`: calibrate INT8, measure sensitivity, search a per-conv plan,
 then build it and back off on the real accuracy gate (quant/auto.py holds the decisions).
 
-The builds themselves are ordinary `run_build` calls with `BuildOptions.layer_formats`
-set; this module only drives them and adds the `auto` section to build.json.
+The builds themselves are ordinary builds (pipeline/build.py `run_stages`) with
+`BuildOptions.layer_formats` set; this module only drives them and adds the `auto` section to
+build.json (pipeline/plans.py: the plan's fields).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -16,8 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.manifests.build import BUILD_FILE, checked_build_json, read_build_manifest
-from cunet_optimize.manifests.schema import ManifestError
+from cunet_optimize.manifests.build import BUILD_FILE, checked_build_json
+from cunet_optimize.pipeline.build import (StageTimer, check_build, locked_workdir, quantize_and_calibrate,
+                                           run_stages)
+from cunet_optimize.pipeline.plans import plan_fields
 from cunet_optimize.quant import auto
 
 log = logging.getLogger(__name__)
@@ -25,69 +27,7 @@ log = logging.getLogger(__name__)
 MAX_BUILDS = 8  # the first plan and at most 7 back-off steps
 
 
-def plan_of_qat_checkpoint(path) -> dict:
-    """{conv: format} of a QAT checkpoint fine-tuned from an auto plan (`qat --plan`)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CUNetError(f"{path}: not a QAT checkpoint ({e}); pass the best.safetensors of `qat --plan`") from None
-    if "layer_formats" not in meta:
-        raise CUNetError(f"{path}: QAT checkpoint of {meta.get('scheme', '?')}, not of an auto plan; build it with "
-                         f"--precision {meta.get('scheme', 'int8')}, or run `qat --plan BUILD_DIR`")
-    return json.loads(meta["layer_formats"])
-
-
-def load_plan(path) -> dict:
-    """{conv: format} of an auto build (its folder or build.json), for `qat --plan`."""
-    path = Path(path)
-    manifest = path / BUILD_FILE if path.is_dir() else path
-    try:
-        plan = read_build_manifest(manifest).auto.plan
-    except (ManifestError, AttributeError):  # not a build, or one without an auto plan
-        raise CUNetError(f"{path}: no auto plan here; pass the folder (or build.json) of a "
-                         "`build --precision auto`") from None
-    return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}
-
-
-def plan_fields(layers, group_plan: dict, formats, float_dtype: str) -> dict:
-    """The `auto` fields of build.json that describe a plan, whoever chose it (the search, or
-    `qat --plan` before a `build --qat`): each conv's format and weight bytes, and the plan's
-    weight bytes and latency units beside those of every uniform format."""
-    size = auto.group_costs(layers, formats, "size", float_dtype)
-    latency = auto.group_costs(layers, formats, "latency", float_dtype)
-    uniform = {f: {g: f if f in size[g] else "int8" for g in size} for f in formats}
-    conv_plan = auto.layer_plan(layers, group_plan)
-    return {
-        "group_plan": dict(group_plan),
-        "plan": conv_plan,
-        "layers": [{"name": layer.name, "group": layer.group, "role": layer.role,
-                    "weight_shape": list(layer.weight_shape), "params": layer.params, "macs": layer.macs,
-                    "format": conv_plan[layer.name],
-                    "weight_bytes": auto.layer_cost(layer, conv_plan[layer.name], "size", float_dtype)}
-                   for layer in layers],
-        "weight_bytes": auto.plan_cost(size, group_plan),
-        "weight_bytes_uniform": {f: auto.plan_cost(size, p) for f, p in uniform.items()},
-        "latency_units": auto.plan_cost(latency, group_plan),
-        "latency_units_uniform": {f: auto.plan_cost(latency, p) for f, p in uniform.items()},
-    }
-
-
-def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) -> dict:
-    """build.json's `auto` section for `build --precision auto --qat CKPT`: the plan that
-    `qat --plan` fine-tuned, per conv (no search ran, so no sensitivity, visits or back-off)."""
-    formats = auto.target_formats(target)
-    float_dtype = auto.float_type(target)
-    layers = auto.layer_infos(qmodel, "conv", input_size)
-    conv_plan = {layer.name: qmodel.layer_formats.get(layer.name, "int8") for layer in layers}
-    return {"source": "qat checkpoint", "grain": "conv", "budget": budget, "formats": list(formats),
-            "float_type": float_dtype, **plan_fields(layers, conv_plan, formats, float_dtype)}
-
-
 def run_auto_build(opts, echo=print, progress: bool = True):
-    from cunet_optimize.pipeline.build import check_build, locked_workdir
 
     if opts.objective not in auto.OBJECTIVES:
         raise CUNetError(f"--objective {opts.objective}: choose one of {', '.join(auto.OBJECTIVES)}")
@@ -110,7 +50,6 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
     complete, and only if it passed (or the gate is not enforced)."""
     from cunet_optimize.atomic import write_atomic
     from cunet_optimize.atomic import replace_folder
-    from cunet_optimize.pipeline.build import StageTimer, quantize_and_calibrate, run_build
 
     start = time.perf_counter()
     target, model, ckpt_path, task = checked.target, checked.model, checked.ckpt_path, checked.task
@@ -173,7 +112,7 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
         t0 = time.perf_counter()
         if report is not None:  # the plan backed off from: never renamed into place
             shutil.rmtree(report.path, ignore_errors=True)
-        report = run_build(replace(opts, precision="auto", layer_formats=auto.layer_plan(layers, plan),
+        report = run_stages(replace(opts, precision="auto", layer_formats=auto.layer_plan(layers, plan),
                                    calib_images=scale_images, accuracy_gate=False),
                            echo, progress, lock=False, commit=False)
         acc = report.manifest["accuracy"]

@@ -1,0 +1,75 @@
+"""Per-conv precision plans as builds and `qat` record and read them: the plan a `qat --plan`
+checkpoint was fine-tuned from, the plan of an auto build's build.json, and the `auto` fields
+of build.json that describe a plan (quant/auto.py makes the decisions, pipeline/auto_build.py
+searches)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cunet_optimize.errors import CUNetError
+from cunet_optimize.manifests.build import BUILD_FILE, read_build_manifest
+from cunet_optimize.manifests.schema import ManifestError
+from cunet_optimize.quant import auto
+
+
+def plan_of_qat_checkpoint(path) -> dict:
+    """{conv: format} of a QAT checkpoint fine-tuned from an auto plan (`qat --plan`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CUNetError(f"{path}: not a QAT checkpoint ({e}); pass the best.safetensors of `qat --plan`") from None
+    if "layer_formats" not in meta:
+        raise CUNetError(f"{path}: QAT checkpoint of {meta.get('scheme', '?')}, not of an auto plan; build it with "
+                         f"--precision {meta.get('scheme', 'int8')}, or run `qat --plan BUILD_DIR`")
+    return json.loads(meta["layer_formats"])
+
+
+def load_plan(path) -> dict:
+    """{conv: format} of an auto build (its folder or build.json), for `qat --plan`."""
+    path = Path(path)
+    manifest = path / BUILD_FILE if path.is_dir() else path
+    try:
+        plan = read_build_manifest(manifest).auto.plan
+    except (ManifestError, AttributeError):  # not a build, or one without an auto plan
+        raise CUNetError(f"{path}: no auto plan here; pass the folder (or build.json) of a "
+                         "`build --precision auto`") from None
+    return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}
+
+
+def plan_fields(layers, group_plan: dict, formats, float_dtype: str) -> dict:
+    """The `auto` fields of build.json that describe a plan, whoever chose it (the search, or
+    `qat --plan` before a `build --qat`): each conv's format and weight bytes, and the plan's
+    weight bytes and latency units beside those of every uniform format."""
+    size = auto.group_costs(layers, formats, "size", float_dtype)
+    latency = auto.group_costs(layers, formats, "latency", float_dtype)
+    uniform = {f: {g: f if f in size[g] else "int8" for g in size} for f in formats}
+    conv_plan = auto.layer_plan(layers, group_plan)
+    return {
+        "group_plan": dict(group_plan),
+        "plan": conv_plan,
+        "layers": [{"name": layer.name, "group": layer.group, "role": layer.role,
+                    "weight_shape": list(layer.weight_shape), "params": layer.params, "macs": layer.macs,
+                    "format": conv_plan[layer.name],
+                    "weight_bytes": auto.layer_cost(layer, conv_plan[layer.name], "size", float_dtype)}
+                   for layer in layers],
+        "weight_bytes": auto.plan_cost(size, group_plan),
+        "weight_bytes_uniform": {f: auto.plan_cost(size, p) for f, p in uniform.items()},
+        "latency_units": auto.plan_cost(latency, group_plan),
+        "latency_units_uniform": {f: auto.plan_cost(latency, p) for f, p in uniform.items()},
+    }
+
+
+def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) -> dict:
+    """build.json's `auto` section for `build --precision auto --qat CKPT`: the plan that
+    `qat --plan` fine-tuned, per conv (no search ran, so no sensitivity, visits or back-off)."""
+    formats = auto.target_formats(target)
+    float_dtype = auto.float_type(target)
+    layers = auto.layer_infos(qmodel, "conv", input_size)
+    conv_plan = {layer.name: qmodel.layer_formats.get(layer.name, "int8") for layer in layers}
+    return {"source": "qat checkpoint", "grain": "conv", "budget": budget, "formats": list(formats),
+            "float_type": float_dtype, **plan_fields(layers, conv_plan, formats, float_dtype)}
