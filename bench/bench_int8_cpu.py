@@ -5,7 +5,7 @@ face model prepared by bench/prepare_checkpoint.py), made as `build --precision 
 --target cpu` makes it (percentile PTQ after activation equalization on synthetic faces,
 export, the clean-up passes, integer_dataflow), the forms:
 
-- fp32 concat / fp32 folded: the two float forms `build` times (surgery/forms.py, choose_concat_form);
+- fp32 concat / fp32 folded: the two float forms `build` times (pipeline/autotune.py, choose_concat_form);
 - int8 depthwise: integer_dataflow as before (each sink BN -> ReLU a depthwise QLinearConv);
 - int8 clamp: relu_form "clamp" (a uint8 Max/Min threshold folded into the next 1x1 conv);
 

@@ -15,7 +15,7 @@ from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder, OnnxRuntimeRunner
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.verify import run_onnxruntime
 from cunet_optimize.surgery import run_surgery
-from cunet_optimize.surgery.forms import choose_int8_form
+from cunet_optimize.pipeline.autotune import choose_int8_form
 from cunet_optimize.surgery.integer_dataflow import integer_dataflow
 from test_integer_dataflow import IMAGES, error_vs_float, tiny_int8_onnx
 

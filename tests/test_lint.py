@@ -236,7 +236,7 @@ def test_exported_fp16_static_cunet_is_clean_for_dla(tmp_path):
 def test_lint_reads_the_target_registry_and_the_dla_core(monkeypatch):
     from dataclasses import replace
 
-    from cunet_optimize.engines import targets
+    from cunet_optimize import targets
     from cunet_optimize.surgery.lint import lint_target
 
     # a target added to the registry is lintable (and buildable: default_passes reads the same)

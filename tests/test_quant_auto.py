@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from cunet_optimize.engines.targets import get_target
+from cunet_optimize.targets import get_target
 from cunet_optimize.models import CUNet, create_model
 from cunet_optimize.quant import auto
 from cunet_optimize.quant.qmodel import quantize_model

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from cunet_optimize.commands import targets as targets_cmd
-from cunet_optimize.engines.targets import (
+from cunet_optimize.targets import (
     PRECISIONS,
     TARGETS,
     check_precision,

@@ -41,7 +41,7 @@ import pytest
 import cunet_optimize.engines.trt_apply as trt_apply_module
 import cunet_optimize.engines.trt_builder as trt_builder_module
 import cunet_optimize.engines.trt_runner as trt_runner_module
-from cunet_optimize.engines.targets import PRECISIONS, TARGETS
+from cunet_optimize.targets import PRECISIONS, TARGETS
 from cunet_optimize.engines.trt_plan import HARDWARE_COMPAT_LEVELS, TRT_MAJORS, make_build_plan
 from cunet_optimize.errors import CUNetError
 

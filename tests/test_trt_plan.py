@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cunet_optimize.engines.targets import PRECISIONS, TARGETS, check_precision
+from cunet_optimize.targets import PRECISIONS, TARGETS, check_precision
 from cunet_optimize.engines.trt_apply import TensorRTUnavailable, apply_build_plan, import_tensorrt
 from cunet_optimize.engines.trt_builder import TensorRTBuilder
 from cunet_optimize.engines.trt_plan import (

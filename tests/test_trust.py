@@ -918,7 +918,7 @@ def test_build_killed_while_replacing_keeps_the_old_build(env, tmp_path):
 def test_batch_size_bound_is_the_largest_engine_profile():
     """--batch-sizes up to the largest optimisation profile of any target is taken, one more is not."""
     from cunet_optimize.commands.profile import MAX_BATCH_SIZE, parse_batch_sizes
-    from cunet_optimize.engines.targets import TARGETS
+    from cunet_optimize.targets import TARGETS
     from cunet_optimize.errors import CUNetError
 
     assert MAX_BATCH_SIZE == max(spec.batch[2] for spec in TARGETS.values()) == 64

@@ -74,7 +74,7 @@ def quantize(model: torch.nn.Module | PathLike | None, precision: str = DEFAULT_
     takes it; None: the default synthetic calibration slice. `equalize`: "default" (alpha 0.5 for
     INT8 weights, off for INT4), an alpha in [0, 1], or None (off). The paper's modes (w1a8, ...)
     are accepted: they are trained from here, not built by PTQ."""
-    from cunet_optimize.engines.targets import get_target
+    from cunet_optimize.targets import get_target
     from cunet_optimize.quant.scheme import parse_precision
 
     module, source = _float_model(model, "quantize")
@@ -458,7 +458,7 @@ def export(model_or_qmodel: torch.nn.Module | PathLike | None, path: PathLike, *
     INT4 weights, FP16 where the target's plan computes in it. An existing file is replaced only
     with force=True."""
     from cunet_optimize.commands.common import check_new_output
-    from cunet_optimize.engines.targets import get_target
+    from cunet_optimize.targets import get_target
     from cunet_optimize.exporters.onnx_export import DEFAULT_EXPORTER, export_onnx
 
     check_new_output(path, "path", force=force)

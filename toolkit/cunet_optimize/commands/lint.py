@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cunet_optimize.commands.common import print_json
-from cunet_optimize.engines.targets import target_names
+from cunet_optimize.targets import target_names
 from cunet_optimize.onnx_tools.graph import cunet_mismatch, load_model_proto
 from cunet_optimize.surgery.lint import ERROR, WARNING, Finding, lint_model
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cunet_optimize.commands.common import non_negative_float, non_negative_int, positive_int
 from cunet_optimize.commands.common import add_force_argument, check_new_output, json_stream, print_table
-from cunet_optimize.engines.targets import TARGETS
+from cunet_optimize.targets import TARGETS
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.metrics import NORMALIZERS
 from cunet_optimize.profiling import find_builds, profile_engines, summary_rows

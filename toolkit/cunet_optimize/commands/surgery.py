@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cunet_optimize.commands.common import add_force_argument, check_new_output, print_json
-from cunet_optimize.engines.targets import get_target, target_names
+from cunet_optimize.targets import get_target, target_names
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.graph import cunet_mismatch, load_model_proto, save_model
 from cunet_optimize.surgery import PASSES, activation_memory, run_surgery

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cunet_optimize.commands.common import print_json, print_table
-from cunet_optimize.engines.targets import TARGETS, TargetSpec
+from cunet_optimize.targets import TARGETS, TargetSpec
 
 
 def add_parser(subparsers) -> None:

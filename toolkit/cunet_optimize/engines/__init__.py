@@ -1,6 +1,7 @@
-"""Engines: targets as data, and per backend a builder (ONNX -> artifact) and a runner.
+"""Engines: per backend a builder (ONNX -> artifact) and a runner, for the targets of the
+registry (cunet_optimize/targets.py, which lint and the quantization policy read too; its
+names are re-exported here).
 
-- targets:     the registry of deployment targets and what each can execute
 - base:        Runner (activate / infer / deactivate), Builder protocol, BuildResult, TorchRunner
 - onnxrt:      ONNX Runtime CPU builder and runners (real, runs here)
 - trt_plan:    TensorRT build plans as data, trtexec argv and device recipe (pure)
@@ -10,7 +11,7 @@
 """
 
 from cunet_optimize.engines.base import Builder, BuildResult, Runner, TorchRunner
-from cunet_optimize.engines.targets import (
+from cunet_optimize.targets import (
     PRECISIONS,
     TARGETS,
     PrecisionSupport,

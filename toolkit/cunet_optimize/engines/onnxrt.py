@@ -24,7 +24,7 @@ one thread and 10.6 ms on two (8.9 without spinning), while the authors' N=8 fac
 configuration was faster with two (45.7 vs 75.9 ms). Under load the second core may be
 busy: in bench/results/int8_cpu-run1.json (load average 7) one thread won for both (N=8:
 103 vs 178 ms). INT8 builds
-time more (surgery/forms.py, choose_int8_form): the integer form's variants and, above one thread,
+time more (pipeline/autotune.py, choose_int8_form): the integer form's variants and, above one thread,
 the thread pool spinning or not (THREAD_POOL_VARIANTS); the winner's thread count and
 session entries are pinned in session.json, with the CPU's int8 instruction set.
 """
@@ -43,7 +43,7 @@ import numpy as np
 from cunet_optimize.atomic import sha256_file, write_atomic
 from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect_onnx
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
-from cunet_optimize.engines.targets import check_precision, get_target
+from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.verify import open_session
 
@@ -165,7 +165,7 @@ def time_variants(models: Mapping[str, Path], settings: OrtSettings, threads: li
 # Thread-pool settings timed beside the thread count when it is above 1 (session config
 # entries): ONNX Runtime's workers spin between nodes by default, which pays on a quiet
 # machine with few, large nodes and costs where nodes are many and small or the cores are
-# shared. Timed, never assumed: see surgery/forms.py, choose_int8_form.
+# shared. Timed, never assumed: see pipeline/autotune.py, choose_int8_form.
 THREAD_POOL_VARIANTS: dict[str, dict[str, str]] = {
     "spin": {},
     "nospin": {"session.intra_op.allow_spinning": "0"},

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cunet_optimize.engines.base import IMAGE_CHW
-from cunet_optimize.engines.targets import MiB, TargetSpec, check_dla_core, check_precision, get_target
+from cunet_optimize.targets import MiB, TargetSpec, check_dla_core, check_precision, get_target
 from cunet_optimize.errors import CUNetError
 
 TRT_MAJORS = (10, 11)

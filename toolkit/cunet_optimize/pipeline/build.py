@@ -5,8 +5,8 @@
 
 `run_stages` runs every check that needs no work, then one function per stage. The work
 is done where each idea lives: quant/policy.py (what is quantized how), quant/calib_cache.py
-(calib/<id>/), exporters/, surgery/ (forms.py: the graph forms timed on this machine),
-engines/, fp32_reference.py (what the gate compares against).
+(calib/<id>/), exporters/, surgery/, pipeline/autotune.py (the graph forms timed on this machine),
+engines/, pipeline/fp32_reference.py (what the gate compares against).
 
 Every check that needs no work runs before anything is written (a refused build leaves
 the workdir as it was), then the build takes the workdir's lock (workdir_lock.py). Everything
@@ -36,13 +36,13 @@ from cunet_optimize.atomic import replace_folder, sha256_file
 from cunet_optimize.data.face300w import CALIB_DATA_FLAGS, EVAL_DATA_FLAGS
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluation import evaluate_runner
-from cunet_optimize.fp32_reference import reference_accuracy
+from cunet_optimize.pipeline.fp32_reference import reference_accuracy
 from cunet_optimize.manifests.build import BUILD_FILE, BUILD_SCHEMA, checked_build_json, record_artifact_hashes
 from cunet_optimize.models import resolve_model
 from cunet_optimize.quant.calib_cache import CalibrationCache, calibration_id
 from cunet_optimize.quant.onnx_scales import int4_block_scales, legacy_cache_scales
 from cunet_optimize.quant.policy import (base_precision, canonical_precision, check_placement_request,
-                                         check_precision_options, check_qat_checkpoint, computes_in_fp16,
+                                         check_precision_options, check_qat_checkpoint,
                                          engine_precision, equalize_alpha_for, exports_qdq, precision_notes,
                                          quant_scheme, quantizes)
 from cunet_optimize.tasks import (FACE, POSE, Task, calibration_batches, calibration_images, check_data_task,
@@ -51,7 +51,7 @@ from cunet_optimize.tasks import (FACE, POSE, Task, calibration_batches, calibra
 if TYPE_CHECKING:
     import torch
 
-    from cunet_optimize.engines.targets import TargetSpec
+    from cunet_optimize.targets import TargetSpec
 
 
 # The defaults of `build`, which `calibrate`, `qat` and the Python API (api.py) share: the
@@ -247,7 +247,7 @@ def check_build(opts: BuildOptions) -> _Checked:
     """Every check of a build that needs no work and writes nothing: workdir, target, DLA core,
     precision, Q/DQ placement, exporter, model, the data's task, the build's name and an
     existing build of that name."""
-    from cunet_optimize.engines.targets import check_dla_core, check_precision, get_target
+    from cunet_optimize.targets import check_dla_core, check_precision, get_target
     from cunet_optimize.exporters.onnx_export import check_exporter
 
     workdir = check_workdir(opts.workdir)
@@ -376,6 +376,20 @@ def _export(b: _Build, export_model) -> int:
     return opset
 
 
+def computes_in_fp16(target, opts) -> bool:
+    """Whether the exported graph computes in FP16: asked for, or what a strongly typed
+    TensorRT plan takes precision from (e.g. INT4 weights dequantized to FP16 on TensorRT 11)."""
+    from cunet_optimize.engines.trt_plan import make_build_plan
+
+    if opts.precision == "fp16":
+        return True
+    if target.backend != "tensorrt":
+        return False
+    plan = make_build_plan(target, engine_precision(opts), "model.onnx", trt_major=opts.trt_major,
+                           dla_core=opts.dla_core)
+    return plan.onnx_form.endswith("fp16-cast")
+
+
 def deployed_export_form(export_model, quantized: bool, target: TargetSpec, opts) -> tuple[int, bool]:
     """(opset, fp16) of the graph a build deploys (also api.export's): opset 21 for INT4 weights,
     at least 19 for FP16 Q/DQ scales (e.g. strongly typed DLA on TensorRT 11), else 17; FP16
@@ -428,9 +442,9 @@ def _surgery(b: _Build, export_model, opset: int):
 
 def _timed_forms(b: _Build, result, before, options: dict):
     """On ONNX Runtime: the faster dense-concat form of a float graph, and the fastest INT8
-    integer form that passes the gate (surgery/forms.py); each choice is noted."""
+    integer form that passes the gate (pipeline/autotune.py); each choice is noted."""
     from cunet_optimize.evaluation import evaluate_landmarks
-    from cunet_optimize.surgery.forms import choose_concat_form, choose_int8_form
+    from cunet_optimize.pipeline.autotune import choose_concat_form, choose_int8_form
     from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
     concat_form = None
@@ -547,7 +561,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     how hints name the calibration data options (`calibrate`'s are --data/--split);
     `calib_data`: the (data set, root) already opened by the caller's checks."""
     from cunet_optimize.quant.calibrate import CalibrationError
-    from cunet_optimize.engines.targets import get_target
+    from cunet_optimize.targets import get_target
     from cunet_optimize.quant import activation_scales
 
     if opts.qat_checkpoint:

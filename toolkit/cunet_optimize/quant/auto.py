@@ -21,7 +21,7 @@ Three steps, each a plain function:
    whose current format costs the most predicted accuracy one step, and rebuild.
 
 Formats per target (`target_formats`): "int8" where the target executes INT8, "int4"
-everywhere (a storage format: engines/targets.py), "float" (FP32 on the CPU, FP16 on
+everywhere (a storage format: targets.py), "float" (FP32 on the CPU, FP16 on
 NVIDIA targets). Binary / ternary weights are executed and stored by no target, so
 the search never offers them. The stem and the last head never take INT4 (the int4
 scheme's edge rule: tiny, and closest to the input and output).
@@ -88,7 +88,7 @@ class LayerInfo:
 
 def target_formats(target) -> tuple[str, ...]:
     """Formats a target executes or stores, least accurate first."""
-    formats = ["int4"]  # stored everywhere (engines/targets.py: never executed)
+    formats = ["int4"]  # stored everywhere (targets.py: never executed)
     if "int8" in target.precisions:
         formats.append("int8")
     formats.append("float")

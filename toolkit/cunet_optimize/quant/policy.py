@@ -22,7 +22,7 @@ from cunet_optimize.quant.scheme import GRAMMAR, INT, QuantSpecError, parse_prec
 # float16, and a per-conv plan (quant/auto.py). Commands other than build take a subset.
 FP16, AUTO = "fp16", "auto"
 BUILD_WORDS = (FP16, AUTO)
-# Engine precisions a target may run (engines/targets.py PRECISIONS) that no build produces yet.
+# Engine precisions a target may run (targets.py PRECISIONS) that no build produces yet.
 NOT_BUILT = ("fp8",)
 _FP32_ALIASES = ("float", "float32")
 
@@ -113,7 +113,7 @@ def placement_of(scheme) -> str | None:
 def quant_scheme(precision: str, concat_qdq: str | None = None, backend: str = "onnxruntime"):
     """The QuantScheme of `precision` with INT activations placed per concat_placement(precision,
     concat_qdq): what build, calibrate and qat quantize (one rule, so a QAT checkpoint matches a
-    build). On TensorRT, INT4 weights are built dequantized to FP16 (engines/targets.py: no INT4
+    build). On TensorRT, INT4 weights are built dequantized to FP16 (targets.py: no INT4
     convolution kernels), so INT4 schemes there are weight-only: activations stay float, as the
     engine computes them; asking for Q/DQ on the concatenations of such a scheme is an error."""
     placement = concat_placement(precision, concat_qdq)
@@ -149,7 +149,7 @@ def equalize_alpha_for(scheme, requested: float | str | None = "default") -> flo
 
 
 def engine_precision(opts) -> str:
-    """The precision the engine is built as (engines/targets.py check_precision), from the parsed
+    """The precision the engine is built as (targets.py check_precision), from the parsed
     scheme, not its spelling: INT8 weights build as int8 whatever the placement or training
     modifiers (int8-tied, -untied, -convin, -lsq); INT4 weights as int4 (a storage format on
     every target); float schemes as fp32; the paper's binary, ternary and fixed-point modes as
@@ -175,19 +175,6 @@ PAPER_ENGINE_NOTE = ("the paper's {spec}: a float graph whose weights hold their
 def base_precision(opts) -> str:
     """The scheme a build quantizes with (`auto` plans override convs of an int8 scheme)."""
     return "int8" if opts.precision == AUTO else opts.precision
-
-
-def computes_in_fp16(target, opts) -> bool:
-    """Whether the exported graph computes in FP16: asked for, or what a strongly typed
-    TensorRT plan takes precision from (e.g. INT4 weights dequantized to FP16 on TensorRT 11)."""
-    from cunet_optimize.engines.trt_plan import make_build_plan
-
-    if opts.precision == FP16:
-        return True
-    if target.backend != "tensorrt":
-        return False
-    plan = make_build_plan(target, engine_precision(opts), "model.onnx", trt_major=opts.trt_major, dla_core=opts.dla_core)
-    return plan.onnx_form.endswith("fp16-cast")
 
 
 def quantizes(precision: str) -> bool:

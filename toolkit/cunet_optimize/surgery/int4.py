@@ -27,7 +27,7 @@ ONNX Runtime executes INT4 DequantizeLinear exactly at optimisation level BASIC 
 reference level here); no target executes INT4 convolutions (see the lint).
 
 `dequantize_weights` is the opposite, for TensorRT targets: their build plans take INT4
-as weight-only quantization dequantized to float (engines/targets.py, the
+as weight-only quantization dequantized to float (targets.py, the
 "int4-dequantized" ONNX form), so every weight DequantizeLinear / Q-DQ pair (the INT4
 ones and the INT8 edge layers beside them) becomes the float initializer it computes:
 the same grid values, no INT4 tensor or weight Q/DQ left for the parser.

@@ -6,7 +6,7 @@ silently computes something else on the target; warnings cost speed (a reformat,
 DLA<->GPU transition) or say that a precision is stored, not executed.
 
 Targets: `lint_target(name, dla_core)` reads the engines target registry
-(engines/targets.py): the backend, and with a DLA core (validated against the target's
+(targets.py): the backend, and with a DLA core (validated against the target's
 DLA cores) the DLA rules. Facts behind the rules, and which are unverified:
 - TensorRT's ONNX parser operator table: github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
   (as of TensorRT 10.0).
@@ -68,7 +68,7 @@ class LintTarget:
 def lint_target(name: str, dla_core: int | None = None) -> LintTarget:
     """What the lint needs to know about a target: its entry in the engines target
     registry, and the DLA core the layers go to (validated against its DLA cores)."""
-    from cunet_optimize.engines.targets import TARGETS, check_dla_core, get_target
+    from cunet_optimize.targets import TARGETS, check_dla_core, get_target
 
     if name.endswith("-dla") and name not in TARGETS and name.removesuffix("-dla") in TARGETS:
         raise CUNetError(f"target '{name}' is gone; lint for the DLA with --target {name.removesuffix('-dla')} "
