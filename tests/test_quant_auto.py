@@ -304,8 +304,8 @@ def test_measurement_layout_is_channels_last_inside_and_restored_after(faces):
     model = create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     heldout = auto.HeldOut.load(open_dataset(FACE, faces, None), range(4))
-    assert heldout.head(2).images.is_contiguous(memory_format=torch.channels_last)
-    assert len(heldout.head(2)) == 2 and heldout.head(2).landmarks.shape[0] == 2
+    assert heldout.first(2).images.is_contiguous(memory_format=torch.channels_last)
+    assert len(heldout.first(2)) == 2 and heldout.first(2).landmarks.shape[0] == 2
     contiguous = heldout.metric(model)
     conv = model.features.conv0.weight
     with auto.measurement_layout(model):

@@ -70,7 +70,7 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
                     f"{len(convs)} convs {'<=' if grain == 'conv' else '>'} {auto.CONV_GRAIN_LIMIT}")
     layers = [replace(layer, group=auto.group_of(layer.name, grain)) for layer in convs]
     sensitivity_images = min(held, opts.auto_sensitivity_images or auto.DEFAULT_SENSITIVITY_IMAGES)
-    probe = heldout.head(sensitivity_images)
+    probe = heldout.first(sensitivity_images)
     with auto.measurement_layout(model, qmodel):
         with timer.stage("sensitivity", f"{task.metric} of each group's formats ({', '.join(formats)}) on "
                                         f"{sensitivity_images} held-out calibration images"):

@@ -40,7 +40,7 @@ from cunet_optimize.quant.calibrate import (
     save_scales,
     tie_amax,
 )
-from cunet_optimize.quant.dataflow import ConcatPlan, DataflowTrace, plan_concat_tying, trace_dataflow
+from cunet_optimize.quant.concat_tying import ConcatPlan, DataflowTrace, plan_concat_tying, trace_dataflow
 from cunet_optimize.quant.legacy_cache import (
     LegacyCache,
     LegacyCacheError,

@@ -368,7 +368,7 @@ class HeldOut:
     def __len__(self) -> int:
         return len(self.images)
 
-    def head(self, k: int) -> "HeldOut":
+    def first(self, k: int) -> "HeldOut":
         """The first k images (the sensitivity's subset when it measures on fewer)."""
         return HeldOut(self.images[:k], self.transforms[:k], self.landmarks[:k],
                        None if self.visible is None else self.visible[:k],

@@ -10,7 +10,7 @@ state-dict key and the inherited `CUNet.forward` runs unchanged:
 - every DenseLayer / Adapter whose input is a real concatenation (>= 2 tensors) ->
   `ConcatQuantizer` on each concat input and on the concat output (INT8 activations
   only). With `tie_concat_scales` all quantizers of one dataflow component
-  (dataflow.py) share a single scale Parameter, including pass-through slots: the
+  (concat_tying.py) share a single scale Parameter, including pass-through slots: the
   adapter outputs that enter a MaxPool / nearest Upsample and the stem's MaxPool
   input, so TensorRT can elide Concat and run pooling in INT8 with no requantization.
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.models.cunet import Adapter, CUNet, DenseLayer, Head, concat_bn_relu_conv, recomputed
-from cunet_optimize.quant.dataflow import ConcatPlan, plan_concat_tying, trace_dataflow
+from cunet_optimize.quant.concat_tying import ConcatPlan, plan_concat_tying, trace_dataflow
 from cunet_optimize.quant.quantizers import (
     BinaryWeightQuantizer,
     BlockQuantizer,
