@@ -215,8 +215,7 @@ def test_auto_build_fails_cleanly_when_no_plan_passes(tiny, faces, tmp_path, mon
     monkeypatch.setattr(auto_build, "MAX_BUILDS", 2)
     real_gate = build_module._accuracy_gate
     monkeypatch.setattr(build_module, "_accuracy_gate", lambda *a, **k: {**real_gate(*a, **k), "passed": False})
-    # (sensitivity on 2 images: the search's cost, not what this test is about)
-    assert main(auto_args(tiny, faces, tmp_path, "--auto-sensitivity-images", "2")) != 0
+    assert main(auto_args(tiny, faces, tmp_path)) != 0
     assert "no plan met the gate after 2 build(s)" in capsys.readouterr().err
     assert not (tmp_path / "engines" / "tiny-auto-cpu").exists()
 

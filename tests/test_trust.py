@@ -873,8 +873,7 @@ def test_failed_auto_build_leaves_the_build_it_would_replace(env, tmp_path, caps
     real_gate = build_module._accuracy_gate
     monkeypatch.setattr(build_module, "_accuracy_gate", lambda *a, **k: {**real_gate(*a, **k), "passed": False})
     argv = ["build", "--model", env.model, "--precision", "auto", "--calib-data", str(env.faces), "--calib-split",
-            "all", "--eval-data", str(env.faces), "--eval-split", "all", "--workdir", str(workdir), "--force",
-            "--auto-sensitivity-images", "2"]  # (the search's cost, not what this row is about)
+            "all", "--eval-data", str(env.faces), "--eval-split", "all", "--workdir", str(workdir), "--force"]
     assert main(argv) == 2
     assert "no plan met the gate after 2 build(s)" in error_line(capsys.readouterr().err, "build")
     assert tree(existing) == before
