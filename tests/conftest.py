@@ -1,9 +1,17 @@
-"""Shared test fixtures: paths to ../shared (CI has it, a user's clone does not), tiny models and
-a handful of synthetic faces."""
+"""Shared test fixtures: paths to ../shared (CI has it, a user's clone does not), tiny models,
+a handful of synthetic faces, and finished builds of them made once per session.
+
+The session's builds (`fp32_build`, `int8_build`, `auto_build`) are read-only: a test that
+changes one copies its workdir first (`copy_workdir`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,9 +38,10 @@ def authors_fixture() -> Path:
     return AUTHORS_FIXTURE
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def faces(tmp_path_factory) -> Path:
-    """10 synthetic faces: 6 in the train split, 4 in test (a module may define its own set)."""
+    """10 synthetic faces: 6 in the train split, 4 in test (a module may define its own set).
+    Shared by the session: a test that changes them copies them first."""
     from cunet_optimize.data.synth import write_synthetic_faces
 
     root = tmp_path_factory.mktemp("faces") / "synth"
@@ -40,7 +49,7 @@ def faces(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """A checkpoint of the small face model at width 8 (random weights, seed 0)."""
     from cunet_optimize.models import create_model, save_checkpoint
@@ -49,3 +58,59 @@ def tiny(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_checkpoint(create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2), path)
     return path
+
+
+def tiny_build_args(tiny: Path, faces: Path, workdir: Path, precision: str, *extra: str) -> list[str]:
+    """`build` of the tiny model on the faces: 4 calibration images, evaluated on the test split,
+    no accuracy gate (random weights)."""
+    return ["build", "--model", str(tiny), "--precision", precision, "--calib-data", str(faces),
+            "--calib-images", "4", "--eval-data", str(faces), "--workdir", str(workdir),
+            "--no-accuracy-gate", *extra]
+
+
+def tiny_auto_args(tiny: Path, faces: Path, workdir: Path, *extra: str) -> list[str]:
+    """`build --precision auto` of the tiny model on the faces, with the search's defaults."""
+    return ["build", "--model", str(tiny), "--precision", "auto", "--calib-data", str(faces),
+            "--eval-data", str(faces), "--workdir", str(workdir), *extra]
+
+
+def run_build_json(argv: list[str]) -> dict:
+    """Runs `build ... --json` in-process; returns the manifest it printed."""
+    from cunet_optimize.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def _finished_build(tmp_path_factory, argv_for, name: str) -> SimpleNamespace:
+    workdir = tmp_path_factory.mktemp(name)
+    manifest = run_build_json(argv_for(workdir))
+    return SimpleNamespace(workdir=workdir, out=workdir / "engines" / manifest["name"], manifest=manifest)
+
+
+@pytest.fixture(scope="session")
+def fp32_build(tmp_path_factory, tiny, faces) -> SimpleNamespace:
+    """The tiny model built in FP32 for the CPU (`tiny_build_args`): workdir, out (the engine
+    folder) and manifest (what --json printed). Read-only: copy_workdir before changing it."""
+    return _finished_build(tmp_path_factory, lambda w: tiny_build_args(tiny, faces, w, "fp32"), "fp32-build")
+
+
+@pytest.fixture(scope="session")
+def int8_build(tmp_path_factory, tiny, faces) -> SimpleNamespace:
+    """The tiny model built in INT8 for the CPU, as fp32_build."""
+    return _finished_build(tmp_path_factory, lambda w: tiny_build_args(tiny, faces, w, "int8"), "int8-build")
+
+
+@pytest.fixture(scope="session")
+def auto_build(tmp_path_factory, tiny, faces) -> SimpleNamespace:
+    """The tiny model built with --precision auto for the CPU under a huge budget (every conv
+    that may take INT4 does), as fp32_build."""
+    return _finished_build(tmp_path_factory, lambda w: tiny_auto_args(tiny, faces, w, "--max-nme-increase", "100",
+                                                                      "--no-accuracy-gate"), "auto-build")
+
+
+def copy_workdir(build: SimpleNamespace, dest: Path) -> Path:
+    """A copy of a session build's workdir at `dest`, for a test that changes it."""
+    return Path(shutil.copytree(build.workdir, dest, symlinks=True))

@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from conftest import copy_workdir, run_build_json, tiny_build_args as build_args
 from cunet_optimize.cli import main
 from cunet_optimize.models import DEFAULT_CHECKPOINT
 
@@ -18,11 +19,8 @@ build_module = importlib.import_module("cunet_optimize.pipeline.build")
 
 pytestmark = pytest.mark.slow
 
-
-def build_args(tiny, faces, workdir, precision, *extra):
-    return ["build", "--model", str(tiny), "--precision", precision, "--calib-data", str(faces),
-            "--calib-images", "4", "--eval-data", str(faces), "--workdir", str(workdir),
-            "--no-accuracy-gate", *extra]
+# the session's finished builds (conftest.py) of the precisions it makes for the CPU
+SHARED_CPU_BUILDS = {"fp32": "fp32_build", "int8": "int8_build"}
 
 
 def partial_dirs(workdir):
@@ -31,11 +29,15 @@ def partial_dirs(workdir):
 
 @pytest.mark.parametrize("precision, target", [("fp32", "cpu"), ("int8", "cpu"), ("int4", "cpu"),
                                                ("fp16", "jetson-orin-nano")])
-def test_build_each_precision(tiny, faces, tmp_path, precision, target, capsys):
-    """ONNX Runtime (CPU) does not run FP16 natively: FP16 is a GPU/Jetson build."""
-    assert main(build_args(tiny, faces, tmp_path, precision, "--target", target, "--json")) == 0
-    manifest = json.loads(capsys.readouterr().out)
-    out = tmp_path / "engines" / f"tiny-{precision}-{target}"
+def test_build_each_precision(tiny, faces, tmp_path, precision, target, request):
+    """ONNX Runtime (CPU) does not run FP16 natively: FP16 is a GPU/Jetson build. The FP32 and
+    INT8 CPU builds are the session's (conftest.py), checked here as any other."""
+    if target == "cpu" and precision in SHARED_CPU_BUILDS:
+        shared = request.getfixturevalue(SHARED_CPU_BUILDS[precision])
+        workdir, manifest = shared.workdir, shared.manifest
+    else:
+        workdir, manifest = tmp_path, run_build_json(build_args(tiny, faces, tmp_path, precision, "--target", target))
+    out = workdir / "engines" / f"tiny-{precision}-{target}"
     assert json.loads((out / "build.json").read_text()) == manifest
     assert manifest["engine_built"] is (target == "cpu")
     assert manifest["backend"] == ("onnxruntime" if target == "cpu" else "tensorrt")
@@ -46,7 +48,7 @@ def test_build_each_precision(tiny, faces, tmp_path, precision, target, capsys):
     assert manifest["model"]["sha256"] and manifest["timings_seconds"]["export"] > 0
     if precision in ("int8", "int4"):
         assert manifest["calibration"]["images"] == 4
-        assert (tmp_path / "calib" / manifest["calibration"]["id"] / "scales.json").is_file()
+        assert (workdir / "calib" / manifest["calibration"]["id"] / "scales.json").is_file()
     if precision == "int8":
         assert (out / "calibration.cache").read_text().startswith("TRT-")
         # the integer-form variants were timed and the choice is what the engine runs
@@ -75,7 +77,7 @@ def test_build_each_precision(tiny, faces, tmp_path, precision, target, capsys):
         assert manifest["engine_settings"]["intra_op_threads"] == form["intra_op_threads"]
     else:
         assert form is None
-    assert not partial_dirs(tmp_path)
+    assert not partial_dirs(workdir)
 
 
 @pytest.mark.parametrize("target, major", [("jetson-orin-nano", 10), ("h100", 11)])
@@ -127,12 +129,13 @@ def test_fp32_reference_accuracy_is_computed_once_per_graph_and_data(tiny, faces
     second = accuracy("int8")  # the same FP32 export on the same data: read back
     assert "cached" in second["reference_runtime"] and second["reference"] == first["reference"]
     assert len(cached_references()) == 1
+    # (the FP32 build reads its reference from the same cache: the cheaper build from here on)
     os.utime(faces / "test.txt", ns=(0, 0))  # touched, the same bytes: still the same data
-    accuracy("int8", "--force")
+    assert "cached" in accuracy("fp32", "--force")["reference_runtime"]
     assert len(cached_references()) == 1
     pts = sorted((faces / "images").glob("*.pts"))[-1]  # an annotation changed: measured again
     pts.write_text(pts.read_text() + "\n")
-    accuracy("int8", "--force")
+    assert "cached" not in accuracy("fp32", "--force")["reference_runtime"]
     assert len(cached_references()) == 2
 
 
@@ -143,15 +146,15 @@ def test_refuses_a_precision_the_target_cannot_run(tiny, faces, tmp_path, capsys
     assert not (tmp_path / "engines" / "tiny-fp16-cpu").exists()
 
 
-def test_existing_build_needs_force(tiny, faces, tmp_path, capsys):
-    assert main(build_args(tiny, faces, tmp_path, "fp32")) == 0
-    manifest = tmp_path / "engines" / "tiny-fp32-cpu" / "build.json"
+def test_existing_build_needs_force(tiny, faces, fp32_build, tmp_path, capsys):
+    workdir = copy_workdir(fp32_build, tmp_path / "w")  # a finished build, as if built here
+    manifest = workdir / "engines" / "tiny-fp32-cpu" / "build.json"
     first = manifest.read_text()
     os.utime(manifest, (1, 1))
-    assert main(build_args(tiny, faces, tmp_path, "fp32")) == 2
+    assert main(build_args(tiny, faces, workdir, "fp32")) == 2
     assert "--force" in capsys.readouterr().err
     assert manifest.read_text() == first and manifest.stat().st_mtime == 1  # untouched
-    assert main(build_args(tiny, faces, tmp_path, "fp32", "--force")) == 0
+    assert main(build_args(tiny, faces, workdir, "fp32", "--force")) == 0
     assert manifest.stat().st_mtime > 1
 
 

@@ -108,23 +108,10 @@ def test_surgery_and_lint_cli_take_the_dla_core(tmp_path, capsys):
     assert "has no DLA cores" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_and_faces(tmp_path_factory):
-    from cunet_optimize.data.synth import write_synthetic_faces
-    from cunet_optimize.models import create_model, save_checkpoint
-
-    root = tmp_path_factory.mktemp("dla")
-    write_synthetic_faces(root / "faces", 10, seed=5, test_fraction=0.4, progress=False)
-    torch.manual_seed(0)
-    save_checkpoint(create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2), root / "tiny.safetensors")
-    return root / "tiny.safetensors", root / "faces"
-
-
-def _dla_build(tiny_and_faces, workdir, capsys, *extra):
+def _dla_build(tiny, faces, workdir, capsys, *extra):
     # (--trt-major 11 builds the strongly typed FP16-cast Q/DQ form at opset 19; this tiny
     # untrained model's near-zero activation scales do not survive float16, which export
     # refuses in one line (tests/test_verify.py): only TensorRT 10 runs end to end on it)
-    tiny, faces = tiny_and_faces
     argv = ["build", "--model", str(tiny), "--target", "jetson-agx-orin", "--dla-core", "0", "--precision", "int8",
             "--calib-data", str(faces), "--calib-images", "4", "--eval-data", str(faces), "--workdir", str(workdir),
             "--no-accuracy-gate", "--json", *extra]
@@ -133,8 +120,8 @@ def _dla_build(tiny_and_faces, workdir, capsys, *extra):
 
 
 @pytest.mark.slow
-def test_build_int8_for_agx_orin_dla_core_0_writes_a_dla_bundle(tiny_and_faces, tmp_path, capsys):
-    manifest = _dla_build(tiny_and_faces, tmp_path, capsys)
+def test_build_int8_for_agx_orin_dla_core_0_writes_a_dla_bundle(tiny, faces, tmp_path, capsys):
+    manifest = _dla_build(tiny, faces, tmp_path, capsys)
     out = tmp_path / "engines" / "tiny-int8-jetson-agx-orin-dla0"
     assert manifest["dla_core"] == 0 and manifest["engine_built"] is False
     plan = json.loads((out / "trt_plan.json").read_text())

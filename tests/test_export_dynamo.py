@@ -88,7 +88,7 @@ def test_unknown_exporter(tmp_path):
 
 @pytest.mark.slow
 def test_build_with_dynamo_records_it(tiny, faces, tmp_path, capsys):
-    from test_build import build_args
+    from conftest import tiny_build_args as build_args
 
     assert main(build_args(tiny, faces, tmp_path, "int8", "--exporter", "dynamo", "--target", "jetson-orin-nano",
                            "--json")) == 0

@@ -14,7 +14,7 @@ from cunet_optimize.models import CUNet, create_model
 from cunet_optimize.quant import auto
 from cunet_optimize.quant.qmodel import quantize_model
 from cunet_optimize.quant.quantizers import BlockQuantizer, IntQuantizer
-from conftest import tiny_config
+from conftest import tiny_auto_args, tiny_config
 
 
 def _layer(name, group, shape=(16, 32, 1, 1), role="conv1x1", macs=1000):
@@ -139,17 +139,14 @@ def test_mixed_plan_reloads_from_a_qat_checkpoint(tmp_path):
 
 
 def auto_args(tiny, faces, workdir, *extra):
-    return ["build", "--model", str(tiny), "--precision", "auto", "--calib-data", str(faces),
-            "--eval-data", str(faces), "--workdir", str(workdir), "--json", *extra]
+    return [*tiny_auto_args(tiny, faces, workdir), "--json", *extra]
 
 
 @pytest.mark.slow
-def test_auto_build_records_plan_and_packs_int4(tiny, faces, tmp_path, capsys):
-    from cunet_optimize.cli import main
-
-    assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "100", "--no-accuracy-gate")) == 0
-    manifest = json.loads(capsys.readouterr().out)
-    out = tmp_path / "engines" / "tiny-auto-cpu"
+def test_auto_build_records_plan_and_packs_int4(auto_build):
+    """The session's auto build (conftest.py): a budget of 100 points, no gate."""
+    manifest, out = auto_build.manifest, auto_build.out
+    assert out == auto_build.workdir / "engines" / "tiny-auto-cpu"
     a = json.loads((out / "build.json").read_text())["auto"]
     assert manifest["auto"] == a and manifest["precision"] == "auto"
     timings = manifest["timings_seconds"]  # the search's stages beside the final build's
@@ -228,15 +225,15 @@ def test_auto_build_fails_cleanly_when_no_plan_passes(tiny, faces, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_plan_reloads_into_qat_and_build(tiny, faces, tmp_path, capsys):
-    """build --precision auto -> qat --plan (fine-tunes the mixed model) -> build --precision auto --qat."""
+def test_plan_reloads_into_qat_and_build(tiny, faces, auto_build, tmp_path, capsys):
+    """build --precision auto (the session's, read only) -> qat --plan (fine-tunes the mixed
+    model) -> build --precision auto --qat."""
     from cunet_optimize.cli import main
     from cunet_optimize.quant.qat import load_qat_checkpoint
 
-    assert main(auto_args(tiny, faces, tmp_path, "--max-nme-increase", "100", "--no-accuracy-gate")) == 0
-    searched = json.loads(capsys.readouterr().out)["auto"]
+    searched = auto_build.manifest["auto"]
     plan = {c: f for c, f in searched["plan"].items() if f != "int8"}
-    build_dir = tmp_path / "engines" / "tiny-auto-cpu"
+    build_dir = auto_build.out
     qat = ["qat", "--model", str(tiny), "--plan", str(build_dir), "--data", str(faces), "--out",
            str(tmp_path / "qat"), "--epochs", "1", "--lr", "1e-4", "--batch-size", "4", "--calib-images", "3",
            "--val-split", "none", "--threads", "1", "--json"]
@@ -279,9 +276,10 @@ def test_prefix_cache_gives_the_same_sensitivity_as_full_forwards(faces):
     torch.manual_seed(0)
     model = create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2).eval()
     dataset = open_dataset(FACE, faces, None)
-    heldout = auto.HeldOut.load(dataset, range(len(dataset)))
+    # two images: exactness does not depend on how many (full forwards per variant are the cost)
+    heldout = auto.HeldOut.load(dataset, range(2))
     qmodel = quantize_model(model, "int8-convin")
-    calibrate(qmodel, [heldout.images[:4]], "max", progress=False)
+    calibrate(qmodel, [heldout.images], "max", progress=False)
     qmodel.eval()
     layers = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
     args = (model, qmodel, heldout, layers, ("int4", "int8", "float"), "conv", False)
