@@ -460,7 +460,7 @@ def grammar_built(precision: str, name: str):
 def grammar_same_calibration(env, tmp, out, err):
     """int8-untied builds what int8 --concat-qdq untied builds: the same calibrated scheme, the
     same scales (calibrate with the flag finds the build's calib/<id>/ and adds none)."""
-    spelt = grammar_built("int8-untied", "tiny-int8-untied-cpu")(env, tmp, out, err)
+    spelt = grammar_built("int8-untied", "tiny-int8-untied-h100")(env, tmp, out, err)
     assert spelt["calibration"]["scheme"] == "int8-untied"
     ids = sorted(p.name for p in (tmp / "w" / "calib").iterdir())
     assert spelt["calibration"]["id"] in ids
@@ -474,8 +474,8 @@ def grammar_calibrate_then_build(env, tmp, out, err):
     build reuses the scales calibrate cached."""
     calibrated = [line for line in out.splitlines() if line.endswith("scales.json")]
     assert len(calibrated) == 1, out
-    assert main(build_args(env, tmp / "w", "--precision", "INT8", "--calib-images", "2")) == 0
-    built = json.loads((tmp / "w" / "engines" / "tiny-int8-cpu" / "build.json").read_text())
+    assert main(build_args(env, tmp / "w", "--precision", "INT8", "--calib-images", "2", "--target", "h100")) == 0
+    built = json.loads((tmp / "w" / "engines" / "tiny-int8-h100" / "build.json").read_text())
     assert built["calibration"]["cached"] and calibrated[0].endswith(built["calibration"]["scales_file"])
 
 
@@ -685,13 +685,13 @@ CASES: list[Case] = [
 
     # ------------------------------------------------------------------- grammar (10)
     Case("build-upper-case", "grammar", 10,
-         lambda e, t: build_args(e, t / "w", "--precision", " INT8 "),
-         0, check=grammar_built("int8", "tiny-int8-cpu")),
+         lambda e, t: build_args(e, t / "w", "--precision", " INT8 ", "--target", "h100"),
+         0, check=grammar_built("int8", "tiny-int8-h100")),
     Case("build-int8-tied", "grammar", 10,
-         lambda e, t: build_args(e, t / "w", "--precision", "Int8-Tied"),
-         0, check=grammar_built("int8-tied", "tiny-int8-tied-cpu")),
+         lambda e, t: build_args(e, t / "w", "--precision", "Int8-Tied", "--target", "h100"),
+         0, check=grammar_built("int8-tied", "tiny-int8-tied-h100")),
     Case("build-int8-untied-as-flag", "grammar", 10,
-         lambda e, t: build_args(e, t / "w", "--precision", "int8-untied"),
+         lambda e, t: build_args(e, t / "w", "--precision", "int8-untied", "--target", "h100"),
          0, check=grammar_same_calibration),
     Case("build-modifier-contradicts-flag", "grammar", 10,
          lambda e, t: build_args(e, built_workdir(e, t), "--precision", "int8-untied", "--concat-qdq", "none"),
