@@ -68,7 +68,6 @@ class BuildRecord:
         p = Path(rel)
         return p if p.is_absolute() else self.path / p
 
-
     def check_artifacts(self) -> list[str]:
         """BuildError when a file of the folder is not the one the build wrote (replaced, edited,
         missing), or session.json names another source ONNX than the build's; the notes to carry
