@@ -82,16 +82,25 @@ def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None
 
 
 @contextmanager
-def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """A hidden staging folder beside `final` (.<name>.partial-*) to write a whole folder into;
-    it replaces `final` (replace_folder) only if the block succeeds, and is removed otherwise.
-    The caller decides beforehand whether `final` may be replaced."""
+    it becomes `final` only if the block succeeds, and is removed otherwise. replace=True: it
+    replaces a folder there (replace_folder; the caller decided beforehand that it may);
+    replace=False: a folder another process put there meanwhile is kept (a shared cache whose
+    writers all write the same thing, and whose readers must not see it vanish)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield staging
-        replace_folder(staging, final)
+        if replace:
+            replace_folder(staging, final)
+        else:
+            try:
+                os.rename(staging, final)  # fails onto a non-empty folder: the first writer's stays
+            except OSError:
+                if not final.is_dir():
+                    raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

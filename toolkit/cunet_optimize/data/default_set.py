@@ -12,13 +12,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
+from cunet_optimize.atomic import staged_folder
 from cunet_optimize.data.synth import SYNTH_VERSION, image_name, split_test_indices, write_face
 from cunet_optimize.errors import CUNetError
 
@@ -81,9 +80,7 @@ def ensure_default_dataset(progress: bool = True) -> Path:
 
 
 def _write_default_faces(out: Path, seed: int, count: int, test: list[int], calib: list[int], progress: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out, replace=False) as tmp:  # a concurrent first writer's copy is kept
         (tmp / "images").mkdir()
         for i in tqdm(sorted(test + calib), desc="default data (synthetic faces)", unit="img",
                       disable=not progress, leave=False):
@@ -95,14 +92,6 @@ def _write_default_faces(out: Path, seed: int, count: int, test: list[int], cali
              "subset": {"test": len(test), "calib": len(calib)},
              "note": "test split + first training images of `data synth --count 3000 --seed 0 "
                      "--test-fraction 0.1`"}, indent=2) + "\n")
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first: keep theirs
-            if not (out / "dataset.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # The pose task's default data: the validation split and a calibration slice of
@@ -133,10 +122,6 @@ def ensure_default_pose_dataset(progress: bool = True) -> Path:
                 **DEFAULT_POSE_SYNTH, "subset": {"valid": len(valid), "train (calibration)": len(calib)},
                 "note": "valid split + first training images of `data synth --task pose --count 1200 --seed 0 "
                         "--test-fraction 0.1`"}
-    with _writing_cache():
-        try:
-            write_pose_set(out, seed, sorted(valid | set(calib)), valid, count, 256, progress, manifest)
-        except OSError:  # another process finished first: keep theirs
-            if not (out / "dataset.json").is_file():
-                raise
+    with _writing_cache():  # a concurrent first writer's copy is kept
+        write_pose_set(out, seed, sorted(valid | set(calib)), valid, count, 256, progress, manifest, replace=False)
     return out

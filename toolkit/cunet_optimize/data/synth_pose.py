@@ -233,9 +233,10 @@ def write_pose(root: Path, seed: int, index: int, count: int, valid: bool, image
 
 
 def write_pose_set(out: Path, seed: int, indices: list[int], valid: set[int], count: int,
-                   image_size: int, progress: bool, manifest: dict) -> None:
-    """Write the listed images and their annotation JSON into `out` (a new folder), atomically."""
-    with staged_folder(out) as tmp:
+                   image_size: int, progress: bool, manifest: dict, replace: bool = True) -> None:
+    """Write the listed images and their annotation JSON into `out`, atomically (`replace`: as
+    atomic.staged_folder's)."""
+    with staged_folder(out, replace=replace) as tmp:
         (tmp / IMAGE_FOLDER).mkdir()
         records = [write_pose(tmp, seed, i, count, i in valid, image_size)
                    for i in tqdm(indices, desc="synthetic poses", unit="img", disable=not progress, leave=False)]
