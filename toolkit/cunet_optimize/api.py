@@ -104,12 +104,10 @@ def save_quantized(qmodel: QuantCUNet, path: PathLike, *, force: bool = False) -
     PATH` and `load_quantized` read: weights, every quantizer's scale, the scheme, and the float
     checkpoint it was quantized from when it came from a file. An existing file is replaced only
     with force=True."""
+    from cunet_optimize.commands.common import check_new_output
+
     _check_quantized(qmodel, "save_quantized")
-    path = Path(path)
-    if path.is_dir():
-        raise CUNetError(f"save_quantized: {path} is a folder; pass a file path such as {path / 'qat.safetensors'}")
-    if path.exists() and not force:
-        raise CUNetError(f"save_quantized: {path} already exists; pass force=True to replace it or choose another path")
+    check_new_output(path, "path", force=force)
     source = getattr(qmodel, FLOAT_SOURCE, None)
     metadata = {"float_checkpoint": str(Path(source).resolve())} if isinstance(source, (str, os.PathLike)) else {}
     return save_qat_checkpoint(qmodel, path, metadata)
@@ -487,7 +485,6 @@ def profile(engine_dirs: Iterable[PathLike] | None = None, *, workdir: PathLike 
     """`cunet-optimize profile`: (the profile manifest, the HTML report's path) of the build folders
     (default: every build under WORKDIR/engines/), written to WORKDIR/reports/<name>.json/.html.
     `options`: profile_engines' (runs, warmup, batch_sizes, memory, layer_runs, max_images, split, ...)."""
-    from cunet_optimize.commands.common import check_new_output
     from cunet_optimize.commands.profile import report_name
     from cunet_optimize.profiling import find_builds, profile_engines
     from cunet_optimize.report import write_report
@@ -497,10 +494,7 @@ def profile(engine_dirs: Iterable[PathLike] | None = None, *, workdir: PathLike 
     if unknown:
         raise CUNetError(f"profile: unknown option {unknown[0]!r}; the options are {', '.join(sorted(known))}")
     workdir = Path(workdir)
-    name = report_name(name)
-    if name is not None:
-        for suffix in (".json", ".html"):
-            check_new_output(workdir / "reports" / f"{name}{suffix}", "name", force=force)
+    name = report_name(name, workdir, force, "name")
     dirs = [Path(d) for d in engine_dirs] if engine_dirs is not None else [b.path for b in find_builds(workdir)]
     result = profile_engines(dirs, data, name=name, progress=progress,
                              command="cunet-optimize profile " + shlex.join(str(d) for d in dirs), **options)

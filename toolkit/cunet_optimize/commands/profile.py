@@ -50,16 +50,20 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def report_name(out: str | None) -> str | None:
-    """The report's file name from --out (None: profile_engines picks profile-<timestamp>)."""
+def report_name(out: str | None, workdir: Path, force: bool, flag: str = "--out") -> str | None:
+    """The report's file name from --out (None: profile_engines picks profile-<timestamp>),
+    checked before anything is measured: a plain name, and WORKDIR/reports/NAME.json and
+    .html replaced only with --force."""
     if out is None:
         return None
     name = out.removesuffix(".html").removesuffix(".json")
     if not NAME_RE.match(name):
         raise CUNetError(
-            f"--out takes a file name without folders (letters, digits, '.', '_', '-'), got {out!r}; "
+            f"{flag} takes a file name without folders (letters, digits, '.', '_', '-'), got {out!r}; "
             "the report goes to <workdir>/reports/NAME.html and NAME.json"
         )
+    for suffix in (".json", ".html"):
+        check_new_output(workdir / "reports" / f"{name}{suffix}", flag, force=force)
     return name
 
 
@@ -138,10 +142,7 @@ def print_summary(profile: dict, file=None) -> None:
 def run(args) -> int:
     workdir = Path(args.workdir)
     sizes = parse_batch_sizes(args.batch_sizes)
-    name = report_name(args.out)  # checked before anything is measured
-    if name is not None:
-        for suffix in (".json", ".html"):
-            check_new_output(workdir / "reports" / f"{name}{suffix}", "--out", force=args.force)
+    name = report_name(args.out, workdir, args.force)
     if args.engine_dirs:
         dirs = [Path(d) for d in args.engine_dirs]
     else:
