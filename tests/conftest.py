@@ -114,3 +114,17 @@ def auto_build(tmp_path_factory, tiny, faces) -> SimpleNamespace:
 def copy_workdir(build: SimpleNamespace, dest: Path) -> Path:
     """A copy of a session build's workdir at `dest`, for a test that changes it."""
     return Path(shutil.copytree(build.workdir, dest, symlinks=True))
+
+
+def run_cli(argv: list, capsys, caplog) -> tuple[int, str, str]:
+    """`cunet-optimize ARGV` in this process: (exit status, stdout, stderr with the log's lines:
+    warnings go through logging, to stderr outside pytest). argparse refusals exit 2."""
+    from cunet_optimize.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err + caplog.text

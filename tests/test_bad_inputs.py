@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from cunet_optimize.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,14 +272,7 @@ def _formats_folder(env, tmp: Path) -> Path:
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_bad_input(case, env, tmp_path, capsys, caplog):
-    argv = case.argv(env, tmp_path)
-    capsys.readouterr()
-    try:
-        status = main(argv)
-    except SystemExit as exc:  # argparse refusals
-        status = exc.code
-    out, err = capsys.readouterr()
-    err += caplog.text  # warnings go through logging (to stderr outside pytest)
+    status, out, err = run_cli(case.argv(env, tmp_path), capsys, caplog)
     assert status == case.status, err[-2000:]
     if case.message is not None:
         # exit 2: the refusal's one line (argparse's is followed by where --help is)

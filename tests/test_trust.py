@@ -32,6 +32,7 @@ from typing import Callable
 
 import pytest
 
+from conftest import run_cli
 from cunet_optimize.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -826,13 +827,7 @@ def test_trust(case, env, tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = [str(a) for a in case.argv(env, tmp_path)]
     before = tree(tmp_path)
-    capsys.readouterr()
-    try:
-        status = main(argv)
-    except SystemExit as exc:  # argparse refusals
-        status = exc.code
-    out, err = capsys.readouterr()
-    err += caplog.text  # warnings go through logging (to stderr outside pytest)
+    status, out, err = run_cli(argv, capsys, caplog)
     assert status == case.status, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     if case.status == 2:
