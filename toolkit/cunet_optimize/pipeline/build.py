@@ -185,46 +185,6 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
 
 
 @dataclass
-class _Build:
-    """One build in progress: what its stages share, and the build.json they fill in the
-    staging folder (renamed to `final` only when every stage passed)."""
-
-    opts: BuildOptions
-    target: TargetSpec
-    dla: int | None
-    exporter: str  # exporters/onnx_export.py check_exporter's choice
-    model: torch.nn.Module
-    ckpt_path: Path
-    source: str
-    task: Task
-    final: Path
-    staging: Path
-    timer: StageTimer
-    manifest: dict
-    notes: list[str]
-    progress: bool
-    eval_set: object = None
-    eval_root: Path | None = None
-    calib_data: tuple | None = None  # check_build's (data set, root) of the calibration images
-
-    @property
-    def quantized(self) -> bool:
-        return quantizes(self.opts.precision)
-
-    @property
-    def raw_onnx(self) -> Path:  # the export, before surgery
-        return self.staging / "export.onnx"
-
-    @property
-    def reference_onnx(self) -> Path:  # the FP32 export the accuracy gate compares against
-        return self.staging / "reference-fp32.onnx"
-
-    @property
-    def onnx_path(self) -> Path:  # the deployed graph
-        return self.staging / "model.onnx"
-
-
-@dataclass
 class _Checked:
     """What `check_build` found, before anything is written."""
 
@@ -241,6 +201,43 @@ class _Checked:
     workdir: Path
     eval_data: tuple  # (data set, its root) the accuracy is measured on
     calib_data: tuple | None  # (data set, its root) of PTQ calibration; None when nothing is calibrated
+
+
+@dataclass
+class _Build(_Checked):
+    """One build in progress, after its checks: what its stages share, and the build.json they
+    fill in the staging folder (renamed to `final` only when every stage passed)."""
+
+    final: Path
+    staging: Path
+    timer: StageTimer
+    manifest: dict
+    notes: list[str]
+    progress: bool
+
+    @property
+    def eval_set(self):
+        return self.eval_data[0]
+
+    @property
+    def eval_root(self) -> Path:
+        return self.eval_data[1]
+
+    @property
+    def quantized(self) -> bool:
+        return quantizes(self.opts.precision)
+
+    @property
+    def raw_onnx(self) -> Path:  # the export, before surgery
+        return self.staging / "export.onnx"
+
+    @property
+    def reference_onnx(self) -> Path:  # the FP32 export the accuracy gate compares against
+        return self.staging / "reference-fp32.onnx"
+
+    @property
+    def onnx_path(self) -> Path:  # the deployed graph
+        return self.staging / "model.onnx"
 
 
 def check_build(opts: BuildOptions) -> _Checked:
@@ -328,10 +325,9 @@ def _start(c: _Checked, echo, progress: bool) -> _Build:
     manifest: dict = {"schema": BUILD_SCHEMA, "name": c.name, "toolkit_version": __version__,
                       "command": c.opts.command, "precision": c.opts.precision, "target": c.target.name,
                       "dla_core": c.dla, "target_spec": c.target.to_dict()}
-    return _Build(c.opts, c.target, c.dla, c.exporter, c.model, c.ckpt_path, c.source, c.task, final, staging,
-                  StageTimer(total=5 if quantizes(c.opts.precision) else 4, echo=echo), manifest,
-                  ([c.support_note] if c.support_note else []) + precision_notes(c.opts), progress, *c.eval_data,
-                  c.calib_data)
+    return _Build(**vars(c), final=final, staging=staging,
+                  timer=StageTimer(total=5 if quantizes(c.opts.precision) else 4, echo=echo), manifest=manifest,
+                  notes=([c.support_note] if c.support_note else []) + precision_notes(c.opts), progress=progress)
 
 
 def _record_inputs(b: _Build) -> None:
