@@ -42,6 +42,16 @@ almost every conv reads and writes uint8:
    calibration images are >= 0) becomes uint8 with zero point 0 and half the scale:
    the same range, one more bit, and ONNX Runtime's u8 x s8 kernels on x86.
 
+Per-channel INT4 convs (the CPU's INT4, quant.policy) take the same path: their integers
+([-7, 7]) are INT8 integers with the same per-channel scale, so steps 1-4 run them exactly as
+INT8 convs (`_integer_weight` reads them in the Q/DQ form and in pack_int4_weights' blocked
+form with one block over the input channels). Block-wise INT4 (several scales per output
+channel) has no exact per-channel INT8 form: its components stay in float.
+
+`integer_dataflow` runs the steps in order, one function each: `_fold_bn_into_quantized_convs`
+(1), `find_components`, `_uint8_params` (the ranges of 2 and 3), `_rewrite_sinks` (4),
+`_quantize_sources` (2 and 3), `_retype_nonnegative_qdq` (5).
+
 It changes the outputs by design (new quantization points in step 2, the BN output
 rounded to the conv's input grid before the ReLU in step 4); `build` checks the
 result with its accuracy gate. A component whose pattern does not match (a source
@@ -72,20 +82,39 @@ LEVELS = 255.0
 # ----------------------------------------------------------------------------- weights
 
 
+def _per_channel_scale(p, shape: tuple) -> np.ndarray | None:
+    """The per-output-channel scale of a weight DequantizeLinear, or None. Besides the plain
+    per-channel layout (axis 0) this reads per-channel INT4 as pack_int4_weights stores it: one
+    block over the whole input-channel axis (axis 1) with the same scale at every kernel
+    position, i.e. one scale per output channel written in the blocked layout."""
+    scale = np.asarray(p.scale)
+    if not p.block_size:
+        return scale if scale.ndim == 1 and p.axis == 0 else None
+    if len(shape) < 2 or p.axis % len(shape) != 1 or p.block_size < shape[1] or scale.shape[:2] != (shape[0], 1):
+        return None
+    flat = scale.reshape(shape[0], -1)
+    return flat[:, 0] if np.all(flat == flat[:, :1]) else None
+
+
 def _integer_weight(conv: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray] | None:
-    """(integer weights, per-output-channel scales) of a symmetric per-channel quantized conv."""
+    """(integer weights, per-output-channel scales) of a symmetric per-channel quantized conv:
+    INT8, or per-channel INT4, whose integers are INT8 integers with the same scale (the
+    integer path runs them exactly as INT8)."""
     cw = conv_weight(conv, graph)
     if cw is None or cw.kind == "float":
         return None
     p = cw.params
-    if p.scale is None or p.scale.ndim != 1 or p.axis != 0 or p.block_size:
+    if p.scale is None or (p.zero_point is not None and np.any(np.asarray(p.zero_point, dtype=np.float64))):
         return None
-    if p.zero_point is not None and np.any(p.zero_point):
+    shape = tuple(np.asarray(cw.stored.values).shape)
+    scale = _per_channel_scale(p, shape)
+    if scale is None:
         return None
     ints = quantize(cw.stored.values, qdq_params(cw.q)) if cw.kind == "qdq" else np.asarray(cw.stored.values)
-    if ints.shape[0] != p.scale.size or ints.min() < -127 or ints.max() > 127:
+    ints = np.asarray(ints).astype(np.int64)
+    if ints.shape[0] != scale.size or ints.min() < -127 or ints.max() > 127:
         return None  # -128 has no negation: a sign flip would overflow
-    return ints.astype(np.int64), p.scale.astype(np.float64)
+    return ints, scale.astype(np.float64)
 
 
 def _conv_bias(conv: gs.Node, channels: int) -> np.ndarray:
@@ -372,6 +401,87 @@ def _fold_bn_into_quantized_convs(graph: gs.Graph) -> int:
     return folded
 
 
+def _uint8_params(graph: gs.Graph, good: list[Component], sources: list[gs.Tensor],
+                  images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Step 2's ranges: per-channel (offset m, range R) of every tensor that becomes uint8,
+    x = m + R * q / 255, measured at the sources over `images` and carried through the
+    pass-through nodes (step 3) in graph order."""
+    ranges = channel_ranges(graph, sources, images) if sources else {}
+    params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for t in sources:
+        lo, hi = ranges[t.name]
+        m = np.zeros_like(lo) if _source_conv(t, graph)[1] else lo  # a ReLU source keeps its zero
+        r = hi - m
+        params[t.name] = (m, np.where(r > 1e-12, r, 1.0))
+    for comp in good:
+        for node in [n for n in graph.nodes if n.name in comp.nodes]:
+            if node.op == "Concat":
+                parts = [params[x.name] for x in node.inputs]
+                params[node.outputs[0].name] = (np.concatenate([p[0] for p in parts]),
+                                                np.concatenate([p[1] for p in parts]))
+            else:
+                params[node.outputs[0].name] = params[node.inputs[0].name]
+    return params
+
+
+def _rewrite_sinks(graph: gs.Graph, good: list[Component], params: dict, relu_form: str) -> tuple[int, int]:
+    """Step 4: every sink BN -> ReLU on uint8 input as a depthwise uint8 conv (or, relu_form
+    "clamp", a threshold folded into the next 1x1 conv). Returns (channels with a negative BN
+    scale, sinks clamped)."""
+    negative = clamped = 0
+    for comp in good:
+        for sink in comp.sinks:
+            m, r = params[sink.bn.inputs[0].name]
+            a, t = _bn_affine(sink.bn)
+            negative += int((a < 0).sum())
+            # BN(x) on x = m + r * u, u = q / 255 (per-tensor DequantizeLinear): slope a*r, intercept a*m + t
+            if relu_form == "clamp" and _is_pointwise_conv(sink.dq.outputs[0].outputs[0], graph):
+                _affine_relu_as_clamp(graph, sink, a * r / LEVELS, a * m + t)
+                clamped += 1
+                continue
+            _affine_as_depthwise_conv(graph, sink, a * r, a * m + t)
+            _to_uint8(sink.q, [sink.dq])  # uint8 saturation at 0 is the ReLU
+    return negative, clamped
+
+
+def _quantize_sources(graph: gs.Graph, good: list[Component], params: dict) -> None:
+    """Step 2's rewrite: each source conv's weight scales and bias rescaled so that channel c
+    spans [0, 1], then a uint8 QuantizeLinear (scale 1/255) its readers read; the
+    pass-through nodes of the components then carry uint8 (step 3)."""
+    for t in [t for c in good for t in c.sources]:
+        conv, _ = _source_conv(t, graph)
+        ints, scales = _integer_weight(conv, graph)
+        m, r = params[t.name]
+        _set_integer_weight(graph, conv, ints, scales / r, (_conv_bias(conv, len(scales)) - m) / r, "rescaled")
+        quantized = gs.Variable(f"{t.name}/uint8", dtype=np.uint8)
+        for reader in list(t.outputs):
+            reader.inputs = [quantized if x is t else x for x in reader.inputs]
+        graph.nodes.append(gs.Node(
+            "QuantizeLinear", f"{t.name}/QuantizeLinear",
+            inputs=[t, gs.Constant(f"{t.name}/scale", np.asarray(1.0 / LEVELS, np.float32)),
+                    gs.Constant(f"{t.name}/zero_point", np.asarray(0, np.uint8))],
+            outputs=[quantized]))
+    for comp in good:
+        for node in comp.nodes.values():
+            node.outputs[0].dtype = np.uint8
+
+
+def _retype_nonnegative_qdq(graph: gs.Graph, images: np.ndarray) -> int:
+    """Step 5: the other symmetric int8 Q/DQ pairs on a ReLU output (or on the image input when
+    the calibration images are >= 0) as uint8 with half the scale. Returns how many."""
+    retyped = 0
+    image_inputs = {i.name for i in graph.inputs}
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        x = q.inputs[0]
+        nonnegative = (producer(x) is not None and producer(x).op == "Relu") or (
+            x.name in image_inputs and float(images.min()) >= 0.0)
+        dqs = _symmetric_int8_readers(q) if nonnegative else None
+        if dqs is not None:
+            _to_uint8(q, dqs)
+            retyped += 1
+    return retyped
+
+
 RELU_FORMS = ("depthwise", "clamp")
 
 
@@ -400,65 +510,10 @@ def integer_dataflow(graph: gs.Graph, calibration: np.ndarray | None = None, rel
     good = [c for c in components if c.reason is None and c.sources and c.sinks]
     skipped = [c for c in components if c not in good]
     sources = [t for c in good for t in c.sources]
-    ranges = channel_ranges(graph, sources, images) if sources else {}
-
-    # Per-channel (offset m, range R) of every uint8 tensor: x = m + R * q / 255.
-    params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    through_relu = {t.name: _source_conv(t, graph)[1] for t in sources}
-    for t in sources:
-        lo, hi = ranges[t.name]
-        m = np.zeros_like(lo) if through_relu[t.name] else lo
-        r = hi - m
-        params[t.name] = (m, np.where(r > 1e-12, r, 1.0))
-    for comp in good:  # propagate through the pass-through nodes in graph order
-        for node in [n for n in graph.nodes if n.name in comp.nodes]:
-            if node.op == "Concat":
-                parts = [params[x.name] for x in node.inputs]
-                params[node.outputs[0].name] = (np.concatenate([p[0] for p in parts]),
-                                                np.concatenate([p[1] for p in parts]))
-            else:
-                params[node.outputs[0].name] = params[node.inputs[0].name]
-
-    negative = clamped = 0
-    for comp in good:
-        for sink in comp.sinks:
-            m, r = params[sink.bn.inputs[0].name]
-            a, t = _bn_affine(sink.bn)
-            negative += int((a < 0).sum())
-            # BN(x) on x = m + r * u, u = q / 255 (per-tensor DequantizeLinear): slope a*r, intercept a*m + t
-            if relu_form == "clamp" and _is_pointwise_conv(sink.dq.outputs[0].outputs[0], graph):
-                _affine_relu_as_clamp(graph, sink, a * r / LEVELS, a * m + t)
-                clamped += 1
-                continue
-            _affine_as_depthwise_conv(graph, sink, a * r, a * m + t)
-            _to_uint8(sink.q, [sink.dq])  # uint8 saturation at 0 is the ReLU
-    for t in sources:
-        conv, _ = _source_conv(t, graph)
-        ints, scales = _integer_weight(conv, graph)
-        m, r = params[t.name]
-        _set_integer_weight(graph, conv, ints, scales / r, (_conv_bias(conv, len(scales)) - m) / r, "rescaled")
-        quantized = gs.Variable(f"{t.name}/uint8", dtype=np.uint8)
-        for reader in list(t.outputs):
-            reader.inputs = [quantized if x is t else x for x in reader.inputs]
-        graph.nodes.append(gs.Node(
-            "QuantizeLinear", f"{t.name}/QuantizeLinear",
-            inputs=[t, gs.Constant(f"{t.name}/scale", np.asarray(1.0 / LEVELS, np.float32)),
-                    gs.Constant(f"{t.name}/zero_point", np.asarray(0, np.uint8))],
-            outputs=[quantized]))
-    for comp in good:
-        for node in comp.nodes.values():
-            node.outputs[0].dtype = np.uint8
-
-    retyped = 0
-    image_inputs = {i.name for i in graph.inputs}
-    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
-        x = q.inputs[0]
-        nonnegative = (producer(x) is not None and producer(x).op == "Relu") or (
-            x.name in image_inputs and float(images.min()) >= 0.0)
-        dqs = _symmetric_int8_readers(q) if nonnegative else None
-        if dqs is not None:
-            _to_uint8(q, dqs)
-            retyped += 1
+    params = _uint8_params(graph, good, sources, images)
+    negative, clamped = _rewrite_sinks(graph, good, params, relu_form)
+    _quantize_sources(graph, good, params)
+    retyped = _retype_nonnegative_qdq(graph, images)
     finish(graph)
 
     rec.rewrites = folded + len(sources) + sum(len(c.sinks) for c in good) + retyped
