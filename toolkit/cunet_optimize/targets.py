@@ -380,6 +380,20 @@ def check_precision(target: str | TargetSpec, precision: str, *, on_dla: bool = 
     runs = spec.dla_precisions if on_dla else spec.precisions
     where = f"target {spec.name}" + (" DLA" if on_dla else "")
     float_type = "fp16" if "fp16" in runs else "fp32"
+    if precision == "int4" and spec.backend == "onnxruntime" and "int8" in runs:
+        # quant.policy.int4_block_for: INT4 here is per output channel, INT8 integers with the same scale
+        return PrecisionSupport(
+            target=spec.name,
+            precision="int4",
+            native=False,
+            executed_as="int8",
+            verified=True,
+            note=(
+                f"{where}: INT4 weights per output channel run as the INT8 convolutions they equal (the "
+                "integer form, BatchNorm folded) and are stored packed; block-wise INT4 (-b<N>) has no "
+                "integer form and runs dequantized to fp32"
+            ),
+        )
     if precision == "int4":
         return PrecisionSupport(
             target=spec.name,

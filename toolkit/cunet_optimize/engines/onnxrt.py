@@ -172,13 +172,14 @@ THREAD_POOL_VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: str = "disable",
+def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: str | Mapping[Any, str] = "disable",
                     runs: int = THREAD_TUNING_RUNS) -> dict[Any, float]:
     """Median batch-1 latency in ms of each candidate (model file, session settings), loaded
-    at graph optimisation `level`, all candidates alternating run by run."""
+    at graph optimisation `level` (or {candidate: level}), all candidates alternating run by run."""
     from cunet_optimize.data.synth import VERIFY_SIZE as INPUT_SIZE, verification_batch
 
-    sessions = {key: open_session(Path(path), session_options(settings, level))
+    levels = level if isinstance(level, Mapping) else {key: level for key in candidates}
+    sessions = {key: open_session(Path(path), session_options(settings, levels[key]))
                 for key, (path, settings) in candidates.items()}
     first = next(iter(sessions.values())).get_inputs()[0]
     size = [d if isinstance(d, int) and d > 0 else INPUT_SIZE for d in first.shape[2:]]
@@ -222,9 +223,9 @@ class OnnxRuntimeBuilder:
         settings = _settings_from(dict(options or {}), self.defaults)
         onnx_path = Path(onnx_path)
         _check_onnx_matches(onnx_path, precision)
-        if settings.qdq_flavour is not None and precision != "int8":
+        if settings.qdq_flavour is not None and precision not in ("int8", "int4"):
             raise CUNetError(
-                f"Q/DQ flavour '{settings.qdq_flavour}' applies to int8 builds only, not {precision}; drop it"
+                f"Q/DQ flavour '{settings.qdq_flavour}' applies to int8 and int4 builds only, not {precision}; drop it"
             )
         config = dict(QDQ_FLAVOURS.get(settings.qdq_flavour or "", {}))
         config.update(PRECISION_SESSION_CONFIG.get(precision, {}))
@@ -254,6 +255,10 @@ class OnnxRuntimeBuilder:
             notes.append("intra-op threads timed at batch 1 on this machine: "
                          + ", ".join(f"{n}: {ms:.2f} ms" for n, ms in tuning.items())
                          + f"; using {best} (rebuild on the machine that runs it, or pin intra_op_threads)")
+        storage = None
+        if precision == "int4":
+            storage = choose_weight_storage(final, settings, out)
+            notes.append(storage["why"])
         if settings.optimization == "all":
             notes.append(
                 "optimised at ORT_ENABLE_ALL: the saved model may hold CPU-specific layouts (NCHWc); "
@@ -275,8 +280,10 @@ class OnnxRuntimeBuilder:
             **asdict(settings),
             "thread_tuning_ms": None if tuning is None else {str(n): round(ms, 3) for n, ms in tuning.items()},
             "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": _usable_cpus()},
-            # The graph is already optimised: loading it again skips the passes.
-            "load_optimization": "disable",
+            # The graph is already optimised: loading it again skips the passes (but for the
+            # constant folding that unpacks INT4 weights, see choose_weight_storage).
+            "load_optimization": storage["load_optimization"] if storage else "disable",
+            "weight_storage": storage,
         }
         session_json = write_atomic(out / SESSION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return BuildResult(
@@ -289,6 +296,104 @@ class OnnxRuntimeBuilder:
             notes=notes,
             engine_built=True,
         )
+
+
+# What an INT4 engine's model.ort.onnx stores (choose_weight_storage). ONNX Runtime's integer
+# kernels (QLinearConv) take INT8 weights; per-channel INT4 weights are INT8 integers in
+# [-8, 7], so they can be stored packed (ONNX INT4, half a byte each) behind a Cast to INT8,
+# which a session at ORT_ENABLE_BASIC constant-folds at load into the INT8 initializer the
+# kernel prepacks: the same kernels, the same outputs, a smaller file, a longer load.
+# Measured per build (file bytes, load ms, median ms) and recorded in session.json and
+# build.json; packed wins unless it runs slower than INT8 by more than this fraction
+# (timing noise of the alternating runs) or its outputs differ.
+PACKED_LATENCY_TOLERANCE = 0.05
+WEIGHT_INPUTS = {"QLinearConv": 3}  # op type -> its weight input (ai.onnx and com.microsoft alike)
+LOAD_TIMING_RUNS = 5
+
+
+def pack_int4_initializers(model) -> int:
+    """INT8 initializers read only as integer-kernel weights whose values all lie in [-8, 7],
+    re-stored as INT4 initializers behind a Cast to INT8 (in place; needs opset >= 21).
+    Returns how many were packed."""
+    import ml_dtypes
+    import onnx
+    from onnx import numpy_helper
+
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node.op_type, i))
+    casts, kept, packed = [], [], 0
+    for init in model.graph.initializer:
+        uses = readers.get(init.name, [])
+        values = numpy_helper.to_array(init) if init.data_type == onnx.TensorProto.INT8 else None
+        if (values is None or not values.size or not uses or values.min() < -8 or values.max() > 7
+                or any(WEIGHT_INPUTS.get(op) != i for op, i in uses)):
+            kept.append(init)
+            continue
+        kept.append(numpy_helper.from_array(values.astype(ml_dtypes.int4), f"{init.name}/int4"))
+        casts.append(onnx.helper.make_node("Cast", [f"{init.name}/int4"], [init.name], name=f"{init.name}/unpack",
+                                           to=onnx.TensorProto.INT8))
+        packed += 1
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return packed
+
+
+def choose_weight_storage(final: Path, settings: OrtSettings, out: Path) -> dict:
+    """Measure an INT4 engine's model.ort.onnx with its INT4-valued weights as INT8 (as ONNX
+    Runtime wrote it) and packed (pack_int4_initializers), keep one in `final` (see
+    PACKED_LATENCY_TOLERANCE) and return the record: bytes, load ms, median ms, the choice, why."""
+    import onnx
+
+    from cunet_optimize.data.synth import verification_batch
+
+    model = onnx.load(final)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    packed = pack_int4_initializers(model) if opset >= 21 else 0
+    record: dict[str, Any] = {"chosen": "int8", "packed_initializers": packed, "load_optimization": "disable"}
+    if not packed:
+        record["why"] = ("weight storage: INT8 initializers (no INT4-valued integer-kernel weight"
+                         + (" in an opset < 21 graph)" if opset < 21 else ")"))
+        return record
+    packed_path = out / f".packed-{final.name}"
+    try:
+        onnx.save(model, packed_path)
+        forms = {"int8": (final, "disable"), "packed-int4": (packed_path, "basic")}
+        loads: dict[str, list[float]] = {form: [] for form in forms}
+        outputs = {}
+        image = verification_batch(1)
+        for _ in range(LOAD_TIMING_RUNS):
+            for form, (path, level) in forms.items():
+                start = time.perf_counter()
+                session = open_session(path, session_options(settings, level))
+                loads[form].append((time.perf_counter() - start) * 1e3)
+                outputs[form] = session.run(None, {session.get_inputs()[0].name: image})
+        same = all(np.array_equal(a, b) for a, b in zip(outputs["int8"], outputs["packed-int4"]))
+        timed = time_candidates({form: (path, settings) for form, (path, _) in forms.items()},
+                                {form: level for form, (_, level) in forms.items()})
+        record.update(
+            bytes={form: path.stat().st_size for form, (path, _) in forms.items()},
+            load_ms={form: round(float(np.median(t)), 2) for form, t in loads.items()},
+            median_ms_batch1={form: round(ms, 3) for form, ms in timed.items()},
+            outputs_identical=same)
+        fast = timed["packed-int4"] <= timed["int8"] * (1 + PACKED_LATENCY_TOLERANCE)
+        if same and fast:
+            os.replace(packed_path, final)
+            record.update(chosen="packed-int4", load_optimization="basic")
+        b, ld = record["bytes"], record["load_ms"]
+        record["why"] = (
+            f"weight storage: {record['chosen']}: {packed} INT4-valued weight(s) packed "
+            f"{b['int8']} -> {b['packed-int4']} bytes, load {ld['int8']} -> {ld['packed-int4']} ms "
+            f"(Cast to INT8 folded at ORT_ENABLE_BASIC), median {timed['int8']:.2f} vs {timed['packed-int4']:.2f} ms, "
+            + ("outputs identical" if same else "outputs DIFFER: kept INT8")
+            + ("" if fast else f"; packed slower than INT8 by more than {PACKED_LATENCY_TOLERANCE:.0%}: kept INT8"))
+    finally:
+        packed_path.unlink(missing_ok=True)
+    return record
 
 
 def _settings_from(values: Mapping[str, Any], base: OrtSettings) -> OrtSettings:
@@ -308,7 +413,8 @@ def _check_onnx_matches(onnx_path: Path, precision: str) -> None:
             f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes, so it cannot be an int8 build; "
             "export it with --precision int8 first"
         )
-    if precision == "int4" and not content.has_int4:
+    # per-channel INT4 in the integer form is stored as INT8 integers until the engine packs them
+    if precision == "int4" and not (content.has_int4 or content.has_qdq):
         raise CUNetError(f"{onnx_path} holds no INT4 weights; export it with --precision int4 first")
     if precision == "fp32" and (content.has_qdq or content.has_int4):
         raise CUNetError(

@@ -20,6 +20,7 @@ from cunet_optimize.manifests.build import BUILD_FILE, checked_build_json
 from cunet_optimize.pipeline.build import (StageTimer, check_build, locked_workdir, quantize_and_calibrate,
                                            run_stages)
 from cunet_optimize.pipeline.plans import plan_fields
+from cunet_optimize.quant.policy import int4_block_for
 from cunet_optimize.quant import auto
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
     timer = StageTimer(total=3, echo=echo)
     budget = opts.tolerance(task)
     float_dtype = auto.float_type(target)
+    int4_block = int4_block_for(target.backend)
     base = replace(opts, precision="int8", calib_images=scale_images, layer_formats=None, qat_checkpoint=None)
     qmodel, calib_info = quantize_and_calibrate(base, model, ckpt_path, timer, progress,
                                                 calib_data=checked.calib_data)
@@ -74,20 +76,20 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
     with auto.measurement_layout(model, qmodel):
         with timer.stage("sensitivity", f"{task.metric} of each group's formats ({', '.join(formats)}) on "
                                         f"{sensitivity_images} held-out calibration images"):
-            switch = auto.FormatSwitch(qmodel, probe, layers)
+            switch = auto.FormatSwitch(qmodel, probe, layers, int4_block=int4_block)
             table = auto.measure_sensitivity(
                 model, qmodel, probe, layers, formats, grain, progress,
                 lambda int8_deg: auto.formats_worth_measuring(formats, layers, opts.objective, int8_deg, budget,
-                                                              float_dtype), switch=switch)
+                                                              float_dtype, int4_block), switch=switch)
             measured = sorted({f for d in table.delta.values() for f in d}, key=auto.ACCURACY_ORDER.index)
         with timer.stage("search", f"cheapest {opts.objective} plan with {task.metric} degradation <= {budget}: "
                                    f"additive prediction, then joint runs on {held} held-out images"):
-            costs = auto.group_costs(layers, measured, opts.objective, float_dtype)
+            costs = auto.group_costs(layers, measured, opts.objective, float_dtype, int4_block)
             result = auto.search_plan(table, costs, budget)
             if len(probe) < held:  # the joint runs decide what fits: on every held-out image
                 # whole plans change early groups too: a prefix cache would rarely be replayed
                 del switch  # (and the sensitivity's cache is freed)
-                switch = auto.FormatSwitch(qmodel, heldout, layers, prefix_cache_bytes=0)
+                switch = auto.FormatSwitch(qmodel, heldout, layers, prefix_cache_bytes=0, int4_block=int4_block)
                 joint_fp32 = heldout.metric(model)
             else:
                 joint_fp32 = table.fp32
@@ -116,7 +118,7 @@ def _search_and_build(opts, checked, calib_set, calib_root, echo, progress: bool
                                    calib_images=scale_images, accuracy_gate=False),
                            echo, progress, lock=False, commit=False)
         acc = report.manifest["accuracy"]
-        fields = plan_fields(layers, plan, formats, float_dtype)
+        fields = plan_fields(layers, plan, formats, float_dtype, int4_block)
         builds.append({"step": step, "formats": dict(Counter(plan.values())),
                        "predicted": auto.predict_degradation(table, plan),
                        "heldout_degradation": joint["measured"] if step == 0 else None,

@@ -43,7 +43,8 @@ from cunet_optimize.quant.calib_cache import CalibrationCache, calibration_id
 from cunet_optimize.quant.onnx_scales import int4_block_scales, legacy_cache_scales
 from cunet_optimize.quant.policy import (base_precision, canonical_precision, check_placement_request,
                                          check_precision_options, check_qat_checkpoint,
-                                         engine_precision, equalize_alpha_for, exports_qdq, precision_notes,
+                                         engine_precision, equalize_alpha_for, exports_qdq, int4_block_for,
+                                         precision_notes,
                                          quant_scheme, quantizes)
 from cunet_optimize.tasks import (FACE, POSE, Task, calibration_batches, calibration_images, check_data_task,
                                   open_dataset_or_default, task_of_model)
@@ -500,7 +501,7 @@ def _engine(b: _Build, result, concat_form: dict | None, int8_form: dict | None)
         if int8_form is not None:  # thread count and pool settings were timed with the form
             engine_options["intra_op_threads"] = int8_form["chosen"]["intra_op_threads"]
             engine_options["session_config"] = int8_form["chosen"]["session_config"]
-        if b.target.backend == "onnxruntime" and engine_precision(b.opts) == "int8":
+        if b.target.backend == "onnxruntime" and engine_precision(b.opts) in ("int8", "int4"):
             engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
                                              else "int8-symmetric")
         build = get_builder(b.target.name).build(b.onnx_path, b.target.name, engine_precision(b.opts), b.staging,
@@ -596,7 +597,7 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     if opts.layer_formats:  # an auto plan: the calibrated int8 model with its per-conv formats
         from cunet_optimize.quant.auto import with_layer_formats
 
-        qmodel = with_layer_formats(qmodel, opts.layer_formats)
+        qmodel = with_layer_formats(qmodel, opts.layer_formats, int4_block_for(get_target(opts.target).backend))
     scales = activation_scales(qmodel)
     few = dict(sorted(scales.items(), key=lambda kv: -kv[1])[:8])
     return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached,

@@ -41,12 +41,12 @@ def load_plan(path) -> dict:
     return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}
 
 
-def plan_fields(layers, group_plan: dict, formats, float_dtype: str) -> dict:
+def plan_fields(layers, group_plan: dict, formats, float_dtype: str, int4_block: int | None) -> dict:
     """The `auto` fields of build.json that describe a plan, whoever chose it (the search, or
     `qat --plan` before a `build --qat`): each conv's format and weight bytes, and the plan's
     weight bytes and latency units beside those of every uniform format."""
-    size = auto.group_costs(layers, formats, "size", float_dtype)
-    latency = auto.group_costs(layers, formats, "latency", float_dtype)
+    size = auto.group_costs(layers, formats, "size", float_dtype, int4_block)
+    latency = auto.group_costs(layers, formats, "latency", float_dtype, int4_block)
     uniform = {f: {g: f if f in size[g] else "int8" for g in size} for f in formats}
     conv_plan = auto.layer_plan(layers, group_plan)
     return {
@@ -55,7 +55,8 @@ def plan_fields(layers, group_plan: dict, formats, float_dtype: str) -> dict:
         "layers": [{"name": layer.name, "group": layer.group, "role": layer.role,
                     "weight_shape": list(layer.weight_shape), "params": layer.params, "macs": layer.macs,
                     "format": conv_plan[layer.name],
-                    "weight_bytes": auto.layer_cost(layer, conv_plan[layer.name], "size", float_dtype)}
+                    "weight_bytes": auto.layer_cost(layer, conv_plan[layer.name], "size", float_dtype,
+                                                   int4_block)}
                    for layer in layers],
         "weight_bytes": auto.plan_cost(size, group_plan),
         "weight_bytes_uniform": {f: auto.plan_cost(size, p) for f, p in uniform.items()},
@@ -72,4 +73,5 @@ def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) 
     layers = auto.layer_infos(qmodel, "conv", input_size)
     conv_plan = {layer.name: qmodel.layer_formats.get(layer.name, "int8") for layer in layers}
     return {"source": "qat checkpoint", "grain": "conv", "budget": budget, "formats": list(formats),
-            "float_type": float_dtype, **plan_fields(layers, conv_plan, formats, float_dtype)}
+            # `qat --plan` fine-tunes INT4 in blocks on every target (quant/qat.py)
+            "float_type": float_dtype, **plan_fields(layers, conv_plan, formats, float_dtype, auto.DEFAULT_INT4_BLOCK)}

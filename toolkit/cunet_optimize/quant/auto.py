@@ -46,13 +46,14 @@ import torch
 from torch import nn
 
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.quant.scheme import DEFAULT_INT4_BLOCK
 
 OBJECTIVES = ("size", "latency")
 # Accuracy order, least accurate first (the search raises a group along it).
 ACCURACY_ORDER = ("int4", "int8", "float")
 # Relative cost of one multiply-accumulate by the arithmetic the engine performs.
 MAC_COST = {"int8": 1.0, "fp16": 2.0, "fp32": 4.0}
-INT4_DEQUANT_OVERHEAD = 1.1  # INT4 weights are dequantized to float before the conv
+INT4_DEQUANT_OVERHEAD = 1.1  # block INT4 weights are dequantized to float before the conv
 EDGE_ROLES = ("stem", "last_head")
 DEFAULT_HELDOUT_IMAGES = 64
 CONV_GRAIN_LIMIT = 96  # above this many convs the default grain is the U-Net block
@@ -103,30 +104,32 @@ def allowed_formats(layer: LayerInfo, formats: Sequence[str]) -> tuple[str, ...]
     return tuple(f for f in formats if not (f == "int4" and layer.role in EDGE_ROLES))
 
 
-def layer_cost(layer: LayerInfo, fmt: str, objective: str, float_dtype: str = "fp32") -> float:
-    """Weight bytes (objective "size") or relative latency units ("latency") of one conv."""
+def layer_cost(layer: LayerInfo, fmt: str, objective: str, float_dtype: str = "fp32",
+               int4_block: int | None = DEFAULT_INT4_BLOCK) -> float:
+    """Weight bytes (objective "size") or relative latency units ("latency") of one conv.
+    `int4_block` None: INT4 per output channel, which the CPU's integer path runs as INT8
+    (quant.policy.int4_block_for), so it costs INT8's latency."""
     out_ch, in_ch, *kernel = layer.weight_shape
     kernel_size = math.prod(kernel)
     if objective == "size":
         if fmt == "int8":
             return layer.params + 4 * out_ch  # INT8 + one float32 scale per output channel
         if fmt == "int4":
-            from cunet_optimize.quant.scheme import DEFAULT_INT4_BLOCK
-
-            blocks = out_ch * math.ceil(in_ch / DEFAULT_INT4_BLOCK) * kernel_size
+            blocks = out_ch * math.ceil(in_ch / int4_block) * kernel_size if int4_block else out_ch
             return math.ceil(layer.params / 2) + 4 * blocks
         return layer.params * (2 if float_dtype == "fp16" else 4)
     if objective == "latency":
         if fmt == "int8":
             return layer.macs * MAC_COST["int8"]
         if fmt == "int4":
-            return layer.macs * MAC_COST[float_dtype] * INT4_DEQUANT_OVERHEAD
+            return layer.macs * (MAC_COST["int8"] if int4_block is None else
+                                 MAC_COST[float_dtype] * INT4_DEQUANT_OVERHEAD)
         return layer.macs * MAC_COST[float_dtype]
     raise CUNetError(f"--objective {objective}: choose one of {', '.join(OBJECTIVES)}")
 
 
 def group_costs(layers: Sequence[LayerInfo], formats: Sequence[str], objective: str,
-                float_dtype: str = "fp32") -> dict[str, dict[str, float]]:
+                float_dtype: str = "fp32", int4_block: int | None = DEFAULT_INT4_BLOCK) -> dict[str, dict[str, float]]:
     """{group: {format: cost}} over the formats every layer of the group allows."""
     out: dict[str, dict[str, float]] = {}
     for layer in layers:
@@ -134,7 +137,7 @@ def group_costs(layers: Sequence[LayerInfo], formats: Sequence[str], objective: 
         ok = allowed_formats(layer, formats)
         for f in list(costs):
             if f in ok:
-                costs[f] += layer_cost(layer, f, objective, float_dtype)
+                costs[f] += layer_cost(layer, f, objective, float_dtype, int4_block)
             else:
                 del costs[f]
     return out
@@ -416,16 +419,18 @@ def measurement_layout(*models: nn.Module) -> Iterator[None]:
 
 
 def formats_worth_measuring(formats: Sequence[str], layers: Sequence[LayerInfo], objective: str,
-                            int8_degradation: float, budget: float, float_dtype: str = "fp32") -> tuple[str, ...]:
+                            int8_degradation: float, budget: float, float_dtype: str = "fp32",
+                            int4_block: int | None = DEFAULT_INT4_BLOCK) -> tuple[str, ...]:
     """The formats a plan for `objective` could use: those cheaper than INT8 for some conv,
     and the more accurate ones only when all-INT8 is already over the budget. The rest are
     dominated (costlier and no more needed), so measuring them would only cost time: e.g.
-    INT4 for latency (it runs at float speed), float for size while INT8 fits."""
+    INT4 for latency (at best INT8's speed), float for size while INT8 fits."""
     keep = ["int8"]
     for f in formats:
         if f == "int8":
             continue
-        cheaper = any(layer_cost(layer, f, objective, float_dtype) < layer_cost(layer, "int8", objective, float_dtype)
+        cheaper = any(layer_cost(layer, f, objective, float_dtype, int4_block)
+                      < layer_cost(layer, "int8", objective, float_dtype)
                       for layer in layers if f in allowed_formats(layer, formats))
         needed = _rank(f) > _rank("int8") and int8_degradation > budget
         if cheaper or needed:
@@ -545,8 +550,8 @@ class FormatSwitch:
     joint runs of whole plans both go through `metric`."""
 
     def __init__(self, qmodel: nn.Module, heldout: HeldOut, layers: Sequence[LayerInfo],
-                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> None:
-        self.qmodel, self.heldout = qmodel, heldout
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, int4_block: int | None = DEFAULT_INT4_BLOCK) -> None:
+        self.qmodel, self.heldout, self.int4_block = qmodel, heldout, int4_block
         self.layers = {layer.name: layer for layer in layers}
         self.modules = dict(qmodel.named_modules())
         self.cache = PrefixCache(qmodel, layers, len(heldout), prefix_cache_bytes)
@@ -569,7 +574,7 @@ class FormatSwitch:
         key = (conv, fmt)
         if key not in self.quantizers:
             if fmt == "int4":
-                weight = _conv_quantizers(conv_scheme(self.qmodel.scheme, "int4"), self.layers[conv].role,
+                weight = _conv_quantizers(conv_scheme(self.qmodel.scheme, "int4", self.int4_block), self.layers[conv].role,
                                           self.modules[conv])["weight_quantizer"]
                 weight.name = f"{conv}.weight"
                 q = {"weight_quantizer": weight, "input_quantizer": self.quantizers[conv, "int8"]["input_quantizer"]}
@@ -632,16 +637,18 @@ def measure_sensitivity(float_model: nn.Module, qmodel: nn.Module, heldout: Held
                             round(time.perf_counter() - start, 2))
 
 
-def with_layer_formats(qmodel: nn.Module, layer_formats: Mapping[str, str]) -> nn.Module:
+def with_layer_formats(qmodel: nn.Module, layer_formats: Mapping[str, str],
+                       int4_block: int | None = DEFAULT_INT4_BLOCK) -> nn.Module:
     """The calibrated int8 `qmodel` rebuilt with per-conv formats: same (equalized) float
-    weights, same activation scales for the quantizers that remain."""
+    weights, same activation scales for the quantizers that remain; INT4 in blocks of
+    `int4_block` input channels (None: per output channel)."""
     from cunet_optimize.models.cunet import CUNet
     from cunet_optimize.quant.calibrate import activation_scales, apply_scales
     from cunet_optimize.quant.qmodel import float_state_dict, quantize_model
 
     base = CUNet(qmodel.config)
     base.load_state_dict(float_state_dict(qmodel))
-    mixed = quantize_model(base.eval(), qmodel.scheme, layer_formats)
+    mixed = quantize_model(base.eval(), qmodel.scheme, layer_formats, int4_block)
     scales = activation_scales(qmodel)
     wanted = {n for n, _ in _activation_names(mixed)}
     apply_scales(mixed, {n: s for n, s in scales.items() if n in wanted})

@@ -30,14 +30,17 @@ def legacy_cache_scales(model: onnx.ModelProto) -> dict[str, float]:
 
 
 def int4_block_scales(qmodel, model: onnx.ModelProto) -> dict:
-    """Conv node name -> (block scales, block size) for every block-INT4 conv of `qmodel`.
+    """Conv node name -> (block scales, block size) for every INT4 conv of `qmodel`: block-wise,
+    or per output channel written as one block over all input channels (the scale repeated at
+    every kernel position), the layout pack_int4_weights stores and integer_dataflow reads as
+    per-channel.
 
     The exporter folds the fake quantization into the weight initializer, so the
     ONNX conv is found by its weight: the fake-quantized weight of the module.
     """
     from onnx import numpy_helper
 
-    from cunet_optimize.quant.quantizers import BlockQuantizer
+    from cunet_optimize.quant.quantizers import BlockQuantizer, IntQuantizer
 
     wanted = []
     with torch.no_grad():
@@ -45,6 +48,11 @@ def int4_block_scales(qmodel, model: onnx.ModelProto) -> dict:
             q = getattr(module, "weight_quantizer", None)
             if isinstance(q, BlockQuantizer):
                 wanted.append((q.quantize(module.weight).numpy(), q.scale.detach().numpy(), q.block_size))
+            elif isinstance(q, IntQuantizer) and q.num_bits == 4:
+                out_ch, in_ch, *kernel = module.weight.shape
+                scale = q.scale.detach().numpy().reshape(out_ch, 1, *([1] * len(kernel)))
+                wanted.append((q.quantize(module.weight).numpy(),
+                               np.ascontiguousarray(np.broadcast_to(scale, (out_ch, 1, *kernel))), in_ch))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     found = {}
     for node in model.graph.node:

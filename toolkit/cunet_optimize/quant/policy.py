@@ -14,9 +14,10 @@ layer_formats, trt_major, dla_core, qat_checkpoint).
 from __future__ import annotations
 
 import argparse
+import re
 
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.quant.scheme import GRAMMAR, INT, QuantSpecError, parse_precision
+from cunet_optimize.quant.scheme import DEFAULT_INT4_BLOCK, GRAMMAR, INT, QuantSpecError, parse_precision
 
 # Build precisions that are not quantization schemes (quant/scheme.py): the float model in
 # float16, and a per-conv plan (quant/auto.py). Commands other than build take a subset.
@@ -110,6 +111,24 @@ def placement_of(scheme) -> str | None:
     return "none" if not scheme.quantize_concats else "tied" if scheme.tie_concat_scales else "untied"
 
 
+# INT4 on ONNX Runtime's CPU is per output channel: those integers are INT8 integers with the
+# same scale, so the integer path (surgery/integer_dataflow.py) runs them exactly as INT8 convs,
+# BatchNorm folded; block-wise INT4 has several scales per output channel and only runs
+# dequantized to float (3.6x slower than INT8 for an auto plan, issue 24). On TensorRT INT4 stays
+# in blocks of DEFAULT_INT4_BLOCK (weight-only, dequantized to FP16 either way).
+INT4_PER_CHANNEL_BACKENDS = ("onnxruntime",)
+
+
+def int4_block_for(backend: str) -> int | None:
+    """Input channels per INT4 weight scale on `backend` (None: one scale per output channel)
+    for the INT4 convs of auto plans and an `int4` spec that names no block size."""
+    return None if backend in INT4_PER_CHANNEL_BACKENDS else DEFAULT_INT4_BLOCK
+
+
+def _names_block(precision: str) -> bool:
+    return any(re.fullmatch(r"b\d+|pc", m) for m in precision.strip().lower().split("-")[1:])
+
+
 def quant_scheme(precision: str, concat_qdq: str | None = None, backend: str = "onnxruntime"):
     """The QuantScheme of `precision` with INT activations placed per concat_placement(precision,
     concat_qdq): what build, calibrate and qat quantize (one rule, so a QAT checkpoint matches a
@@ -118,6 +137,9 @@ def quant_scheme(precision: str, concat_qdq: str | None = None, backend: str = "
     engine computes them; asking for Q/DQ on the concatenations of such a scheme is an error."""
     placement = concat_placement(precision, concat_qdq)
     scheme = parse_precision(precision)
+    if (scheme.weight == "int" and scheme.weight_bits == 4 and scheme.activation == "int"
+            and int4_block_for(backend) is None and not _names_block(precision)):
+        precision, scheme = f"{precision}-pc", parse_precision(f"{precision}-pc")  # int4_block_for
     if backend == "tensorrt" and scheme.weight == "int" and scheme.weight_bits == 4 and scheme.activation == "int":
         scheme = parse_precision("-".join(m for m in precision.split("-") if m.lower() not in PLACEMENT_MODIFIERS)
                                  + "-wo")

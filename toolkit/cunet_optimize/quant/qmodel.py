@@ -47,7 +47,7 @@ from cunet_optimize.quant.quantizers import (
     QuantizerError,
     TernaryWeightQuantizer,
 )
-from cunet_optimize.quant.scheme import BINARY, FIXED, INT, TERNARY, QuantScheme, parse_precision
+from cunet_optimize.quant.scheme import BINARY, DEFAULT_INT4_BLOCK, FIXED, INT, TERNARY, QuantScheme, parse_precision
 
 
 # --------------------------------------------------------------------------------------
@@ -224,31 +224,35 @@ def _conv_quantizers(scheme: QuantScheme, role: str, conv: nn.Conv2d) -> dict[st
 
 
 # Per-conv weight formats of a mixed-precision plan (`quantize_model(layer_formats=...)`):
-# "int8" = the scheme's own INT8 conv, "int4" = block-INT4 weights (INT8 input as the scheme
-# says), "float" = no quantizer at all (the conv runs in the target's float type).
+# "int8" = the scheme's own INT8 conv, "int4" = INT4 weights (INT8 input as the scheme says),
+# in blocks of `int4_block` input channels, or per output channel where int4_block is None
+# (quant.policy.int4_block_for: the CPU, whose integer path runs them as INT8), "float" = no
+# quantizer at all (the conv runs in the target's float type).
 LAYER_FORMATS = ("int4", "int8", "float")
 
 
-def conv_scheme(scheme: QuantScheme, layer_format: str) -> QuantScheme:
-    """The scheme one conv of a mixed plan follows; the base must be int8 (TensorRT form)."""
+def conv_scheme(scheme: QuantScheme, layer_format: str, int4_block: int | None = DEFAULT_INT4_BLOCK) -> QuantScheme:
+    """The scheme one conv of a mixed plan follows; the base must be int8 (TensorRT form).
+    `int4_block`: input channels per INT4 scale, None for one scale per output channel."""
     from dataclasses import replace
 
-    from cunet_optimize.quant.scheme import DEFAULT_INT4_BLOCK, FLOAT
+    from cunet_optimize.quant.scheme import FLOAT
 
     if layer_format not in LAYER_FORMATS:
         raise CUNetError(f"layer format '{layer_format}' unknown; use one of {', '.join(LAYER_FORMATS)}")
     if layer_format == "int8":
         return scheme
     if layer_format == "int4":
-        return replace(scheme, weight_bits=4, weight_granularity="block", block_size=DEFAULT_INT4_BLOCK,
-                       edge_weight_bits=None)
+        return replace(scheme, weight_bits=4, weight_granularity="block" if int4_block else "per_channel",
+                       block_size=int4_block or None, edge_weight_bits=None)
     return replace(scheme, weight=FLOAT, weight_bits=32, weight_granularity="per_channel", block_size=None,
                    activation=FLOAT, activation_bits=32, tie_concat_scales=False, learnable_scales=False,
                    gradient_bits=None, edge_weight_bits=None)
 
 
 def quantize_model(model: CUNet, scheme: QuantScheme | str,
-                   layer_formats: Mapping[str, str] | None = None) -> QuantCUNet:
+                   layer_formats: Mapping[str, str] | None = None,
+                   int4_block: int | None = DEFAULT_INT4_BLOCK) -> QuantCUNet:
     """A quantized copy of `model` (left untouched) following `scheme` (or a spec string).
 
     Weight scales start at max|w|; INT8 activation scales are NaN until `calibrate`
@@ -281,7 +285,7 @@ def quantize_model(model: CUNet, scheme: QuantScheme | str,
                              "the plan was made for another model configuration")
     for name in trace.called_convs:
         conv = modules[name]
-        conv_sch = conv_scheme(scheme, layer_formats[name]) if name in layer_formats else scheme
+        conv_sch = conv_scheme(scheme, layer_formats[name], int4_block) if name in layer_formats else scheme
         quantizers = _conv_quantizers(conv_sch, roles.get(name, "conv1x1"), conv)
         suffixes = {"input_quantizer": "input", "weight_quantizer": "weight", "gradient_quantizer": "weight_grad"}
         for attr, suffix in suffixes.items():

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.graph import finish, is_graph_output, only_consumer, producer, to_model
@@ -106,12 +107,14 @@ def _integer_weight(conv: gs.Node, graph: gs.Graph) -> tuple[np.ndarray, np.ndar
     p = cw.params
     if p.scale is None or (p.zero_point is not None and np.any(np.asarray(p.zero_point, dtype=np.float64))):
         return None
-    shape = tuple(np.asarray(cw.stored.values).shape)
-    scale = _per_channel_scale(p, shape)
+    if isinstance(cw.stored._values, LazyValues):  # packed INT4: gs's `.values` would replace the
+        stored = onnx.numpy_helper.to_array(cw.stored._values.tensor)  # packed tensor by a wider array
+    else:
+        stored = np.asarray(cw.stored.values)
+    scale = _per_channel_scale(p, stored.shape)
     if scale is None:
         return None
-    ints = quantize(cw.stored.values, qdq_params(cw.q)) if cw.kind == "qdq" else np.asarray(cw.stored.values)
-    ints = np.asarray(ints).astype(np.int64)
+    ints = np.asarray(quantize(stored, qdq_params(cw.q)) if cw.kind == "qdq" else stored).astype(np.int64)
     if ints.shape[0] != scale.size or ints.min() < -127 or ints.max() > 127:
         return None  # -128 has no negation: a sign flip would overflow
     return ints, scale.astype(np.float64)

@@ -83,7 +83,10 @@ CHANGES_OUTPUTS = frozenset({"tie_concat_qdq_scales", "integer_dataflow"})
 TIMED = "timed"
 FOLD_DENSE_CONCATS = {"onnxruntime": TIMED, "tensorrt": False}
 # INT8 graphs for ONNX Runtime are rewritten into uint8 integer dataflow (integer_dataflow.py):
-# TensorRT's placement runs there as float convs between Q/DQ, slower than FP32. The pass's
+# TensorRT's placement runs there as float convs between Q/DQ, slower than FP32. INT4 and mixed
+# (auto) graphs too: their per-channel INT4 convs (quant.policy.int4_block_for) run there as the
+# INT8 convs they equal, BatchNorm folded into the integer rescale; the engine stores those
+# weights packed (engines/onnxrt.py, pack_int4_initializers). The pass's
 # relu_form variants, thread count and thread-pool spinning are timed per machine by `build`
 # (forms.choose_int8_form); the default pipeline makes the "depthwise" form.
 INTEGER_DATAFLOW = {"onnxruntime": True, "tensorrt": False}
@@ -107,7 +110,7 @@ def default_passes(target: str = "cpu", *, quantized: bool = False, opset: int =
             passes.append("tie_concat_qdq_scales")
         if spec.backend == "tensorrt":
             passes += ["check_zero_points", "check_weight_axes"]
-        if INTEGER_DATAFLOW[spec.backend] and opset < 21:  # INT4 weights stay a storage format
+        if INTEGER_DATAFLOW[spec.backend]:
             passes.append("integer_dataflow")
     return passes
 
