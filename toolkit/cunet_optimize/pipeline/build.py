@@ -406,6 +406,7 @@ def _surgery(b: _Build, export_model, opset: int):
     deployed graph is saved as model.onnx. Returns (SurgeryResult, concat form, INT8 form)."""
     from cunet_optimize.surgery import activation_memory, default_passes, run_surgery
     from cunet_optimize.surgery.integer_dataflow import CALIBRATION_IMAGES
+    from cunet_optimize.surgery.batchnorm import batchnorm_record
 
     with b.timer.stage("surgery", f"graph passes for {b.target.name}, then lint"):
         before = onnx.load(b.raw_onnx)
@@ -430,6 +431,7 @@ def _surgery(b: _Build, export_model, opset: int):
             "concat_bytes_after": mem_after["concat_output_bytes"],
             "dense_concat_form": concat_form,
             "int8_cpu_form": int8_form,
+            "batchnorm": batchnorm_record(result.model, result.reports, b.target.backend),
         }
         _lint(b, result.model)
         if b.quantized:

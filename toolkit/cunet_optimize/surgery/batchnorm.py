@@ -113,6 +113,20 @@ def fold_batchnorm(graph: gs.Graph) -> PassReport:
     return rec.finish(graph)
 
 
+def batchnorm_record(model, reports, backend: str) -> dict:
+    """build.json's account of BatchNorm: how many the deployed graph still computes and why
+    (the notes of the passes that left them), per backend."""
+    kept = sum(1 for n in model.graph.node if n.op_type == "BatchNormalization")
+    integer = any(r.name == "integer_dataflow" for r in reports)  # it takes over what fold_batchnorm kept
+    why = [note for r in reports for note in r.notes
+           if r.name == "fold_batchnorm" and not integer and note.startswith("kept")
+           or r.name == "integer_dataflow" and note.startswith("left in float")]
+    if kept and backend == "tensorrt":
+        why.append("TensorRT: BatchNorm behind Q/DQ is left to TensorRT's own Conv+BN+ReLU fusion, and "
+                   "weight-only INT4 weights stay on their INT4 grid (folding a BN scale would move them off it)")
+    return {"kept": kept, "why_kept": why if kept else []}
+
+
 def cleanup(graph: gs.Graph) -> PassReport:
     """Constant folding (never through Q/DQ), Identity removal, dead nodes, depth-first order."""
     rec = PassRecorder("cleanup", graph)
