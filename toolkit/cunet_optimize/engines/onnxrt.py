@@ -305,7 +305,8 @@ class OnnxRuntimeBuilder:
 # kernel prepacks: the same kernels, the same outputs, a smaller file, a longer load.
 # Measured per build (file bytes, load ms, median ms) and recorded in session.json and
 # build.json; packed wins unless it runs slower than INT8 by more than this fraction
-# (timing noise of the alternating runs) or its outputs differ.
+# (timing noise of the alternating runs), its outputs differ, or it is not smaller (tiny
+# models: the Cast nodes outweigh the saving).
 PACKED_LATENCY_TOLERANCE = 0.05
 WEIGHT_INPUTS = {"QLinearConv": 3}  # op type -> its weight input (ai.onnx and com.microsoft alike)
 LOAD_TIMING_RUNS = 5
@@ -381,7 +382,8 @@ def choose_weight_storage(final: Path, settings: OrtSettings, out: Path) -> dict
             median_ms_batch1={form: round(ms, 3) for form, ms in timed.items()},
             outputs_identical=same)
         fast = timed["packed-int4"] <= timed["int8"] * (1 + PACKED_LATENCY_TOLERANCE)
-        if same and fast:
+        smaller = record["bytes"]["packed-int4"] < record["bytes"]["int8"]  # the Cast nodes cost bytes too
+        if same and fast and smaller:
             os.replace(packed_path, final)
             record.update(chosen="packed-int4", load_optimization="basic")
         b, ld = record["bytes"], record["load_ms"]
@@ -390,7 +392,8 @@ def choose_weight_storage(final: Path, settings: OrtSettings, out: Path) -> dict
             f"{b['int8']} -> {b['packed-int4']} bytes, load {ld['int8']} -> {ld['packed-int4']} ms "
             f"(Cast to INT8 folded at ORT_ENABLE_BASIC), median {timed['int8']:.2f} vs {timed['packed-int4']:.2f} ms, "
             + ("outputs identical" if same else "outputs DIFFER: kept INT8")
-            + ("" if fast else f"; packed slower than INT8 by more than {PACKED_LATENCY_TOLERANCE:.0%}: kept INT8"))
+            + ("" if fast else f"; packed slower than INT8 by more than {PACKED_LATENCY_TOLERANCE:.0%}: kept INT8")
+            + ("" if smaller else "; packed is not smaller: kept INT8"))
     finally:
         packed_path.unlink(missing_ok=True)
     return record

@@ -1,0 +1,169 @@
+"""INT4 on the CPU (issue 24): per-channel INT4 convs run on the integer path as the INT8 convs
+they equal, BatchNorm folded, and the engine stores their weights packed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from conftest import tiny_config
+from cunet_optimize.data.synth import verification_batch
+from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder, OnnxRuntimeRunner
+from cunet_optimize.exporters import export_onnx
+from cunet_optimize.models import CUNet
+from cunet_optimize.onnx_tools.graph import to_model
+from cunet_optimize.onnx_tools.patterns import conv_weight, dequantized_weight
+from cunet_optimize.onnx_tools.verify import run_onnxruntime
+from cunet_optimize.quant import parse_precision, post_training_quantize
+from cunet_optimize.quant.auto import with_layer_formats
+from cunet_optimize.quant.onnx_scales import int4_block_scales
+from cunet_optimize.quant.policy import int4_block_for, quant_scheme
+from cunet_optimize.surgery import run_surgery
+from cunet_optimize.surgery.batchnorm import batchnorm_record
+from cunet_optimize.surgery.integer_dataflow import _conv_bias, _fold_bn_into_quantized_convs, _integer_weight, _set_integer_weight
+
+IMAGES = verification_batch(6)
+
+
+def _model():
+    torch.manual_seed(0)
+    model = CUNet(tiny_config()).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.3, 0.3)
+                m.weight[::2] *= -1  # negative BN scales flip the integer signs
+    return model
+
+
+def _export(qmodel, tmp_path, name):
+    path = tmp_path / f"{name}.onnx"
+    export_onnx(qmodel.eval(), path, opset=21)
+    proto = onnx.load(path)
+    return proto, {"pack_int4_weights": {"block_scales": int4_block_scales(qmodel, proto)},
+                   "integer_dataflow": {"calibration": IMAGES}}
+
+
+def _int4_cpu_onnx(tmp_path):
+    scheme = quant_scheme("int4-convin", backend="onnxruntime")
+    assert scheme.weight_granularity == "per_channel"  # the CPU's INT4 (int4_block_for)
+    q, _, _ = post_training_quantize(_model(), scheme, [torch.from_numpy(IMAGES)], "max", progress=False)
+    return _export(q, tmp_path, "int4")
+
+
+def _out(proto):
+    return next(iter(run_onnxruntime(proto, {"image": IMAGES}).values()))
+
+
+def test_cpu_int4_is_per_channel_unless_a_block_is_named():
+    assert int4_block_for("onnxruntime") is None and int4_block_for("tensorrt") == 32
+    assert quant_scheme("int4", backend="onnxruntime").weight_granularity == "per_channel"
+    assert quant_scheme("int4-b16", backend="onnxruntime").block_size == 16
+    assert quant_scheme("int4", backend="tensorrt").weight_granularity == "block"
+
+
+def test_int4_on_the_integer_path_equals_the_dequantized_graph(tmp_path):
+    proto, options = _int4_cpu_onnx(tmp_path)
+    packed = run_surgery(proto, ["cleanup", "pack_int4_weights"], target="cpu", pass_options=options).model
+    graph = gs.import_onnx(packed)
+    convs = [n for n in graph.nodes if n.op == "Conv"]
+    read = 0
+    for conv in convs:
+        weight = _integer_weight(conv, graph)
+        cw = conv_weight(conv, graph)
+        if cw is None or cw.kind == "float":
+            continue
+        ints, scales = weight  # every quantized conv, INT4 ones in their packed block form included
+        view = scales.reshape((-1,) + (1,) * (ints.ndim - 1))
+        np.testing.assert_array_equal((ints * view).astype(np.float32), dequantized_weight(cw))
+        read += 1
+    assert read == len([c for c in convs if conv_weight(c, graph).kind != "float"]) > 5
+
+    # BN folded through the INT8 reading of the INT4 integers: as exact as the graph's own float noise
+    graph = gs.import_onnx(packed)  # (dequantized_weight above unpacked the INT4 tensors in place)
+    before = _out(packed)
+    noise = float(np.abs(next(iter(run_onnxruntime(packed, {"image": IMAGES}, "all").values())) - before).mean())
+    tolerance = 2 * noise + 1e-6 * float(before.std())
+    assert _fold_bn_into_quantized_convs(graph) > 0
+    folded = to_model(graph)
+    assert float(np.abs(_out(folded) - before).mean()) <= tolerance
+
+    # the other direction: one conv read with a wrong scale (2 %) no longer matches
+    wrong = gs.import_onnx(folded)
+    conv = next(c for c in reversed(wrong.nodes) if c.op == "Conv" and _integer_weight(c, wrong) is not None
+                and c.inputs[0].inputs and c.inputs[0].inputs[0].op == "DequantizeLinear")
+    ints, scales = _integer_weight(conv, wrong)
+    bias = _conv_bias(conv, len(scales))
+    _set_integer_weight(wrong, conv, ints, scales * 1.02, bias, "wrong")
+    wrong.cleanup().toposort()
+    assert float(np.abs(_out(to_model(wrong)) - before).mean()) > tolerance
+
+
+def test_block_int4_scales_that_vary_per_kernel_position_are_not_read_as_per_channel(tmp_path):
+    proto, options = _int4_cpu_onnx(tmp_path)
+    packed = run_surgery(proto, ["cleanup", "pack_int4_weights"], target="cpu", pass_options=options).model
+    graph = gs.import_onnx(packed)
+    conv = next(c for c in graph.nodes if c.op == "Conv" and c.inputs[1].inputs[0].attrs.get("block_size")
+                and len(c.inputs[1].inputs[0].inputs[1].values.shape) == 4
+                and c.inputs[1].inputs[0].inputs[1].values.shape[2] > 1)
+    scale = conv.inputs[1].inputs[0].inputs[1]
+    values = np.array(scale.values)
+    values[:, :, 0, 0] *= 1.5
+    scale.values = values
+    assert _integer_weight(conv, graph) is None
+
+
+def test_int4_cpu_graph_runs_integer_and_the_engine_stores_it_packed(tmp_path):
+    proto, options = _int4_cpu_onnx(tmp_path)
+    result = run_surgery(proto, target="cpu", pass_options=options)
+    assert "integer_dataflow" in result.passes
+    assert [n.op_type for n in result.model.graph.node].count("BatchNormalization") == 0
+    assert batchnorm_record(result.model, result.reports, "onnxruntime") == {"kept": 0, "why_kept": []}
+    onnx.save(result.model, tmp_path / "model.onnx")
+    build = OnnxRuntimeBuilder(qdq_flavour="uint8-integer-dataflow", intra_op_threads=1).build(
+        tmp_path / "model.onnx", "cpu", "int4", tmp_path / "engine")
+    storage = json.loads((tmp_path / "engine" / "session.json").read_text())["weight_storage"]
+    assert storage == build.settings["weight_storage"] and storage["packed_initializers"] > 5
+    smaller = storage["bytes"]["packed-int4"] < storage["bytes"]["int8"]  # not on a tiny model: Cast nodes
+    fast = storage["median_ms_batch1"]["packed-int4"] <= 1.05 * storage["median_ms_batch1"]["int8"]
+    assert storage["outputs_identical"] and storage["why"].startswith("weight storage")
+    assert (storage["chosen"] == "packed-int4") == (smaller and fast)
+    engine = onnx.load(build.artifacts["model"])
+    int4 = [i for i in engine.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert (len(int4) == storage["packed_initializers"]) == (storage["chosen"] == "packed-int4")
+    runner = OnnxRuntimeRunner(tmp_path / "engine")
+    with runner:
+        got = runner.infer(IMAGES)
+    reference = OnnxRuntimeRunner.__mro__[1](tmp_path / "model.onnx", load_optimization="all")
+    with reference:
+        np.testing.assert_allclose(got, reference.infer(IMAGES), rtol=0, atol=1e-5)
+
+
+def test_mixed_plan_folds_batchnorm_within_noise_and_shrinks_initializers(tmp_path):
+    q, _, _ = post_training_quantize(_model(), parse_precision("int8-convin"), [torch.from_numpy(IMAGES)], "max",
+                                     progress=False)
+    convs = [n for n, m in q.named_modules() if isinstance(m, torch.nn.Conv2d)][1:-1]
+    formats = {name: ("int4", "float", "int8")[i % 3] for i, name in enumerate(convs)}
+    mixed = with_layer_formats(q, formats, int4_block_for("onnxruntime"))
+    proto, options = _export(mixed, tmp_path, "mixed")
+    result = run_surgery(proto, target="cpu", pass_options=options)
+    bn = [n.op_type for n in proto.graph.node].count("BatchNormalization")
+    left = [n.op_type for n in result.model.graph.node].count("BatchNormalization")
+    assert left < bn
+    record = batchnorm_record(result.model, result.reports, "onnxruntime")
+    assert record["kept"] == left and (not left or record["why_kept"])
+
+    def init_bytes(model):
+        return sum(len(i.raw_data) or onnx.numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
+
+    assert init_bytes(result.model) < init_bytes(proto)
+    with torch.no_grad():
+        ref = _model()(torch.from_numpy(IMAGES))[-1].numpy()  # the float model
+    qdq_error = float(np.abs(_out(proto) - ref).mean())
+    assert float(np.abs(_out(result.model) - ref).mean()) <= 1.5 * qdq_error + 1e-3 * float(ref.std())
