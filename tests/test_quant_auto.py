@@ -117,21 +117,39 @@ def test_quantize_model_holds_int4_int8_and_float_convs():
         quantize_model(model, "int4", plan)
 
 
-def test_mixed_plan_reloads_from_a_qat_checkpoint(tmp_path):
+@pytest.mark.parametrize("int4_block", [None, 32])
+def test_mixed_plan_reloads_from_a_qat_checkpoint(tmp_path, int4_block):
+    """Per-channel (the CPU's) and block INT4 plans reload with their granularity; a plan
+    checkpoint written before the checkpoint recorded it was block INT4 and reloads as such."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from cunet_optimize.quant import calibrate
     from cunet_optimize.quant.qat import load_qat_checkpoint, save_qat_checkpoint
 
     torch.manual_seed(0)
     model = CUNet(tiny_config()).eval()
-    plan, _ = _mixed(model)
-    qmodel = quantize_model(model, "int8-convin", plan)
+    plan, inner = _mixed(model)
+    qmodel = quantize_model(model, "int8-convin", plan, int4_block)
     x = torch.rand(2, 3, 64, 64)
     calibrate(qmodel, [x], "max", progress=False)
     path = save_qat_checkpoint(qmodel.eval(), tmp_path / "mixed.safetensors")
     again = load_qat_checkpoint(path)
-    assert again.layer_formats == plan
+    assert again.layer_formats == plan and again.int4_block == int4_block
+    quantizer = dict(again.named_modules())[inner[0]].weight_quantizer
+    assert type(quantizer) is (IntQuantizer if int4_block is None else BlockQuantizer) and quantizer.num_bits == 4
     with torch.no_grad():
         assert torch.equal(again(x)[-1], qmodel(x)[-1])
+    if int4_block is None:
+        return
+    with safe_open(str(path), framework="pt") as f:
+        meta, state = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["int4_block"]  # as `qat --plan` wrote it before per-channel INT4
+    save_file(state, tmp_path / "older.safetensors", metadata=meta)
+    older = load_qat_checkpoint(tmp_path / "older.safetensors")
+    assert older.int4_block == auto.DEFAULT_INT4_BLOCK == 32
+    with torch.no_grad():
+        assert torch.equal(older(x)[-1], qmodel(x)[-1])
 
 
 # --------------------------------------------------------------------------------------
@@ -248,18 +266,32 @@ def test_plan_reloads_into_qat_and_build(tiny, faces, auto_build, tmp_path, caps
     summary = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert summary["best_val_nme_percent"] is None  # no validation split: nothing was validated
     ckpt = summary["qat_checkpoint"]
-    assert load_qat_checkpoint(ckpt).layer_formats == plan
+    # the CPU plan's INT4 is per output channel (quant.policy.int4_block_for): QAT fine-tuned
+    # that, not blocks, and the checkpoint says so
+    assert searched["int4_block"] is None
+    tuned = load_qat_checkpoint(ckpt)
+    assert tuned.layer_formats == plan and tuned.int4_block is None
+    assert tuned.checkpoint_metadata["int4_block"] == "null"
+    int4_quantizers = [m.weight_quantizer for n, m in tuned.named_modules() if tuned.layer_formats.get(n) == "int4"]
+    assert int4_quantizers and all(type(q) is IntQuantizer and q.num_bits == 4 for q in int4_quantizers)
     assert main(["build", "--precision", "auto", "--qat", ckpt, "--model", str(tiny), "--eval-data", str(faces),
                  "--no-accuracy-gate", "--workdir", str(tmp_path / "w"), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["calibration"]["method"] == "qat" and manifest["engine_built"]
     # build.json records the fine-tuned plan as the search recorded it: per conv, with its bytes
     a = manifest["auto"]
-    assert a["source"] == "qat checkpoint" and a["plan"] == searched["plan"]
+    assert a["source"] == "qat checkpoint" and a["plan"] == searched["plan"] and a["int4_block"] is None
     assert a["layers"] == searched["layers"]
     assert a["weight_bytes"] == searched["weight_bytes"] < a["weight_bytes_uniform"]["int8"]
-    assert any(i.data_type == onnx.TensorProto.INT4
-               for i in onnx.load(tmp_path / "w" / "engines" / "tiny-auto-cpu" / "model.onnx").graph.initializer)
+    # ... and runs its INT4 convs on the integer path, their integers in INT4's range
+    assert "integer_dataflow" in manifest["surgery"]["passes"]
+    graph = onnx.load(tmp_path / "w" / "engines" / "tiny-auto-cpu" / "model.onnx").graph
+    assert [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4
+            and -8 <= onnx.numpy_helper.to_array(i).min() and onnx.numpy_helper.to_array(i).max() <= 7]
+    # per-channel INT4 is the CPU's: a TensorRT target's INT4 is block-wise, refused in one line
+    status = main(["build", "--precision", "auto", "--qat", ckpt, "--model", str(tiny), "--target", "h100",
+                   "--eval-data", str(faces), "--no-accuracy-gate", "--workdir", str(tmp_path / "w2")])
+    assert status == 2 and "per output channel" in capsys.readouterr().err
     # a plain int8 QAT checkpoint is not an auto plan
     assert main(["qat", "--model", str(tiny), "--plan", str(tmp_path / "nothing"), "--data", str(faces),
                  "--out", str(tmp_path / "q2")]) != 0

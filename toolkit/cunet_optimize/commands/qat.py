@@ -76,14 +76,15 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     model, ckpt, source, _ = resolve_model(args.model)
     task = data_task(args, model, args.model)
-    layer_formats = None
+    layer_formats, int4_block = None, None
     if args.plan:
-        from cunet_optimize.pipeline.plans import load_plan
+        from cunet_optimize.pipeline.plans import load_plan, load_plan_int4_block
 
         if args.precision not in ("int8", "auto"):
             raise CUNetError(f"qat --plan fine-tunes an auto plan (int8 base with per-conv formats); "
                              f"drop --precision {args.precision}")
         layer_formats = load_plan(args.plan)
+        int4_block = load_plan_int4_block(args.plan)  # the plan's target's INT4, as its search measured it
         args.precision = "auto"
     scheme = quant_scheme("int8" if args.precision == "auto" else args.precision, args.concat_qdq)
     # a plan with INT4 convs gets the INT4 schedule (longer, larger learning rate)
@@ -112,7 +113,7 @@ def run(args) -> int:
                      learnable_scales=args.learnable_scales,
                      resume=not args.no_resume, progress=not args.json, sync_batchnorm=args.sync_bn,
                      metadata={"task": task.name, "source_model": source, "recipe": recipe.__dict__},
-                     layer_formats=layer_formats)
+                     layer_formats=layer_formats, int4_block=int4_block)
     summary = {"out": result.out_dir, "qat_checkpoint": result.best_checkpoint, "scheme": scheme.spec,
                f"best_val_{result.metric_key}": result.best_metric if val_set is not None else None, "epochs": result.epochs_run,
                "lr": recipe.lr, "original_schedule": {"epochs": original.epochs, "lr": original.lr, "origin": origin},

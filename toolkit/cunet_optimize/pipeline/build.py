@@ -568,7 +568,8 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
 
         with timer.stage("calibrate", f"scales from the QAT checkpoint {opts.qat_checkpoint}"):
             qmodel = load_qat_checkpoint(opts.qat_checkpoint)
-            check_qat_checkpoint(qmodel, opts)  # its scheme (concat placement included) is what gets exported
+            # its scheme (concat placement, INT4 granularity included) is what gets exported
+            check_qat_checkpoint(qmodel, opts, get_target(opts.target).backend)
             return qmodel.eval(), {"method": "qat", "checkpoint": str(opts.qat_checkpoint)}
     model_sha = sha256_file(ckpt_path)
     scheme = quant_scheme(base_precision(opts), opts.concat_qdq, get_target(opts.target).backend)

@@ -29,28 +29,44 @@ def plan_of_qat_checkpoint(path) -> dict:
     return json.loads(meta["layer_formats"])
 
 
-def load_plan(path) -> dict:
-    """{conv: format} of an auto build (its folder or build.json), for `qat --plan`."""
+def _auto_record(path):
+    """The `auto` section of an auto build (its folder or build.json)."""
     path = Path(path)
     manifest = path / BUILD_FILE if path.is_dir() else path
     try:
-        plan = read_build_manifest(manifest).auto.plan
-    except (ManifestError, AttributeError):  # not a build, or one without an auto plan
+        record = read_build_manifest(manifest).auto
+    except ManifestError:
+        record = None
+    if record is None or not record.plan:  # not a build, or one without an auto plan
         raise CUNetError(f"{path}: no auto plan here; pass the folder (or build.json) of a "
-                         "`build --precision auto`") from None
-    return {conv: fmt for conv, fmt in plan.items() if fmt != "int8"}
+                         "`build --precision auto`")
+    return record
+
+
+def load_plan(path) -> dict:
+    """{conv: format} of an auto build (its folder or build.json), for `qat --plan`."""
+    return {conv: fmt for conv, fmt in _auto_record(path).plan.items() if fmt != "int8"}
+
+
+def load_plan_int4_block(path) -> int | None:
+    """Input channels per scale of an auto build's INT4 convs (None: per output channel), as its
+    search measured them (quant.policy.int4_block_for of its target), for `qat --plan` to
+    fine-tune the same; builds from before the field searched in blocks."""
+    return _auto_record(path).extra.get("int4_block", auto.DEFAULT_INT4_BLOCK)
 
 
 def plan_fields(layers, group_plan: dict, formats, float_dtype: str, int4_block: int | None) -> dict:
     """The `auto` fields of build.json that describe a plan, whoever chose it (the search, or
     `qat --plan` before a `build --qat`): each conv's format and weight bytes, and the plan's
-    weight bytes and latency units beside those of every uniform format."""
+    weight bytes and latency units beside those of every uniform format, and the INT4 convs'
+    granularity (`int4_block`: input channels per scale, None for one per output channel)."""
     size = auto.group_costs(layers, formats, "size", float_dtype, int4_block)
     latency = auto.group_costs(layers, formats, "latency", float_dtype, int4_block)
     uniform = {f: {g: f if f in size[g] else "int8" for g in size} for f in formats}
     conv_plan = auto.layer_plan(layers, group_plan)
     return {
         "group_plan": dict(group_plan),
+        "int4_block": int4_block,
         "plan": conv_plan,
         "layers": [{"name": layer.name, "group": layer.group, "role": layer.role,
                     "weight_shape": list(layer.weight_shape), "params": layer.params, "macs": layer.macs,
@@ -73,5 +89,5 @@ def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) 
     layers = auto.layer_infos(qmodel, "conv", input_size)
     conv_plan = {layer.name: qmodel.layer_formats.get(layer.name, "int8") for layer in layers}
     return {"source": "qat checkpoint", "grain": "conv", "budget": budget, "formats": list(formats),
-            # `qat --plan` fine-tunes INT4 in blocks on every target (quant/qat.py)
-            "float_type": float_dtype, **plan_fields(layers, conv_plan, formats, float_dtype, auto.DEFAULT_INT4_BLOCK)}
+            # the granularity `qat --plan` fine-tuned (the plan's, recorded in the checkpoint)
+            "float_type": float_dtype, **plan_fields(layers, conv_plan, formats, float_dtype, qmodel.int4_block)}

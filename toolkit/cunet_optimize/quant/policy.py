@@ -255,11 +255,21 @@ def _deployed_form(scheme) -> tuple:
     return scheme.weight, scheme.weight_bits, scheme.activation, scheme.activation_bits
 
 
-def check_qat_checkpoint(qmodel, opts) -> None:
+def _per_channel_int4(qmodel) -> bool:
+    """Whether `qmodel`'s INT4 convs (its scheme's, or its auto plan's) have one scale per output channel."""
+    if "int4" in getattr(qmodel, "layer_formats", {}).values():
+        return getattr(qmodel, "int4_block", DEFAULT_INT4_BLOCK) is None
+    s = qmodel.scheme
+    return s.weight == INT and s.weight_bits == 4 and s.weight_granularity == "per_channel"
+
+
+def check_qat_checkpoint(qmodel, opts, backend: str = "onnxruntime") -> None:
     """A QAT checkpoint (opts.qat_checkpoint, loaded as `qmodel`) is exported with its own scheme,
     concat placement included: a build asking for another weight width (or, for the paper's
     modes, another weight or input form), placement, or an auto plan the checkpoint was not
-    fine-tuned from is a CUNetError."""
+    fine-tuned from is a CUNetError. So is INT4 fine-tuned per output channel (the CPU's,
+    int4_block_for) for a `backend` whose INT4 is block-wise, unless the build names -pc;
+    block INT4 on the CPU (plan checkpoints before per-channel INT4) builds, dequantized."""
     if opts.precision == AUTO and not getattr(qmodel, "layer_formats", None):
         raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {qmodel.scheme.spec}, not an auto plan; "
                          f"build it with --precision {qmodel.scheme.spec}, or run qat --plan BUILD.json")
@@ -269,6 +279,12 @@ def check_qat_checkpoint(qmodel, opts) -> None:
         if (_deployed_form(asked) != _deployed_form(trained)) if paper else asked.weight_bits != trained.weight_bits:
             raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint is {trained.spec}, "
                              f"not {opts.precision}; build it with --precision {trained.spec}")
+    if (_per_channel_int4(qmodel) and int4_block_for(backend) is not None
+            and (opts.precision == AUTO or not _names_block(opts.precision))):
+        redo = ("run qat --plan on an auto build for this target" if opts.precision == AUTO
+                else f"run qat --precision {opts.precision}-b{DEFAULT_INT4_BLOCK}, or build --precision int4-pc")
+        raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint fine-tuned INT4 per output channel (the CPU's "
+                         f"INT4), but INT4 on {backend} is in blocks of {DEFAULT_INT4_BLOCK} input channels; {redo}")
     wanted = concat_placement(base_precision(opts), opts.concat_qdq)
     if (opts.concat_qdq is not None or wanted != "none") and placement_of(qmodel.scheme) not in (None, wanted):
         raise CUNetError(f"{opts.qat_checkpoint}: QAT checkpoint places INT8 Q/DQ "

@@ -30,7 +30,7 @@ from cunet_optimize.quant.qmodel import (
     quantize_model,
     set_learnable_scales,
 )
-from cunet_optimize.quant.scheme import QuantScheme, parse_precision
+from cunet_optimize.quant.scheme import DEFAULT_INT4_BLOCK, QuantScheme, parse_precision
 from cunet_optimize.train.loop import TrainRecipe, TrainResult, train
 
 QAT_FORMAT = "cunet-optimize-qat"
@@ -76,6 +76,7 @@ def save_qat_checkpoint(qmodel: QuantCUNet, path: str | os.PathLike, metadata: d
             "scheme": qmodel.scheme.spec}
     if getattr(qmodel, "layer_formats", None):  # a mixed-precision plan (quant/auto.py)
         meta["layer_formats"] = json.dumps(qmodel.layer_formats, sort_keys=True)
+        meta["int4_block"] = json.dumps(qmodel.int4_block)  # null: INT4 per output channel
     meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
                  for k, v in (metadata or {}).items()})
     with atomic_path(path) as tmp:
@@ -98,7 +99,10 @@ def load_qat_checkpoint(path: str | os.PathLike) -> QuantCUNet:
         raise CheckpointError(f"{path}: not a QAT checkpoint (format {meta.get('format')!r}); "
                               "plain checkpoints go to --model")
     model = CUNet(CUNetConfig.from_dict(json.loads(meta["config"])))
-    qmodel = quantize_model(model, parse_precision(meta["scheme"]), json.loads(meta.get("layer_formats", "{}")))
+    # plan checkpoints written before the field fine-tuned their INT4 convs in blocks
+    int4_block = json.loads(meta["int4_block"]) if "int4_block" in meta else DEFAULT_INT4_BLOCK
+    qmodel = quantize_model(model, parse_precision(meta["scheme"]), json.loads(meta.get("layer_formats", "{}")),
+                            int4_block)
     load_quant_state(qmodel, state)
     qmodel.checkpoint_metadata = meta
     return qmodel.eval()
@@ -121,14 +125,19 @@ def run_qat(
     metadata: dict | None = None,
     sync_batchnorm: bool = False,
     layer_formats: dict | None = None,
+    int4_block: int | None = DEFAULT_INT4_BLOCK,
 ) -> TrainResult:
+    """Fine-tune `model` quantized by `scheme` from calibrated scales (the checkpoint in
+    out_dir/best.safetensors). `layer_formats`: an auto plan's per-conv formats, its INT4 convs
+    in blocks of `int4_block` input channels (None: per output channel, as the plan's target
+    runs them, quant.policy.int4_block_for)."""
     torch.manual_seed(recipe.seed)
     qmodel, _, equalization = post_training_quantize(model, scheme, calibration_batches, calib_method,
                                                      equalize_alpha, progress=progress)
     if layer_formats:  # fine-tune a mixed plan of `build --precision auto` (quant/auto.py)
         from cunet_optimize.quant.auto import with_layer_formats
 
-        qmodel = with_layer_formats(qmodel, layer_formats)
+        qmodel = with_layer_formats(qmodel, layer_formats, int4_block)
     if learnable_scales:
         set_learnable_scales(qmodel, True)
 

@@ -158,6 +158,7 @@ class QuantCUNet(CUNet):
 
     scheme: QuantScheme
     layer_formats: dict[str, str]  # convs that differ from the scheme (mixed precision)
+    int4_block: int | None  # input channels per scale of the plan's INT4 convs (None: per output channel)
     concat_plan: ConcatPlan
     bn_frozen: bool
 
@@ -258,7 +259,8 @@ def quantize_model(model: CUNet, scheme: QuantScheme | str,
     Weight scales start at max|w|; INT8 activation scales are NaN until `calibrate`
     or `apply_scales` sets them (the model refuses to run before).
     `layer_formats` {conv name: "int4" | "int8" | "float"} overrides single convs of an
-    int8 scheme (a mixed-precision plan, quant/auto.py); kept as `qmodel.layer_formats`.
+    int8 scheme (a mixed-precision plan, quant/auto.py); kept as `qmodel.layer_formats`, and
+    `int4_block` (conv_scheme) as `qmodel.int4_block`.
     """
     if not isinstance(model, CUNet):
         raise CUNetError(f"quantize_model needs a CUNet, got {type(model).__name__}")
@@ -307,6 +309,7 @@ def quantize_model(model: CUNet, scheme: QuantScheme | str,
     _convert(qmodel, QuantCUNet)
     qmodel.scheme = scheme
     qmodel.layer_formats = {k: v for k, v in layer_formats.items() if v != "int8"}
+    qmodel.int4_block = int4_block
     qmodel.concat_plan = plan
     qmodel.bn_frozen = False
     _tie_groups(qmodel, plan)
