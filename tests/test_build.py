@@ -51,6 +51,10 @@ def test_build_each_precision(tiny, faces, tmp_path, precision, target, request)
         assert (workdir / "calib" / manifest["calibration"]["id"] / "scales.json").is_file()
     if precision == "int8":
         assert (out / "calibration.cache").read_text().startswith("TRT-")
+    if precision == "int4":  # per-channel INT4 on the CPU: the engine measured how to store it
+        storage = manifest["engine_settings"]["weight_storage"]
+        assert storage["packed_initializers"] > 0 and storage["chosen"] in ("int8", "packed-int4")
+    if precision in ("int8", "int4"):  # INT4 runs on the CPU's integer path as the INT8 convs it equals
         # the integer-form variants were timed and the choice is what the engine runs
         int8 = manifest["surgery"]["int8_cpu_form"]
         chosen, timings = int8["chosen"], int8["median_ms_batch1"]
@@ -61,7 +65,8 @@ def test_build_each_precision(tiny, faces, tmp_path, precision, target, request)
         assert timings[key] == min(allowed)
         assert int8["cpu"]["int8_isa"] and manifest["engine_settings"]["cpu"]["int8_isa"] == int8["cpu"]["int8_isa"]
         assert manifest["engine_settings"]["intra_op_threads"] == chosen["intra_op_threads"]
-        assert manifest["engine_settings"]["session_config"] == chosen["session_config"]
+        # (int4 adds its precision's own entry, onnxrt.PRECISION_SESSION_CONFIG)
+        assert chosen["session_config"].items() <= manifest["engine_settings"]["session_config"].items()
         ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
         assert ("Max" in ops) == (chosen["relu_form"] == "clamp")
     else:
@@ -111,6 +116,16 @@ def test_int4_on_tensorrt_is_weight_only_dequantized_to_the_plans_float_type(tin
     types = {i.data_type for i in graph.initializer if len(i.dims) == 4}
     assert types == {onnx.TensorProto.FLOAT16}
     assert manifest["engine_built"] is False and (bundle / "build_engine.sh").is_file()
+    # build.json's BatchNorm account is the bundle's graph: every BN it keeps is a BN -> ReLU
+    # chain fold_batchnorm cannot fold exactly (the INT4 weights were dequantized before it ran,
+    # so their grid keeps none)
+    bn = [n for n in graph.node if n.op_type == "BatchNormalization"]
+    readers = {n.output[0]: [m.op_type for m in graph.node if n.output[0] in m.input] for n in bn}
+    record = manifest["surgery"]["batchnorm"]
+    assert record["kept"] == len(bn) == sum(record["patterns"].values()) > 0
+    assert all(r == ["Relu"] for r in readers.values()) and all(k.endswith("-> BN -> Relu") for k in record["patterns"])
+    assert any("BN -> ReLU" in w for w in record["why_kept"]) and any("TensorRT" in w for w in record["why_kept"])
+    assert not any("grid" in w for w in record["why_kept"])
 
 
 def test_fp32_reference_accuracy_is_computed_once_per_graph_and_data(tiny, faces, tmp_path, capsys):

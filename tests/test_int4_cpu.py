@@ -124,7 +124,7 @@ def test_int4_cpu_graph_runs_integer_and_the_engine_stores_it_packed(tmp_path):
     result = run_surgery(proto, target="cpu", pass_options=options)
     assert "integer_dataflow" in result.passes
     assert [n.op_type for n in result.model.graph.node].count("BatchNormalization") == 0
-    assert batchnorm_record(result.model, result.reports, "onnxruntime") == {"kept": 0, "why_kept": []}
+    assert batchnorm_record(result.model, result.reports, "onnxruntime") == {"kept": 0, "patterns": {}, "why_kept": []}
     onnx.save(result.model, tmp_path / "model.onnx")
     build = OnnxRuntimeBuilder(qdq_flavour="uint8-integer-dataflow", intra_op_threads=1).build(
         tmp_path / "model.onnx", "cpu", "int4", tmp_path / "engine")

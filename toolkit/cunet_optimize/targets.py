@@ -6,13 +6,19 @@ documentation and docs/QUANT_RULES.md; rows we could not confirm there are marke
 unverified (`unverified_precisions`, `TensorRTRelease.verified`) and every plan built
 on them says so in its notes.
 
-Precision rule for INT4 (decided here, used everywhere): INT4 convolution weights are
-a *storage* format. No target in this registry executes INT4 convolutions (TensorRT
-applies INT4 to MatMul/Gemm weights; its INT4 conv support is unverified and ModelOpt
-inserts nothing for convs; ONNX Runtime's CPU Conv has no INT4 kernel). So `int4` is
-allowed on every target, never reported as native, and built as weights dequantized
-to the target's float compute type (FP16 on NVIDIA GPUs and DLA, FP32 on the CPU):
-the accuracy is that of INT4 weights, the speed that of FP16/FP32, the saving on disk.
+Precision rule for INT4 (decided here, used everywhere): no target in this registry has
+INT4 convolution kernels (TensorRT applies INT4 to MatMul/Gemm weights; its INT4 conv
+support is unverified and ModelOpt inserts nothing for convs; ONNX Runtime's CPU Conv has
+no INT4 kernel), so `int4` is allowed on every target and never reported as native. How
+it runs depends on the backend (quant.policy.int4_block_for):
+- ONNX Runtime (cpu): INT4 weights per output channel, whose integers are INT8 integers
+  with the same scale, run as the INT8 convolutions they equal on the integer path
+  (surgery/integer_dataflow.py, BatchNorm folded): INT8 speed, INT4 accuracy; the engine
+  stores them packed where it measured that no slower (engines/onnxrt.py, weight_storage).
+  Block-wise INT4 (`int4-b<N>`) has no integer form and runs dequantized to FP32.
+- TensorRT: weight-only INT4 in blocks, built as weights dequantized to the target's float
+  compute type (FP16 on NVIDIA GPUs and DLA): INT4 accuracy at FP16 speed, the bundle
+  holding FP16 weights on the INT4 grid.
 """
 
 from __future__ import annotations
@@ -359,14 +365,15 @@ def check_dla_core(target: str | TargetSpec, dla_core: int | None) -> int | None
 
 def _runs_list(spec: TargetSpec) -> str:
     runs = [p + (" (unverified)" if p in spec.unverified_precisions else "") for p in spec.precisions]
-    runs.append("int4 (weights dequantized)")
+    runs.append("int4 (as int8)" if spec.backend == "onnxruntime" and "int8" in spec.precisions
+                else "int4 (weights dequantized)")
     return ", ".join(runs)
 
 
 def check_precision(target: str | TargetSpec, precision: str, *, on_dla: bool = False) -> PrecisionSupport:
     """How `target` runs `precision` (on its DLA with on_dla=True); CUNetError if it cannot.
 
-    int4 always passes with native=False: see the module docstring for the rule.
+    int4 always passes with native=False: see the module docstring for how each backend runs it.
     """
     spec = get_target(target)
     precision = precision.strip().lower()  # the spelling rule of every precision (quant.policy)

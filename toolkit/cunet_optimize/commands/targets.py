@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
         help="list deployment targets (backend, compute capability, DLA, precisions, TensorRT)",
         description=(
             "List the deployment targets the build stage knows. Precisions marked * are unverified "
-            "rows; int4 is never native (INT4 conv weights are built as dequantized weights)."
+            "rows; int4 is never native (no INT4 conv kernels): the cpu runs per-channel INT4 weights as the "
+            "INT8 convs they equal, TensorRT targets get them dequantized to their float type."
         ),
     )
     parser.add_argument("--json", action="store_true", help="print the registry as JSON")
@@ -57,7 +58,7 @@ HEADER = [
     "on-device",
     "TensorRT",
 ]
-FOOTNOTE = "* unverified row; int4 runs everywhere as weights dequantized to fp16 (GPU/DLA) or fp32 (cpu)"
+FOOTNOTE = "* unverified row; int4 runs as int8 on cpu (per-channel INT4 integers) and as weights dequantized to fp16 on GPU/DLA"
 
 
 def run(args: argparse.Namespace) -> int:

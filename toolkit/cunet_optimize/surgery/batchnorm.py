@@ -114,17 +114,32 @@ def fold_batchnorm(graph: gs.Graph) -> PassReport:
 
 
 def batchnorm_record(model, reports, backend: str) -> dict:
-    """build.json's account of BatchNorm: how many the deployed graph still computes and why
-    (the notes of the passes that left them), per backend."""
-    kept = sum(1 for n in model.graph.node if n.op_type == "BatchNormalization")
+    """build.json's account of BatchNorm in the deployed graph `model` (an onnx.ModelProto):
+    how many BatchNormalization nodes it holds (`kept`), each counted by what it reads and
+    what reads it (`patterns`, e.g. "Concat -> BN -> Relu": CU-Net's pre-activation dense
+    layers), and the notes of the passes that left them (`why_kept`)."""
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    patterns: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            read = "+".join(readers.get(node.output[0], [])) or "output"
+            key = f"{producers.get(node.input[0], 'input')} -> BN -> {read}"
+            patterns[key] = patterns.get(key, 0) + 1
+    kept = sum(patterns.values())
     integer = any(r.name == "integer_dataflow" for r in reports)  # it takes over what fold_batchnorm kept
     why = [note for r in reports for note in r.notes
            if r.name == "fold_batchnorm" and not integer and note.startswith("kept")
            or r.name == "integer_dataflow" and note.startswith("left in float")]
     if kept and backend == "tensorrt":
-        why.append("TensorRT: BatchNorm behind Q/DQ is left to TensorRT's own Conv+BN+ReLU fusion, and "
-                   "weight-only INT4 weights stay on their INT4 grid (folding a BN scale would move them off it)")
-    return {"kept": kept, "why_kept": why if kept else []}
+        # No pass folds a BN -> ReLU chain for TensorRT (integer_dataflow is ONNX Runtime's), and
+        # weight-only INT4 is no reason: dequantize_weights runs before fold_batchnorm.
+        why.append("TensorRT: the bundle's ONNX hands these to TensorRT as BatchNormalization nodes (whether "
+                   "it fuses them is not checked here)")
+    return {"kept": kept, "patterns": dict(sorted(patterns.items())), "why_kept": why if kept else []}
 
 
 def cleanup(graph: gs.Graph) -> PassReport:
