@@ -98,12 +98,17 @@ def test_refusal_lists_what_the_target_runs():
         check_precision("cpu", "fp16")
 
 
-def test_int4_is_never_native_and_says_it_is_built_dequantized():
+def test_int4_is_never_native_and_says_how_it_runs():
+    """No target has INT4 conv kernels: the CPU runs per-channel INT4 as the INT8 convs it
+    equals (quant.policy.int4_block_for), TensorRT targets dequantize it to FP16."""
     for name, spec in TARGETS.items():
         support = check_precision(name, "int4")
         assert not support.native
-        assert support.executed_as == ("fp32" if spec.device == "cpu" else "fp16")
-        assert "dequantized" in support.note and "storage format" in support.note
+        if spec.backend == "onnxruntime":
+            assert support.executed_as == "int8" and "per output channel" in support.note
+        else:
+            assert support.executed_as == "fp16"
+            assert "dequantized" in support.note and "storage format" in support.note
 
 
 def test_dla_runs_only_fp16_and_int8():
