@@ -432,7 +432,9 @@ def test_default_pipeline_per_target():
     assert "fold_dense_concats" not in default_passes("cpu", quantized=True)
     assert default_passes("cpu", quantized=True)[-1] == "integer_dataflow"  # ONNX Runtime's uint8 form
     assert "integer_dataflow" not in default_passes("h100", quantized=True)  # TensorRT keeps Q/DQ
-    assert "integer_dataflow" not in default_passes("cpu", quantized=True, opset=21)
+    # INT4 and mixed CPU graphs too: their per-channel INT4 convs run there as INT8 convs
+    assert default_passes("cpu", quantized=True, opset=21)[-1] == "integer_dataflow"
+    assert "integer_dataflow" not in default_passes("h100", quantized=True, opset=21)
     assert "tie_concat_qdq_scales" in default_passes("jetson-agx-orin", quantized=True, dla_core=0)
     assert "tie_concat_qdq_scales" not in default_passes("jetson-agx-orin", quantized=True)
     assert {"check_zero_points", "check_weight_axes"} <= set(default_passes("t4", quantized=True))
