@@ -27,8 +27,10 @@ from cunet_optimize.errors import CUNetError
     ("int8-convin", None, "none", "int8-convin"),
     ("int8-untied", "untied", "untied", "int8-untied"),  # both, agreeing
     ("int8-lsq-tied", "tied", "tied", "int8-lsq"),
-    ("int4-untied", None, "untied", "int4-untied"),
-    ("int4", None, "none", "int4-convin"),
+    # INT4 on ONNX Runtime (quant_scheme's default backend) is per output channel (int4_block_for)
+    ("int4-untied", None, "untied", "int4-pc-untied"),
+    ("int4", None, "none", "int4-pc-convin"),
+    ("int4-b32", None, "none", "int4-convin"),  # blocks where the spec names them
 ])
 def test_placement_from_the_modifier_or_the_flag(precision, concat_qdq, placement, spec):
     assert concat_placement(precision, concat_qdq) == placement
