@@ -11,7 +11,8 @@ import pytest
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, read_profile
-from cunet_optimize.profiling.result import VariantProfile, profile_manifest, speedups, what_ran_where
+from cunet_optimize.manifests.profile import VariantRecord
+from cunet_optimize.profiling.result import profile_manifest, speedups, variant_record, what_ran_where
 from cunet_optimize.report import render_html, write_report
 from cunet_optimize.report.svg import nice_ticks, pareto_front
 
@@ -42,9 +43,10 @@ def accuracy(nme: float, ref: float, tol: float = 0.1) -> dict:
 
 
 def variant(name: str, median: float | None, nme: float | None, precision="int8", backend="onnxruntime",
-            role="engine", **extra) -> VariantProfile:
+            role="engine", **extra) -> VariantRecord:
+    """A row as the profiler fills it, from plain data (`extra`: more fields, e.g. layers)."""
     measured = median is not None
-    v = VariantProfile(
+    fields = dict(
         name=name, role=role, precision=precision, target="cpu", backend=backend, backend_version="1.32.0",
         runtime=f"{backend} runtime of {name}", status="measured" if measured else BUNDLE_ONLY_STATUS,
         measured=measured, model_sha256="ab" * 32, build_dir=f"/w/engines/{name}", engine_built=measured,
@@ -55,15 +57,13 @@ def variant(name: str, median: float | None, nme: float | None, precision="int8"
                           "by_dtype": {"int8": {"tensors": 10, "elements": 250_000, "bytes": 250_000}}}},
     )
     if measured:
-        v.latency = latency(median)
-        v.batch_sweep = [latency(median), latency(median * 1.6, 2)]
-        v.memory = {"peak_rss_bytes": 300 << 20, "baseline_rss_bytes": 250 << 20,
-                    "inference_growth_bytes": 50 << 20, "method": "test method"}
+        fields["latency"] = latency(median)
+        fields["batch_sweep"] = [latency(median), latency(median * 1.6, 2)]
+        fields["memory"] = {"peak_rss_bytes": 300 << 20, "baseline_rss_bytes": 250 << 20,
+                            "inference_growth_bytes": 50 << 20, "method": "test method"}
     if nme is not None:
-        v.accuracy = accuracy(nme, 3.0)
-    for key, value in extra.items():
-        setattr(v, key, value)
-    return v
+        fields["accuracy"] = accuracy(nme, 3.0)
+    return variant_record(**fields, **extra)
 
 
 LAYERS = {"source": "ONNX Runtime profiler", "runs": 10, "nodes": 40, "total_ms_per_run": 5.0, "batch_size": 1,
@@ -83,9 +83,8 @@ BUILD_GATE = {"runtime": "ONNX Runtime 1.32 CPU (ORT_DISABLE_ALL reference)", "r
               "passed": True}
 
 
-def make_profile(variants: list[VariantProfile], name: str = "p1", data: dict | None = DATA) -> dict:
+def make_profile(variants: list[VariantRecord], name: str = "p1", data: dict | None = DATA) -> dict:
     speedups(variants)
-    dicts = [v.__dict__ for v in variants]
     return profile_manifest(
         name=name, created="2026-01-01T00:00:00+00:00", environment=ENV,
         settings={"runs": 50, "warmup": 10, "batch_sizes": [1, 2], "sweep_runs": "50 at batch 1",
@@ -93,7 +92,7 @@ def make_profile(variants: list[VariantProfile], name: str = "p1", data: dict | 
         data=data, variants=variants,
         commands={"builds": [{"name": v.name, "command": v.command} for v in variants if v.role == "engine"],
                   "profile": "cunet-optimize profile --runs 50"},
-        statement=what_ran_where(ENV, dicts), notes=["a note for the reader"], seconds=12.0,
+        statement=what_ran_where(ENV, variants), notes=["a note for the reader"], seconds=12.0,
         toolkit_version="0.1.0",
     ).to_dict()
 

@@ -4,8 +4,9 @@ Schema "cunet-optimize/profile/1". `ProfileManifest.from_dict` checks every fiel
 report reads (a number where a number belongs, ...) and the report reads nothing else,
 so a hand-edited or truncated profile fails with one line naming the field, never with
 a traceback half way through a page. Numbers are `float | None`: None = not measured
-(non-finite values are written as null). The profiler builds its result as plain data
-(profiling/result.py) and checks it against this model before writing.
+(non-finite values are written as null). The profiler fills these same rows
+(VariantRecord) as it measures (profiling/result.py) and checks the whole profile
+against this model before writing.
 """
 
 from __future__ import annotations
