@@ -66,7 +66,7 @@ def write_deployment(build_dir: str | Path, name: str, target, precision: str, e
         ds_file.write_text(render_nvinfer(config))
         problems = check_nvinfer_config(ds_file.read_text(), io, precision, ds_dir)
         if problems:
-            raise CUNetError(f"{ds_file.name}: {'; '.join(problems)} (a bug in cunet-optimize: please report it)")
+            raise CUNetError(f"{ds_file.name}: {'; '.join(problems)}")
         files.append(ds_file.relative_to(build_dir).as_posix())
         validation["deepstream"] = f"{len(config.properties)} keys, all nvinfer keys; infer-dims, outputs, " \
                                    "scale, colour order and network mode match the ONNX and the build"
@@ -79,6 +79,33 @@ def _validated_triton(model_dir: Path, io) -> str:
     except RuntimeError as exc:  # no tritonclient: say so in build.json rather than fail the build
         return str(exc) if str(exc) == SCHEMA_MISSING else f"not checked: {exc}"
     if problems:
-        raise CUNetError(f"{model_dir.name}/{CONFIG_FILE}: {'; '.join(problems)} (a bug in cunet-optimize: "
-                         "please report it)")
+        raise CUNetError(f"{model_dir.name}/{CONFIG_FILE}: {'; '.join(problems)}")
     return "parsed by Triton's ModelConfig schema; names, data types, dims and batch match the ONNX"
+
+
+def validate_deployment(build_dir: str | Path) -> dict:
+    """The checks of write_deployment again, on a build folder's files as they are now:
+    {file: verdict}; CUNetError naming the first file with problems."""
+    from cunet_optimize.manifests.build import BUILD_FILE, read_build_manifest
+
+    build_dir = Path(build_dir)
+    manifest = read_build_manifest(build_dir / BUILD_FILE)
+    io = read_model_io(build_dir / ONNX_FILE)
+    model_dirs = triton_model_dirs(build_dir)
+    if not model_dirs:
+        raise CUNetError(f"{build_dir}: no {TRITON_DIR}/<name>/{CONFIG_FILE}; rebuild it with this version "
+                         "(`cunet-optimize build ... --force`)")
+    verdicts = {}
+    for model_dir in model_dirs:
+        verdicts[model_dir.relative_to(build_dir).as_posix() + f"/{CONFIG_FILE}"] = _validated_triton(model_dir, io)
+    for ds_file in sorted((build_dir / DEEPSTREAM_DIR).glob("*.txt")):
+        problems = check_nvinfer_config(ds_file.read_text(), io, manifest.precision, ds_file.parent)
+        if problems:
+            raise CUNetError(f"{ds_file}: {'; '.join(problems)}")
+        verdicts[ds_file.relative_to(build_dir).as_posix()] = ("nvinfer keys known; infer-dims, outputs, scale, "
+                                                             "colour order and network mode match")
+    return verdicts
+
+
+def triton_model_dirs(build_dir: str | Path) -> list[Path]:
+    return sorted(p.parent for p in (Path(build_dir) / TRITON_DIR).glob(f"*/{CONFIG_FILE}"))

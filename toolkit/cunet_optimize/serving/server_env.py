@@ -54,9 +54,10 @@ class ServerEnv:
         return self.root / "bin" / "python"
 
     @property
-    def site_packages(self) -> Path:
-        return Path(subprocess.run([str(self.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True).stdout.strip())
+    def site_packages(self) -> Path:  # a venv's, by its layout (asking its Python costs a process)
+        found = sorted((self.root / "lib").glob("python3*/site-packages"))
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        return found[-1] if found else self.root / "lib" / version / "site-packages"
 
     @property
     def triton_home(self) -> Path:  # bin/tritonserver, backends/, caches/
