@@ -31,7 +31,7 @@ import numpy as np
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.serving.model_io import ModelIO, read_model_io
-from cunet_optimize.serving.server_env import ServerEnv, ensure_stub
+from cunet_optimize.serving.server_env import ServerEnv, prepare
 from cunet_optimize.serving.triton_config import CONFIG_FILE, VERSION, render_config, served_by_python_backend, triton_model
 
 READY_TIMEOUT_S = 60
@@ -116,7 +116,7 @@ class TritonServer:
         return argv + [f"--load-model={name}" for name in self.load or []]
 
     def __enter__(self) -> "TritonServer":
-        ensure_stub(self.env)
+        prepare(self.env)
         environ = dict(os.environ)
         environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (self.env.library_path,
                                                                  environ.get("LD_LIBRARY_PATH")) if p)

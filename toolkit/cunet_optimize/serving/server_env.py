@@ -31,6 +31,10 @@ from cunet_optimize.errors import CUNetError
 ENV_VARIABLE = "CUNET_TRITON_ENV"
 TRITON_VERSION = "2.51.0"  # the server inside nvidia-pytriton 0.7.0
 RECORD_FILE = "cunet-triton-env.json"
+# perf_analyzer (tritonclient 2.51) links libb64.so.0d and libcudart.so.12; the nvidia-pytriton
+# wheel carries both under hashed names (auditwheel's), so a folder of links gives them theirs
+LINKS_DIR = "cunet-libs"
+PERF_ANALYZER_LIBS = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
 
 
 def requirements() -> tuple[str, ...]:
@@ -71,11 +75,12 @@ class ServerEnv:
     def library_path(self) -> str:
         """LD_LIBRARY_PATH for tritonserver and perf_analyzer: the wheel's bundled libraries."""
         site = self.site_packages
-        return os.pathsep.join(str(p) for p in (site / "nvidia_pytriton.libs", self.triton_home / "lib") if p.is_dir())
+        return os.pathsep.join(str(p) for p in (site / "nvidia_pytriton.libs", self.triton_home / "lib",
+                                                self.root / LINKS_DIR) if p.is_dir())
 
     @property
     def perf_analyzer(self) -> Path:
-        return self.site_packages / "tritonclient" / "bin" / "perf_analyzer"
+        return self.root / "bin" / "perf_analyzer"  # the tritonclient 2.51 wheel installs it as a script
 
 
 def _env_key(python_version: str, reqs: tuple[str, ...]) -> str:
@@ -172,7 +177,15 @@ def _install_stub(env: ServerEnv) -> None:
     shutil.copy2(stub, target)
 
 
-def ensure_stub(env: ServerEnv) -> None:
-    """An environment named by $CUNET_TRITON_ENV may lack the stub in place: put it there."""
+def prepare(env: ServerEnv) -> None:
+    """What the wheels leave undone, for the cached environment and one named by
+    $CUNET_TRITON_ENV alike: the Python backend's stub in place, perf_analyzer's library names."""
     if not (env.triton_home / "backends" / "python" / "triton_python_backend_stub").is_file():
         _install_stub(env)
+    links = env.root / LINKS_DIR
+    libs = env.site_packages / "nvidia_pytriton.libs"
+    for name, pattern in PERF_ANALYZER_LIBS.items():
+        found = sorted(libs.glob(pattern))
+        if found and not (links / name).exists():
+            links.mkdir(exist_ok=True)
+            (links / name).symlink_to(found[0])
