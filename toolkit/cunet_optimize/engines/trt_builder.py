@@ -87,6 +87,8 @@ class TensorRTBuilder:
         options: Mapping[str, Any] | None = None,
     ) -> BuildResult:
         options = dict(options or {})
+        # where else the engine goes (e.g. a Triton repository's 1/model.plan), relative to out_dir
+        engine_copies = tuple(options.pop("engine_copies", ()))
         unknown = sorted(set(options) - set(PLAN_OPTIONS))
         if unknown:
             raise CUNetError(f"unknown TensorRT option(s) {unknown}; known: {list(PLAN_OPTIONS)}")
@@ -105,7 +107,8 @@ class TensorRTBuilder:
             os.replace(partial, bundle_onnx)
         plan_path = write_atomic(out / PLAN_FILE, json.dumps(plan_to_dict(plan), indent=2) + "\n")
         recipe = write_atomic(
-            out / RECIPE_FILE, render_shell_recipe(plan, coordinate_outputs=coordinates), mode=0o755
+            out / RECIPE_FILE, render_shell_recipe(plan, coordinate_outputs=coordinates, engine_copies=engine_copies),
+            mode=0o755
         )
 
         artifacts = {"onnx": str(bundle_onnx), "plan": str(plan_path), "recipe": str(recipe)}
@@ -121,6 +124,9 @@ class TensorRTBuilder:
                 import tensorrt  # noqa: PLC0415  (present: apply_build_plan just used it)
 
                 built = True
+                for copy in engine_copies:
+                    (out / copy).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(engine, out / copy)
                 backend_version = tensorrt.__version__
                 artifacts["engine"] = str(engine)
         else:

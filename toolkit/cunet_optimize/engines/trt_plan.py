@@ -435,10 +435,13 @@ def render_polygraphy_compare(plan: BuildPlan, coordinate_outputs: Sequence[str]
 
 
 def render_shell_recipe(
-    plan: BuildPlan, toolkit_version: str | None = None, coordinate_outputs: Sequence[str] = ()
+    plan: BuildPlan, toolkit_version: str | None = None, coordinate_outputs: Sequence[str] = (),
+    engine_copies: Sequence[str] = (),
 ) -> str:
     """A bash script for the device: checks trtexec and its TensorRT version, builds the
-    engine (atomically), then compares it with ONNX Runtime through polygraphy."""
+    engine (atomically), then compares it with ONNX Runtime through polygraphy.
+    `engine_copies`: paths (relative to the bundle) the engine is also placed at, such as a
+    Triton repository's 1/model.plan."""
     if toolkit_version is None:
         from cunet_optimize import __version__ as toolkit_version
     lines = [
@@ -528,6 +531,11 @@ def _recipe_build(plan: BuildPlan) -> list[str]:
         f'test -s {q(partial)} || {{ echo "error: trtexec finished but wrote no engine" >&2; exit 1; }}',
         f"mv -f {q(partial)} {q(plan.engine_path)}",
         f'echo "built {plan.engine_path} (TensorRT $have)"',
+    ]
+    for copy in engine_copies:
+        lines += [f"mkdir -p {q(str(Path(copy).parent))}", f"cp -f {q(plan.engine_path)} {q(copy)}",
+                  f'echo "placed it at {copy}"']
+    lines += [
         "",
     ]
 

@@ -303,6 +303,7 @@ def run_stages(opts: BuildOptions, echo=print, progress: bool = True, *, lock: b
             result, concat_form, int8_form = _surgery(b, export_model, opset)
             build = _engine(b, result, concat_form, int8_form)
             _accuracy(b, build)
+            _deploy(b, build)
             report = _finish(b)
             if commit:
                 replace_folder(b.staging, b.final)
@@ -495,6 +496,10 @@ def _engine(b: _Build, result, concat_form: dict | None, int8_form: dict | None)
         engine_options = {"trt_major": b.opts.trt_major} if b.opts.trt_major else {}
         if b.dla is not None:
             engine_options["dla_core"] = b.dla
+        if b.target.backend == "tensorrt":  # the recipe also fills the Triton repository (_deploy)
+            from cunet_optimize.serving.deploy import triton_plan_path
+
+            engine_options["engine_copies"] = [triton_plan_path(b.name)]
         if concat_form is not None:  # the thread count was timed with the form
             engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
         if int8_form is not None:  # thread count and pool settings were timed with the form
@@ -527,6 +532,21 @@ def _accuracy(b: _Build, build) -> None:
         b.manifest["accuracy"] = _accuracy_gate(b.opts, b.task, b.staging, build, b.onnx_path, b.reference_onnx,
                                                 b.eval_set, b.eval_root, evaluate_landmarks, b.progress)
         b.reference_onnx.unlink()
+
+
+def _deploy(b: _Build, build) -> None:
+    """deploy/ beside the engine (serving/deploy.py): a Triton repository, and for Jetson targets
+    a DeepStream nvinfer config, validated; recorded in build.json and hashed with the build."""
+    from cunet_optimize.serving.deploy import write_deployment
+
+    engine = os.path.basename(build.settings["engine_path"]) if build.backend == "tensorrt" else None
+    record = write_deployment(b.staging, b.name, b.target, engine_precision(b.opts), build.settings, b.dla,
+                              b.task.box_factor, engine)
+    b.manifest["deploy"] = record
+    for path in record["files"]:
+        role = "deepstream_config" if "/deepstream/" in path else "triton_config"
+        b.manifest["artifacts"][role] = path
+    b.timer.echo(f"deploy: {', '.join(record['files'])} ({record['validation']['triton']})")
 
 
 def _finish(b: _Build) -> BuildReport:
