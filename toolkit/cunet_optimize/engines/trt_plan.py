@@ -452,6 +452,8 @@ def render_shell_recipe(
         *_recipe_find_trtexec(plan),
         *_recipe_check_version(plan),
         *_recipe_build(plan),
+        *_recipe_engine_copies(plan, engine_copies),
+        "",
         *_recipe_compare(plan, coordinate_outputs),
     ]
     return "\n".join(lines)
@@ -532,12 +534,16 @@ def _recipe_build(plan: BuildPlan) -> list[str]:
         f"mv -f {q(partial)} {q(plan.engine_path)}",
         f'echo "built {plan.engine_path} (TensorRT $have)"',
     ]
+
+
+def _recipe_engine_copies(plan: BuildPlan, engine_copies: Sequence[str]) -> list[str]:
+    """The built engine also placed where a deployment expects it (a Triton repository's 1/model.plan)."""
+    q = shlex.quote
+    lines = []
     for copy in engine_copies:
         lines += [f"mkdir -p {q(str(Path(copy).parent))}", f"cp -f {q(plan.engine_path)} {q(copy)}",
                   f'echo "placed it at {copy}"']
-    lines += [
-        "",
-    ]
+    return lines
 
 
 def _recipe_compare(plan: BuildPlan, coordinate_outputs: Sequence[str]) -> list[str]:
