@@ -112,6 +112,11 @@ def test_the_validator_refuses_a_wrong_dim_a_wrong_name_and_unknown_keys(int8_bu
     problems = check_nvinfer_config(text.replace("infer-dims=3;256;256", "infer-dims=3;224;224")
                                     .replace("gpu-id=0", "gpu-idx=0"), io, "int8", ds.parent)
     assert problems == ["unknown nvinfer key 'gpu-idx'", "infer-dims '3;224;224', the ONNX input image is 3;256;256"]
+    # the key set is the parser's (gstnvinfer_property_parser.h): an element property is no config key
+    assert check_nvinfer_config(text + "crop-objects-to-roi-boundary=1\n", io, "int8", ds.parent) == [
+        "unknown nvinfer key 'crop-objects-to-roi-boundary'"]
+    assert check_nvinfer_config(text + "disable-output-host-copy=0\ninput-tensor-from-meta=0\n", io, "int8",
+                                ds.parent) == []
     assert check_nvinfer_config(text, io, "fp16", ds.parent) == ["network-mode '1' but the build is fp16 (2)"]
 
 
@@ -127,10 +132,27 @@ def test_a_build_writes_its_deployment_hashed_with_it(int8_build):
     config = f"deploy/triton/{name}/config.pbtxt"
     assert manifest["artifacts"]["triton_config"] == config
     assert config in manifest["artifact_sha256"] and f"deploy/triton/{name}/1/model.onnx" in manifest["artifact_sha256"]
-    assert (int8_build.out / f"deploy/triton/{name}/1/model.onnx").read_bytes() == (int8_build.out /
-                                                                                   "model.onnx").read_bytes()
+    served = int8_build.out / f"deploy/triton/{name}/1/model.onnx"
+    assert served.read_bytes() == (int8_build.out / "model.onnx").read_bytes()
+    assert manifest["deploy"]["model_file"] == served.relative_to(int8_build.out).as_posix()
+    # one file under two names where the filesystem allows it (pytest's tmp does)
+    assert manifest["deploy"]["model_file_is"] == "hard link of model.onnx"
+    assert served.samefile(int8_build.out / "model.onnx")
     if model_config_class() is not None:
         assert manifest["deploy"]["validation"]["triton"].startswith("parsed by Triton's ModelConfig schema")
+
+
+def test_the_served_model_is_copied_where_no_hard_link_can_be_made(int8_build, tmp_path, monkeypatch):
+    folder = _bundle(int8_build, tmp_path / "b")
+
+    def no_link(source, dest):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    record = write_deployment(folder, "m", get_target("cpu"), "int8", {}, None, 1.1, None)
+    served = folder / record["model_file"]
+    assert record["model_file_is"] == "copy of model.onnx"
+    assert served.read_bytes() == (folder / "model.onnx").read_bytes() and not served.samefile(folder / "model.onnx")
 
 
 def test_the_tensorrt_recipe_places_the_engine_in_the_triton_repository(int8_build, tmp_path):
