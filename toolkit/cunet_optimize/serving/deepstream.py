@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cunet_optimize.engines.base import LANDMARK_UNITS, LANDMARKS
 from cunet_optimize.serving.model_io import ModelIO
 
 SECTION = "property"
@@ -77,7 +78,7 @@ def nvinfer_config(io: ModelIO, precision: str, batch_size: int, onnx_file: str,
         ("network-input-order", "0"),  # NCHW
         ("network-type", "100"),  # "other": no parser; the heatmaps go out as tensor meta
         ("output-tensor-meta", "1"),
-        ("output-blob-names", ";".join(t.name for t in io.outputs)),
+        ("output-blob-names", ";".join(t.name for t in _tensor_meta_outputs(io))),
         ("process-mode", "2"),  # secondary: on the detector's objects
         ("gie-unique-id", "2"),
         ("operate-on-gie-id", "1"),
@@ -92,9 +93,24 @@ def nvinfer_config(io: ModelIO, precision: str, batch_size: int, onnx_file: str,
         f"crop: our model expects a square crop of side max(w, h) x {box_factor:g} centred on the detector's box;",
         "nvinfer has no key that enlarges a box: enlarge the detector's boxes before this element "
         "(a pad probe on the detector or nvdspreprocess)",
-        "outputs: heatmaps [C, 64, 64] per object as NvDsInferTensorMeta (landmark = argmax x 4 in crop pixels)",
+        _outputs_comment(io),
     )
     return NvinferConfig(tuple(props), comments)
+
+
+def _tensor_meta_outputs(io: ModelIO):
+    """What nvinfer attaches per object: the decoded landmarks where the graph has them (C x 2
+    floats instead of C x 64 x 64), else the heatmaps."""
+    decoded = [t for t in io.outputs if t.name == LANDMARKS]
+    return decoded or list(io.outputs)
+
+
+def _outputs_comment(io: ModelIO) -> str:
+    shown = _tensor_meta_outputs(io)
+    if shown[0].name == LANDMARKS:
+        return f"outputs: {LANDMARKS} [C, 2] per object as NvDsInferTensorMeta: {LANDMARK_UNITS}"
+    return ("outputs: heatmaps [C, 64, 64] per object as NvDsInferTensorMeta (decode: argmax with a quarter-pixel "
+            f"shift, then {LANDMARK_UNITS.split('; ')[1]}; or build --landmarks)")
 
 
 def render_nvinfer(config: NvinferConfig) -> str:
