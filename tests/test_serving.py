@@ -112,6 +112,11 @@ def test_the_validator_refuses_a_wrong_dim_a_wrong_name_and_unknown_keys(int8_bu
     problems = check_nvinfer_config(text.replace("infer-dims=3;256;256", "infer-dims=3;224;224")
                                     .replace("gpu-id=0", "gpu-idx=0"), io, "int8", ds.parent)
     assert problems == ["unknown nvinfer key 'gpu-idx'", "infer-dims '3;224;224', the ONNX input image is 3;256;256"]
+    # the key set is the parser's (gstnvinfer_property_parser.h): an element property is no config key
+    assert check_nvinfer_config(text + "crop-objects-to-roi-boundary=1\n", io, "int8", ds.parent) == [
+        "unknown nvinfer key 'crop-objects-to-roi-boundary'"]
+    assert check_nvinfer_config(text + "disable-output-host-copy=0\ninput-tensor-from-meta=0\n", io, "int8",
+                                ds.parent) == []
     assert check_nvinfer_config(text, io, "fp16", ds.parent) == ["network-mode '1' but the build is fp16 (2)"]
 
 
@@ -127,10 +132,27 @@ def test_a_build_writes_its_deployment_hashed_with_it(int8_build):
     config = f"deploy/triton/{name}/config.pbtxt"
     assert manifest["artifacts"]["triton_config"] == config
     assert config in manifest["artifact_sha256"] and f"deploy/triton/{name}/1/model.onnx" in manifest["artifact_sha256"]
-    assert (int8_build.out / f"deploy/triton/{name}/1/model.onnx").read_bytes() == (int8_build.out /
-                                                                                   "model.onnx").read_bytes()
+    served = int8_build.out / f"deploy/triton/{name}/1/model.onnx"
+    assert served.read_bytes() == (int8_build.out / "model.onnx").read_bytes()
+    assert manifest["deploy"]["model_file"] == served.relative_to(int8_build.out).as_posix()
+    # one file under two names where the filesystem allows it (pytest's tmp does)
+    assert manifest["deploy"]["model_file_is"] == "hard link of model.onnx"
+    assert served.samefile(int8_build.out / "model.onnx")
     if model_config_class() is not None:
         assert manifest["deploy"]["validation"]["triton"].startswith("parsed by Triton's ModelConfig schema")
+
+
+def test_the_served_model_is_copied_where_no_hard_link_can_be_made(int8_build, tmp_path, monkeypatch):
+    folder = _bundle(int8_build, tmp_path / "b")
+
+    def no_link(source, dest):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    record = write_deployment(folder, "m", get_target("cpu"), "int8", {}, None, 1.1, None)
+    served = folder / record["model_file"]
+    assert record["model_file_is"] == "copy of model.onnx"
+    assert served.read_bytes() == (folder / "model.onnx").read_bytes() and not served.samefile(folder / "model.onnx")
 
 
 def test_the_tensorrt_recipe_places_the_engine_in_the_triton_repository(int8_build, tmp_path):
@@ -141,6 +163,50 @@ def test_the_tensorrt_recipe_places_the_engine_in_the_triton_repository(int8_bui
     recipe = Path(result.artifacts["recipe"]).read_text()
     assert "mkdir -p deploy/triton/m/1\ncp -f model.engine deploy/triton/m/1/model.plan" in recipe
     assert recipe.index("mv -f model.engine.partial model.engine") < recipe.index("cp -f model.engine")
+
+
+def test_build_landmarks_appends_the_decoder_and_its_configs_serve_coordinates(landmarks_build, tmp_path):
+    import numpy as np
+
+    from cunet_optimize.data.transforms import decode_heatmaps
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
+
+    out, name = landmarks_build.out, landmarks_build.manifest["name"]
+    assert name.endswith("-int8-cpu-landmarks")  # not the plain build's name
+    io = read_model_io(out / "model.onnx")
+    assert [(t.name, t.shape) for t in io.outputs] == [("heatmaps", (-1, 68, 64, 64)), ("landmarks", (-1, 68, 2))]
+    record = landmarks_build.manifest["landmarks"]
+    assert record["output"] == "landmarks" and record["shape"] == [68, 2] and "(max diff 0 px)" in record["verified"]
+    images = np.random.default_rng(1).random((3, 3, 256, 256), dtype=np.float32)
+    with OnnxRuntimeRunner(out) as engine:  # the engine (model.ort.onnx) decodes as NumPy does
+        got = engine.infer_all(images)
+        assert np.array_equal(got["heatmaps"], engine.infer(images))
+    assert np.abs(got["landmarks"] - decode_heatmaps(got["heatmaps"], method="quarter")).max() <= 1e-5
+    config = (out / f"deploy/triton/{name}/config.pbtxt").read_text()
+    assert 'name: "landmarks"\n    data_type: TYPE_FP32\n    dims: [ 68, 2 ]' in config
+    assert "# landmarks: (x, y) per point in heatmap pixels" in config
+    if model_config_class() is not None:
+        assert check_triton_config(config, name, io) == []
+    # a Jetson build of the same graph: nvinfer attaches the coordinates, not the heatmaps
+    folder = tmp_path / "b"
+    folder.mkdir()
+    shutil.copyfile(out / "model.onnx", folder / "model.onnx")
+    write_deployment(folder, "m", get_target("jetson-orin-nano"), "int8", {}, None, 1.1, "model.engine")
+    ds = (folder / "deploy/deepstream/nvinfer_m.txt").read_text()
+    assert parse_nvinfer(ds)["property"]["output-blob-names"] == "landmarks" and "# outputs: landmarks [C, 2]" in ds
+    assert check_nvinfer_config(ds, io, "int8", folder / "deploy/deepstream") == []
+
+
+def test_the_decoder_is_appended_once_to_a_deployed_graph(int8_build):
+    from cunet_optimize.exporters.landmarks import append_landmark_decoder
+
+    model = onnx.load(int8_build.out / "model.onnx")
+    with_decoder = append_landmark_decoder(model)
+    assert [o.name for o in with_decoder.graph.output] == ["heatmaps", "landmarks"]
+    assert len(with_decoder.graph.node) > len(model.graph.node) and list(model.graph.node) == list(
+        with_decoder.graph.node)[:len(model.graph.node)]  # the deployed graph's nodes as they were
+    with pytest.raises(ValueError, match="already has a 'landmarks' output"):
+        append_landmark_decoder(with_decoder)
 
 
 # ----- the server side up to the server (no Triton needed)
@@ -218,6 +284,18 @@ def test_served_outputs_equal_in_process_over_http_and_grpc(int8_build, capsys, 
     report = json.loads(out)[int8_build.manifest["name"]]
     assert report["http"] == report["grpc"] == "outputs identical to in-process" and report["equal"]
     assert report["batches"] == {"2": 2}  # the two requests, each a batch of 2 images
+
+
+@pytest.mark.slow
+def test_a_landmarks_build_serves_the_engines_coordinates(landmarks_build, capsys, caplog):
+    _server_env()
+    http, grpc, metrics = _free_ports(3)
+    status, out, err = run_cli(["serve", landmarks_build.out, "--check", "--json", "--http-port", http, "--grpc-port",
+                                grpc, "--metrics-port", metrics], capsys, caplog)
+    assert status == 0, err
+    report = json.loads(out)[landmarks_build.manifest["name"]]
+    assert report["outputs"] == ["heatmaps", "landmarks"]  # each compared with the engine's, by name
+    assert report["http"] == report["grpc"] == "outputs identical to in-process" and report["equal"]
 
 
 @pytest.mark.slow

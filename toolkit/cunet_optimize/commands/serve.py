@@ -103,10 +103,10 @@ def _serve(args, builds, env) -> int:
                     for name, r in report.items():
                         print(f"{name}: HTTP {r['http']}, gRPC {r['grpc']}; executions by batch size {r['batches']}")
                 return 0 if all(r["equal"] for r in report.values()) else 1
-            print(f"serving {', '.join(names)} (Triton {TRITON_VERSION}, Python backend + ONNX Runtime) on "
-                  f"http://{args.address}:{args.http_port} and grpc {args.address}:{args.grpc_port}, metrics "
-                  f"http://{args.address}:{args.metrics_port}/metrics; Ctrl-C stops it", flush=True)
-            try:
+            try:  # before the line that tells a user (or a test) to press Ctrl-C: it may come at once
+                print(f"serving {', '.join(names)} (Triton {TRITON_VERSION}, Python backend + ONNX Runtime) on "
+                      f"http://{args.address}:{args.http_port} and grpc {args.address}:{args.grpc_port}, metrics "
+                      f"http://{args.address}:{args.metrics_port}/metrics; Ctrl-C stops it", flush=True)
                 while server.process.poll() is None:
                     time.sleep(0.5)
             except KeyboardInterrupt:
@@ -117,19 +117,21 @@ def _serve(args, builds, env) -> int:
 
 
 def _check(server, build) -> dict:
-    """One batch of 2 images over HTTP and over gRPC vs the engine in this process."""
+    """One batch of 2 images over HTTP and over gRPC vs the engine in this process, every output
+    (the heatmaps, and the landmarks of a build --landmarks) compared by name."""
     from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
 
     images = np.random.default_rng(0).random((2, *build.io.image.shape[1:]), dtype=np.float32)
     with OnnxRuntimeRunner(build.build_dir) as runner:
-        reference = runner.infer(images)
-    result, equal = {}, True
+        reference = runner.infer_all(images)
+    result, equal = {"outputs": sorted(reference)}, True
     for protocol in ("http", "grpc"):
         got = server.infer(protocol, build, images)
-        heatmaps = next(v for v in got.values() if v.ndim == 4)
-        same = heatmaps.shape == reference.shape and bool(np.array_equal(heatmaps, reference))
-        equal &= same
-        result[protocol] = ("outputs identical to in-process" if same else
-                            f"differs from in-process (max abs {float(np.abs(heatmaps - reference).max()):.3g})")
+        differ = {name: (float(np.abs(got[name] - ref).max()) if name in got and got[name].shape == ref.shape
+                         else float("nan")) for name, ref in reference.items()
+                  if not (name in got and np.array_equal(got[name], ref))}
+        equal &= not differ
+        result[protocol] = ("outputs identical to in-process" if not differ else
+                            "differs from in-process: " + ", ".join(f"{n} (max abs {d:.3g})" for n, d in differ.items()))
     result["equal"] = equal
     return result

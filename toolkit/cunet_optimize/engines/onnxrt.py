@@ -353,6 +353,21 @@ class OnnxRuntimeSessionRunner(Runner):
         (out,) = self._session.run([self._output], feed)
         return np.asarray(out, dtype=np.float32)
 
+    def infer_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the graph for `batch`, by name (`infer` returns the final head only):
+        what a server returns, e.g. the heatmaps and a decoded `landmarks` output."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: activate the runner (use `with runner:`) before infer_all()")
+        self.check_batch(batch)
+        feed = {self._input.name: np.ascontiguousarray(batch).astype(self._input_dtype, copy=False)}
+        names = [o.name for o in self._session.get_outputs()]
+        return dict(zip(names, self._session.run(names, feed)))
+
+    @property
+    def head_name(self) -> str:
+        """The output `infer` returns (engines.base.final_head), once active."""
+        return self._output
+
     def deactivate_impl(self) -> None:
         self._session = None
 

@@ -27,7 +27,7 @@ from cunet_optimize.engines.base import Runner, TorchRunner
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.evaluation import evaluate_landmarks
 from cunet_optimize.manifests.profile import (BUNDLE_ONLY_STATUS, MEASURED_STATUS, Accuracy, Latency, Layers, Memory,
-                                             ProfileManifest, Size, VariantRecord)
+                                             ProfileManifest, Served, Size, VariantRecord)
 from cunet_optimize.manifests.schema import to_dict
 from cunet_optimize.profiling.accuracy import (accuracy_delta, ced_for_plot, eval_data_for, pckh_curve_for_plot)
 from cunet_optimize.profiling.builds import BuildRecord, check_builds, read_build
@@ -284,6 +284,7 @@ def profile_engines(
     progress: bool = True,
     name: str | None = None,
     command: str | None = None,
+    serve_seconds: float | None = None,
 ) -> ProfileManifest:
     """Profile the builds in `build_dirs` plus the PyTorch FP32 baseline of their checkpoint.
 
@@ -291,10 +292,16 @@ def profile_engines(
     accuracy is skipped and the result's notes say so. `command` is the command line to
     record for reproduction (the CLI passes its own argv). `torch_threads` sets the
     PyTorch baseline's thread count (ONNX Runtime builds use their session.json's).
+    `serve_seconds` (profile --serve): also measure each CPU build served by Triton at
+    concurrency 1 and 8 beside in-process runs, each row this long (serving/served_latency.py).
     """
     _check_settings(build_dirs, runs, warmup, min_seconds, max_images, batch_sizes, torch_threads, memory)
+    server_env = _check_serve(serve_seconds)
     builds, eval_data, dataset, notes = _read_inputs(build_dirs, allow_mixed, data, split, crop, boxes=boxes,
                                                      normalizer=normalizer, flip=flip, max_images=max_images)
+    if server_env is not None and not any(_servable(b) for b in builds):
+        raise CUNetError("profile --serve measures CPU builds served by Triton; none of these is one (TensorRT "
+                         "builds are served on the device: docs/SERVING.md)")
     started = time.perf_counter()
     if torch_threads is not None:
         import torch
@@ -303,6 +310,8 @@ def profile_engines(
     env = environment()
     measure = _Measure(runs, warmup, min_seconds, tuple(int(b) for b in batch_sizes), dataset, eval_data, progress)
     variants = _measure_variants(builds, measure, memory, layer_runs)
+    if server_env is not None:
+        _measure_served(builds, variants, server_env, serve_seconds)
     env["load_average_end"] = load_average()
     notes += _busy_machine_notes(env)
     created = datetime.now(timezone.utc)
@@ -323,6 +332,38 @@ def profile_engines(
         seconds=time.perf_counter() - started,
         toolkit_version=__version__,
     )
+
+
+def _check_serve(serve_seconds: float | None):
+    """The server environment for profile --serve (None without it), refused in one line before
+    anything is read or measured where it is absent."""
+    if serve_seconds is None:
+        return None
+    if not serve_seconds > 0:
+        raise CUNetError(f"serve seconds must be > 0, got {serve_seconds}")
+    from cunet_optimize.serving.served_latency import require_server_env
+
+    return require_server_env("profile --serve")
+
+
+def _servable(build: BuildRecord) -> bool:
+    return build.backend == "onnxruntime" and bool(build.engine_built)
+
+
+def _measure_served(builds: list[BuildRecord], variants: list[VariantRecord], env, seconds: float) -> None:
+    """Each measured CPU build's `served` rows (in-process and Triton, concurrency 1 and 8)."""
+    from cunet_optimize.serving.served_latency import served_latency
+
+    by_dir = {str(b.path): b for b in builds}
+    for v in variants:
+        build = by_dir.get(v.build_dir or "")
+        if build is None:
+            continue
+        if not (_servable(build) and v.measured):
+            v.notes.append("not served (profile --serve): Triton here serves CPU engines only")
+            continue
+        log.info("serving %s (Triton, concurrency 1 and 8)", v.name)
+        v.served = part(Served, served_latency(build.path, env, seconds), f"profile variant {v.name} served")
 
 
 def _check_settings(build_dirs, runs, warmup, min_seconds, max_images, batch_sizes, torch_threads, memory) -> None:

@@ -4,14 +4,15 @@ on a face (or person) detector's objects, its raw outputs attached as tensor met
 Values follow NVIDIA's own facial-landmark secondary config (deepstream_tao_apps,
 faciallandmark_sgie_config.txt: network-type=100, output-tensor-meta=1, process-mode=2) and
 our preprocessing: RGB, pixel / 255 (net-scale-factor 1/255, offsets 0), NCHW 3x256x256.
-`NVINFER_KEYS` is the [property] key set of DeepStream's gstnvinfer_property_parser.h, which
-`check_nvinfer_config` holds every emitted key to.
+`NVINFER_KEYS` is the [property] key set of DeepStream's gstnvinfer_property_parser.h (cited
+below), which `check_nvinfer_config` holds every emitted key to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cunet_optimize.engines.base import LANDMARK_UNITS, LANDMARKS
 from cunet_optimize.serving.model_io import ModelIO
 
 SECTION = "property"
@@ -19,21 +20,28 @@ NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode; int4
 MODEL_COLOR_FORMAT_RGB = 0
 NET_SCALE_FACTOR = 1 / 255  # our images are RGB in [0, 1]
 
-# The [property] keys nvinfer parses (gstnvinfer_property_parser.h, DeepStream 6-7).
+# The [property] keys nvinfer's config parser knows: the CONFIG_GROUP_INFER_* macros of
+# sources/gst-plugins/gst-nvinfer/gstnvinfer_property_parser.h (DeepStream SDK, the 2018-2021
+# header of DeepStream 6.x; API reference: docs.nvidia.com/metropolis/deepstream/<version>/
+# dev-guide/sdk-api/gstnvinfer__property__parser_8h.html), plus the keys the 6.4 and 8.0
+# headers add (disable-output-host-copy, auto-inc-mem, max-gpu-mem-per, dump-input-tensor,
+# dump-output-tensor). The header's class-attrs-* keys belong to [class-attrs-N] groups, not
+# here; crop-objects-to-roi-boundary is an element property (g_object_set), not a config key.
 NVINFER_KEYS = frozenset("""
-gpu-id net-scale-factor offsets model-color-format model-file proto-file onnx-file uff-file
-tlt-encoded-model tlt-model-key model-engine-file int8-calib-file mean-file labelfile-path
-uff-input-dims uff-input-blob-name uff-input-order output-blob-names batch-size network-mode
-num-detected-classes gie-unique-id operate-on-gie-id operate-on-class-ids interval is-classifier
-process-mode output-tensor-meta network-input-order secondary-reinfer-interval maintain-aspect-ratio
-symmetric-padding parse-bbox-func-name parse-bbox-instance-mask-func-name custom-lib-path
-parse-classifier-func-name engine-create-func-name cluster-mode filter-out-class-ids
-classifier-async-mode classifier-threshold classifier-type input-object-min-width
-input-object-min-height input-object-max-width input-object-max-height workspace-size
-force-implicit-batch-dim infer-dims output-io-formats layer-device-precision network-type
-segmentation-threshold segmentation-output-order scaling-filter scaling-compute-hw enable-dla
-use-dla-core output-instance-mask crop-objects-to-roi-boundary disable-output-host-copy
-tensor-meta-pool-size custom-network-config
+parse-func gie-unique-id process-mode interval labelfile-path gpu-id secondary-reinfer-interval
+output-tensor-meta enable-dla use-dla-core batch-size tensor-meta-pool-size network-mode
+model-engine-file int8-calib-file workspace-size output-blob-names is-classifier network-type
+force-implicit-batch-dim infer-dims output-io-formats layer-device-precision model-color-format
+net-scale-factor offsets mean-file maintain-aspect-ratio symmetric-padding scaling-filter
+scaling-compute-hw network-input-order input-tensor-from-meta custom-lib-path parse-bbox-func-name
+parse-bbox-instance-mask-func-name engine-create-func-name parse-classifier-func-name
+custom-network-config model-file proto-file uff-file uff-input-order input-dims uff-input-dims
+uff-input-blob-name tlt-encoded-model tlt-model-key onnx-file num-detected-classes enable-dbscan
+cluster-mode classifier-type classifier-threshold classifier-async-mode segmentation-threshold
+segmentation-output-order output-instance-mask input-object-min-width input-object-min-height
+input-object-max-width input-object-max-height operate-on-gie-id operate-on-class-ids
+filter-out-class-ids
+disable-output-host-copy auto-inc-mem max-gpu-mem-per dump-input-tensor dump-output-tensor
 """.split())
 
 
@@ -70,7 +78,7 @@ def nvinfer_config(io: ModelIO, precision: str, batch_size: int, onnx_file: str,
         ("network-input-order", "0"),  # NCHW
         ("network-type", "100"),  # "other": no parser; the heatmaps go out as tensor meta
         ("output-tensor-meta", "1"),
-        ("output-blob-names", ";".join(t.name for t in io.outputs)),
+        ("output-blob-names", ";".join(t.name for t in _tensor_meta_outputs(io))),
         ("process-mode", "2"),  # secondary: on the detector's objects
         ("gie-unique-id", "2"),
         ("operate-on-gie-id", "1"),
@@ -85,9 +93,24 @@ def nvinfer_config(io: ModelIO, precision: str, batch_size: int, onnx_file: str,
         f"crop: our model expects a square crop of side max(w, h) x {box_factor:g} centred on the detector's box;",
         "nvinfer has no key that enlarges a box: enlarge the detector's boxes before this element "
         "(a pad probe on the detector or nvdspreprocess)",
-        "outputs: heatmaps [C, 64, 64] per object as NvDsInferTensorMeta (landmark = argmax x 4 in crop pixels)",
+        _outputs_comment(io),
     )
     return NvinferConfig(tuple(props), comments)
+
+
+def _tensor_meta_outputs(io: ModelIO):
+    """What nvinfer attaches per object: the decoded landmarks where the graph has them (C x 2
+    floats instead of C x 64 x 64), else the heatmaps."""
+    decoded = [t for t in io.outputs if t.name == LANDMARKS]
+    return decoded or list(io.outputs)
+
+
+def _outputs_comment(io: ModelIO) -> str:
+    shown = _tensor_meta_outputs(io)
+    if shown[0].name == LANDMARKS:
+        return f"outputs: {LANDMARKS} [C, 2] per object as NvDsInferTensorMeta: {LANDMARK_UNITS}"
+    return ("outputs: heatmaps [C, 64, 64] per object as NvDsInferTensorMeta (decode: argmax with a quarter-pixel "
+            f"shift, then {LANDMARK_UNITS.split('; ')[1]}; or build --landmarks)")
 
 
 def render_nvinfer(config: NvinferConfig) -> str:

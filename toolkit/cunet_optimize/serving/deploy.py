@@ -14,9 +14,9 @@ Everything emitted is validated here (serving/validate.py) before the build is c
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from cunet_optimize.atomic import link_or_copy
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.serving.deepstream import nvinfer_config, render_nvinfer
 from cunet_optimize.serving.model_io import read_model_io
@@ -41,7 +41,7 @@ def crop_note(box_factor: float) -> str:
 def write_deployment(build_dir: str | Path, name: str, target, precision: str, engine_settings: dict,
                      dla_core: int | None, box_factor: float, engine_file: str | None) -> dict:
     """Write BUILD/deploy/ for the build in `build_dir` (model.onnx there) and validate it;
-    returns build.json's record of it: {files, validation}. `target` is its TargetSpec,
+    returns build.json's record of it: {files, validation[, model_file, model_file_is]}. `target` is its TargetSpec,
     `engine_file` the TensorRT engine's name in the build folder (None for cpu)."""
     build_dir = Path(build_dir)
     onnx_path = build_dir / ONNX_FILE
@@ -52,9 +52,11 @@ def write_deployment(build_dir: str | Path, name: str, target, precision: str, e
     model_dir = build_dir / TRITON_DIR / name
     (model_dir / VERSION).mkdir(parents=True)
     (model_dir / CONFIG_FILE).write_text(render_config(model))
-    if backend == "onnxruntime":
-        shutil.copyfile(onnx_path, model_dir / VERSION / ONNX_FILE)
     files = [f"{TRITON_DIR}/{name}/{CONFIG_FILE}"]
+    record = {}
+    if backend == "onnxruntime":  # the build's model.onnx once on disk: both names hashed in build.json
+        record["model_file"] = f"{TRITON_DIR}/{name}/{VERSION}/{ONNX_FILE}"
+        record["model_file_is"] = link_or_copy(onnx_path, build_dir / record["model_file"]) + f" of {ONNX_FILE}"
     validation = {"triton": _validated_triton(model_dir, io)}
     if target.device == "jetson":
         ds_dir = build_dir / DEEPSTREAM_DIR
@@ -70,7 +72,7 @@ def write_deployment(build_dir: str | Path, name: str, target, precision: str, e
         files.append(ds_file.relative_to(build_dir).as_posix())
         validation["deepstream"] = f"{len(config.properties)} keys, all nvinfer keys; infer-dims, outputs, " \
                                    "scale, colour order and network mode match the ONNX and the build"
-    return {"files": files, "validation": validation}
+    return {"files": files, "validation": validation, **record}
 
 
 def _validated_triton(model_dir: Path, io) -> str:
