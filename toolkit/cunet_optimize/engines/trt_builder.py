@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from cunet_optimize.atomic import write_atomic
 from cunet_optimize.engines.base import BuildResult, OnnxContent, inspect_onnx
@@ -124,10 +124,8 @@ class TensorRTBuilder:
                 import tensorrt  # noqa: PLC0415  (present: apply_build_plan just used it)
 
                 built = True
-                for copy in engine_copies:
-                    (out / copy).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(engine, out / copy)
                 backend_version = tensorrt.__version__
+                _place_copies(engine, out, engine_copies)
                 artifacts["engine"] = str(engine)
         else:
             notes.append(f"bundle only, no engine built; on the {plan.target} run: bash {recipe}")
@@ -143,3 +141,11 @@ class TensorRTBuilder:
             notes=notes,
             engine_built=built,
         )
+
+
+def _place_copies(engine: Path, out: Path, copies: Sequence[str]) -> None:
+    """The built engine also where a deployment expects it (a Triton repository's 1/model.plan),
+    as the recipe does on the device; outside build() so the TensorRT API check reads no paths."""
+    for copy in copies:
+        (out / copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(engine, out / copy)
