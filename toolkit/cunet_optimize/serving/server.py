@@ -35,7 +35,8 @@ from cunet_optimize.serving.server_env import ServerEnv, prepare
 from cunet_optimize.serving.triton_config import CONFIG_FILE, VERSION, render_config, served_by_python_backend, triton_model
 
 READY_TIMEOUT_S = 60
-STOP_TIMEOUT_S = 30
+EXIT_TIMEOUT_S = 5
+STOP_TIMEOUT_S = 20  # after SIGINT, before SIGKILL: Triton's exit timeout and its models' unloading
 # Files run by the server environment's Python, never imported here (they import its packages)
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 KSERVE_CLIENT = Path(__file__).with_name("kserve_client.py")
@@ -110,6 +111,9 @@ class TritonServer:
                 f"--backend-directory={home / 'backends'}", f"--cache-directory={home / 'caches'}",
                 "--model-control-mode=explicit", "--disable-auto-complete-config",
                 "--allow-gpu-metrics=false", "--strict-readiness=true",
+                # Ctrl-C: stop waiting for in-flight requests after a few seconds (Triton's default is 30,
+                # which with STOP_TIMEOUT_S let a loaded machine take a minute to stop)
+                f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
                 f"--http-address={self.address}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}"]
