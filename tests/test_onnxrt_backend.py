@@ -158,7 +158,7 @@ def test_builder_refuses_what_the_cpu_target_cannot_run(tiny, tmp_path):
         OnnxRuntimeBuilder().build(onnx_path, "t4", "fp32", tmp_path)
     with pytest.raises(CUNetError, match="no QuantizeLinear/DequantizeLinear"):
         OnnxRuntimeBuilder().build(onnx_path, "cpu", "int8", tmp_path)
-    with pytest.raises(CUNetError, match="applies to int8 builds only"):
+    with pytest.raises(CUNetError, match="applies to int8 and int4 builds only"):
         OnnxRuntimeBuilder(qdq_flavour="int8-symmetric").build(onnx_path, "cpu", "fp32", tmp_path)
     with pytest.raises(CUNetError, match="unknown Q/DQ flavour 'int7'"):
         OnnxRuntimeBuilder(qdq_flavour="int7")
