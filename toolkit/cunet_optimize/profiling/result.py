@@ -22,7 +22,7 @@ class VariantProfile:
     role: str  # "baseline" (PyTorch FP32 of the builds' checkpoint) or "engine"
     precision: str
     target: str
-    backend: str  # "pytorch", "onnxruntime", "tensorrt"
+    backend: str  # "pytorch", "onnxruntime", "openvino", "tensorrt"
     backend_version: str | None
     runtime: str  # in words: what produced the numbers
     status: str  # MEASURED_STATUS, BUNDLE_ONLY_STATUS, or "not measured: <why>"
@@ -84,6 +84,8 @@ def what_ran_where(environment: dict, variants: list[dict]) -> str:
         runtimes.append(f"PyTorch {versions.get('torch')} (CPU, eager FP32)")
     if any(v.get("backend") == "onnxruntime" and v.get("measured") for v in variants):
         runtimes.append(f"ONNX Runtime {versions.get('onnxruntime')} (CPUExecutionProvider)")
+    if any(v.get("backend") == "openvino" and v.get("measured") for v in variants):
+        runtimes.append(f"OpenVINO {versions.get('openvino')} (CPU plugin)")
     if any(v.get("backend") == "tensorrt" and v.get("measured") for v in variants):
         runtimes.append(f"TensorRT {versions.get('tensorrt')} on {gpu}")
     where = f"{cpu}, {cores} cores, GPU: {gpu}"
