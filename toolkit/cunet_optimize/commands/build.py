@@ -108,6 +108,11 @@ def run(args) -> int:
     print(f"accuracy ({acc['runtime']}): {acc['metric']} {acc['quantized_value']:.3f}% vs FP32 "
           f"{acc['reference_value']:.3f}% ({acc['degradation_points']:+.3f} points worse, "
           f"gate {acc['tolerance']}: {'pass' if acc['passed'] else 'FAIL (not enforced)'})")
+    ov = acc.get("openvino")
+    if ov:  # a TensorRT bundle's ONNX also run in OpenVINO: a second opinion, not the gate
+        print(f"accuracy ({ov['runtime']}): " + (f"{acc['metric']} {ov['value']:.3f}% "
+              f"({ov['degradation_points']:+.3f} points worse; recorded, not gating)" if "value" in ov
+              else f"not measured: {ov['error']}"))
     for note in report.notes:
         print(f"note: {note}")
     if "auto" in m:
