@@ -480,16 +480,16 @@ def _timed_forms(b: _Build, result, before, options: dict):
 # The file of the symmetric Q/DQ form when OpenVINO runs it (else removed before the build is committed).
 OV_QDQ_MODEL_FILE = "model.ov.onnx"
 # Build precisions the CPU runtime choice times OpenVINO for (int4: weights OpenVINO would dequantize as
-# ONNX Runtime does; not timed).
+# ONNX Runtime does; not timed; nor are the builds of an auto plan, whose search times nothing on OpenVINO).
 OPENVINO_PRECISIONS = ("fp32", "int8", "bf16")
 
 
 def _times_openvino(b: _Build) -> bool:
-    """Whether this build times OpenVINO beside ONNX Runtime: a CPU build of OPENVINO_PRECISIONS where
-    OpenVINO is installed (without the extra, nothing changes)."""
+    """Whether this build times OpenVINO beside ONNX Runtime: a CPU build of OPENVINO_PRECISIONS (not
+    an auto plan) where OpenVINO is installed (without the extra, nothing changes)."""
     from cunet_optimize.engines.openvino import openvino_version
 
-    return (b.target.device == "cpu" and engine_precision(b.opts) in OPENVINO_PRECISIONS
+    return (b.target.device == "cpu" and b.opts.precision != "auto" and engine_precision(b.opts) in OPENVINO_PRECISIONS
             and openvino_version() is not None)
 
 
