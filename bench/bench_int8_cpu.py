@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +84,7 @@ def bench(spec: str, runs: int) -> dict:
     import onnxruntime as ort
 
     from cunet_optimize.data.synth import verification_batch
+    from cunet_optimize.onnx_tools.verify import time_sessions
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_forms(spec, Path(tmp))
@@ -100,14 +100,8 @@ def bench(spec: str, runs: int) -> dict:
                 sessions[f"{name} x{threads} {pool}"] = ort.InferenceSession(str(path), so,
                                                                                providers=["CPUExecutionProvider"])
     feed = {"image": verification_batch(1)}
-    times = {k: [] for k in sessions}
     load = [os.getloadavg()[0]]
-    for i in range(runs + 2):
-        for key, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feed)
-            if i >= 2:
-                times[key].append((time.perf_counter() - start) * 1e3)
+    times = time_sessions(sessions, feed, runs, warmup=2)
     load.append(os.getloadavg()[0])
     latency = {k: {"median": round(float(np.median(t)), 2), "p10": round(float(np.percentile(t, 10)), 2)}
                for k, t in times.items()}

@@ -72,7 +72,7 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
 
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.exporters import export_onnx
-    from cunet_optimize.onnx_tools.verify import compare_outputs, make_session, run_onnxruntime
+    from cunet_optimize.onnx_tools.verify import compare_outputs, make_session, run_onnxruntime, time_sessions
     from cunet_optimize.quant import parse_precision, post_training_quantize
     from cunet_optimize.quant.policy import DEFAULT_EQUALIZE_ALPHA
     from cunet_optimize.surgery import activation_memory, run_surgery
@@ -128,17 +128,9 @@ def bench_model(name: str, runs: int, warmup: int, threads: int) -> dict:
                                                                  for o in check.outputs), 4),
         }
         sessions[f"{precision} {form}"] = make_session(result.model, "all", intra_op_num_threads=threads)
-    times = {form: [] for form in sessions}
-    for session in sessions.values():
-        for _ in range(warmup):
-            session.run(None, feeds)
-    for _ in range(runs):
-        for form, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times[form].append(time.perf_counter() - start)
+    times = time_sessions(sessions, feeds, runs, warmup=warmup)
     for form in sessions:
-        t = np.array(times[form]) * 1e3
+        t = np.array(times[form])
         forms[form]["ort_cpu_latency_ms"] = {"median": round(float(np.median(t)), 2), "p90": round(float(np.percentile(t, 90)), 2),
                                              "runs": runs}
     out["forms"] = forms

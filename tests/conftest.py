@@ -104,6 +104,13 @@ def int8_build(tmp_path_factory, tiny, faces) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
+def landmarks_build(tmp_path_factory, tiny, faces) -> SimpleNamespace:
+    """The tiny model built in INT8 for the CPU with the landmark decoder (`build --landmarks`), as fp32_build."""
+    return _finished_build(tmp_path_factory, lambda w: tiny_build_args(tiny, faces, w, "int8", "--landmarks"),
+                           "landmarks-build")
+
+
+@pytest.fixture(scope="session")
 def auto_build(tmp_path_factory, tiny, faces) -> SimpleNamespace:
     """The tiny model built with --precision auto for the CPU under a huge budget (every conv
     that may take INT4 does), as fp32_build."""

@@ -116,6 +116,19 @@ def test_profile_manifest_round_trips():
     assert ProfileManifest.from_dict(m.to_dict()) == m
     int8 = next(v for v in m.variants if v.name == "cunet-int8-cpu")
     assert int8.latency.median_ms == 10.0 and int8.build_accuracy.passed is not None and int8.layers.by_op_type
+    assert [r.concurrency for r in int8.served.rows] == [1, 8, 1, 8]
+    assert int8.served.rows[3].executions_by_batch_size == {"2": 10, "8": 26, "10": 1}
+
+
+def test_a_profile_from_before_profile_serve_still_reads():
+    data = full_profile()
+    for v in data["variants"]:
+        v.pop("served", None)
+    assert all(v.served is None for v in ProfileManifest.from_dict(data).variants)
+    bad = copy.deepcopy(full_profile())
+    bad["variants"][2]["served"]["rows"][0]["concurrency"] = "eight"
+    with pytest.raises(ManifestError, match=r"variants\[2\]\.served\.rows\[0\]\.concurrency is str 'eight'"):
+        ProfileManifest.from_dict(bad, "p.json")
 
 
 def test_a_profile_of_another_schema_or_type_is_refused_in_one_line():

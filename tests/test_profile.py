@@ -602,3 +602,40 @@ def test_no_eval_data_skips_accuracy_with_a_note(workspace, tmp_path):
     assert profile["data"] is None and all(v["accuracy"] is None for v in profile["variants"])
     assert any("pass --data DIR" in n for n in profile["notes"])
     assert all(math.isfinite(v["latency"]["median_ms"]) for v in profile["variants"])
+
+
+# ----- profile --serve (the server environment: serving/server_env.py; `serve` creates it)
+
+def test_profile_serve_without_the_server_environment_is_one_line(int8_build, tmp_path, monkeypatch, capsys, caplog):
+    from conftest import run_cli
+
+    monkeypatch.delenv("CUNET_TRITON_ENV", raising=False)
+    monkeypatch.setenv("CUNET_OPTIMIZE_CACHE", str(tmp_path / "empty-cache"))
+    status, out, err = run_cli(["profile", int8_build.out, "--workdir", tmp_path, "--serve", "--out", "s"], capsys,
+                               caplog)
+    assert status == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "profile --serve: the Triton server environment is absent" in lines[0], err
+    assert not (tmp_path / "reports").exists()  # refused before anything was measured or written
+
+
+@pytest.mark.slow
+def test_profile_serve_measures_served_beside_in_process(int8_build, tmp_path):
+    from cunet_optimize.report import render_html
+    from cunet_optimize.serving.server_env import find_server_env
+
+    env = find_server_env()
+    if env is None:
+        pytest.skip("the Triton server environment is absent (`cunet-optimize serve` creates it on first use; "
+                    "needs the package index)")
+    profile = profile_engines([int8_build.out], runs=2, warmup=1, batch_sizes=[1], memory="off", layer_runs=0,
+                              progress=False, serve_seconds=0.5).to_dict()
+    engine = next(v for v in profile["variants"] if v["role"] == "engine")
+    rows = engine["served"]["rows"]
+    assert [(r["runner"], r["concurrency"]) for r in rows] == [
+        ("in-process ONNX Runtime", 1), ("in-process ONNX Runtime", 8), ("Triton http (perf_analyzer)", 1),
+        ("Triton http (perf_analyzer)", 8), ("Triton grpc (perf_analyzer)", 1), ("Triton grpc (perf_analyzer)", 8)]
+    assert all(r["p50_ms"] > 0 and r["throughput_infer_per_s"] > 0 for r in rows)
+    served_c8 = [r for r in rows if r["runner"].startswith("Triton") and r["concurrency"] == 8]
+    assert all(sum(r["executions_by_batch_size"].values()) > 0 for r in served_c8)
+    assert 'id="served"' in render_html(profile)

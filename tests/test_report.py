@@ -11,7 +11,8 @@ import pytest
 
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, read_profile
-from cunet_optimize.profiling.result import VariantProfile, profile_manifest, speedups, what_ran_where
+from cunet_optimize.manifests.profile import VariantRecord
+from cunet_optimize.profiling.result import profile_manifest, speedups, variant_record, what_ran_where
 from cunet_optimize.report import render_html, write_report
 from cunet_optimize.report.svg import nice_ticks, pareto_front
 
@@ -42,9 +43,10 @@ def accuracy(nme: float, ref: float, tol: float = 0.1) -> dict:
 
 
 def variant(name: str, median: float | None, nme: float | None, precision="int8", backend="onnxruntime",
-            role="engine", **extra) -> VariantProfile:
+            role="engine", **extra) -> VariantRecord:
+    """A row as the profiler fills it, from plain data (`extra`: more fields, e.g. layers)."""
     measured = median is not None
-    v = VariantProfile(
+    fields = dict(
         name=name, role=role, precision=precision, target="cpu", backend=backend, backend_version="1.32.0",
         runtime=f"{backend} runtime of {name}", status="measured" if measured else BUNDLE_ONLY_STATUS,
         measured=measured, model_sha256="ab" * 32, build_dir=f"/w/engines/{name}", engine_built=measured,
@@ -55,15 +57,13 @@ def variant(name: str, median: float | None, nme: float | None, precision="int8"
                           "by_dtype": {"int8": {"tensors": 10, "elements": 250_000, "bytes": 250_000}}}},
     )
     if measured:
-        v.latency = latency(median)
-        v.batch_sweep = [latency(median), latency(median * 1.6, 2)]
-        v.memory = {"peak_rss_bytes": 300 << 20, "baseline_rss_bytes": 250 << 20,
-                    "inference_growth_bytes": 50 << 20, "method": "test method"}
+        fields["latency"] = latency(median)
+        fields["batch_sweep"] = [latency(median), latency(median * 1.6, 2)]
+        fields["memory"] = {"peak_rss_bytes": 300 << 20, "baseline_rss_bytes": 250 << 20,
+                            "inference_growth_bytes": 50 << 20, "method": "test method"}
     if nme is not None:
-        v.accuracy = accuracy(nme, 3.0)
-    for key, value in extra.items():
-        setattr(v, key, value)
-    return v
+        fields["accuracy"] = accuracy(nme, 3.0)
+    return variant_record(**fields, **extra)
 
 
 LAYERS = {"source": "ONNX Runtime profiler", "runs": 10, "nodes": 40, "total_ms_per_run": 5.0, "batch_size": 1,
@@ -83,9 +83,22 @@ BUILD_GATE = {"runtime": "ONNX Runtime 1.32 CPU (ORT_DISABLE_ALL reference)", "r
               "passed": True}
 
 
-def make_profile(variants: list[VariantProfile], name: str = "p1", data: dict | None = DATA) -> dict:
+# profile --serve's rows of a CPU build, as serving/served_latency.py writes them (numbers made up)
+SERVED = {"triton": "2.51.0", "image_batch": 1, "seconds": 5.0, "rows": [
+    {"runner": "in-process ONNX Runtime", "concurrency": 1, "p50_ms": 10.0, "p99_ms": 12.0,
+     "throughput_infer_per_s": 99.0, "requests": 495},
+    {"runner": "in-process ONNX Runtime", "concurrency": 8, "p50_ms": 80.0, "p99_ms": 95.0,
+     "throughput_infer_per_s": 98.0, "requests": 490},
+    {"runner": "Triton http (perf_analyzer)", "concurrency": 1, "p50_ms": 14.5, "p99_ms": 17.0,
+     "throughput_infer_per_s": 68.0, "server_queue_ms": 0.1, "server_compute_ms": 11.0,
+     "executions_by_batch_size": {"1": 340}},
+    {"runner": "Triton grpc (perf_analyzer)", "concurrency": 8, "p50_ms": 70.0, "p99_ms": 90.0,
+     "throughput_infer_per_s": 108.5, "server_queue_ms": 30.0, "server_compute_ms": 40.0,
+     "executions_by_batch_size": {"2": 10, "8": 26, "10": 1}}]}
+
+
+def make_profile(variants: list[VariantRecord], name: str = "p1", data: dict | None = DATA) -> dict:
     speedups(variants)
-    dicts = [v.__dict__ for v in variants]
     return profile_manifest(
         name=name, created="2026-01-01T00:00:00+00:00", environment=ENV,
         settings={"runs": 50, "warmup": 10, "batch_sizes": [1, 2], "sweep_runs": "50 at batch 1",
@@ -93,7 +106,7 @@ def make_profile(variants: list[VariantProfile], name: str = "p1", data: dict | 
         data=data, variants=variants,
         commands={"builds": [{"name": v.name, "command": v.command} for v in variants if v.role == "engine"],
                   "profile": "cunet-optimize profile --runs 50"},
-        statement=what_ran_where(ENV, dicts), notes=["a note for the reader"], seconds=12.0,
+        statement=what_ran_where(ENV, variants), notes=["a note for the reader"], seconds=12.0,
         toolkit_version="0.1.0",
     ).to_dict()
 
@@ -103,7 +116,7 @@ def full_profile(extra_variants: int = 0, name: str = "p1", int8_ms: float = 10.
         variant("pytorch-fp32", 40.0, 3.0, precision="fp32", backend="pytorch", role="baseline"),
         variant("cunet-fp32-cpu", 20.0, 3.01, precision="fp32", layers=LAYERS),
         variant("cunet-int8-cpu", int8_ms, 3.05, layers=LAYERS, surgery=SURGERY, calibration=CALIBRATION,
-                build_accuracy=BUILD_GATE),
+                build_accuracy=BUILD_GATE, served=SERVED),
         variant("cunet-int8-jetson-orin-nano", None, None, backend="tensorrt"),
     ]
     for i in range(extra_variants):
@@ -159,7 +172,8 @@ def check_structure(page: str) -> StructureChecker:
 
 def assert_self_contained(page: str) -> None:
     lowered = page.lower()
-    assert "http" not in lowered  # no URLs of any kind, not even an SVG namespace
+    # no URLs of any kind, not even an SVG namespace (the word http may name a protocol: the served table)
+    assert "http:" not in lowered and "https:" not in lowered
     for needle in ("<script", "src=", "url(", "@import", "<link", "<iframe", "<img", "//"):
         assert needle not in lowered, needle
 
@@ -188,13 +202,28 @@ def test_full_report_has_every_section():
     page = render_html(full_profile())
     checker = check_structure(page)
     assert_self_contained(page)
-    for anchor in ("summary", "pareto", "ced", "accuracy", "latency", "memory", "layers", "surgery",
+    for anchor in ("summary", "pareto", "ced", "accuracy", "latency", "served", "memory", "layers", "surgery",
                    "calibration", "environment", "reproduce", "notes"):
         assert f'<section id="{anchor}">' in page, anchor
         assert f'href="#{anchor}"' in page, anchor
     assert checker.counts["svg"] >= 4  # Pareto, CED, one bar chart per variant with layer times
     text = " ".join(checker.text)
     assert "TensorRT bundles were not built here" in text and "Test CPU 9000" in text
+
+
+def test_the_served_section_shows_in_process_and_served_rows_side_by_side():
+    page = render_html(full_profile())
+    served = page[page.index('<section id="served">'):]
+    served = served[:served.index("</section>")]
+    rows = [r for r in served.split("<tr>")[2:]]
+    assert len(rows) == 4 and all("cunet-int8-cpu" in r for r in rows)  # only the build that was served
+    assert "in-process ONNX Runtime" in rows[0] and "Triton grpc (perf_analyzer)" in rows[3]
+    assert "108.5" in rows[3] and "2: 10, 8: 26, 10: 1" in rows[3]  # the batcher's work, by batch size in order
+    assert "Triton 2.51.0" in served and "5.0 s" in served
+    without = full_profile()
+    for v in without["variants"]:
+        v.pop("served", None)
+    assert 'id="served"' not in render_html(without)  # a profile without --serve (or an older one) has none
 
 
 def test_summary_table_numbers():

@@ -59,9 +59,10 @@ TRT11_ONLY = {("OnnxParserFlag", "ADJUST_FOR_DLA")}
 # wrappers, whose API is polygraphy's, checked by test_polygraphy.py), by source text.
 UNTYPED_OK = {
     "batch", "buf", "bundle / 'trt_plan.json'", "bundle_onnx", "cache_path", "content", "cuda", "d_in", "form",
-    "getattr(self, '_buffers', {})", "host_in", "json", "log", "logging", "notes", "np", "onnx_path", "os",
+    "getattr(self, '_buffers', {})", "host_in", "json", "log", "logging", "notes", "np", "onnx_path", "options", "os",
     "os.path", "out", "plan", "self", "self._buffers", "self._buffers[last]", "self._cuda",
     "self._device_buffer(name, shape, dtype)", "self._stream", "self.engine_path", "shutil", "super()", "sys",
+    "out / copy", "(out / copy).parent",  # the engine's copies for a Triton repository (trt_builder._place_copies)
 }
 
 

@@ -3,6 +3,8 @@ a deep network's correct graph passes, miswired graphs fail, in both directions.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -15,7 +17,7 @@ from cunet_optimize.exporters import export_onnx
 from cunet_optimize.exporters.onnx_export import reference_heads, verify_against_torch, verify_wiring
 from cunet_optimize.models import load_model
 from cunet_optimize.models.batchnorm import reestimate_batchnorm
-from cunet_optimize.onnx_tools.verify import NOISE_MULTIPLE, TOLERANCES, compare_outputs, run_onnxruntime
+from cunet_optimize.onnx_tools.verify import NOISE_MULTIPLE, TOLERANCES, compare_outputs, run_onnxruntime, time_sessions
 
 
 def _compare(actual, reference, noisy, kind="fp32"):
@@ -197,3 +199,22 @@ def test_fp16_export_refuses_a_scale_float16_cannot_hold(int8_export, tmp_path):
     assert not (tmp_path / "q16.onnx").exists()
     quantizer.scale.fill_(1e-2)  # an ordinary scale is held
     export_onnx(qmodel, tmp_path / "q16.onnx", opset=19, fp16=True, verify=False)
+
+
+def test_time_sessions_alternates_run_by_run_and_leaves_out_the_warmup():
+    calls = []
+
+    class Session:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def run(self, outputs, feeds):
+            calls.append((self.name, feeds["image"].shape))
+            time.sleep(self.seconds)
+
+    feeds = {"image": np.zeros((1, 3, 8, 8), np.float32)}
+    times = time_sessions({"fast": Session("fast", 0.0), "slow": Session("slow", 0.02)}, feeds, runs=3, warmup=2)
+    assert [name for name, _ in calls] == ["fast", "slow"] * 5  # 2 warm-up rounds, then 3 timed
+    assert all(shape == (1, 3, 8, 8) for _, shape in calls)
+    assert len(times["fast"]) == len(times["slow"]) == 3
+    assert min(times["slow"]) >= 20.0  # milliseconds

@@ -61,6 +61,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def link_or_copy(source: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """`dest` as a hard link to `source` where the filesystem allows one (the bytes stored
+    once), else a copy; returns which ("hard link" | "copy"). Only for files nothing rewrites
+    in place: a writer that replaces a file (atomic_path, os.replace) unlinks it, leaving
+    the other name with the old bytes, as a copy would."""
+    try:
+        os.link(source, dest)
+        return "hard link"
+    except OSError:  # another filesystem, or one without hard links (FAT, some network mounts)
+        shutil.copyfile(source, dest)
+        return "copy"
+
+
 def replace_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None:
     """Rename the finished folder `staging` to `final` (same parent). A folder already at `final`
     is renamed aside first (.<name>.partial-replaced-*/<name>, which workdir_lock's clean-up

@@ -39,7 +39,7 @@ LED_BY_RANK_0 = ("build",)
 COMMANDS = [
     "models", "data", "train", "eval", "predict",  # models, data, accuracy
     "calibrate", "qat", "export", "surgery", "lint",  # the stages, one by one
-    "targets", "build", "profile", "report",  # the pipeline and its measurement
+    "targets", "build", "serve", "profile", "report",  # the pipeline, serving it, its measurement
 ]
 
 

@@ -66,7 +66,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER,
                    help=f"torch.onnx exporter: legacy (TorchScript) or dynamo (torch.export; fp32, fp16 and int8 "
                         f"weights only) (default {DEFAULT_EXPORTER}, see exporters/onnx_export.py)")
-    p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>)")
+    p.add_argument("--landmarks", action="store_true",
+                   help="append the in-graph landmark decoder: a `landmarks` output [B, C, 2] (x, y in heatmap "
+                        "pixels) beside the heatmaps, in the engine and its deploy/ configs, so clients get "
+                        "coordinates (default name gets -landmarks)")
+    p.add_argument("--name", help="build folder name (default: <model>-<precision>-<target>[-landmarks])")
     p.add_argument("--workdir", default=".", help="artifacts go to WORKDIR/engines and WORKDIR/calib")
     p.add_argument("--force", action="store_true", help="replace an existing build of the same name")
     p.add_argument("--json", action="store_true", help="print build.json to stdout")
@@ -88,7 +92,7 @@ def build_options(args, command: str | None = None) -> BuildOptions:
         eval_data=args.eval_data, eval_split=args.eval_split, max_nme_increase=args.max_nme_increase,
         max_pckh_decrease=args.max_pckh_decrease,
         accuracy_gate=not args.no_accuracy_gate, trt_major=args.trt_major, dla_core=args.dla_core,
-        exporter=args.exporter,
+        exporter=args.exporter, landmarks=args.landmarks,
         workdir=args.workdir,
         force=args.force, name=args.name, command=command_line() if command is None else command,
         objective=args.objective, auto_grain=args.auto_grain, auto_heldout_images=args.auto_heldout_images,

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cunet_optimize.commands.common import non_negative_float, non_negative_int, positive_int
+from cunet_optimize.commands.common import non_negative_float, non_negative_int, positive_float, positive_int
 from cunet_optimize.commands.common import add_force_argument, check_new_output, json_stream, print_table
 from cunet_optimize.targets import TARGETS
 from cunet_optimize.errors import CUNetError
@@ -24,6 +24,7 @@ from cunet_optimize.profiling.profiler import DEFAULT_BATCH_SIZES, DEFAULT_RUNS,
 from cunet_optimize.report import write_report
 from cunet_optimize.report.format import MISSING, fmt_bytes, fmt_ms, fmt_num, fmt_pass, fmt_speedup
 
+DEFAULT_SERVE_SECONDS = 5.0  # per served row: perf_analyzer's measurement window
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -98,6 +99,12 @@ def add_parser(subparsers) -> None:
                    help="runs under the ONNX Runtime profiler for per-layer time "
                         f"(0 = skip; default {LAYER_PROFILE_RUNS})")
     p.add_argument("--threads", type=positive_int, default=None, help="PyTorch baseline threads (default: PyTorch's)")
+    p.add_argument("--serve", action="store_true",
+                   help="also measure each CPU build served by Triton (HTTP and gRPC, perf_analyzer) at concurrency "
+                        "1 and 8 beside the engine in-process at the same concurrency (needs the server environment "
+                        "`serve` creates: docs/SERVING.md)")
+    p.add_argument("--serve-seconds", type=positive_float, default=DEFAULT_SERVE_SECONDS, metavar="S",
+                   help=f"--serve: measure each row this long (default {DEFAULT_SERVE_SECONDS:g})")
     p.add_argument("--allow-mixed", action="store_true", help="allow builds of different models in one report")
     p.add_argument("--out", metavar="NAME", help="report name (default profile-<UTC timestamp>)")
     add_force_argument(p, "the report NAME.json and NAME.html")
@@ -111,13 +118,14 @@ def command_line(args) -> str:
     argv = ["cunet-optimize", "profile", *args.engine_dirs]
     defaults = {"workdir": ".", "runs": DEFAULT_RUNS, "warmup": DEFAULT_WARMUP, "min_seconds": 0.0,
                 "batch_sizes": ",".join(map(str, DEFAULT_BATCH_SIZES)), "memory": "subprocess",
-                "layer_runs": LAYER_PROFILE_RUNS}
+                "layer_runs": LAYER_PROFILE_RUNS, "serve_seconds": DEFAULT_SERVE_SECONDS}
     for key in ("workdir", "data", "split", "crop", "boxes", "normalizer", "max_images", "runs", "warmup",
-                "min_seconds", "batch_sizes", "memory", "layer_runs", "threads", "out"):
+                "min_seconds", "batch_sizes", "memory", "layer_runs", "threads", "out",
+                *(("serve_seconds",) if args.serve else ())):
         value = getattr(args, key)
         if value is not None and value != defaults.get(key):
             argv += [f"--{key.replace('_', '-')}", str(value)]
-    for flag in ("flip", "allow_mixed"):
+    for flag in ("flip", "allow_mixed", "serve"):
         if getattr(args, flag):
             argv.append(f"--{flag.replace('_', '-')}")
     return shlex.join(argv)
@@ -152,7 +160,7 @@ def run(args) -> int:
         flip=args.flip, max_images=args.max_images, runs=args.runs, warmup=args.warmup,
         min_seconds=args.min_seconds, batch_sizes=sizes, memory=args.memory, layer_runs=args.layer_runs,
         allow_mixed=args.allow_mixed, torch_threads=args.threads, progress=not args.no_progress,
-        name=name, command=command_line(args),
+        name=name, command=command_line(args), serve_seconds=args.serve_seconds if args.serve else None,
     )
     profile = result.to_dict()
     json_path, html_path = write_report(profile, workdir / "reports", result.name)

@@ -21,6 +21,12 @@ from cunet_optimize.errors import CUNetError
 # One image as the CU-Net stem expects it; the batch dimension is left free.
 IMAGE_CHW = (3, 256, 256)
 
+# The decoded output a deployed graph may have beside its heatmaps (exporters/landmarks.py
+# appends it: export --landmarks, build --landmarks), and what it holds, as build.json and the
+# serving configs state it (data/transforms.py's heatmap_to_input_coords maps it into the crop).
+LANDMARKS = "landmarks"
+LANDMARK_UNITS = "(x, y) per point in heatmap pixels (64x64, 0-based); in the 256x256 crop: (u + 0.5) x 4 - 0.5"
+
 
 def final_head(outputs: list[tuple[str, int | None]]) -> str:
     """The prediction among a model's outputs, given as (name, rank) pairs in graph order.

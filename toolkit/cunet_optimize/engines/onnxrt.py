@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,7 +44,7 @@ from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.onnx_tools.verify import open_session
+from cunet_optimize.onnx_tools.verify import open_session, time_sessions
 
 SESSION_SCHEMA = "cunet-optimize/ort-session/1"
 SESSION_FILE = "session.json"
@@ -186,14 +185,7 @@ def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: s
     image = (verification_batch(1) if size == [INPUT_SIZE, INPUT_SIZE]
              else np.random.default_rng(0).random((1, first.shape[1], *size), dtype=np.float32))
     feed = {first.name: image.astype(np.float16 if first.type == "tensor(float16)" else np.float32)}
-    times: dict[Any, list[float]] = {key: [] for key in sessions}
-    for i in range(runs + 2):  # two warm-up rounds
-        for key, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feed)
-            if i >= 2:
-                times[key].append((time.perf_counter() - start) * 1e3)
-    return {key: float(np.median(t)) for key, t in times.items()}
+    return {key: float(np.median(t)) for key, t in time_sessions(sessions, feed, runs, warmup=2).items()}
 
 
 class OnnxRuntimeBuilder:
@@ -363,6 +355,21 @@ class OnnxRuntimeSessionRunner(Runner):
         feed = {self._input.name: batch.astype(self._input_dtype, copy=False)}
         (out,) = self._session.run([self._output], feed)
         return np.asarray(out, dtype=np.float32)
+
+    def infer_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the graph for `batch`, by name (`infer` returns the final head only):
+        what a server returns, e.g. the heatmaps and a decoded `landmarks` output."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: activate the runner (use `with runner:`) before infer_all()")
+        self.check_batch(batch)
+        feed = {self._input.name: np.ascontiguousarray(batch).astype(self._input_dtype, copy=False)}
+        names = [o.name for o in self._session.get_outputs()]
+        return dict(zip(names, self._session.run(names, feed)))
+
+    @property
+    def head_name(self) -> str:
+        """The output `infer` returns (engines.base.final_head), once active."""
+        return self._output
 
     def deactivate_impl(self) -> None:
         self._session = None

@@ -67,6 +67,81 @@ def _enum(trt: Any, enum_name: str, member: str) -> Any:
         ) from None
 
 
+# apply_build_plan's steps come before it: tests/test_trt_api_surface.py types the TensorRT
+# objects by name in source order, so `builder` and `config` are known where it uses them.
+def _builder(trt: Any, logger: Any, version: str, hint: str) -> Any:
+    """trt.Builder, or TensorRTUnavailable where TensorRT finds no usable GPU."""
+    try:
+        builder = trt.Builder(logger)
+    except Exception as exc:  # TensorRT raises a bare TypeError/RuntimeError without a CUDA device
+        raise TensorRTUnavailable(
+            f"TensorRT {version} found but no usable NVIDIA GPU ({exc}); {hint}"
+        ) from exc
+    if builder is None:
+        raise TensorRTUnavailable(f"TensorRT {version} found but no usable NVIDIA GPU; {hint}")
+    return builder
+
+
+def _parse_onnx(trt: Any, builder: Any, logger: Any, plan: BuildPlan, onnx_path: Path,
+                version: str) -> tuple[Any, Any]:
+    """(network, parser): the ONNX file parsed with the plan's network and parser flags."""
+    flags = 0
+    for name in plan.network_flags:
+        flags |= 1 << int(_enum(trt, "NetworkDefinitionCreationFlag", name))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    for name in plan.parser_flags:
+        parser.set_flag(_enum(trt, "OnnxParserFlag", name))
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        first = errors[0] if errors else "no error reported"
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise CUNetError(
+            f"TensorRT {version} could not parse {onnx_path}: {first}{more}; "
+            "check it with `polygraphy inspect model` and `cunet-optimize lint`"
+        )
+    return network, parser
+
+
+def _builder_config(trt: Any, builder: Any, plan: BuildPlan, cache_path: Path | None) -> Any:
+    """The builder config of the plan: flags, workspace, the optimisation profile, the timing
+    cache (read from `cache_path` when it exists), then the DLA and hardware compatibility."""
+    config = builder.create_builder_config()
+    for name in plan.builder_flags:
+        config.set_flag(_enum(trt, "BuilderFlag", name))
+    config.set_memory_pool_limit(_enum(trt, "MemoryPoolType", "WORKSPACE"), plan.workspace_bytes)
+
+    shapes = plan.profile_shapes
+    profile = builder.create_optimization_profile()
+    profile.set_shape(plan.input_name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+
+    if cache_path is not None:
+        previous = cache_path.read_bytes() if cache_path.is_file() else b""
+        cache = config.create_timing_cache(previous)
+        config.set_timing_cache(cache, ignore_mismatch=False)  # a foreign cache is an error
+    _place(trt, builder, config, plan)
+    return config
+
+
+def _place(trt: Any, builder: Any, config: Any, plan: BuildPlan) -> None:
+    """Where the engine may run: the plan's DLA core (refused beyond the device's cores), and
+    the hardware compatibility level that lets it run on other GPUs than the one building it."""
+    if plan.uses_dla:
+        cores = getattr(builder, "num_DLA_cores", 0)
+        if plan.dla_core >= cores:
+            raise CUNetError(
+                f"this device has {cores} DLA core(s); the plan wants core {plan.dla_core}: "
+                "rebuild the bundle with another dla_core or without DLA"
+            )
+        config.default_device_type = _enum(trt, "DeviceType", "DLA")
+        config.DLA_core = plan.dla_core
+    if plan.hardware_compat:
+        config.hardware_compatibility_level = _enum(
+            trt, "HardwareCompatibilityLevel", HARDWARE_COMPAT_LEVELS[plan.hardware_compat]
+        )
+
+
 def apply_build_plan(plan: BuildPlan, base_dir: str | os.PathLike = ".", trt: Any = None) -> Path:
     """Build the engine the plan describes and write it to base_dir/plan.engine_path.
 
@@ -83,60 +158,12 @@ def apply_build_plan(plan: BuildPlan, base_dir: str | os.PathLike = ".", trt: An
         raise CUNetError(f"ONNX file not found: {onnx_path}; the bundle is incomplete, rebuild it")
 
     logger = trt.Logger(trt.Logger.WARNING)
-    try:
-        builder = trt.Builder(logger)
-    except Exception as exc:  # TensorRT raises a bare TypeError/RuntimeError without a CUDA device
-        raise TensorRTUnavailable(
-            f"TensorRT {version} found but no usable NVIDIA GPU ({exc}); {hint}"
-        ) from exc
-    if builder is None:
-        raise TensorRTUnavailable(f"TensorRT {version} found but no usable NVIDIA GPU; {hint}")
-
-    flags = 0
-    for name in plan.network_flags:
-        flags |= 1 << int(_enum(trt, "NetworkDefinitionCreationFlag", name))
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    for name in plan.parser_flags:
-        parser.set_flag(_enum(trt, "OnnxParserFlag", name))
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        first = errors[0] if errors else "no error reported"
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise CUNetError(
-            f"TensorRT {version} could not parse {onnx_path}: {first}{more}; "
-            "check it with `polygraphy inspect model` and `cunet-optimize lint`"
-        )
-
-    config = builder.create_builder_config()
-    for name in plan.builder_flags:
-        config.set_flag(_enum(trt, "BuilderFlag", name))
-    config.set_memory_pool_limit(_enum(trt, "MemoryPoolType", "WORKSPACE"), plan.workspace_bytes)
-
-    shapes = plan.profile_shapes
-    profile = builder.create_optimization_profile()
-    profile.set_shape(plan.input_name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
-
+    builder = _builder(trt, logger, version, hint)
+    # the parser stays referenced until the engine is built (as Polygraphy keeps it beside the
+    # network): it owns the weights the network points at
+    network, parser = _parse_onnx(trt, builder, logger, plan, onnx_path, version)
     cache_path = base / plan.timing_cache if plan.timing_cache else None
-    if cache_path is not None:
-        previous = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(previous)
-        config.set_timing_cache(cache, ignore_mismatch=False)  # a foreign cache is an error
-
-    if plan.uses_dla:
-        cores = getattr(builder, "num_DLA_cores", 0)
-        if plan.dla_core >= cores:
-            raise CUNetError(
-                f"this device has {cores} DLA core(s); the plan wants core {plan.dla_core}: "
-                "rebuild the bundle with another dla_core or without DLA"
-            )
-        config.default_device_type = _enum(trt, "DeviceType", "DLA")
-        config.DLA_core = plan.dla_core
-    if plan.hardware_compat:
-        config.hardware_compatibility_level = _enum(
-            trt, "HardwareCompatibilityLevel", HARDWARE_COMPAT_LEVELS[plan.hardware_compat]
-        )
+    config = _builder_config(trt, builder, plan, cache_path)
 
     log.info("building %s with TensorRT %s (this takes minutes)", engine_path, version)
     serialized = builder.build_serialized_network(network, config)

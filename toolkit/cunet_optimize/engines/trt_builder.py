@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from cunet_optimize.atomic import write_atomic
 from cunet_optimize.engines.base import BuildResult, OnnxContent, inspect_onnx
@@ -87,6 +87,8 @@ class TensorRTBuilder:
         options: Mapping[str, Any] | None = None,
     ) -> BuildResult:
         options = dict(options or {})
+        # where else the engine goes (e.g. a Triton repository's 1/model.plan), relative to out_dir
+        engine_copies = tuple(options.pop("engine_copies", ()))
         unknown = sorted(set(options) - set(PLAN_OPTIONS))
         if unknown:
             raise CUNetError(f"unknown TensorRT option(s) {unknown}; known: {list(PLAN_OPTIONS)}")
@@ -105,7 +107,8 @@ class TensorRTBuilder:
             os.replace(partial, bundle_onnx)
         plan_path = write_atomic(out / PLAN_FILE, json.dumps(plan_to_dict(plan), indent=2) + "\n")
         recipe = write_atomic(
-            out / RECIPE_FILE, render_shell_recipe(plan, coordinate_outputs=coordinates), mode=0o755
+            out / RECIPE_FILE, render_shell_recipe(plan, coordinate_outputs=coordinates, engine_copies=engine_copies),
+            mode=0o755
         )
 
         artifacts = {"onnx": str(bundle_onnx), "plan": str(plan_path), "recipe": str(recipe)}
@@ -122,6 +125,7 @@ class TensorRTBuilder:
 
                 built = True
                 backend_version = tensorrt.__version__
+                _place_copies(engine, out, engine_copies)
                 artifacts["engine"] = str(engine)
         else:
             notes.append(f"bundle only, no engine built; on the {plan.target} run: bash {recipe}")
@@ -137,3 +141,11 @@ class TensorRTBuilder:
             notes=notes,
             engine_built=built,
         )
+
+
+def _place_copies(engine: Path, out: Path, copies: Sequence[str]) -> None:
+    """The built engine also where a deployment expects it (a Triton repository's 1/model.plan),
+    as the recipe does on the device; outside build() so the TensorRT API check reads no paths."""
+    for copy in copies:
+        (out / copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(engine, out / copy)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from cunet_optimize.engines.base import IMAGE_CHW
 from cunet_optimize.targets import MiB, TargetSpec, check_dla_core, check_precision, get_target
@@ -138,6 +138,52 @@ def make_build_plan(
     core the default batch is static (min=opt=max=1).
     """
     spec = get_target(target)
+    major, release = _tensorrt_release(spec, trt_major)
+    notes = [] if release.verified else [f"TensorRT {major} on {spec.name} is unverified: {release.note}"]
+    on_dla = check_dla_core(spec, dla_core) is not None
+    support = check_precision(spec, precision, on_dla=on_dla)
+    notes += [support.note] if support.note else []
+    typed = _strongly_typed(major, precision, strongly_typed)
+    precision_flags = () if typed else _WEAK_TYPING_FLAGS[precision]
+    notes += _precision_notes(spec, precision, typed, on_dla)
+    b = _check_batch(spec, batch, on_dla)
+    ws = _check_workspace(spec, workspace)
+    level = _hardware_compat_level(spec, hardware_compat)
+    notes += [HARDWARE_COMPAT_NOTE] if level else []
+    dla = _dla_decision(major, release.min_version, dla_core, gpu_fallback, typed, b)
+    notes += dla.notes
+    notes += [_version_compatible_note(on_dla)] if version_compat else []
+    return BuildPlan(
+        target=spec.name, precision=precision, executed_as=support.executed_as,
+        trt_major=major, min_trt_version=dla.min_version, max_trt_version=dla.max_version,
+        onnx_path=str(onnx_path), engine_path=engine_path or str(Path(onnx_path).with_suffix(".engine")),
+        onnx_form=_onnx_form(precision, typed, on_dla), input_name=input_name, input_chw=IMAGE_CHW, batch=b,
+        strongly_typed=typed,
+        network_flags=("STRONGLY_TYPED",) if typed and major == 10 else (),
+        builder_flags=precision_flags + dla.builder_flags + (("VERSION_COMPATIBLE",) if version_compat else ()),
+        parser_flags=dla.parser_flags,
+        workspace_bytes=ws,
+        timing_cache=str(timing_cache) if timing_cache is not None else None,
+        dla_core=dla_core, gpu_fallback=bool(gpu_fallback) and on_dla,
+        hardware_compat=level, version_compatible=bool(version_compat),
+        notes=tuple(notes),
+    )
+
+
+# Builder precision flags of a weakly typed network (TensorRT 10; a strongly typed one sets
+# none): INT8 honours the Q/DQ nodes, FP16 lets the layers left outside them run in FP16.
+_WEAK_TYPING_FLAGS: dict[str, tuple[str, ...]] = {
+    "fp32": (),
+    "fp16": ("FP16",),
+    "int8": ("INT8", "FP16"),
+    "int4": ("FP16",),
+    "fp8": ("FP8", "FP16"),
+}
+HARDWARE_COMPAT_NOTE = "hardware-compatible (ampere+) engines run on any Ampere+ GPU at some speed cost"
+
+
+def _tensorrt_release(spec: TargetSpec, trt_major: int | None):
+    """The TensorRT major to build with (the target's default if None) and its registry entry."""
     if spec.backend != "tensorrt":
         raise CUNetError(
             f"target {spec.name} is an {spec.backend} target, not a TensorRT one; "
@@ -146,40 +192,25 @@ def make_build_plan(
     major = spec.default_tensorrt_major if trt_major is None else trt_major
     if major not in TRT_MAJORS:
         raise CUNetError(f"TensorRT major {major} is not supported; choose one of {TRT_MAJORS}")
-    release = spec.tensorrt_release(major)
-    notes: list[str] = []
-    if not release.verified:
-        notes.append(f"TensorRT {major} on {spec.name} is unverified: {release.note}")
+    return major, spec.tensorrt_release(major)
 
-    on_dla = check_dla_core(spec, dla_core) is not None
-    support = check_precision(spec, precision, on_dla=on_dla)
-    if support.note:
-        notes.append(support.note)
 
-    # Strong typing: implied and mandatory on 11, opt-in on 10 (default for fp8 there,
-    # where NVIDIA's FP8 recipes build strongly typed; unverified for weak typing).
+def _strongly_typed(major: int, precision: str, requested: bool | None) -> bool:
+    """Strong typing: implied and mandatory on 11, opt-in on 10 (default for fp8 there,
+    where NVIDIA's FP8 recipes build strongly typed; unverified for weak typing)."""
     if major == 11:
-        if strongly_typed is False:
+        if requested is False:
             raise CUNetError(
                 "TensorRT 11 networks are always strongly typed (precision flags such as INT8/FP16 "
                 "were removed); drop strongly_typed=False or build with trt_major=10"
             )
-        typed = True
-    else:
-        typed = bool(strongly_typed) if strongly_typed is not None else precision == "fp8"
+        return True
+    return bool(requested) if requested is not None else precision == "fp8"
 
-    if typed:
-        builder_precision: tuple[str, ...] = ()
-    else:
-        builder_precision = {
-            "fp32": (),
-            "fp16": ("FP16",),
-            "int8": ("INT8", "FP16"),
-            "int4": ("FP16",),
-            "fp8": ("FP8", "FP16"),
-        }[precision]
 
-    onnx_form = _onnx_form(precision, typed, on_dla)
+def _precision_notes(spec: TargetSpec, precision: str, typed: bool, on_dla: bool) -> list[str]:
+    """What the engine's arithmetic will be, where the precision alone does not say it."""
+    notes = []
     if typed and precision == "int8" and not on_dla:
         notes.append(
             "strongly typed: layers outside the Q/DQ nodes run in the ONNX's own float type; "
@@ -189,90 +220,83 @@ def make_build_plan(
         notes.append("INT8 honours the Q/DQ nodes; FP16 lets the layers outside them run in FP16")
     if precision == "fp32" and spec.compute_capability and spec.compute_capability >= (8, 0):
         notes.append("fp32 layers may run as TF32 on Ampere and newer (TensorRT's default)")
+    return notes
 
-    b = _check_batch(spec, batch, on_dla)
+
+def _check_workspace(spec: TargetSpec, workspace: int | None) -> int:
     ws = spec.workspace_bytes if workspace is None else workspace
     if isinstance(ws, bool) or not isinstance(ws, int) or ws <= 0 or ws % MiB:
         raise CUNetError(
             f"workspace {ws!r} bytes: give a positive whole number of MiB "
             "(trtexec --memPoolSize counts MiB), e.g. 1073741824 for 1 GiB"
         )
+    return ws
 
-    level = None
-    if hardware_compat is not None:
-        level = str(hardware_compat).lower().replace("_plus", "+").replace("-plus", "+")
-        if level not in HARDWARE_COMPAT_LEVELS:
-            raise CUNetError(
-                f"hardware compatibility level '{hardware_compat}' is unknown; use one of "
-                f"{', '.join(HARDWARE_COMPAT_LEVELS)}"
-            )
-        if spec.device != "gpu" or (spec.compute_capability or (0, 0)) < (8, 0):
-            raise CUNetError(
-                f"hardware-compatible engines (ampere+) are for Ampere-or-newer datacenter GPUs; "
-                f"{spec.name} (compute capability {_cc(spec)}) cannot use them: drop hardware_compat"
-            )
-        notes.append("hardware-compatible (ampere+) engines run on any Ampere+ GPU at some speed cost")
 
-    builder_flags = list(builder_precision)
-    parser_flags: list[str] = []
-    min_version, max_version = release.min_version, None
-    if on_dla:
-        if gpu_fallback:
-            builder_flags.append("GPU_FALLBACK")
-        if major == 10:
-            max_version = DLA_MAX_TRT10
-        else:
-            if parse_version(min_version) < parse_version(DLA_MIN_TRT11):
-                min_version = DLA_MIN_TRT11
-            parser_flags.append("ADJUST_FOR_DLA")
-            notes.append(
-                "ADJUST_FOR_DLA is a parser flag of the Python API; trtexec has no documented "
-                "switch for it (unverified), so the trtexec recipe builds without it"
-            )
-        notes.append(
-            f"DLA core {dla_core}: static batch {b[0]}; layers DLA cannot run "
-            + ("fall back to the GPU (each transition costs time)" if gpu_fallback else "fail the build")
+def _hardware_compat_level(spec: TargetSpec, hardware_compat: str | None) -> str | None:
+    """The trtexec spelling of the level ("ampere+"), if the target's GPU can use it."""
+    if hardware_compat is None:
+        return None
+    level = str(hardware_compat).lower().replace("_plus", "+").replace("-plus", "+")
+    if level not in HARDWARE_COMPAT_LEVELS:
+        raise CUNetError(
+            f"hardware compatibility level '{hardware_compat}' is unknown; use one of "
+            f"{', '.join(HARDWARE_COMPAT_LEVELS)}"
         )
-        notes.append(
-            "DLA layer restrictions (concat scales, resize, pooling) are from TensorRT 8.x docs: unverified on 10/11"
+    if spec.device != "gpu" or (spec.compute_capability or (0, 0)) < (8, 0):
+        raise CUNetError(
+            f"hardware-compatible engines (ampere+) are for Ampere-or-newer datacenter GPUs; "
+            f"{spec.name} (compute capability {_cc(spec)}) cannot use them: drop hardware_compat"
         )
-        if typed and major == 10:
-            notes.append("strongly typed DLA builds on TensorRT 10 are unverified")
-    if version_compat:
-        builder_flags.append("VERSION_COMPATIBLE")
-        notes.append(
-            "version-compatible: runs on newer TensorRT runtimes of the same major "
-            "(and TensorRT 10 engines on a TensorRT 11 runtime), at some speed cost"
-            + ("; with DLA: unverified" if on_dla else "")
-        )
-    network_flags = ("STRONGLY_TYPED",) if typed and major == 10 else ()
+    return level
 
-    engine = engine_path or str(Path(onnx_path).with_suffix(".engine"))
-    return BuildPlan(
-        target=spec.name,
-        precision=precision,
-        executed_as=support.executed_as,
-        trt_major=major,
-        min_trt_version=min_version,
-        max_trt_version=max_version,
-        onnx_path=str(onnx_path),
-        engine_path=engine,
-        onnx_form=onnx_form,
-        input_name=input_name,
-        input_chw=IMAGE_CHW,
-        batch=b,
-        strongly_typed=typed,
-        network_flags=network_flags,
-        builder_flags=tuple(builder_flags),
-        parser_flags=tuple(parser_flags),
-        workspace_bytes=ws,
-        timing_cache=str(timing_cache) if timing_cache is not None else None,
-        dla_core=dla_core,
-        gpu_fallback=bool(gpu_fallback) and on_dla,
-        hardware_compat=level,
-        version_compatible=bool(version_compat),
-        notes=tuple(notes),
+
+class _DlaDecision(NamedTuple):
+    """What building for a DLA core adds to a plan (nothing on the GPU)."""
+
+    builder_flags: tuple[str, ...]
+    parser_flags: tuple[str, ...]
+    min_version: str
+    max_version: str | None  # the last TensorRT 10 with DLA
+    notes: tuple[str, ...]
+
+
+def _dla_decision(major: int, min_version: str, dla_core: int | None, gpu_fallback: bool, typed: bool,
+                  batch: tuple[int, int, int]) -> _DlaDecision:
+    """GPU fallback, the TensorRT releases that have DLA, and ADJUST_FOR_DLA on 11 (a checked
+    `dla_core`; None: the GPU, which adds nothing)."""
+    if dla_core is None:
+        return _DlaDecision((), (), min_version, None, ())
+    parser_flags: tuple[str, ...] = ()
+    notes: list[str] = []
+    max_version = None
+    if major == 10:
+        max_version = DLA_MAX_TRT10
+    else:
+        if parse_version(min_version) < parse_version(DLA_MIN_TRT11):
+            min_version = DLA_MIN_TRT11
+        parser_flags = ("ADJUST_FOR_DLA",)
+        notes.append(
+            "ADJUST_FOR_DLA is a parser flag of the Python API; trtexec has no documented "
+            "switch for it (unverified), so the trtexec recipe builds without it"
+        )
+    notes.append(
+        f"DLA core {dla_core}: static batch {batch[0]}; layers DLA cannot run "
+        + ("fall back to the GPU (each transition costs time)" if gpu_fallback else "fail the build")
     )
+    notes.append(
+        "DLA layer restrictions (concat scales, resize, pooling) are from TensorRT 8.x docs: unverified on 10/11"
+    )
+    if typed and major == 10:
+        notes.append("strongly typed DLA builds on TensorRT 10 are unverified")
+    return _DlaDecision(("GPU_FALLBACK",) if gpu_fallback else (), parser_flags, min_version, max_version,
+                        tuple(notes))
+
+
+def _version_compatible_note(on_dla: bool) -> str:
+    return ("version-compatible: runs on newer TensorRT runtimes of the same major "
+            "(and TensorRT 10 engines on a TensorRT 11 runtime), at some speed cost"
+            + ("; with DLA: unverified" if on_dla else ""))
 
 
 def _onnx_form(precision: str, typed: bool, on_dla: bool) -> str:
@@ -411,30 +435,46 @@ def render_polygraphy_compare(plan: BuildPlan, coordinate_outputs: Sequence[str]
 
 
 def render_shell_recipe(
-    plan: BuildPlan, toolkit_version: str | None = None, coordinate_outputs: Sequence[str] = ()
+    plan: BuildPlan, toolkit_version: str | None = None, coordinate_outputs: Sequence[str] = (),
+    engine_copies: Sequence[str] = (),
 ) -> str:
     """A bash script for the device: checks trtexec and its TensorRT version, builds the
-    engine (atomically), then compares it with ONNX Runtime through polygraphy."""
+    engine (atomically), then compares it with ONNX Runtime through polygraphy.
+    `engine_copies`: paths (relative to the bundle) the engine is also placed at, such as a
+    Triton repository's 1/model.plan."""
     if toolkit_version is None:
         from cunet_optimize import __version__ as toolkit_version
-    q = shlex.quote
-    partial = plan.engine_path + ".partial"
-    build = shlex.join(render_trtexec(plan, trtexec="TRTEXEC_PLACEHOLDER", save_engine=partial))
-    build = build.replace("TRTEXEC_PLACEHOLDER", '"$TRTEXEC"', 1)
-    need_min = version_code(plan.min_trt_version)
     lines = [
+        *_recipe_header(plan, toolkit_version),
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        "",
+        *_recipe_find_trtexec(plan),
+        *_recipe_check_version(plan),
+        *_recipe_build(plan),
+        *_recipe_engine_copies(plan, engine_copies),
+        "",
+        *_recipe_compare(plan, coordinate_outputs),
+    ]
+    return "\n".join(lines)
+
+
+def _recipe_header(plan: BuildPlan, toolkit_version: str) -> list[str]:
+    """What the script builds, from what, and that it must run on the device."""
+    return [
         "#!/usr/bin/env bash",
         f"# Build the CU-Net TensorRT engine for {plan.target} ({plan.precision}, TensorRT {plan.trt_major}.x).",
         f"# Generated by cunet-optimize {toolkit_version} from a build plan (trt_plan.json beside it).",
         "# Run it ON the target device: engines are timed on, and only valid for, the GPU",
         "# and TensorRT version that build them.",
         f"# The ONNX must be: {ONNX_FORMS[plan.onnx_form]}.",
+        *(f"# note: {n}" for n in plan.notes),
     ]
-    lines += [f"# note: {n}" for n in plan.notes]
-    lines += [
-        "set -euo pipefail",
-        'cd "$(dirname "$0")"',
-        "",
+
+
+def _recipe_find_trtexec(plan: BuildPlan) -> list[str]:
+    """$TRTEXEC: the caller's, the one on PATH, or JetPack's; exit 2 without one."""
+    return [
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || true)}"',
         'if [ -z "$TRTEXEC" ] && [ -x /usr/src/tensorrt/bin/trtexec ]; then TRTEXEC=/usr/src/tensorrt/bin/trtexec; fi',
         'if [ -z "$TRTEXEC" ] || [ ! -x "$TRTEXEC" ]; then',
@@ -443,6 +483,12 @@ def render_shell_recipe(
         "  exit 2",
         "fi",
         "",
+    ]
+
+
+def _recipe_check_version(plan: BuildPlan) -> list[str]:
+    """$have: the TensorRT release $TRTEXEC uses; exit 2 outside the plan's releases."""
+    lines = [
         "# trtexec names its library in its banner, e.g. [TensorRT v100300] for 10.3.0;",
         "# the Python bindings are the fallback when the banner cannot be read.",
         'code="$("$TRTEXEC" --help 2>&1 | sed -n \'s/.*\\[TensorRT v\\([0-9][0-9]*\\)\\].*/\\1/p\' | head -n 1 || true)"',
@@ -457,7 +503,7 @@ def render_shell_recipe(
         f'rebuild the bundle with TensorRT major $((code / 10000))" >&2',
         "  exit 2",
         "fi",
-        f'if [ "$code" -lt {need_min} ]; then',
+        f'if [ "$code" -lt {version_code(plan.min_trt_version)} ]; then',
         f'  echo "error: needs TensorRT >= {plan.min_trt_version}, found $have" >&2',
         "  exit 2",
         "fi",
@@ -469,7 +515,16 @@ def render_shell_recipe(
             "  exit 2",
             "fi",
         ]
-    lines += [
+    return lines
+
+
+def _recipe_build(plan: BuildPlan) -> list[str]:
+    """trtexec into a .partial file, renamed to the engine once it is complete."""
+    q = shlex.quote
+    partial = plan.engine_path + ".partial"
+    build = shlex.join(render_trtexec(plan, trtexec="TRTEXEC_PLACEHOLDER", save_engine=partial))
+    build = build.replace("TRTEXEC_PLACEHOLDER", '"$TRTEXEC"', 1)
+    return [
         f'test -f {q(plan.onnx_path)} || {{ echo "error: {plan.onnx_path} is missing from the bundle" >&2; exit 2; }}',
         "",
         f"rm -f {q(partial)}",
@@ -478,13 +533,26 @@ def render_shell_recipe(
         f'test -s {q(partial)} || {{ echo "error: trtexec finished but wrote no engine" >&2; exit 1; }}',
         f"mv -f {q(partial)} {q(plan.engine_path)}",
         f'echo "built {plan.engine_path} (TensorRT $have)"',
-        "",
+    ]
+
+
+def _recipe_engine_copies(plan: BuildPlan, engine_copies: Sequence[str]) -> list[str]:
+    """The built engine also placed where a deployment expects it (a Triton repository's 1/model.plan)."""
+    q = shlex.quote
+    lines = []
+    for copy in engine_copies:
+        lines += [f"mkdir -p {q(str(Path(copy).parent))}", f"cp -f {q(plan.engine_path)} {q(copy)}",
+                  f'echo "placed it at {copy}"']
+    return lines
+
+
+def _recipe_compare(plan: BuildPlan, coordinate_outputs: Sequence[str]) -> list[str]:
+    """The engine against ONNX Runtime through polygraphy (skipped without it); exit 3 if they differ."""
+    reference, engine = render_polygraphy_compare(plan, coordinate_outputs)
+    return [
         "# Sanity comparison with ONNX Runtime on random inputs in [0, 1]; the accuracy gate",
         "# is the landmark-error evaluation (cunet-optimize profile), not this.",
         "if command -v polygraphy >/dev/null 2>&1; then",
-    ]
-    reference, engine = render_polygraphy_compare(plan, coordinate_outputs)
-    lines += [
         "  " + shlex.join(reference),
         "  if ! " + shlex.join(engine) + "; then",
         f'    echo "error: {plan.engine_path} differs from ONNX Runtime beyond the sanity tolerance" >&2',
@@ -495,4 +563,3 @@ def render_shell_recipe(
         "fi",
         "",
     ]
-    return "\n".join(lines)

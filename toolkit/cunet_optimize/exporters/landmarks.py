@@ -16,7 +16,10 @@ border mask then zeroes the shift that a clamped neighbour would give.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+
+from cunet_optimize.engines.base import LANDMARKS, final_head
 
 PREFIX = "/decode_landmarks"
 QUARTER_PIXEL = 0.25
@@ -67,3 +70,47 @@ def add_landmark_decoder(graph: gs.Graph, heatmaps: gs.Variable, name: str = "la
     )
     out = gs.Variable(name, dtype=f32, shape=[heatmaps.shape[0], heatmaps.shape[1], 2])
     return op("Add", [xy, shift], f32, out=out)
+
+
+
+
+def landmark_decoding_error(heatmaps: np.ndarray, landmarks: np.ndarray) -> float:
+    """Largest |landmarks - decode_heatmaps(heatmaps, quarter)| in heatmap pixels: how far a
+    graph's decoded output is from the NumPy decoding of its own heatmaps."""
+    from cunet_optimize.data.transforms import decode_heatmaps
+
+    expected = decode_heatmaps(np.asarray(heatmaps, dtype=np.float32), method="quarter")
+    return float(np.abs(np.asarray(landmarks, dtype=np.float32) - expected).max())
+
+
+def append_landmark_decoder(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deployed graph (after surgery) with the decoder added after its final head, as the new
+    last output LANDMARKS. The decoder is built in a graph of its own and spliced in, so the
+    graph surgery made is not re-imported and re-exported (nodes, packed weights and names stay
+    as they are)."""
+    outputs = {o.name: o for o in model.graph.output}
+    if LANDMARKS in outputs:
+        raise ValueError(f"the graph already has a {LANDMARKS!r} output")
+    head = outputs[final_head([(o.name, len(o.type.tensor_type.shape.dim)) for o in model.graph.output])]
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in head.type.tensor_type.shape.dim]
+    source = gs.Variable(head.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(head.type.tensor_type.elem_type),
+                         shape=dims)
+    decoder = gs.Graph(inputs=[source], opset=max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+    heatmaps = source
+    if source.dtype != np.float32:  # e.g. FP16 heads: the decoder computes in float32
+        heatmaps = gs.Variable(f"{PREFIX}/heatmaps_float32", dtype=np.float32, shape=dims)
+        decoder.nodes.append(gs.Node("Cast", name=f"{PREFIX}/Cast_heatmaps", attrs={"to": onnx.TensorProto.FLOAT},
+                                     inputs=[source], outputs=[heatmaps]))
+    decoder.outputs = [add_landmark_decoder(decoder, heatmaps, LANDMARKS)]
+    spliced = gs.export_onnx(decoder.cleanup().toposort(), do_type_check=True)
+    taken = {n.name for n in model.graph.node} | {i.name for i in model.graph.initializer}
+    clash = sorted(taken & ({n.name for n in spliced.graph.node} | {i.name for i in spliced.graph.initializer}))
+    if clash:
+        raise ValueError(f"the graph already has the decoder's names {clash[:3]}")
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    result.graph.initializer.extend(spliced.graph.initializer)
+    result.graph.node.extend(spliced.graph.node)
+    result.graph.output.extend(spliced.graph.output)
+    onnx.checker.check_model(result)
+    return result

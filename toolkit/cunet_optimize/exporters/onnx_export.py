@@ -53,7 +53,7 @@ from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.exporters.dynamo import export_with_dynamo, unsupported_precision
 from cunet_optimize.exporters.fp16 import convert_graph_to_fp16
-from cunet_optimize.exporters.landmarks import add_landmark_decoder
+from cunet_optimize.exporters.landmarks import add_landmark_decoder, landmark_decoding_error
 from cunet_optimize.exporters.symbolics import fake_quant_symbolics, mark_int4_weights
 from cunet_optimize.models.cunet import HEATMAP_SIZE, INPUT_SIZE
 from cunet_optimize.onnx_tools.graph import clean_graph, finish, op_counts, save_model, to_model
@@ -416,8 +416,7 @@ def verify_against_torch(
         # The decoder is checked exactly against the NumPy decoding of the graph's own
         # heatmaps; against PyTorch's heatmaps only agreement is reported (near-ties
         # may flip the argmax under float rounding).
-        expected = decode_heatmaps(actual[head_names[-1]], method="quarter")
-        worst = float(np.abs(actual["landmarks"] - expected).max())
+        worst = landmark_decoding_error(actual[head_names[-1]], actual["landmarks"])
         if not worst <= LANDMARK_TOLERANCE:
             raise CUNetError(
                 f"export verification: in-graph landmark decoding differs from decode_heatmaps(method='quarter') "

@@ -4,8 +4,9 @@ Schema "cunet-optimize/profile/1". `ProfileManifest.from_dict` checks every fiel
 report reads (a number where a number belongs, ...) and the report reads nothing else,
 so a hand-edited or truncated profile fails with one line naming the field, never with
 a traceback half way through a page. Numbers are `float | None`: None = not measured
-(non-finite values are written as null). The profiler builds its result as plain data
-(profiling/result.py) and checks it against this model before writing.
+(non-finite values are written as null). The profiler fills these same rows
+(VariantRecord) as it measures (profiling/result.py) and checks the whole profile
+against this model before writing.
 """
 
 from __future__ import annotations
@@ -168,6 +169,34 @@ class Accuracy:
 
 
 @dataclass
+class ServedRow:
+    """One latency row of `profile --serve` (serving/served_latency.py): the engine in-process,
+    or served by Triton over one protocol, at one concurrency; one image per request."""
+
+    runner: str  # "in-process ONNX Runtime" | "Triton http (perf_analyzer)" | "Triton grpc (perf_analyzer)"
+    concurrency: int
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    throughput_infer_per_s: float | None = None
+    requests: int | None = None  # in-process rows
+    server_queue_ms: float | None = None  # served rows: perf_analyzer's server-side split
+    server_compute_ms: float | None = None
+    executions_by_batch_size: dict[str, int] = field(default_factory=dict)  # served rows: the batcher's work
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Served:
+    """A CPU build's served latency beside its in-process latency (`profile --serve`)."""
+
+    rows: list[ServedRow] = field(default_factory=list)
+    triton: str | None = None
+    image_batch: int | None = None
+    seconds: float | None = None  # measured per row
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class VariantRecord:
     """One row of the profile: the PyTorch baseline or one build."""
 
@@ -175,7 +204,7 @@ class VariantRecord:
     role: str | None = None  # "baseline" (PyTorch FP32 of the builds' checkpoint) or "engine"
     precision: str | None = None
     target: str | None = None
-    backend: str | None = None  # "pytorch", "onnxruntime", "tensorrt"
+    backend: str | None = None  # "pytorch", "onnxruntime", "openvino", "tensorrt"
     runtime: str | None = None  # in words: what produced the numbers
     status: str | None = None  # MEASURED_STATUS, BUNDLE_ONLY_STATUS, or "not measured: <why>"
     measured: bool = False
@@ -196,6 +225,7 @@ class VariantRecord:
     surgery: SurgeryRecord | None = None
     calibration: CalibrationRecord | None = None
     auto: AutoPlan | None = None  # build.json "auto": the per-conv plan of build --precision auto
+    served: Served | None = None  # profile --serve (CPU builds); absent from older profiles
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -194,6 +195,24 @@ def run_onnxruntime(
     session = make_session(model, level)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds))))
+
+
+Key = TypeVar("Key")
+
+
+def time_sessions(sessions: Mapping[Key, Any], feeds: Mapping[str, np.ndarray], runs: int,
+                  warmup: int = 2) -> dict[Key, list[float]]:
+    """Wall time in ms of each of `runs` calls of each session on `feeds`, after `warmup`
+    untimed rounds: the one way the toolkit and its benchmarks time ONNX Runtime. The
+    sessions take turns run by run, so a change of machine load hits them alike."""
+    times: dict[Key, list[float]] = {key: [] for key in sessions}
+    for i in range(warmup + runs):
+        for key, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            if i >= warmup:
+                times[key].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def _statistic(err: np.ndarray, statistic: str) -> float:

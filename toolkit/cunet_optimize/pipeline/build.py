@@ -85,6 +85,7 @@ class BuildOptions:
     trt_major: int | None = None
     dla_core: int | None = None  # build for this DLA core of a Jetson Orin target (static batch 1)
     exporter: str | None = None  # torch.onnx exporter: legacy | dynamo (None: export_onnx's default)
+    landmarks: bool = False  # append the in-graph landmark decoder (exporters/landmarks.py) to the deployed graph
     workdir: str = "."
     force: bool = False
     name: str | None = None
@@ -155,11 +156,13 @@ def check_build_name(name: str) -> str:
     return name
 
 
-def default_build_name(stem: str, precision: str, target: str, dla: int | None) -> str:
-    """<model>-<precision>-<target>[-dla<N>], the model part reduced to BUILD_NAME's characters
-    (a checkpoint named `.face.safetensors` or `my model.pth` still names its build)."""
+def default_build_name(stem: str, precision: str, target: str, dla: int | None, landmarks: bool = False) -> str:
+    """<model>-<precision>-<target>[-dla<N>][-landmarks], the model part reduced to BUILD_NAME's
+    characters (a checkpoint named `.face.safetensors` or `my model.pth` still names its build);
+    a build with the decoder is another graph, so it does not take the plain build's name."""
     model = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip(".-_+") or "model"
-    return f"{model}-{precision}-{target}" + (f"-dla{dla}" if dla is not None else "")
+    return (f"{model}-{precision}-{target}" + (f"-dla{dla}" if dla is not None else "")
+            + ("-landmarks" if landmarks else ""))
 
 
 def _final_dir(workdir: Path, name: str, force: bool) -> Path:
@@ -263,7 +266,7 @@ def check_build(opts: BuildOptions) -> _Checked:
     exporter = check_exporter(opts.exporter, opts.precision)  # before any calibration
     model, ckpt_path, source, stem = resolve_model(opts.model)
     task = check_data_task(model, source, opts.calib_data, opts.eval_data)
-    name = opts.name or default_build_name(stem, opts.precision, target.name, dla)
+    name = opts.name or default_build_name(stem, opts.precision, target.name, dla, opts.landmarks)
     _final_dir(workdir, name, opts.force)
     # the data sets are opened (listed and their annotations read) now: a missing split or a
     # bad sample is refused before the workdir is touched
@@ -309,6 +312,7 @@ def run_stages(opts: BuildOptions, echo=print, progress: bool = True, *, lock: b
             result, concat_form, int8_form = _surgery(b, export_model, opset)
             build = _engine(b, result, concat_form, int8_form)
             _accuracy(b, build)
+            _deploy(b, build)
             report = _finish(b)
             if commit:
                 replace_folder(b.staging, b.final)
@@ -424,7 +428,13 @@ def _surgery(b: _Build, export_model, opset: int):
                                                                              count, b.task)}
         result = run_surgery(before, passes, target=b.target.name, dla_core=b.dla, pass_options=options)
         result, concat_form, int8_form = _timed_forms(b, result, before, options)
+        if b.opts.landmarks:  # after the passes and the timed forms: they are the network's, not the decoder's
+            from cunet_optimize.exporters.landmarks import append_landmark_decoder
+
+            result.model = append_landmark_decoder(result.model)
         onnx.save(result.model, b.onnx_path)
+        if b.opts.landmarks:
+            b.manifest["landmarks"] = _verified_landmarks(b.onnx_path)
         b.raw_onnx.unlink()
         mem_before, mem_after = activation_memory(before), activation_memory(result.model)
         b.manifest["surgery"] = {
@@ -440,6 +450,31 @@ def _surgery(b: _Build, export_model, opset: int):
         if b.quantized:
             _write_legacy_cache(b, result.model)
     return result, concat_form, int8_form
+
+
+def _verified_landmarks(onnx_path: Path) -> dict:
+    """build.json's record of the decoder, checked as the export checks its own (onnx_export):
+    on one image in ONNX Runtime's reference session, the landmarks output equals the NumPy
+    decoding of the graph's heatmaps."""
+    import numpy as np
+
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeReferenceRunner
+    from cunet_optimize.engines.base import LANDMARK_UNITS, LANDMARKS
+    from cunet_optimize.exporters.landmarks import landmark_decoding_error
+    from cunet_optimize.exporters.onnx_export import LANDMARK_TOLERANCE
+    from cunet_optimize.models.cunet import INPUT_SIZE
+
+    image = np.random.default_rng(0).random((1, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    with OnnxRuntimeReferenceRunner(onnx_path) as runner:
+        outputs = runner.infer_all(image)
+        heatmaps = outputs[runner.head_name]
+    worst = landmark_decoding_error(heatmaps, outputs[LANDMARKS])
+    if not worst <= LANDMARK_TOLERANCE:
+        raise CUNetError(f"build --landmarks: the appended decoder differs from decode_heatmaps(method='quarter') by "
+                         f"{worst:.3g} px (allowed {LANDMARK_TOLERANCE}); this is a bug, report it")
+    return {"output": LANDMARKS, "shape": list(outputs[LANDMARKS].shape[1:]), "units": LANDMARK_UNITS,
+            "verified": f"equal to decode_heatmaps(quarter) of the graph's heatmaps on one image in ONNX Runtime "
+                        f"(max diff {worst:.2g} px)"}
 
 
 def _timed_forms(b: _Build, result, before, options: dict):
@@ -537,6 +572,10 @@ def _target_engine(b: _Build, result, concat_form: dict | None, int8_form: dict 
     engine_options = {"trt_major": b.opts.trt_major} if b.opts.trt_major else {}
     if b.dla is not None:
         engine_options["dla_core"] = b.dla
+    if b.target.backend == "tensorrt":  # the recipe also fills the Triton repository (_deploy)
+        from cunet_optimize.serving.deploy import triton_plan_path
+
+        engine_options["engine_copies"] = [triton_plan_path(b.name)]
     if concat_form is not None:  # the thread count was timed with the form
         engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
     if int8_form is not None:  # thread count and pool settings were timed with the form
@@ -601,6 +640,23 @@ def _accuracy(b: _Build, build) -> None:
         b.manifest["accuracy"] = _accuracy_gate(b.opts, b.task, b.staging, b.manifest, b.onnx_path, b.reference_onnx,
                                                 b.eval_set, b.eval_root, evaluate_landmarks, b.progress)
         b.reference_onnx.unlink()
+
+
+def _deploy(b: _Build, build) -> None:
+    """deploy/ beside the engine (serving/deploy.py): a Triton repository, and for Jetson targets
+    a DeepStream nvinfer config, validated; recorded in build.json and hashed with the build."""
+    from cunet_optimize.serving.deploy import write_deployment
+
+    # bf16 has no ONNX Runtime engine (build is None): its repository serves model.onnx with the backend's defaults
+    settings = build.settings if build is not None else {}
+    engine = os.path.basename(settings["engine_path"]) if b.target.backend == "tensorrt" else None
+    record = write_deployment(b.staging, b.name, b.target, engine_precision(b.opts), settings, b.dla,
+                              b.task.box_factor, engine)
+    b.manifest["deploy"] = record
+    for path in record["files"]:
+        role = "deepstream_config" if "/deepstream/" in path else "triton_config"
+        b.manifest["artifacts"][role] = path
+    b.timer.echo(f"deploy: {', '.join(record['files'])} ({record['validation']['triton']})")
 
 
 def _finish(b: _Build) -> BuildReport:

@@ -8,7 +8,7 @@ per-layer time and accuracy vs the FP32 reference, for every folder under engine
 - accuracy:    evaluation set, NME deltas vs reference, pass/fail, CED for plots
 - builds:      reading and checking build.json
 - environment: CPU, cores, GPU, versions
-- result:      VariantProfile (one row as measured), profile_manifest (-> the typed JSON), what_ran_where
+- result:      rows (manifests' VariantRecord) from measurements, profile_manifest, speedups, what_ran_where
 - profiler:    profile_engines, the one entry point
 """
 
@@ -16,8 +16,9 @@ from cunet_optimize.manifests.build import BUILD_SCHEMA
 from cunet_optimize.profiling.builds import BuildError, BuildRecord, find_builds, read_build
 from cunet_optimize.profiling.latency import batch_sweep, latency_stats, measure_latency
 from cunet_optimize.profiling.profiler import profile_engines
-from cunet_optimize.manifests.profile import BUNDLE_ONLY_STATUS, PROFILE_SCHEMA, read_profile, summary_rows
-from cunet_optimize.profiling.result import VariantProfile, profile_manifest
+from cunet_optimize.manifests.profile import (BUNDLE_ONLY_STATUS, PROFILE_SCHEMA, VariantRecord, read_profile,
+                                             summary_rows)
+from cunet_optimize.profiling.result import profile_manifest, variant_record
 
 __all__ = [
     "BUILD_SCHEMA",
@@ -25,7 +26,7 @@ __all__ = [
     "PROFILE_SCHEMA",
     "BuildError",
     "BuildRecord",
-    "VariantProfile",
+    "VariantRecord",
     "batch_sweep",
     "find_builds",
     "latency_stats",
@@ -33,6 +34,7 @@ __all__ = [
     "profile_engines",
     "read_build",
     "profile_manifest",
+    "variant_record",
     "read_profile",
     "summary_rows",
 ]

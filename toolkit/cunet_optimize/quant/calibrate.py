@@ -372,6 +372,30 @@ def calibrate(
     global_batch = _global_batch if sharded else None
     observers = {n: MaxObserver() if method == "max" else HistogramObserver(num_bins, max_samples, global_batch)
                  for n in quantizers}
+    seen, pixels = _observe_float_network(qmodel, quantizers, observers, batches, method, progress, max_batches)
+    if sharded:
+        merge_observers(observers)
+        pixels = _distributed.all_reduce(pixels * torch.tensor([-1.0, 1.0], dtype=torch.float64), "max") \
+            * torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    _check_observed(observers, seen, pixels)
+    amax = _observed_amax(observers, method, percentile, progress)
+    amax = tie_amax(qmodel, amax)
+    for name, q in quantizers.items():
+        q.set_amax(amax[name])
+    refresh_dynamic_weight_scales(qmodel)
+    log.info(
+        "calibrated %d activation quantizers with %s over %d batches; %d requantization points",
+        len(amax), method, seen, requantization_points(qmodel),
+    )
+    return amax
+
+
+def _observe_float_network(qmodel: nn.Module, quantizers: Mapping[str, nn.Module],
+                           observers: Mapping[str, MaxObserver | HistogramObserver], batches: Iterable,
+                           method: str, progress: bool, max_batches: int | None) -> tuple[int, torch.Tensor]:
+    """Run the batches through the float network, each activation quantizer's input feeding
+    its observer; the quantizers' switches and the train/eval mode are restored after.
+    Returns (batches run, the images' (min, max) as float64)."""
     handles = []
     enabled = {id(q): q.enabled for _, q in named_quantizers(qmodel)}
 
@@ -384,40 +408,49 @@ def calibrate(
     for name, q in quantizers.items():
         handles.append(q.register_forward_pre_hook(observe(name)))
     was_training = qmodel.training
-    param = next(qmodel.parameters())
-    seen = 0
-    pixels = torch.tensor([math.inf, -math.inf], dtype=torch.float64)  # the images' (min, max)
     try:
         # Observe the float network (as TensorRT calibrates): every quantizer off; the
         # pre-hooks still see each activation quantizer's input.
         for _, q in named_quantizers(qmodel):
             q.enabled = False
         qmodel.eval()
-        iterator = batches
-        if progress:
-            total = _known_length(batches, max_batches)
-            iterator = tqdm(batches, desc=f"calibrating ({method})", unit="batch", total=total)
-        with torch.inference_mode():
-            for i, batch in enumerate(iterator):
-                if max_batches is not None and i >= max_batches:
-                    break
-                images = _as_images(batch, i).to(device=param.device, dtype=param.dtype)
-                if images.numel():  # a rank's part of a small sharded batch may be empty
-                    low, high = torch.aminmax(images)
-                    pixels = torch.stack([torch.minimum(pixels[0], low.double().cpu()),
-                                          torch.maximum(pixels[1], high.double().cpu())])
-                qmodel(images)
-                seen += 1
+        return _run_batches(qmodel, batches, method, progress, max_batches)
     finally:
         for h in handles:
             h.remove()
         for _, q in named_quantizers(qmodel):
             q.enabled = enabled[id(q)]
         qmodel.train(was_training)
-    if sharded:
-        merge_observers(observers)
-        pixels = _distributed.all_reduce(pixels * torch.tensor([-1.0, 1.0], dtype=torch.float64), "max") \
-            * torch.tensor([-1.0, 1.0], dtype=torch.float64)
+
+
+def _run_batches(qmodel: nn.Module, batches: Iterable, method: str, progress: bool,
+                 max_batches: int | None) -> tuple[int, torch.Tensor]:
+    """Forward the first `max_batches` batches (None: all); (batches run, the images' (min, max))."""
+    param = next(qmodel.parameters())
+    seen = 0
+    pixels = torch.tensor([math.inf, -math.inf], dtype=torch.float64)  # the images' (min, max)
+    iterator = batches
+    if progress:
+        total = _known_length(batches, max_batches)
+        iterator = tqdm(batches, desc=f"calibrating ({method})", unit="batch", total=total)
+    with torch.inference_mode():
+        for i, batch in enumerate(iterator):
+            if max_batches is not None and i >= max_batches:
+                break
+            images = _as_images(batch, i).to(device=param.device, dtype=param.dtype)
+            if images.numel():  # a rank's part of a small sharded batch may be empty
+                low, high = torch.aminmax(images)
+                pixels = torch.stack([torch.minimum(pixels[0], low.double().cpu()),
+                                      torch.maximum(pixels[1], high.double().cpu())])
+            qmodel(images)
+            seen += 1
+    return seen, pixels
+
+
+def _check_observed(observers: Mapping[str, MaxObserver | HistogramObserver], seen: int,
+                    pixels: torch.Tensor) -> None:
+    """Refuse what would set a meaningless scale: no batch, images of zero range, a
+    quantizer that saw nothing."""
     if seen == 0:
         raise CalibrationError("calibration set is empty: no batch was given; pass at least one image batch")
     low, high = float(pixels[0]), float(pixels[1])
@@ -429,16 +462,6 @@ def calibrate(
     unseen = [n for n, o in observers.items() if o.count == 0]
     if unseen:
         raise CalibrationError(f"quantizer '{unseen[0]}' saw no data during calibration; is it on the forward path?")
-    amax = _observed_amax(observers, method, percentile, progress)
-    amax = tie_amax(qmodel, amax)
-    for name, q in quantizers.items():
-        q.set_amax(amax[name])
-    refresh_dynamic_weight_scales(qmodel)
-    log.info(
-        "calibrated %d activation quantizers with %s over %d batches; %d requantization points",
-        len(amax), method, seen, requantization_points(qmodel),
-    )
-    return amax
 
 
 def post_training_quantize(

@@ -333,6 +333,30 @@ def _batch_sweep(profile: ProfileManifest) -> str:
                    + "<h3>Batch sweep</h3>" + table(header, rows, numeric=range(1, len(header))) + caption)
 
 
+def _served(profile: ProfileManifest) -> str:
+    """profile --serve: each CPU build in-process and served by Triton, concurrency 1 and 8."""
+    served = [v for v in profile.variants if v.served and v.served.rows]
+    if not served:
+        return ""
+    rows = []
+    for v in served:
+        for r in v.served.rows:
+            batches = ", ".join(f"{b}: {n}" for b, n in sorted(r.executions_by_batch_size.items(),
+                                                                key=lambda kv: int(kv[0])))
+            rows.append([v.name, r.runner, r.concurrency, fmt_ms(r.p50_ms), fmt_ms(r.p99_ms),
+                         fmt_num(r.throughput_infer_per_s, 1), fmt_ms(r.server_queue_ms), fmt_ms(r.server_compute_ms),
+                         ("small", batches or MISSING)])
+    first = served[0].served
+    caption = (f"<p class=\"muted\">One image per request; each row measured for {esc(fmt_num(first.seconds, 1))} s. "
+               f"In-process: the engine in this process, called from N threads. Served: Triton "
+               f"{esc(first.triton)} (Python backend running the same engine, as `cunet-optimize serve`), "
+               "measured by perf_analyzer; server executions by batch size show the dynamic batcher "
+               "(docs/SERVING.md).</p>")
+    return section("served", "Served vs in-process", table(
+        ["Variant", "Runner", "Concurrency", "p50 ms", "p99 ms", "Images/s", "Server queue ms", "Server compute ms",
+         "Executions by batch size"], rows, numeric=range(2, 8)) + caption)
+
+
 def _memory_size(profile: ProfileManifest) -> str:
     rows = []
     for v in profile.variants:
@@ -515,13 +539,13 @@ def render_html(profile: ProfileManifest | dict, compare: ProfileManifest | dict
     sections = [
         _summary(p),
         _compare(p, compare) if compare is not None else "",
-        _pareto(p), _ced(p), _accuracy(p), _batch_sweep(p), _memory_size(p), _layers(p),
+        _pareto(p), _ced(p), _accuracy(p), _batch_sweep(p), _served(p), _memory_size(p), _layers(p),
         _surgery(p), auto_plan_section(p), _calibration(p), _environment(p), _commands(p, json_name), _notes(p),
     ]
     present = [(anchor, label) for anchor, label in (
         ("summary", "Summary"), ("compare", "Comparison"), ("pareto", f"Latency vs {metric}"),
         ("ced", "CED" if metric == "NME" else "PCKh curve"),
-        ("accuracy", "Accuracy"), ("latency", "Latency"), ("memory", "Size & memory"), ("layers", "Per-layer"),
+        ("accuracy", "Accuracy"), ("latency", "Latency"), ("served", "Served"), ("memory", "Size & memory"), ("layers", "Per-layer"),
         ("surgery", "Surgery"), ("auto-plan", "Mixed precision"), ("calibration", "Calibration"), ("environment", "Environment"),
         ("reproduce", "Reproduce"), ("notes", "Notes"),
     ) if any(f'id="{anchor}"' in s for s in sections)]

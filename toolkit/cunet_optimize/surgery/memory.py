@@ -127,26 +127,61 @@ def activation_memory(model: ModelLike, batch: int = 1, fuse: bool = True) -> di
       shape inference could not tell; counted as 0).
     """
     proto = as_model(model)
-    info = tensor_info(proto, batch)
     initializers = {i.name for i in proto.graph.initializer}
     nodes = list(proto.graph.node)
-    size: dict[str, int] = {}
-    unknown: list[str] = []
+    bytes_of = _TensorBytes(tensor_info(proto, batch), _free_tensors(proto, nodes, initializers, fuse))
+    start, end = _live_ranges(proto, nodes, initializers)
+    produced = [sum(bytes_of(name) for name in node.output if name) for node in nodes]
+    node_bytes = {_node_label(node, step): produced[step] for step, node in enumerate(nodes)}
+    concats = [step for step, node in enumerate(nodes) if node.op_type == "Concat"]
+    peak, peak_steps, top = _peak(start, end, len(nodes), bytes_of)
+    return {
+        "batch": batch,
+        "node_output_bytes": node_bytes,
+        "total_node_output_bytes": int(sum(node_bytes.values())),
+        "concat_count": len(concats),
+        "concat_output_bytes": int(sum(produced[step] for step in concats)),
+        "peak_bytes": peak,
+        "peak_nodes": [_node_label(nodes[i], i) for i in peak_steps],
+        "peak_live_tensors": top,
+        "unknown_shapes": sorted(set(bytes_of.unknown)),
+    }
+
+
+def _free_tensors(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], initializers: set[str],
+                  fuse: bool) -> set[str]:
+    """Tensors that cost no activation memory: weights, and with `fuse` those runtimes never store."""
     free = _constant_tensors(nodes, initializers)
     if fuse:
         outputs, consumers = {o.name for o in proto.graph.output}, _consumers(nodes)
         free |= _fused_qdq_tensors(nodes, consumers, free, outputs) | _conv_epilogue_tensors(nodes, consumers, outputs)
+    return free
 
-    def bytes_of(name: str) -> int:
-        if name in free:
+
+class _TensorBytes:
+    """bytes_of(name): a tensor's size at the batch (0 if free or unknown), computed once;
+    `unknown` collects the tensors shape inference could not size."""
+
+    def __init__(self, info: dict, free: set[str]):
+        self.info, self.free = info, free
+        self.size: dict[str, int] = {}
+        self.unknown: list[str] = []
+
+    def __call__(self, name: str) -> int:
+        if name in self.free:
             return 0
-        if name not in size:
-            shape, dtype = info.get(name, (None, None))
+        if name not in self.size:
+            shape, dtype = self.info.get(name, (None, None))
             if shape is None or dtype is None:
-                unknown.append(name)
-            size[name] = tensor_bytes(shape, dtype)
-        return size[name]
+                self.unknown.append(name)
+            self.size[name] = tensor_bytes(shape, dtype)
+        return self.size[name]
 
+
+def _live_ranges(proto: onnx.ModelProto, nodes: list[onnx.NodeProto],
+                 initializers: set[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """(start, end): each activation's first and last step (graph inputs from step 0,
+    graph outputs to the last step)."""
     start: dict[str, int] = {}
     end: dict[str, int] = {}
     last = max(len(nodes) - 1, 0)
@@ -154,34 +189,29 @@ def activation_memory(model: ModelLike, batch: int = 1, fuse: bool = True) -> di
         if inp.name not in initializers:
             start[inp.name] = 0
             end[inp.name] = 0
-    node_bytes: dict[str, int] = {}
-    concat_count = concat_bytes = 0
     for step, node in enumerate(nodes):
         for name in node.input:
             if name and name in start:
                 end[name] = max(end[name], step)
-        produced = 0
         for name in node.output:
-            if not name:
-                continue
-            start[name] = step
-            end[name] = max(end.get(name, step), step)
-            produced += bytes_of(name)
-        node_bytes[_node_label(node, step)] = produced
-        if node.op_type == "Concat":
-            concat_count += 1
-            concat_bytes += produced
+            if name:
+                start[name] = step
+                end[name] = max(end.get(name, step), step)
     for out in proto.graph.output:
         if out.name in start:
             end[out.name] = last
+    return start, end
 
+
+def _peak(start: dict[str, int], end: dict[str, int], steps: int, bytes_of) -> tuple[int, list[int], list[dict]]:
+    """(peak live bytes, the steps at the peak, the largest tensors live at the first of them)."""
     # Live bytes per step by a difference array over [start, end].
-    delta = np.zeros(len(nodes) + 1, dtype=np.int64)
+    delta = np.zeros(steps + 1, dtype=np.int64)
     for name, s in start.items():
         b = bytes_of(name)
         delta[s] += b
         delta[end[name] + 1] -= b
-    live = np.cumsum(delta)[: len(nodes)] if nodes else np.zeros(0, dtype=np.int64)
+    live = np.cumsum(delta)[:steps] if steps else np.zeros(0, dtype=np.int64)
     peak = int(live.max()) if live.size else 0
     peak_steps = [int(i) for i in np.flatnonzero(live == peak)] if live.size else []
     top: list[dict] = []
@@ -190,14 +220,4 @@ def activation_memory(model: ModelLike, batch: int = 1, fuse: bool = True) -> di
         alive = [(name, bytes_of(name)) for name, s in start.items() if s <= k <= end[name]]
         alive.sort(key=lambda item: (-item[1], item[0]))
         top = [{"name": n, "bytes": b} for n, b in alive[:TOP_LIVE_TENSORS]]
-    return {
-        "batch": batch,
-        "node_output_bytes": node_bytes,
-        "total_node_output_bytes": int(sum(node_bytes.values())),
-        "concat_count": concat_count,
-        "concat_output_bytes": int(concat_bytes),
-        "peak_bytes": peak,
-        "peak_nodes": [_node_label(nodes[i], i) for i in peak_steps],
-        "peak_live_tensors": top,
-        "unknown_shapes": sorted(set(unknown)),
-    }
+    return peak, peak_steps, top
