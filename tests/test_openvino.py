@@ -52,15 +52,44 @@ def test_bf16_is_a_cpu_precision_only(tiny, faces, tmp_path, capsys, caplog):
     assert status == 2 and "cannot run precision bf16" in err
 
 
-def test_without_openvino_the_cpu_build_is_onnx_runtimes(int8_build):
-    """The session's int8 build, with or without the extra: ONNX Runtime's engine is always there."""
+def test_cpu_runtime_onnxruntime_times_nothing_on_openvino(int8_build):
+    """The session's int8 build (the suite pins --cpu-runtime onnxruntime, conftest): as without the
+    extra, ONNX Runtime's engine and no OpenVINO candidate."""
     m = int8_build.manifest
     assert (int8_build.out / "session.json").is_file()
-    if openvino_version() is None:
-        assert m["backend"] == "onnxruntime" and "cpu_runtime" not in m
-        assert not (int8_build.out / "openvino.json").exists()
-    else:
-        assert m["backend"] == m["cpu_runtime"]["chosen"]
+    assert m["backend"] == "onnxruntime" and "cpu_runtime" not in m
+    assert not (int8_build.out / "openvino.json").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--target", "h100", "--cpu-runtime", "onnxruntime"], "--cpu-runtime onnxruntime is for the cpu target"),
+    (["--cpu-runtime", "openvino", "--precision", "int4"], "--cpu-runtime openvino builds fp32, int8, bf16"),
+])
+def test_cpu_runtime_refusals_are_one_line(args, says, tiny, faces, tmp_path, capsys, caplog):
+    workdir = tmp_path / "w"
+    status, _, err = run_cli([*tiny_build_args(tiny, faces, workdir, "int8"), *args], capsys, caplog)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and says in lines[0], err
+    assert not workdir.exists()
+
+
+def test_cpu_runtime_from_the_environment_is_checked(tiny, faces, tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("CUNET_CPU_RUNTIME", "openvin")
+    status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8"), capsys, caplog)
+    assert status == 2 and "$CUNET_CPU_RUNTIME='openvin'" in err
+    # for a TensorRT target the variable speaks of nothing: no refusal from it
+    status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8", "--target", "h100"), capsys, caplog)
+    assert status == 0, err
+
+
+@needs_openvino
+def test_cpu_runtime_openvino_is_chosen_even_when_slower(tiny, faces, tmp_path, monkeypatch):
+    import cunet_optimize.engines.base as base
+
+    monkeypatch.setattr(base, "time_in_blocks", _timing_favours("onnxruntime"))
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "fp32", "--cpu-runtime", "openvino"))
+    assert m["backend"] == "openvino" == m["cpu_runtime"]["chosen"]
+    assert m["cpu_runtime"]["pinned"] == "openvino (--cpu-runtime)"
 
 
 def test_bf16_without_openvino_says_how_to_install_it(tiny, faces, tmp_path, monkeypatch, capsys, caplog):
@@ -92,7 +121,7 @@ def openvino_int8(tmp_path_factory, tiny, faces):
     patch.setattr(base, "time_in_blocks", _timing_favours("openvino"))
     try:
         workdir = tmp_path_factory.mktemp("ov-int8")
-        manifest = run_build_json(tiny_build_args(tiny, faces, workdir, "int8"))
+        manifest = run_build_json(tiny_build_args(tiny, faces, workdir, "int8", "--cpu-runtime", "auto"))
     finally:
         patch.undo()
     return workdir, workdir / "engines" / manifest["name"], manifest
@@ -147,7 +176,7 @@ def test_a_candidate_that_fails_the_gate_is_not_chosen(tiny, faces, tmp_path, mo
 
     monkeypatch.setattr(base, "time_in_blocks", _timing_favours("openvino"))
     monkeypatch.setattr(build_module, "_variant_gate", lambda b: lambda *a, **k: {"passed": False})
-    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "int8"))
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "int8", "--cpu-runtime", "auto"))
     assert m["cpu_runtime"]["chosen"] == "onnxruntime" == m["backend"]
     assert m["cpu_runtime"]["openvino"] is None
     assert not (tmp_path / "engines" / m["name"] / "openvino.json").exists()
@@ -161,7 +190,7 @@ def test_onnx_runtime_chosen_when_faster_and_honoured(tiny, faces, tmp_path, mon
     from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
 
     monkeypatch.setattr(base, "time_in_blocks", _timing_favours("onnxruntime"))
-    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "fp32"))
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "fp32", "--cpu-runtime", "auto"))
     assert m["cpu_runtime"]["chosen"] == "onnxruntime" == m["backend"]
     out = tmp_path / "engines" / m["name"]
     assert m["cpu_runtime"]["openvino"] is not None and (out / "openvino.json").is_file()  # profiled beside it
@@ -172,7 +201,7 @@ def test_onnx_runtime_chosen_when_faster_and_honoured(tiny, faces, tmp_path, mon
 @needs_openvino
 @pytest.mark.skipif(cpu_isa.cpu_bf16_isa() in ("none", "unknown"), reason="this CPU has no AVX-512 BF16 or AMX")
 def test_bf16_build_runs_on_openvino_and_is_gated(tiny, faces, tmp_path):
-    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "bf16"))
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "bf16", "--cpu-runtime", "auto"))
     out = tmp_path / "engines" / m["name"]
     assert m["precision"] == "bf16" and m["backend"] == "openvino" and m["cpu_runtime"]["chosen"] == "openvino"
     assert not (out / "session.json").exists()  # ONNX Runtime has no bf16 Conv

@@ -100,7 +100,8 @@ def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_option
     return forms[form], record
 
 
-def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, accuracy_check) -> dict:
+def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, accuracy_check,
+                       pinned: bool = False) -> dict:
     """The CPU runtime a build deploys, chosen by timing, as TensorRT picks tactics: ONNX Runtime's
     engine as built (`ort_runner`, None where ONNX Runtime cannot run the precision: bf16) against
     OpenVINO on each ONNX form of `ov_forms` (label -> file) at each usable thread count and
@@ -109,7 +110,8 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     `accuracy_check(runner) -> dict` (with "passed") says it passes the gate here; ONNX Runtime's
     engine goes through the build's own gate. The fastest OpenVINO candidate that passes is kept
     beside the choice (so `profile` measures both runtimes); where none passes and ONNX Runtime
-    cannot run the build, the fastest is chosen and the build's gate judges it.
+    cannot run the build, or `pinned` (--cpu-runtime openvino) asks for OpenVINO, the fastest is
+    chosen and the build's gate judges it.
     Returns the record: "chosen" (onnxruntime | openvino), "openvino" (its form and settings, or
     None), the timings and the accuracy checks."""
     from dataclasses import asdict
@@ -138,7 +140,7 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
             best_ov = key
             break
     fastest_ov = min((k for k in timed if k[0] == "openvino"), key=timed.get, default=None)
-    if ort_runner is None:
+    if ort_runner is None or pinned:
         best_ov = best_ov or fastest_ov
         chosen = "openvino"
     else:
@@ -149,6 +151,7 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
 
     return {
         "chosen": chosen,
+        "pinned": "openvino (--cpu-runtime)" if pinned else None,
         "openvino": None if best_ov is None else {"form": best_ov[1], "settings": asdict(best_ov[2]),
                                                   "median_ms_batch1": round(timed[best_ov], 3)},
         "median_ms_batch1": {label(k): round(ms, 3) for k, ms in sorted(timed.items(), key=lambda kv: kv[1])},

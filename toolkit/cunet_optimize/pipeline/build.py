@@ -62,6 +62,14 @@ DEFAULT_CALIB_METHOD = "percentile"
 DEFAULT_CALIB_IMAGES = 128
 DEFAULT_EVAL_SPLIT = "test"
 DEFAULT_AUTO_HELDOUT_IMAGES = 64
+# The CPU runtime a cpu build deploys on: "auto" times every installed one (ONNX Runtime, and
+# OpenVINO with its extra) and keeps the fastest that passes the gate; the others pin one.
+CPU_RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
+# Sets --cpu-runtime's default (CLI and API alike); the test suite pins onnxruntime with it so its
+# many small builds neither spend time on OpenVINO's candidates nor depend on which one wins.
+CPU_RUNTIME_ENV = "CUNET_CPU_RUNTIME"
+
+
 
 
 @dataclass
@@ -86,6 +94,7 @@ class BuildOptions:
     dla_core: int | None = None  # build for this DLA core of a Jetson Orin target (static batch 1)
     exporter: str | None = None  # torch.onnx exporter: legacy | dynamo (None: export_onnx's default)
     landmarks: bool = False  # append the in-graph landmark decoder (exporters/landmarks.py) to the deployed graph
+    cpu_runtime: str | None = None  # one of CPU_RUNTIME_CHOICES; None: $CUNET_CPU_RUNTIME or auto (cpu builds)
     workdir: str = "."
     force: bool = False
     name: str | None = None
@@ -262,6 +271,7 @@ def check_build(opts: BuildOptions) -> _Checked:
         from cunet_optimize.engines.openvino import check_bf16_here
 
         check_bf16_here()  # the CPU's ISA and OpenVINO, before any work
+    check_cpu_runtime(opts, target)
     check_placement_request(opts, target.backend)
     exporter = check_exporter(opts.exporter, opts.precision)  # before any calibration
     model, ckpt_path, source, stem = resolve_model(opts.model)
@@ -521,11 +531,43 @@ OPENVINO_PRECISIONS = ("fp32", "int8", "bf16")
 
 def _times_openvino(b: _Build) -> bool:
     """Whether this build times OpenVINO beside ONNX Runtime: a CPU build of OPENVINO_PRECISIONS (not
-    an auto plan) where OpenVINO is installed (without the extra, nothing changes)."""
+    an auto plan) where OpenVINO is installed (without the extra, nothing changes), unless
+    --cpu-runtime pins ONNX Runtime."""
     from cunet_optimize.engines.openvino import openvino_version
 
     return (b.target.device == "cpu" and b.opts.precision != "auto" and engine_precision(b.opts) in OPENVINO_PRECISIONS
-            and openvino_version() is not None)
+            and b.opts.cpu_runtime != "onnxruntime" and openvino_version() is not None)
+
+
+def check_cpu_runtime(opts: BuildOptions, target) -> None:
+    """--cpu-runtime against the target, the precision and what is installed, before any work; an
+    option left out becomes $CUNET_CPU_RUNTIME's value for a cpu build, else auto."""
+    if opts.cpu_runtime is None:
+        from_env = os.environ.get(CPU_RUNTIME_ENV) if target.device == "cpu" else None
+        if from_env is not None and from_env not in CPU_RUNTIME_CHOICES:
+            raise CUNetError(f"${CPU_RUNTIME_ENV}={from_env!r}: not a CPU runtime; set it to one of "
+                             f"{', '.join(CPU_RUNTIME_CHOICES)} or unset it")
+        opts.cpu_runtime = from_env or "auto"
+    runtime = opts.cpu_runtime
+    if runtime not in CPU_RUNTIME_CHOICES:
+        raise CUNetError(f"--cpu-runtime {runtime!r}: not a CPU runtime; choose one of {', '.join(CPU_RUNTIME_CHOICES)}")
+    if runtime == "auto":
+        return
+    if target.device != "cpu":
+        raise CUNetError(f"--cpu-runtime {runtime} is for the cpu target; {target.name} builds for "
+                         f"{target.backend}: leave --cpu-runtime out")
+    precision = engine_precision(opts)
+    if runtime == "onnxruntime" and precision == "bf16":
+        raise CUNetError("--precision bf16 runs on OpenVINO only (ONNX Runtime's CPU provider has no bf16 "
+                         "convolution): use --cpu-runtime openvino or auto")
+    if runtime == "openvino":
+        from cunet_optimize.engines.openvino import INSTALL_HINT, openvino_version
+
+        if opts.precision == "auto" or precision not in OPENVINO_PRECISIONS:
+            raise CUNetError(f"--cpu-runtime openvino builds {', '.join(OPENVINO_PRECISIONS)}, not "
+                             f"{opts.precision}: use --cpu-runtime auto or onnxruntime for it")
+        if openvino_version() is None:
+            raise CUNetError(f"--cpu-runtime openvino: OpenVINO is not installed; {INSTALL_HINT}")
 
 
 def _lint(b: _Build, model: onnx.ModelProto) -> None:
@@ -610,7 +652,8 @@ def _cpu_runtime(b: _Build, build) -> None:
 
     forms = {"deployed": b.onnx_path, **b.ov_forms}
     ort_runner = OnnxRuntimeRunner(b.staging) if build is not None else None
-    record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b))
+    record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b),
+                                pinned=b.opts.cpu_runtime == "openvino")
     ov = record["openvino"]
     if ov is not None:
         model = forms[ov["form"]]
