@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +22,9 @@ SHARED = REPO.parent / "shared"
 AUTHORS_FIXTURE = SHARED / "fixtures" / "cunet-original"
 
 torch.set_num_threads(1)  # the CI machine has 2 cores; tests stay deterministic and light
+# The suite's CPU builds deploy on ONNX Runtime without timing OpenVINO's candidates (fast, and the
+# same runtime whichever is faster here); tests/test_openvino.py asks for `--cpu-runtime auto`.
+os.environ.setdefault("CUNET_CPU_RUNTIME", "onnxruntime")
 
 
 def tiny_config(**overrides):

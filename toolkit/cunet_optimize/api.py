@@ -341,8 +341,9 @@ class Engine:
 
 def load_engine(engine_dir: PathLike) -> Engine:
     """The engine of a build folder (engines/<name>/), after checking every file against the sha256
-    build.json recorded (as `profile` does): ONNX Runtime builds here, TensorRT engines where TensorRT
-    runs. A TensorRT bundle without an engine is a CUNetError (build it on the device)."""
+    build.json recorded (as `profile` does): CPU builds here in the runtime the build chose (ONNX
+    Runtime, or OpenVINO where it won and is installed), TensorRT engines where TensorRT runs. A
+    TensorRT bundle without an engine is a CUNetError (build it on the device)."""
     from cunet_optimize.profiling.builds import read_build
 
     record = read_build(engine_dir)
@@ -354,6 +355,10 @@ def load_engine(engine_dir: PathLike) -> Engine:
         from cunet_optimize.engines.onnxrt import SESSION_FILE, OnnxRuntimeRunner
 
         runner = OnnxRuntimeRunner(record.artifact("session") or record.path / SESSION_FILE, name=record.name)
+    elif record.backend == "openvino":  # the CPU runtime the build chose (build.json cpu_runtime)
+        from cunet_optimize.engines.openvino import OpenVinoRunner
+
+        runner = OpenVinoRunner(record.artifact("openvino_session"), name=record.name)
     elif record.backend == "tensorrt":
         from cunet_optimize.engines.trt_runner import TrtRunner
 

@@ -33,8 +33,9 @@ GiB = 1 << 30
 
 # Every precision an engine is built as, in the order tables show them. A build's --precision is
 # a spec (int8-untied, int4-pc, w1a8, auto ...; quant/scheme.py GRAMMAR) that quant/policy.py
-# engine_precision maps onto one of these; fp8 is a target capability no build produces yet.
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
+# engine_precision maps onto one of these; fp8 is a target capability no build produces yet;
+# bf16 is the CPU's (OpenVINO on AVX-512 BF16 or AMX; engines/openvino.py).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 
 BACKENDS = ("onnxruntime", "tensorrt")
 DEVICES = ("cpu", "gpu", "jetson")
@@ -150,7 +151,7 @@ _register(
         device="cpu",
         compute_capability=None,
         dla_cores=0,
-        precisions=("fp32", "int8"),
+        precisions=("fp32", "int8", "bf16"),
         unverified_precisions=(),
         dla_precisions=(),
         workspace_bytes=None,
@@ -163,6 +164,8 @@ _register(
             "(seen for int8 and uint8 activations on ONNX Runtime 1.32, x86-64)",
             "an ORT_ENABLE_ALL optimised model is tied to the CPU kind and ONNX Runtime version "
             "it was optimised with: rebuild it where it runs",
+            "with the `openvino` extra, build also times OpenVINO and keeps the faster runtime that passes "
+            "the gate; bf16 runs on OpenVINO only, on CPUs with AVX-512 BF16 or AMX",
         ),
     )
 )

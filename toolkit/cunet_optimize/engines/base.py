@@ -123,6 +123,25 @@ class Runner:
         pass
 
 
+def time_in_blocks(runners: Mapping[Any, Runner], image: np.ndarray, runs: int, rounds: int = 2) -> dict[Any, float]:
+    """Median batch-1 latency in ms of each runner, each timed in a block of its own (activate,
+    two warm-up runs, `runs` timed runs, deactivate), the blocks in alternating order over
+    `rounds` rounds, the median over every timed run. Blocks, not run-by-run interleaving: an
+    OpenVINO session keeps its threads busy between calls, which made an ONNX Runtime session
+    interleaved with it ~1.6x slower (../shared/docs/CPU_RUNTIMES.md)."""
+    times: dict[Any, list[float]] = {key: [] for key in runners}
+    keys = list(runners)
+    for r in range(rounds):
+        for key in (keys if r % 2 == 0 else keys[::-1]):
+            with runners[key] as runner:
+                for i in range(runs + 2):
+                    start = time.perf_counter()
+                    runner.infer(image)
+                    if i >= 2:
+                        times[key].append((time.perf_counter() - start) * 1e3)
+    return {key: float(np.median(t)) for key, t in times.items()}
+
+
 class TorchRunner(Runner):
     """The PyTorch FP32 baseline: a CU-Net in eval mode, last head as numpy."""
 

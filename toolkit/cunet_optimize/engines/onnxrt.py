@@ -213,6 +213,9 @@ class OnnxRuntimeBuilder:
                 f"target {spec.name} is a {spec.backend} target; the ONNX Runtime builder builds for: cpu"
             )
         support = check_precision(spec, precision)
+        if precision == "bf16":  # engines/openvino.py: no bf16 Conv kernel in ONNX Runtime's CPU provider
+            raise CUNetError("ONNX Runtime's CPU provider has no bf16 convolution; bf16 builds run on OpenVINO "
+                             "(`cunet-optimize build --precision bf16` with the openvino extra)")
         settings = _settings_from(dict(options or {}), self.defaults)
         onnx_path = Path(onnx_path)
         _check_onnx_matches(onnx_path, precision)

@@ -204,7 +204,7 @@ class VariantRecord:
     role: str | None = None  # "baseline" (PyTorch FP32 of the builds' checkpoint) or "engine"
     precision: str | None = None
     target: str | None = None
-    backend: str | None = None  # "pytorch", "onnxruntime", "tensorrt"
+    backend: str | None = None  # "pytorch", "onnxruntime", "openvino", "tensorrt"
     runtime: str | None = None  # in words: what produced the numbers
     status: str | None = None  # MEASURED_STATUS, BUNDLE_ONLY_STATUS, or "not measured: <why>"
     measured: bool = False

@@ -1,8 +1,10 @@
 """Graph forms `build` chooses by timing them in ONNX Runtime on the build machine, as
 TensorRT times its tactics: whether a float graph's dense concatenations are folded
 (surgery.pipeline.FOLD_DENSE_CONCATS), and an INT8 graph's integer-dataflow variant with
-its thread count and thread-pool setting (surgery.pipeline.INTEGER_DATAFLOW). A variant
-that changes outputs is taken only once it passes the accuracy gate here.
+its thread count and thread-pool setting (surgery.pipeline.INTEGER_DATAFLOW). Where OpenVINO
+is installed (the `openvino` extra), the CPU runtime too: ONNX Runtime's engine against OpenVINO
+on the forms that suit it (choose_cpu_runtime). A variant that changes outputs is taken only
+once it passes the accuracy gate here.
 """
 
 from __future__ import annotations
@@ -96,3 +98,66 @@ def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_option
         "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": thread_candidates()[-1]},
     }
     return forms[form], record
+
+
+def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, accuracy_check,
+                       pinned: bool = False) -> dict:
+    """The CPU runtime a build deploys, chosen by timing, as TensorRT picks tactics: ONNX Runtime's
+    engine as built (`ort_runner`, None where ONNX Runtime cannot run the precision: bf16) against
+    OpenVINO on each ONNX form of `ov_forms` (label -> file) at each usable thread count and
+    performance hint (engines/openvino.py settings_candidates), each timed in a block of its own
+    (engines/base.py time_in_blocks). An OpenVINO candidate is taken only once
+    `accuracy_check(runner) -> dict` (with "passed") says it passes the gate here; ONNX Runtime's
+    engine goes through the build's own gate. The fastest OpenVINO candidate that passes is kept
+    beside the choice (so `profile` measures both runtimes); where none passes and ONNX Runtime
+    cannot run the build, or `pinned` (--cpu-runtime openvino) asks for OpenVINO, the fastest is
+    chosen and the build's gate judges it.
+    Returns the record: "chosen" (onnxruntime | openvino), "openvino" (its form and settings, or
+    None), the timings and the accuracy checks."""
+    from dataclasses import asdict
+
+    from cunet_optimize.data.synth import verification_batch
+    from cunet_optimize.engines.base import time_in_blocks
+    from cunet_optimize.engines.cpu_isa import cpu_bf16_isa, cpu_model
+    from cunet_optimize.engines.onnxrt import THREAD_TUNING_RUNS, thread_candidates
+    from cunet_optimize.engines.openvino import OpenVinoSessionRunner, openvino_version, settings_candidates
+
+    runners = {("onnxruntime",): ort_runner} if ort_runner is not None else {}
+    for form, path in ov_forms.items():
+        for settings in settings_candidates(precision, thread_candidates()):
+            runners["openvino", form, settings] = OpenVinoSessionRunner(path, settings)
+    timed = time_in_blocks(runners, verification_batch(1), THREAD_TUNING_RUNS)
+    checks: dict[str, dict] = {}
+    best_ov = None
+    for key in sorted(timed, key=timed.get):
+        if key[0] == "onnxruntime":
+            continue
+        _, form, settings = key
+        check = f"{form} {settings.inference_precision}"  # threads and hints do not change outputs
+        if check not in checks:
+            checks[check] = accuracy_check(OpenVinoSessionRunner(ov_forms[form], settings))
+        if checks[check]["passed"]:
+            best_ov = key
+            break
+    fastest_ov = min((k for k in timed if k[0] == "openvino"), key=timed.get, default=None)
+    if ort_runner is None or pinned:
+        best_ov = best_ov or fastest_ov
+        chosen = "openvino"
+    else:
+        chosen = "openvino" if best_ov is not None and timed[best_ov] < timed[("onnxruntime",)] else "onnxruntime"
+
+    def label(key) -> str:
+        return "onnxruntime (as built)" if key[0] == "onnxruntime" else f"openvino {key[1]} {key[2].label()}"
+
+    return {
+        "chosen": chosen,
+        "pinned": "openvino (--cpu-runtime)" if pinned else None,
+        "openvino": None if best_ov is None else {"form": best_ov[1], "settings": asdict(best_ov[2]),
+                                                  "median_ms_batch1": round(timed[best_ov], 3)},
+        "median_ms_batch1": {label(k): round(ms, 3) for k, ms in sorted(timed.items(), key=lambda kv: kv[1])},
+        "accuracy_checks": checks,
+        "openvino_version": openvino_version(),
+        "timing": "each candidate in a block of its own (warm-up 2, "
+                  f"{THREAD_TUNING_RUNS} runs), blocks alternating over 2 rounds, batch 1",
+        "cpu": {"model": cpu_model(), "bf16_isa": cpu_bf16_isa(), "usable_cpus": thread_candidates()[-1]},
+    }

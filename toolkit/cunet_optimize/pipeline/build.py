@@ -63,6 +63,14 @@ DEFAULT_CALIB_METHOD = "percentile"
 DEFAULT_CALIB_IMAGES = 128
 DEFAULT_EVAL_SPLIT = "test"
 DEFAULT_AUTO_HELDOUT_IMAGES = 64
+# The CPU runtime a cpu build deploys on: "auto" times every installed one (ONNX Runtime, and
+# OpenVINO with its extra) and keeps the fastest that passes the gate; the others pin one.
+CPU_RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
+# Sets --cpu-runtime's default (CLI and API alike); the test suite pins onnxruntime with it so its
+# many small builds neither spend time on OpenVINO's candidates nor depend on which one wins.
+CPU_RUNTIME_ENV = "CUNET_CPU_RUNTIME"
+
+
 
 
 @dataclass
@@ -87,6 +95,7 @@ class BuildOptions:
     dla_core: int | None = None  # build for this DLA core of a Jetson Orin target (static batch 1)
     exporter: str | None = None  # torch.onnx exporter: legacy | dynamo (None: export_onnx's default)
     landmarks: bool = False  # append the in-graph landmark decoder (exporters/landmarks.py) to the deployed graph
+    cpu_runtime: str | None = None  # one of CPU_RUNTIME_CHOICES; None: $CUNET_CPU_RUNTIME or auto (cpu builds)
     workdir: str = "."
     force: bool = False
     name: str | None = None
@@ -218,6 +227,8 @@ class _Build(_Checked):
     manifest: dict
     notes: list[str]
     progress: bool
+    # ONNX forms OpenVINO is timed on beyond model.onnx (label -> file in the staging folder)
+    ov_forms: dict = field(default_factory=dict)
 
     @property
     def eval_set(self):
@@ -257,6 +268,11 @@ def check_build(opts: BuildOptions) -> _Checked:
     target = get_target(opts.target)
     dla = check_dla_core(target, opts.dla_core)
     support = check_precision(target, engine_precision(opts), on_dla=dla is not None)
+    if engine_precision(opts) == "bf16":
+        from cunet_optimize.engines.openvino import check_bf16_here
+
+        check_bf16_here()  # the CPU's ISA and OpenVINO, before any work
+    check_cpu_runtime(opts, target)
     check_placement_request(opts, target.backend)
     exporter = check_exporter(opts.exporter, opts.precision)  # before any calibration
     model, ckpt_path, source, stem = resolve_model(opts.model)
@@ -479,10 +495,12 @@ def _timed_forms(b: _Build, result, before, options: dict):
     integer form that passes the gate (pipeline/autotune.py); each choice is noted."""
     from cunet_optimize.evaluation import evaluate_landmarks
     from cunet_optimize.pipeline.autotune import choose_concat_form, choose_int8_form
+    from cunet_optimize.surgery import run_surgery
     from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
     concat_form = None
-    if not b.quantized and FOLD_DENSE_CONCATS[b.target.backend] == TIMED:
+    # bf16 never runs on ONNX Runtime: its timings would choose nothing that runs
+    if not b.quantized and FOLD_DENSE_CONCATS[b.target.backend] == TIMED and engine_precision(b.opts) != "bf16":
         result, concat_form = choose_concat_form(result, b.target.name, b.staging)
         b.notes.append(f"dense concatenations: the {concat_form['chosen']} form, the faster one here "
                        f"with {concat_form['intra_op_threads']} thread(s) at batch 1 (median ms: "
@@ -490,15 +508,69 @@ def _timed_forms(b: _Build, result, before, options: dict):
                        + ")")
     int8_form = None
     if "integer_dataflow" in result.passes and b.target.backend == "onnxruntime":
-        variant_gate = _variant_gate(b.opts, b.task, b.reference_onnx, b.eval_set, b.eval_root, evaluate_landmarks,
-                                     b.progress)
+        variant_gate = _variant_gate(b)
         result, int8_form = choose_int8_form(result, before, options, b.target.name, b.staging, variant_gate)
         chosen = int8_form["chosen"]
         b.notes.append(f"INT8 integer form: relu_form {chosen['relu_form']}, {chosen['intra_op_threads']} "
                        f"thread(s), thread pool {chosen['thread_pool']}: the fastest here that passes the gate "
                        f"({int8_form['cpu']['int8_isa']}; median ms: "
                        + ", ".join(f"{k} {v:.2f}" for k, v in int8_form["median_ms_batch1"].items()) + ")")
+        if _times_openvino(b):
+            # OpenVINO runs explicit Q/DQ with integer kernels: the symmetric Q/DQ graph, before the
+            # uint8 dataflow that suits ONNX Runtime's kernels, is a form of its own
+            symmetric = run_surgery(before, [p for p in result.passes if p != "integer_dataflow"], target=b.target.name,
+                                    verify=False, pass_options=options)
+            b.ov_forms["qdq-symmetric"] = b.staging / OV_QDQ_MODEL_FILE
+            onnx.save(symmetric.model, b.ov_forms["qdq-symmetric"])
     return result, concat_form, int8_form
+
+
+# The file of the symmetric Q/DQ form when OpenVINO runs it (else removed before the build is committed).
+OV_QDQ_MODEL_FILE = "model.ov.onnx"
+# Build precisions the CPU runtime choice times OpenVINO for (int4: weights OpenVINO would dequantize as
+# ONNX Runtime does; not timed; nor are the builds of an auto plan, whose search times nothing on OpenVINO).
+OPENVINO_PRECISIONS = ("fp32", "int8", "bf16")
+
+
+def _times_openvino(b: _Build) -> bool:
+    """Whether this build times OpenVINO beside ONNX Runtime: a CPU build of OPENVINO_PRECISIONS (not
+    an auto plan) where OpenVINO is installed (without the extra, nothing changes), unless
+    --cpu-runtime pins ONNX Runtime."""
+    from cunet_optimize.engines.openvino import openvino_version
+
+    return (b.target.device == "cpu" and b.opts.precision != "auto" and engine_precision(b.opts) in OPENVINO_PRECISIONS
+            and b.opts.cpu_runtime != "onnxruntime" and openvino_version() is not None)
+
+
+def check_cpu_runtime(opts: BuildOptions, target) -> None:
+    """--cpu-runtime against the target, the precision and what is installed, before any work; an
+    option left out becomes $CUNET_CPU_RUNTIME's value for a cpu build, else auto."""
+    if opts.cpu_runtime is None:
+        from_env = os.environ.get(CPU_RUNTIME_ENV) if target.device == "cpu" else None
+        if from_env is not None and from_env not in CPU_RUNTIME_CHOICES:
+            raise CUNetError(f"${CPU_RUNTIME_ENV}={from_env!r}: not a CPU runtime; set it to one of "
+                             f"{', '.join(CPU_RUNTIME_CHOICES)} or unset it")
+        opts.cpu_runtime = from_env or "auto"
+    runtime = opts.cpu_runtime
+    if runtime not in CPU_RUNTIME_CHOICES:
+        raise CUNetError(f"--cpu-runtime {runtime!r}: not a CPU runtime; choose one of {', '.join(CPU_RUNTIME_CHOICES)}")
+    if runtime == "auto":
+        return
+    if target.device != "cpu":
+        raise CUNetError(f"--cpu-runtime {runtime} is for the cpu target; {target.name} builds for "
+                         f"{target.backend}: leave --cpu-runtime out")
+    precision = engine_precision(opts)
+    if runtime == "onnxruntime" and precision == "bf16":
+        raise CUNetError("--precision bf16 runs on OpenVINO only (ONNX Runtime's CPU provider has no bf16 "
+                         "convolution): use --cpu-runtime openvino or auto")
+    if runtime == "openvino":
+        from cunet_optimize.engines.openvino import INSTALL_HINT, openvino_version
+
+        if opts.precision == "auto" or precision not in OPENVINO_PRECISIONS:
+            raise CUNetError(f"--cpu-runtime openvino builds {', '.join(OPENVINO_PRECISIONS)}, not "
+                             f"{opts.precision}: use --cpu-runtime auto or onnxruntime for it")
+        if openvino_version() is None:
+            raise CUNetError(f"--cpu-runtime openvino: OpenVINO is not installed; {INSTALL_HINT}")
 
 
 def _lint(b: _Build, model: onnx.ModelProto) -> None:
@@ -526,38 +598,83 @@ def _write_legacy_cache(b: _Build, model: onnx.ModelProto) -> None:
 
 def _engine(b: _Build, result, concat_form: dict | None, int8_form: dict | None):
     """The target's builder over model.onnx, with what surgery timed (threads, session
-    settings); returns its BuildResult."""
+    settings), then, where OpenVINO is installed, the CPU runtime chosen by timing
+    (_cpu_runtime); returns the builder's BuildResult (None for bf16: OpenVINO's alone)."""
+    what = (f"OpenVINO ({engine_precision(b.opts)}) for {b.target.name}" if engine_precision(b.opts) == "bf16"
+            else f"{b.target.backend} for {b.target.name}" + (", OpenVINO timed beside it" if _times_openvino(b) else ""))
+    with b.timer.stage("engine", what):
+        build = None if engine_precision(b.opts) == "bf16" else _target_engine(b, result, concat_form, int8_form)
+        if _times_openvino(b):
+            _cpu_runtime(b, build)
+        b.manifest["artifacts"].setdefault("onnx", "model.onnx")
+    return build
+
+
+def _target_engine(b: _Build, result, concat_form: dict | None, int8_form: dict | None):
+    """The target's builder (ONNX Runtime or TensorRT) over model.onnx."""
     from cunet_optimize.engines import get_builder
 
-    with b.timer.stage("engine", f"{b.target.backend} for {b.target.name}"):
-        engine_options = {"trt_major": b.opts.trt_major} if b.opts.trt_major else {}
-        if b.dla is not None:
-            engine_options["dla_core"] = b.dla
-        if b.target.backend == "tensorrt":  # the recipe also fills the Triton repository (_deploy)
-            from cunet_optimize.serving.deploy import triton_plan_path
+    engine_options = {"trt_major": b.opts.trt_major} if b.opts.trt_major else {}
+    if b.dla is not None:
+        engine_options["dla_core"] = b.dla
+    if b.target.backend == "tensorrt":  # the recipe also fills the Triton repository (_deploy)
+        from cunet_optimize.serving.deploy import triton_plan_path
 
-            engine_options["engine_copies"] = [triton_plan_path(b.name)]
-        if concat_form is not None:  # the thread count was timed with the form
-            engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
-        if int8_form is not None:  # thread count and pool settings were timed with the form
-            engine_options["intra_op_threads"] = int8_form["chosen"]["intra_op_threads"]
-            engine_options["session_config"] = int8_form["chosen"]["session_config"]
-        if b.target.backend == "onnxruntime" and engine_precision(b.opts) in ("int8", "int4"):
-            engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
-                                             else "int8-symmetric")
-        build = get_builder(b.target.name).build(b.onnx_path, b.target.name, engine_precision(b.opts), b.staging,
-                                                 engine_options or None)
-        b.manifest.update(backend=build.backend, backend_version=build.backend_version,
-                          engine_built=build.engine_built, engine_settings=build.settings)
-        # relative to the build folder, which is renamed into place at the end
-        # (both sides resolved: a symlinked --workdir must not leave paths through the link)
-        b.manifest["artifacts"] = {role: os.path.relpath(Path(p).resolve(), b.staging.resolve())
-                                   for role, p in build.artifacts.items()}
-        b.manifest["artifacts"].setdefault("onnx", "model.onnx")
-        if (b.staging / "calibration.cache").exists():
-            b.manifest["artifacts"]["legacy_calibration_cache"] = "calibration.cache"
-        b.notes += [n for n in build.notes if n not in b.notes]
+        engine_options["engine_copies"] = [triton_plan_path(b.name)]
+    if concat_form is not None:  # the thread count was timed with the form
+        engine_options["intra_op_threads"] = concat_form["intra_op_threads"]
+    if int8_form is not None:  # thread count and pool settings were timed with the form
+        engine_options["intra_op_threads"] = int8_form["chosen"]["intra_op_threads"]
+        engine_options["session_config"] = int8_form["chosen"]["session_config"]
+    if b.target.backend == "onnxruntime" and engine_precision(b.opts) in ("int8", "int4"):
+        engine_options["qdq_flavour"] = ("uint8-integer-dataflow" if "integer_dataflow" in result.passes
+                                         else "int8-symmetric")
+    build = get_builder(b.target.name).build(b.onnx_path, b.target.name, engine_precision(b.opts), b.staging,
+                                             engine_options or None)
+    b.manifest.update(backend=build.backend, backend_version=build.backend_version,
+                      engine_built=build.engine_built, engine_settings=build.settings)
+    # relative to the build folder, which is renamed into place at the end
+    # (both sides resolved: a symlinked --workdir must not leave paths through the link)
+    b.manifest["artifacts"] = {role: os.path.relpath(Path(p).resolve(), b.staging.resolve())
+                               for role, p in build.artifacts.items()}
+    b.manifest["artifacts"].setdefault("onnx", "model.onnx")
+    if (b.staging / "calibration.cache").exists():
+        b.manifest["artifacts"]["legacy_calibration_cache"] = "calibration.cache"
+    b.notes += [n for n in build.notes if n not in b.notes]
     return build
+
+
+def _cpu_runtime(b: _Build, build) -> None:
+    """ONNX Runtime's engine (`build`; None for bf16) against OpenVINO on model.onnx and the forms of
+    b.ov_forms, each OpenVINO candidate gated (pipeline/autotune.py choose_cpu_runtime). The
+    choice becomes build.json's backend; openvino.json records OpenVINO's best passing candidate
+    beside an ONNX Runtime choice too, so `profile` measures both runtimes."""
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
+    from cunet_optimize.engines.openvino import OV_SESSION_FILE, OvSettings, openvino_version, write_session
+    from cunet_optimize.pipeline.autotune import choose_cpu_runtime
+
+    forms = {"deployed": b.onnx_path, **b.ov_forms}
+    ort_runner = OnnxRuntimeRunner(b.staging) if build is not None else None
+    record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b),
+                                pinned=b.opts.cpu_runtime == "openvino")
+    ov = record["openvino"]
+    if ov is not None:
+        model = forms[ov["form"]]
+        write_session(b.staging, model, OvSettings(**ov["settings"]), engine_precision(b.opts),
+                      {k: v for k, v in record["median_ms_batch1"].items() if k.startswith("openvino")})
+        b.manifest.setdefault("artifacts", {})
+        b.manifest["artifacts"]["openvino_session"] = OV_SESSION_FILE
+        b.manifest["artifacts"]["openvino_model"] = model.name
+    for path in b.ov_forms.values():  # forms OpenVINO does not run
+        if ov is None or path != forms[ov["form"]]:
+            path.unlink(missing_ok=True)
+    b.manifest["cpu_runtime"] = record
+    if record["chosen"] == "openvino":
+        b.manifest.update(backend="openvino", backend_version=openvino_version(), engine_built=True)
+        b.manifest.setdefault("engine_settings", {})
+    times = ", ".join(f"{k} {v:.2f}" for k, v in record["median_ms_batch1"].items())
+    b.notes.append(f"CPU runtime: {record['chosen']}, the fastest here that passes the gate (median ms at batch 1: "
+                   f"{times})")
 
 
 def _accuracy(b: _Build, build) -> None:
@@ -566,7 +683,7 @@ def _accuracy(b: _Build, build) -> None:
 
     with b.timer.stage("accuracy", f"{b.task.metric} on {len(b.eval_set)} images vs the FP32 reference "
                                    "(ONNX Runtime)"):
-        b.manifest["accuracy"] = _accuracy_gate(b.opts, b.task, b.staging, build, b.onnx_path, b.reference_onnx,
+        b.manifest["accuracy"] = _accuracy_gate(b.opts, b.task, b.staging, b.manifest, b.onnx_path, b.reference_onnx,
                                                 b.eval_set, b.eval_root, evaluate_landmarks, b.progress)
         b.reference_onnx.unlink()
 
@@ -576,8 +693,10 @@ def _deploy(b: _Build, build) -> None:
     a DeepStream nvinfer config, validated; recorded in build.json and hashed with the build."""
     from cunet_optimize.serving.deploy import write_deployment
 
-    engine = os.path.basename(build.settings["engine_path"]) if build.backend == "tensorrt" else None
-    record = write_deployment(b.staging, b.name, b.target, engine_precision(b.opts), build.settings, b.dla,
+    # bf16 has no ONNX Runtime engine (build is None): its repository serves model.onnx with the backend's defaults
+    settings = build.settings if build is not None else {}
+    engine = os.path.basename(settings["engine_path"]) if b.target.backend == "tensorrt" else None
+    record = write_deployment(b.staging, b.name, b.target, engine_precision(b.opts), settings, b.dla,
                               b.task.box_factor, engine)
     b.manifest["deploy"] = record
     for path in record["files"]:
@@ -673,22 +792,28 @@ def calibrate_shared(model, scheme, calib_set, images: int, method: str, alpha: 
     return post_training_quantize(model, scheme, batches, method, alpha, progress=progress and distributed.is_main())
 
 
-def _variant_gate(opts, task, reference_onnx, eval_set, eval_root, evaluate_landmarks, progress):
-    """accuracy_check for choose_int8_form: a variant ONNX under ONNX Runtime's full
-    optimisation with its session settings, against the FP32 reference (reference_accuracy:
-    evaluated once, and read back by the final gate)."""
+def _variant_gate(b: _Build):
+    """accuracy_check for the timed choices (pipeline/autotune.py) against the FP32 reference
+    (reference_accuracy: evaluated once, and read back by the final gate): of a runner
+    (choose_cpu_runtime), or of a variant ONNX under ONNX Runtime's full optimisation with its
+    session settings (choose_int8_form)."""
     from dataclasses import replace
 
-    from cunet_optimize.engines.onnxrt import OnnxRuntimeSessionRunner, OrtSettings
+    from cunet_optimize.engines.base import Runner
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeSessionRunner
+    from cunet_optimize.evaluation import evaluate_landmarks
 
-    def check(onnx_path: Path, settings: OrtSettings) -> dict:
-        reference = reference_accuracy(Path(opts.workdir), reference_onnx, eval_set, eval_root, opts.eval_split,
-                                       evaluate_landmarks, progress)
+    opts, task, progress = b.opts, b.task, b.progress
+
+    def check(onnx_path_or_runner, settings=None) -> dict:
+        reference = reference_accuracy(Path(opts.workdir), b.reference_onnx, b.eval_set, b.eval_root,
+                                       opts.eval_split, evaluate_landmarks, progress)
         reference_value = task.headline(reference.metrics)
-        got = distributed.on_every_rank(
-            evaluate_runner, OnnxRuntimeSessionRunner(onnx_path, replace(settings, optimization="all"),
-                                                      load_optimization="all"),
-            eval_set, evaluate_landmarks, progress, f"variant {onnx_path.stem}")
+        runner = onnx_path_or_runner
+        if not isinstance(runner, Runner):
+            runner = OnnxRuntimeSessionRunner(runner, replace(settings, optimization="all"), load_optimization="all")
+        got = distributed.on_every_rank(evaluate_runner, runner, b.eval_set, evaluate_landmarks, progress,
+                                        f"variant {runner.name} {runner.model_path.stem}")
         value = task.headline(got.metrics)
         worse = task.degradation(value, reference_value)
         return {"metric": task.metric, "value": value, "reference_value": reference_value,
@@ -698,20 +823,51 @@ def _variant_gate(opts, task, reference_onnx, eval_set, eval_root, evaluate_land
     return check
 
 
-def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_set, eval_root, evaluate_landmarks,
-                   progress):
-    """The deployed model's headline metric (NME or PCKh) against the FP32 export's, and the
-    verdict against the task's tolerance (`BuildOptions.tolerance`)."""
+def _gate_runner(manifest: dict, staging: Path, onnx_path: Path):
+    """(runner, what it is) the gate measures: the engine of the runtime build.json records
+    (OpenVINO or ONNX Runtime on the CPU), else, where no engine is built here, the Q/DQ ONNX run
+    exactly by ONNX Runtime, the source of truth."""
     from cunet_optimize.engines.onnxrt import OnnxRuntimeReferenceRunner, OnnxRuntimeRunner
 
+    if manifest["backend"] == "openvino":
+        from cunet_optimize.engines.openvino import OpenVinoRunner, runtime_description
+
+        runner = OpenVinoRunner(staging)
+        return runner, f"{runtime_description(runner.settings)} (the built engine)"
+    if manifest["backend"] == "onnxruntime" and manifest["engine_built"]:
+        return OnnxRuntimeRunner(staging), f"ONNX Runtime {manifest['backend_version']} CPU (the built engine)"
+    return (OnnxRuntimeReferenceRunner(onnx_path),
+            "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the deployed ONNX; no TensorRT engine here")
+
+
+def _openvino_bundle_accuracy(task, onnx_path: Path, ref_value: float, tolerance: float, eval_set,
+                              evaluate_landmarks, progress) -> dict:
+    """A TensorRT bundle's exact ONNX (its Q/DQ run with integer kernels) in OpenVINO at f32 inference
+    precision, beside the ONNX Runtime reference the gate judges: what integer kernels make of the
+    graph, recorded, not gating. An ONNX OpenVINO cannot compile is recorded as such."""
+    from cunet_optimize.engines.openvino import OpenVinoSessionRunner, OvSettings, runtime_description
+
+    settings = OvSettings(inference_precision="f32")
+    record: dict = {"runtime": runtime_description(settings) + " of the bundle's model.onnx", "gating": False}
+    try:
+        got = distributed.on_every_rank(evaluate_runner, OpenVinoSessionRunner(onnx_path, settings), eval_set,
+                                        evaluate_landmarks, progress, "bundle in OpenVINO")
+    except Exception as exc:  # noqa: BLE001  (a second opinion must not sink the build; say why it is absent)
+        return {**record, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    value = task.headline(got.metrics)
+    worse = task.degradation(value, ref_value)
+    return {**record, "metrics": got.metrics, "value": value, "degradation_points": worse,
+            "within_tolerance": bool(worse <= tolerance)}
+
+
+def _accuracy_gate(opts, task, staging, manifest, onnx_path, reference_onnx, eval_set, eval_root, evaluate_landmarks,
+                   progress):
+    """The deployed model's headline metric (NME or PCKh) against the FP32 export's, and the
+    verdict against the task's tolerance (`BuildOptions.tolerance`); for a TensorRT bundle, where
+    OpenVINO is installed, also its ONNX run in OpenVINO (_openvino_bundle_accuracy)."""
     reference = reference_accuracy(Path(opts.workdir), reference_onnx, eval_set, eval_root, opts.eval_split,
                                    evaluate_landmarks, progress)
-    if build.backend == "onnxruntime" and build.engine_built:
-        runner, runtime = OnnxRuntimeRunner(staging), f"ONNX Runtime {build.backend_version} CPU (the built engine)"
-    else:
-        # No engine here: the Q/DQ ONNX, run exactly by ONNX Runtime, is the source of truth.
-        runner = OnnxRuntimeReferenceRunner(onnx_path)
-        runtime = "ONNX Runtime CPU reference (ORT_DISABLE_ALL) of the deployed ONNX; no TensorRT engine here"
+    runner, runtime = _gate_runner(manifest, staging, onnx_path)
     candidate = distributed.on_every_rank(evaluate_runner, runner, eval_set, evaluate_landmarks, progress, "engine")
     ref_value, value = task.headline(reference.metrics), task.headline(candidate.metrics)
     worse = task.degradation(value, ref_value)
@@ -739,6 +895,12 @@ def _accuracy_gate(opts, task, staging, build, onnx_path, reference_onnx, eval_s
         gate["nme_ratio"] = value / max(ref_value, 1e-12)
     else:
         gate["pckh_decrease_points"] = worse
+    if manifest["backend"] == "tensorrt":
+        from cunet_optimize.engines.openvino import openvino_version
+
+        if openvino_version() is not None:
+            gate["openvino"] = _openvino_bundle_accuracy(task, onnx_path, ref_value, tolerance, eval_set,
+                                                         evaluate_landmarks, progress)
     return gate
 
 

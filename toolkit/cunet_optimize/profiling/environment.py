@@ -83,6 +83,7 @@ def environment() -> dict:
             "onnx": _version("onnx"),
             "numpy": _version("numpy"),
             "tensorrt": _version("tensorrt"),
+            "openvino": _version("openvino"),
         },
         "load_average": load_average(),
     }

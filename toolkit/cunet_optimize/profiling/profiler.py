@@ -175,24 +175,67 @@ def _profile_tensorrt_engine(build: BuildRecord, v: VariantRecord, measure: _Mea
     return v
 
 
-def _profile_engine(build: BuildRecord, measure: _Measure, memory: str, layer_runs: int) -> VariantRecord:
+# The CPU runtimes a build may hold, each with the build.json artifact role of its session record.
+CPU_RUNTIMES = {"onnxruntime": "session", "openvino": "openvino_session"}
+
+
+def _profile_engines(build: BuildRecord, measure: _Measure, memory: str, layer_runs: int) -> list[VariantRecord]:
+    """The build's engine; for a CPU build, every runtime it holds (build.json cpu_runtime), the one it
+    chose first under the build's name, another as `<name>@<runtime>`."""
+    if build.backend not in CPU_RUNTIMES:
+        return [_profile_engine(build, measure, memory, layer_runs)]
+    held = [r for r, role in CPU_RUNTIMES.items() if r == build.backend or build.artifact(role) is not None]
+    held.sort(key=lambda r: r != build.backend)
+    return [_profile_engine(build, measure, memory, layer_runs, runtime=r) for r in held]
+
+
+def _profile_openvino(build: BuildRecord, v: VariantRecord, measure: _Measure) -> VariantRecord:
+    """OpenVINO's session of a CPU build (openvino.json), where OpenVINO is installed."""
+    from cunet_optimize.engines.openvino import INSTALL_HINT, OV_SESSION_FILE, OpenVinoRunner, openvino_version, \
+        runtime_description
+
+    v.backend, v.backend_version = "openvino", openvino_version()
+    if v.backend_version is None:
+        v.status, v.runtime = f"not measured here: OpenVINO is not installed; {INSTALL_HINT}", "OpenVINO"
+        return v
+    runner = OpenVinoRunner(build.artifact("openvino_session") or build.path / OV_SESSION_FILE, name=v.name)
+    model = runner.model_path  # what OpenVINO loads: an ONNX file of the folder, compiled at load
+    if model.is_file() and v.size:
+        v.size = updated(v.size, {"deploy_artifact": "openvino_model", "deploy_bytes": model.stat().st_size,
+                                  "engine_bytes": model.stat().st_size}, f"profile variant {v.name} size")
+    v.runtime = runtime_description(runner.settings)
+    measure.run(v, runner)
+    v.notes.append("peak memory and per-op time are measured for ONNX Runtime only")
+    return v
+
+
+def _profile_engine(build: BuildRecord, measure: _Measure, memory: str, layer_runs: int,
+                    runtime: str | None = None) -> VariantRecord:
     v = _engine_variant(build)
+    runtime = runtime or build.backend
+    if runtime != build.backend:
+        v.name = f"{build.name}@{runtime}"
+        v.notes.append(f"the build chose {build.backend}; this row is its {runtime} session, measured beside it")
     if build.backend == "tensorrt":
         if not build.engine_built:
             v.status, v.runtime = BUNDLE_ONLY_STATUS, f"TensorRT (on the device: {build.target})"
             return v
         return _profile_tensorrt_engine(build, v, measure)
-    if build.backend != "onnxruntime":
+    if runtime not in CPU_RUNTIMES:
         v.status = f"not measured: unknown backend '{build.backend}'"
         return v
     if not build.engine_built:
         v.status = "not measured: build.json says engine_built is false; rebuild it"
         return v
+    if runtime == "openvino":
+        return _profile_openvino(build, v, measure)
     from cunet_optimize.engines.onnxrt import SESSION_FILE, OnnxRuntimeRunner
     from cunet_optimize.profiling.layers import ort_layer_times, ort_thread_scaling
 
+    v.backend, v.backend_version = "onnxruntime", None
     session = build.artifact("session") or build.path / SESSION_FILE
-    runner = OnnxRuntimeRunner(session, name=build.name)
+    runner = OnnxRuntimeRunner(session, name=v.name)
+    v.backend_version = runner.record.get("onnxruntime_version")
     v.runtime = _ort_runtime(runner)
     measure.run(v, runner)
     if layer_runs > 0:
@@ -407,7 +450,7 @@ def _measure_variants(builds: list[BuildRecord], measure: _Measure, memory: str,
         variants.append(_profile_baseline(first, base_name, measure, memory))
     for i, b in enumerate(builds, 1):
         log.info("profiling %s (%d/%d)", b.name, i, len(builds))
-        variants.append(_profile_engine(b, measure, memory, layer_runs))
+        variants.extend(_profile_engines(b, measure, memory, layer_runs))
     _finish_accuracy(variants)
     speedups(variants)
     return variants

@@ -81,6 +81,8 @@ def what_ran_where(environment: dict, variants: list[VariantRecord]) -> str:
         runtimes.append(f"PyTorch {versions.get('torch')} (CPU, eager FP32)")
     if "onnxruntime" in measured:
         runtimes.append(f"ONNX Runtime {versions.get('onnxruntime')} (CPUExecutionProvider)")
+    if "openvino" in measured:
+        runtimes.append(f"OpenVINO {versions.get('openvino')} (CPU plugin)")
     if "tensorrt" in measured:
         runtimes.append(f"TensorRT {versions.get('tensorrt')} on {gpu}")
     where = f"{cpu}, {cores} cores, GPU: {gpu}"

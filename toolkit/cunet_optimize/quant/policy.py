@@ -20,9 +20,11 @@ from cunet_optimize.errors import CUNetError
 from cunet_optimize.quant.scheme import DEFAULT_INT4_BLOCK, GRAMMAR, INT, QuantSpecError, parse_precision
 
 # Build precisions that are not quantization schemes (quant/scheme.py): the float model in
-# float16, and a per-conv plan (quant/auto.py). Commands other than build take a subset.
-FP16, AUTO = "fp16", "auto"
-BUILD_WORDS = (FP16, AUTO)
+# float16 or computed in bfloat16 (the CPU's bf16 path: engines/openvino.py), and a per-conv plan
+# (quant/auto.py). Commands other than build take a subset.
+FP16, BF16, AUTO = "fp16", "bf16", "auto"
+BUILD_WORDS = (FP16, BF16, AUTO)
+FLOAT_WORDS = (FP16, BF16)  # float builds whose engine computes in a 16-bit float
 # Engine precisions a target may run (targets.py PRECISIONS) that no build produces yet.
 NOT_BUILT = ("fp8",)
 _FP32_ALIASES = ("float", "float32")
@@ -180,8 +182,8 @@ def engine_precision(opts) -> str:
     if opts.precision == AUTO:
         formats = set((opts.layer_formats or {}).values())
         return "int4" if "int4" in formats else "int8"
-    if opts.precision == FP16:
-        return FP16
+    if opts.precision in FLOAT_WORDS:
+        return opts.precision
     scheme = parse_precision(opts.precision)
     return f"int{scheme.weight_bits}" if scheme.weight == INT else "fp32"
 
@@ -201,8 +203,8 @@ def base_precision(opts) -> str:
 
 def quantizes(precision: str) -> bool:
     """Whether a build of `precision` quantizes at all (calibration or a QAT checkpoint): not
-    fp16 nor a float scheme (fp32)."""
-    return precision == AUTO or precision != FP16 and not parse_precision(precision).is_float
+    fp16, bf16 nor a float scheme (fp32)."""
+    return precision == AUTO or precision not in FLOAT_WORDS and not parse_precision(precision).is_float
 
 
 def exports_qdq(precision: str) -> bool:
@@ -241,7 +243,7 @@ def check_placement_request(opts, backend: str) -> None:
 def precision_notes(opts) -> list[str]:
     """What build.json's notes say about how the precision is deployed (beyond the target's
     check_precision note): the paper's modes are float graphs (PAPER_ENGINE_NOTE)."""
-    if opts.precision in (AUTO, FP16):
+    if opts.precision in (AUTO, *FLOAT_WORDS):
         return []
     scheme = parse_precision(opts.precision)
     if not scheme.is_paper:

@@ -1,0 +1,221 @@
+"""OpenVINO as the second CPU runtime (engines/openvino.py, pipeline/autotune.py choose_cpu_runtime):
+the choice recorded in build.json and honoured by load_engine and profile, bf16 refused on a CPU
+without it, and TensorRT bundles' ONNX measured in OpenVINO beside the ONNX Runtime reference.
+
+The tests that run OpenVINO skip where the `openvino` extra is absent (the `test` extra installs it)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_build_json, run_cli, tiny_build_args
+from cunet_optimize.engines import cpu_isa
+from cunet_optimize.engines.openvino import openvino_version
+
+needs_openvino = pytest.mark.skipif(openvino_version() is None,
+                                    reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+
+NO_BF16_FLAGS = "fpu sse sse2 avx avx2 avx512f avx512bw avx512_vnni"
+
+
+@pytest.fixture
+def cpu_without_bf16(tmp_path, monkeypatch):
+    """This process sees a CPU with AVX-512 VNNI but neither AVX-512 BF16 nor AMX."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Simulated Xeon\nflags\t\t: {NO_BF16_FLAGS}\n")
+    monkeypatch.setattr(cpu_isa, "CPUINFO", cpuinfo)
+    return cpuinfo
+
+
+def test_bf16_isa_from_flags(cpu_without_bf16, tmp_path):
+    assert cpu_isa.bf16_isa_from_flags("avx512f avx512_bf16 amx_bf16 amx_tile") == "amx_bf16"
+    assert cpu_isa.bf16_isa_from_flags({"avx512_bf16"}) == "avx512_bf16"
+    assert cpu_isa.cpu_bf16_isa() == "none" and cpu_isa.cpu_model() == "Simulated Xeon"
+    assert cpu_isa.cpu_int8_isa() == "avx512_vnni"
+    assert cpu_isa.cpu_bf16_isa(tmp_path / "missing") == "unknown"
+
+
+def test_bf16_is_refused_in_one_line_on_a_cpu_without_it(cpu_without_bf16, tiny, faces, tmp_path, capsys, caplog):
+    workdir = tmp_path / "w"
+    status, out, err = run_cli(tiny_build_args(tiny, faces, workdir, "bf16"), capsys, caplog)
+    assert status == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "AVX-512 BF16 or AMX" in lines[0] and "Simulated Xeon" in lines[0]
+    assert not workdir.exists()  # refused before any work
+
+
+def test_bf16_is_a_cpu_precision_only(tiny, faces, tmp_path, capsys, caplog):
+    status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "bf16", "--target", "h100"), capsys, caplog)
+    assert status == 2 and "cannot run precision bf16" in err
+
+
+def test_cpu_runtime_onnxruntime_times_nothing_on_openvino(int8_build):
+    """The session's int8 build (the suite pins --cpu-runtime onnxruntime, conftest): as without the
+    extra, ONNX Runtime's engine and no OpenVINO candidate."""
+    m = int8_build.manifest
+    assert (int8_build.out / "session.json").is_file()
+    assert m["backend"] == "onnxruntime" and "cpu_runtime" not in m
+    assert not (int8_build.out / "openvino.json").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--target", "h100", "--cpu-runtime", "onnxruntime"], "--cpu-runtime onnxruntime is for the cpu target"),
+    (["--cpu-runtime", "openvino", "--precision", "int4"], "--cpu-runtime openvino builds fp32, int8, bf16"),
+])
+def test_cpu_runtime_refusals_are_one_line(args, says, tiny, faces, tmp_path, capsys, caplog):
+    workdir = tmp_path / "w"
+    status, _, err = run_cli([*tiny_build_args(tiny, faces, workdir, "int8"), *args], capsys, caplog)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and says in lines[0], err
+    assert not workdir.exists()
+
+
+def test_cpu_runtime_from_the_environment_is_checked(tiny, faces, tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("CUNET_CPU_RUNTIME", "openvin")
+    status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8"), capsys, caplog)
+    assert status == 2 and "$CUNET_CPU_RUNTIME='openvin'" in err
+    # for a TensorRT target the variable speaks of nothing: no refusal from it
+    status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8", "--target", "h100"), capsys, caplog)
+    assert status == 0, err
+
+
+@needs_openvino
+def test_cpu_runtime_openvino_is_chosen_even_when_slower(tiny, faces, tmp_path, monkeypatch):
+    import cunet_optimize.engines.base as base
+
+    monkeypatch.setattr(base, "time_in_blocks", _timing_favours("onnxruntime"))
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "fp32", "--cpu-runtime", "openvino"))
+    assert m["backend"] == "openvino" == m["cpu_runtime"]["chosen"]
+    assert m["cpu_runtime"]["pinned"] == "openvino (--cpu-runtime)"
+
+
+def test_bf16_without_openvino_says_how_to_install_it(tiny, faces, tmp_path, monkeypatch, capsys, caplog):
+    import cunet_optimize.engines.openvino as ov
+
+    if cpu_isa.cpu_bf16_isa() in ("none", "unknown"):
+        pytest.skip("this CPU has no bf16: the ISA refusal comes first")
+    monkeypatch.setattr(ov, "openvino_version", lambda: None)
+    status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "bf16"), capsys, caplog)
+    assert status == 2 and "cunet-optimize[openvino]" in err
+
+
+def _timing_favours(runtime: str):
+    """time_in_blocks replaced: `runtime`'s candidates the fastest (the rest of the choice is real)."""
+    def timed(runners, image, runs, rounds=2):
+        return {key: (1.0 if key[0] == runtime else 2.0) + 0.01 * i for i, key in enumerate(runners)}
+
+    return timed
+
+
+@pytest.fixture(scope="module")
+def openvino_int8(tmp_path_factory, tiny, faces):
+    """The tiny model built int8 for the CPU with OpenVINO's candidates timed fastest."""
+    if openvino_version() is None:
+        pytest.skip("OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+    import cunet_optimize.engines.base as base
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(base, "time_in_blocks", _timing_favours("openvino"))
+    try:
+        workdir = tmp_path_factory.mktemp("ov-int8")
+        manifest = run_build_json(tiny_build_args(tiny, faces, workdir, "int8", "--cpu-runtime", "auto"))
+    finally:
+        patch.undo()
+    return workdir, workdir / "engines" / manifest["name"], manifest
+
+
+@needs_openvino
+def test_runtime_choice_is_recorded(openvino_int8):
+    _, out, m = openvino_int8
+    record = m["cpu_runtime"]
+    assert record["chosen"] == "openvino" == m["backend"] and m["backend_version"] == openvino_version()
+    timed = record["median_ms_batch1"]
+    assert "onnxruntime (as built)" in timed
+    assert any(k.startswith("openvino deployed") for k in timed) and any("qdq-symmetric" in k for k in timed)
+    assert record["accuracy_checks"] and all("passed" in c for c in record["accuracy_checks"].values())
+    session = json.loads((out / "openvino.json").read_text())
+    assert session["model"] == m["artifacts"]["openvino_model"] and (out / session["model"]).is_file()
+    assert session["inference_precision"] == "f32"  # never bf16 behind an int8 build's back
+    assert m["accuracy"]["runtime"].startswith("OpenVINO")
+    assert (out / "session.json").is_file()  # ONNX Runtime's engine stays beside it
+
+
+@needs_openvino
+def test_load_engine_and_profile_honour_the_recorded_runtime(openvino_int8, capsys):
+    import cunet_optimize as co
+    from cunet_optimize.data.synth import verification_batch
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
+    from cunet_optimize.engines.openvino import OpenVinoRunner
+    from cunet_optimize.profiling import profile_engines
+
+    workdir, out, m = openvino_int8
+    images = verification_batch(2)
+    with co.load_engine(out) as engine:
+        assert isinstance(engine.runner, OpenVinoRunner)
+        got = engine.infer({"image": images})["heatmaps"]
+    with OpenVinoRunner(out) as runner:
+        np.testing.assert_array_equal(got, runner.infer(images))
+    result = profile_engines([out], runs=2, warmup=1, batch_sizes=(1,), memory="off", layer_runs=0, progress=False)
+    data = result.to_dict()
+    rows = {v["name"]: v for v in data["variants"]}
+    chosen, other = rows[m["name"]], rows[f"{m['name']}@onnxruntime"]
+    assert chosen["backend"] == "openvino" and chosen["runtime"].startswith("OpenVINO") and chosen["measured"]
+    assert other["backend"] == "onnxruntime" and other["runtime"].startswith("ONNX Runtime") and other["measured"]
+    assert "OpenVINO" in json.dumps(data.get("statement"))
+    with OnnxRuntimeRunner(out) as ort:  # the engine load_engine did not pick is still the build's
+        assert ort.infer(images).shape == got.shape
+
+
+@needs_openvino
+def test_a_candidate_that_fails_the_gate_is_not_chosen(tiny, faces, tmp_path, monkeypatch):
+    import cunet_optimize.engines.base as base
+    import cunet_optimize.pipeline.build as build_module
+
+    monkeypatch.setattr(base, "time_in_blocks", _timing_favours("openvino"))
+    monkeypatch.setattr(build_module, "_variant_gate", lambda b: lambda *a, **k: {"passed": False})
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "int8", "--cpu-runtime", "auto"))
+    assert m["cpu_runtime"]["chosen"] == "onnxruntime" == m["backend"]
+    assert m["cpu_runtime"]["openvino"] is None
+    assert not (tmp_path / "engines" / m["name"] / "openvino.json").exists()
+    assert not (tmp_path / "engines" / m["name"] / "model.ov.onnx").exists()
+
+
+@needs_openvino
+def test_onnx_runtime_chosen_when_faster_and_honoured(tiny, faces, tmp_path, monkeypatch):
+    import cunet_optimize as co
+    import cunet_optimize.engines.base as base
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
+
+    monkeypatch.setattr(base, "time_in_blocks", _timing_favours("onnxruntime"))
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "fp32", "--cpu-runtime", "auto"))
+    assert m["cpu_runtime"]["chosen"] == "onnxruntime" == m["backend"]
+    out = tmp_path / "engines" / m["name"]
+    assert m["cpu_runtime"]["openvino"] is not None and (out / "openvino.json").is_file()  # profiled beside it
+    with co.load_engine(out) as engine:
+        assert isinstance(engine.runner, OnnxRuntimeRunner)
+
+
+@needs_openvino
+@pytest.mark.skipif(cpu_isa.cpu_bf16_isa() in ("none", "unknown"), reason="this CPU has no AVX-512 BF16 or AMX")
+def test_bf16_build_runs_on_openvino_and_is_gated(tiny, faces, tmp_path):
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "bf16", "--cpu-runtime", "auto"))
+    out = tmp_path / "engines" / m["name"]
+    assert m["precision"] == "bf16" and m["backend"] == "openvino" and m["cpu_runtime"]["chosen"] == "openvino"
+    assert not (out / "session.json").exists()  # ONNX Runtime has no bf16 Conv
+    assert json.loads((out / "openvino.json").read_text())["inference_precision"] == "bf16"
+    assert "bf16" in m["accuracy"]["runtime"] and m["accuracy"]["quantized_value"] is not None
+
+
+@needs_openvino
+def test_tensorrt_bundle_accuracy_is_also_measured_in_openvino(tiny, faces, tmp_path):
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "int8", "--target", "h100"))
+    gate = m["accuracy"]
+    assert m["backend"] == "tensorrt" and gate["runtime"].startswith("ONNX Runtime CPU reference")
+    ov = gate["openvino"]
+    assert ov["runtime"].startswith("OpenVINO") and ov["gating"] is False and "error" not in ov
+    # the same Q/DQ graph: integer kernels agree with the exact reference to well within the gate
+    assert abs(ov["value"] - gate["quantized_value"]) < 0.5
+    assert ov["degradation_points"] == pytest.approx(ov["value"] - gate["reference_value"])

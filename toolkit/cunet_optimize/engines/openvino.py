@@ -1,0 +1,212 @@
+"""OpenVINO on the CPU: the second CPU runtime beside ONNX Runtime (the optional extra `openvino`).
+
+OpenVINO reads an ONNX file as it is, Q/DQ included, and runs explicit Q/DQ with integer kernels
+(../shared/docs/CPU_RUNTIMES.md), so it needs no graph form of its own: `build --target cpu` times it
+on the forms the build already has (pipeline/autotune.py, choose_cpu_runtime) and, where it wins and
+passes the accuracy gate, writes `openvino.json` (OV_SESSION_FILE) beside ONNX Runtime's session.json:
+the ONNX file it runs, its sha256 and the compile properties that were timed. The runner reloads both.
+
+Precision: OpenVINO's default inference precision on a CPU with AMX or AVX-512 BF16 is bf16, also
+for an FP32 model, so every setting here pins INFERENCE_PRECISION_HINT (f32 unless the build's
+precision is bf16): an fp32 or int8 build never computes in bf16 behind the user's back.
+`--precision bf16` is OpenVINO's alone: ONNX Runtime 1.32's CPU provider has no bfloat16 Conv
+kernel (a bfloat16 Conv at opset 22 fails with "Could not find an implementation for Conv(22)";
+at opset 17 the ONNX checker refuses the type), so there is nothing there to time.
+
+Without the extra nothing here is imported by a build: `openvino_version()` is None and the build
+is what it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from cunet_optimize.atomic import sha256_file, write_atomic
+from cunet_optimize.engines.base import Runner, final_head
+from cunet_optimize.errors import CUNetError
+
+OV_SESSION_SCHEMA = "cunet-optimize/openvino-session/1"
+OV_SESSION_FILE = "openvino.json"
+INFERENCE_PRECISIONS = ("f32", "bf16")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+INSTALL_HINT = "pip install 'cunet-optimize[openvino]'"
+
+
+class OpenVinoUnavailable(CUNetError):
+    """OpenVINO is not installed here."""
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, None where the extra is not installed."""
+    try:
+        import openvino  # noqa: PLC0415  (optional and heavy: only where asked)
+    except ImportError:
+        return None
+    return openvino.__version__.split("-")[0]
+
+
+def check_bf16_here() -> str:
+    """The CPU's bf16 ISA when `--precision bf16` can run on this machine; a CUNetError otherwise:
+    a CPU without AVX-512 BF16 or AMX first (no runtime helps there), then OpenVINO missing."""
+    from cunet_optimize.engines.cpu_isa import cpu_bf16_isa, cpu_model
+
+    isa = cpu_bf16_isa()
+    if isa in ("none", "unknown"):
+        raise CUNetError(f"--precision bf16 needs a CPU with AVX-512 BF16 or AMX; this one ({cpu_model()}) has "
+                         "neither: build fp32 or int8 for it, or build bf16 on a CPU that has them")
+    if openvino_version() is None:
+        raise OpenVinoUnavailable("--precision bf16 runs on OpenVINO (ONNX Runtime's CPU provider has no bf16 "
+                                  f"convolution), which is not installed; {INSTALL_HINT}")
+    return isa
+
+
+def _ov():
+    try:
+        import openvino  # noqa: PLC0415
+    except ImportError:
+        raise OpenVinoUnavailable(f"OpenVINO is not installed; {INSTALL_HINT}") from None
+    return openvino
+
+
+@dataclass(frozen=True)
+class OvSettings:
+    """How a model is compiled for OpenVINO's CPU plugin; openvino.json stores these."""
+
+    inference_precision: str = "f32"  # INFERENCE_PRECISION_HINT, always pinned (module docstring)
+    threads: int = 0  # INFERENCE_NUM_THREADS; 0 = OpenVINO's default
+    performance_hint: str = "LATENCY"
+    num_streams: int = 1  # one stream: a batch-1 request gets every thread
+
+    def validate(self) -> None:
+        if self.inference_precision not in INFERENCE_PRECISIONS:
+            raise CUNetError(f"unknown OpenVINO inference precision '{self.inference_precision}'; "
+                             f"choose one of {', '.join(INFERENCE_PRECISIONS)}")
+        if self.performance_hint not in PERFORMANCE_HINTS:
+            raise CUNetError(f"unknown OpenVINO performance hint '{self.performance_hint}'; "
+                             f"choose one of {', '.join(PERFORMANCE_HINTS)}")
+        for name in ("threads", "num_streams"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CUNetError(f"OpenVINO {name} must be an integer >= 0, got {value!r}")
+
+    def properties(self) -> dict[str, Any]:
+        """The CPU plugin's compile properties."""
+        props: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.inference_precision,
+                                 "PERFORMANCE_HINT": self.performance_hint}
+        if self.threads:
+            props["INFERENCE_NUM_THREADS"] = self.threads
+        if self.num_streams:
+            props["NUM_STREAMS"] = self.num_streams
+        return props
+
+    def label(self) -> str:
+        return f"{self.inference_precision} x{self.threads or 'default'} {self.performance_hint.lower()}"
+
+
+def settings_candidates(precision: str, threads: list[int]) -> list[OvSettings]:
+    """The compile settings `build` times for a build precision: each thread count with each
+    performance hint, at the inference precision the build's precision means."""
+    inference = "bf16" if precision == "bf16" else "f32"
+    return [OvSettings(inference, n, hint, 1 if hint == "LATENCY" else 0)
+            for n in threads for hint in PERFORMANCE_HINTS]
+
+
+class OpenVinoSessionRunner(Runner):
+    """Runs one ONNX file compiled by OpenVINO's CPU plugin with `settings`."""
+
+    prefix = "openvino"
+
+    def __init__(self, model_path: str | os.PathLike, settings: OvSettings | None = None, name: str | None = None):
+        super().__init__(name)
+        self.model_path = Path(model_path)
+        self.settings = settings or OvSettings()
+        self.settings.validate()
+        self._shape: tuple[int | None, ...] = super().input_shape
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        return self._shape
+
+    def activate_impl(self) -> None:
+        ov = _ov()
+        if not self.model_path.is_file():
+            raise CUNetError(f"model not found: {self.model_path}; rebuild it")
+        core = ov.Core()
+        model = core.read_model(str(self.model_path))
+        if len(model.inputs) != 1:
+            raise CUNetError(f"{self.model_path}: expected one image input, found {len(model.inputs)}")
+        self._compiled = core.compile_model(model, "CPU", self.settings.properties())
+        outputs = [(o.get_any_name(), o.get_partial_shape().rank.get_length()) for o in self._compiled.outputs]
+        head = final_head(outputs)
+        self._output = next(o for o in self._compiled.outputs if o.get_any_name() == head)
+        self._request = self._compiled.create_infer_request()
+        shape = self._compiled.inputs[0].get_partial_shape()
+        self._shape = tuple(d.get_length() if d.is_static else None for d in shape)
+
+    def infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        result = self._request.infer({0: batch})
+        return np.asarray(result[self._output], dtype=np.float32)
+
+    def deactivate_impl(self) -> None:
+        self._request = self._compiled = self._output = None
+
+
+def runtime_description(settings: OvSettings) -> str:
+    """What a profile or a gate says ran: OpenVINO's version and its compile settings."""
+    threads = "default threads" if not settings.threads else f"{settings.threads} thread(s)"
+    return (f"OpenVINO {openvino_version()} CPU plugin (inference precision {settings.inference_precision}, "
+            f"{threads}, {settings.performance_hint} hint)")
+
+
+def write_session(out_dir: str | os.PathLike, model: str | os.PathLike, settings: OvSettings,
+                  precision: str, timings: Mapping[str, float] | None = None) -> Path:
+    """openvino.json in `out_dir`: the ONNX file OpenVINO runs (a file of the folder, by name, and
+    its sha256) and the settings it is compiled with."""
+    from cunet_optimize.engines.cpu_isa import cpu_bf16_isa, cpu_model
+
+    out, model = Path(out_dir), Path(model)
+    if model.parent.resolve() != out.resolve():
+        raise ValueError(f"{model} is not in the build folder {out}")
+    settings.validate()
+    record = {
+        "schema": OV_SESSION_SCHEMA,
+        "model": model.name,
+        "model_sha256": sha256_file(model),
+        "precision": precision,
+        "openvino_version": openvino_version(),
+        **asdict(settings),
+        "properties": settings.properties(),
+        "median_ms_batch1": dict(timings or {}),
+        "cpu": {"model": cpu_model(), "bf16_isa": cpu_bf16_isa()},
+    }
+    return write_atomic(out / OV_SESSION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+class OpenVinoRunner(OpenVinoSessionRunner):
+    """Runs what `write_session` recorded: its ONNX file with its compile settings."""
+
+    def __init__(self, build: str | os.PathLike, name: str | None = None):
+        path = Path(build)
+        session_json = path / OV_SESSION_FILE if path.is_dir() else path
+        if not session_json.is_file():
+            raise CUNetError(f"no OpenVINO session at {build} (missing {OV_SESSION_FILE}); rebuild it with "
+                             "`cunet-optimize build --target cpu` where OpenVINO is installed")
+        try:
+            record = json.loads(session_json.read_text())
+        except ValueError as exc:
+            raise CUNetError(f"{session_json} is not valid JSON ({exc}); rebuild") from exc
+        if not isinstance(record, dict) or record.get("schema") != OV_SESSION_SCHEMA:
+            raise CUNetError(f"{session_json} is not an {OV_SESSION_SCHEMA} record; rebuild")
+        self.record = record
+        model = session_json.parent / str(record.get("model"))
+        if model.is_file() and sha256_file(model) != record.get("model_sha256"):
+            raise CUNetError(f"{model} does not match the sha256 {session_json} recorded (replaced or edited after "
+                             "the build); rebuild it with `cunet-optimize build ... --force`")
+        settings = OvSettings(**{f.name: record[f.name] for f in fields(OvSettings) if f.name in record})
+        super().__init__(model, settings, name=name)
