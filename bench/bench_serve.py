@@ -30,7 +30,8 @@ def main() -> None:
     measured = served_latency(build_dir, ensure_server_env(), args.seconds)
     result = {"bench": "bench/bench_serve.py", "build": build_dir.name, "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "triton": measured["triton"],
-              "image_batch": measured["image_batch"], "note": "2-core shared CPU; indicative", "rows": measured["rows"]}
+              "image_batch": measured["image_batch"], "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+              "rows": measured["rows"]}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'runner':32} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'infer/s':>8}  batches")
     for r in result["rows"]:

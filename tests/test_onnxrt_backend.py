@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from cunet_optimize.engines import Builder, TorchRunner, get_builder
+from cunet_optimize.engines import EngineBuilder, TorchRunner, get_builder
 from cunet_optimize.engines.base import final_head
 from cunet_optimize.engines.onnxrt import (
     OnnxRuntimeBuilder,
@@ -65,7 +65,7 @@ def test_torch_runner_returns_the_last_head(tiny):
 def test_builder_writes_optimised_model_and_session_json(tiny, tmp_path):
     _, onnx_path, batch, expected = tiny
     builder = OnnxRuntimeBuilder(intra_op_threads=1)
-    assert isinstance(builder, Builder)
+    assert isinstance(builder, EngineBuilder)
     result = builder.build(onnx_path, "cpu", "fp32", tmp_path / "build")
     assert result.engine_built and result.backend == "onnxruntime"
     model_file = tmp_path / "build" / "model.ort.onnx"

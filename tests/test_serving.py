@@ -311,18 +311,22 @@ def test_validate_has_the_server_load_each_emitted_repository(int8_build, capsys
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_server_cleanly(int8_build):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_server_cleanly(stop, int8_build):
     _server_env()
     http, grpc, metrics = _free_ports(3)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parents[1] / "toolkit"),
                                                                   os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen([sys.executable, "-m", "cunet_optimize.cli", "serve", str(int8_build.out), "--http-port",
                              str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # as from a terminal: pytest-xdist's workers ignore SIGINT, and a child
+                            # started with it ignored never sees Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving "), proc.stderr.read() if proc.poll() is not None else line
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

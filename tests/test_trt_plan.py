@@ -20,7 +20,7 @@ from cunet_optimize.targets import PRECISIONS, TARGETS, check_precision
 from cunet_optimize.engines.trt_apply import TensorRTUnavailable, apply_build_plan, import_tensorrt
 from cunet_optimize.engines.trt_builder import TensorRTBuilder
 from cunet_optimize.engines.trt_plan import (
-    BuildPlan,
+    TrtBuildPlan,
     make_build_plan,
     plan_from_dict,
     plan_to_dict,
@@ -267,7 +267,7 @@ def test_unverified_release_is_noted_in_the_plan():
 # The shell recipe: syntax, and its checks run against a stub trtexec that builds nothing
 
 
-def _write_recipe(tmp_path: Path, plan: BuildPlan) -> Path:
+def _write_recipe(tmp_path: Path, plan: TrtBuildPlan) -> Path:
     recipe = tmp_path / "build_engine.sh"
     recipe.write_text(render_shell_recipe(plan, toolkit_version="test"))
     (tmp_path / "model.onnx").write_bytes(b"")
@@ -465,7 +465,7 @@ def recording_tensorrt_stub(version: str, calls: list, num_dla_cores: int = 2) -
     return trt
 
 
-def _sequence(plan: BuildPlan, version: str, tmp_path: Path) -> list:
+def _sequence(plan: TrtBuildPlan, version: str, tmp_path: Path) -> list:
     (tmp_path / plan.onnx_path).write_bytes(b"")
     calls: list = []
     with pytest.raises(CUNetError, match="returned no engine"):

@@ -5,6 +5,7 @@ in-process. The server and its environment: serving/server.py, serving/server_en
 
 from __future__ import annotations
 
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -103,6 +104,8 @@ def _serve(args, builds, env) -> int:
                     for name, r in report.items():
                         print(f"{name}: HTTP {r['http']}, gRPC {r['grpc']}; executions by batch size {r['batches']}")
                 return 0 if all(r["equal"] for r in report.values()) else 1
+            # `docker stop`, Kubernetes and systemd stop with SIGTERM: the same clean stop as Ctrl-C
+            signal.signal(signal.SIGTERM, _interrupt)
             try:  # before the line that tells a user (or a test) to press Ctrl-C: it may come at once
                 print(f"serving {', '.join(names)} (Triton {TRITON_VERSION}, Python backend + ONNX Runtime) on "
                       f"http://{args.address}:{args.http_port} and grpc {args.address}:{args.grpc_port}, metrics "
@@ -114,6 +117,10 @@ def _serve(args, builds, env) -> int:
                 print(f"stopped (tritonserver exited with status {status})")
                 return 0
             raise CUNetError(f"tritonserver exited with status {server.process.returncode}: {server._log_tail()}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _check(server, build) -> dict:

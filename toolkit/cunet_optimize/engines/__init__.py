@@ -2,7 +2,7 @@
 registry (cunet_optimize/targets.py, which lint and the quantization policy read too; its
 names are re-exported here).
 
-- base:        Runner (activate / infer / deactivate), Builder protocol, BuildResult, TorchRunner
+- base:        Runner (activate / infer / deactivate), EngineBuilder protocol, EngineArtifacts, TorchRunner
 - onnxrt:      ONNX Runtime CPU builder and runners (real, runs here)
 - trt_plan:    TensorRT build plans as data, trtexec argv and device recipe (pure)
 - trt_apply:   the one module that applies a plan through the TensorRT Python API
@@ -10,7 +10,7 @@ names are re-exported here).
 - trt_runner:  the TensorRT runner (needs TensorRT and an NVIDIA GPU)
 """
 
-from cunet_optimize.engines.base import Builder, BuildResult, Runner, TorchRunner
+from cunet_optimize.engines.base import EngineBuilder, EngineArtifacts, Runner, TorchRunner
 from cunet_optimize.targets import (
     PRECISIONS,
     TARGETS,
@@ -21,8 +21,8 @@ from cunet_optimize.targets import (
 )
 
 __all__ = [
-    "BuildResult",
-    "Builder",
+    "EngineArtifacts",
+    "EngineBuilder",
     "Runner",
     "TorchRunner",
     "PRECISIONS",
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-def get_builder(target: str, **kwargs) -> Builder:
+def get_builder(target: str, **kwargs) -> EngineBuilder:
     """The builder for a target's backend (ONNX Runtime or TensorRT)."""
     spec = get_target(target)
     if spec.backend == "onnxruntime":

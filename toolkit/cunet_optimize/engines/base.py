@@ -165,7 +165,7 @@ class TorchRunner(Runner):
 
 
 @dataclass
-class BuildResult:
+class EngineArtifacts:
     """What a builder wrote and how; the build stage copies it into build.json.
 
     `engine_built` is True only when an executable engine exists on disk now; a
@@ -187,8 +187,8 @@ class BuildResult:
 
 
 @runtime_checkable
-class Builder(Protocol):
-    """ONNX + target + precision -> artifact(s) in out_dir, described by a BuildResult."""
+class EngineBuilder(Protocol):
+    """ONNX + target + precision -> artifact(s) in out_dir, described by a EngineArtifacts."""
 
     def build(
         self,
@@ -197,7 +197,7 @@ class Builder(Protocol):
         precision: str,
         out_dir: str | os.PathLike,
         options: Mapping[str, Any] | None = None,
-    ) -> BuildResult: ...
+    ) -> EngineArtifacts: ...
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cunet_optimize.atomic import sha256_file, write_atomic
-from cunet_optimize.engines.base import BuildResult, Runner, final_head, inspect_onnx
+from cunet_optimize.engines.base import EngineArtifacts, Runner, final_head, inspect_onnx
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
@@ -205,7 +205,7 @@ class OnnxRuntimeBuilder:
         precision: str = "fp32",
         out_dir: str | os.PathLike = ".",
         options: Mapping[str, Any] | None = None,
-    ) -> BuildResult:
+    ) -> EngineArtifacts:
         ort = _ort()
         spec = get_target(target)
         if spec.backend != "onnxruntime":
@@ -282,7 +282,7 @@ class OnnxRuntimeBuilder:
             "weight_storage": storage,
         }
         session_json = write_atomic(out / SESSION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        return BuildResult(
+        return EngineArtifacts(
             backend=self.backend,
             backend_version=ort.__version__,
             target=spec.name,

@@ -1,4 +1,4 @@
-"""Apply a BuildPlan through the TensorRT Python API: the one place that builds engines.
+"""Apply a TrtBuildPlan through the TensorRT Python API: the one place that builds engines.
 
 TensorRT is imported lazily, here and in trt_runner.py only. Where it is missing, or
 there is no NVIDIA GPU, this raises TensorRTUnavailable with the command to run on the
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cunet_optimize.atomic import write_atomic
-from cunet_optimize.engines.trt_plan import HARDWARE_COMPAT_LEVELS, BuildPlan, parse_version
+from cunet_optimize.engines.trt_plan import HARDWARE_COMPAT_LEVELS, TrtBuildPlan, parse_version
 from cunet_optimize.errors import CUNetError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def import_tensorrt(hint: str = "run the recipe on the device") -> Any:
     return tensorrt
 
 
-def check_tensorrt_version(trt: Any, plan: BuildPlan) -> str:
+def check_tensorrt_version(trt: Any, plan: TrtBuildPlan) -> str:
     version = str(getattr(trt, "__version__", "0"))
     have = parse_version(version)
     if not have or have[0] != plan.trt_major:
@@ -82,7 +82,7 @@ def _builder(trt: Any, logger: Any, version: str, hint: str) -> Any:
     return builder
 
 
-def _parse_onnx(trt: Any, builder: Any, logger: Any, plan: BuildPlan, onnx_path: Path,
+def _parse_onnx(trt: Any, builder: Any, logger: Any, plan: TrtBuildPlan, onnx_path: Path,
                 version: str) -> tuple[Any, Any]:
     """(network, parser): the ONNX file parsed with the plan's network and parser flags."""
     flags = 0
@@ -103,7 +103,7 @@ def _parse_onnx(trt: Any, builder: Any, logger: Any, plan: BuildPlan, onnx_path:
     return network, parser
 
 
-def _builder_config(trt: Any, builder: Any, plan: BuildPlan, cache_path: Path | None) -> Any:
+def _builder_config(trt: Any, builder: Any, plan: TrtBuildPlan, cache_path: Path | None) -> Any:
     """The builder config of the plan: flags, workspace, the optimisation profile, the timing
     cache (read from `cache_path` when it exists), then the DLA and hardware compatibility."""
     config = builder.create_builder_config()
@@ -124,7 +124,7 @@ def _builder_config(trt: Any, builder: Any, plan: BuildPlan, cache_path: Path | 
     return config
 
 
-def _place(trt: Any, builder: Any, config: Any, plan: BuildPlan) -> None:
+def _place(trt: Any, builder: Any, config: Any, plan: TrtBuildPlan) -> None:
     """Where the engine may run: the plan's DLA core (refused beyond the device's cores), and
     the hardware compatibility level that lets it run on other GPUs than the one building it."""
     if plan.uses_dla:
@@ -142,7 +142,7 @@ def _place(trt: Any, builder: Any, config: Any, plan: BuildPlan) -> None:
         )
 
 
-def apply_build_plan(plan: BuildPlan, base_dir: str | os.PathLike = ".", trt: Any = None) -> Path:
+def apply_build_plan(plan: TrtBuildPlan, base_dir: str | os.PathLike = ".", trt: Any = None) -> Path:
     """Build the engine the plan describes and write it to base_dir/plan.engine_path.
 
     Relative paths in the plan are relative to base_dir (the bundle folder).

@@ -1,8 +1,8 @@
 """The TensorRT builder: a deployment bundle always, an engine only where TensorRT runs.
 
-It makes a BuildPlan, checks the ONNX is in the form the plan needs, and writes the
+It makes a TrtBuildPlan, checks the ONNX is in the form the plan needs, and writes the
 bundle (model.onnx, trt_plan.json, build_engine.sh). Then it tries trt_apply; where
-TensorRT or a GPU is missing (all our machines) the BuildResult says engine_built=False
+TensorRT or a GPU is missing (all our machines) the EngineArtifacts says engine_built=False
 and its notes carry the one line to run on the device. It never claims an engine.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cunet_optimize.atomic import write_atomic
-from cunet_optimize.engines.base import BuildResult, OnnxContent, inspect_onnx
+from cunet_optimize.engines.base import EngineArtifacts, OnnxContent, inspect_onnx
 from cunet_optimize.engines.trt_apply import TensorRTUnavailable, apply_build_plan
 from cunet_optimize.engines.trt_plan import (
     ONNX_FORMS,
-    BuildPlan,
+    TrtBuildPlan,
     make_build_plan,
     plan_to_dict,
     render_shell_recipe,
@@ -39,7 +39,7 @@ PLAN_OPTIONS = (
 )  # fmt: skip
 
 
-def check_onnx_form(onnx_path: Path, plan: BuildPlan) -> OnnxContent:
+def check_onnx_form(onnx_path: Path, plan: TrtBuildPlan) -> OnnxContent:
     """CUNetError unless the ONNX is what plan.onnx_form says it must be."""
     content = inspect_onnx(onnx_path)
     form = plan.onnx_form
@@ -85,7 +85,7 @@ class TensorRTBuilder:
         precision: str,
         out_dir: str | os.PathLike,
         options: Mapping[str, Any] | None = None,
-    ) -> BuildResult:
+    ) -> EngineArtifacts:
         options = dict(options or {})
         # where else the engine goes (e.g. a Triton repository's 1/model.plan), relative to out_dir
         engine_copies = tuple(options.pop("engine_copies", ()))
@@ -131,7 +131,7 @@ class TensorRTBuilder:
             notes.append(f"bundle only, no engine built; on the {plan.target} run: bash {recipe}")
         settings = plan_to_dict(plan)
         settings["trtexec"] = render_trtexec(plan)
-        return BuildResult(
+        return EngineArtifacts(
             backend=self.backend,
             backend_version=backend_version,
             target=plan.target,

@@ -74,7 +74,7 @@ def version_code(text: str) -> int:
 
 
 @dataclass(frozen=True)
-class BuildPlan:
+class TrtBuildPlan:
     """Everything a TensorRT build does, decided before TensorRT is anywhere near."""
 
     target: str
@@ -131,7 +131,7 @@ def make_build_plan(
     *,
     engine_path: str | None = None,
     input_name: str = "image",
-) -> BuildPlan:
+) -> TrtBuildPlan:
     """Decide a TensorRT build; CUNetError (one line: what, where, what to do) if invalid.
 
     trt_major, batch and workspace default to the target's registry entry; with a DLA
@@ -153,7 +153,7 @@ def make_build_plan(
     dla = _dla_decision(major, release.min_version, dla_core, gpu_fallback, typed, b)
     notes += dla.notes
     notes += [_version_compatible_note(on_dla)] if version_compat else []
-    return BuildPlan(
+    return TrtBuildPlan(
         target=spec.name, precision=precision, executed_as=support.executed_as,
         trt_major=major, min_trt_version=dla.min_version, max_trt_version=dla.max_version,
         onnx_path=str(onnx_path), engine_path=engine_path or str(Path(onnx_path).with_suffix(".engine")),
@@ -338,7 +338,7 @@ def _check_batch(spec, batch, on_dla: bool) -> tuple[int, int, int]:
 # build.json round trip
 
 
-def plan_to_dict(plan: BuildPlan) -> dict[str, Any]:
+def plan_to_dict(plan: TrtBuildPlan) -> dict[str, Any]:
     data = asdict(plan)
     for key, value in data.items():
         if isinstance(value, tuple):
@@ -346,13 +346,13 @@ def plan_to_dict(plan: BuildPlan) -> dict[str, Any]:
     return {"schema": PLAN_SCHEMA, **data}
 
 
-def plan_from_dict(data: dict[str, Any]) -> BuildPlan:
+def plan_from_dict(data: dict[str, Any]) -> TrtBuildPlan:
     """Inverse of plan_to_dict; CUNetError on a plan of another schema or with missing fields."""
     data = dict(data)
     schema = data.pop("schema", None)
     if schema != PLAN_SCHEMA:
         raise CUNetError(f"build plan schema {schema!r} is not {PLAN_SCHEMA!r}; rebuild the bundle")
-    names = {f.name for f in fields(BuildPlan)}
+    names = {f.name for f in fields(TrtBuildPlan)}
     missing = sorted(names - set(data))
     unknown = sorted(set(data) - names)
     if missing or unknown:
@@ -361,7 +361,7 @@ def plan_from_dict(data: dict[str, Any]) -> BuildPlan:
         )
     for key in ("input_chw", "batch", "network_flags", "builder_flags", "parser_flags", "notes"):
         data[key] = tuple(data[key])
-    return BuildPlan(**data)
+    return TrtBuildPlan(**data)
 
 
 # --------------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def _shape_spec(name: str, shape: tuple[int, ...]) -> str:
     return f"{name}:{'x'.join(map(str, shape))}"
 
 
-def render_trtexec(plan: BuildPlan, trtexec: str = "trtexec", save_engine: str | None = None) -> list[str]:
+def render_trtexec(plan: TrtBuildPlan, trtexec: str = "trtexec", save_engine: str | None = None) -> list[str]:
     """The plan as a trtexec argv for the plan's TensorRT major (10 or 11)."""
     shapes = plan.profile_shapes
     argv = [
@@ -406,7 +406,7 @@ def render_trtexec(plan: BuildPlan, trtexec: str = "trtexec", save_engine: str |
     return argv
 
 
-def render_polygraphy_compare(plan: BuildPlan, coordinate_outputs: Sequence[str] = ()) -> list[list[str]]:
+def render_polygraphy_compare(plan: TrtBuildPlan, coordinate_outputs: Sequence[str] = ()) -> list[list[str]]:
     """Two polygraphy commands: ONNX Runtime reference outputs, then the engine against them.
 
     coordinate_outputs (e.g. a decoded `landmarks` output, in pixels) get a tolerance of
@@ -435,7 +435,7 @@ def render_polygraphy_compare(plan: BuildPlan, coordinate_outputs: Sequence[str]
 
 
 def render_shell_recipe(
-    plan: BuildPlan, toolkit_version: str | None = None, coordinate_outputs: Sequence[str] = (),
+    plan: TrtBuildPlan, toolkit_version: str | None = None, coordinate_outputs: Sequence[str] = (),
     engine_copies: Sequence[str] = (),
 ) -> str:
     """A bash script for the device: checks trtexec and its TensorRT version, builds the
@@ -459,7 +459,7 @@ def render_shell_recipe(
     return "\n".join(lines)
 
 
-def _recipe_header(plan: BuildPlan, toolkit_version: str) -> list[str]:
+def _recipe_header(plan: TrtBuildPlan, toolkit_version: str) -> list[str]:
     """What the script builds, from what, and that it must run on the device."""
     return [
         "#!/usr/bin/env bash",
@@ -472,7 +472,7 @@ def _recipe_header(plan: BuildPlan, toolkit_version: str) -> list[str]:
     ]
 
 
-def _recipe_find_trtexec(plan: BuildPlan) -> list[str]:
+def _recipe_find_trtexec(plan: TrtBuildPlan) -> list[str]:
     """$TRTEXEC: the caller's, the one on PATH, or JetPack's; exit 2 without one."""
     return [
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || true)}"',
@@ -486,7 +486,7 @@ def _recipe_find_trtexec(plan: BuildPlan) -> list[str]:
     ]
 
 
-def _recipe_check_version(plan: BuildPlan) -> list[str]:
+def _recipe_check_version(plan: TrtBuildPlan) -> list[str]:
     """$have: the TensorRT release $TRTEXEC uses; exit 2 outside the plan's releases."""
     lines = [
         "# trtexec names its library in its banner, e.g. [TensorRT v100300] for 10.3.0;",
@@ -518,7 +518,7 @@ def _recipe_check_version(plan: BuildPlan) -> list[str]:
     return lines
 
 
-def _recipe_build(plan: BuildPlan) -> list[str]:
+def _recipe_build(plan: TrtBuildPlan) -> list[str]:
     """trtexec into a .partial file, renamed to the engine once it is complete."""
     q = shlex.quote
     partial = plan.engine_path + ".partial"
@@ -536,7 +536,7 @@ def _recipe_build(plan: BuildPlan) -> list[str]:
     ]
 
 
-def _recipe_engine_copies(plan: BuildPlan, engine_copies: Sequence[str]) -> list[str]:
+def _recipe_engine_copies(plan: TrtBuildPlan, engine_copies: Sequence[str]) -> list[str]:
     """The built engine also placed where a deployment expects it (a Triton repository's 1/model.plan)."""
     q = shlex.quote
     lines = []
@@ -546,7 +546,7 @@ def _recipe_engine_copies(plan: BuildPlan, engine_copies: Sequence[str]) -> list
     return lines
 
 
-def _recipe_compare(plan: BuildPlan, coordinate_outputs: Sequence[str]) -> list[str]:
+def _recipe_compare(plan: TrtBuildPlan, coordinate_outputs: Sequence[str]) -> list[str]:
     """The engine against ONNX Runtime through polygraphy (skipped without it); exit 3 if they differ."""
     reference, engine = render_polygraphy_compare(plan, coordinate_outputs)
     return [

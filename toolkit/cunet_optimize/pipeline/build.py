@@ -599,7 +599,7 @@ def _write_legacy_cache(b: _Build, model: onnx.ModelProto) -> None:
 def _engine(b: _Build, result, concat_form: dict | None, int8_form: dict | None):
     """The target's builder over model.onnx, with what surgery timed (threads, session
     settings), then, where OpenVINO is installed, the CPU runtime chosen by timing
-    (_cpu_runtime); returns the builder's BuildResult (None for bf16: OpenVINO's alone)."""
+    (_cpu_runtime); returns the builder's EngineArtifacts (None for bf16: OpenVINO's alone)."""
     what = (f"OpenVINO ({engine_precision(b.opts)}) for {b.target.name}" if engine_precision(b.opts) == "bf16"
             else f"{b.target.backend} for {b.target.name}" + (", OpenVINO timed beside it" if _times_openvino(b) else ""))
     with b.timer.stage("engine", what):

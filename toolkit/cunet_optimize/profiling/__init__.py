@@ -13,7 +13,7 @@ per-layer time and accuracy vs the FP32 reference, for every folder under engine
 """
 
 from cunet_optimize.manifests.build import BUILD_SCHEMA
-from cunet_optimize.profiling.builds import BuildError, BuildRecord, find_builds, read_build
+from cunet_optimize.profiling.builds import BuildFolderError, BuildFolder, find_builds, read_build
 from cunet_optimize.profiling.latency import batch_sweep, latency_stats, measure_latency
 from cunet_optimize.profiling.profiler import profile_engines
 from cunet_optimize.manifests.profile import (BUNDLE_ONLY_STATUS, PROFILE_SCHEMA, VariantRecord, read_profile,
@@ -24,8 +24,8 @@ __all__ = [
     "BUILD_SCHEMA",
     "BUNDLE_ONLY_STATUS",
     "PROFILE_SCHEMA",
-    "BuildError",
-    "BuildRecord",
+    "BuildFolderError",
+    "BuildFolder",
     "VariantRecord",
     "batch_sweep",
     "find_builds",

@@ -3,7 +3,7 @@
 `cunet-optimize build` writes one folder per build under <workdir>/engines/ with a
 `build.json` manifest (manifests/build.py: BuildManifest, schema "cunet-optimize/build/1",
 see engines/README.md). Everything this module rejects is a CUNetError naming the file
-and what to do. `BuildRecord.check_artifacts` compares every file with the sha256
+and what to do. `BuildFolder.check_artifacts` compares every file with the sha256
 build.json recorded, before anything in the folder is run.
 """
 
@@ -21,12 +21,12 @@ from cunet_optimize.manifests.schema import ManifestError
 log = logging.getLogger(__name__)
 
 
-class BuildError(CUNetError):
+class BuildFolderError(CUNetError):
     """A build folder or manifest the profiler cannot use."""
 
 
 @dataclass
-class BuildRecord:
+class BuildFolder:
     """One build folder and its manifest."""
 
     path: Path  # the build folder (absolute)
@@ -69,7 +69,7 @@ class BuildRecord:
         return p if p.is_absolute() else self.path / p
 
     def check_artifacts(self) -> list[str]:
-        """BuildError when a file of the folder is not the one the build wrote (replaced, edited,
+        """BuildFolderError when a file of the folder is not the one the build wrote (replaced, edited,
         missing), or session.json names another source ONNX than the build's; the notes to carry
         (a build.json from before artifact hashes: nothing to check against)."""
         if self.manifest.artifact_sha256 is None:
@@ -87,7 +87,7 @@ class BuildRecord:
                 problems.append((os.path.relpath(session, self.path), why))
         if problems:
             rel, why = problems[0]
-            raise BuildError(f"{_shown(self.path / rel)} {why}; rebuild with `{self.rebuild_command}`")
+            raise BuildFolderError(f"{_shown(self.path / rel)} {why}; rebuild with `{self.rebuild_command}`")
         return []
 
     @property
@@ -107,25 +107,25 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def read_build(folder: str | os.PathLike) -> BuildRecord:
-    """The build in `folder`; BuildError if the folder or its build.json is unusable."""
+def read_build(folder: str | os.PathLike) -> BuildFolder:
+    """The build in `folder`; BuildFolderError if the folder or its build.json is unusable."""
     path = Path(folder).resolve()
     if not path.exists():
-        raise BuildError(f"engine folder not found: {folder}; pass a folder written by `cunet-optimize build`")
+        raise BuildFolderError(f"engine folder not found: {folder}; pass a folder written by `cunet-optimize build`")
     if not path.is_dir():
-        raise BuildError(f"{folder} is not a folder; pass a build folder (engines/<name>/), not a file")
+        raise BuildFolderError(f"{folder} is not a folder; pass a build folder (engines/<name>/), not a file")
     manifest_path = path / BUILD_FILE
     if not manifest_path.is_file():
-        raise BuildError(
+        raise BuildFolderError(
             f"{path}: no {BUILD_FILE}, so it is not a finished build; rebuild it with `cunet-optimize build`"
         )
     try:
-        return BuildRecord(path, read_build_manifest(manifest_path))
+        return BuildFolder(path, read_build_manifest(manifest_path))
     except ManifestError as exc:
-        raise BuildError(str(exc)) from None
+        raise BuildFolderError(str(exc)) from None
 
 
-def find_builds(workdir: str | os.PathLike = ".") -> list[BuildRecord]:
+def find_builds(workdir: str | os.PathLike = ".") -> list[BuildFolder]:
     """Every build under <workdir>/engines/ (folders holding a build.json), by name.
 
     Folders without a build.json (interrupted builds, other files) are skipped with
@@ -133,7 +133,7 @@ def find_builds(workdir: str | os.PathLike = ".") -> list[BuildRecord]:
     """
     root = Path(workdir) / "engines"
     if not root.is_dir():
-        raise BuildError(f"no engines folder at {root}; run `cunet-optimize build` first or pass ENGINE_DIR")
+        raise BuildFolderError(f"no engines folder at {root}; run `cunet-optimize build` first or pass ENGINE_DIR")
     builds = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not (folder / BUILD_FILE).is_file():
@@ -141,16 +141,16 @@ def find_builds(workdir: str | os.PathLike = ".") -> list[BuildRecord]:
             continue
         builds.append(read_build(folder))
     if not builds:
-        raise BuildError(f"no builds found in {root} (no */{BUILD_FILE}); run `cunet-optimize build` first")
+        raise BuildFolderError(f"no builds found in {root} (no */{BUILD_FILE}); run `cunet-optimize build` first")
     return builds
 
 
-def check_builds(builds: list[BuildRecord], allow_mixed: bool = False) -> None:
+def check_builds(builds: list[BuildFolder], allow_mixed: bool = False) -> None:
     """One model, distinct names: what makes a single report's rows comparable."""
-    seen: dict[str, BuildRecord] = {}
+    seen: dict[str, BuildFolder] = {}
     for b in builds:
         if b.name in seen:
-            raise BuildError(
+            raise BuildFolderError(
                 f"two builds are named '{b.name}' ({seen[b.name].path} and {b.path}); profile them separately"
             )
         seen[b.name] = b
@@ -159,7 +159,7 @@ def check_builds(builds: list[BuildRecord], allow_mixed: bool = False) -> None:
     first = builds[0]
     for b in builds[1:]:
         if b.model_sha256 != first.model_sha256:
-            raise BuildError(
+            raise BuildFolderError(
                 f"engines come from different models: {first.name} (model sha256 {first.model_sha256[:12]}) and "
                 f"{b.name} (model sha256 {b.model_sha256[:12]}); profile them separately or pass --allow-mixed"
             )

@@ -30,7 +30,7 @@ from cunet_optimize.manifests.profile import (BUNDLE_ONLY_STATUS, MEASURED_STATU
                                              ProfileManifest, Served, Size, VariantRecord)
 from cunet_optimize.manifests.schema import to_dict
 from cunet_optimize.profiling.accuracy import (accuracy_delta, ced_for_plot, eval_data_for, pckh_curve_for_plot)
-from cunet_optimize.profiling.builds import BuildRecord, check_builds, read_build
+from cunet_optimize.profiling.builds import BuildFolder, check_builds, read_build
 from cunet_optimize.profiling.environment import environment, load_average
 from cunet_optimize.profiling.latency import batch_sweep
 from cunet_optimize.profiling.memory import MEMORY_MODES, measure_peak_memory, method_description
@@ -105,7 +105,7 @@ class _Measure:
         return accuracy
 
 
-def _build_size(build: BuildRecord) -> tuple[dict, list[str]]:
+def _build_size(build: BuildFolder) -> tuple[dict, list[str]]:
     roles = {role: build.artifact(role) for role in build.manifest.artifacts}
     sizes, notes = file_sizes(roles)
     distinct: dict[Path, int] = {}
@@ -133,7 +133,7 @@ def _build_size(build: BuildRecord) -> tuple[dict, list[str]]:
     return size, notes
 
 
-def _engine_variant(build: BuildRecord) -> VariantRecord:
+def _engine_variant(build: BuildFolder) -> VariantRecord:
     m = build.manifest
     size, notes = _build_size(build)
     return VariantRecord(
@@ -153,7 +153,7 @@ def _ort_runtime(runner) -> str:
             f"(graph optimisation '{s.optimization}' at build, {_threads(s.intra_op_threads)})")
 
 
-def _profile_tensorrt_engine(build: BuildRecord, v: VariantRecord, measure: _Measure) -> VariantRecord:
+def _profile_tensorrt_engine(build: BuildFolder, v: VariantRecord, measure: _Measure) -> VariantRecord:
     """An engine built on a device: measured when this machine can run it (the device itself)."""
     from cunet_optimize.engines.trt_apply import TensorRTUnavailable
     from cunet_optimize.engines.trt_runner import TrtRunner
@@ -179,7 +179,7 @@ def _profile_tensorrt_engine(build: BuildRecord, v: VariantRecord, measure: _Mea
 CPU_RUNTIMES = {"onnxruntime": "session", "openvino": "openvino_session"}
 
 
-def _profile_engines(build: BuildRecord, measure: _Measure, memory: str, layer_runs: int) -> list[VariantRecord]:
+def _profile_engines(build: BuildFolder, measure: _Measure, memory: str, layer_runs: int) -> list[VariantRecord]:
     """The build's engine; for a CPU build, every runtime it holds (build.json cpu_runtime), the one it
     chose first under the build's name, another as `<name>@<runtime>`."""
     if build.backend not in CPU_RUNTIMES:
@@ -189,7 +189,7 @@ def _profile_engines(build: BuildRecord, measure: _Measure, memory: str, layer_r
     return [_profile_engine(build, measure, memory, layer_runs, runtime=r) for r in held]
 
 
-def _profile_openvino(build: BuildRecord, v: VariantRecord, measure: _Measure) -> VariantRecord:
+def _profile_openvino(build: BuildFolder, v: VariantRecord, measure: _Measure) -> VariantRecord:
     """OpenVINO's session of a CPU build (openvino.json), where OpenVINO is installed."""
     from cunet_optimize.engines.openvino import INSTALL_HINT, OV_SESSION_FILE, OpenVinoRunner, openvino_version, \
         runtime_description
@@ -209,7 +209,7 @@ def _profile_openvino(build: BuildRecord, v: VariantRecord, measure: _Measure) -
     return v
 
 
-def _profile_engine(build: BuildRecord, measure: _Measure, memory: str, layer_runs: int,
+def _profile_engine(build: BuildFolder, measure: _Measure, memory: str, layer_runs: int,
                     runtime: str | None = None) -> VariantRecord:
     v = _engine_variant(build)
     runtime = runtime or build.backend
@@ -247,7 +247,7 @@ def _profile_engine(build: BuildRecord, measure: _Measure, memory: str, layer_ru
     return v
 
 
-def _profile_baseline(build: BuildRecord, name: str, measure: _Measure, memory: str) -> VariantRecord:
+def _profile_baseline(build: BuildFolder, name: str, measure: _Measure, memory: str) -> VariantRecord:
     import torch
 
     from cunet_optimize.models import load_model
@@ -276,7 +276,7 @@ def _profile_baseline(build: BuildRecord, name: str, measure: _Measure, memory: 
     return v
 
 
-def _check_inputs(builds: list[BuildRecord]) -> None:
+def _check_inputs(builds: list[BuildFolder]) -> None:
     for b in builds:
         if not b.checkpoint.is_file():
             raise CUNetError(
@@ -389,11 +389,11 @@ def _check_serve(serve_seconds: float | None):
     return require_server_env("profile --serve")
 
 
-def _servable(build: BuildRecord) -> bool:
+def _servable(build: BuildFolder) -> bool:
     return build.backend == "onnxruntime" and bool(build.engine_built)
 
 
-def _measure_served(builds: list[BuildRecord], variants: list[VariantRecord], env, seconds: float) -> None:
+def _measure_served(builds: list[BuildFolder], variants: list[VariantRecord], env, seconds: float) -> None:
     """Each measured CPU build's `served` rows (in-process and Triton, concurrency 1 and 8)."""
     from cunet_optimize.serving.served_latency import served_latency
 
@@ -438,7 +438,7 @@ def _read_inputs(build_dirs, allow_mixed: bool, data, split, crop, **eval_option
     return builds, eval_data, dataset, notes + unchecked
 
 
-def _measure_variants(builds: list[BuildRecord], measure: _Measure, memory: str, layer_runs: int) -> list[VariantRecord]:
+def _measure_variants(builds: list[BuildFolder], measure: _Measure, memory: str, layer_runs: int) -> list[VariantRecord]:
     """The rows: one PyTorch baseline per distinct model, then every build; accuracy against
     the baseline and speedups filled in once all are measured."""
     variants: list[VariantRecord] = []
