@@ -213,44 +213,14 @@ class OnnxRuntimeBuilder:
                 f"target {spec.name} is a {spec.backend} target; the ONNX Runtime builder builds for: cpu"
             )
         support = check_precision(spec, precision)
-        if precision == "bf16":  # engines/openvino.py: no bf16 Conv kernel in ONNX Runtime's CPU provider
-            raise CUNetError("ONNX Runtime's CPU provider has no bf16 convolution; bf16 builds run on OpenVINO "
-                             "(`cunet-optimize build --precision bf16` with the openvino extra)")
-        settings = _settings_from(dict(options or {}), self.defaults)
         onnx_path = Path(onnx_path)
-        _check_onnx_matches(onnx_path, precision)
-        if settings.qdq_flavour is not None and precision not in ("int8", "int4"):
-            raise CUNetError(
-                f"Q/DQ flavour '{settings.qdq_flavour}' applies to int8 and int4 builds only, not {precision}; drop it"
-            )
-        config = dict(QDQ_FLAVOURS.get(settings.qdq_flavour or "", {}))
-        config.update(PRECISION_SESSION_CONFIG.get(precision, {}))
-        config.update(settings.session_config)  # explicit entries win
-        settings = OrtSettings(**{**asdict(settings), "session_config": config})
-
+        settings = self._checked_settings(onnx_path, precision, options)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        final = out / OPTIMIZED_MODEL_FILE
-        partial = out / f".{OPTIMIZED_MODEL_FILE}.partial"
-        try:
-            open_session(onnx_path, session_options(settings, settings.optimization, str(partial)))
-            if not partial.is_file():
-                raise CUNetError(f"ONNX Runtime wrote no optimised model for {onnx_path} in {out}")
-            os.replace(partial, final)
-        finally:
-            if partial.exists():
-                partial.unlink()
+        final = _save_optimized(onnx_path, settings, out)
 
         notes = [n for n in (support.note,) if n]
-        tuning = None
-        if settings.tune_threads and settings.intra_op_threads == 0:
-            timed = time_variants({"model": final}, settings, thread_candidates())
-            tuning = {n: ms for (_, n), ms in timed.items()}
-            best = min(tuning, key=tuning.get)
-            settings = OrtSettings(**{**asdict(settings), "intra_op_threads": best})
-            notes.append("intra-op threads timed at batch 1 on this machine: "
-                         + ", ".join(f"{n}: {ms:.2f} ms" for n, ms in tuning.items())
-                         + f"; using {best} (rebuild on the machine that runs it, or pin intra_op_threads)")
+        settings, tuning = _tune_threads(final, settings, notes)
         storage = None
         if precision == "int4":
             storage = choose_weight_storage(final, settings, out)
@@ -292,6 +262,54 @@ class OnnxRuntimeBuilder:
             notes=notes,
             engine_built=True,
         )
+
+    def _checked_settings(self, onnx_path: Path, precision: str, options: Mapping[str, Any] | None) -> OrtSettings:
+        """The session settings of this build: the options over the builder's defaults, checked
+        against the precision and the ONNX, with the Q/DQ flavour's and the precision's session
+        entries (explicit entries win)."""
+        if precision == "bf16":  # engines/openvino.py: no bf16 Conv kernel in ONNX Runtime's CPU provider
+            raise CUNetError("ONNX Runtime's CPU provider has no bf16 convolution; bf16 builds run on OpenVINO "
+                             "(`cunet-optimize build --precision bf16` with the openvino extra)")
+        settings = _settings_from(dict(options or {}), self.defaults)
+        _check_onnx_matches(onnx_path, precision)
+        if settings.qdq_flavour is not None and precision not in ("int8", "int4"):
+            raise CUNetError(
+                f"Q/DQ flavour '{settings.qdq_flavour}' applies to int8 and int4 builds only, not {precision}; drop it"
+            )
+        config = dict(QDQ_FLAVOURS.get(settings.qdq_flavour or "", {}))
+        config.update(PRECISION_SESSION_CONFIG.get(precision, {}))
+        config.update(settings.session_config)
+        return OrtSettings(**{**asdict(settings), "session_config": config})
+
+
+def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> Path:
+    """ONNX Runtime's optimised model of `onnx_path` at the settings' level, written atomically
+    to out/OPTIMIZED_MODEL_FILE (the file the runner loads)."""
+    final = out / OPTIMIZED_MODEL_FILE
+    partial = out / f".{OPTIMIZED_MODEL_FILE}.partial"
+    try:
+        open_session(onnx_path, session_options(settings, settings.optimization, str(partial)))
+        if not partial.is_file():
+            raise CUNetError(f"ONNX Runtime wrote no optimised model for {onnx_path} in {out}")
+        os.replace(partial, final)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return final
+
+
+def _tune_threads(model: Path, settings: OrtSettings, notes: list[str]) -> tuple[OrtSettings, dict | None]:
+    """Where asked (tune_threads, threads not pinned): the intra-op thread count timed fastest at
+    batch 1 on this machine, and the timings; a note says so."""
+    if not (settings.tune_threads and settings.intra_op_threads == 0):
+        return settings, None
+    timed = time_variants({"model": model}, settings, thread_candidates())
+    tuning = {n: ms for (_, n), ms in timed.items()}
+    best = min(tuning, key=tuning.get)
+    notes.append("intra-op threads timed at batch 1 on this machine: "
+                 + ", ".join(f"{n}: {ms:.2f} ms" for n, ms in tuning.items())
+                 + f"; using {best} (rebuild on the machine that runs it, or pin intra_op_threads)")
+    return OrtSettings(**{**asdict(settings), "intra_op_threads": best}), tuning
 
 
 # What an INT4 engine's model.ort.onnx stores (choose_weight_storage). ONNX Runtime's integer
