@@ -28,7 +28,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: install $(TRT_STUBS)/.installed
-	CUNET_TRT_STUBS=$(abspath $(TRT_STUBS)) $(PY) -m pytest -q -n auto --maxprocesses=4
+	CUNET_TRT_STUBS=$(abspath $(TRT_STUBS)) $(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 # The main job on the embedded default model: INT8 build for the CPU target (calibration,
 # export, surgery, lint, ONNX Runtime engine, accuracy gate), then profile + HTML report.
