@@ -170,6 +170,15 @@ def test_load_engine_and_profile_honour_the_recorded_runtime(openvino_int8, caps
 
 
 @needs_openvino
+def test_serve_takes_an_openvino_build_by_its_onnx_runtime_engine(openvino_int8, caplog):
+    from cunet_optimize.serving.server import check_servable
+
+    _, out, m = openvino_int8
+    served, _ = check_servable(out)  # the Python backend of this Triton runs ONNX Runtime
+    assert served.name == m["name"] and "serves its ONNX Runtime engine" in caplog.text
+
+
+@needs_openvino
 def test_a_candidate_that_fails_the_gate_is_not_chosen(tiny, faces, tmp_path, monkeypatch):
     import cunet_optimize.engines.base as base
     import cunet_optimize.pipeline.build as build_module

@@ -16,6 +16,7 @@ Triton's own clean shutdown), on 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -33,6 +34,8 @@ from cunet_optimize.errors import CUNetError
 from cunet_optimize.serving.model_io import ModelIO, read_model_io
 from cunet_optimize.serving.server_env import ServerEnv, prepare
 from cunet_optimize.serving.triton_config import CONFIG_FILE, VERSION, render_config, served_by_python_backend, triton_model
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60
 EXIT_TIMEOUT_S = 5
@@ -61,10 +64,19 @@ def check_servable(build_dir: str | os.PathLike) -> tuple[ServedBuild, dict]:
     if problems:
         rel, what = problems[0]
         raise CUNetError(f"{path / rel} {what}; rebuild it (`cunet-optimize build ... --force`)")
-    if manifest.backend != "onnxruntime" or not manifest.engine_built:
+    if manifest.backend == "tensorrt" or not manifest.engine_built:
         raise CUNetError(f"{build_dir}: a {manifest.target} build ({manifest.backend}); this machine's Triton has the "
                          "Python backend only, which serves CPU engines: serve its deploy/triton with a Triton "
                          "that has the TensorRT backend (NGC tritonserver) on the device")
+    # A cpu build keeps its ONNX Runtime engine (session.json) beside an OpenVINO choice: that is what
+    # the Python backend here runs. bf16 runs on OpenVINO alone.
+    if "session" not in manifest.artifacts:
+        raise CUNetError(f"{build_dir}: a {manifest.precision} cpu build without an ONNX Runtime engine (it runs on "
+                         "OpenVINO only); this machine's Triton serves ONNX Runtime engines: serve its deploy/triton "
+                         "with a Triton that has the OpenVINO backend, or build fp32 or int8 to serve it here")
+    if manifest.backend != "onnxruntime":
+        log.warning("%s chose %s on this machine; Triton here serves its ONNX Runtime engine (the Python backend "
+                    "has no %s)", path.name, manifest.backend, manifest.backend)
     raw = json.loads((path / BUILD_FILE).read_text())
     return ServedBuild(path.resolve().name, path.resolve(), read_model_io(path / "model.onnx")), raw
 
