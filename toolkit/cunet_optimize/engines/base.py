@@ -128,7 +128,7 @@ def time_in_blocks(runners: Mapping[Any, Runner], image: np.ndarray, runs: int, 
     two warm-up runs, `runs` timed runs, deactivate), the blocks in alternating order over
     `rounds` rounds, the median over every timed run. Blocks, not run-by-run interleaving: an
     OpenVINO session keeps its threads busy between calls, which made an ONNX Runtime session
-    interleaved with it ~1.6x slower (../shared/docs/CPU_RUNTIMES.md)."""
+    interleaved with it ~1.6x slower (measured on the N=8 face model, 2-core Xeon)."""
     times: dict[Any, list[float]] = {key: [] for key in runners}
     keys = list(runners)
     for r in range(rounds):

@@ -1,7 +1,7 @@
 """OpenVINO on the CPU: the second CPU runtime beside ONNX Runtime (the optional extra `openvino`).
 
 OpenVINO reads an ONNX file as it is, Q/DQ included, and runs explicit Q/DQ with integer kernels
-(../shared/docs/CPU_RUNTIMES.md), so it needs no graph form of its own: `build --target cpu` times it
+(checked on our TensorRT bundles' model.onnx), so it needs no graph form of its own: `build --target cpu` times it
 on the forms the build already has (pipeline/autotune.py, choose_cpu_runtime) and, where it wins and
 passes the accuracy gate, writes `openvino.json` (OV_SESSION_FILE) beside ONNX Runtime's session.json:
 the ONNX file it runs, its sha256 and the compile properties that were timed. The runner reloads both.
