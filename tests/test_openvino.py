@@ -63,7 +63,7 @@ def test_cpu_runtime_onnxruntime_times_nothing_on_openvino(int8_build):
 
 @pytest.mark.parametrize("args, says", [
     (["--target", "h100", "--cpu-runtime", "onnxruntime"], "--cpu-runtime onnxruntime is for the cpu target"),
-    (["--cpu-runtime", "openvino", "--precision", "int4"], "--cpu-runtime openvino builds fp32, int8, bf16"),
+    (["--cpu-runtime", "onnxruntime", "--precision", "bf16"], "--precision bf16 runs on OpenVINO only"),
 ])
 def test_cpu_runtime_refusals_are_one_line(args, says, tiny, faces, tmp_path, capsys, caplog):
     workdir = tmp_path / "w"
@@ -80,6 +80,20 @@ def test_cpu_runtime_from_the_environment_is_checked(tiny, faces, tmp_path, monk
     # for a TensorRT target the variable speaks of nothing: no refusal from it
     status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8", "--target", "h100"), capsys, caplog)
     assert status == 0, err
+
+
+@needs_openvino
+def test_an_int4_build_runs_on_openvino_where_it_is_faster(tiny, faces, tmp_path, monkeypatch):
+    """Per-channel INT4 is INT8 integers: OpenVINO's integer kernels run the deployed graph too."""
+    import cunet_optimize as co
+    import cunet_optimize.engines.base as base
+    from cunet_optimize.engines.openvino import OpenVinoRunner
+
+    monkeypatch.setattr(base, "time_in_blocks", _timing_favours("openvino"))
+    m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "int4", "--cpu-runtime", "auto"))
+    assert m["precision"] == "int4" and m["backend"] == "openvino" == m["cpu_runtime"]["chosen"]
+    with co.load_engine(tmp_path / "engines" / m["name"]) as engine:
+        assert isinstance(engine.runner, OpenVinoRunner)
 
 
 @needs_openvino

@@ -527,18 +527,19 @@ def _timed_forms(b: _Build, result, before, options: dict):
 
 # The file of the symmetric Q/DQ form when OpenVINO runs it (else removed before the build is committed).
 OV_QDQ_MODEL_FILE = "model.ov.onnx"
-# Build precisions the CPU runtime choice times OpenVINO for (int4: weights OpenVINO would dequantize as
-# ONNX Runtime does; not timed; nor are the builds of an auto plan, whose search times nothing on OpenVINO).
-OPENVINO_PRECISIONS = ("fp32", "int8", "bf16")
+# Build precisions the CPU runtime choice times OpenVINO for: all the cpu target's. INT4 and auto plans
+# (per-channel INT4 integers, integer dataflow) run on OpenVINO's integer kernels at INT8's speed; the
+# auto search itself (its latency objective) still counts ONNX Runtime's costs.
+OPENVINO_PRECISIONS = ("fp32", "int8", "int4", "bf16")
 
 
 def _times_openvino(b: _Build) -> bool:
-    """Whether this build times OpenVINO beside ONNX Runtime: a CPU build of OPENVINO_PRECISIONS (not
-    an auto plan) where OpenVINO is installed (without the extra, nothing changes), unless
+    """Whether this build times OpenVINO beside ONNX Runtime: a CPU build of OPENVINO_PRECISIONS (an
+    auto plan's builds too) where OpenVINO is installed (without the extra, nothing changes), unless
     --cpu-runtime pins ONNX Runtime."""
     from cunet_optimize.engines.openvino import openvino_version
 
-    return (b.target.device == "cpu" and b.opts.precision != "auto" and engine_precision(b.opts) in OPENVINO_PRECISIONS
+    return (b.target.device == "cpu" and engine_precision(b.opts) in OPENVINO_PRECISIONS
             and b.opts.cpu_runtime != "onnxruntime" and openvino_version() is not None)
 
 
@@ -566,7 +567,7 @@ def check_cpu_runtime(opts: BuildOptions, target) -> None:
     if runtime == "openvino":
         from cunet_optimize.engines.openvino import INSTALL_HINT, openvino_version
 
-        if opts.precision == "auto" or precision not in OPENVINO_PRECISIONS:
+        if precision not in OPENVINO_PRECISIONS:
             raise CUNetError(f"--cpu-runtime openvino builds {', '.join(OPENVINO_PRECISIONS)}, not "
                              f"{opts.precision}: use --cpu-runtime auto or onnxruntime for it")
         if openvino_version() is None:
