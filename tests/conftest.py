@@ -35,6 +35,25 @@ def tiny_config(**overrides):
     return CUNetConfig(**fields)
 
 
+def tiny_cunet_with_varied_batchnorm(negative_gamma: bool = False):
+    """The tiny CU-Net (seed 0) with BatchNorm statistics and shifts drawn away from the identity,
+    so folding them changes the graph's numbers; `negative_gamma`: every other channel's BatchNorm
+    scale negative (ReLU(BN) then falls as its input rises, and integer signs flip)."""
+    from cunet_optimize.models import CUNet
+
+    torch.manual_seed(0)
+    model = CUNet(tiny_config()).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.3, 0.3)
+                if negative_gamma:
+                    m.weight[::2] *= -1
+    return model
+
+
 @pytest.fixture
 def authors_fixture() -> Path:
     if not AUTHORS_FIXTURE.is_dir():

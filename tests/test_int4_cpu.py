@@ -10,11 +10,10 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_cunet_with_varied_batchnorm
 from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder, OnnxRuntimeRunner
 from cunet_optimize.exporters import export_onnx
-from cunet_optimize.models import CUNet
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.patterns import conv_weight, dequantized_weight
 from cunet_optimize.onnx_tools.verify import run_onnxruntime
@@ -30,16 +29,7 @@ IMAGES = verification_batch(6)
 
 
 def _model():
-    torch.manual_seed(0)
-    model = CUNet(tiny_config()).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.bias.uniform_(-0.3, 0.3)
-                m.weight[::2] *= -1  # negative BN scales flip the integer signs
-    return model
+    return tiny_cunet_with_varied_batchnorm(negative_gamma=True)  # negative BN scales flip the integer signs
 
 
 def _export(qmodel, tmp_path, name):

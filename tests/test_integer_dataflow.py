@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_cunet_with_varied_batchnorm
 from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder
 from cunet_optimize.exporters import export_onnx
@@ -26,16 +26,7 @@ IMAGES = verification_batch(6)
 
 def tiny_int8_onnx(tmp_path, negative_gamma=False):
     """(Q/DQ ONNX path, float model) of a tiny CU-Net, calibrated on synthetic faces."""
-    torch.manual_seed(0)
-    model = CUNet(tiny_config()).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.bias.uniform_(-0.3, 0.3)
-                if negative_gamma:  # every other channel: ReLU(BN) falls as its input rises
-                    m.weight[::2] *= -1
+    model = tiny_cunet_with_varied_batchnorm(negative_gamma)
     q, _, _ = post_training_quantize(model, parse_precision("int8-convin"), [torch.from_numpy(IMAGES)], "max",
                                      progress=False)
     path = tmp_path / "int8.onnx"
