@@ -128,14 +128,19 @@ def _one_step(faces, out, frozen_bn):
         torch.save({k: v.detach().clone() for k, v in qmodel.state_dict().items()}, Path(out) / "params.pt")
 
 
+def _steps_both_ways(faces, root):
+    for frozen in (True, False):
+        _one_step(faces, root / f"ddp-{frozen}", frozen)
+
+
 @pytest.mark.slow
 def test_ddp_step_equals_single_process_step(faces, tmp_path):
     """Global batch 6 over 2 ranks (3 + 3) = batch 6 in one process, quantizer scales (learnable,
     LSQ) included, when BatchNorm normalises with fixed statistics (QAT after its warm-up). With
     per-batch statistics each rank normalises its 3 images alone: that is what SyncBatchNorm
     (GPUs only) fixes, and the test sees the difference."""
+    spawn(_steps_both_ways, faces, tmp_path)  # one launch of the 2 ranks for both BatchNorm modes
     for frozen in (True, False):
-        spawn(_one_step, faces, tmp_path / f"ddp-{frozen}", frozen)
         _one_step(faces, tmp_path / f"one-{frozen}", frozen)
     start = _tiny_qmodel(faces).state_dict()
     for frozen in (True, False):

@@ -77,9 +77,13 @@ def test_cpu_runtime_from_the_environment_is_checked(tiny, faces, tmp_path, monk
     monkeypatch.setenv("CUNET_CPU_RUNTIME", "openvin")
     status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8"), capsys, caplog)
     assert status == 2 and "$CUNET_CPU_RUNTIME='openvin'" in err
-    # for a TensorRT target the variable speaks of nothing: no refusal from it
-    status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8", "--target", "h100"), capsys, caplog)
-    assert status == 0, err
+    # for a TensorRT target the variable speaks of nothing: no refusal from it, and no pinned runtime
+    from cunet_optimize.pipeline.build import BuildOptions, check_cpu_runtime
+    from cunet_optimize.targets import get_target
+
+    opts = BuildOptions(target="h100")
+    check_cpu_runtime(opts, get_target("h100"))
+    assert opts.cpu_runtime == "auto"
 
 
 @needs_openvino
