@@ -22,6 +22,7 @@ from cunet_optimize.errors import CUNetError
 from cunet_optimize.serving.deepstream import parse_nvinfer
 from cunet_optimize.serving.deploy import triton_plan_path, validate_deployment, write_deployment
 from cunet_optimize.serving.model_io import read_model_io
+from cunet_optimize.serving.served_latency import free_ports
 from cunet_optimize.serving.validate import check_nvinfer_config, check_triton_config, model_config_class
 from cunet_optimize.targets import get_target, target_names
 
@@ -264,48 +265,31 @@ def _server_env():
     return env
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-def test_served_outputs_equal_in_process_over_http_and_grpc(int8_build, capsys, caplog):
-    _server_env()
-    http, grpc, metrics = _free_ports(3)
-    status, out, err = run_cli(["serve", int8_build.out, "--check", "--json", "--http-port", http, "--grpc-port", grpc,
+def _serve_json(dirs, mode: str, capsys, caplog) -> dict:
+    """`serve DIRS --check|--validate --json` on free ports: its JSON report."""
+    http, grpc, metrics = free_ports(3)
+    status, out, err = run_cli(["serve", *map(str, dirs), mode, "--json", "--http-port", http, "--grpc-port", grpc,
                                 "--metrics-port", metrics], capsys, caplog)
     assert status == 0, err
-    report = json.loads(out)[int8_build.manifest["name"]]
-    assert report["http"] == report["grpc"] == "outputs identical to in-process" and report["equal"]
-    assert report["batches"] == {"2": 2}  # the two requests, each a batch of 2 images
+    return json.loads(out)
 
 
 @pytest.mark.slow
-def test_a_landmarks_build_serves_the_engines_coordinates(landmarks_build, capsys, caplog):
+def test_served_outputs_equal_in_process_over_http_and_grpc(int8_build, landmarks_build, capsys, caplog):
+    """One server for two builds: the plain one and the one with the landmark decoder."""
     _server_env()
-    http, grpc, metrics = _free_ports(3)
-    status, out, err = run_cli(["serve", landmarks_build.out, "--check", "--json", "--http-port", http, "--grpc-port",
-                                grpc, "--metrics-port", metrics], capsys, caplog)
-    assert status == 0, err
-    report = json.loads(out)[landmarks_build.manifest["name"]]
-    assert report["outputs"] == ["heatmaps", "landmarks"]  # each compared with the engine's, by name
-    assert report["http"] == report["grpc"] == "outputs identical to in-process" and report["equal"]
+    reports = _serve_json([int8_build.out, landmarks_build.out], "--check", capsys, caplog)
+    for build, outputs in ((int8_build, ["heatmaps"]), (landmarks_build, ["heatmaps", "landmarks"])):
+        report = reports[build.manifest["name"]]
+        assert report["outputs"] == outputs  # each compared with the engine's, by name
+        assert report["http"] == report["grpc"] == "outputs identical to in-process" and report["equal"]
+        assert report["batches"] == {"2": 2}  # the two requests, each a batch of 2 images
 
 
 @pytest.mark.slow
 def test_validate_has_the_server_load_each_emitted_repository(int8_build, capsys, caplog):
     _server_env()
-    http, grpc, metrics = _free_ports(3)
-    status, out, err = run_cli(["serve", int8_build.out, "--validate", "--json", "--http-port", http, "--grpc-port",
-                                grpc, "--metrics-port", metrics], capsys, caplog)
-    assert status == 0, err
-    verdicts = json.loads(out)[str(int8_build.out)]
+    verdicts = _serve_json([int8_build.out], "--validate", capsys, caplog)[str(int8_build.out)]
     loaded = [v for k, v in verdicts.items() if k.startswith("tritonserver")]
     assert loaded == ["config accepted; refused only for the missing onnxruntime backend library"]
 
@@ -314,7 +298,7 @@ def test_validate_has_the_server_load_each_emitted_repository(int8_build, capsys
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_stops_the_server_cleanly(stop, int8_build):
     _server_env()
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parents[1] / "toolkit"),
                                                                   os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen([sys.executable, "-m", "cunet_optimize.cli", "serve", str(int8_build.out), "--http-port",
