@@ -202,12 +202,44 @@ def test_a_candidate_that_fails_the_gate_is_not_chosen(tiny, faces, tmp_path, mo
     import cunet_optimize.pipeline.build as build_module
 
     monkeypatch.setattr(base, "time_in_blocks", _timing_favours("openvino"))
-    monkeypatch.setattr(build_module, "_variant_gate", lambda b: lambda *a, **k: {"passed": False})
+    monkeypatch.setattr(build_module, "_variant_gate", lambda b, *_: lambda *a, **k: {"passed": False})
     m = run_build_json(tiny_build_args(tiny, faces, tmp_path, "int8", "--cpu-runtime", "auto"))
     assert m["cpu_runtime"]["chosen"] == "onnxruntime" == m["backend"]
     assert m["cpu_runtime"]["openvino"] is None
     assert not (tmp_path / "engines" / m["name"] / "openvino.json").exists()
     assert not (tmp_path / "engines" / m["name"] / "model.ov.onnx").exists()
+
+
+@needs_openvino
+@pytest.mark.parametrize("gate", ["on", "off"])
+def test_a_candidate_is_judged_against_fp32_or_with_the_gate_off_against_onnx_runtimes_engine(
+        gate, tiny, faces, tmp_path, monkeypatch):
+    """With the gate on, an OpenVINO candidate must pass it against FP32 as the build must. With
+    --no-accuracy-gate the user accepted what the precision costs against FP32, not what the runtime
+    adds: the candidate is held to ONNX Runtime's engine of the same graph (its value, not FP32's)."""
+    import cunet_optimize.engines.base as base
+
+    monkeypatch.setattr(base, "time_in_blocks", _timing_favours("openvino"))
+    args = tiny_build_args(tiny, faces, tmp_path, "int8", "--cpu-runtime", "auto", "--max-nme-increase", "50")
+    if gate == "on":
+        args.remove("--no-accuracy-gate")
+    m = run_build_json(args)
+    assert m["accuracy"]["gate_enforced"] == (gate == "on")
+    check, = m["cpu_runtime"]["accuracy_checks"].values()
+    fp32 = m["accuracy"]["reference_value"]
+    if gate == "on":
+        assert check["against"] == "the FP32 reference" and check["reference_value"] == fp32
+    else:
+        assert check["against"].startswith("ONNX Runtime's engine") and check["reference_value"] != fp32
+        from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
+        from cunet_optimize.evaluation import evaluate_landmarks
+        from cunet_optimize.tasks import open_dataset_or_default
+
+        eval_set, _ = open_dataset_or_default(str(faces), "test")
+        with OnnxRuntimeRunner(tmp_path / "engines" / m["name"]) as engine:  # the engine's own value
+            value = evaluate_landmarks(engine.infer, eval_set, progress=False).metrics["nme_percent"]
+        assert check["reference_value"] == pytest.approx(value, rel=1e-9)
+    assert check["passed"] and m["cpu_runtime"]["chosen"] == "openvino" == m["backend"]
 
 
 @needs_openvino

@@ -107,8 +107,9 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     OpenVINO on each ONNX form of `ov_forms` (label -> file) at each usable thread count and
     performance hint (engines/openvino.py settings_candidates), each timed in a block of its own
     (engines/base.py time_in_blocks). An OpenVINO candidate is taken only once
-    `accuracy_check(runner) -> dict` (with "passed") says it passes the gate here; ONNX Runtime's
-    engine goes through the build's own gate. The fastest OpenVINO candidate that passes is kept
+    `accuracy_check(runner) -> dict` (with "passed") says it passes the gate here (against FP32; with
+    the build's gate off, against ONNX Runtime's engine: pipeline/build.py _variant_gate); ONNX
+    Runtime's engine goes through the build's own gate. The fastest OpenVINO candidate that passes is kept
     beside the choice (so `profile` measures both runtimes); where none passes and ONNX Runtime
     cannot run the build, or `pinned` (--cpu-runtime openvino) asks for OpenVINO, the fastest is
     chosen and the build's gate judges it.

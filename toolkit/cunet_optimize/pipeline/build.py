@@ -656,7 +656,10 @@ def _cpu_runtime(b: _Build, build) -> None:
 
     forms = {"deployed": b.onnx_path, **b.ov_forms}
     ort_runner = OnnxRuntimeRunner(b.staging) if build is not None else None
-    record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b),
+    # With --no-accuracy-gate the user accepted what the precision costs against FP32, not what a
+    # runtime swap adds: an OpenVINO candidate is then held to ONNX Runtime's engine of the same graph.
+    ort_engine = ort_runner if not b.opts.accuracy_gate else None
+    record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b, ort_engine),
                                 pinned=b.opts.cpu_runtime == "openvino")
     ov = record["openvino"]
     if ov is not None:
@@ -793,11 +796,12 @@ def calibrate_shared(model, scheme, calib_set, images: int, method: str, alpha: 
     return post_training_quantize(model, scheme, batches, method, alpha, progress=progress and distributed.is_main())
 
 
-def _variant_gate(b: _Build):
+def _variant_gate(b: _Build, ort_engine=None):
     """accuracy_check for the timed choices (pipeline/autotune.py) against the FP32 reference
-    (reference_accuracy: evaluated once, and read back by the final gate): of a runner
-    (choose_cpu_runtime), or of a variant ONNX under ONNX Runtime's full optimisation with its
-    session settings (choose_int8_form)."""
+    (reference_accuracy: evaluated once, and read back by the final gate), or against ONNX
+    Runtime's engine of the build (`ort_engine`, a runner evaluated once) where given: of a
+    runner (choose_cpu_runtime), or of a variant ONNX under ONNX Runtime's full optimisation with
+    its session settings (choose_int8_form)."""
     from dataclasses import replace
 
     from cunet_optimize.engines.base import Runner
@@ -805,11 +809,21 @@ def _variant_gate(b: _Build):
     from cunet_optimize.evaluation import evaluate_landmarks
 
     opts, task, progress = b.opts, b.task, b.progress
+    engine_value: list[float] = []  # evaluated on the first check
+
+    def reference() -> tuple[float, str]:
+        if ort_engine is None:
+            fp32 = reference_accuracy(Path(opts.workdir), b.reference_onnx, b.eval_set, b.eval_root,
+                                      opts.eval_split, evaluate_landmarks, progress)
+            return task.headline(fp32.metrics), "the FP32 reference"
+        if not engine_value:
+            got = distributed.on_every_rank(evaluate_runner, ort_engine, b.eval_set, evaluate_landmarks, progress,
+                                            "ONNX Runtime engine")
+            engine_value.append(task.headline(got.metrics))
+        return engine_value[0], "ONNX Runtime's engine of this build (the accuracy gate is off)"
 
     def check(onnx_path_or_runner, settings=None) -> dict:
-        reference = reference_accuracy(Path(opts.workdir), b.reference_onnx, b.eval_set, b.eval_root,
-                                       opts.eval_split, evaluate_landmarks, progress)
-        reference_value = task.headline(reference.metrics)
+        reference_value, against = reference()
         runner = onnx_path_or_runner
         if not isinstance(runner, Runner):
             runner = OnnxRuntimeSessionRunner(runner, replace(settings, optimization="all"), load_optimization="all")
@@ -817,7 +831,7 @@ def _variant_gate(b: _Build):
                                         f"variant {runner.name} {runner.model_path.stem}")
         value = task.headline(got.metrics)
         worse = task.degradation(value, reference_value)
-        return {"metric": task.metric, "value": value, "reference_value": reference_value,
+        return {"metric": task.metric, "value": value, "reference_value": reference_value, "against": against,
                 "degradation_points": worse, "tolerance": opts.tolerance(task),
                 "passed": bool(worse <= opts.tolerance(task))}
 
