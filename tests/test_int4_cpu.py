@@ -8,11 +8,13 @@ import json
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import pytest
 import torch
 
 from conftest import tiny_cunet_with_varied_batchnorm
 from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder, OnnxRuntimeRunner
+from cunet_optimize.engines.openvino import openvino_version
 from cunet_optimize.exporters import export_onnx
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.patterns import conv_weight, dequantized_weight
@@ -127,6 +129,10 @@ def test_int4_cpu_graph_runs_integer_and_the_engine_stores_it_packed(tmp_path):
     engine = onnx.load(build.artifacts["model"])
     int4 = [i for i in engine.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     assert (len(int4) == storage["packed_initializers"]) == (storage["chosen"] == "packed-int4")
+    names = build.settings["tensor_names"]  # short tensor names (onnx_tools/storage.py), node names kept
+    assert names["outputs_identical"] and names["bytes"]["short_names"] < names["bytes"]["as_written"]
+    assert not engine.graph.value_info and max(len(i.name) for i in engine.graph.initializer) < 12
+    assert any(n.name.startswith("/") for n in engine.graph.node)  # the exporter's names, for per-op profiles
     runner = OnnxRuntimeRunner(tmp_path / "engine")
     with runner:
         got = runner.infer(IMAGES)
@@ -157,3 +163,28 @@ def test_mixed_plan_folds_batchnorm_within_noise_and_shrinks_initializers(tmp_pa
         ref = _model()(torch.from_numpy(IMAGES))[-1].numpy()  # the float model
     qdq_error = float(np.abs(_out(proto) - ref).mean())
     assert float(np.abs(_out(result.model) - ref).mean()) <= 1.5 * qdq_error + 1e-3 * float(ref.std())
+
+
+@pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+def test_openvino_deploys_int4_weights_packed_with_identical_outputs(tmp_path):
+    """OpenVINO's model.ov.onnx of an INT4 CPU graph: short names and packed INT4 weights, kept only
+    with outputs equal to the timed form's, bit for bit."""
+    from cunet_optimize.engines.openvino import OV_MODEL_FILE, OpenVinoSessionRunner, OvSettings, \
+        choose_openvino_storage
+
+    proto, options = _int4_cpu_onnx(tmp_path)
+    form = tmp_path / "model.onnx"
+    onnx.save(run_surgery(proto, target="cpu", pass_options=options).model, form)
+    settings = OvSettings(threads=1)
+    record = choose_openvino_storage(form, settings, tmp_path)
+    deployed = onnx.load(tmp_path / OV_MODEL_FILE)
+    int4 = [i for i in deployed.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert record["packed_initializers"] > 5 and record["outputs_identical"]
+    assert (len(int4) == record["packed_initializers"]) == (record["chosen"] == "packed-int4")
+    assert record["bytes"][record["chosen"]] == (tmp_path / OV_MODEL_FILE).stat().st_size < record["bytes"]["form"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["int4.onnx", "model.onnx", OV_MODEL_FILE])
+    outputs = []
+    for path in (form, tmp_path / OV_MODEL_FILE):
+        with OpenVinoSessionRunner(path, settings) as runner:
+            outputs.append(runner.infer(IMAGES))
+    np.testing.assert_array_equal(*outputs)

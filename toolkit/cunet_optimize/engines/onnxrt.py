@@ -45,6 +45,7 @@ from cunet_optimize.engines.base import EngineArtifacts, Runner, final_head, ins
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
+from cunet_optimize.onnx_tools.storage import ORT_WEIGHT_INPUTS, opset, pack_int4_initializers, shorten_tensor_names
 from cunet_optimize.onnx_tools.verify import open_session, time_sessions
 
 SESSION_SCHEMA = "cunet-optimize/ort-session/1"
@@ -217,7 +218,7 @@ class OnnxRuntimeBuilder:
         settings = self._checked_settings(onnx_path, precision, options)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        final = _save_optimized(onnx_path, settings, out)
+        final, names = _save_optimized(onnx_path, settings, out)
 
         notes = [n for n in (support.note,) if n]
         settings, tuning = _tune_threads(final, settings, notes)
@@ -250,6 +251,7 @@ class OnnxRuntimeBuilder:
             # constant folding that unpacks INT4 weights, see choose_weight_storage).
             "load_optimization": storage["load_optimization"] if storage else "disable",
             "weight_storage": storage,
+            "tensor_names": names,
         }
         session_json = write_atomic(out / SESSION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return EngineArtifacts(
@@ -282,20 +284,39 @@ class OnnxRuntimeBuilder:
         return OrtSettings(**{**asdict(settings), "session_config": config})
 
 
-def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> Path:
-    """ONNX Runtime's optimised model of `onnx_path` at the settings' level, written atomically
-    to out/OPTIMIZED_MODEL_FILE (the file the runner loads)."""
+def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> tuple[Path, dict]:
+    """ONNX Runtime's optimised model of `onnx_path` at the settings' level, its tensors renamed
+    short (onnx_tools/storage.py), written atomically to out/OPTIMIZED_MODEL_FILE (the file the
+    runner loads); and the record of the renaming: bytes before and after, outputs compared."""
+    import onnx
+
+    from cunet_optimize.data.synth import verification_batch
+
     final = out / OPTIMIZED_MODEL_FILE
-    partial = out / f".{OPTIMIZED_MODEL_FILE}.partial"
+    # (ONNX Runtime picks the format by the extension: ".ort" would write its flatbuffer format)
+    written, partial = out / f".written.{OPTIMIZED_MODEL_FILE}", out / f".{OPTIMIZED_MODEL_FILE}.partial"
     try:
-        open_session(onnx_path, session_options(settings, settings.optimization, str(partial)))
-        if not partial.is_file():
+        open_session(onnx_path, session_options(settings, settings.optimization, str(written)))
+        if not written.is_file():
             raise CUNetError(f"ONNX Runtime wrote no optimised model for {onnx_path} in {out}")
+        model = onnx.load(written)
+        renamed = shorten_tensor_names(model)
+        onnx.save(model, partial)
+        image = verification_batch(1)
+        outputs = []
+        for path in (written, partial):
+            session = open_session(path, session_options(settings, "disable"))
+            outputs.append(session.run(None, {session.get_inputs()[0].name: image}))
+        if not all(np.array_equal(a, b) for a, b in zip(*outputs)):  # a name is a label: this is a bug
+            raise CUNetError(f"renaming the tensors of {onnx_path}'s optimised model changed its outputs; "
+                             "this is a bug, report it")
+        record = {"renamed_tensors": renamed, "value_info_dropped": True, "outputs_identical": True,
+                  "bytes": {"as_written": written.stat().st_size, "short_names": partial.stat().st_size}}
         os.replace(partial, final)
     finally:
-        if partial.exists():
-            partial.unlink()
-    return final
+        for path in (written, partial):
+            path.unlink(missing_ok=True)
+    return final, record
 
 
 def _tune_threads(model: Path, settings: OrtSettings, notes: list[str]) -> tuple[OrtSettings, dict | None]:
@@ -314,7 +335,8 @@ def _tune_threads(model: Path, settings: OrtSettings, notes: list[str]) -> tuple
 
 # What an INT4 engine's model.ort.onnx stores (choose_weight_storage). ONNX Runtime's integer
 # kernels (QLinearConv) take INT8 weights; per-channel INT4 weights are INT8 integers in
-# [-8, 7], so they can be stored packed (ONNX INT4, half a byte each) behind a Cast to INT8,
+# [-8, 7], so they can be stored packed (ONNX INT4, half a byte each) behind a Cast to INT8
+# (onnx_tools/storage.py pack_int4_initializers),
 # which a session at ORT_ENABLE_BASIC constant-folds at load into the INT8 initializer the
 # kernel prepacks: the same kernels, the same outputs, a smaller file, a longer load.
 # Measured per build (file bytes, load ms, median ms) and recorded in session.json and
@@ -322,40 +344,7 @@ def _tune_threads(model: Path, settings: OrtSettings, notes: list[str]) -> tuple
 # (timing noise of the alternating runs), its outputs differ, or it is not smaller (tiny
 # models: the Cast nodes outweigh the saving).
 PACKED_LATENCY_TOLERANCE = 0.05
-WEIGHT_INPUTS = {"QLinearConv": 3}  # op type -> its weight input (ai.onnx and com.microsoft alike)
 LOAD_TIMING_RUNS = 5
-
-
-def pack_int4_initializers(model) -> int:
-    """INT8 initializers read only as integer-kernel weights whose values all lie in [-8, 7],
-    re-stored as INT4 initializers behind a Cast to INT8 (in place; needs opset >= 21).
-    Returns how many were packed."""
-    import ml_dtypes
-    import onnx
-    from onnx import numpy_helper
-
-    readers: dict[str, list[tuple[str, int]]] = {}
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node.op_type, i))
-    casts, kept, packed = [], [], 0
-    for init in model.graph.initializer:
-        uses = readers.get(init.name, [])
-        values = numpy_helper.to_array(init) if init.data_type == onnx.TensorProto.INT8 else None
-        if (values is None or not values.size or not uses or values.min() < -8 or values.max() > 7
-                or any(WEIGHT_INPUTS.get(op) != i for op, i in uses)):
-            kept.append(init)
-            continue
-        kept.append(numpy_helper.from_array(values.astype(ml_dtypes.int4), f"{init.name}/int4"))
-        casts.append(onnx.helper.make_node("Cast", [f"{init.name}/int4"], [init.name], name=f"{init.name}/unpack",
-                                           to=onnx.TensorProto.INT8))
-        packed += 1
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    nodes = casts + list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return packed
 
 
 def choose_weight_storage(final: Path, settings: OrtSettings, out: Path) -> dict:
@@ -367,12 +356,11 @@ def choose_weight_storage(final: Path, settings: OrtSettings, out: Path) -> dict
     from cunet_optimize.data.synth import verification_batch
 
     model = onnx.load(final)
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    packed = pack_int4_initializers(model) if opset >= 21 else 0
+    packed = pack_int4_initializers(model, ORT_WEIGHT_INPUTS) if opset(model) >= 21 else 0
     record: dict[str, Any] = {"chosen": "int8", "packed_initializers": packed, "load_optimization": "disable"}
     if not packed:
         record["why"] = ("weight storage: INT8 initializers (no INT4-valued integer-kernel weight"
-                         + (" in an opset < 21 graph)" if opset < 21 else ")"))
+                         + (" in an opset < 21 graph)" if opset(model) < 21 else ")"))
         return record
     packed_path = out / f".packed-{final.name}"
     try:

@@ -188,6 +188,69 @@ def write_session(out_dir: str | os.PathLike, model: str | os.PathLike, settings
     return write_atomic(out / OV_SESSION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+# The ONNX file OpenVINO deploys (choose_openvino_storage): the timed form, stored compactly.
+OV_MODEL_FILE = "model.ov.onnx"
+# Packed INT4 weights are kept unless they run slower than INT8 storage by more than this fraction
+# (the alternating blocks' noise), as ONNX Runtime's engine decides (onnxrt.PACKED_LATENCY_TOLERANCE).
+PACKED_LATENCY_TOLERANCE = 0.05
+STORAGE_TIMING_RUNS = 20
+
+
+def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict:
+    """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors renamed short
+    and, measured, its INT4-valued integer weights packed (onnx_tools/storage.py; OpenVINO folds the
+    Cast at compile). Each form's outputs must equal `form`'s in OpenVINO, bit for bit; packed is
+    kept unless slower by more than PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings,
+    the choice); the file is written atomically."""
+    import onnx
+
+    from cunet_optimize.data.synth import verification_batch
+    from cunet_optimize.engines.base import time_in_blocks
+    from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, opset, pack_int4_initializers, \
+        shorten_tensor_names
+
+    final = out / OV_MODEL_FILE
+    model = onnx.load(form)
+    shorten_tensor_names(model)
+    paths = {"int8": out / f".{OV_MODEL_FILE}.int8"}
+    onnx.save(model, paths["int8"])
+    packed = pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
+    if packed:
+        paths["packed-int4"] = out / f".{OV_MODEL_FILE}.packed"
+        onnx.save(model, paths["packed-int4"])
+    try:
+        image = verification_batch(1)
+        runners = {"form": OpenVinoSessionRunner(form, settings),
+                   **{label: OpenVinoSessionRunner(path, settings) for label, path in paths.items()}}
+        outputs = {}
+        for label, runner in runners.items():
+            with runner:
+                outputs[label] = runner.infer(image)
+        if not np.array_equal(outputs["int8"], outputs["form"]):  # a name is a label: this is a bug
+            raise CUNetError(f"renaming the tensors of {form} changed OpenVINO's outputs; this is a bug, report it")
+        record: dict[str, Any] = {"form": form.name, "packed_initializers": packed, "chosen": "int8",
+                                  "bytes": {"form": form.stat().st_size,
+                                            **{label: path.stat().st_size for label, path in paths.items()}}}
+        if packed:
+            timed = time_in_blocks({label: runners[label] for label in paths}, image, STORAGE_TIMING_RUNS)
+            same = bool(np.array_equal(outputs["packed-int4"], outputs["form"]))
+            fast = timed["packed-int4"] <= timed["int8"] * (1 + PACKED_LATENCY_TOLERANCE)
+            record.update(median_ms_batch1={k: round(v, 3) for k, v in timed.items()}, outputs_identical=same)
+            if same and fast:
+                record["chosen"] = "packed-int4"
+        b = record["bytes"]
+        record["why"] = (f"OpenVINO's {OV_MODEL_FILE}: {form.name} with short tensor names"
+                         + (f", {packed} INT4-valued weight(s) packed" if record["chosen"] == "packed-int4" else "")
+                         + f", {b['form']} -> {b[record['chosen']]} bytes, outputs identical"
+                         + ("" if not packed or record["chosen"] == "packed-int4" else
+                            f"; packed INT4 kept out ({'outputs differ' if not record['outputs_identical'] else 'slower'})"))
+        os.replace(paths[record["chosen"]], final)
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+    return record
+
+
 class OpenVinoRunner(OpenVinoSessionRunner):
     """Runs what `write_session` recorded: its ONNX file with its compile settings."""
 

@@ -520,13 +520,11 @@ def _timed_forms(b: _Build, result, before, options: dict):
             # uint8 dataflow that suits ONNX Runtime's kernels, is a form of its own
             symmetric = run_surgery(before, [p for p in result.passes if p != "integer_dataflow"], target=b.target.name,
                                     verify=False, pass_options=options)
-            b.ov_forms["qdq-symmetric"] = b.staging / OV_QDQ_MODEL_FILE
+            b.ov_forms["qdq-symmetric"] = b.staging / "form-qdq-symmetric.onnx"
             onnx.save(symmetric.model, b.ov_forms["qdq-symmetric"])
     return result, concat_form, int8_form
 
 
-# The file of the symmetric Q/DQ form when OpenVINO runs it (else removed before the build is committed).
-OV_QDQ_MODEL_FILE = "model.ov.onnx"
 # Build precisions the CPU runtime choice times OpenVINO for: all the cpu target's. INT4 and auto plans
 # (per-channel INT4 integers, integer dataflow) run on OpenVINO's integer kernels at INT8's speed; the
 # auto search itself (its latency objective) still counts ONNX Runtime's costs.
@@ -651,7 +649,8 @@ def _cpu_runtime(b: _Build, build) -> None:
     choice becomes build.json's backend; openvino.json records OpenVINO's best passing candidate
     beside an ONNX Runtime choice too, so `profile` measures both runtimes."""
     from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
-    from cunet_optimize.engines.openvino import OV_SESSION_FILE, OvSettings, openvino_version, write_session
+    from cunet_optimize.engines.openvino import OV_MODEL_FILE, OV_SESSION_FILE, OvSettings, \
+        choose_openvino_storage, openvino_version, write_session
     from cunet_optimize.pipeline.autotune import choose_cpu_runtime
 
     forms = {"deployed": b.onnx_path, **b.ov_forms}
@@ -663,15 +662,16 @@ def _cpu_runtime(b: _Build, build) -> None:
                                 pinned=b.opts.cpu_runtime == "openvino")
     ov = record["openvino"]
     if ov is not None:
-        model = forms[ov["form"]]
-        write_session(b.staging, model, OvSettings(**ov["settings"]), engine_precision(b.opts),
-                      {k: v for k, v in record["median_ms_batch1"].items() if k.startswith("openvino")})
+        settings = OvSettings(**ov["settings"])
+        ov["storage"] = choose_openvino_storage(forms[ov["form"]], settings, b.staging)
+        write_session(b.staging, b.staging / OV_MODEL_FILE, settings, engine_precision(b.opts),
+                              {k: v for k, v in record["median_ms_batch1"].items() if k.startswith("openvino")})
         b.manifest.setdefault("artifacts", {})
         b.manifest["artifacts"]["openvino_session"] = OV_SESSION_FILE
-        b.manifest["artifacts"]["openvino_model"] = model.name
-    for path in b.ov_forms.values():  # forms OpenVINO does not run
-        if ov is None or path != forms[ov["form"]]:
-            path.unlink(missing_ok=True)
+        b.manifest["artifacts"]["openvino_model"] = OV_MODEL_FILE
+        b.notes.append(ov["storage"]["why"])
+    for path in b.ov_forms.values():  # timed forms, not deployed
+        path.unlink(missing_ok=True)
     b.manifest["cpu_runtime"] = record
     if record["chosen"] == "openvino":
         b.manifest.update(backend="openvino", backend_version=openvino_version(), engine_built=True)

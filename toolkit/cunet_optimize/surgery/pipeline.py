@@ -86,9 +86,9 @@ FOLD_DENSE_CONCATS = {"onnxruntime": TIMED, "tensorrt": False}
 # TensorRT's placement runs there as float convs between Q/DQ, slower than FP32. INT4 and mixed
 # (auto) graphs too: their per-channel INT4 convs (quant.policy.int4_block_for) run there as the
 # INT8 convs they equal, BatchNorm folded into the integer rescale; the engine stores those
-# weights packed (engines/onnxrt.py, pack_int4_initializers). The pass's
+# weights packed (onnx_tools/storage.py, pack_int4_initializers). The pass's
 # relu_form variants, thread count and thread-pool spinning are timed per machine by `build`
-# (forms.choose_int8_form); the default pipeline makes the "depthwise" form.
+# (pipeline/autotune.py choose_int8_form); the default pipeline makes the "depthwise" form.
 INTEGER_DATAFLOW = {"onnxruntime": True, "tensorrt": False}
 
 

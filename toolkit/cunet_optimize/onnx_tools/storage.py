@@ -1,0 +1,99 @@
+"""How a runtime's deployed ONNX file stores what it runs: INT4-valued integer weights packed
+behind a Cast, and short tensor names.
+
+Both change bytes on disk, never a computed value: a Cast from INT4 to INT8 gives back the
+same integers (the runtimes fold it at load: ONNX Runtime at ORT_ENABLE_BASIC, OpenVINO always),
+and a tensor's name is a label. The builders still run both forms and compare their outputs
+before keeping the smaller one (engines/onnxrt.py choose_weight_storage, engines/openvino.py
+choose_openvino_storage).
+
+Why names: ONNX Runtime's optimised model and the exporter's graph spell every tensor out in
+full ("/hg/up_blocks.2/layers.1/conv2/Conv/rescaled/W_DequantizeLinear_output_0"), on every
+node that reads it and again in value_info; in the embedded model's INT8 engine that is 30% of
+the file. Node names stay: per-op profiles report them.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import onnx
+
+# op type -> the input that carries an integer-kernel weight, per runtime's deployed graph:
+# ONNX Runtime's QLinearConv (ai.onnx and com.microsoft alike) takes it whole; OpenVINO reads the
+# Q/DQ graph, where a weight is an integer initializer into a DequantizeLinear.
+ORT_WEIGHT_INPUTS = {"QLinearConv": 3}
+QDQ_WEIGHT_INPUTS = {"DequantizeLinear": 0}
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def pack_int4_initializers(model: onnx.ModelProto, weight_inputs: Mapping[str, int]) -> int:
+    """INT8 initializers read only as weights (`weight_inputs`) whose values all lie in [-8, 7],
+    re-stored as INT4 initializers behind a Cast to INT8 (in place; needs opset >= 21).
+    Returns how many were packed."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node.op_type, i))
+    casts, kept, packed = [], [], 0
+    for init in model.graph.initializer:
+        uses = readers.get(init.name, [])
+        values = numpy_helper.to_array(init) if init.data_type == onnx.TensorProto.INT8 else None
+        if (values is None or not values.size or not uses or values.min() < INT4_MIN or values.max() > INT4_MAX
+                or any(weight_inputs.get(op) != i for op, i in uses)):
+            kept.append(init)
+            continue
+        kept.append(numpy_helper.from_array(values.astype(ml_dtypes.int4), f"{init.name}/int4"))
+        casts.append(onnx.helper.make_node("Cast", [f"{init.name}/int4"], [init.name], name=f"{init.name}/unpack",
+                                           to=onnx.TensorProto.INT8))
+        packed += 1
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return packed
+
+
+def opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def shorten_tensor_names(model: onnx.ModelProto) -> int:
+    """Every tensor name but the graph's inputs and outputs (what callers feed and read) replaced
+    by a short one ("t" + base-36 index), and value_info dropped (the runtimes infer shapes at
+    load); in place, the main graph only (CU-Net graphs have no subgraphs). Returns how many
+    names changed."""
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0  # a subgraph may read outer names: leave such a graph as it is
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in names:
+            names[name] = "t" + _base36(len(names))
+        return names[name]
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.input[:] = [short(x) for x in node.input]
+        node.output[:] = [short(x) for x in node.output]
+    del graph.value_info[:]
+    return len(names)
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
