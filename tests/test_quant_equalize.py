@@ -16,11 +16,11 @@ from cunet_optimize.quant.equalize import (apply_equalization, equalize_activati
 from conftest import tiny_config
 
 
-def skewed_model() -> CUNet:
+def skewed_model(**config) -> CUNet:
     """A tiny CU-Net whose conv inputs have channels 30x apart in range: every other BN channel
     is scaled up and the conv weight column that reads it down by the same factor (float-exact)."""
     torch.manual_seed(0)
-    model = CUNet(tiny_config()).eval()
+    model = CUNet(tiny_config(**config)).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -115,3 +115,42 @@ def test_calibration_cache_is_reused_with_its_equalization(tmp_path, capsys):
     assert scales[0] == scales[1] != scales[2]
     assert (tmp_path / "calib" / first["id"] / "equalization.safetensors").is_file()
     assert not (tmp_path / "calib" / plain["id"] / "equalization.safetensors").exists()
+
+
+def test_int4_convs_of_a_plan_keep_their_unequalized_weights_and_scales(faces):
+    """An auto plan over an equalized INT8 model: its INT4 convs take the weights, BatchNorm and input
+    scale of the calibration without equalization (quant/auto.py unequalized_convs), its INT8 convs
+    keep the equalized ones; the search's FormatSwitch measures exactly the model the build makes."""
+    from cunet_optimize.quant import auto
+    from cunet_optimize.quant.calibrate import activation_scales
+    from cunet_optimize.quant.qmodel import float_state_dict
+    from cunet_optimize.tasks import FACE, open_dataset
+
+    model = skewed_model(num_classes=68)
+    heldout = auto.HeldOut.load(open_dataset(FACE, faces, None), range(6))
+    calib = [heldout.images[:4].contiguous()]
+    scheme = parse_precision("int8-convin")
+    equalized, _, _ = post_training_quantize(model, scheme, calib, "max", 0.5, progress=False)
+    plain, _, _ = post_training_quantize(model, scheme, calib, "max", None, progress=False)
+    layers = auto.layer_infos(equalized.eval(), "conv", tuple(heldout.images.shape[-2:]))
+    inner = [layer.name for layer in layers if layer.role not in auto.EDGE_ROLES]
+    plan = {n: "int4" for n in inner[::2]}
+    norms = auto.unequalized_convs(equalized, plan)
+    assert sorted(norms) == sorted(plan)
+    mixed = auto.with_layer_formats(equalized, plan, None, plain.eval())
+    state, original, eq_state = float_state_dict(mixed), model.state_dict(), float_state_dict(equalized)
+    scales, plain_scales, eq_scales = activation_scales(mixed), activation_scales(plain), activation_scales(equalized)
+    for conv, norm in norms.items():
+        for key in (f"{conv}.weight", f"{norm}.weight", f"{norm}.bias"):
+            assert torch.equal(state[key], original[key])
+        assert scales[f"{conv}.input"] == plain_scales[f"{conv}.input"] != eq_scales[f"{conv}.input"]
+    int8_conv = inner[1]
+    assert torch.equal(state[f"{int8_conv}.weight"], eq_state[f"{int8_conv}.weight"])
+    assert not torch.equal(state[f"{int8_conv}.weight"], original[f"{int8_conv}.weight"])
+    switch = auto.FormatSwitch(equalized, heldout, layers, int4_block=None, plain=plain)
+    int8 = switch.record_int8()
+    assert switch.metric(plan) == heldout.metric(mixed)
+    assert switch.metric({}) == int8 == heldout.metric(equalized)  # weights and BatchNorms put back
+    without = auto.FormatSwitch(equalized, heldout, layers, int4_block=None)
+    assert without.metric(plan) == heldout.metric(auto.with_layer_formats(equalized, plan, None))
+    assert without.metric(plan) != switch.metric(plan)

@@ -18,7 +18,7 @@ from pathlib import Path
 from cunet_optimize.atomic import replace_folder, write_atomic
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.build import BUILD_FILE, checked_build_json
-from cunet_optimize.pipeline.build import (StageTimer, check_build, locked_workdir, quantize_and_calibrate,
+from cunet_optimize.pipeline.build import (StageTimer, calibrated_models, check_build, locked_workdir,
                                            run_stages)
 from cunet_optimize.pipeline.plans import plan_fields
 from cunet_optimize.quant.policy import int4_block_for
@@ -105,8 +105,8 @@ def _search(opts, checked, calib_set, timer: StageTimer, progress: bool) -> _Sea
     float_dtype = auto.float_type(target)
     int4_block = int4_block_for(target.backend)  # per output channel on ONNX Runtime: it runs as INT8
     base = replace(opts, precision="int8", calib_images=scale_images, layer_formats=None, qat_checkpoint=None)
-    qmodel, calib_info = quantize_and_calibrate(base, model, checked.ckpt_path, timer, progress,
-                                                calib_data=checked.calib_data)
+    qmodel, plain, calib_info = calibrated_models(base, model, checked.ckpt_path, timer, progress,
+                                                  calib_data=checked.calib_data, unequalized=True)
     heldout = auto.HeldOut.load(calib_set, range(n - held, n))
     formats = auto.target_formats(target)
     convs = auto.layer_infos(qmodel, "conv", tuple(heldout.images.shape[-2:]))
@@ -115,9 +115,9 @@ def _search(opts, checked, calib_set, timer: StageTimer, progress: bool) -> _Sea
                     f"{len(convs)} convs {'<=' if grain == 'conv' else '>'} {auto.CONV_GRAIN_LIMIT}")
     layers = [replace(layer, group=auto.group_of(layer.name, grain)) for layer in convs]
     sensitivity_images = min(held, opts.auto_sensitivity_images or auto.DEFAULT_SENSITIVITY_IMAGES)
-    with auto.measurement_layout(model, qmodel):
+    with auto.measurement_layout(model, qmodel, *([plain] if plain is not None else [])):
         table, measured, costs, additive, joint, joint_fp32 = _measure_and_search(
-            opts, task, model, qmodel, heldout, layers, formats, grain, budget, float_dtype, int4_block,
+            opts, task, model, qmodel, plain, heldout, layers, formats, grain, budget, float_dtype, int4_block,
             sensitivity_images, timer, progress)
     return _Search(budget=budget, float_dtype=float_dtype, int4_block=int4_block, formats=formats, layers=layers,
                    grain=grain,
@@ -127,7 +127,7 @@ def _search(opts, checked, calib_set, timer: StageTimer, progress: bool) -> _Sea
                    seconds=round(time.perf_counter() - start, 2))
 
 
-def _measure_and_search(opts, task, model, qmodel, heldout, layers, formats, grain, budget, float_dtype,
+def _measure_and_search(opts, task, model, qmodel, plain, heldout, layers, formats, grain, budget, float_dtype,
                         int4_block, sensitivity_images: int, timer: StageTimer, progress: bool):
     """The sensitivity table on the first `sensitivity_images` held-out images, the additive
     plan, then joint runs of whole plans on every held-out image. Returns (table, measured
@@ -136,7 +136,7 @@ def _measure_and_search(opts, task, model, qmodel, heldout, layers, formats, gra
     probe = heldout.first(sensitivity_images)
     with timer.stage("sensitivity", f"{task.metric} of each group's formats ({', '.join(formats)}) on "
                                     f"{sensitivity_images} held-out calibration images"):
-        switch = auto.FormatSwitch(qmodel, probe, layers, int4_block=int4_block)
+        switch = auto.FormatSwitch(qmodel, probe, layers, int4_block=int4_block, plain=plain)
         table = auto.measure_sensitivity(
             model, qmodel, probe, layers, formats, grain, progress,
             lambda int8_deg: auto.formats_worth_measuring(formats, layers, opts.objective, int8_deg, budget,
@@ -149,7 +149,8 @@ def _measure_and_search(opts, task, model, qmodel, heldout, layers, formats, gra
         if len(probe) < held:  # the joint runs decide what fits: on every held-out image
             # whole plans change early groups too: a prefix cache would rarely be replayed
             del switch  # (and the sensitivity's cache is freed)
-            switch = auto.FormatSwitch(qmodel, heldout, layers, prefix_cache_bytes=0, int4_block=int4_block)
+            switch = auto.FormatSwitch(qmodel, heldout, layers, prefix_cache_bytes=0, int4_block=int4_block,
+                                       plain=plain)
             joint_fp32 = heldout.metric(model)
         else:
             joint_fp32 = table.fp32

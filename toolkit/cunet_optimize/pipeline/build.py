@@ -736,54 +736,82 @@ def quantize_and_calibrate(opts: BuildOptions, model, ckpt_path: Path, timer: St
     or the model of a QAT checkpoint; and what build.json records about it. `calib_flags`:
     how hints name the calibration data options (`calibrate`'s are --data/--split);
     `calib_data`: the (data set, root) already opened by the caller's checks."""
-    from cunet_optimize.quant.calibrate import CalibrationError
-    from cunet_optimize.targets import get_target
-    from cunet_optimize.quant import activation_scales
-
     if opts.qat_checkpoint:
         from cunet_optimize.quant.qat import load_qat_checkpoint
+        from cunet_optimize.targets import get_target
 
         with timer.stage("calibrate", f"scales from the QAT checkpoint {opts.qat_checkpoint}"):
             qmodel = load_qat_checkpoint(opts.qat_checkpoint)
             # its scheme (concat placement, INT4 granularity included) is what gets exported
             check_qat_checkpoint(qmodel, opts, get_target(opts.target).backend)
             return qmodel.eval(), {"method": "qat", "checkpoint": str(opts.qat_checkpoint)}
+    qmodel, _, info = calibrated_models(opts, model, ckpt_path, timer, progress, calib_flags, calib_data)
+    return qmodel, info
+
+
+def calibrated_models(opts: BuildOptions, model, ckpt_path: Path, timer: StageTimer, progress: bool,
+                      calib_flags=CALIB_DATA_FLAGS, calib_data: tuple | None = None, unequalized: bool = False):
+    """quantize_and_calibrate's calibrate stage: (the fake-quantized model, the same model calibrated
+    without activation equalization or None, the record). The second is made where equalization is
+    on and an auto plan has INT4 convs (they take its weights and scales: quant/auto.py
+    unequalized_convs), or where `unequalized` asks for it (the auto search's FormatSwitch)."""
+    from cunet_optimize.quant.calibrate import CalibrationError
+    from cunet_optimize.targets import get_target
+    from cunet_optimize.quant import activation_scales
+
     model_sha = sha256_file(ckpt_path)
     scheme = quant_scheme(base_precision(opts), opts.concat_qdq, get_target(opts.target).backend)
     alpha = equalize_alpha_for(scheme, opts.equalize_alpha)
     calib_set, calib_root = calib_data or open_dataset_or_default(opts.calib_data, opts.calib_split,
                                                                   task_of_model(model), calib_flags)
     images = min(opts.calib_images, len(calib_set))
-    cid = calibration_id(model_sha, calib_set, opts.calib_method, scheme.spec, opts.calib_images, alpha)
-    cache = CalibrationCache(Path(opts.workdir) / "calib" / cid, equalized=alpha is not None)
+
+    def cache_for(alpha: float | None) -> tuple[str, CalibrationCache]:
+        cid = calibration_id(model_sha, calib_set, opts.calib_method, scheme.spec, opts.calib_images, alpha)
+        return cid, CalibrationCache(Path(opts.workdir) / "calib" / cid, equalized=alpha is not None)
+
+    def calibrated(alpha: float | None, cache: CalibrationCache):
+        """(qmodel, equalization report) from `cache`, or calibrated and stored there."""
+        if cache.reusable():
+            return cache.load(model, scheme)
+        try:
+            qmodel, factors, eq_report = distributed.on_every_rank(
+                calibrate_shared, model, scheme, calib_set, opts.calib_images, opts.calib_method, alpha, progress)
+        except CalibrationError as exc:  # e.g. images of zero range: name the data they came from
+            raise CalibrationError(f"{calib_root} ({opts.calib_split or 'every'} split): {exc}") from None
+        report = eq_report.to_dict() if eq_report else None
+        cache.store(qmodel, factors, opts.calib_method, report, model_sha256=model_sha,
+                    data=str(calib_root.resolve()), split=opts.calib_split, images=images, scheme=scheme.spec)
+        return qmodel, report
+
+    cid, cache = cache_for(alpha)
     cached = cache.reusable()
+    # an auto plan's INT4 convs keep their unequalized weights and input scales (quant/auto.py
+    # unequalized_convs): the scales of a calibration without equalization, cached as any other
+    wanted = unequalized or "int4" in (opts.layer_formats or {}).values()
+    plain_cache = cache_for(None) if alpha is not None and wanted else None
+    plain_cached = plain_cache is not None and plain_cache[1].reusable()
     what = f"{opts.calib_method} over {images} images"
     if alpha is not None:
         what += f", equalization alpha {alpha:g}"
-    with timer.stage("calibrate", what + (" (cached)" if cached else "")):
-        if cached:
-            qmodel, report = cache.load(model, scheme)
-        else:
-            try:
-                qmodel, factors, eq_report = distributed.on_every_rank(
-                    calibrate_shared, model, scheme, calib_set, opts.calib_images, opts.calib_method, alpha,
-                    progress)
-            except CalibrationError as exc:  # e.g. images of zero range: name the data they came from
-                raise CalibrationError(f"{calib_root} ({opts.calib_split or 'every'} split): {exc}") from None
-            report = eq_report.to_dict() if eq_report else None
-            cache.store(qmodel, factors, opts.calib_method, report, model_sha256=model_sha,
-                        data=str(calib_root.resolve()), split=opts.calib_split, images=images, scheme=scheme.spec)
+    if plain_cache is not None:
+        what += " (and none: for INT4 convs)"
+    with timer.stage("calibrate", what + (" (cached)" if cached and (plain_cache is None or plain_cached) else "")):
+        qmodel, report = calibrated(alpha, cache)
+        plain = calibrated(None, plain_cache[1])[0].eval() if plain_cache is not None else None
     qmodel.eval()
+    info = {"method": opts.calib_method, "id": cid, "cached": cached, "scales_file": str(cache.scales_file.resolve()),
+            "images": images, "data": str(calib_root.resolve()), "scheme": scheme.spec, "equalization": report}
     if opts.layer_formats:  # an auto plan: the calibrated int8 model with its per-conv formats
-        from cunet_optimize.quant.auto import with_layer_formats
+        from cunet_optimize.quant.auto import unequalized_convs, with_layer_formats
 
-        qmodel = with_layer_formats(qmodel, opts.layer_formats, int4_block_for(get_target(opts.target).backend))
+        if plain is not None:
+            info["unequalized_int4_convs"] = {"convs": len(unequalized_convs(qmodel, opts.layer_formats)),
+                                              "calibration_id": plain_cache[0], "cached": plain_cached}
+        qmodel = with_layer_formats(qmodel, opts.layer_formats, int4_block_for(get_target(opts.target).backend), plain)
     scales = activation_scales(qmodel)
     few = dict(sorted(scales.items(), key=lambda kv: -kv[1])[:8])
-    return qmodel, {"method": opts.calib_method, "id": cid, "cached": cached,
-                    "scales_file": str(cache.scales_file.resolve()), "images": images,
-                    "data": str(calib_root.resolve()), "scheme": scheme.spec, "equalization": report,
-                    "ranges": {k: v * 127 for k, v in few.items()}}
+    return qmodel, plain, {**info, "ranges": {k: v * 127 for k, v in few.items()}}
 
 
 def calibrate_shared(model, scheme, calib_set, images: int, method: str, alpha: float | None, progress: bool):

@@ -39,7 +39,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -543,52 +543,83 @@ class PrefixCache:
         return run
 
 
+def unequalized_convs(qmodel: nn.Module, layer_formats: Mapping[str, str]) -> dict[str, str]:
+    """{conv: the BatchNorm it reads} of the INT4 convs of a plan that activation equalization
+    (quant/equalize.py) would have touched. Equalization moves activation range into the weight
+    columns, which per-tensor INT8 activations need and per-channel INT4 weights cannot afford
+    (the embedded model, uniform INT4 on the CPU: NME +2.53 equalized at alpha 0.5, +0.51 not), so
+    these convs keep the unequalized weights, BatchNorm and input scale (equalize_alpha_for's rule
+    for whole INT4 schemes, per conv)."""
+    from cunet_optimize.quant.equalize import norm_conv_pairs
+
+    names = {id(module): name for name, module in qmodel.named_modules()}
+    return {conv: names[id(norm)] for conv, (norm, _) in norm_conv_pairs(qmodel).items()
+            if layer_formats.get(conv) == "int4"}
+
+
 class FormatSwitch:
     """The calibrated INT8 fake-quant model whose convs can each take another format in place
     (their weight and input quantizers swapped, nothing rebuilt), measured on the held-out
     slice with the prefix cache: the single-group changes of the sensitivity table and the
-    joint runs of whole plans both go through `metric`."""
+    joint runs of whole plans both go through `metric`. `plain`: the same model calibrated
+    without activation equalization, where `qmodel` has it: an INT4 conv then takes its weight,
+    BatchNorm and input quantizer from there (unequalized_convs), as with_layer_formats builds it."""
 
     def __init__(self, qmodel: nn.Module, heldout: HeldOut, layers: Sequence[LayerInfo],
-                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, int4_block: int | None = DEFAULT_INT4_BLOCK) -> None:
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, int4_block: int | None = DEFAULT_INT4_BLOCK,
+                 plain: nn.Module | None = None) -> None:
         self.qmodel, self.heldout, self.int4_block = qmodel, heldout, int4_block
         self.layers = {layer.name: layer for layer in layers}
         self.modules = dict(qmodel.named_modules())
         self.cache = PrefixCache(qmodel, layers, len(heldout), prefix_cache_bytes)
         self.position = {n: i for i, n in enumerate(self.cache.order)}
-        # (conv, format) -> quantizer attributes; the INT8 ones are the model's own
-        self.quantizers: dict[tuple[str, str], dict] = {
-            (n, "int8"): {"weight_quantizer": self.modules[n].weight_quantizer,
-                          "input_quantizer": self.modules[n].input_quantizer} for n in self.layers}
+        self.plain = dict(plain.named_modules()) if plain is not None else None
+        self.norm_of = unequalized_convs(qmodel, {n: "int4" for n in self.layers}) if plain is not None else {}
+        # (conv, format) -> {(module, attribute): value}; the INT8 ones are the model's own
+        self.swaps: dict[tuple[str, str], dict[tuple[str, str], Any]] = {(n, "int8"): self._own(n) for n in self.layers}
         self.int8: float | None = None
         self.runs = 0
+
+    def _own(self, conv: str) -> dict[tuple[str, str], Any]:
+        m = self.modules[conv]
+        own = {(conv, "weight_quantizer"): m.weight_quantizer, (conv, "input_quantizer"): m.input_quantizer}
+        if conv in self.norm_of:
+            norm = self.modules[self.norm_of[conv]]
+            own.update({(conv, "weight"): m.weight, (self.norm_of[conv], "weight"): norm.weight,
+                        (self.norm_of[conv], "bias"): norm.bias})
+        return own
 
     def record_int8(self) -> float:
         """The all-INT8 metric; records the convs' outputs the later runs replay."""
         self.int8 = self.heldout.metric(self.qmodel, run=self.cache.record)
         return self.int8
 
-    def _quantizers(self, conv: str, fmt: str) -> dict:
+    def _swap(self, conv: str, fmt: str) -> dict[tuple[str, str], Any]:
         from cunet_optimize.quant.qmodel import _conv_quantizers, conv_scheme
 
         key = (conv, fmt)
-        if key not in self.quantizers:
+        if key not in self.swaps:
             if fmt == "int4":
+                source = self.plain[conv] if conv in self.norm_of else self.modules[conv]
                 weight = _conv_quantizers(conv_scheme(self.qmodel.scheme, "int4", self.int4_block), self.layers[conv].role,
-                                          self.modules[conv])["weight_quantizer"]
+                                          source)["weight_quantizer"]
                 weight.name = f"{conv}.weight"
-                q = {"weight_quantizer": weight, "input_quantizer": self.quantizers[conv, "int8"]["input_quantizer"]}
+                swap = {(conv, "weight_quantizer"): weight, (conv, "input_quantizer"): source.input_quantizer}
+                if conv in self.norm_of:
+                    norm = self.norm_of[conv]
+                    swap.update({(conv, "weight"): source.weight, (norm, "weight"): self.plain[norm].weight,
+                                 (norm, "bias"): self.plain[norm].bias})
             elif fmt == "float":
-                q = {"weight_quantizer": None, "input_quantizer": None}
+                swap = {(conv, "weight_quantizer"): None, (conv, "input_quantizer"): None}
             else:
                 raise CUNetError(f"layer format '{fmt}' unknown; use one of {', '.join(ACCURACY_ORDER)}")
-            self.quantizers[key] = q
-        return self.quantizers[key]
+            self.swaps[key] = swap
+        return self.swaps[key]
 
     def _put(self, conv_formats: Mapping[str, str]) -> None:
         for conv, fmt in conv_formats.items():
-            for attr, q in self._quantizers(conv, fmt).items():
-                setattr(self.modules[conv], attr, q)
+            for (module, attr), value in self._swap(conv, fmt).items():
+                setattr(self.modules[module], attr, value)
 
     def metric(self, conv_formats: Mapping[str, str]) -> float:
         """The held-out metric with the convs of `conv_formats` in their formats, the rest INT8."""
@@ -638,18 +669,26 @@ def measure_sensitivity(float_model: nn.Module, qmodel: nn.Module, heldout: Held
 
 
 def with_layer_formats(qmodel: nn.Module, layer_formats: Mapping[str, str],
-                       int4_block: int | None = DEFAULT_INT4_BLOCK) -> nn.Module:
+                       int4_block: int | None = DEFAULT_INT4_BLOCK, plain: nn.Module | None = None) -> nn.Module:
     """The calibrated int8 `qmodel` rebuilt with per-conv formats: same (equalized) float
     weights, same activation scales for the quantizers that remain; INT4 in blocks of
-    `int4_block` input channels (None: per output channel)."""
+    `int4_block` input channels (None: per output channel). `plain`: the same model calibrated
+    without equalization, where `qmodel` has it: the INT4 convs take their weights, BatchNorm
+    and input scales from there (unequalized_convs)."""
     from cunet_optimize.models.cunet import CUNet
     from cunet_optimize.quant.calibrate import activation_scales, apply_scales
     from cunet_optimize.quant.qmodel import float_state_dict, quantize_model
 
+    state, scales = float_state_dict(qmodel), activation_scales(qmodel)
+    if plain is not None:
+        plain_state, plain_scales = float_state_dict(plain), activation_scales(plain)
+        for conv, norm in unequalized_convs(qmodel, layer_formats).items():
+            for key in (f"{conv}.weight", f"{norm}.weight", f"{norm}.bias"):
+                state[key] = plain_state[key]
+            scales[f"{conv}.input"] = plain_scales[f"{conv}.input"]
     base = CUNet(qmodel.config)
-    base.load_state_dict(float_state_dict(qmodel))
+    base.load_state_dict(state)
     mixed = quantize_model(base.eval(), qmodel.scheme, layer_formats, int4_block)
-    scales = activation_scales(qmodel)
     wanted = {n for n, _ in _activation_names(mixed)}
     apply_scales(mixed, {n: s for n, s in scales.items() if n in wanted})
     return mixed.eval()

@@ -132,12 +132,17 @@ def run_qat(
     in blocks of `int4_block` input channels (None: per output channel, as the plan's target
     runs them, quant.policy.int4_block_for)."""
     torch.manual_seed(recipe.seed)
+    calibration_batches = list(calibration_batches)  # a plan with INT4 convs calibrates twice
     qmodel, _, equalization = post_training_quantize(model, scheme, calibration_batches, calib_method,
                                                      equalize_alpha, progress=progress)
     if layer_formats:  # fine-tune a mixed plan of `build --precision auto` (quant/auto.py)
         from cunet_optimize.quant.auto import with_layer_formats
 
-        qmodel = with_layer_formats(qmodel, layer_formats, int4_block)
+        plain = None  # its INT4 convs unequalized, as the build of the plan makes them
+        if equalization is not None and "int4" in layer_formats.values():
+            plain, _, _ = post_training_quantize(model, scheme, calibration_batches, calib_method, None,
+                                                 progress=progress)
+        qmodel = with_layer_formats(qmodel, layer_formats, int4_block, plain)
     if learnable_scales:
         set_learnable_scales(qmodel, True)
 
