@@ -45,7 +45,7 @@ from cunet_optimize.engines.base import EngineArtifacts, Runner, final_head, ins
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.onnx_tools.storage import ORT_WEIGHT_INPUTS, opset, pack_int4_initializers, shorten_tensor_names
+from cunet_optimize.onnx_tools.storage import ORT_WEIGHT_INPUTS, opset, pack_int4_initializers, shorten_names
 from cunet_optimize.onnx_tools.verify import open_session, time_sessions
 
 SESSION_SCHEMA = "cunet-optimize/ort-session/1"
@@ -300,7 +300,7 @@ def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> tuple[
         if not written.is_file():
             raise CUNetError(f"ONNX Runtime wrote no optimised model for {onnx_path} in {out}")
         model = onnx.load(written)
-        renamed = shorten_tensor_names(model)
+        renamed = shorten_names(model)
         onnx.save(model, partial)
         image = verification_batch(1)
         outputs = []

@@ -197,8 +197,8 @@ STORAGE_TIMING_RUNS = 20
 
 
 def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict:
-    """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors renamed short
-    and, measured, its INT4-valued integer weights packed (onnx_tools/storage.py; OpenVINO folds the
+    """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors and nodes renamed
+    short and, measured, its INT4-valued integer weights packed (onnx_tools/storage.py; OpenVINO folds the
     Cast at compile). Each form's outputs must equal `form`'s in OpenVINO, bit for bit; packed is
     kept unless slower by more than PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings,
     the choice); the file is written atomically."""
@@ -207,11 +207,11 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.engines.base import time_in_blocks
     from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, opset, pack_int4_initializers, \
-        shorten_tensor_names
+        shorten_names
 
     final = out / OV_MODEL_FILE
     model = onnx.load(form)
-    shorten_tensor_names(model)
+    shorten_names(model, nodes=True)  # OpenVINO's per-op times are not profiled here
     paths = {"int8": out / f".{OV_MODEL_FILE}.int8"}
     onnx.save(model, paths["int8"])
     packed = pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
@@ -239,7 +239,7 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
             if same and fast:
                 record["chosen"] = "packed-int4"
         b = record["bytes"]
-        record["why"] = (f"OpenVINO's {OV_MODEL_FILE}: {form.name} with short tensor names"
+        record["why"] = (f"OpenVINO's {OV_MODEL_FILE}: {form.name} with short names"
                          + (f", {packed} INT4-valued weight(s) packed" if record["chosen"] == "packed-int4" else "")
                          + f", {b['form']} -> {b[record['chosen']]} bytes, outputs identical"
                          + ("" if not packed or record["chosen"] == "packed-int4" else

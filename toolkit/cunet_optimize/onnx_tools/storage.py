@@ -10,7 +10,8 @@ choose_openvino_storage).
 Why names: ONNX Runtime's optimised model and the exporter's graph spell every tensor out in
 full ("/hg/up_blocks.2/layers.1/conv2/Conv/rescaled/W_DequantizeLinear_output_0"), on every
 node that reads it and again in value_info; in the embedded model's INT8 engine that is 30% of
-the file. Node names stay: per-op profiles report them.
+the file. Node names stay where per-op profiles report them (ONNX Runtime's engine); the node
+order is model.onnx's, whose full names remain beside it.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def shorten_tensor_names(model: onnx.ModelProto) -> int:
+def shorten_names(model: onnx.ModelProto, *, nodes: bool = False) -> int:
     """Every tensor name but the graph's inputs and outputs (what callers feed and read) replaced
-    by a short one ("t" + base-36 index), and value_info dropped (the runtimes infer shapes at
-    load); in place, the main graph only (CU-Net graphs have no subgraphs). Returns how many
-    names changed."""
+    by a short one ("t" + base-36 index), value_info and doc strings dropped (the runtimes infer
+    shapes at load); node names too where `nodes` (a runtime whose per-op profile nobody reads:
+    OpenVINO's here). In place, the main graph only. Returns how many names changed."""
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0  # a subgraph may read outer names: leave such a graph as it is
@@ -82,10 +83,15 @@ def shorten_tensor_names(model: onnx.ModelProto) -> int:
 
     for init in graph.initializer:
         init.name = short(init.name)
-    for node in graph.node:
+        init.doc_string = ""
+    for i, node in enumerate(graph.node):
         node.input[:] = [short(x) for x in node.input]
         node.output[:] = [short(x) for x in node.output]
+        node.doc_string = ""
+        if nodes and node.name:
+            node.name = "n" + _base36(i)
     del graph.value_info[:]
+    graph.doc_string = ""
     return len(names)
 
 
