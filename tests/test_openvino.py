@@ -278,3 +278,48 @@ def test_tensorrt_bundle_accuracy_is_also_measured_in_openvino(tiny, faces, tmp_
     # the same Q/DQ graph: integer kernels agree with the exact reference to well within the gate
     assert abs(ov["value"] - gate["quantized_value"]) < 0.5
     assert ov["degradation_points"] == pytest.approx(ov["value"] - gate["reference_value"])
+
+
+def test_the_auto_search_costs_float_convs_as_bf16_where_the_cpu_runs_it(cpu_without_bf16, monkeypatch):
+    """bf16 in the auto search: on a CPU target with AVX-512 BF16 or AMX (and OpenVINO), a plan's
+    float convs are bf16, half FP32's cost per MAC, stored as float32; elsewhere, or with ONNX Runtime
+    pinned, FP32 (this process sees a simulated CPU without bf16 first)."""
+    import cunet_optimize.engines.openvino as ov
+    from cunet_optimize.pipeline.build import BuildOptions, plan_float_type
+    from cunet_optimize.quant import auto
+    from cunet_optimize.targets import get_target
+
+    cpu = get_target("cpu")
+    assert plan_float_type(BuildOptions(cpu_runtime="auto"), cpu) == "fp32"  # no bf16 on this CPU
+    monkeypatch.setattr(ov, "check_bf16_here", lambda: "amx_bf16")
+    assert plan_float_type(BuildOptions(cpu_runtime="auto"), cpu) == "bf16"
+    assert plan_float_type(BuildOptions(cpu_runtime="onnxruntime"), cpu) == "fp32"  # no bf16 kernel there
+    assert plan_float_type(BuildOptions(cpu_runtime="auto"), get_target("h100")) == "fp16"
+    layer = auto.LayerInfo("c", "c", "dense", (8, 8, 3, 3), 1000)
+    assert auto.layer_cost(layer, "float", "latency", "bf16") == auto.layer_cost(layer, "float", "latency", "fp32") / 2
+    assert auto.layer_cost(layer, "float", "size", "bf16") == auto.layer_cost(layer, "float", "size", "fp32")
+    candidates = ov.settings_candidates("int8", [1, 2], bf16_float=True)
+    assert {s.inference_precision for s in candidates} == {"f32", "bf16"} and len(candidates) == 8
+    assert {s.inference_precision for s in ov.settings_candidates("int8", [1, 2])} == {"f32"}
+
+
+@needs_openvino
+@pytest.mark.skipif(cpu_isa.cpu_bf16_isa() in ("none", "unknown"), reason="this CPU has no AVX-512 BF16 or AMX")
+def test_a_plan_with_float_convs_times_and_gates_openvino_at_bf16(tiny, faces, tmp_path):
+    """A plan keeping convs float, built for this bf16 CPU: OpenVINO is also timed at bf16 (its
+    float convs in bf16, the integer ones integer), each inference precision gated on its own."""
+    import cunet_optimize as co
+    from cunet_optimize.pipeline.build import BuildOptions, run_stages
+    from cunet_optimize.quant import auto
+    from cunet_optimize.quant.qmodel import quantize_model
+
+    layers = auto.layer_infos(quantize_model(co.load_model(str(tiny)), "int8-convin"), "conv", (64, 64))
+    inner = [layer.name for layer in layers if layer.role not in auto.EDGE_ROLES]
+    plan = {layer.name: "int8" for layer in layers} | {n: "float" for n in inner[::3]}
+    opts = BuildOptions(precision="auto", layer_formats=plan, model=str(tiny), calib_data=str(faces), calib_split=None,
+                        calib_images=4,
+                        eval_data=str(faces), accuracy_gate=False, cpu_runtime="auto", workdir=str(tmp_path))
+    m = run_stages(opts, echo=lambda *_: None, progress=False).manifest
+    timed = m["cpu_runtime"]["median_ms_batch1"]
+    assert any(" bf16 " in k for k in timed) and any(" f32 " in k for k in timed)
+    assert {c.split()[-1] for c in m["cpu_runtime"]["accuracy_checks"]} <= {"f32", "bf16"}

@@ -109,12 +109,23 @@ class OvSettings:
         return f"{self.inference_precision} x{self.threads or 'default'} {self.performance_hint.lower()}"
 
 
-def settings_candidates(precision: str, threads: list[int]) -> list[OvSettings]:
+def settings_candidates(precision: str, threads: list[int], bf16_float: bool = False) -> list[OvSettings]:
     """The compile settings `build` times for a build precision: each thread count with each
-    performance hint, at the inference precision the build's precision means."""
-    inference = "bf16" if precision == "bf16" else "f32"
-    return [OvSettings(inference, n, hint, 1 if hint == "LATENCY" else 0)
-            for n in threads for hint in PERFORMANCE_HINTS]
+    performance hint, at the inference precision the build's precision means; `bf16_float`: an
+    auto plan whose float convs are bf16 (quant/auto.py float_type) also at bf16, which runs its
+    float operations in bf16 and leaves its integer convs integer."""
+    inference = ["bf16"] if precision == "bf16" else ["f32", "bf16"] if bf16_float else ["f32"]
+    return [OvSettings(p, n, hint, 1 if hint == "LATENCY" else 0)
+            for p in inference for n in threads for hint in PERFORMANCE_HINTS]
+
+
+def bf16_runs_here() -> bool:
+    """Whether this machine runs bf16 (check_bf16_here would pass)."""
+    try:
+        check_bf16_here()
+    except CUNetError:
+        return False
+    return True
 
 
 class OpenVinoSessionRunner(Runner):

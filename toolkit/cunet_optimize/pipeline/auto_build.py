@@ -19,7 +19,7 @@ from cunet_optimize.atomic import replace_folder, write_atomic
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.manifests.build import BUILD_FILE, checked_build_json
 from cunet_optimize.pipeline.build import (StageTimer, calibrated_models, check_build, locked_workdir,
-                                           run_stages)
+                                           plan_float_type, run_stages)
 from cunet_optimize.pipeline.plans import plan_fields
 from cunet_optimize.quant.policy import int4_block_for
 from cunet_optimize.quant import auto
@@ -102,7 +102,7 @@ def _search(opts, checked, calib_set, timer: StageTimer, progress: bool) -> _Sea
     held = min(opts.auto_heldout_images, n // 2)
     scale_images = min(opts.calib_images, n - held)
     budget = opts.tolerance(task)
-    float_dtype = auto.float_type(target)
+    float_dtype = plan_float_type(opts, target)
     int4_block = int4_block_for(target.backend)  # per output channel on ONNX Runtime: it runs as INT8
     base = replace(opts, precision="int8", calib_images=scale_images, layer_formats=None, qat_checkpoint=None)
     qmodel, plain, calib_info = calibrated_models(base, model, checked.ckpt_path, timer, progress,

@@ -101,11 +101,12 @@ def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_option
 
 
 def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, accuracy_check,
-                       pinned: bool = False) -> dict:
+                       pinned: bool = False, bf16_float: bool = False) -> dict:
     """The CPU runtime a build deploys, chosen by timing, as TensorRT picks tactics: ONNX Runtime's
     engine as built (`ort_runner`, None where ONNX Runtime cannot run the precision: bf16) against
     OpenVINO on each ONNX form of `ov_forms` (label -> file) at each usable thread count and
-    performance hint (engines/openvino.py settings_candidates), each timed in a block of its own
+    performance hint (engines/openvino.py settings_candidates; `bf16_float`: at bf16 too, for an
+    auto plan's bf16 float convs), each timed in a block of its own
     (engines/base.py time_in_blocks). An OpenVINO candidate is taken only once
     `accuracy_check(runner) -> dict` (with "passed") says it passes the gate here (against FP32; with
     the build's gate off, against ONNX Runtime's engine: pipeline/build.py _variant_gate); ONNX
@@ -125,7 +126,7 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
 
     runners = {("onnxruntime",): ort_runner} if ort_runner is not None else {}
     for form, path in ov_forms.items():
-        for settings in settings_candidates(precision, thread_candidates()):
+        for settings in settings_candidates(precision, thread_candidates(), bf16_float):
             runners["openvino", form, settings] = OpenVinoSessionRunner(path, settings)
     timed = time_in_blocks(runners, verification_batch(1), THREAD_TUNING_RUNS)
     checks: dict[str, dict] = {}

@@ -371,7 +371,7 @@ def _calibrate(b: _Build):
         from cunet_optimize.pipeline.plans import qat_plan_record
 
         b.manifest["auto"] = qat_plan_record(export_model, b.target, b.opts.tolerance(b.task),
-                                             (INPUT_SIZE, INPUT_SIZE))
+                                             (INPUT_SIZE, INPUT_SIZE), plan_float_type(b.opts, b.target))
     return export_model
 
 
@@ -531,6 +531,16 @@ def _timed_forms(b: _Build, result, before, options: dict):
 OPENVINO_PRECISIONS = ("fp32", "int8", "int4", "bf16")
 
 
+def plan_float_type(opts: BuildOptions, target) -> str:
+    """What an auto plan's float convs run as (quant/auto.py float_type): bf16 on a CPU target
+    where this machine runs it and the CPU runtime may be OpenVINO, else the target's float."""
+    from cunet_optimize.engines.openvino import bf16_runs_here
+    from cunet_optimize.quant.auto import float_type
+
+    bf16 = target.device == "cpu" and opts.cpu_runtime != "onnxruntime" and bf16_runs_here()
+    return float_type(target, bf16_here=bf16)
+
+
 def _times_openvino(b: _Build) -> bool:
     """Whether this build times OpenVINO beside ONNX Runtime: a CPU build of OPENVINO_PRECISIONS (an
     auto plan's builds too) where OpenVINO is installed (without the extra, nothing changes), unless
@@ -658,8 +668,9 @@ def _cpu_runtime(b: _Build, build) -> None:
     # With --no-accuracy-gate the user accepted what the precision costs against FP32, not what a
     # runtime swap adds: an OpenVINO candidate is then held to ONNX Runtime's engine of the same graph.
     ort_engine = ort_runner if not b.opts.accuracy_gate else None
+    bf16_float = "float" in (b.opts.layer_formats or {}).values() and plan_float_type(b.opts, b.target) == "bf16"
     record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b, ort_engine),
-                                pinned=b.opts.cpu_runtime == "openvino")
+                                pinned=b.opts.cpu_runtime == "openvino", bf16_float=bf16_float)
     ov = record["openvino"]
     if ov is not None:
         settings = OvSettings(**ov["settings"])

@@ -81,11 +81,11 @@ def plan_fields(layers, group_plan: dict, formats, float_dtype: str, int4_block:
     }
 
 
-def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int]) -> dict:
+def qat_plan_record(qmodel, target, budget: float, input_size: tuple[int, int], float_dtype: str) -> dict:
     """build.json's `auto` section for `build --precision auto --qat CKPT`: the plan that
-    `qat --plan` fine-tuned, per conv (no search ran, so no sensitivity, visits or back-off)."""
+    `qat --plan` fine-tuned, per conv (no search ran, so no sensitivity, visits or back-off);
+    `float_dtype`: what its float convs run as (pipeline/build.py plan_float_type)."""
     formats = auto.target_formats(target)
-    float_dtype = auto.float_type(target)
     layers = auto.layer_infos(qmodel, "conv", input_size)
     conv_plan = {layer.name: qmodel.layer_formats.get(layer.name, "int8") for layer in layers}
     return {"source": "qat checkpoint", "grain": "conv", "budget": budget, "formats": list(formats),

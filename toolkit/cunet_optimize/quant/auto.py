@@ -52,7 +52,7 @@ OBJECTIVES = ("size", "latency")
 # Accuracy order, least accurate first (the search raises a group along it).
 ACCURACY_ORDER = ("int4", "int8", "float")
 # Relative cost of one multiply-accumulate by the arithmetic the engine performs.
-MAC_COST = {"int8": 1.0, "fp16": 2.0, "fp32": 4.0}
+MAC_COST = {"int8": 1.0, "fp16": 2.0, "bf16": 2.0, "fp32": 4.0}
 INT4_DEQUANT_OVERHEAD = 1.1  # block INT4 weights are dequantized to float before the conv
 EDGE_ROLES = ("stem", "last_head")
 DEFAULT_HELDOUT_IMAGES = 64
@@ -96,8 +96,13 @@ def target_formats(target) -> tuple[str, ...]:
     return tuple(formats)
 
 
-def float_type(target) -> str:
-    return "fp16" if "fp16" in target.precisions else "fp32"
+def float_type(target, bf16_here: bool = False) -> str:
+    """What a plan's float convs run as: FP16 on NVIDIA targets; bf16 on the CPU where this
+    machine runs it (`bf16_here`: AVX-512 BF16 or AMX, and OpenVINO: pipeline/build.py
+    plan_float_type), else FP32."""
+    if "fp16" in target.precisions:
+        return "fp16"
+    return "bf16" if bf16_here and "bf16" in target.precisions else "fp32"
 
 
 def allowed_formats(layer: LayerInfo, formats: Sequence[str]) -> tuple[str, ...]:
@@ -117,6 +122,7 @@ def layer_cost(layer: LayerInfo, fmt: str, objective: str, float_dtype: str = "f
         if fmt == "int4":
             blocks = out_ch * math.ceil(in_ch / int4_block) * kernel_size if int4_block else out_ch
             return math.ceil(layer.params / 2) + 4 * blocks
+        # bf16 weights stay float32 in the ONNX (OpenVINO converts them at compile time)
         return layer.params * (2 if float_dtype == "fp16" else 4)
     if objective == "latency":
         if fmt == "int8":
