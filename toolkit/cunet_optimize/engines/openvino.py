@@ -201,7 +201,7 @@ def write_session(out_dir: str | os.PathLike, model: str | os.PathLike, settings
 
 # The ONNX file OpenVINO deploys (choose_openvino_storage): the timed form, stored compactly.
 OV_MODEL_FILE = "model.ov.onnx"
-# Packed INT4 weights are kept unless they run slower than INT8 storage by more than this fraction
+# Packed INT4 weights are kept unless they run slower than INT8 ones by more than this fraction
 # (the alternating blocks' noise), as ONNX Runtime's engine decides (onnxrt.PACKED_LATENCY_TOLERANCE).
 PACKED_LATENCY_TOLERANCE = 0.05
 STORAGE_TIMING_RUNS = 20
@@ -223,8 +223,8 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
     final = out / OV_MODEL_FILE
     model = onnx.load(form)
     shorten_names(model, nodes=True)  # OpenVINO's per-op times are not profiled here
-    paths = {"int8": out / f".{OV_MODEL_FILE}.int8"}
-    onnx.save(model, paths["int8"])
+    paths = {"unpacked": out / f".{OV_MODEL_FILE}.unpacked"}
+    onnx.save(model, paths["unpacked"])
     packed = pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
     if packed:
         paths["packed-int4"] = out / f".{OV_MODEL_FILE}.packed"
@@ -237,15 +237,15 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
         for label, runner in runners.items():
             with runner:
                 outputs[label] = runner.infer(image)
-        if not np.array_equal(outputs["int8"], outputs["form"]):  # a name is a label: this is a bug
+        if not np.array_equal(outputs["unpacked"], outputs["form"]):  # a name is a label: this is a bug
             raise CUNetError(f"renaming the tensors of {form} changed OpenVINO's outputs; this is a bug, report it")
-        record: dict[str, Any] = {"form": form.name, "packed_initializers": packed, "chosen": "int8",
+        record: dict[str, Any] = {"form": form.name, "packed_initializers": packed, "chosen": "unpacked",
                                   "bytes": {"form": form.stat().st_size,
                                             **{label: path.stat().st_size for label, path in paths.items()}}}
         if packed:
             timed = time_in_blocks({label: runners[label] for label in paths}, image, STORAGE_TIMING_RUNS)
             same = bool(np.array_equal(outputs["packed-int4"], outputs["form"]))
-            fast = timed["packed-int4"] <= timed["int8"] * (1 + PACKED_LATENCY_TOLERANCE)
+            fast = timed["packed-int4"] <= timed["unpacked"] * (1 + PACKED_LATENCY_TOLERANCE)
             record.update(median_ms_batch1={k: round(v, 3) for k, v in timed.items()}, outputs_identical=same)
             if same and fast:
                 record["chosen"] = "packed-int4"
