@@ -1,5 +1,6 @@
 """Shared test fixtures: paths to ../shared (CI has it, a user's clone does not), tiny models,
-a handful of synthetic faces, and finished builds of them made once per session.
+a handful of synthetic faces, and finished builds of them made once per test run (`made_once`:
+under pytest-xdist, once for all the workers, not once per worker).
 
 The session's builds (`fp32_build`, `int8_build`, `auto_build`) are read-only: a test that
 changes one copies its workdir first (`copy_workdir`)."""
@@ -7,12 +8,14 @@ changes one copies its workdir first (`copy_workdir`)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
@@ -61,15 +64,37 @@ def authors_fixture() -> Path:
     return AUTHORS_FIXTURE
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> tuple[Path, object]:
+    """(folder, value) of a session fixture made once per test run: `make(folder)` writes its
+    files under `folder` (new and empty) and returns a JSON value. Each pytest-xdist worker runs
+    its own session, so there the first worker that needs `name` makes it in the run's temporary
+    folder (the workers' common parent) under a lock, and the others wait for it, then read the
+    value back: the files are read-only for every test (copy them to change them)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: this session's temporary folder
+        folder = tmp_path_factory.mktemp(name)
+        return folder, make(folder)
+    shared = tmp_path_factory.getbasetemp().parent / "made-once"  # <run>/popen-gwN -> <run>/made-once
+    shared.mkdir(exist_ok=True)
+    folder, record = shared / name, shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not record.is_file():  # first here (or the first try failed: start again)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            record.write_text(json.dumps(make(folder)))
+        return folder, json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def faces(tmp_path_factory) -> Path:
     """10 synthetic faces: 6 in the train split, 4 in test (a module may define its own set).
-    Shared by the session: a test that changes them copies them first."""
+    Shared by the test run: a test that changes them copies them first."""
     from cunet_optimize.data.synth import write_synthetic_faces
 
-    root = tmp_path_factory.mktemp("faces") / "synth"
-    write_synthetic_faces(root, 10, seed=5, test_fraction=0.4, progress=False)
-    return root
+    def make(folder: Path) -> None:
+        write_synthetic_faces(folder / "synth", 10, seed=5, test_fraction=0.4, progress=False)
+
+    return made_once(tmp_path_factory, "faces", make)[0] / "synth"
 
 
 @pytest.fixture(scope="session")
@@ -77,10 +102,13 @@ def tiny(tmp_path_factory) -> Path:
     """A checkpoint of the small face model at width 8 (random weights, seed 0)."""
     from cunet_optimize.models import create_model, save_checkpoint
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2), path)
-    return path
+    torch.manual_seed(0)  # (in every worker: the global generator is left as the model's draws leave it)
+    model = create_model("cunet-face-small", width=8, growth_rate=4, neck_size=2)
+
+    def make(folder: Path) -> None:
+        save_checkpoint(model, folder / "tiny.safetensors")
+
+    return made_once(tmp_path_factory, "model", make)[0] / "tiny.safetensors"
 
 
 def tiny_build_args(tiny: Path, faces: Path, workdir: Path, precision: str, *extra: str) -> list[str]:
@@ -108,8 +136,7 @@ def run_build_json(argv: list[str]) -> dict:
 
 
 def _finished_build(tmp_path_factory, argv_for, name: str) -> SimpleNamespace:
-    workdir = tmp_path_factory.mktemp(name)
-    manifest = run_build_json(argv_for(workdir))
+    workdir, manifest = made_once(tmp_path_factory, name, lambda folder: run_build_json(argv_for(folder)))
     return SimpleNamespace(workdir=workdir, out=workdir / "engines" / manifest["name"], manifest=manifest)
 
 

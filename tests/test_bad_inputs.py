@@ -465,11 +465,6 @@ def test_a_second_writer_waits_for_the_lock(tmp_path):
 # ----------------------------------------------------------------------------- slow: builds, caches, kills
 
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "cunet_optimize.cli", *args], capture_output=True, text=True,
-                          env=ENV, **kw)
-
-
 def _calibrate_args(env, workdir):
     return ["calibrate", "--model", env.model, "--data", str(env.faces), "--images", "4", "--workdir", str(workdir)]
 
@@ -491,8 +486,9 @@ def test_damaged_calibration_cache_is_recomputed(env, tmp_path, capsys, caplog):
 
 
 @pytest.mark.slow
-def test_calibrate_killed_mid_write_restarts_cleanly(env, tmp_path):
-    """kill -9 after the equalization factors, before the scales: the rerun recomputes and seals."""
+def test_calibrate_killed_mid_write_restarts_cleanly(env, tmp_path, capsys):
+    """kill -9 after the equalization factors, before the scales: the rerun (in this process:
+    only the killed run needs its own) recomputes and seals."""
     killer = textwrap.dedent(f"""
         import os, signal
         import cunet_optimize.quant as quant
@@ -506,15 +502,16 @@ def test_calibrate_killed_mid_write_restarts_cleanly(env, tmp_path):
     assert killed.returncode == -9, killed.stderr[-2000:]
     (calib,) = (tmp_path / "calib").iterdir()
     assert not (calib / "scales.json").exists() and not (calib / "checksums.json").exists()
-    rerun = _cli(*_calibrate_args(env, tmp_path), "--json")
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert json.loads(rerun.stdout)["cached"] is False
+    capsys.readouterr()
+    assert main(_calibrate_args(env, tmp_path) + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cached"] is False
     assert (calib / "checksums.json").is_file() and not list(calib.glob(".*.tmp"))
 
 
 @pytest.mark.slow
-def test_qat_killed_resumes(env, tmp_path):
-    """kill -9 inside QAT's third optimizer step; the same command resumes and finishes."""
+def test_qat_killed_resumes(env, tmp_path, capsys):
+    """kill -9 inside QAT's third optimizer step; the same command (in this process: only the
+    killed run needs its own) resumes and finishes."""
     args = ["qat", "--model", env.model, "--data", str(env.faces), "--out", str(tmp_path / "q"), "--epochs", "2",
             "--lr", "1e-4", "--batch-size", "2", "--calib-images", "4", "--checkpoint-every", "1",
             "--no-equalize", "--threads", "1", "--json"]
@@ -534,9 +531,9 @@ def test_qat_killed_resumes(env, tmp_path):
     """)
     killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, env=ENV)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = _cli(*args)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads(resumed.stdout)
+    capsys.readouterr()
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
     assert [h["epoch"] for h in summary["history"]] == [1, 2] and Path(summary["qat_checkpoint"]).is_file()
 
 

@@ -3,7 +3,6 @@ both verified; what it cannot export is refused in one line."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx
@@ -30,16 +29,56 @@ def export_both(model, tmp_path, **options) -> dict:
     return graphs
 
 
-def test_tiny_cunet_int8_same_graph_and_qdq_placement(tmp_path):
+@pytest.fixture(scope="module")
+def dynamo_build(tiny, faces, tmp_path_factory):
+    """`build --exporter dynamo` of the tiny model, int8-tied (Q/DQ on the conv inputs and on
+    the concatenations, tied) for a TensorRT target, with export_onnx watched: the build's export
+    of its fake-quantized model is made again, of the same model with the same options, by the
+    legacy exporter. (A dynamo export of the tiny CU-Net costs ~17 CPU-s: the build's is the one
+    test_tiny_cunet_int8_same_graph_and_qdq_placement compares.) Returns (the manifest --json
+    printed, [(model, dynamo summary, dynamo graph, legacy summary or None, legacy graph or
+    None), ...] per export, in the build's order)."""
+    import shutil
+
+    import cunet_optimize.exporters as exporters
+    from conftest import run_build_json, tiny_build_args
+    from cunet_optimize.quant.qmodel import named_quantizers
+
+    root = tmp_path_factory.mktemp("dynamo-build")
+    real, exports = exporters.export_onnx, []
+
+    def watched(model, path, **options):
+        summary = real(model, path, **options)
+        dynamo = onnx.load(str(path))  # (the build's staging folder goes)
+        legacy_summary = legacy = None
+        if next(named_quantizers(model), None) is not None:
+            twin = root / f"{len(exports)}-legacy.onnx"
+            legacy_summary = real(model, twin, **{**options, "exporter": "legacy"})
+            legacy = onnx.load(str(twin))
+        exports.append((model, summary, dynamo, legacy_summary, legacy))
+        return summary
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exporters, "export_onnx", watched)  # (the build imports it when it exports)
+        manifest = run_build_json(tiny_build_args(tiny, faces, root / "w", "int8-tied", "--exporter", "dynamo",
+                                                  "--target", "jetson-orin-nano"))
+    return manifest, exports
+
+
+def test_tiny_cunet_int8_same_graph_and_qdq_placement(dynamo_build):
     """The quant package's fake quantizers (per-tensor activations with a tensor scale,
-    per-channel weights) through both exporters: one graph, the same Q/DQ on the same tensors."""
-    torch.manual_seed(0)
-    qmodel = quantize_model(CUNet(tiny_config()).eval(), parse_precision("int8"))
-    calibrate(qmodel, [torch.from_numpy(verification_batch(4)[2:])], method="max", progress=False)
-    graphs = export_both(qmodel.eval(), tmp_path)
-    legacy, dynamo = graphs["legacy"], graphs["dynamo"]
+    per-channel weights; on the conv inputs and the tied concatenations) through both
+    exporters: one graph, the same Q/DQ on the same tensors. The graph is the build's int8
+    export, and the legacy one is of the same calibrated model with the same options."""
+    manifest, exports = dynamo_build
+    quantized = [e for e in exports if e[3] is not None]
+    assert manifest["precision"] == "int8-tied"
+    assert len(exports) == 2 and len(quantized) == 1, "the build's int8 and FP32 reference exports were not seen"
+    _, summary, dynamo, legacy_summary, legacy = quantized[0]
+    assert summary.exporter == "dynamo" and legacy_summary.exporter == "legacy"
+    assert summary.verification["passed"] and legacy_summary.verification["passed"]
     placement = qdq_placement(legacy)
-    assert len(placement) > 10 and {p[0] for p in placement} >= {"weight", "Relu"}
+    assert len(placement) > 10 and {p[0] for p in placement} >= {"weight", "Relu", "Concat"}
     assert qdq_placement(dynamo) == placement
     assert op_multiset(dynamo) == op_multiset(legacy)
     assert structural_difference(legacy, dynamo) is None
@@ -87,11 +126,7 @@ def test_unknown_exporter(tmp_path):
 
 
 @pytest.mark.slow
-def test_build_with_dynamo_records_it(tiny, faces, tmp_path, capsys):
-    from conftest import tiny_build_args as build_args
-
-    assert main(build_args(tiny, faces, tmp_path, "int8", "--exporter", "dynamo", "--target", "jetson-orin-nano",
-                           "--json")) == 0
-    manifest = json.loads(capsys.readouterr().out)
+def test_build_with_dynamo_records_it(dynamo_build):
+    manifest, _ = dynamo_build
     assert manifest["export"]["exporter"] == "dynamo" and manifest["export"]["verification"]["passed"]
     assert manifest["export"]["op_counts"]["QuantizeLinear"] > 10

@@ -22,15 +22,22 @@ from cunet_optimize.surgery import run_surgery
 from cunet_optimize.surgery.integer_dataflow import _fold_bn_into_quantized_convs, integer_dataflow
 
 IMAGES = verification_batch(6)
+_INT8_ONNX: dict[bool, bytes] = {}  # tiny_int8_onnx's export, by negative_gamma, once per process
 
 
 def tiny_int8_onnx(tmp_path, negative_gamma=False):
-    """(Q/DQ ONNX path, float model) of a tiny CU-Net, calibrated on synthetic faces."""
+    """(Q/DQ ONNX path, float model) of a tiny CU-Net, calibrated on synthetic faces. The model
+    is seeded, so its quantization and verified export give the same bytes each time: they are
+    made once per process (and this module's users, test_int8_cpu_variants' too) and written
+    to tmp_path/int8.onnx for each caller; the float model is drawn afresh for each."""
     model = tiny_cunet_with_varied_batchnorm(negative_gamma)
-    q, _, _ = post_training_quantize(model, parse_precision("int8-convin"), [torch.from_numpy(IMAGES)], "max",
-                                     progress=False)
     path = tmp_path / "int8.onnx"
-    export_onnx(q.eval(), path)
+    if negative_gamma not in _INT8_ONNX:
+        q, _, _ = post_training_quantize(model, parse_precision("int8-convin"), [torch.from_numpy(IMAGES)], "max",
+                                         progress=False)  # (a quantized copy: `model` is left as drawn)
+        export_onnx(q.eval(), path)
+        _INT8_ONNX[negative_gamma] = path.read_bytes()
+    path.write_bytes(_INT8_ONNX[negative_gamma])
     return path, model
 
 
