@@ -128,18 +128,19 @@ def test_int4_on_tensorrt_is_weight_only_dequantized_to_the_plans_float_type(tin
     assert not any("grid" in w for w in record["why_kept"])
 
 
-def test_fp32_reference_accuracy_is_computed_once_per_graph_and_data(tiny, faces, tmp_path, capsys):
-    faces = Path(shutil.copytree(faces, tmp_path / "faces"))  # changed below
+def test_fp32_reference_accuracy_is_computed_once_per_graph_and_data(tiny, faces, fp32_build, tmp_path, capsys):
+    faces = Path(shutil.copytree(faces, tmp_path / "faces"))  # changed below: the same bytes elsewhere
+    workdir = copy_workdir(fp32_build, tmp_path / "w")  # the session's FP32 build, as if built here
 
     def accuracy(precision, *extra):
-        assert main(build_args(tiny, faces, tmp_path, precision, *extra)) == 0
+        assert main(build_args(tiny, faces, workdir, precision, *extra)) == 0
         capsys.readouterr()
-        return json.loads((tmp_path / "engines" / f"tiny-{precision}-cpu" / "build.json").read_text())["accuracy"]
+        return json.loads((workdir / "engines" / f"tiny-{precision}-cpu" / "build.json").read_text())["accuracy"]
 
     def cached_references():
-        return sorted((tmp_path / "calib" / "fp32-reference").glob("*/reference.json"))
+        return sorted((workdir / "calib" / "fp32-reference").glob("*/reference.json"))
 
-    first = accuracy("fp32")
+    first = fp32_build.manifest["accuracy"]
     assert "cached" not in first["reference_runtime"] and len(cached_references()) == 1
     second = accuracy("int8")  # the same FP32 export on the same data: read back
     assert "cached" in second["reference_runtime"] and second["reference"] == first["reference"]

@@ -122,7 +122,7 @@ def test_int8_form_choice_is_gated_recorded_and_honoured(tmp_path, monkeypatch, 
         checked.append((onnx_path.name, settings.intra_op_threads))
         return {"passed": clamp_passes, "degradation_points": 0.1 if clamp_passes else 9.0}
 
-    chosen, record = choose_int8_form(result, source, options, "cpu", tmp_path, accuracy_check)
+    chosen, record = choose_int8_form(result, options, "cpu", tmp_path, accuracy_check)
     assert checked == [("int8-form-clamp.onnx", 2)]  # only the variant that is not exact, once
     assert set(record["median_ms_batch1"]) == {f"{f} x{n} {p}" for f in ("depthwise", "clamp")
                                               for n, p in ((1, "spin"), (2, "spin"), (2, "nospin"))}

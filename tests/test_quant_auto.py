@@ -234,27 +234,6 @@ def test_auto_build_backs_off_when_the_prediction_is_too_optimistic(tiny, faces,
 
 
 @pytest.mark.slow
-def test_auto_build_fails_cleanly_when_no_plan_passes(tiny, faces, tmp_path, monkeypatch, capsys):
-    """Into a new workdir, one build allowed: the plan that failed the gate is not put in place
-    and its staging folder is gone. (A failed back-off, 2 builds, beside an existing build whose
-    place they would take: tests/test_trust.py::test_failed_auto_build_leaves_the_build_it_would_replace;
-    a back-off that passes: test_auto_build_backs_off_when_the_prediction_is_too_optimistic.)"""
-    import importlib
-
-    build_module = importlib.import_module("cunet_optimize.pipeline.build")
-    from cunet_optimize.cli import main
-    from cunet_optimize.pipeline import auto_build
-
-    monkeypatch.setattr(auto_build, "MAX_BUILDS", 1)
-    real_gate = build_module._accuracy_gate
-    monkeypatch.setattr(build_module, "_accuracy_gate", lambda *a, **k: {**real_gate(*a, **k), "passed": False})
-    assert main(auto_args(tiny, faces, tmp_path)) != 0
-    assert "no plan met the gate after 1 build(s)" in capsys.readouterr().err
-    assert not (tmp_path / "engines" / "tiny-auto-cpu").exists()
-    assert not list((tmp_path / "engines").iterdir())  # no staging folder left either
-
-
-@pytest.mark.slow
 def test_plan_reloads_into_qat_and_build(tiny, faces, auto_build, tmp_path, capsys):
     """build --precision auto (the session's, read only) -> qat --plan (fine-tunes the mixed
     model) -> build --precision auto --qat."""

@@ -46,8 +46,8 @@ INT8_CPU_RELU_FORMS = ("depthwise", "clamp")
 EXACT_INT8_CPU_FORM = "depthwise"
 
 
-def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_options: dict, target: str,
-                     workdir: Path, accuracy_check) -> tuple[SurgeryResult, dict]:
+def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, workdir: Path,
+                     accuracy_check) -> tuple[SurgeryResult, dict]:
     """An INT8 graph in ONNX Runtime's integer form (integer_dataflow), chosen by timing, as
     TensorRT picks tactics: each relu_form variant of INT8_CPU_RELU_FORMS at each usable
     intra-op thread count and, above one thread, each thread-pool setting
@@ -58,14 +58,18 @@ def choose_int8_form(result: SurgeryResult, source: onnx.ModelProto, pass_option
     from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
     from cunet_optimize.engines.onnxrt import THREAD_POOL_VARIANTS, OrtSettings, thread_candidates, time_candidates
 
+    if result.passes[-1:] != ["integer_dataflow"]:
+        raise ValueError(f"choose_int8_form: integer_dataflow must be the last pass, got {result.passes}")
     forms = {EXACT_INT8_CPU_FORM: result}
     for form in INT8_CPU_RELU_FORMS:
         if form in forms:
             continue
         options = {**pass_options, "integer_dataflow": {**pass_options.get("integer_dataflow", {}), "relu_form": form}}
-        # the passes before integer_dataflow are deterministic and were verified in `result`
-        variant = run_surgery(source, result.passes, target=target, verify=False, pass_options=options)
-        forms[form] = SurgeryResult(variant.model, result.reports[:-1] + variant.reports[-1:], result.passes)
+        # the passes before integer_dataflow (the last) were verified in `result`: the variant
+        # runs integer_dataflow alone on the graph they left
+        variant = run_surgery(result.before_last, result.passes[-1:], target=target, verify=False,
+                              pass_options=options)
+        forms[form] = SurgeryResult(variant.model, result.reports[:-1] + variant.reports, result.passes)
     paths = {form: workdir / f"int8-form-{form}.onnx" for form in forms}
     candidates = {}
     for form in forms:

@@ -439,7 +439,7 @@ def _surgery(b: _Build, export_model, opset: int):
             options["integer_dataflow"] = {"calibration": calibration_images(b.opts.calib_data, b.opts.calib_split,
                                                                              count, b.task)}
         result = run_surgery(before, passes, target=b.target.name, dla_core=b.dla, pass_options=options)
-        result, concat_form, int8_form = _timed_forms(b, result, before, options)
+        result, concat_form, int8_form = _timed_forms(b, result, options)
         if b.opts.landmarks:  # after the passes and the timed forms: they are the network's, not the decoder's
             from cunet_optimize.exporters.landmarks import append_landmark_decoder
 
@@ -490,12 +490,10 @@ def _verified_landmarks(onnx_path: Path) -> dict:
                         f"(max diff {worst:.2g} px)"}
 
 
-def _timed_forms(b: _Build, result, before, options: dict):
+def _timed_forms(b: _Build, result, options: dict):
     """On ONNX Runtime: the faster dense-concat form of a float graph, and the fastest INT8
     integer form that passes the gate (pipeline/autotune.py); each choice is noted."""
-    from cunet_optimize.evaluation import evaluate_landmarks
     from cunet_optimize.pipeline.autotune import choose_concat_form, choose_int8_form
-    from cunet_optimize.surgery import run_surgery
     from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
     concat_form = None
@@ -509,7 +507,8 @@ def _timed_forms(b: _Build, result, before, options: dict):
     int8_form = None
     if "integer_dataflow" in result.passes and b.target.backend == "onnxruntime":
         variant_gate = _variant_gate(b)
-        result, int8_form = choose_int8_form(result, before, options, b.target.name, b.staging, variant_gate)
+        before_integer = result.before_last
+        result, int8_form = choose_int8_form(result, options, b.target.name, b.staging, variant_gate)
         chosen = int8_form["chosen"]
         b.notes.append(f"INT8 integer form: relu_form {chosen['relu_form']}, {chosen['intra_op_threads']} "
                        f"thread(s), thread pool {chosen['thread_pool']}: the fastest here that passes the gate "
@@ -518,10 +517,8 @@ def _timed_forms(b: _Build, result, before, options: dict):
         if _times_openvino(b):
             # OpenVINO runs explicit Q/DQ with integer kernels: the symmetric Q/DQ graph, before the
             # uint8 dataflow that suits ONNX Runtime's kernels, is a form of its own
-            symmetric = run_surgery(before, [p for p in result.passes if p != "integer_dataflow"], target=b.target.name,
-                                    verify=False, pass_options=options)
             b.ov_forms["qdq-symmetric"] = b.staging / "form-qdq-symmetric.onnx"
-            onnx.save(symmetric.model, b.ov_forms["qdq-symmetric"])
+            onnx.save(before_integer, b.ov_forms["qdq-symmetric"])
     return result, concat_form, int8_form
 
 

@@ -120,6 +120,9 @@ class SurgeryResult:
     model: onnx.ModelProto
     reports: list[PassReport] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
+    # the graph the last pass started from: a variant of the last pass (pipeline/autotune.py's
+    # INT8 forms) runs from here instead of running every pass again
+    before_last: onnx.ModelProto | None = None
 
     def to_dict(self) -> dict:
         return {"passes": self.passes, "reports": [r.to_dict() for r in self.reports]}
@@ -199,5 +202,5 @@ def run_surgery(
             before = after
         log.info(report.summary())
         result.reports.append(report)
-        result.model = current
+        result.before_last, result.model = result.model, current
     return result
