@@ -18,6 +18,7 @@ from cunet_optimize.engines.openvino import openvino_version
 from cunet_optimize.exporters import export_onnx
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.patterns import conv_weight, dequantized_weight
+from cunet_optimize.onnx_tools.storage import fits_int4
 from cunet_optimize.onnx_tools.verify import run_onnxruntime
 from cunet_optimize.quant import parse_precision, post_training_quantize
 from cunet_optimize.quant.auto import with_layer_formats
@@ -188,3 +189,28 @@ def test_openvino_deploys_int4_weights_packed_with_identical_outputs(tmp_path):
         with OpenVinoSessionRunner(path, settings) as runner:
             outputs.append(runner.infer(IMAGES))
     np.testing.assert_array_equal(*outputs)
+
+
+def test_the_clamp_form_folds_only_into_int8_convs_and_leaves_int4_weights_int4(tmp_path):
+    """relu_form "clamp" folds a sink's slope into the next 1x1 conv and requantizes it on the INT8
+    grid: before an INT4 conv the sink keeps the exact depthwise form, so the INT4 convs of a mixed
+    plan stay INT4 (and are stored packed) while the INT8 ones still take the clamp."""
+    q, _, _ = post_training_quantize(_model(), parse_precision("int8-convin"), [torch.from_numpy(IMAGES)], "max",
+                                     progress=False)
+    convs = [n for n, m in q.named_modules() if isinstance(m, torch.nn.Conv2d)][1:-1]
+    mixed = with_layer_formats(q, {name: ("int4", "int8")[i % 2] for i, name in enumerate(convs)},
+                               int4_block_for("onnxruntime"))
+    proto, options = _export(mixed, tmp_path, "mixed")
+
+    def int4_convs(relu_form):
+        opts = {**options, "integer_dataflow": {**options["integer_dataflow"], "relu_form": relu_form}}
+        result = run_surgery(proto, target="cpu", pass_options=opts)
+        graph = gs.import_onnx(result.model)
+        weights = {n.name: _integer_weight(n, graph) for n in graph.nodes if n.op == "Conv"}
+        maxes = [n.op_type for n in result.model.graph.node].count("Max")
+        return {name: fits_int4(w[0]) for name, w in weights.items() if w is not None and "depthwise" not in name}, maxes
+
+    exact, no_max = int4_convs("depthwise")
+    clamped, maxes = int4_convs("clamp")
+    assert no_max == 0 and maxes > 0  # sinks before INT8 1x1 convs took the clamp
+    assert sum(exact.values()) > 5 and {n for n, int4 in clamped.items() if int4} == {n for n, int4 in exact.items() if int4}

@@ -152,3 +152,37 @@ def test_int8_form_choice_is_gated_recorded_and_honoured(tmp_path, monkeypatch, 
     assert "Max" in [n.op_type for n in onnx.load(build.artifacts["model"]).graph.node]
     with runner:
         assert np.isfinite(runner.infer(IMAGES[:1])).all()
+
+
+@pytest.mark.parametrize("gate", ["on", "off"])
+def test_a_form_is_checked_against_fp32_or_with_the_gate_off_against_the_exact_forms_engine(
+        gate, tiny, faces, tmp_path, monkeypatch):
+    """As OpenVINO's candidates are: with the gate on, the clamp form must pass it against FP32; with
+    --no-accuracy-gate (the user accepted what the precision costs) it is held to the engine of the
+    exact depthwise form, so an INT4 or int8 build without the gate may still take a faster form."""
+    import cunet_optimize.pipeline.build as build_module
+    from conftest import run_build_json, tiny_build_args
+
+    monkeypatch.setattr(onnxrt, "time_candidates", lambda candidates, level="disable", runs=10: {
+        key: (1.0 if key[0] == "clamp" else 2.0) for key in candidates})
+    engines, real = [], build_module._variant_gate
+
+    def watched(b, ort_engine=None, *args):
+        engines.append(ort_engine)
+        return real(b, ort_engine, *args)
+
+    monkeypatch.setattr(build_module, "_variant_gate", watched)
+    args = tiny_build_args(tiny, faces, tmp_path, "int8", "--max-nme-increase", "50")
+    if gate == "on":
+        args.remove("--no-accuracy-gate")
+    m = run_build_json(args)
+    check = m["surgery"]["int8_cpu_form"]["accuracy_checks"]["clamp"]
+    fp32 = m["accuracy"]["reference_value"]
+    if gate == "on":
+        assert engines == [None] and check["against"] == "the FP32 reference" and check["reference_value"] == fp32
+    else:
+        engine, = engines
+        assert engine.model_path.name == "int8-form-depthwise.onnx"
+        assert check["against"].startswith("ONNX Runtime's engine of the depthwise form")
+        assert check["reference_value"] != fp32
+    assert check["passed"] and m["surgery"]["int8_cpu_form"]["chosen"]["relu_form"] == "clamp"

@@ -28,6 +28,11 @@ QDQ_WEIGHT_INPUTS = {"DequantizeLinear": 0}
 INT4_MIN, INT4_MAX = -8, 7
 
 
+def fits_int4(ints) -> bool:
+    """Whether integer weights all lie on the INT4 grid (a per-channel INT4 conv's, stored as int8)."""
+    return bool(ints.size) and ints.min() >= INT4_MIN and ints.max() <= INT4_MAX
+
+
 def pack_int4_initializers(model: onnx.ModelProto, weight_inputs: Mapping[str, int]) -> int:
     """INT8 initializers read only as weights (`weight_inputs`) whose values all lie in [-8, 7],
     re-stored as INT4 initializers behind a Cast to INT8 (in place; needs opset >= 21).
@@ -43,7 +48,7 @@ def pack_int4_initializers(model: onnx.ModelProto, weight_inputs: Mapping[str, i
     for init in model.graph.initializer:
         uses = readers.get(init.name, [])
         values = numpy_helper.to_array(init) if init.data_type == onnx.TensorProto.INT8 else None
-        if (values is None or not values.size or not uses or values.min() < INT4_MIN or values.max() > INT4_MAX
+        if (values is None or not uses or not fits_int4(values)
                 or any(weight_inputs.get(op) != i for op, i in uses)):
             kept.append(init)
             continue

@@ -46,6 +46,11 @@ INT8_CPU_RELU_FORMS = ("depthwise", "clamp")
 EXACT_INT8_CPU_FORM = "depthwise"
 
 
+def int8_form_path(workdir: Path, form: str) -> Path:
+    """Where choose_int8_form writes a form while it times and checks it (removed afterwards)."""
+    return workdir / f"int8-form-{form}.onnx"
+
+
 def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, workdir: Path,
                      accuracy_check) -> tuple[SurgeryResult, dict]:
     """An INT8 graph in ONNX Runtime's integer form (integer_dataflow), chosen by timing, as
@@ -54,13 +59,14 @@ def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, wor
     (onnxrt.THREAD_POOL_VARIANTS), all alternating run by run on this machine. The fastest
     wins, except that a variant other than EXACT_INT8_CPU_FORM is taken only once
     `accuracy_check(onnx_path, OrtSettings) -> dict` (with "passed") says it passes the gate
-    here. Returns the result to build and the record (candidates, timings, the CPU's int8 ISA)."""
+    here; a variant whose graph equals the exact form's (nothing it rewrites here) is not timed.
+    Returns the result to build and the record (candidates, timings, the CPU's int8 ISA)."""
     from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
     from cunet_optimize.engines.onnxrt import THREAD_POOL_VARIANTS, OrtSettings, thread_candidates, time_candidates
 
     if result.passes[-1:] != ["integer_dataflow"]:
         raise ValueError(f"choose_int8_form: integer_dataflow must be the last pass, got {result.passes}")
-    forms = {EXACT_INT8_CPU_FORM: result}
+    forms, same_graph = {EXACT_INT8_CPU_FORM: result}, []
     for form in INT8_CPU_RELU_FORMS:
         if form in forms:
             continue
@@ -69,8 +75,11 @@ def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, wor
         # runs integer_dataflow alone on the graph they left
         variant = run_surgery(result.before_last, result.passes[-1:], target=target, verify=False,
                               pass_options=options)
+        if variant.model.SerializeToString() == result.model.SerializeToString():
+            same_graph.append(form)  # e.g. clamp where every sink is before an INT4 conv: nothing to time
+            continue
         forms[form] = SurgeryResult(variant.model, result.reports[:-1] + variant.reports, result.passes)
-    paths = {form: workdir / f"int8-form-{form}.onnx" for form in forms}
+    paths = {form: int8_form_path(workdir, form) for form in forms}
     candidates = {}
     for form in forms:
         for n in thread_candidates():
@@ -99,6 +108,7 @@ def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, wor
         "median_ms_batch1": {f"{f} x{n} {p}": round(ms, 3) for (f, n, p), ms in timed.items()},
         "nodes": {f: len(r.model.graph.node) for f, r in forms.items()},
         "accuracy_checks": checks,
+        "same_graph_as_exact": same_graph,  # forms not timed: they rewrote nothing here
         "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": thread_candidates()[-1]},
     }
     return forms[form], record

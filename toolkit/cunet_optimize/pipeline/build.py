@@ -493,7 +493,9 @@ def _verified_landmarks(onnx_path: Path) -> dict:
 def _timed_forms(b: _Build, result, options: dict):
     """On ONNX Runtime: the faster dense-concat form of a float graph, and the fastest INT8
     integer form that passes the gate (pipeline/autotune.py); each choice is noted."""
-    from cunet_optimize.pipeline.autotune import choose_concat_form, choose_int8_form
+    from cunet_optimize.engines.onnxrt import OnnxRuntimeSessionRunner, OrtSettings
+    from cunet_optimize.pipeline.autotune import EXACT_INT8_CPU_FORM, choose_concat_form, choose_int8_form, \
+        int8_form_path
     from cunet_optimize.surgery.pipeline import FOLD_DENSE_CONCATS, TIMED
 
     concat_form = None
@@ -506,7 +508,14 @@ def _timed_forms(b: _Build, result, options: dict):
                        + ")")
     int8_form = None
     if "integer_dataflow" in result.passes and b.target.backend == "onnxruntime":
-        variant_gate = _variant_gate(b)
+        exact_engine = None
+        if not b.opts.accuracy_gate:
+            # as for OpenVINO's candidates (_cpu_runtime): with the gate off, a form that changes
+            # outputs is held to the exact form's engine, not to FP32
+            exact_engine = OnnxRuntimeSessionRunner(int8_form_path(b.staging, EXACT_INT8_CPU_FORM),
+                                                    OrtSettings(optimization="all"), load_optimization="all")
+        variant_gate = _variant_gate(b, exact_engine, f"ONNX Runtime's engine of the {EXACT_INT8_CPU_FORM} form "
+                                                      "(the accuracy gate is off)")
         before_integer = result.before_last
         result, int8_form = choose_int8_form(result, options, b.target.name, b.staging, variant_gate)
         chosen = int8_form["chosen"]
@@ -832,10 +841,11 @@ def calibrate_shared(model, scheme, calib_set, images: int, method: str, alpha: 
     return post_training_quantize(model, scheme, batches, method, alpha, progress=progress and distributed.is_main())
 
 
-def _variant_gate(b: _Build, ort_engine=None):
+def _variant_gate(b: _Build, ort_engine=None,
+                  against: str = "ONNX Runtime's engine of this build (the accuracy gate is off)"):
     """accuracy_check for the timed choices (pipeline/autotune.py) against the FP32 reference
-    (reference_accuracy: evaluated once, and read back by the final gate), or against ONNX
-    Runtime's engine of the build (`ort_engine`, a runner evaluated once) where given: of a
+    (reference_accuracy: evaluated once, and read back by the final gate), or against `ort_engine`
+    (a runner evaluated once, on the first check; `against` says what it is) where given: of a
     runner (choose_cpu_runtime), or of a variant ONNX under ONNX Runtime's full optimisation with
     its session settings (choose_int8_form)."""
     from dataclasses import replace
@@ -856,7 +866,7 @@ def _variant_gate(b: _Build, ort_engine=None):
             got = distributed.on_every_rank(evaluate_runner, ort_engine, b.eval_set, evaluate_landmarks, progress,
                                             "ONNX Runtime engine")
             engine_value.append(task.headline(got.metrics))
-        return engine_value[0], "ONNX Runtime's engine of this build (the accuracy gate is off)"
+        return engine_value[0], against
 
     def check(onnx_path_or_runner, settings=None) -> dict:
         reference_value, against = reference()

@@ -52,15 +52,11 @@ from cunet_optimize.onnx_tools.patterns import (
     qdq_params,
     quantize,
 )
+from cunet_optimize.onnx_tools.storage import fits_int4
 from cunet_optimize.surgery.report import PassRecorder, PassReport
 
-INT4_MIN, INT4_MAX = -8, 7
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 BLOCKED_AXIS = 1
-
-
-def _fits_int4(ints: np.ndarray) -> bool:
-    return bool(ints.size) and ints.min() >= INT4_MIN and ints.max() <= INT4_MAX
 
 
 def _zero(zp: np.ndarray | None) -> bool:
@@ -93,7 +89,7 @@ def _pack_float_on_grid(graph: gs.Graph, node: gs.Node, scale: np.ndarray, block
                          f"(blocked layout for block_size {block})")
     full = np.repeat(scale, block, axis=BLOCKED_AXIS)[:, : w.shape[BLOCKED_AXIS]]
     ints = np.rint(w / full)
-    if np.any(np.abs(ints * full - w) > 1e-6 * np.maximum(full, 1e-30)) or not _fits_int4(ints):
+    if np.any(np.abs(ints * full - w) > 1e-6 * np.maximum(full, 1e-30)) or not fits_int4(ints):
         raise CUNetError(f"pack_int4_weights: the weight of '{node.name}' is not on the given 4-bit grid; "
                          "pass the scales the model was quantized with")
     out = gs.Variable(f"{base}/W_dequantized", dtype=np.float32)
@@ -133,9 +129,9 @@ def pack_int4_weights(graph: gs.Graph, *, block_scales: Mapping[str, tuple[np.nd
             if not np.issubdtype(ints.dtype, np.integer) or not _zero(p.zero_point):
                 continue
             if not p.block_size:
-                left_int8 += int(_fits_int4(ints))
+                left_int8 += int(fits_int4(ints))
                 continue
-            if not _fits_int4(ints):
+            if not fits_int4(ints):
                 continue
             before_bytes += ints.nbytes
             packed = make_constant(f"{base}/W_int4", ints.astype(ml_dtypes.int4))

@@ -26,7 +26,8 @@ almost every conv reads and writes uint8:
    quantizer, now uint8 with zero point 0, saturates below zero, which is the ReLU.
    ONNX Runtime runs it as a depthwise QLinearConv (uint8 in and out), as it runs
    FP32 BN -> ReLU as a depthwise NCHWc conv. A negative BN scale is a weight of -127.
-   relu_form="clamp" is the variant: before a 1x1 conv (no padding, no groups), ReLU(s*q + b)
+   relu_form="clamp" is the variant: before a 1x1 INT8 conv (no padding, no groups; not INT4:
+   folding requantizes the weights on the INT8 grid, so an INT4 conv keeps its depthwise sink), ReLU(s*q + b)
    = s*max(q, T) + b on integer q (s*min(q, T) + b where the BN scale is negative), with
    T = -b/s rounded to an integer, s folded into the conv's weight columns (requantized per
    output channel) and b into its bias: a uint8 Max/Min instead of a depthwise
@@ -71,6 +72,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.graph import finish, is_graph_output, only_consumer, producer, to_model
 from cunet_optimize.onnx_tools.patterns import conv_weight, is_per_tensor, qdq_params, quantize
+from cunet_optimize.onnx_tools.storage import fits_int4
 from cunet_optimize.onnx_tools.verify import run_onnxruntime
 from cunet_optimize.surgery.batchnorm import _bn_affine
 from cunet_optimize.surgery.report import PassRecorder, PassReport
@@ -173,6 +175,13 @@ def _is_pointwise_conv(conv: gs.Node, graph: gs.Graph) -> bool:
     return (weight is not None and weight[0].ndim == 4 and weight[0].shape[2:] == (1, 1)
             and int(conv.attrs.get("group", 1)) == 1 and not any(int(p) for p in conv.attrs.get("pads", [0]))
             and conv.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", "VALID", b"VALID"))
+
+
+def _clamp_folds_into(conv: gs.Node, graph: gs.Graph) -> bool:
+    """Whether a sink's clamp may fold its slope into `conv`: a 1x1 INT8 conv. Folding requantizes
+    the weights on the INT8 grid, so an INT4 conv (integers in [-8, 7]) would leave the build as
+    INT8: its sink keeps the exact depthwise form."""
+    return _is_pointwise_conv(conv, graph) and not fits_int4(_integer_weight(conv, graph)[0])
 
 
 def _affine_relu_as_clamp(graph: gs.Graph, sink: "Sink", slope: np.ndarray, intercept: np.ndarray) -> None:
@@ -438,7 +447,7 @@ def _rewrite_sinks(graph: gs.Graph, good: list[Component], params: dict, relu_fo
             a, t = _bn_affine(sink.bn)
             negative += int((a < 0).sum())
             # BN(x) on x = m + r * u, u = q / 255 (per-tensor DequantizeLinear): slope a*r, intercept a*m + t
-            if relu_form == "clamp" and _is_pointwise_conv(sink.dq.outputs[0].outputs[0], graph):
+            if relu_form == "clamp" and _clamp_folds_into(sink.dq.outputs[0].outputs[0], graph):
                 _affine_relu_as_clamp(graph, sink, a * r / LEVELS, a * m + t)
                 clamped += 1
                 continue
