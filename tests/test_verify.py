@@ -222,3 +222,30 @@ def test_time_sessions_alternates_run_by_run_and_leaves_out_the_warmup():
     assert all(shape == (1, 3, 8, 8) for _, shape in calls)
     assert len(times["fast"]) == len(times["slow"]) == 3
     assert min(times["slow"]) >= 20.0  # milliseconds
+
+
+def test_time_blocks_times_each_candidate_alone_in_alternating_rounds():
+    """Each candidate's context is entered for its block only (opened, warm-up calls, timed calls,
+    released) and no other is open meanwhile; the order flips each round; warm-up calls are not timed."""
+    from contextlib import contextmanager
+
+    from cunet_optimize.engines.base import time_blocks
+
+    events, open_now = [], set()
+
+    def candidate(name, seconds):
+        @contextmanager
+        def block():
+            assert not open_now  # the previous candidate was released first
+            open_now.add(name)
+            events.append(("open", name))
+            yield lambda: (events.append(("call", name)), time.sleep(seconds))
+            open_now.discard(name)
+            events.append(("close", name))
+        return block
+
+    times = time_blocks({"fast": candidate("fast", 0.0), "slow": candidate("slow", 0.02)}, runs=3, warmup=2, rounds=2)
+    order = [name for kind, name in events if kind == "open"]
+    assert order == ["fast", "slow", "slow", "fast"]
+    assert events == [e for n in order for e in [("open", n)] + [("call", n)] * 5 + [("close", n)]]
+    assert len(times["fast"]) == len(times["slow"]) == 6 and min(times["slow"]) >= 20.0  # ms, 3 per round

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -123,23 +125,41 @@ class Runner:
         pass
 
 
-def time_in_blocks(runners: Mapping[Any, Runner], image: np.ndarray, runs: int, rounds: int = 2) -> dict[Any, float]:
-    """Median batch-1 latency in ms of each runner, each timed in a block of its own (activate,
-    two warm-up runs, `runs` timed runs, deactivate), the blocks in alternating order over
-    `rounds` rounds, the median over every timed run. Blocks, not run-by-run interleaving: an
-    OpenVINO session keeps its threads busy between calls, which made an ONNX Runtime session
-    interleaved with it ~1.6x slower (measured on the N=8 face model, 2-core Xeon)."""
-    times: dict[Any, list[float]] = {key: [] for key in runners}
-    keys = list(runners)
+def time_blocks(open_block: Mapping[Any, Callable[[], ContextManager[Callable[[], object]]]], runs: int,
+                warmup: int = 2, rounds: int = 2) -> dict[Any, list[float]]:
+    """Wall time in ms of `runs` calls of each candidate, each timed in a block of its own:
+    `open_block[key]()` enters a context that makes the call (a session opened, a model
+    compiled), `warmup` untimed calls, `runs` timed ones, then the context is left (released);
+    the blocks in alternating order over `rounds` rounds, so a drift in machine load hits them
+    alike. Blocks, not run-by-run turns: a runtime's idle workers keep spinning after a call
+    (ONNX Runtime's intra-op pool by default, OpenVINO's streams) and take the cores from the
+    next candidate. Measured on the embedded model's INT4 engine (2-core AMD EPYC, ONNX Runtime
+    1.32, 2 spinning threads), one engine timed against itself: 10.1 and 8.0 ms run by run, 3.4
+    and 3.6 ms in blocks; an OpenVINO session made an interleaved ONNX Runtime one ~1.6x slower
+    (N=8 face model, 2-core Xeon)."""
+    times: dict[Any, list[float]] = {key: [] for key in open_block}
+    keys = list(open_block)
     for r in range(rounds):
         for key in (keys if r % 2 == 0 else keys[::-1]):
-            with runners[key] as runner:
-                for i in range(runs + 2):
+            with open_block[key]() as call:
+                for i in range(warmup + runs):
                     start = time.perf_counter()
-                    runner.infer(image)
-                    if i >= 2:
+                    call()
+                    if i >= warmup:
                         times[key].append((time.perf_counter() - start) * 1e3)
-    return {key: float(np.median(t)) for key, t in times.items()}
+    return times
+
+
+def time_in_blocks(runners: Mapping[Any, Runner], image: np.ndarray, runs: int, rounds: int = 2) -> dict[Any, float]:
+    """Median batch-1 latency in ms of each runner on `image`, each timed in a block of its own
+    (activate, two warm-up runs, `runs` timed runs, deactivate: time_blocks)."""
+    @contextmanager
+    def block(runner: Runner) -> Iterator[Callable[[], object]]:
+        with runner:
+            yield lambda: runner.infer(image)
+
+    timed = time_blocks({key: partial(block, runner) for key, runner in runners.items()}, runs, rounds=rounds)
+    return {key: float(np.median(t)) for key, t in timed.items()}
 
 
 class TorchRunner(Runner):

@@ -34,19 +34,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from cunet_optimize.atomic import sha256_file, write_atomic
-from cunet_optimize.engines.base import EngineArtifacts, Runner, final_head, inspect_onnx
+from cunet_optimize.engines.base import EngineArtifacts, Runner, final_head, inspect_onnx, time_blocks
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.storage import ORT_WEIGHT_INPUTS, opset, pack_int4_initializers, shorten_names
-from cunet_optimize.onnx_tools.verify import open_session, time_sessions
+from cunet_optimize.onnx_tools.verify import open_session
 
 SESSION_SCHEMA = "cunet-optimize/ort-session/1"
 SESSION_FILE = "session.json"
@@ -156,8 +158,7 @@ def _usable_cpus() -> int:
 def time_variants(models: Mapping[str, Path], settings: OrtSettings, threads: list[int], level: str = "disable",
                   runs: int = THREAD_TUNING_RUNS) -> dict[tuple[str, int], float]:
     """Median batch-1 latency in ms of each (model label, intra-op thread count), the
-    models loaded at graph optimisation `level`. The sessions run in turn, run by run,
-    so a change of machine load hits them alike."""
+    models loaded at graph optimisation `level`, each timed in a block of its own (time_candidates)."""
     candidates = {(label, n): (Path(path), OrtSettings(**{**asdict(settings), "intra_op_threads": n}))
                   for label, path in models.items() for n in threads}
     return time_candidates(candidates, level, runs)
@@ -176,19 +177,29 @@ THREAD_POOL_VARIANTS: dict[str, dict[str, str]] = {
 def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: str | Mapping[Any, str] = "disable",
                     runs: int = THREAD_TUNING_RUNS) -> dict[Any, float]:
     """Median batch-1 latency in ms of each candidate (model file, session settings), loaded
-    at graph optimisation `level` (or {candidate: level}), all candidates alternating run by run."""
+    at graph optimisation `level` (or {candidate: level}), each in a block of its own: its
+    session opened, timed and released before the next (base.time_blocks: an idle session's
+    spinning threads would slow the next candidate)."""
     from cunet_optimize.data.synth import VERIFY_SIZE as INPUT_SIZE, verification_batch
 
     levels = level if isinstance(level, Mapping) else {key: level for key in candidates}
-    sessions = {key: open_session(Path(path), session_options(settings, levels[key]))
-                for key, (path, settings) in candidates.items()}
-    first = next(iter(sessions.values())).get_inputs()[0]
+    path, settings = next(iter(candidates.values()))
+    first = open_session(Path(path), session_options(settings, "disable")).get_inputs()[0]
     size = [d if isinstance(d, int) and d > 0 else INPUT_SIZE for d in first.shape[2:]]
     # a synthetic face where the size allows: random float inputs can hit slow denormal paths
     image = (verification_batch(1) if size == [INPUT_SIZE, INPUT_SIZE]
              else np.random.default_rng(0).random((1, first.shape[1], *size), dtype=np.float32))
     feed = {first.name: image.astype(np.float16 if first.type == "tensor(float16)" else np.float32)}
-    return {key: float(np.median(t)) for key, t in time_sessions(sessions, feed, runs, warmup=2).items()}
+
+    @contextmanager
+    def block(key) -> Iterator[Callable[[], object]]:
+        path, settings = candidates[key]
+        session = open_session(Path(path), session_options(settings, levels[key]))
+        yield lambda: session.run(None, feed)
+        del session  # (its thread pool with it)
+
+    timed = time_blocks({key: partial(block, key) for key in candidates}, runs)
+    return {key: float(np.median(t)) for key, t in timed.items()}
 
 
 class OnnxRuntimeBuilder:
@@ -341,7 +352,7 @@ def _tune_threads(model: Path, settings: OrtSettings, notes: list[str]) -> tuple
 # kernel prepacks: the same kernels, the same outputs, a smaller file, a longer load.
 # Measured per build (file bytes, load ms, median ms) and recorded in session.json and
 # build.json; packed wins unless it runs slower than INT8 by more than this fraction
-# (timing noise of the alternating runs), its outputs differ, or it is not smaller (tiny
+# (timing noise between blocks), its outputs differ, or it is not smaller (tiny
 # models: the Cast nodes outweigh the saving).
 PACKED_LATENCY_TOLERANCE = 0.05
 LOAD_TIMING_RUNS = 5

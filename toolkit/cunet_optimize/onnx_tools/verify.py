@@ -203,8 +203,9 @@ Key = TypeVar("Key")
 def time_sessions(sessions: Mapping[Key, Any], feeds: Mapping[str, np.ndarray], runs: int,
                   warmup: int = 2) -> dict[Key, list[float]]:
     """Wall time in ms of each of `runs` calls of each session on `feeds`, after `warmup`
-    untimed rounds: the one way the toolkit and its benchmarks time ONNX Runtime. The
-    sessions take turns run by run, so a change of machine load hits them alike."""
+    untimed rounds, the sessions taking turns run by run (the benchmarks' way). Builds time
+    their candidates in blocks instead (engines/base.py time_blocks): interleaved, a session
+    whose threads spin between runs slows the others, so compare one-thread sessions here."""
     times: dict[Key, list[float]] = {key: [] for key in sessions}
     for i in range(warmup + runs):
         for key, session in sessions.items():

@@ -56,7 +56,7 @@ def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, wor
     """An INT8 graph in ONNX Runtime's integer form (integer_dataflow), chosen by timing, as
     TensorRT picks tactics: each relu_form variant of INT8_CPU_RELU_FORMS at each usable
     intra-op thread count and, above one thread, each thread-pool setting
-    (onnxrt.THREAD_POOL_VARIANTS), all alternating run by run on this machine. The fastest
+    (onnxrt.THREAD_POOL_VARIANTS), each timed in a block of its own on this machine. The fastest
     wins, except that a variant other than EXACT_INT8_CPU_FORM is taken only once
     `accuracy_check(onnx_path, OrtSettings) -> dict` (with "passed") says it passes the gate
     here; a variant whose graph equals the exact form's (nothing it rewrites here) is not timed.

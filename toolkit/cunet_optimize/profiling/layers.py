@@ -109,7 +109,7 @@ def ort_layer_times(session_json: str | os.PathLike, batch_size: int = 1, runs: 
 
 def ort_thread_scaling(session_json: str | os.PathLike, runs: int = 10) -> dict:
     """Batch-1 median latency of an ONNX Runtime build at 1, 2, 4, ... up to all usable cores,
-    with its other settings (threads alternating run by run); the build's own count is marked."""
+    with its other settings (each thread count timed in a block of its own); the build's own count is marked."""
     from cunet_optimize.engines.onnxrt import thread_candidates, time_variants
 
     runner = OnnxRuntimeRunner(session_json)
