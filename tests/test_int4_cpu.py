@@ -130,8 +130,9 @@ def test_int4_cpu_graph_runs_integer_and_the_engine_stores_it_packed(tmp_path):
     engine = onnx.load(build.artifacts["model"])
     int4 = [i for i in engine.graph.initializer if i.data_type == onnx.TensorProto.INT4]
     assert (len(int4) == storage["packed_initializers"]) == (storage["chosen"] == "packed-int4")
-    names = build.settings["tensor_names"]  # short tensor names (onnx_tools/storage.py), node names kept
-    assert names["outputs_identical"] and names["bytes"]["short_names"] < names["bytes"]["as_written"]
+    names = build.settings["compact_storage"]  # short tensor names (onnx_tools/storage.py), node names kept
+    assert names["outputs_identical"] and names["bytes"]["compact"] < names["bytes"]["as_written"]
+    assert names["shared_constants"] > 0
     assert not engine.graph.value_info and max(len(i.name) for i in engine.graph.initializer) < 12
     assert any(n.name.startswith("/") for n in engine.graph.node)  # the exporter's names, for per-op profiles
     runner = OnnxRuntimeRunner(tmp_path / "engine")
@@ -214,3 +215,34 @@ def test_the_clamp_form_folds_only_into_int8_convs_and_leaves_int4_weights_int4(
     clamped, maxes = int4_convs("clamp")
     assert no_max == 0 and maxes > 0  # sinks before INT8 1x1 convs took the clamp
     assert sum(exact.values()) > 5 and {n for n, int4 in clamped.items() if int4} == {n for n, int4 in exact.items() if int4}
+
+
+def test_share_constants_scalarizes_zero_weight_zero_points_and_merges_equal_scalars_only():
+    """Exact by construction: an all-zero per-channel QLinearConv weight zero point becomes one
+    scalar zero; a non-zero one, or one another operator reads, stays as it is; equal small
+    initializers become one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def init(name, values, dtype):
+        return numpy_helper.from_array(np.asarray(values, dtype), name)
+
+    inits = [init("xs", 0.5, np.float32), init("ys", 0.5, np.float32), init("zp", 0, np.uint8), init("zp2", 0, np.uint8),
+             init("w", np.ones((3, 2, 1, 1)), np.int8), init("ws", [0.1, 0.2, 0.3], np.float32),
+             init("wzp_a", [0, 0, 0], np.int8), init("wzp_b", [0, 0, 0], np.int8), init("wzp_c", [0, 1, 0], np.int8),
+             init("wzp_d", [0, 0, 0], np.int8)]
+    nodes = [helper.make_node("QLinearConv", ["x", "xs", "zp", "w", "ws", wzp, "ys", "zp2"], [out])
+             for wzp, out in (("wzp_a", "a"), ("wzp_b", "b"), ("wzp_c", "c"))]
+    nodes.append(helper.make_node("Identity", ["wzp_d"], ["d"]))  # not a weight zero point
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info(n, TensorProto.UINT8, None) for n in "abc"]
+                              + [helper.make_tensor_value_info("d", TensorProto.INT8, None)], inits)
+    model = helper.make_model(graph)
+    from cunet_optimize.onnx_tools.storage import share_constants
+
+    assert share_constants(model) == 3  # wzp_b (onto wzp_a, now scalar), ys (= xs), zp2 (= zp)
+    kept = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    a, b, c, d = model.graph.node
+    assert a.input[5] == b.input[5] == "wzp_a" and kept["wzp_a"].shape == () and kept["wzp_a"] == 0
+    assert c.input[5] == "wzp_c" and kept["wzp_c"].tolist() == [0, 1, 0]
+    assert d.input[0] == "wzp_d" and kept["wzp_d"].shape == (3,)
+    assert all(n.input[6] == "xs" and n.input[7] == "zp" for n in (a, b, c))

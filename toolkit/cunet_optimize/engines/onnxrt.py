@@ -47,7 +47,8 @@ from cunet_optimize.engines.base import EngineArtifacts, Runner, final_head, ins
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.onnx_tools.storage import ORT_WEIGHT_INPUTS, opset, pack_int4_initializers, shorten_names
+from cunet_optimize.onnx_tools.storage import ORT_WEIGHT_INPUTS, opset, pack_int4_initializers, share_constants, \
+    shorten_names
 from cunet_optimize.onnx_tools.verify import open_session
 
 SESSION_SCHEMA = "cunet-optimize/ort-session/1"
@@ -262,7 +263,7 @@ class OnnxRuntimeBuilder:
             # constant folding that unpacks INT4 weights, see choose_weight_storage).
             "load_optimization": storage["load_optimization"] if storage else "disable",
             "weight_storage": storage,
-            "tensor_names": names,
+            "compact_storage": names,
         }
         session_json = write_atomic(out / SESSION_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return EngineArtifacts(
@@ -297,8 +298,9 @@ class OnnxRuntimeBuilder:
 
 def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> tuple[Path, dict]:
     """ONNX Runtime's optimised model of `onnx_path` at the settings' level, its tensors renamed
-    short (onnx_tools/storage.py), written atomically to out/OPTIMIZED_MODEL_FILE (the file the
-    runner loads); and the record of the renaming: bytes before and after, outputs compared."""
+    short and its small constants stored once (onnx_tools/storage.py), written atomically to
+    out/OPTIMIZED_MODEL_FILE (the file the runner loads); and the record: bytes before and after,
+    outputs compared."""
     import onnx
 
     from cunet_optimize.data.synth import verification_batch
@@ -312,17 +314,19 @@ def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> tuple[
             raise CUNetError(f"ONNX Runtime wrote no optimised model for {onnx_path} in {out}")
         model = onnx.load(written)
         renamed = shorten_names(model)
+        shared = share_constants(model)
         onnx.save(model, partial)
         image = verification_batch(1)
         outputs = []
         for path in (written, partial):
             session = open_session(path, session_options(settings, "disable"))
             outputs.append(session.run(None, {session.get_inputs()[0].name: image}))
-        if not all(np.array_equal(a, b) for a, b in zip(*outputs)):  # a name is a label: this is a bug
-            raise CUNetError(f"renaming the tensors of {onnx_path}'s optimised model changed its outputs; "
-                             "this is a bug, report it")
-        record = {"renamed_tensors": renamed, "value_info_dropped": True, "outputs_identical": True,
-                  "bytes": {"as_written": written.stat().st_size, "short_names": partial.stat().st_size}}
+        if not all(np.array_equal(a, b) for a, b in zip(*outputs)):  # labels and equal values: a bug
+            raise CUNetError(f"renaming the tensors of {onnx_path}'s optimised model or sharing its constants "
+                             "changed its outputs; this is a bug, report it")
+        record = {"renamed_tensors": renamed, "value_info_dropped": True, "shared_constants": shared,
+                  "outputs_identical": True,
+                  "bytes": {"as_written": written.stat().st_size, "compact": partial.stat().st_size}}
         os.replace(partial, final)
     finally:
         for path in (written, partial):

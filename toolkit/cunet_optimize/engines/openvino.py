@@ -209,7 +209,7 @@ STORAGE_TIMING_RUNS = 20
 
 def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict:
     """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors and nodes renamed
-    short and, measured, its INT4-valued integer weights packed (onnx_tools/storage.py; OpenVINO folds the
+    short, its small constants stored once and, measured, its INT4-valued integer weights packed (onnx_tools/storage.py; OpenVINO folds the
     Cast at compile). Each form's outputs must equal `form`'s in OpenVINO, bit for bit; packed is
     kept unless slower by more than PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings,
     the choice); the file is written atomically."""
@@ -218,11 +218,12 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.engines.base import time_in_blocks
     from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, opset, pack_int4_initializers, \
-        shorten_names
+        share_constants, shorten_names
 
     final = out / OV_MODEL_FILE
     model = onnx.load(form)
     shorten_names(model, nodes=True)  # OpenVINO's per-op times are not profiled here
+    share_constants(model)
     paths = {"unpacked": out / f".{OV_MODEL_FILE}.unpacked"}
     onnx.save(model, paths["unpacked"])
     packed = pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
@@ -237,8 +238,9 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
         for label, runner in runners.items():
             with runner:
                 outputs[label] = runner.infer(image)
-        if not np.array_equal(outputs["unpacked"], outputs["form"]):  # a name is a label: this is a bug
-            raise CUNetError(f"renaming the tensors of {form} changed OpenVINO's outputs; this is a bug, report it")
+        if not np.array_equal(outputs["unpacked"], outputs["form"]):  # labels and equal values: a bug
+            raise CUNetError(f"renaming the tensors of {form} or sharing its constants changed OpenVINO's outputs; "
+                             "this is a bug, report it")
         record: dict[str, Any] = {"form": form.name, "packed_initializers": packed, "chosen": "unpacked",
                                   "bytes": {"form": form.stat().st_size,
                                             **{label: path.stat().st_size for label, path in paths.items()}}}

@@ -26,6 +26,8 @@ import onnx
 ORT_WEIGHT_INPUTS = {"QLinearConv": 3}
 QDQ_WEIGHT_INPUTS = {"DequantizeLinear": 0}
 INT4_MIN, INT4_MAX = -8, 7
+QLINEARCONV_W_ZERO_POINT = 5  # QLinearConv's inputs: x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B
+SHARED_CONSTANT_BYTES = 64  # share_constants merges initializers up to this size (scalars, short vectors)
 
 
 def fits_int4(ints) -> bool:
@@ -62,6 +64,54 @@ def pack_int4_initializers(model: onnx.ModelProto, weight_inputs: Mapping[str, i
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return packed
+
+
+def share_constants(model: onnx.ModelProto) -> int:
+    """Small initializers stored once: a per-output-channel weight zero point of QLinearConv that
+    is all zeros becomes a scalar zero (the operator takes either), and initializers with equal
+    type, shape and bytes (the many scalar zero points and unit scales) become one, their readers
+    pointed at it. In place, the main graph only; returns how many initializers went."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    outputs = {v.name for v in graph.output} | {v.name for v in graph.input}  # (an input may override it)
+    zeros: dict[int, str] = {}
+    for name, init in list(inits.items()):
+        uses = readers.get(name, [])
+        if (len(init.dims) != 1 or not uses or name in outputs
+                or any(node.op_type != "QLinearConv" or i != QLINEARCONV_W_ZERO_POINT for node, i in uses)):
+            continue
+        if numpy_helper.to_array(init).any():
+            continue
+        scalar = zeros.get(init.data_type)
+        if scalar is None:
+            scalar = zeros[init.data_type] = name
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[:1].reshape(()), name))
+            continue
+        for node, i in uses:
+            node.input[i] = scalar
+        del inits[name]
+    first: dict[tuple, str] = {}
+    for name, init in list(inits.items()):
+        if init.ByteSize() > SHARED_CONSTANT_BYTES or name in outputs:
+            continue
+        key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+        if key not in first:
+            first[key] = name
+            continue
+        for node, i in readers.get(name, []):
+            node.input[i] = first[key]
+        del inits[name]
+    kept = [i for i in graph.initializer if i.name in inits]
+    gone = len(graph.initializer) - len(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return gone
 
 
 def opset(model: onnx.ModelProto) -> int:
