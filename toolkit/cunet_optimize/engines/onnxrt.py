@@ -356,8 +356,9 @@ def _tune_threads(model: Path, settings: OrtSettings, notes: list[str]) -> tuple
 # kernel prepacks: the same kernels, the same outputs, a smaller file, a longer load.
 # Measured per build (file bytes, load ms, median ms) and recorded in session.json and
 # build.json; packed wins unless it runs slower than INT8 by more than this fraction
-# (timing noise between blocks), its outputs differ, or it is not smaller (tiny
-# models: the Cast nodes outweigh the saving).
+# (timing noise between blocks) while its loaded graph differs from INT8's (the same graph
+# runs the same kernels: then a timing difference is noise), its outputs differ, or it is
+# not smaller (tiny models: the Cast nodes outweigh the saving).
 PACKED_LATENCY_TOLERANCE = 0.05
 LOAD_TIMING_RUNS = 5
 
@@ -393,12 +394,15 @@ def choose_weight_storage(final: Path, settings: OrtSettings, out: Path) -> dict
         same = all(np.array_equal(a, b) for a, b in zip(outputs["int8"], outputs["packed-int4"]))
         timed = time_candidates({form: (path, settings) for form, (path, _) in forms.items()},
                                 {form: level for form, (_, level) in forms.items()})
+        # where the packed form loads into the very graph the INT8 form is, the same kernels run:
+        # a timing difference is noise, and the smaller file is taken
+        loaded_same = _loads_as(packed_path, "basic", final, settings, out)
         record.update(
             bytes={form: path.stat().st_size for form, (path, _) in forms.items()},
             load_ms={form: round(float(np.median(t)), 2) for form, t in loads.items()},
             median_ms_batch1={form: round(ms, 3) for form, ms in timed.items()},
-            outputs_identical=same)
-        fast = timed["packed-int4"] <= timed["int8"] * (1 + PACKED_LATENCY_TOLERANCE)
+            outputs_identical=same, same_graph_after_load=loaded_same)
+        fast = loaded_same or timed["packed-int4"] <= timed["int8"] * (1 + PACKED_LATENCY_TOLERANCE)
         smaller = record["bytes"]["packed-int4"] < record["bytes"]["int8"]  # the Cast nodes cost bytes too
         if same and fast and smaller:
             os.replace(packed_path, final)
@@ -407,13 +411,41 @@ def choose_weight_storage(final: Path, settings: OrtSettings, out: Path) -> dict
         record["why"] = (
             f"weight storage: {record['chosen']}: {packed} INT4-valued weight(s) packed "
             f"{b['int8']} -> {b['packed-int4']} bytes, load {ld['int8']} -> {ld['packed-int4']} ms "
-            f"(Cast to INT8 folded at ORT_ENABLE_BASIC), median {timed['int8']:.2f} vs {timed['packed-int4']:.2f} ms, "
+            f"(Cast to INT8 folded at ORT_ENABLE_BASIC"
+            + (": the same graph as INT8 once loaded" if loaded_same else "")
+            + f"), median {timed['int8']:.2f} vs {timed['packed-int4']:.2f} ms, "
             + ("outputs identical" if same else "outputs DIFFER: kept INT8")
             + ("" if fast else f"; packed slower than INT8 by more than {PACKED_LATENCY_TOLERANCE:.0%}: kept INT8")
             + ("" if smaller else "; packed is not smaller: kept INT8"))
     finally:
         packed_path.unlink(missing_ok=True)
     return record
+
+
+def _loads_as(path: Path, level: str, reference: Path, settings: OrtSettings, out: Path) -> bool:
+    """Whether ONNX Runtime, loading `path` at `level`, makes the graph in `reference`: the same
+    nodes (their attributes too), reading the same tensors, where an initializer counts by its
+    type, shape and bytes, not its name (the loader sorts nodes, drops unread initializers and
+    merges equal ones)."""
+    import hashlib
+
+    import onnx
+
+    dumped = out / f".loaded-{path.name}"
+    try:
+        open_session(path, session_options(settings, level, str(dumped)))
+        got, want = onnx.load(dumped), onnx.load(reference)
+    finally:
+        dumped.unlink(missing_ok=True)
+
+    def graph(model):
+        content = {i.name: f"{i.data_type}:{list(i.dims)}:"
+                           + hashlib.sha256(onnx.numpy_helper.to_array(i).tobytes()).hexdigest()
+                   for i in model.graph.initializer}
+        return sorted((n.op_type, n.domain, [content.get(x, x) for x in n.input], list(n.output),
+                       sorted(a.SerializeToString() for a in n.attribute)) for n in model.graph.node)
+
+    return graph(got) == graph(want)
 
 
 def _settings_from(values: Mapping[str, Any], base: OrtSettings) -> OrtSettings:
