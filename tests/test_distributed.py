@@ -421,9 +421,11 @@ BUILD_WRAPPER = textwrap.dedent("""
             setattr(owner, name, broken)
     if os.environ.get("INT8_FORM_TIMES"):
         from cunet_optimize.engines import onnxrt
+        from cunet_optimize.engines.base import Timing
         def clamp_first(candidates, **kwargs):
-            return {key: (0.0 if key[0] == "clamp" else 1.0) + i * 1e-3 for i, key in enumerate(candidates)}
-        onnxrt.time_candidates = clamp_first
+            ms = [(0.0 if key[0] == "clamp" else 1.0) + i * 1e-3 for i, key in enumerate(candidates)]
+            return {key: Timing(t, (t, t)) for key, t in zip(candidates, ms)}
+        onnxrt.time_candidate_timings = clamp_first
     from cunet_optimize.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -461,9 +463,13 @@ def test_build_under_torchrun_equals_one_process_build_and_only_rank_0_writes(ma
     # the one-process build in this process, its INT8 form timings made to prefer clamp as the wrapper's
     from conftest import run_build_json
     from cunet_optimize.engines import onnxrt
+    from cunet_optimize.engines.base import Timing
 
-    monkeypatch.setattr(onnxrt, "time_candidates", lambda candidates, **kwargs: {
-        key: (0.0 if key[0] == "clamp" else 1.0) + i * 1e-3 for i, key in enumerate(candidates)})
+    def clamp_first(candidates, **kwargs):
+        ms = [(0.0 if key[0] == "clamp" else 1.0) + i * 1e-3 for i, key in enumerate(candidates)]
+        return {key: Timing(t, (t, t)) for key, t in zip(candidates, ms)}
+
+    monkeypatch.setattr(onnxrt, "time_candidate_timings", clamp_first)
     a, b = run_build_json([*build_args(tiny, many_faces, tmp_path / "one"), *extra]), json.loads(ddp.stdout)
     out_a, out_b = (tmp_path / w / "engines" / "tiny-int8-cpu" for w in ("one", "ddp"))
     assert (out_a / "model.onnx").read_bytes() == (out_b / "model.onnx").read_bytes()

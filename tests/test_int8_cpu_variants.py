@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from cunet_optimize.engines import onnxrt
+from cunet_optimize.engines.base import Timing
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, int8_isa_from_flags
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder, OnnxRuntimeRunner
 from cunet_optimize.onnx_tools.graph import to_model
@@ -100,11 +101,39 @@ def test_unknown_relu_form_is_refused(tmp_path):
         integer_dataflow(gs.import_onnx(qdq), IMAGES, relu_form="lut")
 
 
+def _steady(ms: float) -> Timing:
+    """A timing with no drift between its rounds (a quiet machine)."""
+    return Timing(ms, (ms, ms))
+
+
 def _fake_timer(fastest):
-    def time_candidates(candidates, level="disable", runs=10):
+    def time_candidate_timings(candidates, level="disable", runs=10):
         assert level == "all"
-        return {key: (1.0 if key == fastest else 2.0 + i) for i, key in enumerate(candidates)}
-    return time_candidates
+        return {key: _steady(1.0 if key == fastest else 2.0 + i) for i, key in enumerate(candidates)}
+    return time_candidate_timings
+
+
+@pytest.mark.parametrize("clamp_gap_ms, chosen_form", [(0.3, "clamp"), (0.6, "depthwise")])
+def test_forms_the_timer_cannot_tell_apart_go_to_the_one_with_fewer_nodes(tmp_path, monkeypatch, clamp_gap_ms,
+                                                                         chosen_form):
+    """Each timing drifts 0.2 ms between its rounds: clamp (fewer nodes) 0.3 ms behind depthwise is
+    within the drift and taken; 0.6 ms behind, depthwise is faster beyond doubt and taken."""
+    path, _ = tiny_int8_onnx(tmp_path)
+    options = {"integer_dataflow": {"calibration": IMAGES}}
+    result = run_surgery(onnx.load(str(path)), ["cleanup", "fold_batchnorm", "integer_dataflow"], pass_options=options)
+    monkeypatch.setattr(onnxrt, "thread_candidates", lambda cpus=None: [1])
+
+    def drifting(candidates, level="disable", runs=10):
+        ms = {key: 1.0 + (clamp_gap_ms if key[0] == "clamp" else 0.0) for key in candidates}
+        return {key: Timing(m, (m - 0.1, m + 0.1)) for key, m in ms.items()}
+
+    monkeypatch.setattr(onnxrt, "time_candidate_timings", drifting)
+    chosen, record = choose_int8_form(result, options, "cpu", tmp_path, lambda *a: {"passed": True})
+    assert record["nodes"]["clamp"] < record["nodes"]["depthwise"]
+    assert record["chosen"]["relu_form"] == chosen_form
+    assert record["within_drift_of_fastest"] == sorted({"depthwise x1 spin"} | (
+        {"clamp x1 spin"} if chosen_form == "clamp" else set()))
+    assert record["round_ms_batch1"]["depthwise x1 spin"] == [0.9, 1.1]
 
 
 @pytest.mark.parametrize("clamp_passes", [True, False])
@@ -115,7 +144,7 @@ def test_int8_form_choice_is_gated_recorded_and_honoured(tmp_path, monkeypatch, 
     options = {"integer_dataflow": {"calibration": IMAGES}}
     result = run_surgery(source, passes, pass_options=options)
     monkeypatch.setattr(onnxrt, "thread_candidates", lambda cpus=None: [1, 2])
-    monkeypatch.setattr(onnxrt, "time_candidates", _fake_timer(("clamp", 2, "nospin")))
+    monkeypatch.setattr(onnxrt, "time_candidate_timings", _fake_timer(("clamp", 2, "nospin")))
     checked = []
 
     def accuracy_check(onnx_path, settings):
@@ -163,8 +192,8 @@ def test_a_form_is_checked_against_fp32_or_with_the_gate_off_against_the_exact_f
     import cunet_optimize.pipeline.build as build_module
     from conftest import run_build_json, tiny_build_args
 
-    monkeypatch.setattr(onnxrt, "time_candidates", lambda candidates, level="disable", runs=10: {
-        key: (1.0 if key[0] == "clamp" else 2.0) for key in candidates})
+    monkeypatch.setattr(onnxrt, "time_candidate_timings", lambda candidates, level="disable", runs=10: {
+        key: _steady(1.0 if key[0] == "clamp" else 2.0) for key in candidates})
     engines, real = [], build_module._variant_gate
 
     def watched(b, ort_engine=None, *args):

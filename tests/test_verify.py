@@ -249,3 +249,14 @@ def test_time_blocks_times_each_candidate_alone_in_alternating_rounds():
     assert order == ["fast", "slow", "slow", "fast"]
     assert events == [e for n in order for e in [("open", n)] + [("call", n)] * 5 + [("close", n)]]
     assert len(times["fast"]) == len(times["slow"]) == 6 and min(times["slow"]) >= 20.0  # ms, 3 per round
+
+
+def test_timings_keep_each_round_and_ties_are_what_the_drift_cannot_tell_apart():
+    from cunet_optimize.engines.base import Timing, within_drift_of_fastest
+
+    t = Timing.of([1.0, 1.2, 1.1, 2.0, 2.2, 2.1], rounds=2)  # time_blocks' order: round 1, then round 2
+    assert t.round_ms == (1.1, 2.1) and t.median_ms == pytest.approx(1.6) and t.drift_ms == pytest.approx(1.0)
+    quiet = {"a": Timing(1.0, (1.0, 1.0)), "b": Timing(1.01, (1.01, 1.01))}
+    assert within_drift_of_fastest(quiet) == {"a"}  # a quiet timer tells 1% apart
+    drifting = {"a": Timing(1.0, (0.9, 1.1)), "b": Timing(1.3, (1.2, 1.4)), "c": Timing(1.5, (1.45, 1.55))}
+    assert within_drift_of_fastest(drifting) == {"a", "b"}  # b's gap 0.3 <= 0.2 + 0.2 drift; c's 0.5 is not

@@ -150,6 +150,36 @@ def time_blocks(open_block: Mapping[Any, Callable[[], ContextManager[Callable[[]
     return times
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One candidate's timing from time_blocks: the median over all its timed runs, and the
+    median of each round (their spread is the drift this machine showed while timing it)."""
+
+    median_ms: float
+    round_ms: tuple[float, ...]
+
+    @classmethod
+    def of(cls, times: list[float], rounds: int) -> "Timing":
+        per_round = len(times) // rounds  # (time_blocks appends a round's runs in turn)
+        return cls(float(np.median(times)),
+                   tuple(float(np.median(times[r * per_round:(r + 1) * per_round])) for r in range(rounds)))
+
+    @property
+    def drift_ms(self) -> float:
+        return max(self.round_ms) - min(self.round_ms)
+
+
+def within_drift_of_fastest(timed: Mapping[Any, Timing]) -> set:
+    """The candidates this machine could not tell from the fastest: the gap between their
+    medians within the two candidates' round-to-round drifts together. On a quiet machine the
+    drifts are small and only the fastest is left; on a shared one a 25% gap between two graphs
+    of the same kernels was measured (embedded model, 2-core AMD EPYC), and a choice between
+    them is the timer's noise, not the graphs'."""
+    fastest = min(timed, key=lambda key: timed[key].median_ms)
+    best = timed[fastest]
+    return {key for key, t in timed.items() if t.median_ms - best.median_ms <= t.drift_ms + best.drift_ms}
+
+
 def time_in_blocks(runners: Mapping[Any, Runner], image: np.ndarray, runs: int, rounds: int = 2) -> dict[Any, float]:
     """Median batch-1 latency in ms of each runner on `image`, each timed in a block of its own
     (activate, two warm-up runs, `runs` timed runs, deactivate: time_blocks)."""

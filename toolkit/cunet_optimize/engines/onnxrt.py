@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from cunet_optimize.atomic import sha256_file, write_atomic
-from cunet_optimize.engines.base import EngineArtifacts, Runner, final_head, inspect_onnx, time_blocks
+from cunet_optimize.engines.base import EngineArtifacts, Runner, Timing, final_head, inspect_onnx, time_blocks
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
@@ -177,10 +177,17 @@ THREAD_POOL_VARIANTS: dict[str, dict[str, str]] = {
 
 def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: str | Mapping[Any, str] = "disable",
                     runs: int = THREAD_TUNING_RUNS) -> dict[Any, float]:
-    """Median batch-1 latency in ms of each candidate (model file, session settings), loaded
-    at graph optimisation `level` (or {candidate: level}), each in a block of its own: its
-    session opened, timed and released before the next (base.time_blocks: an idle session's
-    spinning threads would slow the next candidate)."""
+    """Median batch-1 latency in ms of each candidate (time_candidate_timings)."""
+    return {key: t.median_ms for key, t in time_candidate_timings(candidates, level, runs).items()}
+
+
+def time_candidate_timings(candidates: Mapping[Any, tuple[Path, OrtSettings]],
+                           level: str | Mapping[Any, str] = "disable", runs: int = THREAD_TUNING_RUNS,
+                           rounds: int = 2) -> dict[Any, Timing]:
+    """The batch-1 timing (base.Timing: median ms, and per round) of each candidate (model file,
+    session settings), loaded at graph optimisation `level` (or {candidate: level}), each in a
+    block of its own: its session opened, timed and released before the next (base.time_blocks:
+    an idle session's spinning threads would slow the next candidate)."""
     from cunet_optimize.data.synth import VERIFY_SIZE as INPUT_SIZE, verification_batch
 
     levels = level if isinstance(level, Mapping) else {key: level for key in candidates}
@@ -199,8 +206,8 @@ def time_candidates(candidates: Mapping[Any, tuple[Path, OrtSettings]], level: s
         yield lambda: session.run(None, feed)
         del session  # (its thread pool with it)
 
-    timed = time_blocks({key: partial(block, key) for key in candidates}, runs)
-    return {key: float(np.median(t)) for key, t in timed.items()}
+    timed = time_blocks({key: partial(block, key) for key in candidates}, runs, rounds=rounds)
+    return {key: Timing.of(t, rounds) for key, t in timed.items()}
 
 
 class OnnxRuntimeBuilder:

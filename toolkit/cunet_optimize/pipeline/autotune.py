@@ -57,12 +57,16 @@ def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, wor
     TensorRT picks tactics: each relu_form variant of INT8_CPU_RELU_FORMS at each usable
     intra-op thread count and, above one thread, each thread-pool setting
     (onnxrt.THREAD_POOL_VARIANTS), each timed in a block of its own on this machine. The fastest
-    wins, except that a variant other than EXACT_INT8_CPU_FORM is taken only once
+    wins; where the timer cannot tell candidates from the fastest (base.within_drift_of_fastest),
+    the form with fewer nodes does (a smaller file, fewer kernels), so the choice does not follow
+    the noise. A variant other than EXACT_INT8_CPU_FORM is taken only once
     `accuracy_check(onnx_path, OrtSettings) -> dict` (with "passed") says it passes the gate
     here; a variant whose graph equals the exact form's (nothing it rewrites here) is not timed.
     Returns the result to build and the record (candidates, timings, the CPU's int8 ISA)."""
+    from cunet_optimize.engines.base import within_drift_of_fastest
     from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
-    from cunet_optimize.engines.onnxrt import THREAD_POOL_VARIANTS, OrtSettings, thread_candidates, time_candidates
+    from cunet_optimize.engines.onnxrt import (THREAD_POOL_VARIANTS, OrtSettings, thread_candidates,
+                                               time_candidate_timings)
 
     if result.passes[-1:] != ["integer_dataflow"]:
         raise ValueError(f"choose_int8_form: integer_dataflow must be the last pass, got {result.passes}")
@@ -89,9 +93,11 @@ def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, wor
     try:
         for form, path in paths.items():
             onnx.save(forms[form].model, path)
-        timed = time_candidates(candidates, level="all")
+        timed = time_candidate_timings(candidates, level="all")
+        tied = within_drift_of_fastest(timed)
+        nodes = {form: len(r.model.graph.node) for form, r in forms.items()}
         chosen = None
-        for key in sorted(timed, key=timed.get):
+        for key in sorted(timed, key=lambda k: (k not in tied, nodes[k[0]], timed[k].median_ms)):
             form = key[0]
             if form != EXACT_INT8_CPU_FORM and form not in checks:
                 checks[form] = accuracy_check(paths[form], candidates[key][1])
@@ -105,8 +111,10 @@ def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, wor
     record = {
         "chosen": {"relu_form": form, "intra_op_threads": threads, "thread_pool": pool,
                    "session_config": candidates[chosen][1].session_config},
-        "median_ms_batch1": {f"{f} x{n} {p}": round(ms, 3) for (f, n, p), ms in timed.items()},
-        "nodes": {f: len(r.model.graph.node) for f, r in forms.items()},
+        "median_ms_batch1": {f"{f} x{n} {p}": round(t.median_ms, 3) for (f, n, p), t in timed.items()},
+        "round_ms_batch1": {f"{f} x{n} {p}": [round(ms, 3) for ms in t.round_ms] for (f, n, p), t in timed.items()},
+        "within_drift_of_fastest": sorted(f"{f} x{n} {p}" for f, n, p in tied),
+        "nodes": nodes,
         "accuracy_checks": checks,
         "same_graph_as_exact": same_graph,  # forms not timed: they rewrote nothing here
         "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": thread_candidates()[-1]},
