@@ -116,7 +116,8 @@ def main() -> None:
             ours_dir / ov_session["model"], OvSettings(ov_session["inference_precision"], n,
                                                        ov_session["performance_hint"], ov_session["num_streams"]))
     runners = {(name, n): make(n) for name, make in engines.items() for n in args.threads}
-    timed = stage("timing", lambda: time_in_blocks(runners, verification_batch(1), args.runs, args.rounds))
+    timed = {key: t.median_ms for key, t in
+             stage("timing", lambda: time_in_blocks(runners, verification_batch(1), args.runs, args.rounds)).items()}
 
     eval_set, _ = open_dataset_or_default(None, "test", FACE, EVAL_DATA_FLAGS)
     nme = {}

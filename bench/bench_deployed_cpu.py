@@ -56,8 +56,9 @@ def main() -> None:
                           "bytes": (folder / manifest["artifacts"][artifact]).stat().st_size}
             runners[name] = make()
     timed = time_in_blocks(runners, verification_batch(1), args.runs, args.rounds)
-    for name, ms in timed.items():
-        rows[name]["median_ms"] = round(ms, 3)
+    for name, t in timed.items():
+        rows[name]["median_ms"] = round(t.median_ms, 3)
+        rows[name]["round_ms"] = [round(ms, 3) for ms in t.round_ms]
     baseline = args.baseline or next(n for n, r in rows.items() if r["precision"] == "int8" and "@" not in n)
     for row in rows.values():
         row["bytes_vs_baseline"] = round(row["bytes"] / rows[baseline]["bytes"], 3)

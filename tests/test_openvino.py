@@ -13,6 +13,7 @@ import pytest
 
 from conftest import run_build_json, run_cli, tiny_build_args
 from cunet_optimize.engines import cpu_isa
+from cunet_optimize.engines.base import Timing
 from cunet_optimize.engines.openvino import openvino_version
 
 needs_openvino = pytest.mark.skipif(openvino_version() is None,
@@ -123,7 +124,8 @@ def test_bf16_without_openvino_says_how_to_install_it(tiny, faces, tmp_path, mon
 def _timing_favours(runtime: str):
     """time_in_blocks replaced: `runtime`'s candidates the fastest (the rest of the choice is real)."""
     def timed(runners, image, runs, rounds=2):
-        return {key: (1.0 if key[0] == runtime else 2.0) + 0.01 * i for i, key in enumerate(runners)}
+        ms = [(1.0 if key[0] == runtime else 2.0) + 0.01 * i for i, key in enumerate(runners)]
+        return {key: Timing(t, (t, t)) for key, t in zip(runners, ms)}
 
     return timed
 
@@ -224,6 +226,24 @@ def test_with_the_gate_on_a_candidate_is_judged_against_fp32(tiny, faces, tmp_pa
     check, = m["cpu_runtime"]["accuracy_checks"].values()
     assert check["against"] == "the FP32 reference" and check["reference_value"] == m["accuracy"]["reference_value"]
     assert check["passed"] and m["cpu_runtime"]["chosen"] == "openvino" == m["backend"]
+
+
+@needs_openvino
+@pytest.mark.parametrize("openvino_lead_ms, chosen", [(0.3, "onnxruntime"), (0.6, "openvino")])
+def test_openvino_is_chosen_only_when_faster_beyond_the_drift(monkeypatch, tmp_path, openvino_lead_ms, chosen):
+    """Every timing drifts 0.2 ms between its rounds: OpenVINO 0.3 ms ahead is within the drift of
+    both (ONNX Runtime stays); 0.6 ms ahead it is faster beyond doubt."""
+    import cunet_optimize.engines.base as base
+    from cunet_optimize.pipeline.autotune import choose_cpu_runtime
+
+    def drifting(runners, image, runs, rounds=2):
+        ms = {key: 2.0 - (openvino_lead_ms if key[0] == "openvino" else 0.0) for key in runners}
+        return {key: Timing(m, (m - 0.1, m + 0.1)) for key, m in ms.items()}
+
+    monkeypatch.setattr(base, "time_in_blocks", drifting)
+    record = choose_cpu_runtime(object(), {"deployed": tmp_path / "model.onnx"}, "fp32", lambda runner: {"passed": True})
+    assert record["chosen"] == chosen and record["openvino"] is not None  # kept beside it either way
+    assert record["round_ms_batch1"]["onnxruntime (as built)"] == [1.9, 2.1]
 
 
 @needs_openvino

@@ -180,16 +180,16 @@ def within_drift_of_fastest(timed: Mapping[Any, Timing]) -> set:
     return {key for key, t in timed.items() if t.median_ms - best.median_ms <= t.drift_ms + best.drift_ms}
 
 
-def time_in_blocks(runners: Mapping[Any, Runner], image: np.ndarray, runs: int, rounds: int = 2) -> dict[Any, float]:
-    """Median batch-1 latency in ms of each runner on `image`, each timed in a block of its own
-    (activate, two warm-up runs, `runs` timed runs, deactivate: time_blocks)."""
+def time_in_blocks(runners: Mapping[Any, Runner], image: np.ndarray, runs: int, rounds: int = 2) -> dict[Any, Timing]:
+    """The batch-1 timing (median ms, and per round) of each runner on `image`, each timed in a
+    block of its own (activate, two warm-up runs, `runs` timed runs, deactivate: time_blocks)."""
     @contextmanager
     def block(runner: Runner) -> Iterator[Callable[[], object]]:
         with runner:
             yield lambda: runner.infer(image)
 
     timed = time_blocks({key: partial(block, runner) for key, runner in runners.items()}, runs, rounds=rounds)
-    return {key: float(np.median(t)) for key, t in timed.items()}
+    return {key: Timing.of(t, rounds) for key, t in timed.items()}
 
 
 class TorchRunner(Runner):

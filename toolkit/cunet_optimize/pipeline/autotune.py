@@ -132,8 +132,9 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     (engines/base.py time_in_blocks). An OpenVINO candidate is taken only once
     `accuracy_check(runner) -> dict` (with "passed") says it passes the gate here (against FP32; with
     the build's gate off, against ONNX Runtime's engine: pipeline/build.py _variant_gate); ONNX
-    Runtime's engine goes through the build's own gate. The fastest OpenVINO candidate that passes is kept
-    beside the choice (so `profile` measures both runtimes); where none passes and ONNX Runtime
+    Runtime's engine goes through the build's own gate. OpenVINO is chosen where its fastest
+    passing candidate beats ONNX Runtime beyond the timer's drift (base.within_drift_of_fastest);
+    that candidate is kept beside the choice either way (so `profile` measures both runtimes); where none passes and ONNX Runtime
     cannot run the build, or `pinned` (--cpu-runtime openvino) asks for OpenVINO, the fastest is
     chosen and the build's gate judges it.
     Returns the record: "chosen" (onnxruntime | openvino), "openvino" (its form and settings, or
@@ -141,7 +142,7 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     from dataclasses import asdict
 
     from cunet_optimize.data.synth import verification_batch
-    from cunet_optimize.engines.base import time_in_blocks
+    from cunet_optimize.engines.base import time_in_blocks, within_drift_of_fastest
     from cunet_optimize.engines.cpu_isa import cpu_bf16_isa, cpu_model
     from cunet_optimize.engines.onnxrt import THREAD_TUNING_RUNS, thread_candidates
     from cunet_optimize.engines.openvino import OpenVinoSessionRunner, openvino_version, settings_candidates
@@ -150,7 +151,8 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     for form, path in ov_forms.items():
         for settings in settings_candidates(precision, thread_candidates(), bf16_float):
             runners["openvino", form, settings] = OpenVinoSessionRunner(path, settings)
-    timed = time_in_blocks(runners, verification_batch(1), THREAD_TUNING_RUNS)
+    timings = time_in_blocks(runners, verification_batch(1), THREAD_TUNING_RUNS)
+    timed = {key: t.median_ms for key, t in timings.items()}
     checks: dict[str, dict] = {}
     best_ov = None
     for key in sorted(timed, key=timed.get):
@@ -168,7 +170,11 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
         best_ov = best_ov or fastest_ov
         chosen = "openvino"
     else:
-        chosen = "openvino" if best_ov is not None and timed[best_ov] < timed[("onnxruntime",)] else "onnxruntime"
+        # OpenVINO only where it is faster beyond the timer's drift: otherwise ONNX Runtime, the
+        # runtime without the extra, which Triton's Python backend serves as built
+        ort = ("onnxruntime",)
+        faster = best_ov is not None and ort not in within_drift_of_fastest({k: timings[k] for k in (ort, best_ov)})
+        chosen = "openvino" if faster else "onnxruntime"
 
     def label(key) -> str:
         return "onnxruntime (as built)" if key[0] == "onnxruntime" else f"openvino {key[1]} {key[2].label()}"
@@ -179,6 +185,7 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
         "openvino": None if best_ov is None else {"form": best_ov[1], "settings": asdict(best_ov[2]),
                                                   "median_ms_batch1": round(timed[best_ov], 3)},
         "median_ms_batch1": {label(k): round(ms, 3) for k, ms in sorted(timed.items(), key=lambda kv: kv[1])},
+        "round_ms_batch1": {label(k): [round(ms, 3) for ms in t.round_ms] for k, t in timings.items()},
         "accuracy_checks": checks,
         "openvino_version": openvino_version(),
         "timing": "each candidate in a block of its own (warm-up 2, "
