@@ -60,9 +60,11 @@ def test_build_each_precision(tiny, faces, tmp_path, precision, target, request)
         chosen, timings = int8["chosen"], int8["median_ms_batch1"]
         assert {k.split()[0] for k in timings} | set(int8["same_graph_as_exact"]) == {"depthwise", "clamp"}
         key = f"{chosen['relu_form']} x{chosen['intra_op_threads']} {chosen['thread_pool']}"
-        allowed = [ms for k, ms in timings.items()
+        allowed = [k for k in timings
                    if k.startswith("depthwise") or int8["accuracy_checks"].get("clamp", {}).get("passed")]
-        assert timings[key] == min(allowed)
+        # the fastest allowed; among those the timer could not tell from the fastest, the fewest nodes
+        tied, nodes = set(int8["within_drift_of_fastest"]), int8["nodes"]
+        assert key == min(allowed, key=lambda k: (k not in tied, nodes[k.split()[0]], timings[k]))
         assert int8["cpu"]["int8_isa"] and manifest["engine_settings"]["cpu"]["int8_isa"] == int8["cpu"]["int8_isa"]
         assert manifest["engine_settings"]["intra_op_threads"] == chosen["intra_op_threads"]
         # (int4 adds its precision's own entry, onnxrt.PRECISION_SESSION_CONFIG)
