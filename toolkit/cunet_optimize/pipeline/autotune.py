@@ -160,7 +160,8 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     for form, path in ov_forms.items():
         for settings in settings_candidates(precision, thread_candidates(), bf16_float):
             runners["openvino", form, settings] = OpenVinoSessionRunner(path, settings)
-    timings = time_in_blocks(runners, verification_batch(1), THREAD_TUNING_RUNS)
+    image = verification_batch(1)
+    timings = time_in_blocks(runners, image, THREAD_TUNING_RUNS)
     timed = {key: t.median_ms for key, t in timings.items()}
     retimed = None
     checks: dict[str, dict] = {}
@@ -184,7 +185,7 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
         if best_ov is not None and len(within_drift_of_fastest({k: timings[k] for k in (ort, best_ov)})) == 2:
             # the two finalists within the drift of each other: this timing cannot tell them
             # apart, so they are timed again, longer, and that timing decides
-            retimed = decisive = time_in_blocks({k: runners[k] for k in (ort, best_ov)}, verification_batch(1),
+            retimed = decisive = time_in_blocks({k: runners[k] for k in (ort, best_ov)}, image,
                                                 THREAD_TUNING_RUNS, RETIMING_ROUNDS)
         faster = best_ov is not None and decisive[best_ov].median_ms < decisive[ort].median_ms
         chosen = "openvino" if faster else "onnxruntime"
