@@ -28,6 +28,9 @@ torch.set_num_threads(1)  # the CI machine has 2 cores; tests stay deterministic
 # The suite's CPU builds deploy on ONNX Runtime without timing OpenVINO's candidates (fast, and the
 # same runtime whichever is faster here); tests/test_openvino.py asks for `--cpu-runtime auto`.
 os.environ.setdefault("CUNET_CPU_RUNTIME", "onnxruntime")
+# Two pytest-xdist workers share the 2 cores: a build times and deploys one thread, not candidates
+# a busy second core makes noise of (tests that time more threads set it themselves).
+os.environ.setdefault("CUNET_CPU_THREADS", "1")
 
 
 def tiny_config(**overrides):

@@ -98,10 +98,32 @@ def test_thread_candidates():
     assert thread_candidates(8) == [1, 2, 4, 8]
 
 
+def test_usable_cpus_are_the_affinity_capped_by_the_container_quota_and_the_thread_budget(tmp_path, monkeypatch):
+    from cunet_optimize.engines import onnxrt
+
+    monkeypatch.setattr(onnxrt.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(onnxrt, "CGROUP_CPU_MAX", tmp_path / "absent")
+    monkeypatch.delenv(onnxrt.CPU_THREADS_ENV, raising=False)
+    assert onnxrt.usable_cpus() == 64  # no cgroup v2 limit, no budget: the affinity
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(onnxrt, "CGROUP_CPU_MAX", cpu_max)
+    for line, expected in (("max 100000", 64), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1)):
+        cpu_max.write_text(line + "\n")  # `docker run --cpus 2`, 1.5, 0.5
+        assert onnxrt.usable_cpus() == expected, line
+    monkeypatch.setenv(onnxrt.CPU_THREADS_ENV, "1")
+    assert onnxrt.usable_cpus() == 1 and thread_candidates() == [1]
+    monkeypatch.setenv(onnxrt.CPU_THREADS_ENV, "8")  # a budget above the CPUs there are: the CPUs
+    assert onnxrt.usable_cpus() == 1
+    for bad in ("0", "two", "-1", ""):
+        monkeypatch.setenv(onnxrt.CPU_THREADS_ENV, bad)
+        with pytest.raises(CUNetError, match=r"\$CUNET_CPU_THREADS=.*whole number of threads"):
+            onnxrt.usable_cpus()
+
+
 def test_builder_times_thread_counts_unless_pinned(tiny, tmp_path, monkeypatch):
     _, onnx_path, batch, expected = tiny
     # two usable CPUs: the builder times 1 and 2 threads and keeps the faster
-    monkeypatch.setattr("cunet_optimize.engines.onnxrt._usable_cpus", lambda: 2)
+    monkeypatch.setattr("cunet_optimize.engines.onnxrt.usable_cpus", lambda: 2)
     result = OnnxRuntimeBuilder().build(onnx_path, "cpu", "fp32", tmp_path / "tuned")
     tuning = result.settings["thread_tuning_ms"]
     assert set(tuning) == {"1", "2"} and all(ms > 0 for ms in tuning.values())

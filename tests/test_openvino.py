@@ -78,6 +78,12 @@ def test_cpu_runtime_from_the_environment_is_checked(tiny, faces, tmp_path, monk
     monkeypatch.setenv("CUNET_CPU_RUNTIME", "openvin")
     status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8"), capsys, caplog)
     assert status == 2 and "$CUNET_CPU_RUNTIME='openvin'" in err
+    monkeypatch.setenv("CUNET_CPU_RUNTIME", "onnxruntime")
+    monkeypatch.setenv("CUNET_CPU_THREADS", "two")  # the thread budget too, before any work
+    status, _, err = run_cli(tiny_build_args(tiny, faces, tmp_path / "w", "int8"), capsys, caplog)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "$CUNET_CPU_THREADS='two'" in lines[0], err
+    assert not (tmp_path / "w").exists()
     # for a TensorRT target the variable speaks of nothing: no refusal from it, and no pinned runtime
     from cunet_optimize.pipeline.build import BuildOptions, check_cpu_runtime
     from cunet_optimize.targets import get_target
@@ -333,7 +339,7 @@ def test_a_plan_with_float_convs_times_and_gates_openvino_at_bf16(tiny, faces, t
     from cunet_optimize.quant.qmodel import quantize_model
     from cunet_optimize.tasks import open_dataset_or_default
 
-    monkeypatch.setattr(onnxrt, "_usable_cpus", lambda: 1)
+    monkeypatch.setattr(onnxrt, "usable_cpus", lambda: 1)
     layers = auto.layer_infos(quantize_model(co.load_model(str(tiny)), "int8-convin"), "conv", (64, 64))
     inner = [layer.name for layer in layers if layer.role not in auto.EDGE_ROLES]
     plan = {layer.name: "int8" for layer in layers} | {n: "float" for n in inner[::3]}

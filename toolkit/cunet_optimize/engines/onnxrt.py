@@ -16,7 +16,8 @@ that entry (tests/test_onnxrt_backend.py keeps an eye on it).
 
 Intra-op threads are timed at build time, as TensorRT times its tactics: unless the
 caller pins `intra_op_threads`, the builder runs the optimised model at batch 1 with
-1, 2, 4, ... threads (up to the CPUs this process may use) and records the fastest.
+1, 2, 4, ... threads (up to usable_cpus(): the CPUs this process may use, the container's
+quota, $CUNET_CPU_THREADS) and records the fastest.
 Small networks lose to the thread pool's synchronisation: on a quiet 2-vCPU machine
 (bench/results/int8_cpu_quiet.json, written by `python bench/bench_int8_cpu.py`, load
 average under 1.7) the embedded model's INT8 engine (depthwise form) took 5.6 ms median on
@@ -141,19 +142,41 @@ def session_options(settings: OrtSettings, level: str, optimized_model_path: str
 
 
 def thread_candidates(cpus: int | None = None) -> list[int]:
-    """1, 2, 4, ... up to `cpus` (default: the CPUs this process may use), and `cpus` itself."""
-    cpus = cpus or _usable_cpus()
+    """1, 2, 4, ... up to `cpus` (default: usable_cpus()), and `cpus` itself."""
+    cpus = cpus or usable_cpus()
     out = [1]
     while out[-1] * 2 <= cpus:
         out.append(out[-1] * 2)
     return out + ([cpus] if cpus > out[-1] else [])
 
 
-def _usable_cpus() -> int:
+CPU_THREADS_ENV = "CUNET_CPU_THREADS"
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def usable_cpus() -> int:
+    """The most threads a CPU engine is timed and deployed with: the CPUs this process may run on
+    (its affinity), at most the container's CPU quota rounded up (`docker run --cpus 2` on a
+    64-core host leaves the affinity at 64, and 64 threads on 2 CPUs' worth of time only queue),
+    at most $CUNET_CPU_THREADS where set (the deployment's thread budget, e.g. one core per
+    Triton model instance)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):  # no cgroup v2 limit here
+        pass
+    budget = os.environ.get(CPU_THREADS_ENV)
+    if budget is not None:
+        if not budget.strip().isdigit() or int(budget) < 1:
+            raise CUNetError(f"${CPU_THREADS_ENV}={budget!r}: expected a whole number of threads >= 1; "
+                             f"set it to the threads the deployed engine may use, or unset it to use all {cpus} CPUs")
+        cpus = min(cpus, int(budget))
+    return cpus
 
 
 def time_variants(models: Mapping[str, Path], settings: OrtSettings, threads: list[int], level: str = "disable",
@@ -265,7 +288,7 @@ class OnnxRuntimeBuilder:
             "providers": ["CPUExecutionProvider"],
             **asdict(settings),
             "thread_tuning_ms": None if tuning is None else {str(n): round(ms, 3) for n, ms in tuning.items()},
-            "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": _usable_cpus()},
+            "cpu": {"model": cpu_model(), "int8_isa": cpu_int8_isa(), "usable_cpus": usable_cpus()},
             # The graph is already optimised: loading it again skips the passes (but for the
             # constant folding that unpacks INT4 weights, see choose_weight_storage).
             "load_optimization": storage["load_optimization"] if storage else "disable",

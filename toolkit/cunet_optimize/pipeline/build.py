@@ -559,7 +559,12 @@ def _times_openvino(b: _Build) -> bool:
 
 def check_cpu_runtime(opts: BuildOptions, target) -> None:
     """--cpu-runtime against the target, the precision and what is installed, before any work; an
-    option left out becomes $CUNET_CPU_RUNTIME's value for a cpu build, else auto."""
+    option left out becomes $CUNET_CPU_RUNTIME's value for a cpu build, else auto. A cpu build's
+    $CUNET_CPU_THREADS is checked here too (engines/onnxrt.py usable_cpus)."""
+    if target.device == "cpu":
+        from cunet_optimize.engines.onnxrt import usable_cpus
+
+        usable_cpus()
     if opts.cpu_runtime is None:
         from_env = os.environ.get(CPU_RUNTIME_ENV) if target.device == "cpu" else None
         if from_env is not None and from_env not in CPU_RUNTIME_CHOICES:
