@@ -170,6 +170,38 @@ def test_runtime_choice_is_recorded(openvino_int8):
 
 
 @needs_openvino
+def test_candidates_compiled_again_are_imported_from_the_builds_compile_cache(openvino_int8, tmp_path):
+    """Inside compile_cache a model compiled again is imported from the blob its first compile left
+    (OpenVINO's CPU plugin keeps one blob per model and applies the compile settings on import),
+    with the outputs a plain compile with those settings gives: bf16, where this CPU runs it,
+    differs from f32 and stays bf16. The folder goes with the context; the build folder keeps none."""
+    from cunet_optimize.data.synth import verification_batch
+    from cunet_optimize.engines.openvino import OpenVinoSessionRunner, OvSettings, bf16_runs_here, compile_cache
+
+    _, out, m = openvino_int8
+    assert not [p for p in out.rglob("*") if "cache" in p.name and p.suffix != ".cache"]  # (calibration.cache)
+    model, image = out / m["artifacts"]["openvino_model"], verification_batch(1)
+    settings = [OvSettings(threads=1), OvSettings(threads=1, performance_hint="THROUGHPUT", num_streams=0),
+                *([OvSettings("bf16", threads=1)] if bf16_runs_here() else [])]
+    expected = []
+    for s in settings:
+        with OpenVinoSessionRunner(model, s) as plain:
+            expected.append(plain.infer(image))
+    if len(settings) == 3:
+        assert not np.array_equal(expected[2], expected[0])
+    with compile_cache(tmp_path) as cache:
+        for n, (s, want) in enumerate([*zip(settings, expected), (settings[0], expected[0])]):
+            with OpenVinoSessionRunner(model, s) as runner:
+                assert runner._compiled.get_property("LOADED_FROM_CACHE") is (n > 0)
+                np.testing.assert_array_equal(runner.infer(image), want)
+        with compile_cache(tmp_path) as inner:  # nested: the outer folder serves
+            assert inner == cache
+    assert list(tmp_path.iterdir()) == []
+    with OpenVinoSessionRunner(model, settings[0]) as after:  # no cache outside the context
+        assert after._compiled.get_property("LOADED_FROM_CACHE") is False
+
+
+@needs_openvino
 def test_load_engine_and_profile_honour_the_recorded_runtime(openvino_int8, capsys):
     import cunet_optimize as co
     from cunet_optimize.data.synth import verification_batch

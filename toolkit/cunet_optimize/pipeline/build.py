@@ -671,7 +671,7 @@ def _cpu_runtime(b: _Build, build) -> None:
     beside an ONNX Runtime choice too, so `profile` measures both runtimes."""
     from cunet_optimize.engines.onnxrt import OnnxRuntimeRunner
     from cunet_optimize.engines.openvino import OV_MODEL_FILE, OV_SESSION_FILE, OvSettings, \
-        choose_openvino_storage, openvino_version, write_session
+        choose_openvino_storage, compile_cache, openvino_version, write_session
     from cunet_optimize.pipeline.autotune import choose_cpu_runtime
 
     forms = {"deployed": b.onnx_path, **b.ov_forms}
@@ -680,14 +680,16 @@ def _cpu_runtime(b: _Build, build) -> None:
     # runtime swap adds: an OpenVINO candidate is then held to ONNX Runtime's engine of the same graph.
     ort_engine = ort_runner if not b.opts.accuracy_gate else None
     bf16_float = "float" in (b.opts.layer_formats or {}).values() and plan_float_type(b.opts, b.target) == "bf16"
-    record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b, ort_engine),
-                                pinned=b.opts.cpu_runtime == "openvino", bf16_float=bf16_float)
-    ov = record["openvino"]
+    with compile_cache(b.staging):  # each model compiled once, not once per block and setting
+        record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b, ort_engine),
+                                    pinned=b.opts.cpu_runtime == "openvino", bf16_float=bf16_float)
+        ov = record["openvino"]
+        if ov is not None:
+            ov["storage"] = choose_openvino_storage(forms[ov["form"]], OvSettings(**ov["settings"]), b.staging)
     if ov is not None:
         settings = OvSettings(**ov["settings"])
-        ov["storage"] = choose_openvino_storage(forms[ov["form"]], settings, b.staging)
         write_session(b.staging, b.staging / OV_MODEL_FILE, settings, engine_precision(b.opts),
-                              {k: v for k, v in record["median_ms_batch1"].items() if k.startswith("openvino")})
+                      {k: v for k, v in record["median_ms_batch1"].items() if k.startswith("openvino")})
         b.manifest.setdefault("artifacts", {})
         b.manifest["artifacts"]["openvino_session"] = OV_SESSION_FILE
         b.manifest["artifacts"]["openvino_model"] = OV_MODEL_FILE
