@@ -252,16 +252,19 @@ STORAGE_TIMING_RUNS = 20
 
 def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict:
     """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors and nodes renamed
-    short, its small constants stored once and, measured, its INT4-valued integer weights packed (onnx_tools/storage.py; OpenVINO folds the
-    Cast at compile). Each form's outputs must equal `form`'s in OpenVINO, bit for bit; packed is
-    kept unless it compiles into other layers and runs slower by more than PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings,
-    the choice); the file is written atomically."""
+    short, its small constants stored once and, checked, its weights stored compact
+    (onnx_tools/storage.py): weights the graph quantizes with a QuantizeLinear (the TensorRT Q/DQ
+    form) stored as their integers, and INT4-valued integer weights packed (OpenVINO folds the Cast
+    at compile). The renamed form's outputs must equal `form`'s in OpenVINO, bit for bit (a bug
+    otherwise); the compact one is kept where they do too and it does not compile into other layers
+    that run slower by more than PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings, the
+    choice); the file is written atomically."""
     import onnx
 
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.engines.base import time_in_blocks
     from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, opset, pack_int4_initializers, \
-        share_constants, shorten_names
+        share_constants, shorten_names, store_quantized_weights
 
     final = out / OV_MODEL_FILE
     model = onnx.load(form)
@@ -269,10 +272,11 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
     share_constants(model)
     paths = {"unpacked": out / f".{OV_MODEL_FILE}.unpacked"}
     onnx.save(model, paths["unpacked"])
+    quantized = store_quantized_weights(model)
     packed = pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
-    if packed:
-        paths["packed-int4"] = out / f".{OV_MODEL_FILE}.packed"
-        onnx.save(model, paths["packed-int4"])
+    if quantized or packed:
+        paths["compact"] = out / f".{OV_MODEL_FILE}.compact"
+        onnx.save(model, paths["compact"])
     with compile_cache(out):  # each form compiled once for its checks and timing rounds
         try:
             image = verification_batch(1)
@@ -286,26 +290,30 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
             if not np.array_equal(outputs["unpacked"], outputs["form"]):  # labels and equal values: a bug
                 raise CUNetError(f"renaming the tensors of {form} or sharing its constants changed OpenVINO's outputs; "
                                  "this is a bug, report it")
-            record: dict[str, Any] = {"form": form.name, "packed_initializers": packed, "chosen": "unpacked",
+            record: dict[str, Any] = {"form": form.name, "quantized_weights": quantized, "packed_initializers": packed,
+                                      "chosen": "unpacked",
                                       "bytes": {"form": form.stat().st_size,
                                                 **{label: path.stat().st_size for label, path in paths.items()}}}
-            if packed:
+            if "compact" in paths:
                 timed = {label: t.median_ms for label, t in
                          time_in_blocks({label: runners[label] for label in paths}, image, STORAGE_TIMING_RUNS).items()}
-                same = bool(np.array_equal(outputs["packed-int4"], outputs["form"]))
+                same = bool(np.array_equal(outputs["compact"], outputs["form"]))
                 # the same compiled layers run the same kernels: a timing difference is then noise
-                compiled_same = layers["packed-int4"] == layers["unpacked"]
-                fast = compiled_same or timed["packed-int4"] <= timed["unpacked"] * (1 + PACKED_LATENCY_TOLERANCE)
+                compiled_same = layers["compact"] == layers["unpacked"]
+                fast = compiled_same or timed["compact"] <= timed["unpacked"] * (1 + PACKED_LATENCY_TOLERANCE)
                 record.update(median_ms_batch1={k: round(v, 3) for k, v in timed.items()}, outputs_identical=same,
                               same_layers_compiled=compiled_same)
                 if same and fast:
-                    record["chosen"] = "packed-int4"
+                    record["chosen"] = "compact"
             b = record["bytes"]
+            compact = [f"{quantized} Q/DQ weight(s) stored as integers"] * bool(quantized) + \
+                [f"{packed} INT4-valued weight(s) packed"] * bool(packed)
             record["why"] = (f"OpenVINO's {OV_MODEL_FILE}: {form.name} with short names"
-                             + (f", {packed} INT4-valued weight(s) packed" if record["chosen"] == "packed-int4" else "")
+                             + "".join(f", {c}" for c in compact if record["chosen"] == "compact")
                              + f", {b['form']} -> {b[record['chosen']]} bytes, outputs identical"
-                             + ("" if not packed or record["chosen"] == "packed-int4" else
-                                f"; packed INT4 kept out ({'outputs differ' if not record['outputs_identical'] else 'slower'})"))
+                             + ("" if "compact" not in paths or record["chosen"] == "compact" else
+                                f"; {' and '.join(compact)} kept out "
+                                f"({'outputs differ' if not record['outputs_identical'] else 'slower'})"))
             os.replace(paths[record["chosen"]], final)
         finally:
             for path in paths.values():
