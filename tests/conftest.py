@@ -25,6 +25,9 @@ SHARED = REPO.parent / "shared"
 AUTHORS_FIXTURE = SHARED / "fixtures" / "cunet-original"
 
 torch.set_num_threads(1)  # the CI machine has 2 cores; tests stay deterministic and light
+# ... and so do the processes the tests start (the CLI, examples, torchrun's ranks): one OpenMP
+# thread each, not a pool per process spinning on cores the two workers already use.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The suite's CPU builds deploy on ONNX Runtime without timing OpenVINO's candidates (fast, and the
 # same runtime whichever is faster here); tests/test_openvino.py asks for `--cpu-runtime auto`.
 os.environ.setdefault("CUNET_CPU_RUNTIME", "onnxruntime")
