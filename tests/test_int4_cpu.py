@@ -262,11 +262,11 @@ def _int8_qdq_onnx(tmp_path):
 
 def test_weights_quantized_in_the_graph_are_stored_as_their_integers(tmp_path):
     """store_quantized_weights: every conv's float weight -> Q -> DQ becomes integers -> DQ, a quarter
-    of the weight bytes, the same outputs bit for bit in ONNX Runtime; a weight another node also
-    reads stays float."""
+    of the weight bytes, the same outputs bit for bit in ONNX Runtime; then their all-zero zero points
+    go (the default), the activations' stay; a weight another node also reads stays float."""
     from onnx import numpy_helper
 
-    from cunet_optimize.onnx_tools.storage import store_quantized_weights
+    from cunet_optimize.onnx_tools.storage import drop_zero_weight_zero_points, store_quantized_weights
 
     proto = _int8_qdq_onnx(tmp_path)
     convs = sum(n.op_type == "Conv" for n in proto.graph.node)
@@ -279,6 +279,14 @@ def test_weights_quantized_in_the_graph_are_stored_as_their_integers(tmp_path):
     assert all(i.data_type == onnx.TensorProto.INT8 for i in weights)
     assert sum(numpy_helper.to_array(i).nbytes for i in weights) * 4 == float_bytes
     assert len(compact.graph.node) == len(proto.graph.node) - convs  # the weights' QuantizeLinears
+    np.testing.assert_array_equal(_out(compact), _out(proto))
+
+    zero_points = [i.name for i in compact.graph.initializer if i.dims and i.data_type == onnx.TensorProto.INT8
+                   and len(i.dims) == 1 and not numpy_helper.to_array(i).any()]
+    assert drop_zero_weight_zero_points(compact) == len(zero_points) > 0  # the weights' per-channel zeros
+    onnx.checker.check_model(compact)
+    assert not {i.name for i in compact.graph.initializer} & set(zero_points)
+    assert all(len(n.input) == 3 for n in compact.graph.node if n.op_type == "QuantizeLinear")  # activations keep theirs
     np.testing.assert_array_equal(_out(compact), _out(proto))
 
     shared = onnx.ModelProto()  # a weight also read by another node: left float, its Q kept
@@ -299,7 +307,8 @@ def test_openvino_deploys_a_tensorrt_form_int8_graph_with_integer_weights(tmp_pa
     form = tmp_path / "form-qdq-symmetric.onnx"
     onnx.save(_int8_qdq_onnx(tmp_path), form)
     record = choose_openvino_storage(form, OvSettings(threads=1), tmp_path)
-    assert record["quantized_weights"] > 10 and record["packed_initializers"] == 0  # (opset 17: no INT4 type)
+    assert record["quantized_weights"] > 10 and record["zero_points_dropped"] > 0
+    assert record["packed_initializers"] == 0  # (opset 17: no INT4 type)
     assert record["outputs_identical"] and record["chosen"] == "compact"
     assert record["bytes"]["compact"] < 0.4 * record["bytes"]["form"]
     assert "stored as integers" in record["why"]

@@ -254,8 +254,8 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
     """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors and nodes renamed
     short, its small constants stored once and, checked, its weights stored compact
     (onnx_tools/storage.py): weights the graph quantizes with a QuantizeLinear (the TensorRT Q/DQ
-    form) stored as their integers, and INT4-valued integer weights packed (OpenVINO folds the Cast
-    at compile). The renamed form's outputs must equal `form`'s in OpenVINO, bit for bit (a bug
+    form) stored as their integers, all-zero weight zero points left to the default, and INT4-valued
+    integer weights packed (OpenVINO folds the Cast at compile). The renamed form's outputs must equal `form`'s in OpenVINO, bit for bit (a bug
     otherwise); the compact one is kept where they do too and it does not compile into other layers
     that run slower by more than PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings, the
     choice); the file is written atomically."""
@@ -263,8 +263,8 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
 
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.engines.base import time_in_blocks
-    from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, opset, pack_int4_initializers, \
-        share_constants, shorten_names, store_quantized_weights
+    from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, drop_zero_weight_zero_points, opset, \
+        pack_int4_initializers, share_constants, shorten_names, store_quantized_weights
 
     final = out / OV_MODEL_FILE
     model = onnx.load(form)
@@ -273,8 +273,9 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
     paths = {"unpacked": out / f".{OV_MODEL_FILE}.unpacked"}
     onnx.save(model, paths["unpacked"])
     quantized = store_quantized_weights(model)
+    zero_points = drop_zero_weight_zero_points(model)
     packed = pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
-    if quantized or packed:
+    if quantized or zero_points or packed:
         paths["compact"] = out / f".{OV_MODEL_FILE}.compact"
         onnx.save(model, paths["compact"])
     with compile_cache(out):  # each form compiled once for its checks and timing rounds
@@ -290,7 +291,8 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
             if not np.array_equal(outputs["unpacked"], outputs["form"]):  # labels and equal values: a bug
                 raise CUNetError(f"renaming the tensors of {form} or sharing its constants changed OpenVINO's outputs; "
                                  "this is a bug, report it")
-            record: dict[str, Any] = {"form": form.name, "quantized_weights": quantized, "packed_initializers": packed,
+            record: dict[str, Any] = {"form": form.name, "quantized_weights": quantized,
+                                      "zero_points_dropped": zero_points, "packed_initializers": packed,
                                       "chosen": "unpacked",
                                       "bytes": {"form": form.stat().st_size,
                                                 **{label: path.stat().st_size for label, path in paths.items()}}}
@@ -307,6 +309,7 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
                     record["chosen"] = "compact"
             b = record["bytes"]
             compact = [f"{quantized} Q/DQ weight(s) stored as integers"] * bool(quantized) + \
+                [f"{zero_points} zero weight zero point(s) left to the default"] * bool(zero_points) + \
                 [f"{packed} INT4-valued weight(s) packed"] * bool(packed)
             record["why"] = (f"OpenVINO's {OV_MODEL_FILE}: {form.name} with short names"
                              + "".join(f", {c}" for c in compact if record["chosen"] == "compact")

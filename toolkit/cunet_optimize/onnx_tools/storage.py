@@ -116,6 +116,36 @@ def store_quantized_weights(model: onnx.ModelProto) -> int:
     return stored
 
 
+def drop_zero_weight_zero_points(model: onnx.ModelProto) -> int:
+    """All-zero zero points that only weight DequantizeLinears read (their input an integer
+    initializer of the zero point's type) left out: the operator's default is zero of the input's
+    type, so the values are the same. In place; returns how many initializers went."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+
+    def weight_zero_point(node: onnx.NodeProto, i: int, init: onnx.TensorProto) -> bool:
+        return (node.op_type == "DequantizeLinear" and i == 2 == len(node.input) - 1
+                and node.input[0] in inits and inits[node.input[0]].data_type == init.data_type)
+
+    gone = set()
+    for name, init in inits.items():
+        uses = readers.get(name, [])
+        if uses and all(weight_zero_point(node, i, init) for node, i in uses) and not numpy_helper.to_array(init).any():
+            for node, _ in uses:
+                del node.input[2]
+            gone.add(name)
+    kept = [i for i in graph.initializer if i.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(gone)
+
+
 def share_constants(model: onnx.ModelProto) -> int:
     """Small initializers stored once: a per-output-channel weight zero point of QLinearConv that
     is all zeros becomes a scalar zero (the operator takes either), and initializers with equal
@@ -171,8 +201,8 @@ def opset(model: onnx.ModelProto) -> int:
 def shorten_names(model: onnx.ModelProto, *, nodes: bool = False) -> int:
     """Every tensor name but the graph's inputs and outputs (what callers feed and read) replaced
     by a short one ("t" + base-36 index), value_info and doc strings dropped (the runtimes infer
-    shapes at load); node names too where `nodes` (a runtime whose per-op profile nobody reads:
-    OpenVINO's here). In place, the main graph only. Returns how many names changed."""
+    shapes at load); node names dropped too where `nodes` (a runtime whose per-op profile nobody
+    reads: OpenVINO's here). In place, the main graph only. Returns how many names changed."""
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0  # a subgraph may read outer names: leave such a graph as it is
@@ -188,15 +218,15 @@ def shorten_names(model: onnx.ModelProto, *, nodes: bool = False) -> int:
 
     for init in graph.initializer:
         init.name = short(init.name)
-        init.doc_string = ""
-    for i, node in enumerate(graph.node):
+        init.ClearField("doc_string")  # (an empty string set is still two bytes on disk)
+    for node in graph.node:
         node.input[:] = [short(x) for x in node.input]
         node.output[:] = [short(x) for x in node.output]
-        node.doc_string = ""
-        if nodes and node.name:
-            node.name = "n" + _base36(i)
+        node.ClearField("doc_string")
+        if nodes:
+            node.ClearField("name")  # optional in ONNX
     del graph.value_info[:]
-    graph.doc_string = ""
+    graph.ClearField("doc_string")
     return len(names)
 
 
