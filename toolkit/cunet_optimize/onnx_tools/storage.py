@@ -79,10 +79,7 @@ def store_quantized_weights(model: onnx.ModelProto) -> int:
     from cunet_optimize.onnx_tools.patterns import QDQParams, quantize
 
     inits = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = {name: [node for node, _ in uses] for name, uses in _readers(model.graph).items()}
     dropped, stored = set(), 0
     for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
         weight = inits.get(q.input[0])
@@ -110,9 +107,7 @@ def store_quantized_weights(model: onnx.ModelProto) -> int:
     nodes = [n for n in model.graph.node if n.output[0] not in dropped]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    kept = [i for i in model.graph.initializer if i.name not in dropped]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    _drop_initializers(model.graph, dropped)
     return stored
 
 
@@ -124,10 +119,7 @@ def drop_zero_weight_zero_points(model: onnx.ModelProto) -> int:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, i))
+    readers = _readers(graph)
 
     def weight_zero_point(node: onnx.NodeProto, i: int, init: onnx.TensorProto) -> bool:
         return (node.op_type == "DequantizeLinear" and i == 2 == len(node.input) - 1
@@ -140,10 +132,23 @@ def drop_zero_weight_zero_points(model: onnx.ModelProto) -> int:
             for node, _ in uses:
                 del node.input[2]
             gone.add(name)
-    kept = [i for i in graph.initializer if i.name not in gone]
+    _drop_initializers(graph, gone)
+    return len(gone)
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """Tensor name -> (node, input index) of each node that reads it."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    return readers
+
+
+def _drop_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    kept = [i for i in graph.initializer if i.name not in names]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return len(gone)
 
 
 def share_constants(model: onnx.ModelProto) -> int:
@@ -155,10 +160,7 @@ def share_constants(model: onnx.ModelProto) -> int:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, i))
+    readers = _readers(graph)
     outputs = {v.name for v in graph.output} | {v.name for v in graph.input}  # (an input may override it)
     zeros: dict[int, str] = {}
     for name, init in list(inits.items()):
@@ -187,11 +189,9 @@ def share_constants(model: onnx.ModelProto) -> int:
         for node, i in readers.get(name, []):
             node.input[i] = first[key]
         del inits[name]
-    kept = [i for i in graph.initializer if i.name in inits]
-    gone = len(graph.initializer) - len(kept)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return gone
+    gone = {i.name for i in graph.initializer} - set(inits)
+    _drop_initializers(graph, gone)
+    return len(gone)
 
 
 def opset(model: onnx.ModelProto) -> int:
