@@ -251,14 +251,15 @@ STORAGE_TIMING_RUNS = 20
 
 
 def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict:
-    """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors and nodes renamed
-    short, its small constants stored once and, checked, its weights stored compact
-    (onnx_tools/storage.py): weights the graph quantizes with a QuantizeLinear (the TensorRT Q/DQ
-    form) stored as their integers, all-zero weight zero points left to the default, and INT4-valued
-    integer weights packed (OpenVINO folds the Cast at compile). The renamed form's outputs must equal `form`'s in OpenVINO, bit for bit (a bug
-    otherwise); the compact one is kept where they do too and it does not compile into other layers
-    that run slower by more than PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings, the
-    choice); the file is written atomically."""
+    """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors renamed short,
+    its node names dropped, its small constants stored once and, checked, its weights stored
+    compact (onnx_tools/storage.py): weights the graph quantizes with a QuantizeLinear (the
+    TensorRT Q/DQ form) stored as their integers, all-zero weight zero points left to the default,
+    INT4-valued integer weights packed (OpenVINO folds the Cast at compile). The renamed form's
+    outputs must equal `form`'s in OpenVINO, bit for bit (a bug otherwise); the compact one is kept
+    where they do too and it does not compile into other layers that run slower by more than
+    PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings, the choice); the file is written
+    atomically."""
     import onnx
 
     from cunet_optimize.data.synth import verification_batch

@@ -1,12 +1,14 @@
 """How a runtime's deployed ONNX file stores what it runs: weights as the integers a QuantizeLinear
-in the graph would compute at every load, INT4-valued integer weights packed behind a Cast, and
-short tensor names.
+in the graph would compute at every load, all-zero weight zero points left to the default,
+INT4-valued integer weights packed behind a Cast, and short tensor names.
 
-Both change bytes on disk, never a computed value: a Cast from INT4 to INT8 gives back the
-same integers (the runtimes fold it at load: ONNX Runtime at ORT_ENABLE_BASIC, OpenVINO always),
-and a tensor's name is a label. The builders still run both forms and compare their outputs
-before keeping the smaller one (engines/onnxrt.py choose_weight_storage, engines/openvino.py
-choose_openvino_storage).
+Each is meant to change bytes on disk, not a computed value: a Cast from INT4 to INT8 gives back
+the same integers (the runtimes fold it at load: ONNX Runtime at ORT_ENABLE_BASIC, OpenVINO
+always), a tensor's name is a label, and stored integers are what ONNX Runtime's QuantizeLinear
+computes. A runtime may still compute differently from another form of the same values (OpenVINO
+on the N=8 face model's Q/DQ graph with its weights stored as integers), so the builders run both
+forms and compare their outputs before keeping the smaller one (engines/onnxrt.py
+choose_weight_storage, engines/openvino.py choose_openvino_storage).
 
 Why names: ONNX Runtime's optimised model and the exporter's graph spell every tensor out in
 full ("/hg/up_blocks.2/layers.1/conv2/Conv/rescaled/W_DequantizeLinear_output_0"), on every
