@@ -76,4 +76,7 @@ class PassRecorder:
         self.notes.append(text)
 
     def finish(self, graph: gs.Graph) -> PassReport:
-        return PassReport.from_stats(self.name, self.before, graph_stats(graph), self.rewrites, self.notes)
+        # a pass that rewrote nothing left the graph as it found it: measuring it again (an export
+        # and shape inference of the whole graph) would only give the numbers taken before
+        after = self.before if self.rewrites == 0 else graph_stats(graph)
+        return PassReport.from_stats(self.name, self.before, after, self.rewrites, self.notes)
