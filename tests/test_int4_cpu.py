@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_cunet_with_varied_batchnorm
 from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder, OnnxRuntimeRunner
-from cunet_optimize.engines.openvino import openvino_version
+from cunet_optimize.engines.openvino import PACKED_LATENCY_TOLERANCE, openvino_version
 from cunet_optimize.exporters import export_onnx
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.patterns import conv_weight, dequantized_weight
@@ -169,6 +169,18 @@ def test_mixed_plan_folds_batchnorm_within_noise_and_shrinks_initializers(tmp_pa
 
 
 @pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+def _compact_only_where_identical(record: dict) -> None:
+    """choose_openvino_storage's rule: the compact form is taken exactly where OpenVINO's outputs
+    from it equal the timed form's and it compiles into the same layers or runs no slower; else the
+    record says why it was kept out. (Whether a CPU's kernels give identical outputs is OpenVINO's:
+    on the N=8 face model's Q/DQ graph they did not.)"""
+    timed = record["median_ms_batch1"]
+    fast = record["same_layers_compiled"] or timed["compact"] <= timed["unpacked"] * (1 + PACKED_LATENCY_TOLERANCE)
+    assert (record["chosen"] == "compact") == (record["outputs_identical"] and fast), record
+    if record["chosen"] != "compact":
+        assert "kept out" in record["why"]
+
+
 def test_openvino_deploys_int4_weights_packed_with_identical_outputs(tmp_path):
     """OpenVINO's model.ov.onnx of an INT4 CPU graph: short names and packed INT4 weights, kept only
     with outputs equal to the timed form's, bit for bit."""
@@ -182,8 +194,8 @@ def test_openvino_deploys_int4_weights_packed_with_identical_outputs(tmp_path):
     record = choose_openvino_storage(form, settings, tmp_path)
     deployed = onnx.load(tmp_path / OV_MODEL_FILE)
     int4 = [i for i in deployed.graph.initializer if i.data_type == onnx.TensorProto.INT4]
-    assert record["packed_initializers"] > 5 and record["outputs_identical"]
-    assert record["same_layers_compiled"] and record["chosen"] == "compact"  # the Cast folds at compile
+    assert record["packed_initializers"] > 5
+    _compact_only_where_identical(record)  # (on the 2-core AMD EPYC here: taken, the Cast folds at compile)
     assert (len(int4) == record["packed_initializers"]) == (record["chosen"] == "compact")
     assert record["bytes"][record["chosen"]] == (tmp_path / OV_MODEL_FILE).stat().st_size < record["bytes"]["form"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["int4.onnx", "model.onnx", OV_MODEL_FILE])
@@ -300,7 +312,8 @@ def test_weights_quantized_in_the_graph_are_stored_as_their_integers(tmp_path):
 @pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
 def test_openvino_deploys_a_tensorrt_form_int8_graph_with_integer_weights(tmp_path):
     """The TensorRT Q/DQ form, when OpenVINO runs it fastest, is deployed with its weights stored as
-    INT8 integers: outputs equal the timed form's in OpenVINO, bit for bit, in about a third of the bytes."""
+    INT8 integers, in about a third of the bytes, where OpenVINO's outputs from them equal the timed
+    form's bit for bit; the deployed file's outputs are the timed form's either way."""
     from cunet_optimize.engines.openvino import OV_MODEL_FILE, OpenVinoSessionRunner, OvSettings, \
         choose_openvino_storage
 
@@ -309,9 +322,10 @@ def test_openvino_deploys_a_tensorrt_form_int8_graph_with_integer_weights(tmp_pa
     record = choose_openvino_storage(form, OvSettings(threads=1), tmp_path)
     assert record["quantized_weights"] > 10 and record["zero_points_dropped"] > 0
     assert record["packed_initializers"] == 0  # (opset 17: no INT4 type)
-    assert record["outputs_identical"] and record["chosen"] == "compact"
     assert record["bytes"]["compact"] < 0.4 * record["bytes"]["form"]
-    assert "stored as integers" in record["why"]
+    _compact_only_where_identical(record)  # (on the 2-core AMD EPYC here: taken)
+    if record["chosen"] == "compact":
+        assert "stored as integers" in record["why"]
     outputs = []
     for path in (form, tmp_path / OV_MODEL_FILE):
         with OpenVinoSessionRunner(path, OvSettings(threads=1)) as runner:
