@@ -141,9 +141,10 @@ def compile_cache(within: Path) -> Iterator[Path]:
     checks its candidates: a model compiled again (each timing round, each accuracy check, each
     compile setting) is imported from the blob its first compile left instead of compiled anew.
     OpenVINO 2026.4's CPU plugin keeps one blob per model and applies the compile settings
-    (precision, threads, hint) on import, with the outputs a plain compile gives. Embedded INT8 model, 2-core
-    AMD EPYC: 0.11 s against 0.45 s. The folder goes with the context, so no blob outlives the
-    build that made it; inside another compile_cache, that one's folder serves. Yields the folder."""
+    (precision, threads, hint) on import, with the outputs a plain compile gives. Embedded INT8
+    model, 2-core AMD EPYC: 0.11 s against 0.45 s. The folder goes with the context, so no blob
+    outlives the build that made it; inside another compile_cache, that one's folder serves.
+    Yields the folder."""
     active = _COMPILE_CACHE.get()
     if active is not None:
         yield active
@@ -271,8 +272,8 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
     model = onnx.load(form)
     shorten_names(model, nodes=True)  # OpenVINO's per-op times are not profiled here
     share_constants(model)
-    paths = {"unpacked": out / f".{OV_MODEL_FILE}.unpacked"}
-    onnx.save(model, paths["unpacked"])
+    paths = {"plain": out / f".{OV_MODEL_FILE}.plain"}
+    onnx.save(model, paths["plain"])
     quantized = store_quantized_weights(model)
     zero_points = drop_zero_weight_zero_points(model)
     packed = pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
@@ -289,12 +290,12 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
                 with runner:
                     outputs[label] = runner.infer(image)
                     layers[label] = runner.execution_graph()
-            if not np.array_equal(outputs["unpacked"], outputs["form"]):  # labels and equal values: a bug
+            if not np.array_equal(outputs["plain"], outputs["form"]):  # labels and equal values: a bug
                 raise CUNetError(f"renaming the tensors of {form} or sharing its constants changed OpenVINO's outputs; "
                                  "this is a bug, report it")
             record: dict[str, Any] = {"form": form.name, "quantized_weights": quantized,
                                       "zero_points_dropped": zero_points, "packed_initializers": packed,
-                                      "chosen": "unpacked",
+                                      "chosen": "plain",
                                       "bytes": {"form": form.stat().st_size,
                                                 **{label: path.stat().st_size for label, path in paths.items()}}}
             if "compact" in paths:
@@ -302,8 +303,8 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
                          time_in_blocks({label: runners[label] for label in paths}, image, STORAGE_TIMING_RUNS).items()}
                 same = bool(np.array_equal(outputs["compact"], outputs["form"]))
                 # the same compiled layers run the same kernels: a timing difference is then noise
-                compiled_same = layers["compact"] == layers["unpacked"]
-                fast = compiled_same or timed["compact"] <= timed["unpacked"] * (1 + PACKED_LATENCY_TOLERANCE)
+                compiled_same = layers["compact"] == layers["plain"]
+                fast = compiled_same or timed["compact"] <= timed["plain"] * (1 + PACKED_LATENCY_TOLERANCE)
                 record.update(median_ms_batch1={k: round(v, 3) for k, v in timed.items()}, outputs_identical=same,
                               same_layers_compiled=compiled_same)
                 if same and fast:

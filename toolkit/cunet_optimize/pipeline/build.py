@@ -685,9 +685,9 @@ def _cpu_runtime(b: _Build, build) -> None:
                                     pinned=b.opts.cpu_runtime == "openvino", bf16_float=bf16_float)
         ov = record["openvino"]
         if ov is not None:
-            ov["storage"] = choose_openvino_storage(forms[ov["form"]], OvSettings(**ov["settings"]), b.staging)
+            settings = OvSettings(**ov["settings"])
+            ov["storage"] = choose_openvino_storage(forms[ov["form"]], settings, b.staging)
     if ov is not None:
-        settings = OvSettings(**ov["settings"])
         write_session(b.staging, b.staging / OV_MODEL_FILE, settings, engine_precision(b.opts),
                       {k: v for k, v in record["median_ms_batch1"].items() if k.startswith("openvino")})
         b.manifest.setdefault("artifacts", {})
