@@ -176,7 +176,9 @@ def _compact_only_where_identical(record: dict) -> None:
     on the N=8 face model's Q/DQ graph they did not.)"""
     timed = record["median_ms_batch1"]
     fast = record["same_layers_compiled"] or timed["compact"] <= timed["plain"] * (1 + PACKED_LATENCY_TOLERANCE)
-    assert (record["chosen"] == "compact") == (record["outputs_identical"] and fast), record
+    assert record["no_slower"] == fast
+    passes = record["outputs_identical"] or record.get("accuracy", {}).get("passed", False)
+    assert (record["chosen"] == "compact") == (passes and fast), record
     if record["chosen"] != "compact":
         assert "kept out" in record["why"]
 
@@ -332,6 +334,55 @@ def test_openvino_deploys_a_tensorrt_form_int8_graph_with_integer_weights(tmp_pa
         with OpenVinoSessionRunner(path, OvSettings(threads=1)) as runner:
             outputs.append(runner.infer(IMAGES))
     np.testing.assert_array_equal(*outputs)
+
+
+@pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+@pytest.mark.parametrize("passes", [True, False])
+def test_compact_storage_with_other_outputs_is_judged_by_the_accuracy_gate(tmp_path, monkeypatch, passes):
+    """Where OpenVINO computes other bits from the compact file (on N=8 and pose models it fuses
+    integer-stored weights differently), the build's accuracy gate decides, as it does for graph
+    forms: the compact file is deployed where it passes, the plain one where it fails, and the
+    record says which and why. The compact form here really computes other outputs: its weight
+    integers are moved one step, as another rounding would."""
+    from cunet_optimize.engines.openvino import OV_MODEL_FILE, OpenVinoSessionRunner, OvSettings, \
+        choose_openvino_storage
+    from cunet_optimize.onnx_tools import storage
+
+    drop = storage.drop_zero_weight_zero_points
+
+    def drop_and_round_weights_otherwise(model):
+        for weight in model.graph.initializer:
+            if weight.data_type == onnx.TensorProto.INT8 and len(weight.dims) == 4:
+                values = onnx.numpy_helper.to_array(weight)
+                values = np.where(values < 127, values + 1, values).astype(values.dtype)
+                weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+        return drop(model)
+
+    monkeypatch.setattr(storage, "drop_zero_weight_zero_points", drop_and_round_weights_otherwise)
+    checked = []
+
+    def accuracy_check(runner):
+        checked.append(runner.model_path.name)
+        return {"metric": "NME", "value": 3.0 if passes else 9.0, "against": "the FP32 reference", "passed": passes}
+
+    form = tmp_path / "form-qdq-symmetric.onnx"
+    onnx.save(_int8_qdq_onnx(tmp_path), form)
+    record = choose_openvino_storage(form, OvSettings(threads=1), tmp_path, accuracy_check)
+    assert not record["outputs_identical"]
+    _compact_only_where_identical(record)
+    if not record["no_slower"]:  # a compact file that runs slower is not gated at all
+        assert not checked and record["chosen"] == "plain"
+        return
+    assert checked == [f".{OV_MODEL_FILE}.compact"] and record["accuracy"]["passed"] == passes
+    assert record["chosen"] == ("compact" if passes else "plain")
+    assert ("pass the accuracy gate (NME 3.000" in record["why"]) == passes
+    assert ("fail the accuracy gate (NME 9.000" in record["why"]) != passes
+    with OpenVinoSessionRunner(form, OvSettings(threads=1)) as runner:
+        timed = runner.infer(IMAGES)
+    with OpenVinoSessionRunner(tmp_path / OV_MODEL_FILE, OvSettings(threads=1)) as runner:
+        deployed = runner.infer(IMAGES)
+    assert np.array_equal(deployed, timed) != passes
+    assert (tmp_path / OV_MODEL_FILE).stat().st_size == record["bytes"][record["chosen"]]
 
 
 def test_a_graph_is_judged_the_same_after_load_only_when_it_is(tmp_path):

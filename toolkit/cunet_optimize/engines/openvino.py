@@ -251,16 +251,19 @@ PACKED_LATENCY_TOLERANCE = 0.05
 STORAGE_TIMING_RUNS = 20
 
 
-def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict:
+def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accuracy_check=None) -> dict:
     """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors renamed short,
     its node names dropped, its small constants stored once and, checked, its weights stored
     compact (onnx_tools/storage.py): weights the graph quantizes with a QuantizeLinear (the
     TensorRT Q/DQ form) stored as their integers, all-zero weight zero points left to the default,
     INT4-valued integer weights packed (OpenVINO folds the Cast at compile). The renamed form's
     outputs must equal `form`'s in OpenVINO, bit for bit (a bug otherwise); the compact one is kept
-    where they do too and it does not compile into other layers that run slower by more than
-    PACKED_LATENCY_TOLERANCE. Returns the record (bytes, timings, the choice); the file is written
-    atomically."""
+    where it does not compile into other layers that run slower by more than
+    PACKED_LATENCY_TOLERANCE and its outputs are identical too, or, where OpenVINO computes other
+    bits from integer-stored weights (it fuses them differently; a deep network amplifies the
+    rounding), where it passes `accuracy_check(runner) -> dict` (with "passed"): the gate the timed
+    form passed (pipeline/build.py _variant_gate). Without a check, identical outputs are required.
+    Returns the record (bytes, timings, the choice); the file is written atomically."""
     import onnx
 
     from cunet_optimize.data.synth import verification_batch
@@ -306,8 +309,10 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
                 compiled_same = layers["compact"] == layers["plain"]
                 fast = compiled_same or timed["compact"] <= timed["plain"] * (1 + PACKED_LATENCY_TOLERANCE)
                 record.update(median_ms_batch1={k: round(v, 3) for k, v in timed.items()}, outputs_identical=same,
-                              same_layers_compiled=compiled_same)
-                if same and fast:
+                              same_layers_compiled=compiled_same, no_slower=fast)
+                if fast and not same and accuracy_check is not None:  # other bits: judged as the forms are
+                    record["accuracy"] = accuracy_check(runners["compact"])
+                if fast and (same or record.get("accuracy", {}).get("passed")):
                     record["chosen"] = "compact"
             b = record["bytes"]
             compact = [f"{quantized} Q/DQ weight(s) stored as integers"] * bool(quantized) + \
@@ -315,15 +320,26 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path) -> dict
                 [f"{packed} INT4-valued weight(s) packed"] * bool(packed)
             record["why"] = (f"OpenVINO's {OV_MODEL_FILE}: {form.name} with short names"
                              + "".join(f", {c}" for c in compact if record["chosen"] == "compact")
-                             + f", {b['form']} -> {b[record['chosen']]} bytes, outputs identical"
-                             + ("" if "compact" not in paths or record["chosen"] == "compact" else
-                                f"; {' and '.join(compact)} kept out "
-                                f"({'outputs differ' if not record['outputs_identical'] else 'slower'})"))
+                             + f", {b['form']} -> {b[record['chosen']]} bytes, {_storage_verdict(record, compact)}")
             os.replace(paths[record["chosen"]], final)
         finally:
             for path in paths.values():
                 path.unlink(missing_ok=True)
         return record
+
+
+def _storage_verdict(record: dict, compact: list[str]) -> str:
+    """What choose_openvino_storage's record says of the deployed file's outputs and, where the
+    compact storage (`compact`: what it changes) was kept out, why."""
+    gated = record.get("accuracy")
+    metric = f"{gated['metric']} {gated['value']:.3f} against {gated['against']}" if gated else ""
+    if record["chosen"] == "compact" and not record["outputs_identical"]:
+        return f"outputs differ in their last bits and pass the accuracy gate ({metric})"
+    if record["chosen"] == "compact" or "outputs_identical" not in record:
+        return "outputs identical"
+    why = ("slower" if not record["no_slower"] else
+           f"its outputs differ and fail the accuracy gate ({metric})" if gated else "its outputs differ")
+    return f"outputs identical; {' and '.join(compact)} kept out ({why})"
 
 
 class OpenVinoRunner(OpenVinoSessionRunner):

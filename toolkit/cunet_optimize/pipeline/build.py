@@ -681,12 +681,13 @@ def _cpu_runtime(b: _Build, build) -> None:
     ort_engine = ort_runner if not b.opts.accuracy_gate else None
     bf16_float = "float" in (b.opts.layer_formats or {}).values() and plan_float_type(b.opts, b.target) == "bf16"
     with compile_cache(b.staging):  # each model compiled once, not once per block and setting
-        record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), _variant_gate(b, ort_engine),
+        gate = _variant_gate(b, ort_engine)
+        record = choose_cpu_runtime(ort_runner, forms, engine_precision(b.opts), gate,
                                     pinned=b.opts.cpu_runtime == "openvino", bf16_float=bf16_float)
         ov = record["openvino"]
         if ov is not None:
             settings = OvSettings(**ov["settings"])
-            ov["storage"] = choose_openvino_storage(forms[ov["form"]], settings, b.staging)
+            ov["storage"] = choose_openvino_storage(forms[ov["form"]], settings, b.staging, gate)
     if ov is not None:
         write_session(b.staging, b.staging / OV_MODEL_FILE, settings, engine_precision(b.opts),
                       {k: v for k, v in record["median_ms_batch1"].items() if k.startswith("openvino")})
