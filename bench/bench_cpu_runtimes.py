@@ -4,7 +4,9 @@
   form chosen by timing), and whatever CPU runtime that build chose where OpenVINO is installed;
 - OpenVINO on our TensorRT bundle's Q/DQ ONNX as is (`build --target h100`'s model.onnx);
 - OpenVINO after NNCF post-training quantization of the FP32 export (`nncf.quantize`, its defaults);
-- ONNX Runtime's own `quantize_static` of the FP32 export (QDQ, uint8 activations, int8 weights).
+- ONNX Runtime's own `quantize_static` of the FP32 export (QDQ, uint8 activations, int8 weights);
+- and, for reference, the FP32 export in ONNX Runtime and in OpenVINO at f32 and (where the CPU
+  runs it) bf16 inference precision: not INT8 routes, so not in the target's comparison.
 
 NNCF and quantize_static calibrate on the same images our build does (the default calibration set,
 --calib-images of them). Every engine is timed at batch 1 with 1 and 2 threads, each (engine,
@@ -49,7 +51,7 @@ def main() -> None:
     from cunet_optimize.engines.base import time_in_blocks
     from cunet_optimize.engines.cpu_isa import cpu_bf16_isa, cpu_int8_isa, cpu_model
     from cunet_optimize.engines.onnxrt import OnnxRuntimeSessionRunner, OrtSettings
-    from cunet_optimize.engines.openvino import OpenVinoSessionRunner, OvSettings
+    from cunet_optimize.engines.openvino import OpenVinoSessionRunner, OvSettings, bf16_runs_here
     from cunet_optimize.evaluation import evaluate_landmarks, evaluate_runner
     from cunet_optimize.exporters import export_onnx
     from cunet_optimize.tasks import FACE, calibration_images, open_dataset_or_default
@@ -109,6 +111,16 @@ def main() -> None:
         "ONNX Runtime quantize_static (QDQ, ORT_ENABLE_ALL)": lambda n: OnnxRuntimeSessionRunner(
             static_path, OrtSettings(optimization="all", intra_op_threads=n), load_optimization="all"),
     }
+    # the float rows of the issue's table, for reference (not among the INT8 routes the target compares)
+    floats = {
+        "ONNX Runtime FP32 (ORT_ENABLE_ALL)": lambda n: OnnxRuntimeSessionRunner(
+            fp32_onnx, OrtSettings(optimization="all", intra_op_threads=n), load_optimization="all"),
+        "OpenVINO FP32 (f32 inference precision)": lambda n: OpenVinoSessionRunner(fp32_onnx, OvSettings("f32", n)),
+    }
+    if bf16_runs_here():  # OpenVINO's default inference precision on such a CPU
+        floats["OpenVINO FP32 at bf16 inference precision"] = lambda n: OpenVinoSessionRunner(
+            fp32_onnx, OvSettings("bf16", n))
+    engines.update(floats)
     manifest = ours.manifest
     if manifest.get("backend") == "openvino":  # where the build chose OpenVINO, its engine too
         ov_session = json.loads((ours_dir / "openvino.json").read_text())
@@ -126,7 +138,7 @@ def main() -> None:
                                                   name).metrics)
     reference = manifest["accuracy"]["reference_value"]
 
-    others = [k for k in engines if not k.startswith("ours")]
+    others = [k for k in engines if not k.startswith("ours") and k not in floats]
     result = {"command": "python bench/bench_cpu_runtimes.py " + " ".join(
                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                   for k, v in vars(args).items()),

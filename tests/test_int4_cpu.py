@@ -21,7 +21,7 @@ from cunet_optimize.onnx_tools.patterns import conv_weight, dequantized_weight
 from cunet_optimize.onnx_tools.storage import fits_int4
 from cunet_optimize.onnx_tools.verify import run_onnxruntime
 from cunet_optimize.quant import parse_precision, post_training_quantize
-from cunet_optimize.quant.auto import with_layer_formats
+from cunet_optimize.quant.auto import INT4_SINK_BYTES_PER_CHANNEL, layer_cost, layer_infos, with_layer_formats
 from cunet_optimize.quant.onnx_scales import int4_block_scales
 from cunet_optimize.quant.policy import int4_block_for, quant_scheme
 from cunet_optimize.surgery import run_surgery
@@ -215,8 +215,8 @@ def test_the_clamp_form_folds_only_into_int8_convs_and_leaves_int4_weights_int4(
     q, _, _ = post_training_quantize(_model(), parse_precision("int8-convin"), [torch.from_numpy(IMAGES)], "max",
                                      progress=False)
     convs = [n for n, m in q.named_modules() if isinstance(m, torch.nn.Conv2d)][1:-1]
-    mixed = with_layer_formats(q, {name: ("int4", "int8")[i % 2] for i, name in enumerate(convs)},
-                               int4_block_for("onnxruntime"))
+    plan = {name: ("int4", "int8")[i % 2] for i, name in enumerate(convs)}
+    mixed = with_layer_formats(q, plan, int4_block_for("onnxruntime"))
     proto, options = _export(mixed, tmp_path, "mixed")
 
     def int4_convs(relu_form):
@@ -225,12 +225,25 @@ def test_the_clamp_form_folds_only_into_int8_convs_and_leaves_int4_weights_int4(
         graph = gs.import_onnx(result.model)
         weights = {n.name: _integer_weight(n, graph) for n in graph.nodes if n.op == "Conv"}
         maxes = [n.op_type for n in result.model.graph.node].count("Max")
-        return {name: fits_int4(w[0]) for name, w in weights.items() if w is not None and "depthwise" not in name}, maxes
+        sinks = [w for name, w in weights.items() if "depthwise" in name]
+        return ({name: fits_int4(w[0]) for name, w in weights.items() if w is not None and "depthwise" not in name},
+                maxes, sinks)
 
-    exact, no_max = int4_convs("depthwise")
-    clamped, maxes = int4_convs("clamp")
+    exact, no_max, _ = int4_convs("depthwise")
+    clamped, maxes, sinks = int4_convs("clamp")
     assert no_max == 0 and maxes > 0  # sinks before INT8 1x1 convs took the clamp
     assert sum(exact.values()) > 5 and {n for n, int4 in clamped.items() if int4} == {n for n, int4 in exact.items() if int4}
+    # what the auto search's size cost adds to an INT4 inner 1x1 conv is the sink it keeps here
+    layers = {layer.name: layer for layer in layer_infos(q, "conv", (64, 64))}
+    kept = [layers[c] for c, f in plan.items() if f == "int4" and layers[c].role == "conv1x1"]
+    assert len(sinks) == len(kept) > 3
+    assert sum(w[0].size for w in sinks) == sum(layer.weight_shape[1] for layer in kept)
+    for layer in layers.values():
+        out_ch = layer.weight_shape[0]
+        extra = layer_cost(layer, "int4", "size", int4_block=None) - (layer.params + 1) // 2 - 4 * out_ch
+        assert extra == (INT4_SINK_BYTES_PER_CHANNEL * layer.weight_shape[1] if layer.role == "conv1x1" else 0)
+        blocks = out_ch * -(-layer.weight_shape[1] // 32) * layer.params // (out_ch * layer.weight_shape[1])
+        assert layer_cost(layer, "int4", "size", int4_block=32) == (layer.params + 1) // 2 + 4 * blocks  # no sink
 
 
 def test_share_constants_scalarizes_zero_weight_zero_points_and_merges_equal_scalars_only():
@@ -309,6 +322,38 @@ def test_weights_quantized_in_the_graph_are_stored_as_their_integers(tmp_path):
                    and any(i.name == n.input[0] and len(i.dims) == 4 for i in shared.graph.initializer))
     shared.graph.node.append(onnx.helper.make_node("Identity", [first_q.input[0]], ["weight_copy"]))
     assert store_quantized_weights(shared) == convs - 1
+
+
+def test_default_attribute_values_are_left_out_and_the_others_kept(tmp_path):
+    """drop_default_attributes: unit strides, zero pads, group 1, a conv's kernel_shape (the
+    definition infers it from the weight), axis 1 go; a value that is not the default (the stem's
+    pads, MaxPool's kernel and strides), a runtime's own op and a graph below opset 13 keep theirs.
+    The outputs stay bit for bit."""
+    from cunet_optimize.onnx_tools.storage import drop_default_attributes
+
+    proto = _int8_qdq_onnx(tmp_path)
+    before = {(n.name, a.name): onnx.helper.get_attribute_value(a) for n in proto.graph.node for a in n.attribute}
+    custom = onnx.helper.make_node("Identity", [proto.graph.output[0].name], ["unused"], domain="com.example", axis=1)
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    model.graph.node.append(custom)
+    dropped = drop_default_attributes(model)
+    after = {(n.name, a.name): onnx.helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute}
+    gone = set(before) - set(after)
+    assert dropped == len(gone) > 100 and ("", "axis") in after  # the custom op keeps its axis
+    assert {a for _, a in gone} >= {"strides", "dilations", "group", "kernel_shape"}
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert onnx.helper.get_attribute_value(next(a for a in stem.attribute if a.name == "pads")) == [3, 3, 3, 3]
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    assert {a.name for a in pool.attribute} >= {"kernel_shape", "strides"}
+    assert all(before[k] == v for k, v in after.items() if k in before)
+    del model.graph.node[-1]
+    np.testing.assert_array_equal(_out(model), _out(proto))
+
+    old = onnx.ModelProto()
+    old.CopyFrom(proto)
+    old.opset_import[0].version = 12
+    assert drop_default_attributes(old) == 0
 
 
 @pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")

@@ -48,8 +48,8 @@ from cunet_optimize.engines.base import EngineArtifacts, Runner, Timing, final_h
 from cunet_optimize.engines.cpu_isa import cpu_int8_isa, cpu_model
 from cunet_optimize.targets import check_precision, get_target
 from cunet_optimize.errors import CUNetError
-from cunet_optimize.onnx_tools.storage import ORT_WEIGHT_INPUTS, opset, pack_int4_initializers, share_constants, \
-    shorten_names
+from cunet_optimize.onnx_tools.storage import ORT_WEIGHT_INPUTS, drop_default_attributes, opset, \
+    pack_int4_initializers, share_constants, shorten_names
 from cunet_optimize.onnx_tools.verify import open_session
 
 SESSION_SCHEMA = "cunet-optimize/ort-session/1"
@@ -328,7 +328,8 @@ class OnnxRuntimeBuilder:
 
 def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> tuple[Path, dict]:
     """ONNX Runtime's optimised model of `onnx_path` at the settings' level, its tensors renamed
-    short and its small constants stored once (onnx_tools/storage.py), written atomically to
+    short, its small constants stored once and its default attribute values left out
+    (onnx_tools/storage.py), written atomically to
     out/OPTIMIZED_MODEL_FILE (the file the runner loads); and the record: bytes before and after,
     outputs compared."""
     import onnx
@@ -345,6 +346,7 @@ def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> tuple[
         model = onnx.load(written)
         renamed = shorten_names(model)
         shared = share_constants(model)
+        defaults = drop_default_attributes(model)
         onnx.save(model, partial)
         image = verification_batch(1)
         outputs = []
@@ -352,9 +354,10 @@ def _save_optimized(onnx_path: Path, settings: OrtSettings, out: Path) -> tuple[
             session = open_session(path, session_options(settings, "disable"))
             outputs.append(session.run(None, {session.get_inputs()[0].name: image}))
         if not all(np.array_equal(a, b) for a, b in zip(*outputs)):  # labels and equal values: a bug
-            raise CUNetError(f"renaming the tensors of {onnx_path}'s optimised model or sharing its constants "
-                             "changed its outputs; this is a bug, report it")
+            raise CUNetError(f"renaming the tensors of {onnx_path}'s optimised model, sharing its constants or "
+                             "dropping its default attribute values changed its outputs; this is a bug, report it")
         record = {"renamed_tensors": renamed, "value_info_dropped": True, "shared_constants": shared,
+                  "default_attributes_dropped": defaults,
                   "outputs_identical": True,
                   "bytes": {"as_written": written.stat().st_size, "compact": partial.stat().st_size}}
         os.replace(partial, final)
@@ -454,9 +457,9 @@ def choose_weight_storage(final: Path, settings: OrtSettings, out: Path) -> dict
 
 def _loads_as(path: Path, level: str, reference: Path, settings: OrtSettings, out: Path) -> bool:
     """Whether ONNX Runtime, loading `path` at `level`, makes the graph in `reference`: the same
-    nodes (their attributes too), reading the same tensors, where an initializer counts by its
-    type, shape and bytes, not its name (the loader sorts nodes, drops unread initializers and
-    merges equal ones)."""
+    nodes (their attributes too, an attribute at its default value the same as an absent one),
+    reading the same tensors, where an initializer counts by its type, shape and bytes, not its
+    name (the loader sorts nodes, drops unread initializers and merges equal ones)."""
     import hashlib
 
     import onnx
@@ -469,6 +472,7 @@ def _loads_as(path: Path, level: str, reference: Path, settings: OrtSettings, ou
         dumped.unlink(missing_ok=True)
 
     def graph(model):
+        drop_default_attributes(model)  # (the loader writes some back)
         content = {i.name: f"{i.data_type}:{list(i.dims)}:"
                            + hashlib.sha256(onnx.numpy_helper.to_array(i).tobytes()).hexdigest()
                    for i in model.graph.initializer}

@@ -253,7 +253,8 @@ STORAGE_TIMING_RUNS = 20
 
 def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accuracy_check=None) -> dict:
     """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors renamed short,
-    its node names dropped, its small constants stored once and, checked, its weights stored
+    its node names and default attribute values dropped, its small constants stored once and,
+    checked, its weights stored
     compact (onnx_tools/storage.py): weights the graph quantizes with a QuantizeLinear (the
     TensorRT Q/DQ form) stored as their integers, all-zero weight zero points left to the default,
     INT4-valued integer weights packed (OpenVINO folds the Cast at compile). The renamed form's
@@ -268,13 +269,15 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accurac
 
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.engines.base import time_in_blocks
-    from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, drop_zero_weight_zero_points, opset, \
-        pack_int4_initializers, share_constants, shorten_names, store_quantized_weights
+    from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, drop_default_attributes, \
+        drop_zero_weight_zero_points, opset, pack_int4_initializers, share_constants, shorten_names, \
+        store_quantized_weights
 
     final = out / OV_MODEL_FILE
     model = onnx.load(form)
     shorten_names(model, nodes=True)  # OpenVINO's per-op times are not profiled here
     share_constants(model)
+    defaults = drop_default_attributes(model)
     paths = {"plain": out / f".{OV_MODEL_FILE}.plain"}
     onnx.save(model, paths["plain"])
     quantized = store_quantized_weights(model)
@@ -294,9 +297,11 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accurac
                     outputs[label] = runner.infer(image)
                     layers[label] = runner.execution_graph()
             if not np.array_equal(outputs["plain"], outputs["form"]):  # labels and equal values: a bug
-                raise CUNetError(f"renaming the tensors of {form} or sharing its constants changed OpenVINO's outputs; "
+                raise CUNetError(f"renaming the tensors of {form}, sharing its constants or dropping its default "
+                                 "attribute values changed OpenVINO's outputs; "
                                  "this is a bug, report it")
-            record: dict[str, Any] = {"form": form.name, "quantized_weights": quantized,
+            record: dict[str, Any] = {"form": form.name, "default_attributes_dropped": defaults,
+                                      "quantized_weights": quantized,
                                       "zero_points_dropped": zero_points, "packed_initializers": packed,
                                       "chosen": "plain",
                                       "bytes": {"form": form.stat().st_size,
