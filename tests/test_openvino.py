@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import run_build_json, run_cli, tiny_build_args
@@ -297,6 +298,37 @@ def test_runtimes_the_timer_cannot_tell_apart_are_timed_again(monkeypatch, tmp_p
         assert record["retimed_ms_batch1"]["onnxruntime (as built)"] == 2.0
     else:
         assert len(calls) == 1 and record["retimed_ms_batch1"] is None
+
+
+@needs_openvino
+@pytest.mark.parametrize("big_lead_ms, form", [(0.1, "small"), (0.6, "big")])
+def test_openvino_forms_the_timer_cannot_tell_apart_go_by_their_deployed_bytes(monkeypatch, tmp_path, big_lead_ms,
+                                                                             form):
+    """Every timing drifts 0.2 ms between its rounds. A form 0.1 ms ahead of a smaller one is
+    within the drift: the smaller deploys (a choice between such timings would follow the noise).
+    0.6 ms ahead, the faster form deploys whatever its bytes."""
+    import cunet_optimize.engines.base as base
+    from cunet_optimize.pipeline.autotune import choose_cpu_runtime
+
+    forms = {}
+    for name, size in (("big", 4096), ("small", 16)):
+        add = onnx.helper.make_node("Add", ["image", "w"], ["heatmaps"])
+        io = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [size]) for n in ("image", "heatmaps")]
+        graph = onnx.helper.make_graph([add], name, io[:1], io[1:], [onnx.numpy_helper.from_array(
+            np.ones(size, np.float32), "w")])
+        forms[name] = tmp_path / f"{name}.onnx"
+        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), forms[name])
+
+    def drifting(runners, image, runs, rounds=2):
+        ms = {key: 3.0 if key[0] == "onnxruntime" else 2.0 - big_lead_ms * (key[1] == "big") for key in runners}
+        return {key: Timing(m, (m - 0.1, m + 0.1)) for key, m in ms.items()}
+
+    monkeypatch.setattr(base, "time_in_blocks", drifting)
+    record = choose_cpu_runtime(object(), forms, "fp32", lambda runner: {"passed": True})
+    assert record["chosen"] == "openvino" and record["openvino"]["form"] == form
+    assert record["openvino_form_bytes"]["small"] < record["openvino_form_bytes"]["big"]
+    tied_forms = {label.split()[1] for label in record["openvino_tied"]}  # ("openvino FORM SETTINGS")
+    assert tied_forms == ({"big", "small"} if form == "small" else {"big"})
 
 
 @needs_openvino

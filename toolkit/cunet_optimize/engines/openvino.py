@@ -254,10 +254,9 @@ STORAGE_TIMING_RUNS = 20
 def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accuracy_check=None) -> dict:
     """out/OV_MODEL_FILE: the ONNX form OpenVINO was timed on (`form`), its tensors renamed short,
     its node names and default attribute values dropped, its small constants stored once and,
-    checked, its weights stored
-    compact (onnx_tools/storage.py): weights the graph quantizes with a QuantizeLinear (the
-    TensorRT Q/DQ form) stored as their integers, all-zero weight zero points left to the default,
-    INT4-valued integer weights packed (OpenVINO folds the Cast at compile). The renamed form's
+    checked, its weights stored compact (onnx_tools/storage.py): weights the graph quantizes with
+    a QuantizeLinear (the TensorRT Q/DQ form) stored as their integers, all-zero weight zero points
+    left to the default, INT4-valued integer weights packed (OpenVINO folds the Cast at compile). The renamed form's
     outputs must equal `form`'s in OpenVINO, bit for bit (a bug otherwise); the compact one is kept
     where it does not compile into other layers that run slower by more than
     PACKED_LATENCY_TOLERANCE and its outputs are identical too, or, where OpenVINO computes other
@@ -269,20 +268,13 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accurac
 
     from cunet_optimize.data.synth import verification_batch
     from cunet_optimize.engines.base import time_in_blocks
-    from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, drop_default_attributes, \
-        drop_zero_weight_zero_points, opset, pack_int4_initializers, share_constants, shorten_names, \
-        store_quantized_weights
 
     final = out / OV_MODEL_FILE
     model = onnx.load(form)
-    shorten_names(model, nodes=True)  # OpenVINO's per-op times are not profiled here
-    share_constants(model)
-    defaults = drop_default_attributes(model)
+    defaults = _store_plain(model)
     paths = {"plain": out / f".{OV_MODEL_FILE}.plain"}
     onnx.save(model, paths["plain"])
-    quantized = store_quantized_weights(model)
-    zero_points = drop_zero_weight_zero_points(model)
-    packed = pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
+    quantized, zero_points, packed = _store_compact(model)
     if quantized or zero_points or packed:
         paths["compact"] = out / f".{OV_MODEL_FILE}.compact"
         onnx.save(model, paths["compact"])
@@ -331,6 +323,40 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accurac
             for path in paths.values():
                 path.unlink(missing_ok=True)
         return record
+
+
+def _store_plain(model) -> int:
+    """choose_openvino_storage's renamed form, in place: short tensor names, no node names (OpenVINO's
+    per-op times are not profiled here), small constants stored once, no attribute at its default
+    value. Returns how many default attribute values went."""
+    from cunet_optimize.onnx_tools.storage import drop_default_attributes, share_constants, shorten_names
+
+    shorten_names(model, nodes=True)
+    share_constants(model)
+    return drop_default_attributes(model)
+
+
+def _store_compact(model) -> tuple[int, int, int]:
+    """choose_openvino_storage's compact form of the renamed one, in place: Q/DQ weights stored as
+    integers, zero weight zero points left out, INT4-valued weights packed. Returns the counts."""
+    from cunet_optimize.onnx_tools.storage import QDQ_WEIGHT_INPUTS, drop_zero_weight_zero_points, opset, \
+        pack_int4_initializers, store_quantized_weights
+
+    quantized = store_quantized_weights(model)
+    zero_points = drop_zero_weight_zero_points(model)
+    return quantized, zero_points, pack_int4_initializers(model, QDQ_WEIGHT_INPUTS) if opset(model) >= 21 else 0
+
+
+def compact_bytes(form: Path) -> int:
+    """The bytes of `form` stored as choose_openvino_storage's compact form: what deploying it with
+    OpenVINO would cost on disk where that form is kept (pipeline/autotune.py choose_cpu_runtime
+    breaks timing ties between forms by it)."""
+    import onnx
+
+    model = onnx.load(form)
+    _store_plain(model)
+    _store_compact(model)
+    return model.ByteSize()
 
 
 def _storage_verdict(record: dict, compact: list[str]) -> str:

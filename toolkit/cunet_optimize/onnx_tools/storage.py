@@ -260,7 +260,7 @@ DEFAULT_ATTRIBUTES = {
 def drop_default_attributes(model: onnx.ModelProto) -> int:
     """Attributes whose value is the one the operator takes when it is absent (DEFAULT_ATTRIBUTES:
     unit strides and dilations, zero pads, group 1, a conv's kernel_shape, axis 1, Resize's
-    defaults), left out: each is spelled with its name on every node (7% of the embedded INT4
+    defaults), left out: each is spelled with its name on every node (3% of the embedded INT4
     model's OpenVINO file). ai.onnx ops of a model at opset 13 or later only; a runtime's own
     ops keep theirs. In place; returns how many went."""
     if opset(model) < 13:

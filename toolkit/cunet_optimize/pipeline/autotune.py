@@ -139,8 +139,11 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     (engines/base.py time_in_blocks). An OpenVINO candidate is taken only once
     `accuracy_check(runner) -> dict` (with "passed") says it passes the gate here (against FP32; with
     the build's gate off, against ONNX Runtime's engine: pipeline/build.py _variant_gate); ONNX
-    Runtime's engine goes through the build's own gate. The faster of ONNX Runtime and OpenVINO's
-    fastest passing candidate is chosen; where the two are within the timer's drift of each other
+    Runtime's engine goes through the build's own gate. Where OpenVINO candidates of several forms
+    are within the timer's drift of the fastest (base.within_drift_of_fastest), the form that
+    deploys in fewer bytes (engines/openvino.py compact_bytes) goes first, as choose_int8_form
+    prefers the form with fewer nodes: a choice between such timings would follow the noise. The
+    faster of ONNX Runtime and OpenVINO's best passing candidate is chosen; where the two are within the timer's drift of each other
     (base.within_drift_of_fastest), they are timed again over RETIMING_ROUNDS rounds first, and
     that timing decides. The OpenVINO candidate is kept beside the choice either way (so `profile`
     measures both runtimes); where none passes and ONNX Runtime
@@ -154,7 +157,8 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     from cunet_optimize.engines.base import time_in_blocks, within_drift_of_fastest
     from cunet_optimize.engines.cpu_isa import cpu_bf16_isa, cpu_model
     from cunet_optimize.engines.onnxrt import THREAD_TUNING_RUNS, thread_candidates
-    from cunet_optimize.engines.openvino import OpenVinoSessionRunner, openvino_version, settings_candidates
+    from cunet_optimize.engines.openvino import OpenVinoSessionRunner, compact_bytes, openvino_version, \
+        settings_candidates
 
     runners = {("onnxruntime",): ort_runner} if ort_runner is not None else {}
     for form, path in ov_forms.items():
@@ -166,9 +170,10 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     retimed = None
     checks: dict[str, dict] = {}
     best_ov = None
-    for key in sorted(timed, key=timed.get):
-        if key[0] == "onnxruntime":
-            continue
+    ov_keys = [key for key in timed if key[0] == "openvino"]
+    tied = within_drift_of_fastest({key: timings[key] for key in ov_keys}) if ov_keys else set()
+    form_bytes = {form: compact_bytes(path) for form, path in ov_forms.items()} if len(ov_forms) > 1 else {}
+    for key in sorted(ov_keys, key=lambda k: (k not in tied, form_bytes.get(k[1], 0), timed[k])):
         _, form, settings = key
         check = f"{form} {settings.inference_precision}"  # threads and hints do not change outputs
         if check not in checks:
@@ -198,6 +203,8 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
         "pinned": "openvino (--cpu-runtime)" if pinned else None,
         "openvino": None if best_ov is None else {"form": best_ov[1], "settings": asdict(best_ov[2]),
                                                   "median_ms_batch1": round(timed[best_ov], 3)},
+        "openvino_tied": sorted(label(k) for k in tied) if len(tied) > 1 else [],
+        "openvino_form_bytes": form_bytes,
         "median_ms_batch1": {label(k): round(ms, 3) for k, ms in sorted(timed.items(), key=lambda kv: kv[1])},
         "round_ms_batch1": {label(k): [round(ms, 3) for ms in t.round_ms] for k, t in timings.items()},
         "retimed_ms_batch1": None if retimed is None else {label(k): round(t.median_ms, 3) for k, t in retimed.items()},

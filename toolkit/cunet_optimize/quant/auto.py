@@ -28,9 +28,9 @@ scheme's edge rule: tiny, and closest to the input and output).
 
 Costs (`layer_cost`): deployed weight bytes (integers + their float32 scales; float
 weights in the target's float type; on the CPU's integer path, the depthwise BatchNorm an
-INT4 inner 1x1 conv keeps before it: `INT4_SINK_BYTES_PER_CHANNEL`), or an estimated latency: multiply-accumulates
-times a relative cost per MAC of the arithmetic the engine runs (`MAC_COST`; INT4
-weights run as the target's float type plus a dequantization). The latency model is
+INT4 inner 1x1 conv keeps before it: `INT4_SINK_BYTES_PER_CHANNEL`), or an estimated
+latency: multiply-accumulates times a relative cost per MAC of the arithmetic the engine
+runs (`MAC_COST`; INT4 weights run as the target's float type plus a dequantization). The latency model is
 relative and coarse: it ranks plans, it does not predict milliseconds.
 """
 
