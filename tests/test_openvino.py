@@ -284,7 +284,8 @@ def test_runtimes_the_timer_cannot_tell_apart_are_timed_again(monkeypatch, tmp_p
     calls = []
 
     def drifting(runners, image, runs, rounds=2):
-        calls.append((len(runners), rounds))
+        if ("onnxruntime",) in runners:  # (not OpenVINO's retiming of its own tied settings)
+            calls.append((len(runners), rounds))
         lead = openvino_lead_ms if rounds == 2 else -0.1
         ms = {key: 2.0 - (lead if key[0] == "openvino" else 0.0) for key in runners}
         return {key: Timing(m, (m - 0.1, m + 0.1)) for key, m in ms.items()}
@@ -298,6 +299,36 @@ def test_runtimes_the_timer_cannot_tell_apart_are_timed_again(monkeypatch, tmp_p
         assert record["retimed_ms_batch1"]["onnxruntime (as built)"] == 2.0
     else:
         assert len(calls) == 1 and record["retimed_ms_batch1"] is None
+
+
+@needs_openvino
+def test_openvino_settings_the_timer_cannot_tell_apart_are_timed_again(monkeypatch, tmp_path):
+    """One and two threads within each other's drift in the first timing (one thread 0.05 ms ahead):
+    both are timed again, longer, and that timing (two threads 0.5 ms ahead) decides; only the
+    tied ones are timed again."""
+    import cunet_optimize.engines.base as base
+    from cunet_optimize.pipeline.autotune import RETIMING_ROUNDS, choose_cpu_runtime
+
+    retimed = []
+
+    def drifting(runners, image, runs, rounds=2):
+        def ms(key):
+            if key[0] == "onnxruntime":
+                return 5.0
+            threads, hint = key[2].threads, key[2].performance_hint
+            if hint != "LATENCY":
+                return 4.0  # beyond the drift of the fastest: not timed again
+            return (2.0 - 0.05 * (threads == 1)) if rounds == 2 else (2.0 - 0.5 * (threads == 2))
+        if rounds == RETIMING_ROUNDS:
+            retimed.append(sorted(key[2].threads for key in runners))
+        return {key: Timing(ms(key), (ms(key) - 0.1, ms(key) + 0.1)) for key in runners}
+
+    monkeypatch.setattr("cunet_optimize.engines.onnxrt.thread_candidates", lambda: [1, 2])  # (the suite sets 1)
+    monkeypatch.setattr(base, "time_in_blocks", drifting)
+    record = choose_cpu_runtime(object(), {"deployed": tmp_path / "model.onnx"}, "fp32", lambda runner: {"passed": True})
+    assert retimed == [[1, 2]] and record["openvino"]["settings"]["threads"] == 2
+    assert record["openvino_retimed_ms_batch1"] == {"openvino deployed f32 x1 latency": 2.0,
+                                                    "openvino deployed f32 x2 latency": 1.5}
 
 
 @needs_openvino
@@ -326,7 +357,8 @@ def test_openvino_forms_the_timer_cannot_tell_apart_go_by_their_deployed_bytes(m
     monkeypatch.setattr(base, "time_in_blocks", drifting)
     record = choose_cpu_runtime(object(), forms, "fp32", lambda runner: {"passed": True})
     assert record["chosen"] == "openvino" and record["openvino"]["form"] == form
-    assert record["openvino_form_bytes"]["small"] < record["openvino_form_bytes"]["big"]
+    sizes = record["openvino_form_bytes"]  # weighed only between tied forms
+    assert sizes["small"] < sizes["big"] if form == "small" else sizes == {}
     tied_forms = {label.split()[1] for label in record["openvino_tied"]}  # ("openvino FORM SETTINGS")
     assert tied_forms == ({"big", "small"} if form == "small" else {"big"})
 
