@@ -141,11 +141,10 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     the build's gate off, against ONNX Runtime's engine: pipeline/build.py _variant_gate); ONNX
     Runtime's engine goes through the build's own gate. OpenVINO candidates within the timer's
     drift of the fastest (base.within_drift_of_fastest: on a 2-core machine one and two threads
-    often are) are timed again over RETIMING_ROUNDS rounds; where that timing cannot tell them
-    apart either, the form that deploys in fewer bytes (engines/openvino.py compact_bytes) goes
-    first, as choose_int8_form prefers the form with fewer nodes: a choice between such timings
-    would follow the noise. The faster of ONNX Runtime and OpenVINO's best passing candidate is
-    chosen; where the two are within the timer's drift of each other
+    often are) are timed again over RETIMING_ROUNDS rounds, and that timing orders them; a form
+    that deploys in fewer bytes (engines/openvino.py compact_bytes) goes first where it runs
+    within PACKED_LATENCY_TOLERANCE of the fastest, as the storage choices keep the smaller file
+    within it. The faster of ONNX Runtime and OpenVINO's best passing candidate is chosen; where the two are within the timer's drift of each other
     (base.within_drift_of_fastest), they are timed again over RETIMING_ROUNDS rounds first, and
     that timing decides. The OpenVINO candidate is kept beside the choice either way (so `profile`
     measures both runtimes); where none passes and ONNX Runtime
@@ -159,8 +158,8 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     from cunet_optimize.engines.base import time_in_blocks, within_drift_of_fastest
     from cunet_optimize.engines.cpu_isa import cpu_bf16_isa, cpu_model
     from cunet_optimize.engines.onnxrt import THREAD_TUNING_RUNS, thread_candidates
-    from cunet_optimize.engines.openvino import OpenVinoSessionRunner, compact_bytes, openvino_version, \
-        settings_candidates
+    from cunet_optimize.engines.openvino import PACKED_LATENCY_TOLERANCE, OpenVinoSessionRunner, compact_bytes, \
+        openvino_version, settings_candidates
 
     runners = {("onnxruntime",): ort_runner} if ort_runner is not None else {}
     for form, path in ov_forms.items():
@@ -179,7 +178,11 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     if len(tied) > 1:  # OpenVINO candidates this timing cannot tell apart: timed again, longer
         ov_retimed = time_in_blocks({k: runners[k] for k in tied}, image, THREAD_TUNING_RUNS, RETIMING_ROUNDS)
         ov_timings.update(ov_retimed)
-        tied = within_drift_of_fastest(ov_retimed)
+        # (the spread of six round medians is no measure of a tie: one slow round widens it)
+        fastest_ms = min(t.median_ms for t in ov_retimed.values())
+        tied = {k for k, t in ov_retimed.items() if t.median_ms <= fastest_ms * (1 + PACKED_LATENCY_TOLERANCE)}
+    else:
+        tied = set()
     tied_forms = {key[1] for key in tied}
     form_bytes = {form: compact_bytes(ov_forms[form]) for form in sorted(tied_forms)} if len(tied_forms) > 1 else {}
     for key in sorted(ov_keys, key=lambda k: (k not in tied, form_bytes.get(k[1], 0), ov_timings[k].median_ms)):
