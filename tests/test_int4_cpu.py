@@ -29,6 +29,9 @@ from cunet_optimize.surgery.batchnorm import batchnorm_record
 from cunet_optimize.surgery.integer_dataflow import _conv_bias, _fold_bn_into_quantized_convs, _integer_weight, _set_integer_weight
 
 IMAGES = verification_batch(6)
+# OpenVINO is an optional extra; its storage rule's CPU sibling: test_the_storage_rule_and_its_verdict
+needs_openvino = pytest.mark.skipif(openvino_version() is None,
+                                    reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
 
 
 def _model():
@@ -168,7 +171,6 @@ def test_mixed_plan_folds_batchnorm_within_noise_and_shrinks_initializers(tmp_pa
     assert float(np.abs(_out(result.model) - ref).mean()) <= 1.5 * qdq_error + 1e-3 * float(ref.std())
 
 
-@pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
 def _compact_only_where_identical(record: dict) -> None:
     """choose_openvino_storage's rule: the compact form is taken exactly where OpenVINO's outputs
     from it equal the timed form's and it compiles into the same layers or runs no slower; else the
@@ -183,6 +185,7 @@ def _compact_only_where_identical(record: dict) -> None:
         assert "kept out" in record["why"]
 
 
+@needs_openvino
 def test_openvino_deploys_int4_weights_packed_with_identical_outputs(tmp_path):
     """OpenVINO's model.ov.onnx of an INT4 CPU graph: short names and packed INT4 weights, kept only
     with outputs equal to the timed form's, bit for bit."""
@@ -356,7 +359,7 @@ def test_default_attribute_values_are_left_out_and_the_others_kept(tmp_path):
     assert drop_default_attributes(old) == 0
 
 
-@pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+@needs_openvino
 def test_openvino_deploys_a_tensorrt_form_int8_graph_with_integer_weights(tmp_path):
     """The TensorRT Q/DQ form, when OpenVINO runs it fastest, is deployed with its weights stored as
     INT8 integers, in about a third of the bytes, where OpenVINO's outputs from them equal the timed
@@ -381,7 +384,30 @@ def test_openvino_deploys_a_tensorrt_form_int8_graph_with_integer_weights(tmp_pa
     np.testing.assert_array_equal(*outputs)
 
 
-@pytest.mark.skipif(openvino_version() is None, reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+def test_the_storage_rule_and_its_verdict():
+    """keeps_compact and the note's verdict without OpenVINO: identical and no slower keeps the
+    compact file; other outputs keep it only past the gate; slower never."""
+    from cunet_optimize.engines.openvino import _storage_verdict, keeps_compact
+
+    what = ["65 Q/DQ weight(s) stored as integers"]
+    passed = {"metric": "NME", "value": 5.33, "against": "the FP32 reference", "passed": True}
+    failed = {**passed, "value": 9.0, "passed": False}
+    cases = [({"outputs_identical": True, "no_slower": True}, True, "outputs identical"),
+             ({"outputs_identical": False, "no_slower": True}, False, "kept out (its outputs differ)"),
+             ({"outputs_identical": False, "no_slower": True, "accuracy": passed}, True,
+              "pass the accuracy gate (NME 5.330 against the FP32 reference)"),
+             ({"outputs_identical": False, "no_slower": True, "accuracy": failed}, False,
+              "kept out (its outputs differ and fail the accuracy gate (NME 9.000"),
+             ({"outputs_identical": True, "no_slower": False}, False, "kept out (slower)")]
+    for record, kept, said in cases:
+        assert keeps_compact(record) == kept, record
+        record["chosen"] = "compact" if kept else "plain"
+        assert said in _storage_verdict(record, what), record
+        assert ("kept out" in _storage_verdict(record, what)) != kept
+    assert _storage_verdict({"chosen": "plain"}, []) == "outputs identical"  # nothing to store compact
+
+
+@needs_openvino
 @pytest.mark.parametrize("passes", [True, False])
 def test_compact_storage_with_other_outputs_is_judged_by_the_accuracy_gate(tmp_path, monkeypatch, passes):
     """Where OpenVINO computes other bits from the compact file (on N=8 and pose models it fuses

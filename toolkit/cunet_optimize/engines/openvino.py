@@ -256,13 +256,12 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accurac
     its node names and default attribute values dropped, its small constants stored once and,
     checked, its weights stored compact (onnx_tools/storage.py): weights the graph quantizes with
     a QuantizeLinear (the TensorRT Q/DQ form) stored as their integers, all-zero weight zero points
-    left to the default, INT4-valued integer weights packed (OpenVINO folds the Cast at compile). The renamed form's
-    outputs must equal `form`'s in OpenVINO, bit for bit (a bug otherwise); the compact one is kept
-    where it does not compile into other layers that run slower by more than
-    PACKED_LATENCY_TOLERANCE and its outputs are identical too, or, where OpenVINO computes other
-    bits from integer-stored weights (it fuses them differently; a deep network amplifies the
-    rounding), where it passes `accuracy_check(runner) -> dict` (with "passed"): the gate the timed
-    form passed (pipeline/build.py _variant_gate). Without a check, identical outputs are required.
+    left to the default, INT4-valued integer weights packed (OpenVINO folds the Cast at compile).
+    The renamed form's outputs must equal `form`'s in OpenVINO, bit for bit (a bug otherwise); the
+    compact one is kept by `keeps_compact`: where it runs no slower and its outputs are identical
+    too or, where OpenVINO computes other bits from integer-stored weights (it fuses them
+    differently; a deep network amplifies the rounding), where it passes `accuracy_check(runner)
+    -> dict` (with "passed"): the gate the timed form passed (pipeline/build.py _variant_gate).
     Returns the record (bytes, timings, the choice); the file is written atomically."""
     import onnx
 
@@ -309,7 +308,7 @@ def choose_openvino_storage(form: Path, settings: OvSettings, out: Path, accurac
                               same_layers_compiled=compiled_same, no_slower=fast)
                 if fast and not same and accuracy_check is not None:  # other bits: judged as the forms are
                     record["accuracy"] = accuracy_check(runners["compact"])
-                if fast and (same or record.get("accuracy", {}).get("passed")):
+                if keeps_compact(record):
                     record["chosen"] = "compact"
             b = record["bytes"]
             compact = [f"{quantized} Q/DQ weight(s) stored as integers"] * bool(quantized) + \
@@ -357,6 +356,14 @@ def compact_bytes(form: Path) -> int:
     _store_plain(model)
     _store_compact(model)
     return model.ByteSize()
+
+
+def keeps_compact(record: dict) -> bool:
+    """choose_openvino_storage's rule on its record: the compact file is deployed where it compiles
+    into the same layers or runs no slower (`no_slower`) and its outputs are the timed form's bit
+    for bit or, where they are not, it passed the accuracy gate (`accuracy`; without a check,
+    identical outputs are required)."""
+    return bool(record.get("no_slower") and (record["outputs_identical"] or record.get("accuracy", {}).get("passed")))
 
 
 def _storage_verdict(record: dict, compact: list[str]) -> str:

@@ -123,9 +123,10 @@ def choose_int8_form(result: SurgeryResult, pass_options: dict, target: str, wor
 
 
 # Rounds of the second timing of candidates the first cannot tell apart (ONNX Runtime against
-# OpenVINO; OpenVINO's settings and forms among themselves). On the N=8 face model (2-core AMD EPYC) OpenVINO led by 7.4% in a build's timing and by
-# 8-10% in bench/bench_cpu_runtimes.py's: a real difference of the size a shared machine's drift
-# can hide, worth the seconds a longer timing costs.
+# OpenVINO; OpenVINO's settings and forms among themselves). On the N=8 face model (2-core AMD
+# EPYC) OpenVINO led by 7.4% in a build's timing and by 8-10% in bench/bench_cpu_runtimes.py's: a
+# real difference of the size a shared machine's drift can hide, worth the seconds a longer
+# timing costs.
 RETIMING_ROUNDS = 6
 
 
