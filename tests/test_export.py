@@ -66,13 +66,6 @@ def test_file_contract_and_outputs_match_pytorch(exported):
     assert summary.verification["passed"] and summary.verification["batch"] == 2
 
 
-def test_export_is_byte_identical(exported, tmp_path):
-    model, path, summary = exported
-    again = export_onnx(model, tmp_path / "again.onnx")
-    assert (tmp_path / "again.onnx").read_bytes() == path.read_bytes()
-    assert again.sha256 == summary.sha256
-
-
 def test_all_heads_static_batch_and_landmarks(exported, tmp_path):
     model, _, _ = exported
     summary = export_onnx(model, tmp_path / "all.onnx", heads="all", decode_landmarks=True, dynamic_batch=False)
@@ -247,3 +240,65 @@ def test_per_tensor_scale_of_shape_1_stays_per_tensor(tmp_path):
     assert summary.verification["passed"] and model.scale.requires_grad
     graph = gs.import_onnx(onnx.load(str(tmp_path / "s.onnx")))
     assert all(qdq_params(n).scale.shape == () for n in graph.nodes if n.op.endswith("QuantizeLinear"))
+
+
+@pytest.fixture
+def fresh_exports(monkeypatch):
+    """An empty memo of verified exports: what this test exports, it exports anew."""
+    from collections import OrderedDict
+
+    import cunet_optimize.exporters.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_exports", OrderedDict())
+
+
+def test_export_is_deterministic(exported, fresh_exports, tmp_path):
+    """(Exported anew, not the memo's copy: equal models give byte-identical files.)"""
+    model, path, summary = exported
+    again = export_onnx(model, tmp_path / "again.onnx")
+    assert not again.reused_from and again.sha256 == summary.sha256
+    assert (tmp_path / "again.onnx").read_bytes() == path.read_bytes()
+
+
+def test_an_identical_export_in_this_process_is_reused_and_any_difference_exports_anew(fresh_exports, tmp_path):
+    """A model equal in content (another object) with the same options gets the graph verified for
+    the first, written again; a weight one float32 step away, another option, a quantizer switched
+    off (an attribute, not a tensor), a forward hook (traced into the graph; the digest cannot see
+    into it) or verify=False each export anew."""
+    import copy
+
+    from cunet_optimize.data.synth import verification_batch
+    from cunet_optimize.quant import parse_precision
+    from cunet_optimize.quant.calibrate import calibrate
+    from cunet_optimize.quant.qmodel import named_quantizers, quantize_model
+
+    torch.manual_seed(0)
+    model = CUNet(tiny_config()).eval()
+    first = export_onnx(model, tmp_path / "first.onnx")
+    assert not first.reused_from
+    twin = export_onnx(copy.deepcopy(model), tmp_path / "twin.onnx")
+    assert twin.reused_from == str(tmp_path / "first.onnx")
+    assert (tmp_path / "twin.onnx").read_bytes() == (tmp_path / "first.onnx").read_bytes()
+    assert (twin.sha256, twin.verification, twin.path) == (first.sha256, first.verification, str(tmp_path / "twin.onnx"))
+
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = next(nudged.parameters())
+        weight[0].view(-1)[0] = torch.nextafter(weight[0].view(-1)[0], torch.tensor(1.0))
+    assert not export_onnx(nudged, tmp_path / "nudged.onnx").reused_from
+    assert not export_onnx(model, tmp_path / "opset18.onnx", opset=18).reused_from
+    assert not export_onnx(model, tmp_path / "unverified.onnx", verify=False).reused_from
+
+    qmodel = quantize_model(copy.deepcopy(model), parse_precision("int8"))
+    calibrate(qmodel, [torch.from_numpy(verification_batch(3)[2:])], method="max", progress=False)
+    quantized = export_onnx(qmodel, tmp_path / "int8.onnx")
+    _, quantizer = next((n, q) for n, q in named_quantizers(qmodel) if not getattr(q, "is_weight", False))
+    quantizer.enabled = False
+    fewer = export_onnx(qmodel, tmp_path / "int8-one-off.onnx")
+    assert not fewer.reused_from and fewer.op_counts["QuantizeLinear"] < quantized.op_counts["QuantizeLinear"]
+
+    hooked = copy.deepcopy(model)
+    hooked.register_forward_hook(lambda _m, _i, heads: [h + 1 for h in heads])
+    for name in ("hooked", "hooked-again"):
+        summary = export_onnx(hooked, tmp_path / f"{name}.onnx")
+        assert not summary.reused_from and summary.sha256 != first.sha256
