@@ -450,3 +450,41 @@ def test_every_pass_keeps_the_cunet_outputs(tiny_onnx, name):
     out, report = apply(tiny_onnx, PASSES[name])
     assert_same_outputs(tiny_onnx, out)
     assert report.name == name and report.nodes_before == len(tiny_onnx.graph.node)
+
+
+def test_a_repeated_surgery_in_this_process_is_the_kept_result_and_any_difference_runs_again(tiny_onnx, monkeypatch):
+    """The same graph, passes, settings and options give the kept result (a copy: changing it leaves
+    the kept one as it was); another option value, other settings or a replaced pass function run
+    the passes again."""
+    from collections import OrderedDict
+
+    import cunet_optimize.surgery.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_surgeries", OrderedDict())
+    model = tiny_onnx
+    calls = []
+
+    def counted(real):
+        def run(graph, **options):
+            calls.append(options)
+            return real(graph)
+        return run
+
+    monkeypatch.setitem(pipeline.PASSES, "cleanup", counted(cleanup))
+    images = np.zeros((2, 3), np.float32)
+    first = run_surgery(model, ["cleanup", "fold_batchnorm"], pass_options={"cleanup": {"images": images}})
+    again = run_surgery(model, ["cleanup", "fold_batchnorm"], pass_options={"cleanup": {"images": images.copy()}})
+    assert len(calls) == 1
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+    assert [r.to_dict() for r in again.reports] == [r.to_dict() for r in first.reports]
+    again.model.graph.node.pop()
+    assert run_surgery(model, ["cleanup", "fold_batchnorm"], pass_options={"cleanup": {"images": images}}
+                       ).model.SerializeToString() == first.model.SerializeToString()
+    assert len(calls) == 1
+
+    images[0, 0] = np.nextafter(np.float32(0), np.float32(1))
+    run_surgery(model, ["cleanup", "fold_batchnorm"], pass_options={"cleanup": {"images": images}})
+    run_surgery(model, ["cleanup", "fold_batchnorm"], pass_options={"cleanup": {"images": images}}, verify=False)
+    monkeypatch.setitem(pipeline.PASSES, "cleanup", counted(cleanup))
+    run_surgery(model, ["cleanup", "fold_batchnorm"], pass_options={"cleanup": {"images": images}})
+    assert len(calls) == 4

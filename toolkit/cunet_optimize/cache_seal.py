@@ -19,7 +19,9 @@ import json
 import os
 import weakref
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
+
+import numpy as np
 
 from cunet_optimize.atomic import sha256_file, write_atomic
 
@@ -69,6 +71,30 @@ def dataset_files(dataset, count: int | None = None) -> list[Path]:
     if hasattr(dataset, "json_path"):  # MPII: every record is in the one JSON
         return [Path(dataset.json_path)] + list(dict.fromkeys(Path(r["image_path"]) for r in records))
     return [p for r in records for p in (Path(r.image_path), Path(r.pts_path))]
+
+
+def feed_digest(h, value, leaf: Callable[[object], bytes | None] | None = None) -> bool:
+    """Feed the content of `value` into the hash `h`: arrays by dtype, shape and bytes, lists,
+    tuples and dicts item by item, numbers, strings, enums and dataclasses by their repr;
+    `leaf(value)` gives the bytes of other array types (torch tensors), None where it does not
+    know the type. False where a value has no content to feed (an object shown by its address, a
+    function): a key that cannot see all of its input must not be made."""
+    if leaf is not None and (data := leaf(value)) is not None:
+        h.update(data)
+    elif isinstance(value, np.ndarray):
+        h.update(f"A{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{type(value).__name__}{len(value)}".encode())
+        return all(feed_digest(h, v, leaf) for v in value)
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        return all(feed_digest(h, k, leaf) and feed_digest(h, v, leaf) for k, v in value.items())
+    else:
+        text = repr(value)
+        if " at 0x" in text:
+            return False
+        h.update(f"R{type(value).__qualname__}:{text}".encode())
+    return True
 
 
 def files_digest(files: Iterable[str | os.PathLike]) -> str:

@@ -50,6 +50,7 @@ import torch
 
 from cunet_optimize import __version__
 from cunet_optimize.atomic import write_atomic
+from cunet_optimize.cache_seal import feed_digest
 from cunet_optimize.data.synth import VERIFY_SEED, verification_batch
 from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
@@ -151,25 +152,12 @@ def module_digest(model: torch.nn.Module) -> str | None:
     such as a registered hook's function): such a model is never taken for another."""
     h = hashlib.sha256()
 
-    def feed(value) -> bool:
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}{value.requires_grad}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, np.ndarray):
-            h.update(f"A{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
-        elif isinstance(value, (list, tuple)):
-            h.update(f"L{type(value).__name__}{len(value)}".encode())
-            return all(feed(v) for v in value)
-        elif isinstance(value, dict):
-            h.update(f"D{len(value)}".encode())
-            return all(feed(k) and feed(v) for k, v in value.items())
-        else:  # numbers, strings, enums, dataclasses: their repr is their content
-            text = repr(value)
-            if " at 0x" in text:
-                return False
-            h.update(f"R{type(value).__qualname__}:{text}".encode())
-        return True
+    def tensor_bytes(value) -> bytes | None:
+        if not isinstance(value, torch.Tensor):
+            return None
+        t = value.detach().cpu().contiguous()
+        head = f"T{t.dtype}{tuple(t.shape)}{value.requires_grad}".encode()
+        return head + t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
     for name, module in model.named_modules():
         h.update(f"M{name}:{type(module).__module__}.{type(module).__qualname__}".encode())
@@ -177,7 +165,7 @@ def module_digest(model: torch.nn.Module) -> str | None:
             if key == "training":
                 continue  # export traces in eval mode, whatever the module's mode
             h.update(f"K{key}".encode())
-            if not feed(value):
+            if not feed_digest(h, value, tensor_bytes):
                 return None
     return h.hexdigest()
 
