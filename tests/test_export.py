@@ -245,11 +245,10 @@ def test_per_tensor_scale_of_shape_1_stays_per_tensor(tmp_path):
 @pytest.fixture
 def fresh_exports(monkeypatch):
     """An empty memo of verified exports: what this test exports, it exports anew."""
-    from collections import OrderedDict
-
     import cunet_optimize.exporters.onnx_export as onnx_export
+    from cunet_optimize.cache_seal import ProcessMemo
 
-    monkeypatch.setattr(onnx_export, "_exports", OrderedDict())
+    monkeypatch.setattr(onnx_export, "_exports", ProcessMemo(onnx_export.EXPORT_MEMO_BYTES, onnx_export._exports.size))
 
 
 def test_export_is_deterministic(exported, fresh_exports, tmp_path):
@@ -304,3 +303,22 @@ def test_an_identical_export_in_this_process_is_reused_and_any_difference_export
     kept = len(onnx_export._exports)
     summary = export_onnx(hooked, tmp_path / "hooked.onnx")
     assert not summary.reused_from and summary.sha256 != first.sha256 and len(onnx_export._exports) == kept
+
+
+def test_the_process_memo_copies_in_and_out_and_drops_the_least_recently_used_beyond_its_bytes():
+    from cunet_optimize.cache_seal import ProcessMemo
+
+    memo = ProcessMemo(10, size=len)
+    value = [1, 2, 3, 4]
+    memo.put("a", value)
+    value.append(5)  # the caller's later change is not the kept value
+    got = memo.get("a")
+    assert got == [1, 2, 3, 4]
+    got.append(6)
+    assert memo.get("a") == [1, 2, 3, 4]
+    memo.put(None, [1])
+    assert memo.get(None) is None and len(memo) == 1
+    memo.put("b", [0] * 4)
+    memo.get("a")  # "a" used last: "b" is the least recently used
+    memo.put("c", [0] * 4)  # 12 > 10 bytes
+    assert (memo.get("a"), memo.get("b"), memo.get("c")) == ([1, 2, 3, 4], None, [0] * 4)

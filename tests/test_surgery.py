@@ -456,11 +456,10 @@ def test_a_repeated_surgery_in_this_process_is_the_kept_result_and_any_differenc
     """The same graph, passes, settings and options give the kept result (a copy: changing it leaves
     the kept one as it was); another option value, other settings or a replaced pass function run
     the passes again."""
-    from collections import OrderedDict
-
     import cunet_optimize.surgery.pipeline as pipeline
+    from cunet_optimize.cache_seal import ProcessMemo
 
-    monkeypatch.setattr(pipeline, "_surgeries", OrderedDict())
+    monkeypatch.setattr(pipeline, "_surgeries", ProcessMemo(pipeline.SURGERY_MEMO_BYTES, pipeline._surgeries.size))
     model = tiny_onnx
     calls = []
 

@@ -14,12 +14,14 @@ the first samples of a landmark data set read.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import weakref
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -95,6 +97,32 @@ def feed_digest(h, value, leaf: Callable[[object], bytes | None] | None = None) 
             return False
         h.update(f"R{type(value).__qualname__}:{text}".encode())
     return True
+
+
+class ProcessMemo:
+    """Results kept in this process by a content key (feed_digest), copied in and out so that no
+    caller changes a kept one; the least recently used go first beyond `limit_bytes` (`size(value)`
+    each). A None key is never kept nor found."""
+
+    def __init__(self, limit_bytes: int, size: Callable[[Any], int]) -> None:
+        self.limit_bytes, self.size = limit_bytes, size
+        self._kept: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, key: str | None) -> Any | None:
+        if key is None or key not in self._kept:
+            return None
+        self._kept.move_to_end(key)
+        return copy.deepcopy(self._kept[key])
+
+    def put(self, key: str | None, value: Any) -> None:
+        if key is None:
+            return
+        self._kept[key] = copy.deepcopy(value)
+        while sum(self.size(v) for v in self._kept.values()) > self.limit_bytes:
+            self._kept.popitem(last=False)
 
 
 def files_digest(files: Iterable[str | os.PathLike]) -> str:

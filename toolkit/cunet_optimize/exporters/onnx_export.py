@@ -37,7 +37,6 @@ import json
 import logging
 import time
 import warnings
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch
 
 from cunet_optimize import __version__
 from cunet_optimize.atomic import write_atomic
-from cunet_optimize.cache_seal import feed_digest
+from cunet_optimize.cache_seal import ProcessMemo, feed_digest
 from cunet_optimize.data.synth import VERIFY_SEED, verification_batch
 from cunet_optimize.data.transforms import decode_heatmaps
 from cunet_optimize.errors import CUNetError
@@ -94,7 +93,7 @@ MIN_OPSET, MAX_OPSET = 13, 21
 TORCHSCRIPT_MAX_OPSET = 20
 TRACE_SIZE = 64  # smallest input CU-Net accepts: stride 4 stem, then 4 poolings by 2
 LANDMARK_TOLERANCE = 1e-5  # px: the in-graph decoder must match the NumPy one exactly
-# Verified exports kept in this process (export_onnx, _remember): a build exports its FP32
+# Verified exports kept in this process (export_onnx): a build exports its FP32
 # reference every time, and a sweep over precisions and targets in one process (the Python API,
 # the test suite) exports the same models again. In the test suite 58 of 164 exports repeated
 # one in the same process, 65 of the 250 CPU-seconds exporting took; with them kept, the
@@ -142,7 +141,7 @@ class ExportSummary:
         return asdict(self)
 
 
-_exports: OrderedDict[str, tuple[bytes, ExportSummary]] = OrderedDict()
+_exports = ProcessMemo(EXPORT_MEMO_BYTES, size=lambda kept: len(kept[0]))  # (graph bytes, ExportSummary)
 
 
 def module_digest(model: torch.nn.Module) -> str | None:
@@ -176,13 +175,6 @@ def _export_key(model: torch.nn.Module, options: dict) -> str | None:
         return None
     return hashlib.sha256(json.dumps([digest, options, __version__, torch.__version__, onnx.__version__],
                                      sort_keys=True).encode()).hexdigest()
-
-
-def _remember(key: str, data: bytes, summary: ExportSummary) -> None:
-    """Keep a verified export; the least recently used go first beyond EXPORT_MEMO_BYTES."""
-    _exports[key] = (data, summary)
-    while sum(len(d) for d, _ in _exports.values()) > EXPORT_MEMO_BYTES:
-        _exports.popitem(last=False)
 
 
 def _head_names(count: int) -> list[str]:
@@ -550,13 +542,13 @@ def export_onnx(
         # verify=False is for timing the exporter: it exports anew
         key = _export_key(model, dict(opset=opset, heads=heads, decode_landmarks=decode_landmarks, fp16=fp16,
                                       dynamic_batch=dynamic_batch, exporter=exporter)) if verify else None
-        if key in _exports:
-            data, earlier = _exports[key]
-            _exports.move_to_end(key)
+        kept = _exports.get(key)
+        if kept is not None:
+            data, earlier = kept
             write_atomic(Path(path), data)
             log.info("exported %s: the verified graph of the same model exported to %s", path, earlier.path)
-            return replace(copy.deepcopy(earlier), path=str(path),
-                           total_seconds=round(time.perf_counter() - start, 3), reused_from=earlier.path)
+            return replace(earlier, path=str(path), total_seconds=round(time.perf_counter() - start, 3),
+                           reused_from=earlier.path)
         raw, torch_seconds = trace_to_onnx(model, opset, dynamic_batch, exporter)
         graph, output_names = build_graph(
             raw, heads=heads, decode_landmarks=decode_landmarks, fp16=fp16, dynamic_batch=dynamic_batch, opset=opset
@@ -590,7 +582,6 @@ def export_onnx(
         total_seconds=round(time.perf_counter() - start, 3),
         verification=verification.to_dict() if verification else {},
     )
-    if key is not None:
-        _remember(key, data, summary)
+    _exports.put(key, (data, summary))
     log.info("exported %s (%d nodes, %s) in %.1f s", path, summary.num_nodes, precision, summary.total_seconds)
     return summary

@@ -16,10 +16,8 @@ recorded in FOLD_DENSE_CONCATS below (or timed per network at build time).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -27,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cunet_optimize import __version__
-from cunet_optimize.cache_seal import feed_digest
+from cunet_optimize.cache_seal import ProcessMemo, feed_digest
 from cunet_optimize.data.synth import VERIFY_SIZE, verification_batch
 from cunet_optimize.errors import CUNetError
 from cunet_optimize.onnx_tools.graph import ModelLike, as_model, opset_of, to_model
@@ -139,7 +137,8 @@ class SurgeryResult:
 # surgeries repeated one in the same process: 28 of their 71 CPU-seconds; with them kept, the
 # suite ran in 282 s instead of 302-305 s (2-core Xeon, pytest alone).
 SURGERY_MEMO_BYTES = 256 * 2**20
-_surgeries: OrderedDict[str, SurgeryResult] = OrderedDict()
+_surgeries = ProcessMemo(SURGERY_MEMO_BYTES, size=lambda result: result.model.ByteSize() + (
+    result.before_last.ByteSize() if result.before_last is not None else 0))
 
 
 def _surgery_key(proto: onnx.ModelProto, names: list[str], settings: list,
@@ -151,14 +150,6 @@ def _surgery_key(proto: onnx.ModelProto, names: list[str], settings: list,
     passes = [f"{name}:{PASSES[name].__module__}.{PASSES[name].__qualname__}:{id(PASSES[name])}" for name in names]
     keyed = feed_digest(h, [passes, settings, __version__, ort_version()]) and feed_digest(h, dict(pass_options or {}))
     return h.hexdigest() if keyed else None
-
-
-def _remember(key: str, result: SurgeryResult) -> None:
-    """Keep a copy of a surgery's result; the least recently used go first beyond SURGERY_MEMO_BYTES."""
-    _surgeries[key] = copy.deepcopy(result)
-    size = lambda r: r.model.ByteSize() + (r.before_last.ByteSize() if r.before_last is not None else 0)
-    while sum(size(r) for r in _surgeries.values()) > SURGERY_MEMO_BYTES:
-        _surgeries.popitem(last=False)
 
 
 def _ort_level(model: onnx.ModelProto) -> str:
@@ -208,10 +199,10 @@ def run_surgery(
     if unknown:
         raise CUNetError(f"unknown surgery pass(es) {unknown}; known: {', '.join(PASSES)}")
     key = _surgery_key(proto, names, [target, dla_core, verify, batch], pass_options)
-    if key in _surgeries:
-        _surgeries.move_to_end(key)
+    kept = _surgeries.get(key)
+    if kept is not None:
         log.info("surgery: the result of the same passes on the same graph earlier in this process")
-        return copy.deepcopy(_surgeries[key])
+        return kept
     feeds = _verification_feeds(proto, batch) if verify else {}
     before = run_onnxruntime(proto, feeds, _ort_level(proto)) if verify else {}
     noisy, noise_name = _fused_outputs(proto, feeds) if verify else (None, "")
@@ -241,6 +232,5 @@ def run_surgery(
         log.info(report.summary())
         result.reports.append(report)
         result.before_last, result.model = result.model, current
-    if key is not None:
-        _remember(key, result)
+    _surgeries.put(key, result)
     return result
