@@ -322,3 +322,28 @@ def test_the_process_memo_copies_in_and_out_and_drops_the_least_recently_used_be
     memo.get("a")  # "a" used last: "b" is the least recently used
     memo.put("c", [0] * 4)  # 12 > 10 bytes
     assert (memo.get("a"), memo.get("b"), memo.get("c")) == ([1, 2, 3, 4], None, [0] * 4)
+
+
+def test_the_content_digest_reads_arrays_and_dataclass_fields_a_repr_would_shorten_or_leave_out():
+    import dataclasses
+    import hashlib
+
+    from cunet_optimize.cache_seal import feed_digest
+
+    @dataclasses.dataclass
+    class Settings:
+        name: str
+        table: np.ndarray = dataclasses.field(repr=False)
+
+    def digest(value):
+        h = hashlib.sha256()
+        return h.hexdigest() if feed_digest(h, value) else None
+
+    big = np.zeros(5000, np.float32)
+    changed = big.copy()
+    changed[2500] = 1  # inside what numpy's repr elides
+    assert repr(big) == repr(changed) and digest(big) != digest(changed)
+    assert repr(Settings("a", big)) == repr(Settings("a", changed))
+    assert digest(Settings("a", big)) != digest(Settings("a", changed))
+    assert digest({"k": [Settings("a", big), 1.5]}) == digest({"k": [Settings("a", big.copy()), 1.5]})
+    assert digest({"k": lambda: 0}) is None and digest([object()]) is None

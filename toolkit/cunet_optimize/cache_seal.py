@@ -15,6 +15,7 @@ the first samples of a landmark data set read.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -77,7 +78,8 @@ def dataset_files(dataset, count: int | None = None) -> list[Path]:
 
 def feed_digest(h, value, leaf: Callable[[object], bytes | None] | None = None) -> bool:
     """Feed the content of `value` into the hash `h`: arrays by dtype, shape and bytes, lists,
-    tuples and dicts item by item, numbers, strings, enums and dataclasses by their repr;
+    tuples, dicts and dataclasses item by item (a repr may shorten an array or leave a field out),
+    numbers, strings and enums by their repr;
     `leaf(value)` gives the bytes of other array types (torch tensors), None where it does not
     know the type. False where a value has no content to feed (an object shown by its address, a
     function): a key that cannot see all of its input must not be made."""
@@ -91,6 +93,10 @@ def feed_digest(h, value, leaf: Callable[[object], bytes | None] | None = None) 
     elif isinstance(value, dict):
         h.update(f"D{len(value)}".encode())
         return all(feed_digest(h, k, leaf) and feed_digest(h, v, leaf) for k, v in value.items())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(f"C{type(value).__module__}.{type(value).__qualname__}".encode())
+        return all(feed_digest(h, f.name, leaf) and feed_digest(h, getattr(value, f.name), leaf)
+                   for f in dataclasses.fields(value))
     else:
         text = repr(value)
         if " at 0x" in text:
