@@ -295,7 +295,8 @@ def test_an_identical_export_in_this_process_is_reused_and_any_difference_export
     calibrated = onnx_export.module_digest(qmodel)
     _, quantizer = next((n, q) for n, q in named_quantizers(qmodel) if not getattr(q, "is_weight", False))
     quantizer.enabled = False
-    assert None is not onnx_export.module_digest(qmodel) != calibrated
+    switched_off = onnx_export.module_digest(qmodel)
+    assert switched_off is not None and switched_off != calibrated
 
     hooked = copy.deepcopy(model)
     hooked.register_forward_hook(lambda _m, _i, heads: [h + 1 for h in heads])
