@@ -63,6 +63,18 @@ def tiny_cunet_with_varied_batchnorm(negative_gamma: bool = False):
     return model
 
 
+def _openvino_missing() -> bool:
+    from cunet_optimize.engines.openvino import openvino_version
+
+    return openvino_version() is None
+
+
+# OpenVINO is an optional extra, like TensorRT: its tests skip without it (each has a CPU sibling
+# on ONNX Runtime or a pure rule: tests/test_openvino.py, tests/test_int4_cpu.py).
+needs_openvino = pytest.mark.skipif(_openvino_missing(),
+                                    reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+
+
 @pytest.fixture
 def authors_fixture() -> Path:
     if not AUTHORS_FIXTURE.is_dir():

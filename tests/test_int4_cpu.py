@@ -11,10 +11,10 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 
-from conftest import tiny_cunet_with_varied_batchnorm
+from conftest import needs_openvino, tiny_cunet_with_varied_batchnorm
 from cunet_optimize.data.synth import verification_batch
 from cunet_optimize.engines.onnxrt import OnnxRuntimeBuilder, OnnxRuntimeRunner
-from cunet_optimize.engines.openvino import PACKED_LATENCY_TOLERANCE, openvino_version
+from cunet_optimize.engines.openvino import PACKED_LATENCY_TOLERANCE
 from cunet_optimize.exporters import export_onnx
 from cunet_optimize.onnx_tools.graph import to_model
 from cunet_optimize.onnx_tools.patterns import conv_weight, dequantized_weight
@@ -29,9 +29,7 @@ from cunet_optimize.surgery.batchnorm import batchnorm_record
 from cunet_optimize.surgery.integer_dataflow import _conv_bias, _fold_bn_into_quantized_convs, _integer_weight, _set_integer_weight
 
 IMAGES = verification_batch(6)
-# OpenVINO is an optional extra; its storage rule's CPU sibling: test_the_storage_rule_and_its_verdict
-needs_openvino = pytest.mark.skipif(openvino_version() is None,
-                                    reason="OpenVINO is not installed (pip install 'cunet-optimize[openvino]')")
+# (needs_openvino: the storage rule's CPU sibling is test_the_storage_rule_and_its_verdict)
 
 
 def _model():

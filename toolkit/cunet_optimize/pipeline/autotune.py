@@ -145,11 +145,11 @@ def choose_cpu_runtime(ort_runner, ov_forms: dict[str, Path], precision: str, ac
     often are) are timed again over RETIMING_ROUNDS rounds, and that timing orders them; a form
     that deploys in fewer bytes (engines/openvino.py compact_bytes) goes first where it runs
     within PACKED_LATENCY_TOLERANCE of the fastest, as the storage choices keep the smaller file
-    within it. The faster of ONNX Runtime and OpenVINO's best passing candidate is chosen; where the two are within the timer's drift of each other
-    (base.within_drift_of_fastest), they are timed again over RETIMING_ROUNDS rounds first, and
-    that timing decides. The OpenVINO candidate is kept beside the choice either way (so `profile`
-    measures both runtimes); where none passes and ONNX Runtime
-    cannot run the build, or `pinned` (--cpu-runtime openvino) asks for OpenVINO, the fastest is
+    within it. The faster of ONNX Runtime and OpenVINO's best passing candidate is chosen; where
+    the two are within the timer's drift of each other (base.within_drift_of_fastest), they are
+    timed again over RETIMING_ROUNDS rounds first, and that timing decides. The OpenVINO candidate
+    is kept beside the choice either way (so `profile` measures both runtimes); where none passes
+    and ONNX Runtime cannot run the build, or `pinned` (--cpu-runtime openvino) asks for OpenVINO, the fastest is
     chosen and the build's gate judges it.
     Returns the record: "chosen" (onnxruntime | openvino), "openvino" (its form and settings, or
     None), the timings and the accuracy checks."""
